@@ -1,0 +1,3 @@
+from geoproxy.cli import main
+
+raise SystemExit(main())

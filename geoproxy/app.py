@@ -1,0 +1,95 @@
+"""Composition root: builds the runtime, the proxy and admin apps, and their lifecycle.
+
+Start-up order (aiohttp ``cleanup_ctx``, undone in reverse): open the GeoIP database, open
+the client sessions, run the first health round (so the proxy serves with known health),
+start the health loop. Shut-down cancels and awaits the loop, then closes what was opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from geoproxy import __version__
+from geoproxy.admin import build_admin_app
+from geoproxy.clientip import TrustedProxies
+from geoproxy.config import Config
+from geoproxy.forwarder import Forwarder
+from geoproxy.geoip import GeoLookup, MaxMindLookup
+from geoproxy.health import HealthBoard, HealthChecker
+from geoproxy.model import Topology
+from geoproxy.runtime import Runtime
+
+# Headers aiohttp's client would add on its own; the geode must see only the client's.
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+def forwarding_session() -> aiohttp.ClientSession:
+    """One pooled session for all forwarding: keep-alive to the geodes, no redirects
+    followed (per request), no shared cookie jar, no decompression."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=15, ttl_dns_cache=10)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+class Gateway:
+    """One proxy: its runtime from start-up to shut-down, and the two apps serving it."""
+
+    def __init__(self, config: Config, geoip: GeoLookup | None = None) -> None:
+        self.config = config
+        self.topology = Topology.build(config)
+        self.board = HealthBoard(config.geodes)
+        self._geoip = geoip  # tests may inject a look-up; else opened from the config
+        self.runtime: Runtime | None = None
+        self.checker: HealthChecker | None = None
+
+    async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        geoip = self._geoip
+        own_geoip = None
+        if geoip is None and self.config.geoip_database is not None:
+            geoip = own_geoip = MaxMindLookup(self.config.geoip_database)
+        session = forwarding_session()
+        health_session = aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(),
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            headers={"User-Agent": f"geoproxy-health/{__version__}"},
+        )
+        self.runtime = Runtime(self.topology, TrustedProxies(self.config.trusted_proxies),
+                               geoip, self.board, session)  # fmt: skip
+        self.forwarder = Forwarder(self.runtime)
+        self.checker = HealthChecker(self.board, health_session)
+        task: asyncio.Task[None] | None = None
+        try:
+            await self.checker.check_once()
+            task = asyncio.create_task(self.checker.run(), name="geoproxy-health")
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await session.close()
+            await health_session.close()
+            if own_geoip is not None:
+                own_geoip.close()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        return await self.forwarder.handle(request)
+
+    def proxy_app(self) -> web.Application:
+        app = web.Application()
+        app.cleanup_ctx.append(self._lifespan)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    def admin_app(self) -> web.Application:
+        return build_admin_app(self.board)

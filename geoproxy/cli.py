@@ -1,0 +1,148 @@
+"""``geoproxy run | check-config | demo``: owns the process, logging and signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from geoproxy import __version__, demo
+from geoproxy import config as config_mod
+from geoproxy.errors import GeoproxyError
+from geoproxy.geoip import MaxMindLookup
+from geoproxy.model import Topology
+from geoproxy.server import Bound, serve
+
+DEFAULT_CONFIG = "config/geoproxy.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="geoproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"geoproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    check = sub.add_parser("check-config", help="validate a config and print its topology")
+    check.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+
+    dem = sub.add_parser("demo", help="run the proxy in front of three local demo geodes")
+    dem.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        return check_config(Path(args.config))
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "run":
+        return _run_cmd(Path(args.config))
+    return _demo_cmd()
+
+
+def _fail(message: str) -> int:
+    print(f"geoproxy: {message}", file=sys.stderr)
+    return 1
+
+
+def check_config(path: Path) -> int:
+    """Like ``nginx -t``: exit 0 and the derived topology, or 1 and every error."""
+    try:
+        cfg = config_mod.load(path)
+        if cfg.geoip_database is not None:
+            MaxMindLookup(cfg.geoip_database).close()
+    except GeoproxyError as exc:
+        print(f"{path}: configuration is invalid", file=sys.stderr)
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(describe(Topology.build(cfg)))
+    print(f"{path}: configuration is valid")
+    return 0
+
+
+def describe(topology: Topology) -> str:
+    cfg = topology.config
+    lines = [
+        f"proxy listener: {cfg.proxy.host}:{cfg.proxy.port}",
+        f"admin listener: {cfg.admin.host}:{cfg.admin.port}",
+        "trusted proxies: " + (", ".join(map(str, cfg.trusted_proxies)) or "none"),
+        "region sources: " + " -> ".join((*cfg.region_sources, f"default ({cfg.default_region})")),
+        f"geoip database: {cfg.geoip_database or 'none'}",
+        "geodes:",
+    ]
+    for g in cfg.geodes:
+        lines.append(f"  {g.name:<20} {g.region:<14} {g.url}  weight={g.weight}"
+                     f"  check={g.health.path} every {g.health.interval:g}s")  # fmt: skip
+    lines.append("regions (try order; geodes per region):")
+    for region, order in topology.try_orders.items():
+        counts = ", ".join(f"{r}({len(topology.geodes_by_region[r])})" for r in order)
+        served = sum(1 for c in topology.country_region.values() if c == region)
+        lines.append(f"  {region:<14} {counts}   countries: {served}")
+    unmapped = topology.unmapped_countries()
+    if unmapped:
+        lines.append(f"countries with no region (go to {cfg.default_region}): "
+                     + " ".join(unmapped))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _run_cmd(path: Path) -> int:
+    try:
+        cfg = config_mod.load(path)
+    except GeoproxyError as exc:
+        return _fail(f"{path}: configuration is invalid\n{exc}")
+    try:
+        asyncio.run(_serve_with_signals(lambda stop: serve(cfg, stop)))
+    except GeoproxyError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+async def _serve_with_signals(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``start(stop)``; SIGINT and SIGTERM set ``stop``."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await start(stop)
+
+
+def _demo_cmd() -> int:
+    path = demo.demo_config_path()
+    try:
+        cfg = config_mod.load(path)
+    except GeoproxyError as exc:
+        return _fail(f"shipped demo config is invalid (a packaging bug):\n{exc}")
+
+    async def run_demo(stop: asyncio.Event) -> None:
+        live, runners = await demo.start_geodes(cfg)
+        try:
+            for g in live.geodes:
+                print(f"demo geode {g.name:<16} region {g.region:<14} {g.url}", flush=True)
+
+            def ready(bound: Bound) -> None:
+                print(f"\ngeoproxy demo is up (config: {path})\n"
+                      f"  proxy: {bound.proxy_url}\n  admin: {bound.admin_url}\n\nTry:\n"
+                      f"{demo.curl_lines(bound.proxy_url, bound.admin_url)}\n\n"
+                      "Ctrl-C stops everything.", flush=True)  # fmt: skip
+
+            await serve(live, stop, on_ready=ready, any_port_if_taken=True)
+        finally:
+            for runner in runners:
+                with contextlib.suppress(Exception):
+                    await runner.cleanup()
+        print("geoproxy demo stopped.", flush=True)
+
+    try:
+        asyncio.run(_serve_with_signals(run_demo))
+    except GeoproxyError as exc:
+        return _fail(str(exc))
+    return 0

@@ -1,0 +1,412 @@
+"""YAML -> validated, frozen configuration. The only module that reads YAML.
+
+Every problem is collected (not just the first) into one ``ConfigError`` whose lines read
+``config/geoproxy.yaml: geodes[2].region: unknown region 'eu-wst' (known: eu-west, us-east)``.
+Cross-references (a geode's region, fallbacks, the default region, the region map) are
+checked here; the derived topology lives in ``model.py``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+from yarl import URL
+
+from geoproxy.countries import CONTINENTS, COUNTRY_CONTINENT
+from geoproxy.errors import ConfigError
+from geoproxy.schema import Node, Problems, StrictBoolLoader, parse_duration, parse_statuses
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Region sources a config may list in ``region_sources``, in their default order.
+SOURCES = ("x-client-region", "cf-ipcountry", "geoip")
+_REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_GEODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int  # 0 picks a free port (tests); the bound port is logged.
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health check of one geode. Set once under ``health_check``; a geode's own
+    ``health`` block overrides single fields."""
+
+    path: str = "/health"  # GET this path on the geode's URL.
+    interval: float = 5.0  # seconds between checks of one geode, plus jitter.
+    timeout: float = 2.0  # seconds for one check; must be < interval.
+    jitter: float = 0.5  # up to this many seconds added at random to each interval.
+    healthy_threshold: int = 2  # consecutive passes to turn healthy (the first check at
+    # start-up needs only one pass, as in Envoy, so a fresh proxy can serve at once).
+    unhealthy_threshold: int = 3  # consecutive failures to turn unhealthy.
+    expected_statuses: frozenset[int] = frozenset(range(200, 300))
+
+
+@dataclass(frozen=True, slots=True)
+class Geode:
+    name: str
+    region: str
+    url: URL  # scheme://host[:port][/base-path]; the request path is appended.
+    weight: int  # relative share among healthy geodes of one region, >= 1.
+    health: HealthCheck
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    name: str
+    fallback: tuple[str, ...]  # other regions to try, nearest first.
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    connect_timeout: float = 2.0  # seconds to open a connection to a geode; a failure
+    # here is always safe to retry on the next candidate (no byte was sent).
+    response_timeout: float = 30.0  # seconds the geode may stay silent once the request
+    # is sent: before its response head (-> 504) and between body chunks (-> abort).
+    failover_timeout: float = 10.0  # no new attempt starts this long after the first.
+    max_attempts: int = 3  # geodes tried for one request, across regions.
+    when_none_healthy: str = "reject"  # reject: 503 + Retry-After; try_all: panic mode,
+    # try every geode of the region's try order regardless of health.
+    preserve_host: bool = True  # forward the client's Host; false: the geode's host.
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path  # the file it came from, as given (for messages).
+    proxy: Listener
+    admin: Listener
+    trusted_proxies: tuple[IPNetwork, ...]
+    region_sources: tuple[str, ...]
+    geoip_database: Path | None
+    default_region: str
+    regions: tuple[Region, ...]
+    countries: Mapping[str, str]  # ISO alpha-2 -> region (the region map's overrides).
+    continents: Mapping[str, str]  # continent code -> region.
+    geodes: tuple[Geode, ...]
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+    forwarding: Forwarding = field(default_factory=Forwarding)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file; raise ``ConfigError`` listing every problem."""
+    path = Path(path)
+    data = read_yaml(path)
+    problems = Problems(str(path))
+    config = _build(Node(data, "", problems), path, problems)
+    if problems or config is None:
+        raise ConfigError(problems.lines)
+    return config
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text: {exc.reason}"]) from None
+    try:
+        return yaml.load(text, Loader=StrictBoolLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}: {where}invalid YAML: {problem}"]) from None
+
+
+_TOP_KEYS = (
+    "listen", "trusted_proxies", "region_sources", "geoip", "default_region", "regions",
+    "region_map", "countries", "continents", "geodes", "health_check", "forwarding",
+)  # fmt: skip
+
+
+def _build(root: Node, path: Path, problems: Problems) -> Config | None:
+    if not root.expect_mapping(_TOP_KEYS, required=("regions", "geodes", "default_region")):
+        return None
+    base = path.parent
+    listen = root.get("listen")
+    listen.expect_mapping(("proxy", "admin"), allow_missing=True)
+    proxy = _listener(listen.get("proxy"), Listener("0.0.0.0", 8080))
+    admin = _listener(listen.get("admin"), Listener("127.0.0.1", 9901))
+
+    trusted = tuple(_cidrs(root.get("trusted_proxies")))
+    geoip = root.get("geoip")
+    geoip.expect_mapping(("database",), allow_missing=True)
+    database = geoip.get("database").string(optional=True)
+    geoip_database = (base / database) if database else None
+    sources = _sources(root.get("region_sources"), geoip_database is not None)
+
+    regions = _regions(root.get("regions"))
+    known = {r.name for r in regions}
+    default_region = root.get("default_region").region(known)
+    countries, continents = _region_map(root, base, known, problems)
+
+    health = _health(root.get("health_check"), HealthCheck())
+    before = len(problems.lines)
+    geodes = _geodes(root.get("geodes"), known, health)
+    if len(problems.lines) == before:  # a broken geode entry would make this noise
+        if not geodes:
+            root.get("geodes").problem("at least one geode is required")
+        _check_servable(regions, geodes, root.get("regions"))
+    forwarding = _forwarding(root.get("forwarding"))
+    if problems:
+        return None
+    assert default_region is not None  # guarded by `problems` (internal invariant only)
+    return Config(
+        path=path, proxy=proxy, admin=admin, trusted_proxies=trusted, region_sources=sources,
+        geoip_database=geoip_database, default_region=default_region, regions=regions,
+        countries=MappingProxyType(countries), continents=MappingProxyType(continents),
+        geodes=geodes, health_check=health, forwarding=forwarding,
+    )  # fmt: skip
+
+
+def _listener(node: Node, default: Listener) -> Listener:
+    if node.missing:
+        return default
+    node.expect_mapping(("host", "port"), allow_missing=True)
+    host = node.get("host").string(optional=True) or default.host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            node.get("host").problem(f"not an IP address: {host!r} (e.g. 127.0.0.1, ::)")
+    port = node.get("port").integer(0, 65535, optional=True)
+    return Listener(host, default.port if port is None else port)
+
+
+def _cidrs(node: Node) -> list[IPNetwork]:
+    out: list[IPNetwork] = []
+    for item in node.items(optional=True):
+        text = item.string()
+        if text is None:
+            continue
+        try:
+            out.append(ipaddress.ip_network(text.strip(), strict=True))
+        except ValueError as exc:
+            item.problem(f"invalid CIDR {text!r}: {exc}")
+    return out
+
+
+def _sources(node: Node, have_geoip: bool) -> tuple[str, ...]:
+    if node.missing:
+        return SOURCES if have_geoip else SOURCES[:2]
+    out: list[str] = []
+    for item in node.items():
+        name = item.choice(SOURCES)
+        if name is None:
+            continue
+        if name in out:
+            item.problem(f"{name!r} is listed twice")
+        elif name == "geoip" and not have_geoip:
+            item.problem("'geoip' is listed but geoip.database is not set")
+        else:
+            out.append(name)
+    return tuple(out)
+
+
+def _regions(node: Node) -> tuple[Region, ...]:
+    if not node.expect_mapping(None):
+        return ()
+    names = node.keys()
+    for key in names:
+        if not _REGION_ID.match(key):
+            node.get(key).problem(
+                f"invalid region id {key!r} (lowercase letters, digits and '-', e.g. eu-west)"
+            )
+    regions = []
+    for name in names:
+        entry = node.get(name)
+        if entry.value is None:
+            regions.append(Region(name, ()))
+            continue
+        entry.expect_mapping(("fallback",), allow_missing=True)
+        fallback: list[str] = []
+        for item in entry.get("fallback").items(optional=True):
+            other = item.region(set(names))
+            if other == name:
+                item.problem(f"region {name!r} cannot fall back to itself")
+            elif other in fallback:
+                item.problem(f"{other!r} is listed twice")
+            elif other is not None:
+                fallback.append(other)
+        regions.append(Region(name, tuple(fallback)))
+    return tuple(regions)
+
+
+def _region_map(
+    root: Node, base: Path, known: set[str], problems: Problems
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The region map: ``region_map`` (a file) first, then inline entries override it."""
+    countries: dict[str, str] = {}
+    continents: dict[str, str] = {}
+    layers = []
+    file = root.get("region_map").string(optional=True)
+    if file:
+        map_path = base / file
+        try:
+            data = read_yaml(map_path)
+        except ConfigError as exc:
+            problems.lines.extend(f"{root.path_of('region_map')}: {p}" for p in exc.problems)
+        else:
+            sub = Problems(str(map_path))
+            node = Node(data, "", sub)
+            if node.expect_mapping(("countries", "continents"), allow_missing=True):
+                layers.append(node)
+            problems.lines.extend(f"{root.path_of('region_map')}: {p}" for p in sub.lines)
+    layers.append(root)
+    for layer in layers:
+        for key, value in layer.get("countries").pairs():
+            code = key.upper().strip()
+            if code not in COUNTRY_CONTINENT:
+                layer.get("countries").get(key).problem(
+                    f"unknown country code {key!r} (ISO 3166-1 alpha-2, e.g. FR)"
+                )
+            elif (region := value.region(known)) is not None:
+                countries[code] = region
+        for key, value in layer.get("continents").pairs():
+            code = key.upper().strip()
+            if code not in CONTINENTS:
+                layer.get("continents").get(key).problem(
+                    f"unknown continent code {key!r} (known: {', '.join(sorted(CONTINENTS))})"
+                )
+            elif (region := value.region(known)) is not None:
+                continents[code] = region
+    return countries, continents
+
+
+_HEALTH_KEYS = (
+    "path", "interval", "timeout", "jitter", "healthy_threshold", "unhealthy_threshold",
+    "expected_statuses",
+)  # fmt: skip
+
+
+def _health(node: Node, base: HealthCheck) -> HealthCheck:
+    if node.missing or not node.expect_mapping(_HEALTH_KEYS):
+        return base
+    path = node.get("path").string(optional=True) or base.path
+    if not path.startswith("/"):
+        node.get("path").problem(f"must start with '/': {path!r}")
+    interval = _duration(node.get("interval"), base.interval)
+    timeout = _duration(node.get("timeout"), base.timeout)
+    jitter = _duration(node.get("jitter"), base.jitter, allow_zero=True)
+    if interval is not None and timeout is not None and timeout >= interval:
+        node.get("timeout").problem(
+            f"timeout ({timeout:g}s) must be shorter than interval ({interval:g}s)"
+        )
+    rise = node.get("healthy_threshold").integer(1, 100, optional=True)
+    fall = node.get("unhealthy_threshold").integer(1, 100, optional=True)
+    statuses = base.expected_statuses
+    st = node.get("expected_statuses")
+    if not st.missing:
+        statuses = parse_statuses(st) or statuses
+    return HealthCheck(
+        path=path,
+        interval=interval or base.interval,
+        timeout=timeout or base.timeout,
+        jitter=base.jitter if jitter is None else jitter,
+        healthy_threshold=rise or base.healthy_threshold,
+        unhealthy_threshold=fall or base.unhealthy_threshold,
+        expected_statuses=statuses,
+    )
+
+
+def _duration(node: Node, default: float, allow_zero: bool = False) -> float | None:
+    if node.missing:
+        return default
+    return parse_duration(node, allow_zero=allow_zero)
+
+
+def _geodes(node: Node, known: set[str], health: HealthCheck) -> tuple[Geode, ...]:
+    geodes: list[Geode] = []
+    seen: dict[str, str] = {}
+    for item in node.items():
+        if not item.expect_mapping(("name", "region", "url", "weight", "health"),
+                                   required=("name", "region", "url")):  # fmt: skip
+            continue
+        name = item.get("name").string()
+        if name is not None and not _GEODE_NAME.match(name):
+            item.get("name").problem(
+                f"invalid geode name {name!r} (letters, digits, '.', '_', '-'; up to 63)"
+            )
+        elif name is not None and name in seen:
+            item.get("name").problem(f"duplicate geode name {name!r} (first at {seen[name]})")
+        elif name is not None:
+            seen[name] = item.path
+        region = item.get("region").region(known)
+        url = _geode_url(item.get("url"))
+        weight = item.get("weight").integer(1, 1000, optional=True) or 1
+        own = _health(item.get("health"), health)
+        if name and region and url:
+            geodes.append(Geode(name, region, url, weight, own))
+    return tuple(geodes)
+
+
+def _geode_url(node: Node) -> URL | None:
+    text = node.string()
+    if text is None:
+        return None
+    try:
+        url = URL(text.strip())
+    except ValueError as exc:
+        node.problem(f"malformed URL {text!r}: {exc}")
+        return None
+    if url.scheme not in ("http", "https"):
+        node.problem(f"URL scheme must be http or https: {text!r}")
+    elif not url.host:
+        node.problem(f"URL has no host: {text!r}")
+    elif url.user or url.password:
+        node.problem(f"URL must not carry credentials: {text!r}")
+    elif url.query_string or url.fragment:
+        node.problem(f"URL must not have a query or fragment: {text!r}")
+    else:
+        try:
+            url.port  # noqa: B018 -- yarl validates the port lazily
+        except ValueError:
+            node.problem(f"URL has an invalid port: {text!r}")
+            return None
+        return url.with_path(url.path.rstrip("/"))
+    return None
+
+
+def _forwarding(node: Node) -> Forwarding:
+    base = Forwarding()
+    keys = ("connect_timeout", "response_timeout", "failover_timeout", "max_attempts",
+            "when_none_healthy", "preserve_host")  # fmt: skip
+    if node.missing or not node.expect_mapping(keys):
+        return base
+    preserve = node.get("preserve_host").boolean(optional=True)
+    return Forwarding(
+        connect_timeout=_duration(node.get("connect_timeout"), base.connect_timeout)
+        or base.connect_timeout,
+        response_timeout=_duration(node.get("response_timeout"), base.response_timeout)
+        or base.response_timeout,
+        failover_timeout=_duration(node.get("failover_timeout"), base.failover_timeout)
+        or base.failover_timeout,
+        max_attempts=node.get("max_attempts").integer(1, 20, optional=True) or base.max_attempts,
+        when_none_healthy=node.get("when_none_healthy").choice(("reject", "try_all"),
+                                                               optional=True)
+        or base.when_none_healthy,
+        preserve_host=base.preserve_host if preserve is None else preserve,
+    )
+
+
+def _check_servable(regions: tuple[Region, ...], geodes: tuple[Geode, ...], node: Node) -> None:
+    """Every region must reach at least one geode through itself or its fallbacks."""
+    served = {g.region for g in geodes}
+    for region in regions:
+        if not served.intersection((region.name, *region.fallback)):
+            node.get(region.name).problem(
+                f"no geode can serve region {region.name!r}: it has no geode and none of its "
+                f"fallback regions ({', '.join(region.fallback) or 'none'}) has one"
+            )
+

@@ -1,0 +1,59 @@
+"""Ordered candidates for a request: pure, over the topology and the healthy set.
+
+Healthy geodes of the client's region first (weighted random order), then those of each
+fallback region in order. With none healthy: nothing (``none_healthy``), or in panic mode
+(``when_none_healthy: try_all``) every geode of the try order regardless of health.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
+
+from geoproxy.config import Geode
+from geoproxy.model import Topology
+
+# Decisions, also the values of the `decision` metric label.
+HOME, FALLBACK, PANIC, NONE_HEALTHY = "home", "fallback", "panic", "none_healthy"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    geode: Geode
+    decision: str  # home | fallback | panic
+
+
+def weighted_order(geodes: Sequence[Geode], rand: Callable[[], float]) -> list[Geode]:
+    """A random order in which a geode comes first in proportion to its weight
+    (Efraimidis-Spirakis keys)."""
+    if len(geodes) < 2:
+        return list(geodes)
+    keyed = [(rand() ** (1.0 / g.weight), i) for i, g in enumerate(geodes)]
+    keyed.sort(reverse=True)
+    return [geodes[i] for _, i in keyed]
+
+
+def candidates(
+    topology: Topology,
+    region: str,
+    healthy: Container[str],
+    limit: int,
+    rand: Callable[[], float] = random.random,
+) -> tuple[list[Candidate], str]:
+    """Up to ``limit`` candidates and the decision for the first one."""
+    out: list[Candidate] = []
+    for other in topology.try_orders[region]:
+        group = [g for g in topology.geodes_by_region[other] if g.name in healthy]
+        decision = HOME if other == region else FALLBACK
+        out.extend(Candidate(g, decision) for g in weighted_order(group, rand))
+        if len(out) >= limit:
+            return out[:limit], out[0].decision
+    if out:
+        return out, out[0].decision
+    if topology.config.forwarding.when_none_healthy == "try_all":
+        for other in topology.try_orders[region]:
+            group = list(topology.geodes_by_region[other])
+            out.extend(Candidate(g, PANIC) for g in weighted_order(group, rand))
+        return out[:limit], PANIC
+    return [], NONE_HEALTHY

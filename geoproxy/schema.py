@@ -1,0 +1,232 @@
+"""A small typed walker over parsed YAML that records problems with their path.
+
+``Node`` wraps one value and the path that leads to it (``geodes[2].region``); its readers
+return the typed value, or ``None`` after recording a problem, so a loader can keep going and
+report every error in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import yaml
+
+_MISSING = object()
+
+
+class Problems:
+    """The problems found in one file, each line ``FILE: PATH: MESSAGE``."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.lines: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.lines.append(f"{self.file}: {path}: {message}" if path else f"{self.file}: {message}")
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+
+class Node:
+    __slots__ = ("_problems", "path", "value")
+
+    def __init__(self, value: Any, path: str, problems: Problems) -> None:
+        self.value = value
+        self.path = path
+        self._problems = problems
+
+    @property
+    def missing(self) -> bool:
+        return self.value is _MISSING
+
+    def problem(self, message: str) -> None:
+        self._problems.add(self.path, message)
+
+    def path_of(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else str(key)
+
+    def get(self, key: str) -> Node:
+        value = self.value.get(key, _MISSING) if isinstance(self.value, dict) else _MISSING
+        return Node(value, self.path_of(key), self._problems)
+
+    def keys(self) -> list[str]:
+        return [str(k) for k in self.value] if isinstance(self.value, dict) else []
+
+    def expect_mapping(
+        self,
+        allowed: Iterable[str] | None,
+        required: Iterable[str] = (),
+        allow_missing: bool = False,
+    ) -> bool:
+        """Check that this is a mapping with only ``allowed`` keys (any when ``None``) and
+        every ``required`` key. False when it is not a mapping at all."""
+        if self.missing or (self.value is None and allow_missing):
+            if not allow_missing:
+                self.problem("is required")
+            return False
+        if not isinstance(self.value, dict):
+            self.problem(f"must be a mapping, got {_show(self.value)}")
+            return False
+        if allowed is not None:
+            allowed = list(allowed)
+            for key in self.value:
+                if key not in allowed:
+                    hint = difflib.get_close_matches(str(key), allowed, n=1)
+                    also = f"did you mean {hint[0]!r}?" if hint else f"known: {', '.join(allowed)}"
+                    self._problems.add(self.path_of(str(key)), f"unknown key ({also})")
+        for key in required:
+            if key not in self.value:
+                self._problems.add(self.path_of(key), "is required")
+        return True
+
+    def pairs(self) -> Iterator[tuple[str, Node]]:
+        """Key/value pairs of an optional mapping."""
+        if self.missing or self.value is None:
+            return
+        if not isinstance(self.value, dict):
+            self.problem(f"must be a mapping, got {_show(self.value)}")
+            return
+        for key, value in self.value.items():
+            yield str(key), Node(value, self.path_of(str(key)), self._problems)
+
+    def items(self, optional: bool = False) -> list[Node]:
+        """Elements of a list (a missing optional list is empty)."""
+        if self.missing or (optional and self.value is None):
+            if not optional:
+                self.problem("is required")
+            return []
+        if not isinstance(self.value, list):
+            self.problem(f"must be a list, got {_show(self.value)}")
+            return []
+        return [Node(v, self.path_of(i), self._problems) for i, v in enumerate(self.value)]
+
+    def string(self, optional: bool = False) -> str | None:
+        if self.missing or self.value is None:
+            if not optional:
+                self.problem("is required")
+            return None
+        if not isinstance(self.value, str) or not self.value.strip():
+            self.problem(f"must be a non-empty string, got {_show(self.value)}")
+            return None
+        return self.value
+
+    def integer(self, low: int, high: int, optional: bool = False) -> int | None:
+        if self.missing:
+            if not optional:
+                self.problem("is required")
+            return None
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(f"must be a whole number from {low} to {high}, got {_show(value)}")
+            return None
+        if not low <= value <= high:
+            self.problem(f"must be from {low} to {high}, got {value}")
+            return None
+        return value
+
+    def boolean(self, optional: bool = False) -> bool | None:
+        if self.missing:
+            if not optional:
+                self.problem("is required")
+            return None
+        if not isinstance(self.value, bool):
+            self.problem(f"must be true or false, got {_show(self.value)}")
+            return None
+        return self.value
+
+    def choice(self, options: Iterable[str], optional: bool = False) -> str | None:
+        text = self.string(optional)
+        if text is None:
+            return None
+        options = tuple(options)
+        norm = text.strip().lower()
+        if norm not in options:
+            self.problem(f"unknown value {text!r} (choose from: {', '.join(options)})")
+            return None
+        return norm
+
+    def region(self, known: set[str]) -> str | None:
+        """A reference to a declared region."""
+        text = self.string()
+        if text is None:
+            return None
+        if text not in known:
+            hint = difflib.get_close_matches(text, sorted(known), n=1)
+            also = f"; did you mean {hint[0]!r}?" if hint else ""
+            self.problem(f"unknown region {text!r} (known: {', '.join(sorted(known))}){also}")
+            return None
+        return text
+
+
+def _show(value: Any) -> str:
+    if value is _MISSING:
+        return "nothing"
+    if value is None:
+        return "null"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(node: Node, allow_zero: bool = False) -> float | None:
+    """``250ms``, ``5s``, ``1.5m``, ``1h`` -> seconds."""
+    value = node.value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        node.problem(f"a duration needs a unit: {value!r} (e.g. '{value}s' or '{value}ms')")
+        return None
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        node.problem(f"not a duration: {_show(value)} (e.g. 250ms, 5s, 1m)")
+        return None
+    seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if seconds == 0 and not allow_zero:
+        node.problem(f"must be longer than zero, got {value!r}")
+        return None
+    if seconds > 86400:
+        node.problem(f"must be at most 24h, got {value!r}")
+        return None
+    return seconds
+
+
+def parse_statuses(node: Node) -> frozenset[int] | None:
+    """A list of HTTP statuses and ranges: ``[200, 204, "300-399"]``."""
+    out: set[int] = set()
+    items = node.items()
+    for item in items:
+        value = item.value
+        low = high = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            low = high = value
+        elif isinstance(value, str) and (m := re.match(r"^\s*(\d{3})\s*-\s*(\d{3})\s*$", value)):
+            low, high = int(m.group(1)), int(m.group(2))
+        if low is None or high is None or not 100 <= low <= high <= 599:
+            item.problem(f"not an HTTP status or range: {_show(value)} (e.g. 200 or '200-299')")
+            continue
+        out.update(range(low, high + 1))
+    if not out and items == []:
+        node.problem("must list at least one status")
+    return frozenset(out) if out else None
+
+
+class StrictBoolLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1's yes/no/on/off would turn Norway's
+    country code ``NO`` into ``False``."""
+
+
+StrictBoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "tTfF":
+    StrictBoolLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"))
+    )
