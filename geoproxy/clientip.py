@@ -19,11 +19,13 @@ def parse_ip(text: str) -> IPAddress | None:
         return None
     if text.startswith("["):
         end = text.find("]")
-        if end < 0:
+        if end < 0 or not _is_port_suffix(text[end + 1 :], optional=True):
             return None
         text = text[1:end]
     elif text.count(":") == 1:
-        text = text.split(":", 1)[0]
+        text, port = text.split(":", 1)
+        if not _is_port_suffix(":" + port):
+            return None
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
@@ -31,6 +33,15 @@ def parse_ip(text: str) -> IPAddress | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def _is_port_suffix(text: str, optional: bool = False) -> bool:
+    """``:`` and 1-5 ASCII digits (or nothing, when optional): ``1.2.3.4:http`` is garbage,
+    not ``1.2.3.4``."""
+    if not text:
+        return optional
+    port = text[1:]
+    return text[0] == ":" and 0 < len(port) <= 5 and port.isascii() and port.isdigit()
 
 
 class TrustedProxies:

@@ -59,6 +59,10 @@ class Geode:
     url: URL  # scheme://host[:port][/base-path]; the request path is appended.
     weight: int  # relative share among healthy geodes of one region, >= 1.
     health: HealthCheck
+    base: str = field(init=False, repr=False, compare=False)  # url without a trailing "/"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base", str(self.url).rstrip("/"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +135,8 @@ _TOP_KEYS = (
 
 
 def _build(root: Node, path: Path, problems: Problems) -> Config | None:
-    if not root.expect_mapping(_TOP_KEYS, required=("regions", "geodes", "default_region")):
+    # regions, geodes and default_region are required: their readers say so (once).
+    if not root.expect_mapping(_TOP_KEYS):
         return None
     base = path.parent
     listen = root.get("listen")
@@ -249,20 +254,21 @@ def _region_map(
     """The region map: ``region_map`` (a file) first, then inline entries override it."""
     countries: dict[str, str] = {}
     continents: dict[str, str] = {}
-    layers = []
+    layers: list[Node] = []
+    # The map file's own lines (``FILE: PATH: MESSAGE``) go under the config's ``region_map``.
+    sub = Problems("")
     file = root.get("region_map").string(optional=True)
     if file:
         map_path = base / file
         try:
             data = read_yaml(map_path)
         except ConfigError as exc:
-            problems.lines.extend(f"{root.path_of('region_map')}: {p}" for p in exc.problems)
+            sub.lines.extend(exc.problems)
         else:
             sub = Problems(str(map_path))
             node = Node(data, "", sub)
             if node.expect_mapping(("countries", "continents"), allow_missing=True):
                 layers.append(node)
-            problems.lines.extend(f"{root.path_of('region_map')}: {p}" for p in sub.lines)
     layers.append(root)
     for layer in layers:
         for key, value in layer.get("countries").pairs():
@@ -281,6 +287,8 @@ def _region_map(
                 )
             elif (region := value.region(known)) is not None:
                 continents[code] = region
+    for line in sub.lines:  # only now: the loop above records the map's entry problems
+        problems.add("region_map", line)
     return countries, continents
 
 
@@ -330,8 +338,8 @@ def _geodes(node: Node, known: set[str], health: HealthCheck) -> tuple[Geode, ..
     geodes: list[Geode] = []
     seen: dict[str, str] = {}
     for item in node.items():
-        if not item.expect_mapping(("name", "region", "url", "weight", "health"),
-                                   required=("name", "region", "url")):  # fmt: skip
+        # name, region and url are required: their readers below say so (once).
+        if not item.expect_mapping(("name", "region", "url", "weight", "health")):
             continue
         name = item.get("name").string()
         if name is not None and not _GEODE_NAME.match(name):

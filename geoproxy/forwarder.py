@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
+from yarl import URL
 
 from geoproxy.clientip import IPAddress, client_ip, parse_ip
 from geoproxy.config import Geode
@@ -58,7 +59,7 @@ class Trace:
     geode: Geode | None = None
 
 
-TRACE_KEY = "geoproxy.trace"
+TRACE_KEY = web.RequestKey("trace", Trace)
 
 
 def may_try_next(outcome: str, method: str, body_started: bool) -> bool:
@@ -168,6 +169,8 @@ class Forwarder:
             )  # fmt: skip
 
         headers = upstream_headers(request, trusted, peer)
+        rel = request.rel_url  # origin-form, even for an absolute-form request target
+        path_qs = rel.raw_path + ("?" + rel.raw_query_string if rel.raw_query_string else "")
         body = _Body(request.content) if request.body_exists else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + fwd.failover_timeout
@@ -180,9 +183,7 @@ class Forwarder:
             geode = cand.geode
             if not fwd.preserve_host:
                 headers["Host"] = geode.url.raw_authority
-            url = geode.url.with_path(
-                geode.url.raw_path.rstrip("/") + request.raw_path.split("?", 1)[0], encoded=True
-            ).with_query(request.rel_url.raw_query_string or None)
+            url = URL(geode.base + path_qs, encoded=True)
             try:
                 resp = await rt.session.request(
                     request.method, url, headers=headers,

@@ -44,10 +44,12 @@ class MaxMindLookup:
                 "edition)"
             )
         self.database_type = kind
+        # geoip2 binds each method to its edition; a City record holds country data too.
+        self._lookup = self._reader.city if "City" in kind else self._reader.country
 
     def __call__(self, ip: IPAddress) -> GeoAnswer | None:
         try:
-            answer = self._reader.country(ip)
+            answer = self._lookup(ip)
         except (geoip2.errors.AddressNotFoundError, ValueError):
             return None  # unknown address, or IPv6 asked of an IPv4-only database
         except maxminddb.InvalidDatabaseError:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from geoproxy import __version__
 from geoproxy.config import Geode
@@ -111,7 +112,7 @@ class HealthChecker:
     async def check(self, geode: Geode) -> tuple[bool, float | None, str | None]:
         """One check of one geode: (passed, latency in seconds, error)."""
         hc = geode.health
-        url = geode.url.with_path(geode.url.path + hc.path, encoded=True)
+        url = URL(geode.base + hc.path, encoded=True)
         start = time.perf_counter()
         try:
             async with asyncio.timeout(hc.timeout):

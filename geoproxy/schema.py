@@ -212,7 +212,7 @@ def parse_statuses(node: Node) -> frozenset[int] | None:
             item.problem(f"not an HTTP status or range: {_show(value)} (e.g. 200 or '200-299')")
             continue
         out.update(range(low, high + 1))
-    if not out and items == []:
+    if isinstance(node.value, list) and not node.value:  # not a list: already reported
         node.problem("must list at least one status")
     return frozenset(out) if out else None
 

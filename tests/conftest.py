@@ -1,0 +1,310 @@
+"""Shared fixtures: real geode servers on loopback, real proxies, real .mmdb files."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from geoproxy import config as config_mod
+from geoproxy.app import Gateway
+from geoproxy.geoip import GeoLookup
+
+
+class FakeGeode:
+    """A real aiohttp app standing in for a stamp, with hit counters.
+
+    /health            status from ``health_status`` (200 by default)
+    /whoami            the geode's name
+    /echo              method, headers and a digest of the streamed request body
+    /stream?size=&chunk=  ``size`` bytes in chunks, streamed
+    /status/{code}     that status
+    /slow?delay=       answers after ``delay`` seconds
+    /reset             sends part of a long body, then aborts the connection
+    /gzip              a gzip-encoded body (must pass through undecoded)
+    /set-cookie        sets a cookie
+    /hop-headers       a response carrying hop-by-hop headers
+    ``force_status``   when set, /whoami and /echo answer with it (after reading the body)
+    """
+
+    def __init__(self, name: str, region: str) -> None:
+        self.name = name
+        self.region = region
+        self.health_status = 200
+        self.force_status: int | None = None
+        self.hits: Counter[str] = Counter()
+        self.last_headers: dict[str, list[str]] = {}
+        self.server: TestServer | None = None
+        self.app = web.Application()
+        self.app.router.add_get("/health", self.health)
+        self.app.router.add_route("*", "/whoami", self.whoami)
+        self.app.router.add_route("*", "/echo", self.echo)
+        self.app.router.add_get("/stream", self.stream)
+        self.app.router.add_route("*", "/status/{code}", self.status)
+        self.app.router.add_route("*", "/slow", self.slow)
+        self.app.router.add_get("/reset", self.reset)
+        self.app.router.add_get("/gzip", self.gzip)
+        self.app.router.add_get("/set-cookie", self.set_cookie)
+        self.app.router.add_get("/hop-headers", self.hop_headers)
+        self.app.router.add_route("*", "/{tail:.*}", self.whoami)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+    def _note(self, request: web.Request) -> None:
+        self.hits[request.path] += 1
+        headers: dict[str, list[str]] = {}
+        for k, v in request.headers.items():
+            headers.setdefault(k.lower(), []).append(v)
+        self.last_headers = headers
+
+    async def health(self, request: web.Request) -> web.Response:
+        self.hits["/health"] += 1
+        return web.json_response({"geode": self.name}, status=self.health_status)
+
+    async def whoami(self, request: web.Request) -> web.Response:
+        self._note(request)
+        await request.read()
+        return web.json_response({"geode": self.name, "path": request.raw_path},
+                                 status=self.force_status or 200)  # fmt: skip
+
+    async def echo(self, request: web.Request) -> web.Response:
+        self._note(request)
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        return web.json_response({
+            "geode": self.name, "method": request.method, "size": size,
+            "sha256": digest.hexdigest(), "headers": self.last_headers,
+        }, status=self.force_status or 200)  # fmt: skip
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        self._note(request)
+        size = int(request.query.get("size", "1024"))
+        chunk = int(request.query.get("chunk", "65536"))
+        resp = web.StreamResponse()
+        resp.content_type = "application/octet-stream"
+        await resp.prepare(request)
+        block = b"x" * chunk
+        sent = 0
+        while sent < size:
+            part = block[: min(chunk, size - sent)]
+            await resp.write(part)
+            sent += len(part)
+        await resp.write_eof()
+        return resp
+
+    async def status(self, request: web.Request) -> web.Response:
+        self._note(request)
+        await request.read()
+        code = int(request.match_info["code"])
+        return web.json_response({"geode": self.name, "status": code}, status=code)
+
+    async def slow(self, request: web.Request) -> web.Response:
+        self._note(request)
+        await asyncio.sleep(float(request.query.get("delay", "1")))
+        return web.json_response({"geode": self.name})
+
+    async def reset(self, request: web.Request) -> web.StreamResponse:
+        self._note(request)
+        resp = web.StreamResponse(headers={"Content-Length": "100000"})
+        await resp.prepare(request)
+        await resp.write(b"y" * 1000)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+
+    async def gzip(self, request: web.Request) -> web.Response:
+        self._note(request)
+        body = gzip.compress(b"hello from " + self.name.encode())
+        return web.Response(body=body, headers={"Content-Encoding": "gzip",
+                                                "Content-Type": "text/plain"})  # fmt: skip
+
+    async def set_cookie(self, request: web.Request) -> web.Response:
+        self._note(request)
+        resp = web.json_response({"geode": self.name})
+        resp.set_cookie("session", "secret-of-client-a")
+        return resp
+
+    async def hop_headers(self, request: web.Request) -> web.Response:
+        self._note(request)
+        return web.json_response({"geode": self.name}, headers={
+            "Keep-Alive": "timeout=5", "Proxy-Authenticate": "Basic", "Trailer": "X-Sum",
+            "Connection": "X-Private-Hop", "X-Private-Hop": "secret", "X-End-To-End": "kept",
+        })  # fmt: skip
+
+
+GeodeFactory = Callable[..., Awaitable[FakeGeode]]
+
+
+@pytest.fixture
+async def geode_factory() -> AsyncIterator[GeodeFactory]:
+    servers: list[TestServer] = []
+
+    async def make(name: str, region: str) -> FakeGeode:
+        geode = FakeGeode(name, region)
+        server = TestServer(geode.app, host="127.0.0.1")
+        await server.start_server()
+        geode.server = server
+        servers.append(server)
+        return geode
+
+    yield make
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A loopback port that was bound and closed: connections are refused."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
+
+
+REGIONS = {
+    "eu-west": {"fallback": ["us-east", "ap-northeast"]},
+    "us-east": {"fallback": ["eu-west", "ap-northeast"]},
+    "ap-northeast": {"fallback": ["us-east", "eu-west"]},
+}
+
+
+def base_config(geodes: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:
+    """A complete config dict for tests: three regions, loopback listeners, fast checks."""
+    data: dict[str, Any] = {
+        "listen": {"proxy": {"host": "127.0.0.1", "port": 0},
+                   "admin": {"host": "127.0.0.1", "port": 0}},
+        "trusted_proxies": ["127.0.0.1/32"],
+        "default_region": "eu-west",
+        "regions": REGIONS,
+        "countries": {"FR": "eu-west", "GB": "eu-west", "US": "us-east", "JP": "ap-northeast"},
+        "continents": {"EU": "eu-west", "NA": "us-east", "AS": "ap-northeast",
+                       "SA": "us-east", "AF": "eu-west", "OC": "ap-northeast",
+                       "AN": "us-east"},
+        "geodes": geodes,
+        "health_check": {"interval": "1s", "timeout": "500ms", "jitter": "0s",
+                         "healthy_threshold": 2, "unhealthy_threshold": 2},
+        "forwarding": {"connect_timeout": "1s", "response_timeout": "2s"},
+    }  # fmt: skip
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    def write(data: dict[str, Any], name: str = "geoproxy.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+class Proxy:
+    def __init__(self, gateway: Gateway, server: TestServer) -> None:
+        self.gateway = gateway
+        self.server = server
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
+ProxyFactory = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def proxy_factory(
+    write_config: Callable[[dict[str, Any]], Path],
+) -> AsyncIterator[ProxyFactory]:
+    """Start a real proxy from a config dict (through the real YAML loader)."""
+    servers: list[TestServer] = []
+
+    async def make(data: dict[str, Any], geoip: GeoLookup | None = None) -> Proxy:
+        cfg = config_mod.load(write_config(data))
+        gateway = Gateway(cfg, geoip=geoip)
+        server = TestServer(gateway.proxy_app(), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return Proxy(gateway, server)
+
+    yield make
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client for talking to the proxy over real sockets."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def geode_entry(geode: FakeGeode, **extra: Any) -> dict[str, Any]:
+    return {"name": geode.name, "region": geode.region, "url": geode.url, **extra}
+
+
+# GeoIP test networks: documentation-free public ranges, like MaxMind's own test data.
+GEO_NETWORKS: dict[str, tuple[str | None, str]] = {
+    "81.2.69.0/24": ("GB", "EU"),
+    "175.16.199.0/24": ("CN", "AS"),
+    "216.160.83.0/24": ("US", "NA"),
+    "89.160.20.0/24": (None, "EU"),  # continent only: the continent rule decides
+    "2001:218::/32": ("JP", "AS"),
+    "2a02:cf40::/29": ("FR", "EU"),
+}
+
+
+def _record(country: str | None, continent: str, city: bool) -> dict[str, Any]:
+    rec: dict[str, Any] = {"continent": {"code": continent, "names": {"en": continent}}}
+    if country:
+        rec["country"] = {"iso_code": country, "names": {"en": country}}
+        rec["registered_country"] = {"iso_code": country, "names": {"en": country}}
+    if city:
+        rec["city"] = {"names": {"en": f"Somewhere in {country or continent}"}}
+        rec["location"] = {"latitude": 51.5, "longitude": -0.1, "time_zone": "Europe/London"}
+    return rec
+
+
+@pytest.fixture
+def make_mmdb(tmp_path: Path) -> Callable[..., Path]:
+    """Write a real MaxMind-format database (City or Country edition, IPv4 or IPv6)."""
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    def make(edition: str = "City", ip_version: int = 6) -> Path:
+        writer = MMDBWriter(
+            ip_version=ip_version,
+            ipv4_compatible=ip_version == 6,
+            database_type=f"GeoLite2-{edition}",
+            languages=["en"],
+            description="geoproxy test database",
+        )
+        for cidr, (country, continent) in GEO_NETWORKS.items():
+            if ip_version == 4 and ":" in cidr:
+                continue
+            writer.insert_network(IPSet([cidr]), _record(country, continent, edition == "City"))
+        path = tmp_path / f"test-{edition}-v{ip_version}.mmdb"
+        writer.to_db_file(str(path))
+        return path
+
+    return make

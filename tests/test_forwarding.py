@@ -1,0 +1,365 @@
+"""End to end through a real proxy: real geode servers on loopback, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import FakeGeode, GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
+
+
+async def three_geodes(geode_factory: GeodeFactory) -> tuple[FakeGeode, FakeGeode, FakeGeode]:
+    eu = await geode_factory("eu-1", "eu-west")
+    us = await geode_factory("us-1", "us-east")
+    ap = await geode_factory("ap-1", "ap-northeast")
+    return eu, us, ap
+
+
+async def start(
+    proxy_factory: ProxyFactory, geodes: list[FakeGeode], **overrides: Any
+) -> Proxy:
+    return await proxy_factory(base_config([geode_entry(g) for g in geodes], **overrides))
+
+
+async def mark_unhealthy(proxy: Proxy, *geodes: FakeGeode) -> None:
+    """Fail health checks until the board takes the geodes out (one round each)."""
+    for g in geodes:
+        g.health_status = 500
+    checker = proxy.gateway.checker
+    assert checker is not None
+    for _ in range(proxy.gateway.config.health_check.unhealthy_threshold):
+        await checker.check_once()
+    for g in geodes:
+        assert g.name not in proxy.gateway.board.healthy
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"CF-IPCountry": "FR"}, "eu-1"),
+        ({"CF-IPCountry": "jp"}, "ap-1"),
+        ({"CF-IPCountry": "US"}, "us-1"),
+        ({"X-Client-Region": "ap-northeast"}, "ap-1"),
+        ({"X-Client-Region": "US", "CF-IPCountry": "FR"}, "us-1"),
+        ({"CF-IPCountry": "XX"}, "eu-1"),  # unknown -> default region
+        ({}, "eu-1"),
+    ],
+    ids=["cf-fr", "cf-jp-lowercase", "cf-us", "xcr-region", "xcr-before-cf", "cf-xx", "none"],
+)
+async def test_routes_to_home_region_geode_from_trusted_peer_headers(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    headers: dict[str, str],
+    expected: str,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, list(geodes))
+    async with http.get(f"{proxy.url}/whoami", headers=headers) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+        assert body["geode"] == expected
+        assert resp.headers["X-Geoproxy-Geode"] == expected
+        by_name = {g.name: g for g in geodes}
+        assert resp.headers["X-Geoproxy-Region"] == by_name[expected].region
+
+
+async def test_untrusted_peer_cannot_set_client_region(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap], trusted_proxies=["10.0.0.0/8"])
+    spoof = {"CF-IPCountry": "JP", "X-Client-Region": "us-east", "X-Forwarded-For": "1.2.3.4"}
+    async with http.get(f"{proxy.url}/echo", headers=spoof) as resp:
+        body = await resp.json()
+    assert body["geode"] == "eu-1"  # the default region, not what the headers claimed
+    seen = body["headers"]
+    assert "cf-ipcountry" not in seen and "x-client-region" not in seen
+    assert seen["x-forwarded-for"] == ["127.0.0.1"]  # the forged entry is not passed on
+
+
+async def test_trusted_peer_forwarded_for_is_appended(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    headers = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https",
+               "Host": "shop.example.com", "Via": "1.1 cdn"}  # fmt: skip
+    async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
+        seen = (await resp.json())["headers"]
+        assert resp.headers["Via"] == "1.1 geoproxy"
+    assert seen["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
+    assert seen["x-forwarded-proto"] == ["https"]
+    assert seen["x-forwarded-host"] == ["shop.example.com"]
+    assert seen["host"] == ["shop.example.com"]  # the original Host is kept by default
+    assert seen["via"] == ["1.1 cdn, 1.1 geoproxy"]
+
+
+async def test_host_is_the_geodes_when_preserve_host_is_off(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap],
+                        forwarding={"preserve_host": False})  # fmt: skip
+    async with http.get(f"{proxy.url}/echo", headers={"Host": "shop.example.com"}) as resp:
+        seen = (await resp.json())["headers"]
+    assert seen["host"] == [eu.url.removeprefix("http://")]
+    assert seen["x-forwarded-host"] == ["shop.example.com"]
+
+
+async def test_hop_by_hop_headers_are_removed_both_ways(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    headers = {
+        "Connection": "keep-alive, X-Hop-Secret", "X-Hop-Secret": "1", "Keep-Alive": "300",
+        "TE": "trailers", "Proxy-Authorization": "Basic Zm9vOmJhcg==", "Trailer": "X-Sum",
+        "Upgrade": "h2c", "Proxy-Connection": "keep-alive", "X-Geoproxy-Geode": "forged",
+        "X-End-To-End": "kept",
+    }  # fmt: skip
+    async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
+        seen = (await resp.json())["headers"]
+    for name in ("x-hop-secret", "keep-alive", "te", "proxy-authorization", "trailer",
+                 "upgrade", "proxy-connection", "x-geoproxy-geode"):  # fmt: skip
+        assert name not in seen, name
+    assert seen["x-end-to-end"] == ["kept"]
+
+    async with http.get(f"{proxy.url}/hop-headers") as resp:
+        assert resp.status == 200
+        for name in ("Keep-Alive", "Proxy-Authenticate", "Trailer", "X-Private-Hop"):
+            assert name not in resp.headers, name
+        assert resp.headers["X-End-To-End"] == "kept"
+
+
+async def test_path_and_query_reach_the_geode_byte_for_byte(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    target = "/a%2Fb/c%20d?x=1&y=%2F&z"
+    async with http.get(aiohttp.client.URL(proxy.url + target, encoded=True)) as resp:
+        assert (await resp.json())["path"] == target
+
+
+async def test_geode_base_path_is_prefixed(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    us = await geode_factory("us-1", "us-east")
+    proxy = await proxy_factory(base_config([
+        geode_entry(eu, url=eu.url + "/api/"),
+        geode_entry(us),
+    ], regions={"eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["eu-west"]}},
+       countries={}, continents={}))  # fmt: skip
+    async with http.get(f"{proxy.url}/items?id=1") as resp:
+        assert (await resp.json())["path"] == "/api/items?id=1"
+
+
+async def test_falls_back_in_order_when_home_region_is_unhealthy(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    await mark_unhealthy(proxy, eu)
+    async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": "FR"}) as resp:
+        assert (await resp.json())["geode"] == "us-1"  # eu-west falls back to us-east first
+    await mark_unhealthy(proxy, us)
+    async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": "FR"}) as resp:
+        assert (await resp.json())["geode"] == "ap-1"
+    assert eu.hits["/whoami"] == 0 and us.hits["/whoami"] == 1
+
+
+async def test_fails_over_to_fallback_region_when_home_geode_refuses_connections(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    assert eu.server is not None
+    await eu.server.close()  # still healthy on the board: the forwarder meets the refusal
+    payload = b"order-42" * 1000
+    async with http.post(f"{proxy.url}/echo", data=payload,
+                         headers={"CF-IPCountry": "FR"}) as resp:  # fmt: skip
+        body = await resp.json()
+    # A refused connect sent no byte, so even a POST moves on, with its body intact.
+    assert resp.status == 200 and body["geode"] == "us-1"
+    assert body["size"] == len(payload)
+
+
+async def test_get_moves_on_after_503_but_post_is_not_retried_after_body_sent(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    eu.force_status = 503
+    async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": "FR"}) as resp:
+        assert resp.status == 200 and (await resp.json())["geode"] == "us-1"
+    assert eu.hits["/whoami"] == 1
+
+    async with http.post(f"{proxy.url}/echo", data=b"pay once" * 4096,
+                         headers={"CF-IPCountry": "FR"}) as resp:  # fmt: skip
+        assert resp.status == 503  # the geode's own answer, passed through
+        assert (await resp.json())["geode"] == "eu-1"
+    assert us.hits["/echo"] == 0 and ap.hits["/echo"] == 0
+
+
+async def test_503_with_json_and_retry_after_when_no_geode_is_healthy(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    await mark_unhealthy(proxy, eu, us, ap)
+    async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": "JP"}) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert resp.content_type == "application/json"
+        assert await resp.json() == {"error": {
+            "status": 503, "code": "no_healthy_geode", "region": "ap-northeast",
+            "message": "no healthy geode can serve region 'ap-northeast'",
+        }}  # fmt: skip
+    assert eu.hits["/whoami"] == us.hits["/whoami"] == ap.hits["/whoami"] == 0
+
+
+async def test_panic_mode_tries_geodes_even_when_none_is_healthy(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap],
+                        forwarding={"when_none_healthy": "try_all"})  # fmt: skip
+    await mark_unhealthy(proxy, eu, us, ap)
+    async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": "JP"}) as resp:
+        assert resp.status == 200 and (await resp.json())["geode"] == "ap-1"
+
+
+async def test_502_json_when_every_candidate_refuses(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, list(geodes))
+    for g in geodes:
+        assert g.server is not None
+        await g.server.close()
+    async with http.get(f"{proxy.url}/whoami") as resp:
+        assert resp.status == 502
+        assert await resp.json() == {"error": {
+            "status": 502, "code": "bad_gateway", "message": "no geode could be reached",
+            "attempts": 3,
+        }}  # fmt: skip
+
+
+async def test_max_attempts_caps_the_geodes_tried(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap], forwarding={"max_attempts": 2})
+    for g in (eu, us):
+        assert g.server is not None
+        await g.server.close()
+    async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": "FR"}) as resp:
+        assert resp.status == 502
+        assert (await resp.json())["error"]["attempts"] == 2
+    assert ap.hits["/whoami"] == 0
+
+
+async def test_504_when_geodes_do_not_answer_in_time(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap],
+                        forwarding={"response_timeout": "200ms", "max_attempts": 2})  # fmt: skip
+    async with http.get(f"{proxy.url}/slow?delay=2", headers={"CF-IPCountry": "FR"}) as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"]["code"] == "gateway_timeout"
+    assert eu.hits["/slow"] == 1 and us.hits["/slow"] == 1  # GET: retried elsewhere once
+
+
+async def test_post_is_not_retried_after_response_timeout(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap],
+                        forwarding={"response_timeout": "200ms"})  # fmt: skip
+    async with http.post(f"{proxy.url}/slow?delay=2", data=b"x",
+                         headers={"CF-IPCountry": "FR"}) as resp:  # fmt: skip
+        assert resp.status == 504
+    assert eu.hits["/slow"] == 1 and us.hits["/slow"] == 0
+
+
+async def test_geode_reset_mid_response_aborts_the_client_connection(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(f"{proxy.url}/reset") as resp:
+            assert resp.status == 200
+            await resp.read()
+    # The proxy is fine afterwards.
+    async with http.get(f"{proxy.url}/whoami") as resp:
+        assert resp.status == 200
+
+
+async def test_redirects_reach_the_client_unfollowed(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    async with http.get(f"{proxy.url}/status/302", allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["X-Geoproxy-Geode"] == "eu-1"
+
+
+async def test_compressed_bodies_pass_through_undecoded(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    async with http.get(f"{proxy.url}/gzip", headers={"Accept-Encoding": "gzip"}) as resp:
+        raw = await resp.read()
+        assert resp.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(raw) == b"hello from eu-1"
+
+
+async def test_cookies_are_never_shared_between_clients(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    async with aiohttp.ClientSession() as alice, alice.get(f"{proxy.url}/set-cookie") as resp:
+        assert "session" in resp.cookies
+    async with aiohttp.ClientSession() as bob, bob.get(f"{proxy.url}/echo") as resp:
+        seen = (await resp.json())["headers"]
+    assert "cookie" not in seen
+
+
+async def test_head_keeps_content_length_without_a_body(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    async with http.get(f"{proxy.url}/whoami") as resp:
+        length = resp.headers["Content-Length"]
+    async with http.head(f"{proxy.url}/whoami") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == length
+        assert await resp.read() == b""
+
+
+async def test_keep_alive_connection_serves_many_requests(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+
+    async def one(i: int) -> str:
+        async with http.post(f"{proxy.url}/echo", data=str(i).encode() * 100) as resp:
+            body = await resp.json()
+            assert body["size"] == len(str(i)) * 100
+            return str(body["geode"])
+
+    results = await asyncio.gather(*(one(i) for i in range(200)))
+    assert set(results) == {"eu-1"}

@@ -1,0 +1,206 @@
+"""The real command line: `geoproxy run` and `geoproxy demo` as processes, over sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import GeodeFactory, base_config, geode_entry
+
+MiB = 1024 * 1024
+
+
+class Running:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.output: list[str] = []
+
+    async def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[str]:
+        """Read merged output lines until one matches ``pattern``."""
+        assert self.proc.stdout is not None
+        regex = re.compile(pattern)
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.proc.stdout.readline()
+                if not raw:
+                    raise AssertionError("process ended:\n" + "".join(self.output))
+                line = raw.decode()
+                self.output.append(line)
+                if m := regex.search(line):
+                    return m
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(timeout):
+            rest = await self.proc.stdout.read()
+            self.output.append(rest.decode())
+            return await self.proc.wait()
+
+    def peak_rss(self) -> int:
+        """Peak resident set size (VmHWM) of the process, in bytes."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+        assert m is not None
+        return int(m.group(1)) * 1024
+
+
+@contextlib.asynccontextmanager
+async def geoproxy(*args: str, cwd: Path | None = None) -> AsyncIterator[Running]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "geoproxy", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    running = Running(proc)
+    try:
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def run_to_end(*args: str, timeout: float = 30) -> tuple[int, str]:
+    async with geoproxy(*args) as running:
+        assert running.proc.stdout is not None
+        async with asyncio.timeout(timeout):
+            out = await running.proc.stdout.read()
+            return await running.proc.wait(), out.decode()
+
+
+READY = r"proxying on (http://\S+), admin on (http://\S+)"
+
+
+async def test_run_streams_large_bodies_both_ways_with_bounded_memory(
+    geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path]
+) -> None:
+    size = 256 * MiB
+    eu = await geode_factory("eu-1", "eu-west")
+    us = await geode_factory("us-1", "us-east")
+    ap = await geode_factory("ap-1", "ap-northeast")
+    path = write_config(base_config([geode_entry(g) for g in (eu, us, ap)]))
+    async with geoproxy("run", "--config", str(path)) as proxy:
+        proxy_url = (await proxy.wait_for(READY)).group(1)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{proxy_url}/whoami") as resp:  # warm up
+                assert resp.status == 200
+            baseline = proxy.peak_rss()
+
+            got = 0
+            async with http.get(f"{proxy_url}/stream?size={size}") as resp:
+                assert resp.status == 200
+                async for chunk in resp.content.iter_any():
+                    got += len(chunk)
+            assert got == size
+
+            block = os.urandom(MiB)
+            expected = hashlib.sha256()
+
+            async def upload() -> AsyncIterator[bytes]:
+                for _ in range(size // MiB):
+                    expected.update(block)
+                    yield block
+
+            async with http.post(f"{proxy_url}/echo", data=upload()) as resp:
+                body = await resp.json()
+            assert body["size"] == size
+            assert body["sha256"] == expected.hexdigest()
+            growth = proxy.peak_rss() - baseline
+        assert growth < 48 * MiB, f"proxy peak RSS grew by {growth / MiB:.1f} MiB"
+        assert await proxy.stop() == 0
+
+
+async def test_run_rejects_an_invalid_config_with_every_error_and_exit_1(
+    write_config: Callable[[dict[str, Any]], Path],
+) -> None:
+    data = base_config([{"name": "a", "region": "eu-wst", "url": "ftp://x"}])
+    data["trusted_proxies"] = ["10.0.0.0/33"]
+    path = write_config(data)
+    code, out = await run_to_end("run", "--config", str(path))
+    assert code == 1
+    assert f"{path}: trusted_proxies[0]: invalid CIDR '10.0.0.0/33'" in out
+    assert f"{path}: geodes[0].region: unknown region 'eu-wst'" in out
+    assert f"{path}: geodes[0].url: URL scheme must be http or https: 'ftp://x'" in out
+    assert "Traceback" not in out
+
+
+async def test_run_names_a_missing_geoip_database(
+    geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    data = base_config([geode_entry(eu)], geoip={"database": "GeoLite2-City.mmdb"},
+                       regions={"eu-west": None}, countries={}, continents={})  # fmt: skip
+    path = write_config(data)
+    code, out = await run_to_end("run", "--config", str(path))
+    assert code == 1
+    assert f"{path.parent / 'GeoLite2-City.mmdb'}: GeoIP database not found" in out
+    assert "Traceback" not in out
+
+
+def _occupy(port: int) -> socket.socket | None:
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        return None  # already taken by something else: just as good for this test
+    return sock
+
+
+@pytest.mark.parametrize("ports_taken", [False, True], ids=["free", "default-ports-taken"])
+async def test_demo_starts_from_any_directory_routes_and_stops_cleanly(
+    tmp_path: Path, ports_taken: bool
+) -> None:
+    held = [s for p in (8080, 9901, 8101) if ports_taken and (s := _occupy(p))]
+    try:
+        async with geoproxy("demo", cwd=tmp_path) as demo:
+            proxy_url = (await demo.wait_for(r"^\s+proxy: (http://\S+)")).group(1)
+            admin_url = (await demo.wait_for(r"^\s+admin: (http://\S+)")).group(1)
+            await demo.wait_for(r"Ctrl-C stops everything")
+            if ports_taken:
+                assert proxy_url != "http://127.0.0.1:8080"
+                assert any("is taken" in line for line in demo.output)
+            async with aiohttp.ClientSession() as http:
+                for country, geode in [("FR", "demo-eu-west"), ("JP", "demo-ap-northeast"),
+                                       ("BR", "demo-us-east"), ("DE", "demo-eu-west")]:
+                    async with http.get(proxy_url + "/", headers={"CF-IPCountry": country}) as r:
+                        assert r.status == 200
+                        body = await r.json()
+                        assert body["geode"] == geode, country
+                        assert r.headers["X-Geoproxy-Geode"] == geode
+                async with http.get(admin_url + "/readyz") as r:
+                    assert r.status == 200
+                async with http.get(admin_url + "/geodes") as r:
+                    states = (await r.json())["geodes"]
+                    assert sorted(s["name"] for s in states) == [
+                        "demo-ap-northeast", "demo-eu-west", "demo-us-east"]
+                    assert all(s["healthy"] for s in states)
+            assert await demo.stop(signal.SIGINT) == 0
+            assert "geoproxy demo stopped." in "".join(demo.output)
+            assert "Traceback" not in "".join(demo.output)
+    finally:
+        for s in held:
+            s.close()
+
+
+async def test_check_config_accepts_the_shipped_configs() -> None:
+    root = Path(__file__).resolve().parent.parent
+    for name in ("geoproxy.yaml", "demo.yaml"):
+        code, out = await run_to_end("check-config", "--config", str(root / "config" / name))
+        assert code == 0, out
+        assert out.rstrip().endswith("configuration is valid")
