@@ -363,3 +363,59 @@ async def test_keep_alive_connection_serves_many_requests(
 
     results = await asyncio.gather(*(one(i) for i in range(200)))
     assert set(results) == {"eu-1"}
+
+
+@pytest.mark.parametrize("edition", ["City", "Country"])
+@pytest.mark.parametrize(
+    ("forwarded_for", "expected"),
+    [
+        ("81.2.69.160", "eu-1"),  # GB
+        ("175.16.199.7", "ap-1"),  # CN, by the AS continent default
+        ("216.160.83.56", "us-1"),  # US
+        ("2001:218::1", "ap-1"),  # JP over IPv6
+        ("10.0.0.7", "eu-1"),  # private: falls through to the default region
+        ("203.0.113.9, 81.2.69.160", "eu-1"),  # the right-most untrusted entry decides
+    ],
+    ids=["v4-gb", "v4-continent", "v4-us", "v6-jp", "private", "rightmost"],
+)
+async def test_geoip_of_the_real_client_ip_picks_the_region(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    make_mmdb: Any,
+    edition: str,
+    forwarded_for: str,
+    expected: str,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    database = make_mmdb(edition, 6)
+    proxy = await start(proxy_factory, list(geodes), geoip={"database": str(database)})
+    async with http.get(f"{proxy.url}/whoami",
+                        headers={"X-Forwarded-For": forwarded_for}) as resp:  # fmt: skip
+        assert (await resp.json())["geode"] == expected
+
+
+async def test_geoip_ignores_forwarded_for_from_an_untrusted_peer(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    make_mmdb: Any,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, list(geodes), trusted_proxies=[],
+                        geoip={"database": str(make_mmdb("City", 6))})  # fmt: skip
+    # The peer (127.0.0.1, private) is the client; a forged XFF cannot pick Japan.
+    async with http.get(f"{proxy.url}/whoami",
+                        headers={"X-Forwarded-For": "2001:218::1"}) as resp:  # fmt: skip
+        assert (await resp.json())["geode"] == "eu-1"
+
+
+async def test_expect_100_continue_upload_is_forwarded(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    async with http.put(f"{proxy.url}/echo", data=b"z" * 100_000, expect100=True) as resp:
+        body = await resp.json()
+    assert resp.status == 200 and body["size"] == 100_000
+    assert "expect" not in body["headers"]

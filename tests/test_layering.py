@@ -1,0 +1,55 @@
+"""Data flows one way through the package: a module imports only from lower layers."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "geoproxy"
+
+# Lower number = lower layer. Modules of one layer do not import each other.
+LAYERS: dict[str, int] = {
+    "__init__": 0, "errors": 0, "countries": 0, "schema": 0,
+    "config": 1,
+    "model": 2,
+    "clientip": 3, "geoip": 4,
+    "resolver": 5, "health": 5, "router": 5, "responses": 5,
+    "runtime": 6,
+    "forwarder": 7, "admin": 7,
+    "app": 8,
+    "server": 9, "demo": 9,
+    "cli": 10, "__main__": 11,
+}  # fmt: skip
+
+
+def imports_of(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("geoproxy"):
+            parts = node.module.split(".")
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:  # `from geoproxy import x`
+                found.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("geoproxy."))  # fmt: skip
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert modules == set(LAYERS)
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS))
+def test_module_imports_only_lower_layers(module: str) -> None:
+    for imported in imports_of(PACKAGE / f"{module}.py"):
+        if imported == "__version__":
+            continue
+        assert imported in LAYERS, f"{module} imports unknown geoproxy.{imported}"
+        assert LAYERS[imported] < LAYERS[module] or imported == "__init__", (
+            f"{module} (layer {LAYERS[module]}) imports {imported} (layer {LAYERS[imported]})"
+        )
