@@ -19,13 +19,14 @@ def parse_ip(text: str) -> IPAddress | None:
         return None
     if text.startswith("["):
         end = text.find("]")
-        if end < 0 or not _is_port_suffix(text[end + 1 :], optional=True):
+        rest = text[end + 1 :] if end >= 0 else ""
+        if end < 0 or (rest and not (rest[0] == ":" and _is_port(rest[1:]))):
             return None
         text = text[1:end]
     elif text.count(":") == 1:
         text, port = text.split(":", 1)
-        if not _is_port_suffix(":" + port):
-            return None
+        if not _is_port(port):
+            return None  # "1.2.3.4:http" is garbage, not 1.2.3.4
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
@@ -35,13 +36,8 @@ def parse_ip(text: str) -> IPAddress | None:
     return ip
 
 
-def _is_port_suffix(text: str, optional: bool = False) -> bool:
-    """``:`` and 1-5 ASCII digits (or nothing, when optional): ``1.2.3.4:http`` is garbage,
-    not ``1.2.3.4``."""
-    if not text:
-        return optional
-    port = text[1:]
-    return text[0] == ":" and 0 < len(port) <= 5 and port.isascii() and port.isdigit()
+def _is_port(text: str) -> bool:
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit()
 
 
 class TrustedProxies:

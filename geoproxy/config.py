@@ -159,9 +159,9 @@ def _build(root: Node, path: Path, problems: Problems) -> Config | None:
     health = _health(root.get("health_check"), HealthCheck())
     before = len(problems.lines)
     geodes = _geodes(root.get("geodes"), known, health)
-    if len(problems.lines) == before:  # a broken geode entry would make this noise
-        if not geodes:
-            root.get("geodes").problem("at least one geode is required")
+    if root.get("geodes").value == []:
+        root.get("geodes").problem("at least one geode is required")
+    elif geodes and len(problems.lines) == before:  # a broken entry would make this noise
         _check_servable(regions, geodes, root.get("regions"))
     forwarding = _forwarding(root.get("forwarding"))
     if problems:

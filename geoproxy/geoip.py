@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import geoip2.database
 import geoip2.errors
+import geoip2.models
 import maxminddb
 
 from geoproxy.clientip import IPAddress
@@ -37,15 +39,21 @@ class MaxMindLookup:
         except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
             raise GeoIPError(f"{path}: not a readable MaxMind database: {exc}") from None
         kind = self._reader.metadata().database_type
-        if "City" not in kind and "Country" not in kind:
+        if not any(edition in kind for edition in ("City", "Country", "Enterprise")):
             self._reader.close()
             raise GeoIPError(
-                f"{path}: database type {kind!r} has no country data (use a City or Country "
-                "edition)"
+                f"{path}: database type {kind!r} has no country data (use a City, Country or "
+                "Enterprise edition)"
             )
         self.database_type = kind
         # geoip2 binds each method to its edition; a City record holds country data too.
-        self._lookup = self._reader.city if "City" in kind else self._reader.country
+        self._lookup: Callable[[IPAddress], geoip2.models.Country]  # City is a Country
+        if "Enterprise" in kind:
+            self._lookup = self._reader.enterprise
+        elif "City" in kind:
+            self._lookup = self._reader.city
+        else:
+            self._lookup = self._reader.country
 
     def __call__(self, ip: IPAddress) -> GeoAnswer | None:
         try:

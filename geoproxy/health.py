@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -126,7 +127,9 @@ class HealthChecker:
         except TimeoutError:
             return False, None, f"timeout after {hc.timeout:g}s"
         except aiohttp.ClientConnectorError as exc:
-            return False, None, f"connect failed: {exc.os_error.strerror or exc.os_error}"
+            err = exc.os_error
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            return False, None, f"connect failed: {reason}"
         except (aiohttp.ClientError, OSError) as exc:
             return False, None, f"{type(exc).__name__}: {exc}"
         latency = time.perf_counter() - start

@@ -156,6 +156,8 @@ class Node:
         text = self.string()
         if text is None:
             return None
+        if not known:
+            return None  # `regions` itself is broken and already reported; no flood
         if text not in known:
             hint = difflib.get_close_matches(text, sorted(known), n=1)
             also = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -218,8 +220,21 @@ def parse_statuses(node: Node) -> frozenset[int] | None:
 
 
 class StrictBoolLoader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1's yes/no/on/off would turn Norway's
-    country code ``NO`` into ``False``."""
+    """A safe loader with YAML 1.2 booleans (only true/false: YAML 1.1's yes/no/on/off
+    would turn Norway's country code ``NO`` into ``False``) that rejects duplicate keys
+    (PyYAML silently keeps the last one: a second ``eu-west:`` would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key {key!r}", key_node.start_mark,
+                )  # fmt: skip
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 StrictBoolLoader.yaml_implicit_resolvers = {
