@@ -1,13 +1,35 @@
-"""The admin listener: liveness, readiness and geode health as JSON.
-Binds to loopback by default (``listen.admin``)."""
+"""The admin listener: liveness, readiness, metrics, geode health, route explanation and a
+status page. Binds to loopback by default (``listen.admin``)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from geoproxy.health import HealthBoard
+from geoproxy.clientip import client_ip, parse_ip
+from geoproxy.explain import explain
+from geoproxy.metrics import Metrics
+from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
+from geoproxy.responses import json_error
+from geoproxy.runtime import Runtime
+from geoproxy.status_page import render_status
 
-BOARD = web.AppKey("board", HealthBoard)
+RuntimeGetter = Callable[[], Runtime | None]
+RUNTIME: web.AppKey[RuntimeGetter] = web.AppKey("runtime")
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def _runtime(request: web.Request) -> Runtime:
+    runtime: Runtime | None = request.app[RUNTIME]()
+    if runtime is None:
+        raise web.HTTPServiceUnavailable(
+            text='{"error":{"status":503,"code":"starting","message":"geoproxy is starting"}}',
+            content_type="application/json",
+        )
+    return runtime
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -17,24 +39,85 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready once the first health round is done and at least one geode is healthy."""
-    board = request.app[BOARD]
-    if not board.first_round_done:
+    runtime = request.app[RUNTIME]()
+    if runtime is None or not runtime.board.first_round_done:
         return web.json_response({"ready": False, "reason": "first health round running"},
                                  status=503)  # fmt: skip
-    if not board.healthy:
+    if not runtime.board.healthy:
         return web.json_response({"ready": False, "reason": "no healthy geode"}, status=503)
-    return web.json_response({"ready": True, "healthy_geodes": sorted(board.healthy)})
+    return web.json_response({"ready": True, "healthy_geodes": sorted(runtime.board.healthy)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def geodes(request: web.Request) -> web.Response:
-    board = request.app[BOARD]
+    board = _runtime(request).board
     return web.json_response({"geodes": [s.as_dict() for s in board.states.values()]})
 
 
-def build_admin_app(board: HealthBoard) -> web.Application:
+async def route(request: web.Request) -> web.Response:
+    """What the proxy would do for a client.
+
+    Query form, a client described directly: ``ip`` (the real client IP, for GeoIP),
+    ``country`` (as CF-IPCountry), ``region`` (as X-Client-Region), ``trusted`` (whether
+    those headers come from a trusted proxy; default true).
+    Header form (no query): this very request, treated as the proxy would treat it — its
+    peer, X-Forwarded-For, CF-IPCountry and X-Client-Region.
+    """
+    rt = _runtime(request)
+    q = request.query
+    if q.keys() - {"ip", "country", "region", "trusted"}:
+        unknown = ", ".join(sorted(q.keys() - {"ip", "country", "region", "trusted"}))
+        return json_error(400, "bad_query", f"unknown parameter(s): {unknown} "
+                          "(known: ip, country, region, trusted)")  # fmt: skip
+    if q:
+        ip = None
+        if "ip" in q:
+            ip = parse_ip(q["ip"])
+            if ip is None:
+                return json_error(400, "bad_query", f"ip: not an IP address: {q['ip'][:64]!r}")
+        trusted = q.get("trusted", "true").lower()
+        if trusted not in ("true", "false"):
+            return json_error(400, "bad_query", "trusted: must be true or false")
+        headers = {}
+        if "country" in q:
+            headers[CF_IPCOUNTRY] = q["country"]
+        if "region" in q:
+            headers[X_CLIENT_REGION] = q["region"]
+        peer, peer_trusted, cip = None, trusted == "true", ip
+    else:
+        headers = dict(request.headers)
+        peer = parse_ip(request.remote) if request.remote else None
+        peer_trusted = peer is not None and rt.trusted.contains(peer)
+        cip = client_ip(peer, request.headers.getall("X-Forwarded-For", ()), rt.trusted)
+    resolution = resolve(rt.topology, headers, peer_trusted, cip, rt.geoip)
+    return web.json_response(
+        explain(rt.topology, resolution, rt.board.healthy, peer, peer_trusted),
+        dumps=_dumps,
+    )
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, indent=2) + "\n"
+
+
+async def status(request: web.Request) -> web.Response:
+    html = render_status(_runtime(request), request.app[METRICS])
+    return web.Response(text=html, content_type="text/html")
+
+
+def build_admin_app(runtime: RuntimeGetter, metrics_: Metrics) -> web.Application:
     app = web.Application()
-    app[BOARD] = board
+    app[RUNTIME] = runtime
+    app[METRICS] = metrics_
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/geodes", geodes)
+    app.router.add_get("/route", route)
+    app.router.add_get("/status", status)
+    app.router.add_get("/", status)
     return app

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from geoproxy import __version__
 from geoproxy.admin import build_admin_app
@@ -20,8 +21,10 @@ from geoproxy.clientip import TrustedProxies
 from geoproxy.config import Config
 from geoproxy.forwarder import Forwarder
 from geoproxy.geoip import GeoLookup, MaxMindLookup
-from geoproxy.health import HealthBoard, HealthChecker
+from geoproxy.health import GeodeHealth, HealthBoard, HealthChecker
+from geoproxy.metrics import Metrics
 from geoproxy.model import Topology
+from geoproxy.observe import Observer
 from geoproxy.runtime import Runtime
 
 # Headers aiohttp's client would add on its own; the geode must see only the client's.
@@ -44,13 +47,34 @@ def forwarding_session() -> aiohttp.ClientSession:
 class Gateway:
     """One proxy: its runtime from start-up to shut-down, and the two apps serving it."""
 
-    def __init__(self, config: Config, geoip: GeoLookup | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        geoip: GeoLookup | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.config = config
         self.topology = Topology.build(config)
         self.board = HealthBoard(config.geodes)
         self._geoip = geoip  # tests may inject a look-up; else opened from the config
         self.runtime: Runtime | None = None
         self.checker: HealthChecker | None = None
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self.metrics.declare_geodes((g.name, g.region) for g in config.geodes)
+        self.board.on_check.append(self._on_check)
+        self.board.on_transition.append(self._on_transition)
+        self.observer = Observer(self.metrics, config.access_log)
+
+    def _on_check(self, state: GeodeHealth, ok: bool, latency: float | None) -> None:
+        name = state.geode.name
+        self.metrics.health_checks.labels(name, "pass" if ok else "fail").inc()
+        if latency is not None:
+            self.metrics.health_check_duration.labels(name).observe(latency)
+
+    def _on_transition(self, state: GeodeHealth) -> None:
+        g = state.geode
+        self.metrics.geode_up.labels(g.name, g.region).set(1 if state.healthy else 0)
+        self.metrics.transitions.labels(g.name, "healthy" if state.healthy else "unhealthy").inc()
 
     async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
         geoip = self._geoip
@@ -86,10 +110,10 @@ class Gateway:
         return await self.forwarder.handle(request)
 
     def proxy_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.observer.middleware])
         app.cleanup_ctx.append(self._lifespan)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
 
     def admin_app(self) -> web.Application:
-        return build_admin_app(self.board)
+        return build_admin_app(lambda: self.runtime, self.metrics)

@@ -1,10 +1,11 @@
-"""``geoproxy run | check-config | demo``: owns the process, logging and signals."""
+"""``geoproxy run | check-config | route | demo``: owns the process, logging, signals."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -13,9 +14,12 @@ from pathlib import Path
 
 from geoproxy import __version__, demo
 from geoproxy import config as config_mod
+from geoproxy.clientip import parse_ip
 from geoproxy.errors import GeoproxyError
+from geoproxy.explain import explain
 from geoproxy.geoip import MaxMindLookup
 from geoproxy.model import Topology
+from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
 from geoproxy.server import Bound, serve
 
 DEFAULT_CONFIG = "config/geoproxy.yaml"
@@ -33,20 +37,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config and print its topology")
     check.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
 
+    rte = sub.add_parser("route", help="explain where a client would be sent (offline)")
+    rte.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    rte.add_argument("--ip", help="the client's real IP (looked up in the GeoIP database)")
+    rte.add_argument("--country", help="as sent in CF-IPCountry, e.g. JP")
+    rte.add_argument("--region", help="as sent in X-Client-Region: a region id or country")
+    rte.add_argument("--json", action="store_true", help="print the explanation as JSON")
+
     dem = sub.add_parser("demo", help="run the proxy in front of three local demo geodes")
     dem.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
 
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(Path(args.config))
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if args.command == "route":
+        return route_cmd(Path(args.config), args.ip, args.country, args.region, args.json)
+    setup_logging(args.log_level)
     if args.command == "run":
         return _run_cmd(Path(args.config))
     return _demo_cmd()
+
+
+def setup_logging(level: str) -> None:
+    """Diagnostics to stderr; the access log (one line per request) to stdout."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    access = logging.getLogger("geoproxy.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
 
 
 def _fail(message: str) -> int:
@@ -66,6 +90,47 @@ def check_config(path: Path) -> int:
         return 1
     print(describe(Topology.build(cfg)))
     print(f"{path}: configuration is valid")
+    return 0
+
+
+def route_cmd(
+    path: Path, ip: str | None, country: str | None, region: str | None, as_json: bool
+) -> int:
+    """Explain a routing decision from the config alone, every geode counted healthy."""
+    try:
+        cfg = config_mod.load(path)
+        lookup = MaxMindLookup(cfg.geoip_database) if cfg.geoip_database else None
+    except GeoproxyError as exc:
+        return _fail(f"{path}: configuration is invalid\n{exc}")
+    client = parse_ip(ip) if ip else None
+    if ip and client is None:
+        return _fail(f"--ip: not an IP address: {ip!r}")
+    headers = {}
+    if country:
+        headers[CF_IPCOUNTRY] = country
+    if region:
+        headers[X_CLIENT_REGION] = region
+    topology = Topology.build(cfg)
+    try:
+        resolution = resolve(topology, headers, True, client, lookup)
+    finally:
+        if lookup is not None:
+            lookup.close()
+    every = {g.name for g in cfg.geodes}
+    answer = explain(topology, resolution, every, None, True)
+    if as_json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    res = answer["resolution"]
+    steps = ", ".join(f"{s['source']}={s['result']}" for s in res["steps"]) or "none"
+    print(f"client region: {res['region']} (source: {res['source']}"
+          + (f", country {res['country']}" if res["country"] else "") + ")")  # fmt: skip
+    print(f"sources consulted: {steps}")
+    print(f"try order: {' -> '.join(answer['try_order'])}")
+    print(f"attempt order: {', '.join(answer['attempt_order']) or 'none'}")
+    print(f"chosen geode: {answer['chosen']} ({answer['decision']})")
+    print(f"why: {answer['reason']}")
+    print("health: not known offline; every geode counted healthy")
     return 0
 
 

@@ -99,6 +99,7 @@ class Config:
     geodes: tuple[Geode, ...]
     health_check: HealthCheck = field(default_factory=HealthCheck)
     forwarding: Forwarding = field(default_factory=Forwarding)
+    access_log: str = "json"  # json: one JSON line per request on stdout | plain | off
 
 
 def load(path: str | Path) -> Config:
@@ -131,6 +132,7 @@ def read_yaml(path: Path) -> Any:
 _TOP_KEYS = (
     "listen", "trusted_proxies", "region_sources", "geoip", "default_region", "regions",
     "region_map", "countries", "continents", "geodes", "health_check", "forwarding",
+    "access_log",
 )  # fmt: skip
 
 
@@ -164,6 +166,7 @@ def _build(root: Node, path: Path, problems: Problems) -> Config | None:
     elif geodes and len(problems.lines) == before:  # a broken entry would make this noise
         _check_servable(regions, geodes, root.get("regions"))
     forwarding = _forwarding(root.get("forwarding"))
+    access = root.get("access_log").choice(("json", "plain", "off"), optional=True) or "json"
     if problems:
         return None
     assert default_region is not None  # guarded by `problems` (internal invariant only)
@@ -171,7 +174,7 @@ def _build(root: Node, path: Path, problems: Problems) -> Config | None:
         path=path, proxy=proxy, admin=admin, trusted_proxies=trusted, region_sources=sources,
         geoip_database=geoip_database, default_region=default_region, regions=regions,
         countries=MappingProxyType(countries), continents=MappingProxyType(continents),
-        geodes=geodes, health_check=health, forwarding=forwarding,
+        geodes=geodes, health_check=health, forwarding=forwarding, access_log=access,
     )  # fmt: skip
 
 

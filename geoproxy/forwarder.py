@@ -22,7 +22,7 @@ from geoproxy.clientip import IPAddress, client_ip, parse_ip
 from geoproxy.config import Geode
 from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, Resolution, resolve
 from geoproxy.responses import json_error
-from geoproxy.router import candidates
+from geoproxy.router import ALL_FAILED, candidates
 from geoproxy.runtime import Runtime
 
 log = logging.getLogger("geoproxy.forwarder")
@@ -56,7 +56,8 @@ class Trace:
     resolution: Resolution | None = None
     decision: str | None = None
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (geode, outcome)
-    geode: Geode | None = None
+    geode: Geode | None = None  # the geode whose response was relayed
+    aborted: bool = False  # the geode failed mid-response; the client connection was cut
 
 
 TRACE_KEY = web.RequestKey("trace", Trace)
@@ -211,12 +212,14 @@ class Forwarder:
                     continue
                 trace.attempts.append((geode.name, RESPONSE))
                 trace.geode = geode
+                trace.decision = cand.decision
                 return await self._relay(request, resp, geode)
             trace.attempts.append((geode.name, last))
             if not may_try_next(last, request.method, bool(body and body.started)):
                 break
             if loop.time() >= deadline:
                 break
+        trace.decision = ALL_FAILED
         if last == TIMEOUT:
             return json_error(504, "gateway_timeout", "the geode did not answer in time",
                               attempts=len(trace.attempts))  # fmt: skip
@@ -241,6 +244,7 @@ class Forwarder:
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     log.warning("geode %s failed mid-response: %r; aborting the client "
                                 "connection", geode.name, exc)  # fmt: skip
+                    request[TRACE_KEY].aborted = True
                     if request.transport is not None:
                         request.transport.abort()
                     return out

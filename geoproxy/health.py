@@ -52,6 +52,8 @@ class GeodeHealth:
 
 
 Transition = Callable[[GeodeHealth], None]
+#: Called after every check: (state, passed, latency in seconds or None).
+CheckHook = Callable[[GeodeHealth, bool, float | None], None]
 
 
 class HealthBoard:
@@ -62,6 +64,7 @@ class HealthBoard:
         self.healthy: set[str] = set()
         self.first_round_done = False
         self.on_transition: list[Transition] = []
+        self.on_check: list[CheckHook] = []
 
     def record(self, name: str, ok: bool, latency: float | None, error: str | None) -> None:
         state = self.states[name]
@@ -80,6 +83,8 @@ class HealthBoard:
             state.failures += 1
             state.passes = 0
             turn = state.healthy and state.failures >= check.unhealthy_threshold
+        for check_hook in self.on_check:
+            check_hook(state, ok, latency)
         if turn:
             state.healthy = ok
             if ok:

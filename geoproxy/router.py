@@ -16,6 +16,7 @@ from geoproxy.model import Topology
 
 # Decisions, also the values of the `decision` metric label.
 HOME, FALLBACK, PANIC, NONE_HEALTHY = "home", "fallback", "panic", "none_healthy"
+ALL_FAILED = "all_failed"  # set by the forwarder when every candidate failed
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
 
 from geoproxy import config as config_mod
 from geoproxy.app import Gateway
@@ -220,13 +221,28 @@ def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
 
 
 class Proxy:
-    def __init__(self, gateway: Gateway, server: TestServer) -> None:
+    """A running proxy: its proxy and admin listeners, and its own metrics registry."""
+
+    def __init__(self, gateway: Gateway, server: TestServer, admin: TestServer) -> None:
         self.gateway = gateway
         self.server = server
+        self.admin = admin
 
     @property
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def admin_url(self) -> str:
+        return str(self.admin.make_url("")).rstrip("/")
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.gateway.metrics.registry
+
+    def sample(self, name: str, **labels: str) -> float:
+        """A metric sample's value; 0 when the labelled series does not exist yet."""
+        return self.registry.get_sample_value(name, labels) or 0.0
 
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
@@ -241,11 +257,14 @@ async def proxy_factory(
 
     async def make(data: dict[str, Any], geoip: GeoLookup | None = None) -> Proxy:
         cfg = config_mod.load(write_config(data))
-        gateway = Gateway(cfg, geoip=geoip)
+        gateway = Gateway(cfg, geoip=geoip, registry=CollectorRegistry())
         server = TestServer(gateway.proxy_app(), host="127.0.0.1")
         await server.start_server()
         servers.append(server)
-        return Proxy(gateway, server)
+        admin = TestServer(gateway.admin_app(), host="127.0.0.1")
+        await admin.start_server()
+        servers.insert(0, admin)
+        return Proxy(gateway, server, admin)
 
     yield make
     for server in servers:

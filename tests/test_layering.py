@@ -11,16 +11,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "geoproxy"
 
 # Lower number = lower layer. Modules of one layer do not import each other.
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "countries": 0, "schema": 0,
+    "__init__": 0, "errors": 0, "countries": 0, "schema": 0, "metrics": 0,
     "config": 1,
     "model": 2,
     "clientip": 3, "geoip": 4,
     "resolver": 5, "health": 5, "router": 5, "responses": 5,
-    "runtime": 6,
-    "forwarder": 7, "admin": 7,
-    "app": 8,
-    "server": 9, "demo": 9,
-    "cli": 10, "__main__": 11,
+    "runtime": 6, "explain": 6,
+    "forwarder": 7, "status_page": 7,
+    "observe": 8, "admin": 8,
+    "app": 9,
+    "server": 10, "demo": 10,
+    "cli": 11, "__main__": 12,
 }  # fmt: skip
 
 

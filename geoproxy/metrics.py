@@ -1,0 +1,100 @@
+"""Every metric geoproxy exports: names, labels and help text in one place.
+
+Declared on an injected ``CollectorRegistry`` (tests use a fresh one each). Labels are
+bounded sets — regions, geode names, sources, outcomes — never client IPs, paths or raw
+header values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from geoproxy import __version__
+
+#: Buckets fit for a proxy: 1 ms to 30 s.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+#: The ``geode`` label when no geode served (geoproxy answered itself).
+NO_GEODE = "none"
+
+
+def code_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, process_metrics: bool = True) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter(
+            "geoproxy_requests", "Requests answered, by the geode that served them ('none' "
+            "when geoproxy answered itself) and status class.", ["geode", "code_class"],
+            registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "geoproxy_request_duration_seconds", "Time from request head to the last byte "
+            "of the response, by geode.", ["geode"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.decisions = Counter(
+            "geoproxy_routing_decisions", "Routing decisions: home (the client's own "
+            "region), fallback (another region), panic (health ignored), none_healthy "
+            "(503), all_failed (every attempt failed).",
+            ["client_region", "geode", "decision"], registry=r,
+        )  # fmt: skip
+        self.resolutions = Counter(
+            "geoproxy_region_resolutions", "Region sources consulted, by result: ok, "
+            "unknown, invalid, untrusted (a header from an untrusted peer, ignored).",
+            ["source", "result"], registry=r,
+        )  # fmt: skip
+        self.attempts = Counter(
+            "geoproxy_upstream_attempts", "Attempts to forward to a geode, by outcome: "
+            "response, retry_status (502/503/504, tried elsewhere), connect_error, "
+            "timeout, reset.", ["geode", "outcome"], registry=r,
+        )  # fmt: skip
+        self.failovers = Counter(
+            "geoproxy_failovers", "A request moved from one geode to the next after a "
+            "failed attempt.", ["from_geode", "to_geode"], registry=r,
+        )  # fmt: skip
+        self.geode_up = Gauge(
+            "geoproxy_geode_up", "1 when the geode is healthy and takes traffic, else 0. "
+            "Emitted for every configured geode from start-up.", ["geode", "region"],
+            registry=r,
+        )  # fmt: skip
+        self.health_checks = Counter(
+            "geoproxy_health_checks", "Active health checks, by result (pass, fail).",
+            ["geode", "result"], registry=r,
+        )  # fmt: skip
+        self.health_check_duration = Histogram(
+            "geoproxy_health_check_duration_seconds", "Duration of active health checks "
+            "that got an answer.", ["geode"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.transitions = Counter(
+            "geoproxy_geode_transitions", "Health state changes of a geode, by the state "
+            "it moved to.", ["geode", "to"], registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "geoproxy_inflight_requests", "Requests being handled right now.", registry=r
+        )
+        self.build_info = Gauge(
+            "geoproxy_build_info", "Always 1; the version as a label.", ["version"],
+            registry=r,
+        )  # fmt: skip
+        self.build_info.labels(__version__).set(1)
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+
+    def declare_geodes(self, geodes: Iterable[tuple[str, str]]) -> None:
+        """Emit ``geoproxy_geode_up`` (0) for every (geode, region) before any check."""
+        for name, region in geodes:
+            self.geode_up.labels(name, region).set(0)

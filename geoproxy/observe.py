@@ -1,0 +1,105 @@
+"""After each proxied request: metrics and one access-log line, from the request's Trace.
+
+The forwarder only notes what happened (``Trace``); turning that into counters and log
+fields happens here, once, after the response is done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from geoproxy.forwarder import TRACE_KEY, Trace
+from geoproxy.metrics import NO_GEODE, Metrics, code_class
+from geoproxy.resolver import ABSENT
+
+access_log = logging.getLogger("geoproxy.access")
+
+#: ``access_log`` config values.
+ACCESS_FORMATS = ("json", "plain", "off")
+
+
+class Observer:
+    def __init__(self, metrics: Metrics, access_format: str = "json") -> None:
+        self.metrics = metrics
+        self.access_format = access_format
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        start = time.perf_counter()
+        self.metrics.inflight.inc()
+        response: web.StreamResponse | None = None
+        try:
+            response = await handler(request)
+            assert response is not None
+            return response
+        except web.HTTPException as exc:
+            response = exc
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            self.record(request, response, time.perf_counter() - start)
+
+    def record(
+        self, request: web.Request, response: web.StreamResponse | None, duration: float
+    ) -> None:
+        trace = request.get(TRACE_KEY) or Trace()
+        status = response.status if response is not None else 500
+        geode = trace.geode.name if trace.geode else NO_GEODE
+        m = self.metrics
+        m.requests.labels(geode, code_class(status)).inc()
+        m.request_duration.labels(geode).observe(duration)
+        resolution = trace.resolution
+        if resolution is not None:
+            for source, result in resolution.steps:
+                if result != ABSENT:
+                    m.resolutions.labels(source, result).inc()
+            if resolution.source == "default":
+                m.resolutions.labels("default", "ok").inc()
+            if trace.decision is not None:
+                m.decisions.labels(resolution.region, geode, trace.decision).inc()
+        previous = None
+        for name, outcome in trace.attempts:
+            m.attempts.labels(name, outcome).inc()
+            if previous is not None:
+                m.failovers.labels(previous, name).inc()
+            previous = name
+        if self.access_format != "off" and access_log.isEnabledFor(logging.INFO):
+            access_log.info(self.format_line(request, response, trace, status, duration))
+
+    def format_line(
+        self,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        trace: Trace,
+        status: int,
+        duration: float,
+    ) -> str:
+        res = trace.resolution
+        size = 0
+        if response is not None:
+            size = response.body_length if response.prepared else (response.content_length or 0)
+        fields = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "method": request.method,
+            "path": request.path,  # without the query string, which may carry secrets
+            "status": status,
+            "duration_ms": round(duration * 1000, 3),
+            "bytes": size,
+            "client_ip": str(res.client_ip) if res and res.client_ip else request.remote,
+            "client_region": res.region if res else None,
+            "region_source": res.source if res else None,
+            "geode": trace.geode.name if trace.geode else None,
+            "decision": trace.decision,
+            "attempts": len(trace.attempts),
+        }
+        if trace.aborted:
+            fields["aborted"] = True
+        if self.access_format == "json":
+            return json.dumps(fields, separators=(",", ":"))
+        return " ".join(f"{k}={v}" for k, v in fields.items())
