@@ -65,6 +65,9 @@ class Gateway:
         self.board.on_transition.append(self._on_transition)
         self.observer = Observer(self.metrics, config.access_log)
 
+    def _update_ready(self) -> None:
+        self.metrics.ready.set(1 if self.board.first_round_done and self.board.healthy else 0)
+
     def _on_check(self, state: GeodeHealth, ok: bool, latency: float | None) -> None:
         name = state.geode.name
         self.metrics.health_checks.labels(name, "pass" if ok else "fail").inc()
@@ -74,6 +77,7 @@ class Gateway:
     def _on_transition(self, state: GeodeHealth) -> None:
         g = state.geode
         self.metrics.geode_up.labels(g.name, g.region).set(1 if state.healthy else 0)
+        self._update_ready()
         self.metrics.transitions.labels(g.name, "healthy" if state.healthy else "unhealthy").inc()
 
     async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
@@ -94,6 +98,7 @@ class Gateway:
         task: asyncio.Task[None] | None = None
         try:
             await self.checker.check_once()
+            self._update_ready()
             task = asyncio.create_task(self.checker.run(), name="geoproxy-health")
             yield
         finally:

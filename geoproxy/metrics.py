@@ -82,6 +82,10 @@ class Metrics:
             "geoproxy_geode_transitions", "Health state changes of a geode, by the state "
             "it moved to.", ["geode", "to"], registry=r,
         )  # fmt: skip
+        self.ready = Gauge(
+            "geoproxy_ready", "1 when the proxy is ready (first health round done and at "
+            "least one geode healthy), as /readyz answers; else 0.", registry=r,
+        )  # fmt: skip
         self.inflight = Gauge(
             "geoproxy_inflight_requests", "Requests being handled right now.", registry=r
         )

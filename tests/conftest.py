@@ -327,3 +327,27 @@ def make_mmdb(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+def need_binary(name: str) -> str:
+    """The path of a tool a test needs. Locally a missing tool skips the test with the
+    reason; under CI (CI=true) it fails it, since .ci/run installs it."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not installed; .ci/run installs Debian's prometheus package")
+        pytest.skip(f"{name} is not installed (Debian: apt-get install prometheus)")
+    return path
+
+
+def exported_metric_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name a registry can expose (with _total, _bucket, ... suffixes)."""
+    names: set[str] = set()
+    for family in registry.collect():
+        names.add(family.name)
+        for suffix in ("_total", "_bucket", "_sum", "_count", "_created", "_info"):
+            names.add(family.name + suffix)
+    return names

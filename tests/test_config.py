@@ -242,7 +242,8 @@ def test_region_without_geode_is_served_through_its_fallback(write_config: Write
         pytest.param({"colour": "blue"},
                      ["colour: unknown key (known: listen, trusted_proxies, region_sources, "
                       "geoip, default_region, regions, region_map, countries, continents, "
-                      "geodes, health_check, forwarding, access_log)"], id="top-level-no-close-match"),
+                      "geodes, health_check, forwarding, access_log)"],
+                     id="top-level-no-close-match"),
     ],
 )  # fmt: skip
 def test_unknown_key_is_rejected(
