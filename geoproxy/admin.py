@@ -4,7 +4,7 @@ status page. Binds to loopback by default (``listen.admin``)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -73,6 +73,7 @@ async def route(request: web.Request) -> web.Response:
         unknown = ", ".join(sorted(q.keys() - {"ip", "country", "region", "trusted"}))
         return json_error(400, "bad_query", f"unknown parameter(s): {unknown} "
                           "(known: ip, country, region, trusted)")  # fmt: skip
+    headers: Mapping[str, str]
     if q:
         ip = None
         if "ip" in q:
@@ -82,14 +83,17 @@ async def route(request: web.Request) -> web.Response:
         trusted = q.get("trusted", "true").lower()
         if trusted not in ("true", "false"):
             return json_error(400, "bad_query", "trusted: must be true or false")
-        headers = {}
+        given: dict[str, str] = {}
         if "country" in q:
-            headers[CF_IPCOUNTRY] = q["country"]
+            given[CF_IPCOUNTRY] = q["country"]
         if "region" in q:
-            headers[X_CLIENT_REGION] = q["region"]
+            given[X_CLIENT_REGION] = q["region"]
+        headers = given
         peer, peer_trusted, cip = None, trusted == "true", ip
     else:
-        headers = dict(request.headers)
+        # The request's own case-insensitive headers, as the forwarder reads them: a
+        # plain dict would miss ``cf-ipcountry`` sent in lower case.
+        headers = request.headers
         peer = parse_ip(request.remote) if request.remote else None
         peer_trusted = peer is not None and rt.trusted.contains(peer)
         cip = client_ip(peer, request.headers.getall("X-Forwarded-For", ()), rt.trusted)

@@ -117,7 +117,8 @@ class Gateway:
     def proxy_app(self) -> web.Application:
         app = web.Application(middlewares=[self.observer.middleware])
         app.cleanup_ctx.append(self._lifespan)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # (?s): a path may hold a percent-decoded newline; it is forwarded like any other.
+        app.router.add_route("*", "/{tail:(?s:.*)}", self._handle)
         return app
 
     def admin_app(self) -> web.Application:

@@ -58,6 +58,7 @@ class Trace:
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (geode, outcome)
     geode: Geode | None = None  # the geode whose response was relayed
     aborted: bool = False  # the geode failed mid-response; the client connection was cut
+    body_bytes: int = 0  # response body bytes relayed to the client
 
 
 TRACE_KEY = web.RequestKey("trace", Trace)
@@ -236,6 +237,7 @@ class Forwarder:
         out = web.StreamResponse(status=resp.status, reason=resp.reason,
                                  headers=downstream_headers(resp, geode))  # fmt: skip
         complete = False
+        trace = request[TRACE_KEY]
         try:
             await out.prepare(request)
             while True:
@@ -244,13 +246,14 @@ class Forwarder:
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     log.warning("geode %s failed mid-response: %r; aborting the client "
                                 "connection", geode.name, exc)  # fmt: skip
-                    request[TRACE_KEY].aborted = True
+                    trace.aborted = True
                     if request.transport is not None:
                         request.transport.abort()
                     return out
                 if not chunk:
                     break
                 await out.write(chunk)
+                trace.body_bytes += len(chunk)
             await out.write_eof()
             complete = True
         except ConnectionError:

@@ -81,9 +81,10 @@ class Observer:
         duration: float,
     ) -> str:
         res = trace.resolution
-        size = 0
-        if response is not None:
-            size = response.body_length if response.prepared else (response.content_length or 0)
+        if trace.geode is not None:
+            size = trace.body_bytes
+        else:  # geoproxy's own small answers
+            size = response.content_length or 0 if response is not None else 0
         fields = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "method": request.method,
@@ -102,4 +103,14 @@ class Observer:
             fields["aborted"] = True
         if self.access_format == "json":
             return json.dumps(fields, separators=(",", ":"))
-        return " ".join(f"{k}={v}" for k, v in fields.items())
+        return " ".join(f"{k}={_plain(v)}" for k, v in fields.items())
+
+
+def _plain(value: object) -> str:
+    """A ``key=value`` value; quoted and escaped (JSON string rules) when it holds
+    whitespace, quotes, backslashes or control characters — a decoded path may, and must
+    neither split the field nor forge a second log line."""
+    text = str(value)
+    if text and not any(c.isspace() or c in '"\\' or not c.isprintable() for c in text):
+        return text
+    return json.dumps(text)

@@ -419,3 +419,14 @@ async def test_expect_100_continue_upload_is_forwarded(
         body = await resp.json()
     assert resp.status == 200 and body["size"] == 100_000
     assert "expect" not in body["headers"]
+
+
+async def test_path_with_an_encoded_newline_is_forwarded_not_404(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    url = aiohttp.client.URL(f"{proxy.url}/a%0Ab", encoded=True)
+    async with http.get(url) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Geoproxy-Geode"] == "eu-1"
