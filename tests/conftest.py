@@ -58,7 +58,7 @@ class FakeGeode:
         self.app.router.add_get("/gzip", self.gzip)
         self.app.router.add_get("/set-cookie", self.set_cookie)
         self.app.router.add_get("/hop-headers", self.hop_headers)
-        self.app.router.add_route("*", "/{tail:.*}", self.whoami)
+        self.app.router.add_route("*", "/{tail:(?s:.*)}", self.whoami)
 
     @property
     def url(self) -> str:
