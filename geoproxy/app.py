@@ -31,17 +31,25 @@ from geoproxy.runtime import Runtime
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
-def forwarding_session() -> aiohttp.ClientSession:
+def forwarding_session(keepalive_timeout: float) -> aiohttp.ClientSession:
     """One pooled session for all forwarding: keep-alive to the geodes, no redirects
-    followed (per request), no shared cookie jar, no decompression."""
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=15, ttl_dns_cache=10)
-    return aiohttp.ClientSession(
+    followed (per request), no shared cookie jar, no decompression, no hidden retries."""
+    connector = aiohttp.TCPConnector(
+        limit=0, keepalive_timeout=keepalive_timeout, ttl_dns_cache=10
+    )
+    session = aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=_SKIP_AUTO_HEADERS,
         timeout=aiohttp.ClientTimeout(total=None),
     )
+    # aiohttp re-sends an idempotent request once, to the same geode, when a connection
+    # drops before the response; the forwarder's loop must own every retry (never the same
+    # geode twice, counted, capped). aiohttp offers no public switch; its own TestClient
+    # sets this attribute. tests/test_forwarding.py pins the behaviour.
+    session._retry_connection = False
+    return session
 
 
 class Gateway:
@@ -85,7 +93,7 @@ class Gateway:
         own_geoip = None
         if geoip is None and self.config.geoip_database is not None:
             geoip = own_geoip = MaxMindLookup(self.config.geoip_database)
-        session = forwarding_session()
+        session = forwarding_session(self.config.forwarding.keepalive_timeout)
         health_session = aiohttp.ClientSession(
             cookie_jar=aiohttp.DummyCookieJar(),
             connector=aiohttp.TCPConnector(limit=0, force_close=True),

@@ -82,6 +82,9 @@ class Forwarding:
     when_none_healthy: str = "reject"  # reject: 503 + Retry-After; try_all: panic mode,
     # try every geode of the region's try order regardless of health.
     preserve_host: bool = True  # forward the client's Host; false: the geode's host.
+    keepalive_timeout: float = 4.0  # idle pooled connections to geodes close after this;
+    # keep it below the geodes' own idle timeout (often 5 s), or a request may meet a
+    # connection the geode just closed (a POST then gets 502: it cannot be replayed).
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +395,7 @@ def _geode_url(node: Node) -> URL | None:
 def _forwarding(node: Node) -> Forwarding:
     base = Forwarding()
     keys = ("connect_timeout", "response_timeout", "failover_timeout", "max_attempts",
-            "when_none_healthy", "preserve_host")  # fmt: skip
+            "when_none_healthy", "preserve_host", "keepalive_timeout")  # fmt: skip
     if node.missing or not node.expect_mapping(keys):
         return base
     preserve = node.get("preserve_host").boolean(optional=True)
@@ -408,6 +411,8 @@ def _forwarding(node: Node) -> Forwarding:
                                                                optional=True)
         or base.when_none_healthy,
         preserve_host=base.preserve_host if preserve is None else preserve,
+        keepalive_timeout=_duration(node.get("keepalive_timeout"), base.keepalive_timeout)
+        or base.keepalive_timeout,
     )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from aiohttp.hdrs import CONTENT_LENGTH, CONTENT_TYPE, SERVER, TRANSFER_ENCODING
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
@@ -33,9 +34,20 @@ HOP_BY_HOP = frozenset(
     for h in ("Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
               "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade")
 )  # fmt: skip
-# Answered by this hop (aiohttp sends 100 Continue itself) and never passed on.
-_DROP_REQUEST = HOP_BY_HOP | {istr("Expect")}
-_REGION_HEADERS = frozenset({istr(X_CLIENT_REGION), istr(CF_IPCOUNTRY)})
+# Request headers never passed on as they came: hop-by-hop ones, Expect (aiohttp answers
+# 100 Continue itself) and the ones this hop rewrites.
+_DROP_ALWAYS = frozenset(
+    h.lower() for h in (*HOP_BY_HOP, "Expect", "X-Forwarded-For", "X-Forwarded-Proto",
+                        "X-Forwarded-Host", "Via")
+)  # fmt: skip
+# From an untrusted peer, also every header that claims a client identity or region: a
+# geode that believes one of them could be spoofed.
+_DROP_UNTRUSTED = _DROP_ALWAYS | frozenset(
+    h.lower() for h in (X_CLIENT_REGION, CF_IPCOUNTRY, "Forwarded", "X-Real-IP",
+                        "True-Client-IP", "CF-Connecting-IP", "X-Client-IP",
+                        "X-Cluster-Client-IP", "Fastly-Client-IP", "X-Forwarded-Port",
+                        "X-Forwarded-Prefix", "X-Forwarded-Server")
+)  # fmt: skip
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({502, 503, 504})
 VIA = "1.1 geoproxy"
@@ -44,8 +56,8 @@ REGION_HEADER = "X-Geoproxy-Region"
 _INTERNAL_PREFIX = "x-geoproxy-"
 
 # Attempt outcomes (also the values of the `outcome` metric label).
-CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, RESPONSE = (
-    "connect_error", "timeout", "reset", "retry_status", "response",
+CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, RESPONSE, BAD_RESPONSE = (
+    "connect_error", "timeout", "reset", "retry_status", "response", "bad_response",
 )  # fmt: skip
 
 
@@ -97,33 +109,36 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
     return tokens
 
 
+def _joined(headers: CIMultiDictProxy[str], name: str) -> str:
+    """Every value of a list-valued header, as one comma-separated value."""
+    return ", ".join(headers.getall(name, ()))
+
+
 def upstream_headers(
     request: web.Request, trusted: bool, peer: IPAddress | None
 ) -> CIMultiDict[str]:
-    """The headers sent to a geode: hop-by-hop removed, X-Forwarded-* and Via set."""
+    """The headers sent to a geode: hop-by-hop removed, X-Forwarded-* and Via set. From an
+    untrusted peer, every header that claims a client identity or region is dropped."""
     incoming = request.headers
     named = _connection_tokens(incoming)
+    drop = _DROP_ALWAYS if trusted else _DROP_UNTRUSTED
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         low = name.lower()
-        if (
-            name in _DROP_REQUEST
-            or low in named
-            or low.startswith(_INTERNAL_PREFIX)
-            or (not trusted and name in _REGION_HEADERS)
-            or low in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via")
-        ):
+        if low in drop or low in named or low.startswith(_INTERNAL_PREFIX):
             continue
         out.add(name, value)
     peer_text = str(peer) if peer is not None else (request.remote or "")
-    prior = ", ".join(incoming.getall("X-Forwarded-For", ())) if trusted else ""
+    prior = _joined(incoming, "X-Forwarded-For") if trusted else ""
     out["X-Forwarded-For"] = f"{prior}, {peer_text}" if prior else peer_text
-    proto = incoming.get("X-Forwarded-Proto") if trusted else None
+    proto = _joined(incoming, "X-Forwarded-Proto") if trusted else ""
     out["X-Forwarded-Proto"] = proto or request.scheme
-    host = incoming.get("X-Forwarded-Host") if trusted else None
-    if host or request.host:
-        out["X-Forwarded-Host"] = host or request.host
-    via = incoming.get("Via")
+    # The Host header as sent (for an absolute-form target aiohttp's request.host is the
+    # target's authority, which is not what the geode receives as Host).
+    host = (_joined(incoming, "X-Forwarded-Host") if trusted else "") or incoming.get("Host")
+    if host:
+        out["X-Forwarded-Host"] = host
+    via = _joined(incoming, "Via")
     out["Via"] = f"{via}, {VIA}" if via else VIA
     return out
 
@@ -135,7 +150,7 @@ def downstream_headers(resp: aiohttp.ClientResponse, geode: Geode) -> CIMultiDic
         if name in HOP_BY_HOP or name.lower() in named:
             continue
         out.add(name, value)
-    via = resp.headers.get("Via")
+    via = ", ".join(resp.headers.getall("Via", ()))
     out["Via"] = f"{via}, {VIA}" if via else VIA
     out[GEODE_HEADER] = geode.name
     out[REGION_HEADER] = geode.region
@@ -176,8 +191,8 @@ class Forwarder:
         body = _Body(request.content) if request.body_exists else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + fwd.failover_timeout
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=fwd.connect_timeout,
+        timeout = aiohttp.ClientTimeout(  # connect covers DNS too, sock_connect only TCP/TLS
+            total=None, connect=fwd.connect_timeout, sock_connect=fwd.connect_timeout,
             sock_read=fwd.response_timeout,
         )  # fmt: skip
         last = CONNECT_ERROR
@@ -211,6 +226,13 @@ class Forwarder:
                     trace.attempts.append((geode.name, RETRY_STATUS))
                     resp.close()
                     continue
+                if not _framing_ok(resp):
+                    resp.close()
+                    trace.attempts.append((geode.name, BAD_RESPONSE))
+                    log.warning("geode %s: unsupported Transfer-Encoding %r", geode.name,
+                                resp.headers.get("Transfer-Encoding"))  # fmt: skip
+                    last = BAD_RESPONSE
+                    break
                 trace.attempts.append((geode.name, RESPONSE))
                 trace.geode = geode
                 trace.decision = cand.decision
@@ -224,6 +246,9 @@ class Forwarder:
         if last == TIMEOUT:
             return json_error(504, "gateway_timeout", "the geode did not answer in time",
                               attempts=len(trace.attempts))  # fmt: skip
+        if last == BAD_RESPONSE:
+            return json_error(502, "bad_response", "the geode's response could not be relayed",
+                              attempts=len(trace.attempts))  # fmt: skip
         return json_error(502, "bad_gateway", "no geode could be reached",
                           attempts=len(trace.attempts))  # fmt: skip
 
@@ -234,15 +259,27 @@ class Forwarder:
         the client connection, so a truncated response never looks complete. Returning
         the prepared response lets aiohttp finish (or notice the closed connection)
         without logging a 500 for what is not a server error."""
-        out = web.StreamResponse(status=resp.status, reason=resp.reason,
-                                 headers=downstream_headers(resp, geode))  # fmt: skip
-        complete = False
+        out = _RelayResponse(status=resp.status, reason=resp.reason,
+                             headers=downstream_headers(resp, geode))  # fmt: skip
         trace = request[TRACE_KEY]
+        # A body that ends when the connection closes cannot tell a reset from its end by
+        # itself (aiohttp reads a reset as EOF): the connection's `closed` future can.
+        closed = None
+        delimited = CONTENT_LENGTH in resp.headers or "chunked" in resp.headers.get(
+            TRANSFER_ENCODING, ""
+        ).lower()
+        protocol = resp.connection.protocol if resp.connection is not None else None
+        if not delimited and protocol is not None:
+            closed = protocol.closed
+        complete = False
         try:
             await out.prepare(request)
             while True:
                 try:
                     chunk = await resp.content.readany()
+                    lost = closed.exception() if closed is not None and _settled(closed) else None
+                    if not chunk and lost is not None:
+                        raise lost
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     log.warning("geode %s failed mid-response: %r; aborting the client "
                                 "connection", geode.name, exc)  # fmt: skip
@@ -259,8 +296,37 @@ class Forwarder:
         except ConnectionError:
             pass  # the client went away; aiohttp notes it when it finishes the response
         finally:
+            if closed is not None and _settled(closed):
+                closed.exception()  # retrieved: no "exception was never retrieved" noise
             if complete:
                 resp.release()
             else:
                 resp.close()  # never return a half-read connection to the pool
         return out
+
+
+def _settled(future: asyncio.Future[None]) -> bool:
+    return future.done() and not future.cancelled()
+
+
+def _framing_ok(resp: aiohttp.ClientResponse) -> bool:
+    """Only ``chunked`` is a transfer-coding we can relay: any other (``gzip, chunked``)
+    would reach the client as undeclared encoded bytes once the hop-by-hop header goes."""
+    te = resp.headers.get(TRANSFER_ENCODING)
+    return te is None or te.strip().lower() == "chunked"
+
+
+class _RelayResponse(web.StreamResponse):
+    """A StreamResponse that adds no headers of its own: aiohttp would invent a
+    ``Content-Type: application/octet-stream`` and a ``Server`` header when the geode sent
+    none (a made-up type changes how browsers treat the body). ``_prepare_headers`` is
+    private aiohttp API; tests/test_forwarding.py pins this behaviour."""
+
+    async def _prepare_headers(self) -> None:
+        had_type = CONTENT_TYPE in self.headers
+        had_server = SERVER in self.headers
+        await super()._prepare_headers()
+        if not had_type:
+            self.headers.popall(CONTENT_TYPE, None)
+        if not had_server:
+            self.headers.popall(SERVER, None)

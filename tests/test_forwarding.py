@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import socket
+import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
 from conftest import FakeGeode, GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
 
@@ -430,3 +435,186 @@ async def test_path_with_an_encoded_newline_is_forwarded_not_404(
     async with http.get(url) as resp:
         assert resp.status == 200
         assert resp.headers["X-Geoproxy-Geode"] == "eu-1"
+
+
+class RawGeode:
+    """A geode speaking raw HTTP/1.1 from a script, for responses aiohttp would not send.
+    ``/health`` answers 200; every other request gets ``reply`` and then, with ``reset``,
+    an RST instead of a clean close (``reply=None``: close without answering)."""
+
+    def __init__(self, reply: bytes | None, reset: bool = False) -> None:
+        self.reply = reply
+        self.reset = reset
+        self.requests: list[str] = []
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            line = head.split(b"\r\n", 1)[0].decode()
+            if " /health " in line:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                             b"Connection: close\r\n\r\nok")  # fmt: skip
+                await writer.drain()
+                return
+            self.requests.append(line)
+            if self.reply is not None:
+                writer.write(self.reply)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            if self.reset:
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+@pytest.fixture
+async def raw_geodes() -> AsyncIterator[list[RawGeode]]:
+    made: list[RawGeode] = []
+    yield made
+    for geode in made:
+        await geode.close()
+
+
+async def start_with_raw_home(
+    proxy_factory: ProxyFactory, geode_factory: GeodeFactory, raw: RawGeode, **overrides: Any
+) -> Proxy:
+    """eu-west is the raw geode; us-east a FakeGeode (its fallback)."""
+    url = await raw.start()
+    us = await geode_factory("us-1", "us-east")
+    ap = await geode_factory("ap-1", "ap-northeast")
+    return await proxy_factory(base_config(
+        [{"name": "raw-1", "region": "eu-west", "url": url}, geode_entry(us), geode_entry(ap)],
+        **overrides,
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n"],
+    ids=["http11-connection-close", "http10"],
+)
+async def test_reset_of_a_close_delimited_body_aborts_the_client(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    raw_geodes: list[RawGeode],
+    head: bytes,
+) -> None:
+    raw = RawGeode(head + b"partial-" * 10, reset=True)
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(f"{proxy.url}/file") as resp:
+            await resp.read()
+
+
+async def test_clean_close_of_a_close_delimited_body_is_complete(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    raw_geodes: list[RawGeode],
+) -> None:
+    raw = RawGeode(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nwhole body")
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    async with http.get(f"{proxy.url}/file") as resp:
+        assert await resp.read() == b"whole body"
+
+
+async def test_a_geode_is_never_sent_the_same_request_twice(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    raw_geodes: list[RawGeode],
+) -> None:
+    raw = RawGeode(None)  # reads the request, closes without answering
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    for method in ("GET", "PUT", "DELETE"):
+        async with http.request(method, f"{proxy.url}/whoami") as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Geoproxy-Geode"] == "us-1"
+    assert [r.split()[0] for r in raw.requests] == ["GET", "PUT", "DELETE"]
+
+
+async def test_no_content_type_or_server_header_is_invented(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    raw_geodes: list[RawGeode],
+) -> None:
+    raw = RawGeode(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    async with http.get(f"{proxy.url}/x") as resp:
+        assert await resp.read() == b"hello"
+        assert "Content-Type" not in resp.headers
+        assert "Server" not in resp.headers
+
+
+async def test_unsupported_transfer_coding_from_a_geode_is_a_502(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    raw_geodes: list[RawGeode],
+) -> None:
+    body = gzip.compress(b"secret")
+    chunk = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    raw = RawGeode(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n" + chunk)
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    async with http.get(f"{proxy.url}/x") as resp:
+        assert resp.status == 502
+        assert (await resp.json())["error"]["code"] == "bad_response"
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-peer", "untrusted-peer"])
+async def test_client_identity_headers_pass_only_from_trusted_peers(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    trusted: bool,
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    cidrs = ["127.0.0.1/32"] if trusted else ["10.0.0.0/8"]
+    proxy = await start(proxy_factory, [eu, us, ap], trusted_proxies=cidrs)
+    claims = {"Forwarded": "for=6.6.6.6", "X-Real-IP": "6.6.6.6", "True-Client-IP": "6.6.6.6",
+              "X-Forwarded-Port": "443", "CF-Connecting-IP": "6.6.6.6"}  # fmt: skip
+    async with http.get(f"{proxy.url}/echo", headers=claims) as resp:
+        seen = (await resp.json())["headers"]
+    for name in claims:
+        assert (name.lower() in seen) is trusted, name
+
+
+async def test_every_via_and_forwarded_value_is_kept(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    headers = CIMultiDict([("Via", "1.0 a"), ("Via", "1.1 b"), ("X-Forwarded-Proto", "https"),
+                           ("X-Forwarded-For", "203.0.113.1"),
+                           ("X-Forwarded-For", "198.51.100.2")])  # fmt: skip
+    async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
+        seen = (await resp.json())["headers"]
+    assert seen["via"] == ["1.0 a, 1.1 b, 1.1 geoproxy"]
+    assert seen["x-forwarded-for"] == ["203.0.113.1, 198.51.100.2, 127.0.0.1"]
