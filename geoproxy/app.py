@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -26,6 +27,8 @@ from geoproxy.metrics import Metrics
 from geoproxy.model import Topology
 from geoproxy.observe import Observer
 from geoproxy.runtime import Runtime
+
+log = logging.getLogger("geoproxy")
 
 # Headers aiohttp's client would add on its own; the geode must see only the client's.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -89,35 +92,30 @@ class Gateway:
         self.metrics.transitions.labels(g.name, "healthy" if state.healthy else "unhealthy").inc()
 
     async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
-        geoip = self._geoip
-        own_geoip = None
-        if geoip is None and self.config.geoip_database is not None:
-            geoip = own_geoip = MaxMindLookup(self.config.geoip_database)
-        session = forwarding_session(self.config.forwarding.keepalive_timeout)
-        health_session = aiohttp.ClientSession(
-            cookie_jar=aiohttp.DummyCookieJar(),
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            headers={"User-Agent": f"geoproxy-health/{__version__}"},
-        )
-        self.runtime = Runtime(self.topology, TrustedProxies(self.config.trusted_proxies),
-                               geoip, self.board, session)  # fmt: skip
-        self.forwarder = Forwarder(self.runtime)
-        self.checker = HealthChecker(self.board, health_session)
-        task: asyncio.Task[None] | None = None
-        try:
+        async with contextlib.AsyncExitStack() as stack:  # undone in reverse, always
+            geoip = self._geoip
+            if geoip is None and self.config.geoip_database is not None:
+                reader = MaxMindLookup(self.config.geoip_database)
+                stack.callback(reader.close)
+                geoip = reader
+            session = await stack.enter_async_context(
+                forwarding_session(self.config.forwarding.keepalive_timeout)
+            )
+            health_session = await stack.enter_async_context(aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(),
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                headers={"User-Agent": f"geoproxy-health/{__version__}"},
+            ))  # fmt: skip
+            self.runtime = Runtime(self.topology, TrustedProxies(self.config.trusted_proxies),
+                                   geoip, self.board, session)  # fmt: skip
+            self.forwarder = Forwarder(self.runtime)
+            self.checker = HealthChecker(self.board, health_session)
             await self.checker.check_once()
             self._update_ready()
             task = asyncio.create_task(self.checker.run(), name="geoproxy-health")
+            stack.push_async_callback(_stop, task)
             yield
-        finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await session.close()
-            await health_session.close()
-            if own_geoip is not None:
-                own_geoip.close()
+
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         return await self.forwarder.handle(request)
@@ -131,3 +129,14 @@ class Gateway:
 
     def admin_app(self) -> web.Application:
         return build_admin_app(lambda: self.runtime, self.metrics)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait for it; a failure it ended with is logged."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.exception("background task %s had failed", task.get_name())

@@ -146,25 +146,34 @@ class HealthChecker:
         """One round: check the given geodes (default: all) concurrently and record."""
         if geodes is None:
             geodes = [s.geode for s in self.board.states.values()]
-        targets = list(geodes)
-        results = await asyncio.gather(*(self.check(g) for g in targets))
-        now = self.clock()
-        for geode, (ok, latency, error) in zip(targets, results, strict=True):
-            self.board.record(geode.name, ok, latency, error)
-            self._due[geode.name] = now + geode.health.interval + self.rand() * geode.health.jitter
+        await asyncio.gather(*(self._check_and_record(g) for g in geodes))
         self.board.first_round_done = True
 
-    async def run(self) -> None:
-        """Forever: sleep until the earliest geode is due, then check the due ones."""
+    async def _check_and_record(self, geode: Geode) -> None:
+        """Check one geode, record it, and set when it is next due (counted from the start
+        of this check, so a slow check does not stretch the period)."""
+        started = self.clock()
+        try:
+            ok, latency, error = await self.check(geode)
+            self.board.record(geode.name, ok, latency, error)
+        except Exception:  # a bug here must not stop health checking for good
+            log.exception("health check of geode %s failed unexpectedly", geode.name)
+        hc = geode.health
+        self._due[geode.name] = started + hc.interval + self.rand() * hc.jitter
+
+    async def _loop(self, geode: Geode) -> None:
         while True:
-            if not self._due:
-                await self.check_once()
-                continue
-            now = self.clock()
-            wake = min(self._due.values())
-            if wake > now:
-                await asyncio.sleep(wake - now)
-                now = self.clock()
-            due = [s.geode for n, s in self.board.states.items() if self._due.get(n, 0) <= now]
-            if due:
-                await self.check_once(due)
+            delay = self._due.get(geode.name, 0.0) - self.clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._check_and_record(geode)
+
+    async def run(self) -> None:
+        """Forever: every geode on its own schedule, so a geode whose checks hang until
+        their timeout delays no other geode's checks. Starts with a full round unless one
+        was already done (at start-up, before the proxy serves)."""
+        if not self.board.first_round_done:
+            await self.check_once()
+        async with asyncio.TaskGroup() as group:
+            for state in self.board.states.values():
+                group.create_task(self._loop(state.geode), name=f"health:{state.geode.name}")

@@ -418,3 +418,55 @@ async def test_run_checks_each_geode_at_its_own_interval(
     assert fast.hits["/health"] >= 4
     assert slow.hits["/health"] == 1
     assert board.healthy == {"fast", "slow"}
+
+
+async def test_a_hanging_geode_does_not_delay_the_checks_of_others(
+    geode_factory: GeodeFactory,
+    write_config: WriteConfig,
+    session: aiohttp.ClientSession,
+    held: HeldHealth,
+) -> None:
+    fast = await geode_factory("fast", "eu-west")
+    held.delay = None  # /health never answers: every check runs into its 2 s timeout
+    entries = [entry(fast, "fast"),
+               entry(held.url, "hang", health={"interval": "3s", "timeout": "2s"})]  # fmt: skip
+    board = WatchedBoard(load_geodes(write_config, entries, **FAST))
+    checker = HealthChecker(board, session)
+    # Start-up round over fast only: the hanging geode is due at once when run() starts.
+    await checker.check_once([board.states["fast"].geode])
+    task = asyncio.create_task(checker.run())
+    try:
+        before = board.records["fast"]
+        # Within 1.5 s (less than the hanging check's timeout) fast is checked every 100 ms.
+        await board.wait_until(lambda: board.records["fast"] >= before + 5, timeout=1.5)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_failing_hook_does_not_stop_health_checking(
+    geode_factory: GeodeFactory,
+    write_config: WriteConfig,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = await geode_factory("g1", "eu-west")
+    board = WatchedBoard(load_geodes(write_config, [entry(fake)], **FAST))
+    calls = 0
+
+    def broken_hook(state: Any, ok: bool, latency: float | None) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("bug in a metrics hook")
+
+    board.on_check.append(broken_hook)
+    task = asyncio.create_task(HealthChecker(board, session).run())
+    try:
+        await board.wait_until(lambda: calls >= 4)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert "health check of geode g1 failed unexpectedly" in caplog.text
