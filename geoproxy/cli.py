@@ -164,19 +164,35 @@ def _run_cmd(path: Path) -> int:
         cfg = config_mod.load(path)
     except GeoproxyError as exc:
         return _fail(f"{path}: configuration is invalid\n{exc}")
+    return _run_main(lambda stop: serve(cfg, stop))
+
+
+def _run_main(start: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     try:
-        asyncio.run(_serve_with_signals(lambda stop: serve(cfg, stop)))
+        asyncio.run(_serve_with_signals(start))
     except GeoproxyError as exc:
         return _fail(str(exc))
+    except asyncio.CancelledError:
+        return 130  # stopped at once by a second signal
     return 0
 
 
 async def _serve_with_signals(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``start(stop)``; SIGINT and SIGTERM set ``stop``."""
+    """Run ``start(stop)``. The first SIGINT or SIGTERM sets ``stop`` (a graceful stop); a
+    second one cancels everything at once, without waiting for in-flight requests."""
     stop = asyncio.Event()
+    main = asyncio.current_task()
+    assert main is not None
+
+    def on_signal() -> None:
+        if stop.is_set():
+            logging.getLogger("geoproxy").warning("second signal: stopping at once")
+            main.cancel()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await start(stop)
 
 
@@ -206,8 +222,4 @@ def _demo_cmd() -> int:
                     await runner.cleanup()
         print("geoproxy demo stopped.", flush=True)
 
-    try:
-        asyncio.run(_serve_with_signals(run_demo))
-    except GeoproxyError as exc:
-        return _fail(str(exc))
-    return 0
+    return _run_main(run_demo)

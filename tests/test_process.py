@@ -204,3 +204,47 @@ async def test_check_config_accepts_the_shipped_configs() -> None:
         code, out = await run_to_end("check-config", "--config", str(root / "config" / name))
         assert code == 0, out
         assert out.rstrip().endswith("configuration is valid")
+
+
+async def test_sigterm_during_start_up_exits_without_opening_the_listeners(
+    geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    # The first health round waits 4 s on this geode: start-up is still running at SIGTERM.
+    data = base_config([geode_entry(eu, health={"path": "/slow?delay=10", "timeout": "4s",
+                                                "interval": "5s"})],
+                       regions={"eu-west": None}, countries={}, continents={})  # fmt: skip
+    path = write_config(data)
+    async with geoproxy("run", "--config", str(path)) as proxy:
+        await proxy.wait_for("first health round")
+        async with asyncio.timeout(3):  # well before the 4 s health timeout
+            assert await proxy.stop(signal.SIGTERM) == 0
+        output = "".join(proxy.output)
+    assert "stopped during start-up" in output
+    assert "proxying on" not in output
+    assert "Traceback" not in output
+
+
+async def test_second_signal_stops_at_once_while_a_request_is_in_flight(
+    geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    data = base_config([geode_entry(eu)], regions={"eu-west": None}, countries={},
+                       continents={}, forwarding={"response_timeout": "60s"})  # fmt: skip
+    path = write_config(data)
+    async with geoproxy("run", "--config", str(path)) as proxy:
+        proxy_url = (await proxy.wait_for(READY)).group(1)
+        async with aiohttp.ClientSession() as http:
+            slow = asyncio.create_task(http.get(f"{proxy_url}/slow?delay=30"))
+            async with asyncio.timeout(10):
+                while eu.hits["/slow"] == 0:  # noqa: ASYNC110 -- a bounded poll of a counter
+                    await asyncio.sleep(0.02)
+            assert proxy.proc.stdout is not None
+            proxy.proc.send_signal(signal.SIGTERM)
+            await proxy.wait_for("shutting down")
+            assert proxy.proc.returncode is None  # draining the in-flight request
+            async with asyncio.timeout(5):
+                assert await proxy.stop(signal.SIGINT) == 130
+            with contextlib.suppress(aiohttp.ClientError):
+                (await slow).close()
+    assert "second signal: stopping at once" in "".join(proxy.output)
