@@ -18,6 +18,7 @@ from geoproxy.clientip import parse_ip
 from geoproxy.errors import GeoproxyError
 from geoproxy.explain import explain
 from geoproxy.geoip import MaxMindLookup
+from geoproxy.logs import setup_logging
 from geoproxy.model import Topology
 from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
 from geoproxy.server import Bound, serve
@@ -56,21 +57,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run_cmd(Path(args.config))
     return _demo_cmd()
-
-
-def setup_logging(level: str) -> None:
-    """Diagnostics to stderr; the access log (one line per request) to stdout."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    access = logging.getLogger("geoproxy.access")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
-    access.propagate = False
 
 
 def _fail(message: str) -> int:

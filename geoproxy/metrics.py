@@ -29,7 +29,7 @@ NO_GEODE = "none"
 
 
 def code_class(status: int) -> str:
-    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"  # 499 is a 4xx
 
 
 class Metrics:

@@ -6,6 +6,7 @@ fields happens here, once, after the response is done.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,6 +21,8 @@ from geoproxy.resolver import ABSENT
 
 access_log = logging.getLogger("geoproxy.access")
 
+#: nginx's status for a request the client abandoned before the answer.
+CLIENT_CLOSED = 499
 #: ``access_log`` config values.
 ACCESS_FORMATS = ("json", "plain", "off")
 
@@ -34,22 +37,31 @@ class Observer:
         start = time.perf_counter()
         self.metrics.inflight.inc()
         response: web.StreamResponse | None = None
+        status = 500
         try:
             response = await handler(request)
             assert response is not None
+            status = response.status
             return response
         except web.HTTPException as exc:
             response = exc
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client went away before the answer
             raise
         finally:
             self.metrics.inflight.dec()
-            self.record(request, response, time.perf_counter() - start)
+            self.record(request, response, status, time.perf_counter() - start)
 
     def record(
-        self, request: web.Request, response: web.StreamResponse | None, duration: float
+        self,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        status: int,
+        duration: float,
     ) -> None:
         trace = request.get(TRACE_KEY) or Trace()
-        status = response.status if response is not None else 500
         geode = trace.geode.name if trace.geode else NO_GEODE
         m = self.metrics
         m.requests.labels(geode, code_class(status)).inc()

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "geoproxy"
 
 # Lower number = lower layer. Modules of one layer do not import each other.
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "countries": 0, "schema": 0, "metrics": 0,
+    "__init__": 0, "errors": 0, "countries": 0, "schema": 0, "metrics": 0, "logs": 0,
     "config": 1,
     "model": 2,
     "clientip": 3, "geoip": 4,

@@ -990,3 +990,19 @@ def test_route_cli_exits_1_when_the_config_file_is_missing(tmp_path: Path) -> No
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "cannot read" in done.stderr
+
+
+async def test_a_request_the_client_abandons_is_logged_as_499(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    access_lines: list[str],
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, list(geodes))
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await client.get(f"{proxy.url}/slow?delay=2")
+    await settled(proxy)
+    assert [json.loads(line)["status"] for line in access_lines] == [499]
+    assert proxy.sample("geoproxy_requests_total", geode="none", code_class="4xx") == 1

@@ -248,3 +248,28 @@ async def test_second_signal_stops_at_once_while_a_request_is_in_flight(
             with contextlib.suppress(aiohttp.ClientError):
                 (await slow).close()
     assert "second signal: stopping at once" in "".join(proxy.output)
+
+
+async def test_malformed_requests_get_400_and_one_log_line_without_traceback(
+    geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    path = write_config(base_config([geode_entry(eu)], regions={"eu-west": None},
+                                    countries={}, continents={}))  # fmt: skip
+    smuggle = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")  # fmt: skip
+    async with geoproxy("run", "--config", str(path)) as proxy:
+        m = await proxy.wait_for(READY)
+        host, port = m.group(1).removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(smuggle)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status_line = await reader.readline()
+        writer.close()
+        assert status_line.split()[1] == b"400"
+        await proxy.wait_for("rejected malformed request")
+        assert await proxy.stop() == 0
+    output = "".join(proxy.output)
+    assert "Traceback" not in output and "ERROR" not in output
+    assert eu.hits["/echo"] == 0
