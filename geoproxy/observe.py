@@ -122,6 +122,8 @@ def _plain(value: object) -> str:
     """A ``key=value`` value; quoted and escaped (JSON string rules) when it holds
     whitespace, quotes, backslashes or control characters — a decoded path may, and must
     neither split the field nor forge a second log line."""
+    if value is None:
+        return ""  # logfmt's empty value
     text = str(value)
     if text and not any(c.isspace() or c in '"\\' or not c.isprintable() for c in text):
         return text
