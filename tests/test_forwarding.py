@@ -618,3 +618,13 @@ async def test_every_via_and_forwarded_value_is_kept(
         seen = (await resp.json())["headers"]
     assert seen["via"] == ["1.0 a, 1.1 b, 1.1 geoproxy"]
     assert seen["x-forwarded-for"] == ["203.0.113.1, 198.51.100.2, 127.0.0.1"]
+
+
+def test_aiohttp_is_recent_and_runs_its_c_parser() -> None:
+    """The issue asks for aiohttp >= 3.14.4 (parser advisories) with its C extensions."""
+    from aiohttp import http_parser
+
+    version = tuple(int(p) for p in aiohttp.__version__.split(".")[:3])
+    assert version >= (3, 14, 4)
+    assert http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
+    assert http_parser.HttpResponseParser.__module__ == "aiohttp._http_parser"
