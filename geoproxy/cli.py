@@ -1,4 +1,5 @@
-"""``geoproxy run | check-config | route | demo``: owns the process, logging, signals."""
+"""``geoproxy run | check-config | route | stamp | demo``: owns the process, logging and
+signals."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from geoproxy.logs import setup_logging
 from geoproxy.model import Topology
 from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
 from geoproxy.server import Bound, serve
+from geoproxy.stamp import config as stamp_config
+from geoproxy.stamp.serve import serve_stamp
 
 DEFAULT_CONFIG = "config/geoproxy.yaml"
 
@@ -45,7 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rte.add_argument("--region", help="as sent in X-Client-Region: a region id or country")
     rte.add_argument("--json", action="store_true", help="print the explanation as JSON")
 
-    dem = sub.add_parser("demo", help="run the proxy in front of three local demo geodes")
+    stm = sub.add_parser("stamp", help="run one reference stamp")
+    stm.add_argument("--config", required=True, help="stamp config file")
+    stm.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    dem = sub.add_parser("demo", help="run the proxy in front of three local stamps")
+    dem.add_argument("--data-dir", help="where the stamps keep their SQLite files "
+                     "(default: a new temporary folder, removed on exit)")  # fmt: skip
     dem.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
 
     args = parser.parse_args(argv)
@@ -56,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level)
     if args.command == "run":
         return _run_cmd(Path(args.config))
-    return _demo_cmd()
+    if args.command == "stamp":
+        return _stamp_cmd(Path(args.config))
+    return _demo_cmd(Path(args.data_dir) if args.data_dir else None)
 
 
 def _fail(message: str) -> int:
@@ -182,18 +195,30 @@ async def _serve_with_signals(start: Callable[[asyncio.Event], Awaitable[None]])
     await start(stop)
 
 
-def _demo_cmd() -> int:
+def _stamp_cmd(path: Path) -> int:
+    try:
+        cfg = stamp_config.load(path)
+    except GeoproxyError as exc:
+        return _fail(f"{path}: configuration is invalid\n{exc}")
+    return _run_main(lambda stop: serve_stamp(cfg, stop))
+
+
+def _demo_cmd(data_dir: Path | None) -> int:
     path = demo.demo_config_path()
     try:
         cfg = config_mod.load(path)
     except GeoproxyError as exc:
         return _fail(f"shipped demo config is invalid (a packaging bug):\n{exc}")
+    temporary = data_dir is None
+    folder = Path(tempfile.mkdtemp(prefix="geoproxy-demo-")) if data_dir is None else data_dir
 
     async def run_demo(stop: asyncio.Event) -> None:
-        live, runners = await demo.start_geodes(cfg)
+        live, runners = await demo.start_geodes(cfg, demo.stamp_apps(folder))
         try:
             for g in live.geodes:
-                print(f"demo geode {g.name:<16} region {g.region:<14} {g.url}", flush=True)
+                print(f"stamp {g.name:<18} region {g.region:<14} {g.url}", flush=True)
+            print(f"stamp data: {folder}" + (" (removed on exit)" if temporary else ""),
+                  flush=True)  # fmt: skip
 
             def ready(bound: Bound) -> None:
                 print(f"\ngeoproxy demo is up (config: {path})\n"
@@ -208,4 +233,8 @@ def _demo_cmd() -> int:
                     await runner.cleanup()
         print("geoproxy demo stopped.", flush=True)
 
-    return _run_main(run_demo)
+    try:
+        return _run_main(run_demo)
+    finally:
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -14,14 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
-import yaml
 from yarl import URL
 
 from geoproxy.countries import CONTINENTS, COUNTRY_CONTINENT
 from geoproxy.errors import ConfigError
-from geoproxy.schema import Node, Problems, StrictBoolLoader, parse_duration, parse_statuses
+from geoproxy.schema import Node, Problems, parse_duration, parse_statuses, read_yaml
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -114,22 +112,6 @@ def load(path: str | Path) -> Config:
     if problems or config is None:
         raise ConfigError(problems.lines)
     return config
-
-
-def read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: not UTF-8 text: {exc.reason}"]) from None
-    try:
-        return yaml.load(text, Loader=StrictBoolLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{path}: {where}invalid YAML: {problem}"]) from None
 
 
 _TOP_KEYS = (

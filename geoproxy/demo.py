@@ -1,9 +1,9 @@
-"""``geoproxy demo``: the shipped demo config, three small demo geodes on loopback, and the
-proxy in front of them.
+"""``geoproxy demo``: the shipped demo config, three reference stamps on loopback (each
+with its own SQLite file, replicating to the others), and the proxy in front of them.
 
-The geodes come from a ``GeodeLauncher``; the built-in one serves tiny apps that answer with
-their name and region. The reference stamp (a later piece of work) plugs in as another
-launcher without touching the proxy side.
+Every geode's socket is bound first (its configured port, or a free one if taken), so each
+app can be built knowing where all the others listen; the app comes from a ``GeodeApp``
+factory, which is the seam between the proxy side and what the geodes are.
 """
 
 from __future__ import annotations
@@ -11,19 +11,21 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 
 from aiohttp import web
-from yarl import URL
 
 from geoproxy.config import Config, Geode
+from geoproxy.stamp.app import build_stamp_app
+from geoproxy.stamp.config import Peer, Replication, StampConfig
 
 log = logging.getLogger("geoproxy.demo")
 
-#: Starts one geode's server; returns the runner (to clean up) and the URL it serves on.
-GeodeLauncher = Callable[[Geode], Awaitable[tuple[web.AppRunner, URL]]]
+#: Builds one geode's app, given every geode as it really listens (its peers included).
+GeodeApp = Callable[[Geode, Mapping[str, Geode]], web.Application]
 
 
 def config_dir() -> Path:
@@ -38,73 +40,79 @@ def demo_config_path() -> Path:
     return config_dir() / "demo.yaml"
 
 
-def demo_geode_app(name: str, region: str) -> web.Application:
-    """A stand-in geode: ``/health`` and a catch-all that tells who answered."""
+def stamp_apps(data_dir: Path) -> GeodeApp:
+    """Reference stamps: one SQLite file each in ``data_dir``, every other geode a peer."""
 
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "geode": name, "region": region})
+    def build(geode: Geode, live: Mapping[str, Geode]) -> web.Application:
+        peers = tuple(Peer(g.name, g.url) for g in live.values() if g.name != geode.name)
+        return build_stamp_app(StampConfig(
+            path=None, name=geode.name, region=geode.region, host=geode.url.host or "",
+            port=geode.url.port or 0, database=data_dir / f"{geode.name}.db", peers=peers,
+            replication=Replication(interval=0.5),
+        ))  # fmt: skip
 
-    async def hello(request: web.Request) -> web.Response:
-        return web.json_response({
-            "geode": name,
-            "region": region,
-            "method": request.method,
-            "path": request.path_qs,
-            "x_forwarded_for": request.headers.get("X-Forwarded-For"),
-        })  # fmt: skip
-
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_route("*", "/{tail:.*}", hello)
-    return app
+    return build
 
 
-async def launch_demo_geode(geode: Geode) -> tuple[web.AppRunner, URL]:
-    runner = web.AppRunner(demo_geode_app(geode.name, geode.region), access_log=None)
-    await runner.setup()
+def _bind(geode: Geode) -> socket.socket:
     host = geode.url.host or "127.0.0.1"
     port = geode.url.port or 80
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            await runner.cleanup()
-            raise
-        log.warning("demo geode %s: port %d is taken; using a free port", geode.name, port)
-        site = web.TCPSite(runner, host, 0)
-        await site.start()
-    addresses = runner.addresses
-    port = addresses[0][1]
-    return runner, geode.url.with_port(port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for attempt in (port, 0):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, attempt))
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or attempt == 0:
+                raise
+            log.warning("geode %s: port %d is taken; using a free port", geode.name, port)
+            continue
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+    raise AssertionError("unreachable")
 
 
 async def start_geodes(
-    config: Config, launch: GeodeLauncher = launch_demo_geode
+    config: Config, make_app: GeodeApp
 ) -> tuple[Config, list[web.AppRunner]]:
     """Start every geode of ``config``; return the config pointing at where they listen."""
+    socks = {g.name: _bind(g) for g in config.geodes}
+    live = {
+        g.name: dataclasses.replace(g, url=g.url.with_port(socks[g.name].getsockname()[1]))
+        for g in config.geodes
+    }
     runners: list[web.AppRunner] = []
-    geodes = []
     try:
-        for geode in config.geodes:
-            runner, url = await launch(geode)
+        for geode in live.values():
+            runner = web.AppRunner(make_app(geode, live), access_log=None)
+            await runner.setup()
             runners.append(runner)
-            geodes.append(dataclasses.replace(geode, url=url))
+            await web.SockSite(runner, socks.pop(geode.name)).start()
     except BaseException:
         for runner in runners:
             await runner.cleanup()
         raise
-    return dataclasses.replace(config, geodes=tuple(geodes)), runners
+    finally:
+        for sock in socks.values():
+            sock.close()
+    return dataclasses.replace(config, geodes=tuple(live.values())), runners
 
 
 def curl_lines(proxy_url: str, admin_url: str) -> str:
+    put = "curl -s -X PUT -H 'Content-Type: application/json'"
     return "\n".join([
-        f"  curl -s -H 'CF-IPCountry: FR' {proxy_url}/            # France -> eu-west",
-        f"  curl -s -H 'CF-IPCountry: JP' {proxy_url}/            # Japan -> ap-northeast",
-        f"  curl -s -H 'CF-IPCountry: BR' {proxy_url}/            # Brazil: sa-east has no "
-        "geode -> falls back to us-east",
-        f"  curl -s -H 'X-Client-Region: us-east' {proxy_url}/hello",
-        f"  curl -s -i {proxy_url}/                               # no header: default region",
-        f"  curl -s {admin_url}/geodes                            # health of every geode",
-        f"  curl -s {admin_url}/readyz",
+        f"  curl -s -H 'CF-IPCountry: FR' {proxy_url}/health       # France -> eu-west",
+        f"  curl -s -H 'CF-IPCountry: BR' {proxy_url}/health       # Brazil: sa-east has no "
+        "geode -> us-east",
+        "  # write as a French client, read back as a Japanese one (replicated in ~1 s):",
+        f"  {put} -H 'CF-IPCountry: FR' -d '{{\"greeting\": \"bonjour\"}}' "
+        f"{proxy_url}/items/hello",
+        f"  curl -s -H 'CF-IPCountry: JP' {proxy_url}/items/hello",
+        f"  curl -s -X POST -H 'CF-IPCountry: US' -d '{{\"delta\": 5}}' "
+        f"{proxy_url}/counters/visits",
+        f"  curl -s {admin_url}/geodes                             # health of every geode",
+        f"  curl -s {admin_url}/status                             # the status page",
     ])  # fmt: skip

@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "forwarder": 7, "status_page": 7,
     "observe": 8, "admin": 8,
     "app": 9,
+    "stamp": 9,  # the reference stamp package, checked on its own below
     "server": 10, "demo": 10,
     "cli": 11, "__main__": 12,
 }  # fmt: skip
@@ -54,3 +55,12 @@ def test_module_imports_only_lower_layers(module: str) -> None:
         assert LAYERS[imported] < LAYERS[module] or imported == "__init__", (
             f"{module} (layer {LAYERS[module]}) imports {imported} (layer {LAYERS[imported]})"
         )
+
+
+STAMP_MAY_USE = {"errors", "schema", "responses", "stamp"}
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (PACKAGE / "stamp").glob("*.py")))
+def test_stamp_shares_only_leaf_modules_with_the_proxy(module: str) -> None:
+    used = imports_of(PACKAGE / "stamp" / f"{module}.py")
+    assert used <= STAMP_MAY_USE, f"stamp.{module} imports {sorted(used - STAMP_MAY_USE)}"

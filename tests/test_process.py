@@ -178,11 +178,31 @@ async def test_demo_starts_from_any_directory_routes_and_stops_cleanly(
             async with aiohttp.ClientSession() as http:
                 for country, geode in [("FR", "demo-eu-west"), ("JP", "demo-ap-northeast"),
                                        ("BR", "demo-us-east"), ("DE", "demo-eu-west")]:
-                    async with http.get(proxy_url + "/", headers={"CF-IPCountry": country}) as r:
+                    async with http.get(proxy_url + "/health",
+                                        headers={"CF-IPCountry": country}) as r:
                         assert r.status == 200
                         body = await r.json()
-                        assert body["geode"] == geode, country
+                        assert body["name"] == geode, country
                         assert r.headers["X-Geoproxy-Geode"] == geode
+                # Write as a French client, read back as a Japanese one once replicated.
+                async with http.put(proxy_url + "/items/hello", json={"greeting": "bonjour"},
+                                    headers={"CF-IPCountry": "FR"}) as r:
+                    assert r.status == 201
+                    assert r.headers["X-Geoproxy-Geode"] == "demo-eu-west"
+                    version = (await r.json())["version"]
+                async with asyncio.timeout(10):
+                    while True:
+                        async with http.get(proxy_url + "/items/hello",
+                                            headers={"CF-IPCountry": "JP"}) as r:
+                            assert r.headers["X-Geoproxy-Geode"] == "demo-ap-northeast"
+                            if r.status == 200:
+                                item = await r.json()
+                                break
+                            assert r.status == 404  # not replicated yet
+                        await asyncio.sleep(0.05)
+                assert item["value"] == {"greeting": "bonjour"}
+                assert item["version"] == version
+                assert item["origin"] == {"stamp": "demo-eu-west", "region": "eu-west"}
                 async with http.get(admin_url + "/readyz") as r:
                     assert r.status == 200
                 async with http.get(admin_url + "/geodes") as r:
