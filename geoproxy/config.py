@@ -8,18 +8,21 @@ checked here; the derived topology lives in ``model.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, TypeVar
 
 from yarl import URL
 
 from geoproxy.countries import CONTINENTS, COUNTRY_CONTINENT
 from geoproxy.errors import ConfigError
-from geoproxy.schema import Node, Problems, parse_duration, parse_statuses, read_yaml
+from geoproxy.schema import Node, Problems, parse_duration, parse_size, parse_statuses, read_yaml
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -86,6 +89,35 @@ class Forwarding:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What a client may send. Defaults are safe for an internet-facing edge."""
+
+    header_timeout: float = 10.0  # seconds to send a complete request head; else 408 and
+    # the connection closes (slowloris: plain aiohttp keeps such connections ~an hour).
+    max_header_bytes: int = 64 * 1024  # all request header lines together; else 431.
+    max_body_bytes: int = 100 * 1024**2  # a request body; else 413 before forwarding (or
+    # the upload is cut when a chunked body grows past it).
+    keepalive_timeout: float = 60.0  # an idle client connection closes after this.
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Passive health: live traffic judges geodes too (Envoy's outlier detection)."""
+
+    consecutive_failures: int = 5  # connect failures or 502/503/504 in a row to eject a
+    # geode; 0 turns passive health off.
+    base_ejection_time: float = 30.0  # the n-th ejection lasts n times this...
+    max_ejection_time: float = 300.0  # ...up to this. A passing active check re-admits.
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    reload_poll_interval: float = 2.0  # how often the config file's content hash is
+    # compared (works for ConfigMap symlink swaps and bind mounts); 0s: only on SIGHUP.
+    drain_timeout: float = 10.0  # on SIGTERM, in-flight requests get this long to finish.
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path  # the file it came from, as given (for messages).
     proxy: Listener
@@ -101,6 +133,9 @@ class Config:
     health_check: HealthCheck = field(default_factory=HealthCheck)
     forwarding: Forwarding = field(default_factory=Forwarding)
     access_log: str = "json"  # json: one JSON line per request on stdout | plain | off
+    limits: Limits = field(default_factory=Limits)
+    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
 
 def load(path: str | Path) -> Config:
@@ -117,7 +152,7 @@ def load(path: str | Path) -> Config:
 _TOP_KEYS = (
     "listen", "trusted_proxies", "region_sources", "geoip", "default_region", "regions",
     "region_map", "countries", "continents", "geodes", "health_check", "forwarding",
-    "access_log",
+    "access_log", "limits", "outlier_detection", "reload", "shutdown",
 )  # fmt: skip
 
 
@@ -152,6 +187,17 @@ def _build(root: Node, path: Path, problems: Problems) -> Config | None:
         _check_servable(regions, geodes, root.get("regions"))
     forwarding = _forwarding(root.get("forwarding"))
     access = root.get("access_log").choice(("json", "plain", "off"), optional=True) or "json"
+    limits = _section(root.get("limits"), Limits(), {
+        "header_timeout": _DURATION, "max_header_bytes": _SIZE, "max_body_bytes": _SIZE,
+        "keepalive_timeout": _DURATION,
+    })  # fmt: skip
+    outliers = _section(root.get("outlier_detection"), OutlierDetection(), {
+        "consecutive_failures": _int(0, 1000), "base_ejection_time": _DURATION,
+        "max_ejection_time": _DURATION,
+    })  # fmt: skip
+    reload = _section(root.get("reload"), Lifecycle(), {"poll_interval": _DURATION_OR_ZERO},
+                      rename={"poll_interval": "reload_poll_interval"})  # fmt: skip
+    lifecycle = _section(root.get("shutdown"), reload, {"drain_timeout": _DURATION})
     if problems:
         return None
     assert default_region is not None  # guarded by `problems` (internal invariant only)
@@ -160,6 +206,7 @@ def _build(root: Node, path: Path, problems: Problems) -> Config | None:
         geoip_database=geoip_database, default_region=default_region, regions=regions,
         countries=MappingProxyType(countries), continents=MappingProxyType(continents),
         geodes=geodes, health_check=health, forwarding=forwarding, access_log=access,
+        limits=limits, outlier_detection=outliers, lifecycle=lifecycle,
     )  # fmt: skip
 
 
@@ -375,27 +422,40 @@ def _geode_url(node: Node) -> URL | None:
 
 
 def _forwarding(node: Node) -> Forwarding:
-    base = Forwarding()
-    keys = ("connect_timeout", "response_timeout", "failover_timeout", "max_attempts",
-            "when_none_healthy", "preserve_host", "keepalive_timeout")  # fmt: skip
-    if node.missing or not node.expect_mapping(keys):
+    return _section(node, Forwarding(), {
+        "connect_timeout": _DURATION, "response_timeout": _DURATION,
+        "failover_timeout": _DURATION, "max_attempts": _int(1, 20),
+        "when_none_healthy": lambda n: n.choice(("reject", "try_all")),
+        "preserve_host": lambda n: n.boolean(), "keepalive_timeout": _DURATION,
+    })  # fmt: skip
+
+
+Reader = Callable[[Node], Any]
+_DURATION: Reader = parse_duration
+_DURATION_OR_ZERO: Reader = partial(parse_duration, allow_zero=True)
+_SIZE: Reader = parse_size
+
+
+def _int(low: int, high: int) -> Reader:
+    return lambda node: node.integer(low, high)
+
+
+_T = TypeVar("_T")
+
+
+def _section(
+    node: Node, base: _T, readers: Mapping[str, Reader], rename: Mapping[str, str] | None = None
+) -> _T:
+    """A mapping of optional fields over the frozen dataclass ``base``: each key read by
+    its reader; missing or invalid keys keep the base value (the problem is recorded)."""
+    if node.missing or not node.expect_mapping(readers):
         return base
-    preserve = node.get("preserve_host").boolean(optional=True)
-    return Forwarding(
-        connect_timeout=_duration(node.get("connect_timeout"), base.connect_timeout)
-        or base.connect_timeout,
-        response_timeout=_duration(node.get("response_timeout"), base.response_timeout)
-        or base.response_timeout,
-        failover_timeout=_duration(node.get("failover_timeout"), base.failover_timeout)
-        or base.failover_timeout,
-        max_attempts=node.get("max_attempts").integer(1, 20, optional=True) or base.max_attempts,
-        when_none_healthy=node.get("when_none_healthy").choice(("reject", "try_all"),
-                                                               optional=True)
-        or base.when_none_healthy,
-        preserve_host=base.preserve_host if preserve is None else preserve,
-        keepalive_timeout=_duration(node.get("keepalive_timeout"), base.keepalive_timeout)
-        or base.keepalive_timeout,
-    )
+    values = {}
+    for key, read in readers.items():
+        sub = node.get(key)
+        if not sub.missing and (value := read(sub)) is not None:
+            values[(rename or {}).get(key, key)] = value
+    return dataclasses.replace(base, **values)  # type: ignore[type-var]
 
 
 def _check_servable(regions: tuple[Region, ...], geodes: tuple[Geode, ...], node: Node) -> None:

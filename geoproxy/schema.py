@@ -202,6 +202,24 @@ def parse_duration(node: Node, allow_zero: bool = False) -> float | None:
     return seconds
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)\s*$")
+_SIZE_UNIT = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def parse_size(node: Node) -> int | None:
+    """``512B``, ``64KiB``, ``100MiB``, ``2GiB`` -> bytes."""
+    value = node.value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        node.problem(f"not a size: {_show(value)} (e.g. 64KiB, 100MiB, 2GiB)")
+        return None
+    size = int(match.group(1)) * _SIZE_UNIT[match.group(2)]
+    if size == 0:
+        node.problem(f"must be larger than zero, got {value!r}")
+        return None
+    return size
+
+
 def parse_statuses(node: Node) -> frozenset[int] | None:
     """A list of HTTP statuses and ranges: ``[200, 204, "300-399"]``."""
     out: set[int] = set()

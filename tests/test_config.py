@@ -242,7 +242,8 @@ def test_region_without_geode_is_served_through_its_fallback(write_config: Write
         pytest.param({"colour": "blue"},
                      ["colour: unknown key (known: listen, trusted_proxies, region_sources, "
                       "geoip, default_region, regions, region_map, countries, continents, "
-                      "geodes, health_check, forwarding, access_log)"],
+                      "geodes, health_check, forwarding, access_log, limits, "
+                      "outlier_detection, reload, shutdown)"],
                      id="top-level-no-close-match"),
     ],
 )  # fmt: skip
@@ -901,3 +902,46 @@ def test_broken_regions_do_not_flood_every_reference_with_unknown_region(
     with pytest.raises(ConfigError) as err:
         config_mod.load(path)
     assert err.value.problems == [f"{path}: regions: must be a mapping, got ['eu-west']"]
+
+
+def test_limits_outlier_detection_reload_and_shutdown_sections(write_config: WriteConfig) -> None:
+    cfg = config_mod.load(write_config(base_config(
+        [{"name": "a", "region": "eu-west", "url": "http://127.0.0.1:1"}],
+        limits={"header_timeout": "5s", "max_header_bytes": "16KiB", "max_body_bytes": "2GiB"},
+        outlier_detection={"consecutive_failures": 0},
+        reload={"poll_interval": "0s"}, shutdown={"drain_timeout": "30s"},
+    )))  # fmt: skip
+    assert cfg.limits.header_timeout == 5.0
+    assert cfg.limits.max_header_bytes == 16 * 1024
+    assert cfg.limits.max_body_bytes == 2 * 1024**3
+    assert cfg.limits.keepalive_timeout == 60.0  # default kept
+    assert cfg.outlier_detection.consecutive_failures == 0
+    assert cfg.outlier_detection.base_ejection_time == 30.0
+    assert cfg.lifecycle.reload_poll_interval == 0.0
+    assert cfg.lifecycle.drain_timeout == 30.0
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        ("limits", {"max_body_bytes": "10MB"},
+         "limits.max_body_bytes: not a size: '10MB' (e.g. 64KiB, 100MiB, 2GiB)"),
+        ("limits", {"max_header_bytes": "0KiB"},
+         "limits.max_header_bytes: must be larger than zero, got '0KiB'"),
+        ("outlier_detection", {"consecutive_failure": 3},
+         "outlier_detection.consecutive_failure: unknown key (did you mean "
+         "'consecutive_failures'?)"),
+        ("shutdown", {"drain_timeout": 10},
+         "shutdown.drain_timeout: a duration needs a unit: 10 (e.g. '10s' or '10ms')"),
+    ],
+    ids=["size-unit", "zero-size", "typo", "duration-unit"],
+)  # fmt: skip
+def test_new_section_errors_name_path_and_value(
+    write_config: WriteConfig, section: str, value: dict[str, Any], message: str
+) -> None:
+    path = write_config(base_config(
+        [{"name": "a", "region": "eu-west", "url": "http://127.0.0.1:1"}], **{section: value}
+    ))  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(path)
+    assert err.value.problems == [f"{path}: {message}"]
