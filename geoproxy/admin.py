@@ -20,6 +20,7 @@ from geoproxy.status_page import render_status
 RuntimeGetter = Callable[[], Runtime | None]
 RUNTIME: web.AppKey[RuntimeGetter] = web.AppKey("runtime")
 METRICS = web.AppKey("metrics", Metrics)
+DRAINING: web.AppKey[Callable[[], bool]] = web.AppKey("draining")
 
 
 def _runtime(request: web.Request) -> Runtime:
@@ -38,8 +39,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready once the first health round is done and at least one geode is healthy."""
+    """Ready once the first health round is done and at least one geode takes traffic;
+    not ready again from the moment shutdown begins."""
     runtime = request.app[RUNTIME]()
+    if request.app[DRAINING]():
+        return web.json_response({"ready": False, "reason": "shutting down"}, status=503)
     if runtime is None or not runtime.board.first_round_done:
         return web.json_response({"ready": False, "reason": "first health round running"},
                                  status=503)  # fmt: skip
@@ -113,10 +117,13 @@ async def status(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html")
 
 
-def build_admin_app(runtime: RuntimeGetter, metrics_: Metrics) -> web.Application:
+def build_admin_app(
+    runtime: RuntimeGetter, metrics_: Metrics, draining: Callable[[], bool] = lambda: False
+) -> web.Application:
     app = web.Application()
     app[RUNTIME] = runtime
     app[METRICS] = metrics_
+    app[DRAINING] = draining
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -20,8 +20,10 @@ from geoproxy import __version__
 from geoproxy.admin import build_admin_app
 from geoproxy.clientip import TrustedProxies
 from geoproxy.config import Config
+from geoproxy.errors import GeoproxyError
 from geoproxy.forwarder import Forwarder
 from geoproxy.geoip import GeoLookup, MaxMindLookup
+from geoproxy.headers import via_name
 from geoproxy.health import GeodeHealth, HealthBoard, HealthChecker
 from geoproxy.metrics import Metrics
 from geoproxy.model import Topology
@@ -56,7 +58,8 @@ def forwarding_session(keepalive_timeout: float) -> aiohttp.ClientSession:
 
 
 class Gateway:
-    """One proxy: its runtime from start-up to shut-down, and the two apps serving it."""
+    """One proxy: its runtime from start-up to shut-down, the two apps serving it, and
+    reloads of its config."""
 
     def __init__(
         self,
@@ -65,19 +68,36 @@ class Gateway:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
-        self.topology = Topology.build(config)
-        self.board = HealthBoard(config.geodes)
+        self.via = via_name()
+        self.board = HealthBoard(config.geodes, config.outlier_detection)
         self._geoip = geoip  # tests may inject a look-up; else opened from the config
+        self._own_geoip: MaxMindLookup | None = None
         self.runtime: Runtime | None = None
+        self.forwarder: Forwarder | None = None
         self.checker: HealthChecker | None = None
+        self.draining = False
+        self._reload_lock = asyncio.Lock()
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.declare_geodes((g.name, g.region) for g in config.geodes)
+        self.metrics.last_reload.set_to_current_time()
         self.board.on_check.append(self._on_check)
         self.board.on_transition.append(self._on_transition)
+        self.board.on_eject.append(self._on_eject)
         self.observer = Observer(self.metrics, config.access_log)
 
+    # -- health and readiness -----------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.board.first_round_done and bool(self.board.healthy) and not self.draining
+
     def _update_ready(self) -> None:
-        self.metrics.ready.set(1 if self.board.first_round_done and self.board.healthy else 0)
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    def start_draining(self) -> None:
+        """Shutdown began: /readyz answers 503 at once, so load balancers stop sending."""
+        self.draining = True
+        self._update_ready()
 
     def _on_check(self, state: GeodeHealth, ok: bool, latency: float | None) -> None:
         name = state.geode.name
@@ -87,17 +107,23 @@ class Gateway:
 
     def _on_transition(self, state: GeodeHealth) -> None:
         g = state.geode
-        self.metrics.geode_up.labels(g.name, g.region).set(1 if state.healthy else 0)
+        up = state.takes_traffic
+        self.metrics.geode_up.labels(g.name, g.region).set(1 if up else 0)
+        self.metrics.ejected.labels(g.name, g.region).set(1 if state.ejected else 0)
+        self.metrics.transitions.labels(g.name, "healthy" if up else "unhealthy").inc()
         self._update_ready()
-        self.metrics.transitions.labels(g.name, "healthy" if state.healthy else "unhealthy").inc()
+
+    def _on_eject(self, state: GeodeHealth) -> None:
+        self.metrics.ejections.labels(state.geode.name).inc()
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:  # undone in reverse, always
             geoip = self._geoip
             if geoip is None and self.config.geoip_database is not None:
-                reader = MaxMindLookup(self.config.geoip_database)
-                stack.callback(reader.close)
-                geoip = reader
+                self._own_geoip = geoip = MaxMindLookup(self.config.geoip_database)
+                stack.callback(self._close_geoip)
             session = await stack.enter_async_context(
                 forwarding_session(self.config.forwarding.keepalive_timeout)
             )
@@ -106,9 +132,12 @@ class Gateway:
                 connector=aiohttp.TCPConnector(limit=0, force_close=True),
                 headers={"User-Agent": f"geoproxy-health/{__version__}"},
             ))  # fmt: skip
-            self.runtime = Runtime(self.topology, TrustedProxies(self.config.trusted_proxies),
-                                   geoip, self.board, session)  # fmt: skip
-            self.forwarder = Forwarder(self.runtime)
+            loop = asyncio.get_running_loop()
+            self.board._schedule = loop.call_later  # ejection timers
+            self.runtime = Runtime(Topology.build(self.config),
+                                   TrustedProxies(self.config.trusted_proxies), geoip,
+                                   self.board, session, self.via)  # fmt: skip
+            self.forwarder = Forwarder(self.runtime, self.config.limits)
             self.checker = HealthChecker(self.board, health_session)
             await self.checker.check_once()
             self._update_ready()
@@ -116,8 +145,49 @@ class Gateway:
             stack.push_async_callback(_stop, task)
             yield
 
+    def _close_geoip(self) -> None:
+        if self._own_geoip is not None:
+            self._own_geoip.close()
+            self._own_geoip = None
+
+    async def reload(self, new: Config) -> None:
+        """Swap in a validated config. Health of unchanged geodes carries over; new geodes
+        are checked before they can take traffic; removed ones take no new requests while
+        their in-flight requests finish. Raises GeoproxyError (a GeoIP file that cannot be
+        opened) and then nothing has changed."""
+        async with self._reload_lock:
+            old, runtime, checker = self.config, self.runtime, self.checker
+            if runtime is None or checker is None:
+                raise GeoproxyError("not started yet")
+            if (new.proxy, new.admin) != (old.proxy, old.admin):
+                log.warning("%s: listener changes take effect only after a restart", new.path)
+            geoip = runtime.geoip
+            opened = None
+            if self._geoip is None and new.geoip_database != old.geoip_database:
+                opened = MaxMindLookup(new.geoip_database) if new.geoip_database else None
+                geoip = opened
+            added, removed = self.board.sync(new.geodes)
+            self.board.outliers = new.outlier_detection
+            self.metrics.forget_geodes((g.name, g.region) for g in removed)
+            self.metrics.declare_geodes((g.name, g.region) for g in added)
+            await checker.check_once(added)  # before they can take traffic
+            self.runtime = Runtime(Topology.build(new), TrustedProxies(new.trusted_proxies),
+                                   geoip, self.board, runtime.session, self.via)  # fmt: skip
+            assert self.forwarder is not None
+            self.forwarder.runtime = self.runtime
+            self.forwarder.limits = new.limits
+            checker.sync(removed)
+            self.observer.access_format = new.access_log
+            self.config = new
+            if geoip is not runtime.geoip:
+                self._close_geoip()  # look-ups are synchronous: none is in progress
+                self._own_geoip = opened
+            self._update_ready()
+            log.info("%s: config reloaded (%d geodes: %d added, %d removed)", new.path,
+                     len(new.geodes), len(added), len(removed))  # fmt: skip
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        assert self.forwarder is not None
         return await self.forwarder.handle(request)
 
     def proxy_app(self) -> web.Application:
@@ -128,7 +198,7 @@ class Gateway:
         return app
 
     def admin_app(self) -> web.Application:
-        return build_admin_app(lambda: self.runtime, self.metrics)
+        return build_admin_app(lambda: self.runtime, self.metrics, lambda: self.draining)
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

@@ -136,6 +136,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    files: tuple[Path, ...] = ()  # every file read (this one, the region map): a change
+    # to any of them triggers a reload.
 
 
 def load(path: str | Path) -> Config:
@@ -177,6 +179,7 @@ def _build(root: Node, path: Path, problems: Problems) -> Config | None:
     known = {r.name for r in regions}
     default_region = root.get("default_region").region(known)
     countries, continents = _region_map(root, base, known, problems)
+    region_map = root.get("region_map").string(optional=True)
 
     health = _health(root.get("health_check"), HealthCheck())
     before = len(problems.lines)
@@ -207,6 +210,7 @@ def _build(root: Node, path: Path, problems: Problems) -> Config | None:
         countries=MappingProxyType(countries), continents=MappingProxyType(continents),
         geodes=geodes, health_check=health, forwarding=forwarding, access_log=access,
         limits=limits, outlier_detection=outliers, lifecycle=lifecycle,
+        files=(path,) + ((base / region_map,) if region_map else ()),
     )  # fmt: skip
 
 

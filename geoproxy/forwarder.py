@@ -11,69 +11,34 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 from aiohttp.hdrs import CONTENT_LENGTH, CONTENT_TYPE, SERVER, TRANSFER_ENCODING
-from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
-from geoproxy.clientip import IPAddress, client_ip, parse_ip
-from geoproxy.config import Geode
-from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, Resolution, resolve
+from geoproxy.clientip import client_ip, parse_ip
+from geoproxy.config import Geode, Limits
+from geoproxy.headers import downstream_headers, has_looped, upstream_headers
+from geoproxy.resolver import resolve
 from geoproxy.responses import json_error
 from geoproxy.router import ALL_FAILED, candidates
 from geoproxy.runtime import Runtime
+from geoproxy.trace import TRACE_KEY, Trace
+from geoproxy.websocket import is_websocket, proxy_websocket
 
 log = logging.getLogger("geoproxy.forwarder")
 
-#: RFC 9110 7.6.1 hop-by-hop headers, plus the legacy Proxy-Connection.
-HOP_BY_HOP = frozenset(
-    istr(h)
-    for h in ("Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
-              "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade")
-)  # fmt: skip
-# Request headers never passed on as they came: hop-by-hop ones, Expect (aiohttp answers
-# 100 Continue itself) and the ones this hop rewrites.
-_DROP_ALWAYS = frozenset(
-    h.lower() for h in (*HOP_BY_HOP, "Expect", "X-Forwarded-For", "X-Forwarded-Proto",
-                        "X-Forwarded-Host", "Via")
-)  # fmt: skip
-# From an untrusted peer, also every header that claims a client identity or region: a
-# geode that believes one of them could be spoofed.
-_DROP_UNTRUSTED = _DROP_ALWAYS | frozenset(
-    h.lower() for h in (X_CLIENT_REGION, CF_IPCOUNTRY, "Forwarded", "X-Real-IP",
-                        "True-Client-IP", "CF-Connecting-IP", "X-Client-IP",
-                        "X-Cluster-Client-IP", "Fastly-Client-IP", "X-Forwarded-Port",
-                        "X-Forwarded-Prefix", "X-Forwarded-Server")
-)  # fmt: skip
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({502, 503, 504})
-VIA = "1.1 geoproxy"
-GEODE_HEADER = "X-Geoproxy-Geode"
-REGION_HEADER = "X-Geoproxy-Region"
-_INTERNAL_PREFIX = "x-geoproxy-"
 
 # Attempt outcomes (also the values of the `outcome` metric label).
 CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, RESPONSE, BAD_RESPONSE = (
     "connect_error", "timeout", "reset", "retry_status", "response", "bad_response",
 )  # fmt: skip
+CLIENT_BODY_TOO_LARGE = "client_body_too_large"
 
 
-@dataclass(slots=True)
-class Trace:
-    """What happened to one request; read by the access log and metrics."""
-
-    resolution: Resolution | None = None
-    decision: str | None = None
-    attempts: list[tuple[str, str]] = field(default_factory=list)  # (geode, outcome)
-    geode: Geode | None = None  # the geode whose response was relayed
-    aborted: bool = False  # the geode failed mid-response; the client connection was cut
-    body_bytes: int = 0  # response body bytes relayed to the client
-
-
-TRACE_KEY = web.RequestKey("trace", Trace)
 
 
 def may_try_next(outcome: str, method: str, body_started: bool) -> bool:
@@ -86,87 +51,64 @@ def may_try_next(outcome: str, method: str, body_started: bool) -> bool:
     return method in IDEMPOTENT and not body_started
 
 
+class BodyTooLarge(Exception):
+    """A chunked request body grew past ``limits.max_body_bytes`` while streaming."""
+
+
 class _Body:
-    """The client's request body as an async iterable that notes when it starts flowing."""
+    """The client's request body as an async iterable that notes when it starts flowing
+    and stops it when it grows past the limit."""
 
-    __slots__ = ("content", "started")
+    __slots__ = ("content", "limit", "size", "started", "too_large")
 
-    def __init__(self, content: aiohttp.StreamReader) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
         self.content = content
+        self.limit = limit
+        self.size = 0
         self.started = False
+        self.too_large = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         async for chunk in self.content.iter_any():
             self.started = True
+            self.size += len(chunk)
+            if self.size > self.limit:
+                self.too_large = True
+                raise BodyTooLarge
             yield chunk
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    """Header names listed in Connection: they are hop-by-hop too."""
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+def _body_too_large(limits: Limits) -> web.Response:
+    return json_error(413, "body_too_large",
+                      f"request body exceeds {limits.max_body_bytes} bytes")  # fmt: skip
 
 
-def _joined(headers: CIMultiDictProxy[str], name: str) -> str:
-    """Every value of a list-valued header, as one comma-separated value."""
-    return ", ".join(headers.getall(name, ()))
-
-
-def upstream_headers(
-    request: web.Request, trusted: bool, peer: IPAddress | None
-) -> CIMultiDict[str]:
-    """The headers sent to a geode: hop-by-hop removed, X-Forwarded-* and Via set. From an
-    untrusted peer, every header that claims a client identity or region is dropped."""
-    incoming = request.headers
-    named = _connection_tokens(incoming)
-    drop = _DROP_ALWAYS if trusted else _DROP_UNTRUSTED
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        low = name.lower()
-        if low in drop or low in named or low.startswith(_INTERNAL_PREFIX):
-            continue
-        out.add(name, value)
-    peer_text = str(peer) if peer is not None else (request.remote or "")
-    prior = _joined(incoming, "X-Forwarded-For") if trusted else ""
-    out["X-Forwarded-For"] = f"{prior}, {peer_text}" if prior else peer_text
-    proto = _joined(incoming, "X-Forwarded-Proto") if trusted else ""
-    out["X-Forwarded-Proto"] = proto or request.scheme
-    # The Host header as sent (for an absolute-form target aiohttp's request.host is the
-    # target's authority, which is not what the geode receives as Host).
-    host = (_joined(incoming, "X-Forwarded-Host") if trusted else "") or incoming.get("Host")
-    if host:
-        out["X-Forwarded-Host"] = host
-    via = _joined(incoming, "Via")
-    out["Via"] = f"{via}, {VIA}" if via else VIA
-    return out
-
-
-def downstream_headers(resp: aiohttp.ClientResponse, geode: Geode) -> CIMultiDict[str]:
-    named = _connection_tokens(resp.headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in resp.headers.items():
-        if name in HOP_BY_HOP or name.lower() in named:
-            continue
-        out.add(name, value)
-    via = ", ".join(resp.headers.getall("Via", ()))
-    out["Via"] = f"{via}, {VIA}" if via else VIA
-    out[GEODE_HEADER] = geode.name
-    out[REGION_HEADER] = geode.region
-    return out
+def _head_size(request: web.Request) -> int:
+    """The request head's header bytes as sent (name, ': ', value, CRLF per line)."""
+    return sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
 
 
 class Forwarder:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, runtime: Runtime, limits: Limits) -> None:
+        self.runtime = runtime  # replaced whole by a reload
+        self.limits = limits
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        rt = self.runtime
-        topology = rt.topology  # read once: a reload swaps it whole
+        rt = self.runtime  # read once: a reload swaps it whole
+        topology = rt.topology
         fwd = topology.config.forwarding
+        limits = self.limits
         trace = Trace()
         request[TRACE_KEY] = trace
+        if has_looped(request.headers, rt.via):
+            return json_error(508, "loop_detected", "the request came back to this proxy: "
+                              "a geode URL points at the proxy itself")  # fmt: skip
+        if _head_size(request) > limits.max_header_bytes:
+            too_big = f"request headers exceed {limits.max_header_bytes} bytes"
+            return json_error(431, "headers_too_large", too_big)
+        length = request.content_length
+        if length is not None and length > limits.max_body_bytes:
+            return _body_too_large(limits)
 
         peer = parse_ip(request.remote) if request.remote else None
         trusted = peer is not None and rt.trusted.contains(peer)
@@ -185,10 +127,12 @@ class Forwarder:
                 headers={"Retry-After": retry_after}, region=resolution.region,
             )  # fmt: skip
 
-        headers = upstream_headers(request, trusted, peer)
+        headers = upstream_headers(request, trusted, peer, rt.via)
+        if is_websocket(request):
+            return await proxy_websocket(request, rt, cands, headers, trace, limits)
         rel = request.rel_url  # origin-form, even for an absolute-form request target
         path_qs = rel.raw_path + ("?" + rel.raw_query_string if rel.raw_query_string else "")
-        body = _Body(request.content) if request.body_exists else None
+        body = _Body(request.content, limits.max_body_bytes) if request.body_exists else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + fwd.failover_timeout
         timeout = aiohttp.ClientTimeout(  # connect covers DNS too, sock_connect only TCP/TLS
@@ -213,10 +157,14 @@ class Forwarder:
             except (aiohttp.ServerTimeoutError, TimeoutError):
                 last = TIMEOUT
                 log.info("geode %s: no response within %gs", geode.name, fwd.response_timeout)
-            except (aiohttp.ClientError, OSError) as exc:
+            except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
+                if body is not None and body.too_large:
+                    trace.attempts.append((geode.name, CLIENT_BODY_TOO_LARGE))
+                    return _body_too_large(limits)
                 last = RESET
                 log.info("geode %s: request failed: %r", geode.name, exc)
             else:
+                rt.board.observe(geode.name, resp.status not in RETRY_STATUSES)
                 more = index + 1 < len(cands) and loop.time() < deadline
                 if (
                     resp.status in RETRY_STATUSES
@@ -238,6 +186,7 @@ class Forwarder:
                 trace.decision = cand.decision
                 return await self._relay(request, resp, geode)
             trace.attempts.append((geode.name, last))
+            rt.board.observe(geode.name, False)
             if not may_try_next(last, request.method, bool(body and body.started)):
                 break
             if loop.time() >= deadline:
@@ -260,7 +209,7 @@ class Forwarder:
         the prepared response lets aiohttp finish (or notice the closed connection)
         without logging a 500 for what is not a server error."""
         out = _RelayResponse(status=resp.status, reason=resp.reason,
-                             headers=downstream_headers(resp, geode))  # fmt: skip
+                             headers=downstream_headers(resp, geode, self.runtime.via))  # fmt: skip
         trace = request[TRACE_KEY]
         # A body that ends when the connection closes cannot tell a reset from its end by
         # itself (aiohttp reads a reset as EOF): the connection's `closed` future can.

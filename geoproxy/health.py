@@ -1,8 +1,9 @@
 """Geode health: runtime state kept apart from the frozen config, and the active checker.
 
 ``HealthBoard`` is the state machine (no I/O): it counts consecutive passes and failures
-and flips a geode at the thresholds. ``HealthChecker`` does the I/O: ``check_once`` is one
-round over the geodes that are due; ``run`` only adds timing.
+of active checks and flips a geode at the thresholds, and ejects a geode that live traffic
+keeps failing on (passive health). ``HealthChecker`` does the I/O: ``check_once`` is one
+round; ``run`` only adds timing, one loop per geode.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import aiohttp
 from yarl import URL
 
 from geoproxy import __version__
-from geoproxy.config import Geode
+from geoproxy.config import Geode, OutlierDetection
 
 log = logging.getLogger("geoproxy.health")
 
@@ -27,13 +28,25 @@ log = logging.getLogger("geoproxy.health")
 @dataclass(slots=True)
 class GeodeHealth:
     geode: Geode
-    healthy: bool = False  # a geode that never answered is unhealthy
+    healthy: bool = False  # active checks: a geode that never answered is unhealthy
     checked: bool = False
     passes: int = 0  # consecutive
     failures: int = 0  # consecutive
     last_check: float | None = None  # wall-clock time of the last check
     last_latency: float | None = None  # seconds
     last_error: str | None = None
+    # Passive health (outlier ejection), from live traffic:
+    passive_failures: int = 0  # consecutive connect failures / 502 / 503 / 504
+    ejections: int = 0  # how often ejected so far; the n-th lasts n x base time
+    ejected_until: float | None = None  # wall-clock time; None: not ejected
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_until is not None
+
+    @property
+    def takes_traffic(self) -> bool:
+        return self.healthy and not self.ejected
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -41,6 +54,7 @@ class GeodeHealth:
             "region": self.geode.region,
             "url": str(self.geode.url),
             "weight": self.geode.weight,
+            "takes_traffic": self.takes_traffic,
             "healthy": self.healthy,
             "checked": self.checked,
             "consecutive_passes": self.passes,
@@ -48,26 +62,62 @@ class GeodeHealth:
             "last_check": self.last_check,
             "last_latency_seconds": self.last_latency,
             "last_error": self.last_error,
+            "ejected": self.ejected,
+            "ejected_until": self.ejected_until,
+            "ejections": self.ejections,
+            "consecutive_passive_failures": self.passive_failures,
         }
 
 
 Transition = Callable[[GeodeHealth], None]
 #: Called after every check: (state, passed, latency in seconds or None).
 CheckHook = Callable[[GeodeHealth, bool, float | None], None]
+#: ``loop.call_later``-shaped: run a callback after a delay (injected; tests use a fake).
+Scheduler = Callable[[float, Callable[[], None]], object]
 
 
 class HealthBoard:
-    """Health of every geode by name, and the set of healthy names the router reads."""
+    """Health of every geode by name, and ``healthy``: the names that take traffic (passing
+    active checks and not ejected), which is what the router reads."""
 
-    def __init__(self, geodes: Iterable[Geode]) -> None:
+    def __init__(
+        self,
+        geodes: Iterable[Geode],
+        outliers: OutlierDetection | None = None,
+        schedule: Scheduler | None = None,
+    ) -> None:
         self.states = {g.name: GeodeHealth(g) for g in geodes}
         self.healthy: set[str] = set()
         self.first_round_done = False
-        self.on_transition: list[Transition] = []
+        self.outliers = outliers or OutlierDetection()
+        self._schedule = schedule
+        self.on_transition: list[Transition] = []  # takes_traffic changed
         self.on_check: list[CheckHook] = []
+        self.on_eject: list[Transition] = []
+
+    def _update(self, state: GeodeHealth, why: str | None) -> None:
+        """Keep ``healthy`` in step with the state; tell the hooks when it flips."""
+        name = state.geode.name
+        now = state.takes_traffic
+        if now == (name in self.healthy):
+            return
+        if now:
+            self.healthy.add(name)
+        else:
+            self.healthy.discard(name)
+        log.log(
+            logging.INFO if now else logging.WARNING, "geode %s (%s) %s%s", name,
+            state.geode.region, "takes traffic" if now else "is out of rotation",
+            f": {why}" if why else "",
+        )  # fmt: skip
+        for hook in self.on_transition:
+            hook(state)
 
     def record(self, name: str, ok: bool, latency: float | None, error: str | None) -> None:
-        state = self.states[name]
+        """One active check's result."""
+        state = self.states.get(name)
+        if state is None:
+            return  # removed by a reload while its check ran
         first = not state.checked
         state.checked = True
         state.last_check = time.time()
@@ -78,25 +128,75 @@ class HealthBoard:
             state.passes += 1
             state.failures = 0
             # The first check at start-up needs a single pass, so a fresh proxy serves at once.
-            turn = not state.healthy and (first or state.passes >= check.healthy_threshold)
+            if not state.healthy and (first or state.passes >= check.healthy_threshold):
+                state.healthy = True
+            if state.ejected:  # a passing active check re-admits an ejected geode
+                state.ejected_until = None
+                state.passive_failures = 0
         else:
             state.failures += 1
             state.passes = 0
-            turn = state.healthy and state.failures >= check.unhealthy_threshold
+            if state.healthy and state.failures >= check.unhealthy_threshold:
+                state.healthy = False
         for check_hook in self.on_check:
             check_hook(state, ok, latency)
-        if turn:
-            state.healthy = ok
-            if ok:
-                self.healthy.add(name)
-            else:
+        self._update(state, error)
+
+    def observe(self, name: str, ok: bool) -> None:
+        """One forwarding attempt's outcome (passive health). After
+        ``consecutive_failures`` failures in a row the geode is ejected for a while — but
+        never the last geode that takes traffic."""
+        state = self.states.get(name)
+        limit = self.outliers.consecutive_failures
+        if state is None or limit == 0:
+            return
+        if ok:
+            state.passive_failures = 0
+            return
+        state.passive_failures += 1
+        if state.passive_failures < limit or state.ejected or not state.takes_traffic:
+            return
+        if len(self.healthy) <= 1:
+            return  # ejecting it would leave nothing to route to
+        state.ejections += 1
+        duration = min(self.outliers.base_ejection_time * state.ejections,
+                       self.outliers.max_ejection_time)  # fmt: skip
+        until = time.time() + duration
+        state.ejected_until = until
+        for hook in self.on_eject:
+            hook(state)
+        self._update(state, f"ejected for {duration:g}s after {state.passive_failures} "
+                            "failed requests in a row")  # fmt: skip
+        if self._schedule is not None:
+            self._schedule(duration, lambda: self._readmit(name, until))
+
+    def _readmit(self, name: str, until: float) -> None:
+        state = self.states.get(name)
+        if state is None or state.ejected_until != until:
+            return  # re-admitted earlier (an active pass), or removed
+        state.ejected_until = None
+        state.passive_failures = 0
+        self._update(state, "ejection time over")
+
+    def sync(self, geodes: Iterable[Geode]) -> tuple[list[Geode], list[Geode]]:
+        """Adopt a reloaded geode list: state carries over for a geode whose name and URL
+        are unchanged; a new (or moved) geode starts unchecked and takes no traffic until
+        it passes a check. Returns (added, removed)."""
+        new = {g.name: g for g in geodes}
+        added, removed = [], []
+        for name, state in list(self.states.items()):
+            geode = new.get(name)
+            if geode is None or geode.url != state.geode.url:
+                removed.append(state.geode)
+                del self.states[name]
                 self.healthy.discard(name)
-            log.log(
-                logging.INFO if ok else logging.WARNING, "geode %s (%s) is now %s%s", name,
-                state.geode.region, "healthy" if ok else "unhealthy", f": {error}" if error else "",
-            )  # fmt: skip
-            for hook in self.on_transition:
-                hook(state)
+        for name, geode in new.items():
+            if name in self.states:
+                self.states[name].geode = geode  # new weight, region or check settings
+            else:
+                self.states[name] = GeodeHealth(geode)
+                added.append(geode)
+        return added, removed
 
 
 class HealthChecker:
@@ -114,6 +214,8 @@ class HealthChecker:
         self.rand = rand
         self.clock = clock
         self._due: dict[str, float] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running = False
 
     async def check(self, geode: Geode) -> tuple[bool, float | None, str | None]:
         """One check of one geode: (passed, latency in seconds, error)."""
@@ -161,12 +263,26 @@ class HealthChecker:
         hc = geode.health
         self._due[geode.name] = started + hc.interval + self.rand() * hc.jitter
 
-    async def _loop(self, geode: Geode) -> None:
-        while True:
-            delay = self._due.get(geode.name, 0.0) - self.clock()
+    async def _loop(self, name: str) -> None:
+        while (state := self.board.states.get(name)) is not None:
+            delay = self._due.get(name, 0.0) - self.clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await self._check_and_record(geode)
+                continue  # the geode may have been removed or changed meanwhile
+            await self._check_and_record(state.geode)
+
+    def sync(self, removed: Iterable[Geode] = ()) -> None:
+        """After a reload: a loop for every geode on the board; none for removed ones."""
+        for geode in removed:
+            self._due.pop(geode.name, None)
+            task = self._tasks.pop(geode.name, None)
+            if task is not None:
+                task.cancel()
+        if not self._running:
+            return
+        for name in self.board.states:
+            if name not in self._tasks or self._tasks[name].done():
+                self._tasks[name] = asyncio.create_task(self._loop(name), name=f"health:{name}")
 
     async def run(self) -> None:
         """Forever: every geode on its own schedule, so a geode whose checks hang until
@@ -174,6 +290,14 @@ class HealthChecker:
         was already done (at start-up, before the proxy serves)."""
         if not self.board.first_round_done:
             await self.check_once()
-        async with asyncio.TaskGroup() as group:
-            for state in self.board.states.values():
-                group.create_task(self._loop(state.geode), name=f"health:{state.geode.name}")
+        self._running = True
+        try:
+            self.sync()
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            self._running = False
+            tasks = list(self._tasks.values())
+            self._tasks.clear()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -7,6 +7,7 @@ header values.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -86,6 +87,22 @@ class Metrics:
             "geoproxy_ready", "1 when the proxy is ready (first health round done and at "
             "least one geode healthy), as /readyz answers; else 0.", registry=r,
         )  # fmt: skip
+        self.reloads = Counter(
+            "geoproxy_config_reloads", "Config reloads (SIGHUP or a changed file), by result "
+            "(success, failure: the old config keeps serving).", ["result"], registry=r,
+        )  # fmt: skip
+        self.last_reload = Gauge(
+            "geoproxy_config_last_reload_success_timestamp_seconds", "When the config in "
+            "force was loaded (start-up or the last good reload).", registry=r,
+        )  # fmt: skip
+        self.ejections = Counter(
+            "geoproxy_geode_ejections", "Geodes ejected by passive health (consecutive "
+            "failures of live traffic).", ["geode"], registry=r,
+        )  # fmt: skip
+        self.ejected = Gauge(
+            "geoproxy_geode_ejected", "1 while a geode is ejected by passive health.",
+            ["geode", "region"], registry=r,
+        )  # fmt: skip
         self.inflight = Gauge(
             "geoproxy_inflight_requests", "Requests being handled right now.", registry=r
         )
@@ -102,3 +119,11 @@ class Metrics:
         """Emit ``geoproxy_geode_up`` (0) for every (geode, region) before any check."""
         for name, region in geodes:
             self.geode_up.labels(name, region).set(0)
+            self.ejected.labels(name, region).set(0)
+
+    def forget_geodes(self, geodes: Iterable[tuple[str, str]]) -> None:
+        """Drop the per-geode gauges of geodes a reload removed."""
+        for name, region in geodes:
+            for gauge in (self.geode_up, self.ejected):
+                with contextlib.suppress(KeyError):  # never declared: nothing to drop
+                    gauge.remove(name, region)

@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from geoproxy.forwarder import TRACE_KEY, Trace
 from geoproxy.metrics import NO_GEODE, Metrics, code_class
 from geoproxy.resolver import ABSENT
+from geoproxy.trace import TRACE_KEY, Trace
 
 access_log = logging.getLogger("geoproxy.access")
 

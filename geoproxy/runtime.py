@@ -1,6 +1,6 @@
 """The live state one proxy process serves from: the topology in force, trust rules, the
 GeoIP reader, health state and the pooled client session. Built by ``app.py``; a reload
-(later) replaces ``topology`` whole, so a request reads it once."""
+replaces the whole (frozen) object, so a request that reads it once sees one config."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from geoproxy.health import HealthBoard
 from geoproxy.model import Topology
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Runtime:
     topology: Topology
     trusted: TrustedProxies
     geoip: GeoLookup | None
     board: HealthBoard
     session: aiohttp.ClientSession
+    via: str  # this instance's name in Via (loop detection)

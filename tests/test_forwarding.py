@@ -96,12 +96,12 @@ async def test_trusted_peer_forwarded_for_is_appended(
                "Host": "shop.example.com", "Via": "1.1 cdn"}  # fmt: skip
     async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
         seen = (await resp.json())["headers"]
-        assert resp.headers["Via"] == "1.1 geoproxy"
+        assert resp.headers["Via"] == f"1.1 {proxy.gateway.via}"
     assert seen["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
     assert seen["x-forwarded-proto"] == ["https"]
     assert seen["x-forwarded-host"] == ["shop.example.com"]
     assert seen["host"] == ["shop.example.com"]  # the original Host is kept by default
-    assert seen["via"] == ["1.1 cdn, 1.1 geoproxy"]
+    assert seen["via"] == [f"1.1 cdn, 1.1 {proxy.gateway.via}"]
 
 
 async def test_host_is_the_geodes_when_preserve_host_is_off(
@@ -616,7 +616,7 @@ async def test_every_via_and_forwarded_value_is_kept(
                            ("X-Forwarded-For", "198.51.100.2")])  # fmt: skip
     async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
         seen = (await resp.json())["headers"]
-    assert seen["via"] == ["1.0 a, 1.1 b, 1.1 geoproxy"]
+    assert seen["via"] == [f"1.0 a, 1.1 b, 1.1 {proxy.gateway.via}"]
     assert seen["x-forwarded-for"] == ["203.0.113.1, 198.51.100.2, 127.0.0.1"]
 
 

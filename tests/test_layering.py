@@ -17,13 +17,14 @@ LAYERS: dict[str, int] = {
     "model": 3,
     "clientip": 3, "geoip": 4,
     "resolver": 5, "health": 5, "router": 5, "responses": 5,
-    "runtime": 6, "explain": 6,
-    "forwarder": 7, "status_page": 7,
-    "observe": 8, "admin": 8,
-    "app": 9,
-    "stamp": 9,  # the reference stamp package, checked on its own below
-    "server": 10, "demo": 10,
-    "cli": 11, "__main__": 12,
+    "runtime": 6, "explain": 6, "headers": 6, "trace": 6,
+    "websocket": 7, "status_page": 7,
+    "forwarder": 8,
+    "observe": 9, "admin": 9,
+    "app": 10,
+    "stamp": 10,  # the reference stamp package, checked on its own below
+    "server": 11, "demo": 11,
+    "cli": 12, "__main__": 13,
 }  # fmt: skip
 
 

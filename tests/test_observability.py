@@ -526,7 +526,8 @@ async def test_geodes_endpoint_lists_every_geode_with_its_health(
     assert list(by_name) == ["eu-1", "us-1", "ap-1"]
     fields = {"name", "region", "url", "weight", "healthy", "checked",
               "consecutive_passes", "consecutive_failures", "last_check",
-              "last_latency_seconds", "last_error"}  # fmt: skip
+              "last_latency_seconds", "last_error", "takes_traffic", "ejected",
+              "ejected_until", "ejections", "consecutive_passive_failures"}  # fmt: skip
     for fake in (eu, us, ap):
         g = by_name[fake.name]
         assert set(g) == fields
@@ -539,6 +540,8 @@ async def test_geodes_endpoint_lists_every_geode_with_its_health(
         assert before - 60 < g["last_check"] <= time.time()
         assert g["last_latency_seconds"] > 0
     assert by_name["eu-1"]["healthy"] is True
+    assert by_name["eu-1"]["takes_traffic"] is True
+    assert by_name["eu-1"]["ejected"] is False
     assert by_name["eu-1"]["consecutive_passes"] >= 1
     assert by_name["eu-1"]["consecutive_failures"] == 0
     assert by_name["eu-1"]["last_error"] is None

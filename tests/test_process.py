@@ -92,7 +92,8 @@ async def test_run_streams_large_bodies_both_ways_with_bounded_memory(
     eu = await geode_factory("eu-1", "eu-west")
     us = await geode_factory("us-1", "us-east")
     ap = await geode_factory("ap-1", "ap-northeast")
-    path = write_config(base_config([geode_entry(g) for g in (eu, us, ap)]))
+    path = write_config(base_config([geode_entry(g) for g in (eu, us, ap)],
+                                    limits={"max_body_bytes": "1GiB"}))  # fmt: skip
     async with geoproxy("run", "--config", str(path)) as proxy:
         proxy_url = (await proxy.wait_for(READY)).group(1)
         async with aiohttp.ClientSession() as http:

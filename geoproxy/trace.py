@@ -1,0 +1,25 @@
+"""What happened to one request: noted by the forwarder, read by metrics and the log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from geoproxy.config import Geode
+from geoproxy.resolver import Resolution
+
+
+@dataclass(slots=True)
+class Trace:
+    """What happened to one request; read by the access log and metrics."""
+
+    resolution: Resolution | None = None
+    decision: str | None = None
+    attempts: list[tuple[str, str]] = field(default_factory=list)  # (geode, outcome)
+    geode: Geode | None = None  # the geode whose response was relayed
+    aborted: bool = False  # the geode failed mid-response; the client connection was cut
+    body_bytes: int = 0  # response body bytes relayed to the client
+
+
+TRACE_KEY = web.RequestKey("trace", Trace)
