@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from geoproxy import __version__
+from geoproxy import config as config_mod
 from geoproxy.admin import build_admin_app
 from geoproxy.clientip import TrustedProxies
 from geoproxy.config import Config
@@ -185,6 +186,22 @@ class Gateway:
             self._update_ready()
             log.info("%s: config reloaded (%d geodes: %d added, %d removed)", new.path,
                      len(new.geodes), len(added), len(removed))  # fmt: skip
+
+    async def reload_from_file(self, reason: str) -> bool:
+        """Load the config file again and swap it in; on any error the running config
+        stays, the error is logged with its path and value, and counted."""
+        path = self.config.path
+        try:
+            new = config_mod.load(path)
+            await self.reload(new)
+        except GeoproxyError as exc:
+            self.metrics.reloads.labels("failure").inc()
+            log.error("%s: reload (%s) failed; the running config stays:\n%s", path, reason,
+                      exc)  # fmt: skip
+            return False
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.last_reload.set_to_current_time()
+        return True
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         assert self.forwarder is not None

@@ -163,10 +163,10 @@ def _run_cmd(path: Path) -> int:
         cfg = config_mod.load(path)
     except GeoproxyError as exc:
         return _fail(f"{path}: configuration is invalid\n{exc}")
-    return _run_main(lambda stop: serve(cfg, stop))
+    return _run_main(lambda stop, reload: serve(cfg, stop, reload=reload))
 
 
-def _run_main(start: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+def _run_main(start: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]) -> int:
     try:
         asyncio.run(_serve_with_signals(start))
     except GeoproxyError as exc:
@@ -176,10 +176,14 @@ def _run_main(start: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     return 0
 
 
-async def _serve_with_signals(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``start(stop)``. The first SIGINT or SIGTERM sets ``stop`` (a graceful stop); a
-    second one cancels everything at once, without waiting for in-flight requests."""
+async def _serve_with_signals(
+    start: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]],
+) -> None:
+    """Run ``start(stop, reload)``. The first SIGINT or SIGTERM sets ``stop`` (a graceful
+    stop); a second one cancels everything at once, without waiting for in-flight
+    requests. SIGHUP sets ``reload``."""
     stop = asyncio.Event()
+    reload = asyncio.Event()
     main = asyncio.current_task()
     assert main is not None
 
@@ -192,7 +196,8 @@ async def _serve_with_signals(start: Callable[[asyncio.Event], Awaitable[None]])
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    await start(stop)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    await start(stop, reload)
 
 
 def _stamp_cmd(path: Path) -> int:
@@ -200,7 +205,7 @@ def _stamp_cmd(path: Path) -> int:
         cfg = stamp_config.load(path)
     except GeoproxyError as exc:
         return _fail(f"{path}: configuration is invalid\n{exc}")
-    return _run_main(lambda stop: serve_stamp(cfg, stop))
+    return _run_main(lambda stop, _reload: serve_stamp(cfg, stop))
 
 
 def _demo_cmd(data_dir: Path | None) -> int:
@@ -212,7 +217,7 @@ def _demo_cmd(data_dir: Path | None) -> int:
     temporary = data_dir is None
     folder = Path(tempfile.mkdtemp(prefix="geoproxy-demo-")) if data_dir is None else data_dir
 
-    async def run_demo(stop: asyncio.Event) -> None:
+    async def run_demo(stop: asyncio.Event, _reload: asyncio.Event) -> None:
         live, runners = await demo.start_geodes(cfg, demo.stamp_apps(folder))
         try:
             for g in live.geodes:
@@ -226,6 +231,7 @@ def _demo_cmd(data_dir: Path | None) -> int:
                       f"{demo.curl_lines(bound.proxy_url, bound.admin_url)}\n\n"
                       "Ctrl-C stops everything.", flush=True)  # fmt: skip
 
+            # No SIGHUP reload: the demo's geode ports were chosen at run time.
             await serve(live, stop, on_ready=ready, any_port_if_taken=True)
         finally:
             for runner in runners:

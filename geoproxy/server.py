@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -59,8 +62,60 @@ async def _start_site(
     return str(host), int(port)
 
 
-#: How long shutdown waits for in-flight requests before closing their connections.
-DRAIN_TIMEOUT = 10.0
+class HeadTimeoutRunner(web.AppRunner):
+    """An AppRunner whose connections must send a complete first request head within
+    ``header_timeout``, or get a 408 and are closed (slowloris: aiohttp alone keeps such a
+    connection for about an hour). Later requests on a kept-alive connection are bounded
+    by aiohttp's ``keepalive_timeout``, which closes a connection idling mid-head.
+
+    aiohttp has no switch for this: the runner hands sites a wrapping protocol factory,
+    and a middleware notes the connections whose request head arrived."""
+
+    def __init__(self, app: web.Application, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.header_timeout = header_timeout
+        # Connections whose first request head has not arrived yet. Held strongly (aiohttp's
+        # protocol objects take no weak references), each for header_timeout at most.
+        self._waiting: set[Any] = set()
+        app.middlewares.insert(0, self._note_started)
+
+    @web.middleware
+    async def _note_started(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self._waiting.discard(request.protocol)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    @property
+    def server(self) -> Any:
+        inner = super().server
+        return None if inner is None else partial(self._connection, inner)
+
+    def _connection(self, factory: Callable[[], Any]) -> Any:
+        protocol = factory()
+        self._waiting.add(protocol)
+        asyncio.get_running_loop().call_later(self.header_timeout, self._check_head, protocol)
+        return protocol
+
+    def _check_head(self, protocol: Any) -> None:
+        if protocol not in self._waiting:
+            return
+        self._waiting.discard(protocol)
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(_REQUEST_TIMEOUT)
+        transport.close()
+
+
+_TIMEOUT_BODY = (
+    b'{"error":{"status":408,"code":"request_timeout",'
+    b'"message":"request head not received in time"}}\n'
+)
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_TIMEOUT_BODY)).encode()
+    + b"\r\n\r\n" + _TIMEOUT_BODY
+)  # fmt: skip
 
 
 async def serve(
@@ -68,17 +123,25 @@ async def serve(
     stop: asyncio.Event,
     on_ready: Callable[[Bound], None] | None = None,
     any_port_if_taken: bool = False,
+    reload: asyncio.Event | None = None,
 ) -> None:
     """Run the proxy and admin listeners until ``stop`` is set; clean up in reverse.
 
     A stop during start-up (GeoIP, first health round) abandons it: the listeners never
-    open once told to stop."""
+    open once told to stop. ``reload`` (SIGHUP) and a change of the config files' content
+    reload the config. On stop: /readyz turns 503 at once, the proxy listener stops
+    accepting, in-flight requests get ``shutdown.drain_timeout`` to finish."""
     gateway = Gateway(config)
-    proxy_runner = web.AppRunner(gateway.proxy_app(), access_log=None, handle_signals=False,
-                                 shutdown_timeout=DRAIN_TIMEOUT)  # fmt: skip
+    drain = config.lifecycle.drain_timeout
+    proxy_runner = HeadTimeoutRunner(
+        gateway.proxy_app(), config.limits.header_timeout, access_log=None,
+        handle_signals=False, shutdown_timeout=drain,
+        keepalive_timeout=config.limits.keepalive_timeout,
+    )  # fmt: skip
     admin_runner = web.AppRunner(gateway.admin_app(), access_log=None, handle_signals=False,
-                                 shutdown_timeout=DRAIN_TIMEOUT)  # fmt: skip
+                                 shutdown_timeout=drain)  # fmt: skip
     log.info("geoproxy starting: first health round over %d geodes", len(config.geodes))
+    watcher: asyncio.Task[None] | None = None
     try:
         if not await _unless_stopped(proxy_runner.setup(), stop):
             log.info("geoproxy stopped during start-up")
@@ -90,14 +153,53 @@ async def serve(
         log.info("geoproxy proxying on %s, admin on %s (%d geodes, %d healthy)",
                  bound.proxy_url, bound.admin_url, len(gateway.board.states),
                  len(gateway.board.healthy))  # fmt: skip
+        watcher = asyncio.create_task(
+            watch_config(gateway, reload or asyncio.Event()), name="geoproxy-config-watch"
+        )
         if on_ready is not None:
             on_ready(bound)
         await stop.wait()
-        log.info("geoproxy shutting down (waiting up to %gs for in-flight requests)",
-                 DRAIN_TIMEOUT)  # fmt: skip
+        gateway.start_draining()
+        log.info("geoproxy shutting down (in-flight requests get up to %gs)", drain)
     finally:
-        await admin_runner.cleanup()
-        await proxy_runner.cleanup()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await proxy_runner.cleanup()  # stop accepting, drain, close
+        await admin_runner.cleanup()  # last: /readyz says 503 while draining
+
+
+async def watch_config(gateway: Gateway, reload: asyncio.Event) -> None:
+    """Reload on ``reload`` (SIGHUP), and when the content of a config file changes:
+    compared by hash every ``reload.poll_interval``, which catches Kubernetes ConfigMap
+    symlink swaps and bind mounts that inotify-based watchers miss."""
+    digest = _digest(gateway.config.files)
+    while True:
+        interval = gateway.config.lifecycle.reload_poll_interval
+        try:
+            async with asyncio.timeout(interval if interval > 0 else None):
+                await reload.wait()
+            reason = "SIGHUP"
+        except TimeoutError:
+            reason = "config file changed"
+        reload.clear()
+        now = _digest(gateway.config.files)
+        if reason != "SIGHUP" and now == digest:
+            continue
+        digest = now  # a broken file is reported once, not at every poll
+        await gateway.reload_from_file(reason)
+
+
+def _digest(files: tuple[Path, ...]) -> bytes:
+    h = hashlib.sha256()
+    for path in files:
+        try:
+            h.update(path.read_bytes())
+        except OSError as exc:  # mid-swap or deleted: compare as such, report at load
+            h.update(f"unreadable: {exc.errno}".encode())
+        h.update(b"\0")
+    return h.digest()
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
