@@ -58,6 +58,10 @@ class FakeGeode:
         self.app.router.add_get("/gzip", self.gzip)
         self.app.router.add_get("/set-cookie", self.set_cookie)
         self.app.router.add_get("/hop-headers", self.hop_headers)
+        self.app.router.add_get("/ws", self.websocket)
+        self.app.router.add_get("/sse", self.sse)
+        self.sse_gate = asyncio.Event()  # /sse sends its second event once this is set
+        self.ws_closed: list[int | None] = []  # close codes this geode's /ws received
         self.app.router.add_route("*", "/{tail:(?s:.*)}", self.whoami)
 
     @property
@@ -150,6 +154,35 @@ class FakeGeode:
             "Keep-Alive": "timeout=5", "Proxy-Authenticate": "Basic", "Trailer": "X-Sum",
             "Connection": "X-Private-Hop", "X-Private-Hop": "secret", "X-End-To-End": "kept",
         })  # fmt: skip
+
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """Echo; "close CODE REASON" closes with that code; reports its subprotocol."""
+        self._note(request)
+        ws = web.WebSocketResponse(protocols=("chat.v2", "chat.v1"))
+        await ws.prepare(request)
+        await ws.send_json({"geode": self.name, "protocol": ws.ws_protocol})
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT and msg.data.startswith("close "):
+                _, code, reason = msg.data.split(" ", 2)
+                await ws.close(code=int(code), message=reason.encode())
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"{self.name}: {msg.data}")
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        self.ws_closed.append(ws.close_code)
+        return ws
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: one now, one once ``sse_gate`` is set."""
+        self._note(request)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: first\n\n")
+        await self.sse_gate.wait()
+        await resp.write(b"data: second\n\n")
+        await resp.write_eof()
+        return resp
 
 
 GeodeFactory = Callable[..., Awaitable[FakeGeode]]

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 #: A remote version further ahead of our wall clock than this does not drag our clock
 #: forward (its change still applies by last-write-wins); guards against one skewed stamp.
 MAX_DRIFT_MS = 60_000
-_ENCODED = re.compile(r"^(\d{13})-(\d{6,9})-([A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
+#: The largest logical counter: the encoding has six digits for it, so that encoded versions
+#: sort like versions. A clock that would pass it moves to the next millisecond instead.
+MAX_LOGICAL = 999_999
+_ENCODED = re.compile(r"(\d{13})-(\d{6})-([A-Za-z0-9][A-Za-z0-9._-]{0,62})", re.ASCII)
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -31,10 +34,16 @@ class Version:
 
     @classmethod
     def decode(cls, text: str) -> Version:
-        m = _ENCODED.match(text)
+        m = _ENCODED.fullmatch(text)
         if m is None:
             raise ValueError(f"not a version: {text[:80]!r}")
         return cls(int(m.group(1)), int(m.group(2)), m.group(3))
+
+    def successor(self, origin: str) -> Version:
+        """A version of ``origin`` just after this one (still six logical digits)."""
+        if self.logical < MAX_LOGICAL:
+            return Version(self.wall, self.logical + 1, origin)
+        return Version(self.wall + 1, 0, origin)
 
 
 class HybridClock:
@@ -55,7 +64,8 @@ class HybridClock:
         if pt > self._wall:
             self._wall, self._logical = pt, 0
         else:
-            self._logical += 1
+            last = Version(self._wall, self._logical, self.origin).successor(self.origin)
+            self._wall, self._logical = last.wall, last.logical
         return Version(self._wall, self._logical, self.origin)
 
     def observe(self, remote: Version) -> None:

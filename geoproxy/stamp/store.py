@@ -141,8 +141,15 @@ class Store:
 
     def put(self, id: str, value: str | None) -> Change:
         """A local write (``value`` None: a delete, kept as a tombstone)."""
-        change = Change(ITEM, id, value, value is None, self.clock.now(), self.region)
         with self._tx() as db:
+            version = self.clock.now()
+            row = db.execute("SELECT version FROM items WHERE id = ?", (id,)).fetchone()
+            if row is not None and (current := Version.decode(row[0])) >= version:
+                # What we hold is ahead of our clock: from a stamp further ahead than
+                # MAX_DRIFT_MS, or observed before a restart. This write follows it, so it
+                # must beat it on every stamp, as it does here; else the stamps diverge.
+                version = current.successor(self.stamp)
+            change = Change(ITEM, id, value, value is None, version, self.region)
             _upsert_item(db, change)
             _log(db, change)
         return change
@@ -189,8 +196,10 @@ class Store:
                                      (change.id,)).fetchone()  # fmt: skip
                     current = Version.decode(row[0]) if row else None
                     changed = current is None or change.version > current
-                    conflict = current is not None and current != change.version and (
-                        current.origin != change.version.origin
+                    conflict = (
+                        current is not None
+                        and current != change.version
+                        and (current.origin != change.version.origin)
                     )
                     if changed:
                         _upsert_item(db, change)

@@ -1,0 +1,392 @@
+"""Reload, passive ejection, WebSockets and streams, limits and security — in process,
+over real sockets. (Fault injection with real geode processes: test_faults.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from test_forwarding import three_geodes
+
+from geoproxy import config as config_mod
+from geoproxy.server import HeadTimeoutRunner
+
+from conftest import GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
+
+WriteConfig = Callable[..., Path]
+
+
+async def served_by(
+    http: aiohttp.ClientSession, proxy: Proxy, country: str, path: str = "/whoami"
+) -> str:
+    async with http.get(f"{proxy.url}{path}", headers={"CF-IPCountry": country}) as resp:
+        assert resp.status == 200, await resp.text()
+        return resp.headers["X-Geoproxy-Geode"]
+
+
+async def reload_with(proxy: Proxy, write_config: WriteConfig, data: dict[str, Any]) -> None:
+    path = write_config(data)
+    assert path == proxy.gateway.config.path  # the same file, rewritten
+    assert await proxy.gateway.reload_from_file("test")
+
+
+# -- hot reload ---------------------------------------------------------------------------
+
+
+async def test_reload_moves_a_country_and_keeps_health_state(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    write_config: WriteConfig,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    data = base_config([geode_entry(g) for g in geodes])
+    proxy = await proxy_factory(data)
+    assert await served_by(http, proxy, "FR") == "eu-1"
+    before = proxy.gateway.board.states["eu-1"]
+    passes = before.passes
+    data["countries"] = {**data["countries"], "FR": "ap-northeast"}
+    await reload_with(proxy, write_config, data)
+    assert await served_by(http, proxy, "FR") == "ap-1"
+    after = proxy.gateway.board.states["eu-1"]
+    assert after is before and after.healthy and after.passes == passes  # no flapping
+    assert proxy.sample("geoproxy_config_reloads_total", result="success") == 1
+
+
+async def test_broken_reload_changes_nothing_and_is_counted(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    data = base_config([geode_entry(g) for g in geodes])
+    proxy = await proxy_factory(data)
+    path = proxy.gateway.config.path
+    stamp = proxy.sample("geoproxy_config_last_reload_success_timestamp_seconds")
+    for broken in ("regions: [unclosed\n", "regions: {eu-west: null}\ngeodes: []\n"):
+        path.write_text(broken)
+        assert not await proxy.gateway.reload_from_file("test")
+        assert await served_by(http, proxy, "JP") == "ap-1"  # the old routing still serves
+    data["geodes"][0]["region"] = "eu-wst"
+    write_config(data)
+    assert not await proxy.gateway.reload_from_file("test")
+    assert f"{path}: geodes[0].region: unknown region 'eu-wst'" in caplog.text
+    assert proxy.sample("geoproxy_config_reloads_total", result="failure") == 3
+    assert proxy.sample("geoproxy_config_last_reload_success_timestamp_seconds") == stamp
+
+
+async def test_new_geode_is_checked_before_it_takes_traffic(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    write_config: WriteConfig,
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    data = base_config([geode_entry(eu), geode_entry(us)])
+    proxy = await proxy_factory(data)
+    assert await served_by(http, proxy, "JP") in ("us-1", "eu-1")  # no ap geode yet
+    ap.health_status = 500  # the new geode fails its check: it must get no traffic
+    data["geodes"].append(geode_entry(ap))
+    await reload_with(proxy, write_config, data)
+    assert ap.hits["/health"] == 1
+    assert "ap-1" not in proxy.gateway.board.healthy
+    assert await served_by(http, proxy, "JP") != "ap-1"
+    assert proxy.sample("geoproxy_geode_up", geode="ap-1", region="ap-northeast") == 0
+
+
+async def test_removed_geode_finishes_in_flight_requests_and_takes_no_new_ones(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    write_config: WriteConfig,
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    data = base_config([geode_entry(g) for g in (eu, us, ap)])
+    proxy = await proxy_factory(data)
+    slow = asyncio.create_task(http.get(f"{proxy.url}/slow?delay=0.5",
+                                        headers={"CF-IPCountry": "FR"}))  # fmt: skip
+    async with asyncio.timeout(5):
+        while eu.hits["/slow"] == 0:  # noqa: ASYNC110 -- a bounded poll of a counter
+            await asyncio.sleep(0.01)
+    data["geodes"] = [geode_entry(us), geode_entry(ap)]
+    await reload_with(proxy, write_config, data)
+    resp = await slow
+    assert resp.status == 200 and resp.headers["X-Geoproxy-Geode"] == "eu-1"
+    resp.release()
+    assert await served_by(http, proxy, "FR") == "us-1"  # eu-west's fallback
+    assert proxy.registry.get_sample_value(
+        "geoproxy_geode_up", {"geode": "eu-1", "region": "eu-west"}) is None  # fmt: skip
+
+
+async def test_websocket_survives_a_reload(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, write_config: WriteConfig,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    data = base_config([geode_entry(g) for g in geodes])
+    proxy = await proxy_factory(data)
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{proxy.url}/ws") as ws:
+        assert (await ws.receive_json())["geode"] == "eu-1"
+        data["countries"] = {**data["countries"], "FR": "us-east"}
+        await reload_with(proxy, write_config, data)
+        await ws.send_str("still there?")
+        assert await ws.receive_str() == "eu-1: still there?"
+
+
+# -- passive health -----------------------------------------------------------------------
+
+
+async def test_geode_failing_live_traffic_is_ejected_then_readmitted(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await proxy_factory(base_config(
+        [geode_entry(g) for g in (eu, us, ap)],
+        outlier_detection={"consecutive_failures": 3, "base_ejection_time": "300ms"},
+    ))  # fmt: skip
+    eu.force_status = 503  # /health still passes: only live traffic shows the trouble
+    for _ in range(3):
+        assert await served_by(http, proxy, "FR") == "us-1"  # each GET moved on
+    state = proxy.gateway.board.states["eu-1"]
+    assert state.ejected and state.ejections == 1
+    assert proxy.sample("geoproxy_geode_ejections_total", geode="eu-1") == 1
+    assert proxy.sample("geoproxy_geode_ejected", geode="eu-1", region="eu-west") == 1
+    hits = eu.hits["/whoami"]
+    assert await served_by(http, proxy, "FR") == "us-1"
+    assert eu.hits["/whoami"] == hits  # ejected: not even tried
+    async with http.get(f"{proxy.admin_url}/geodes") as resp:
+        listed = {g["name"]: g for g in (await resp.json())["geodes"]}
+    assert listed["eu-1"]["ejected"] is True and listed["eu-1"]["takes_traffic"] is False
+    eu.force_status = None
+    async with asyncio.timeout(3):  # the ejection time runs out
+        while "eu-1" not in proxy.gateway.board.healthy:  # noqa: ASYNC110 -- bounded poll
+            await asyncio.sleep(0.02)
+    assert await served_by(http, proxy, "FR") == "eu-1"
+
+
+async def test_active_pass_readmits_and_last_geode_is_never_ejected(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    us = await geode_factory("us-1", "us-east")
+    proxy = await proxy_factory(base_config(
+        [geode_entry(eu), geode_entry(us)],
+        regions={"eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["eu-west"]}},
+        countries={}, continents={},
+        outlier_detection={"consecutive_failures": 2, "base_ejection_time": "1h"},
+    ))  # fmt: skip
+    eu.force_status = 503
+    for _ in range(2):
+        await served_by(http, proxy, "FR")
+    assert proxy.gateway.board.states["eu-1"].ejected
+    # The last geode taking traffic is never ejected, however it fails.
+    us.force_status = 503
+    for _ in range(4):
+        async with http.get(f"{proxy.url}/whoami") as resp:
+            assert resp.status == 503
+    assert not proxy.gateway.board.states["us-1"].ejected
+    eu.force_status = us.force_status = None
+    checker = proxy.gateway.checker
+    assert checker is not None
+    await checker.check_once()  # a passing active check re-admits the ejected geode
+    assert proxy.gateway.board.healthy == {"eu-1", "us-1"}
+
+
+# -- WebSockets and streams -----------------------------------------------------------------
+
+
+async def test_websocket_frames_flow_both_ways_with_subprotocol(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+        f"{proxy.url}/ws", protocols=("chat.v1",), headers={"CF-IPCountry": "JP"}
+    ) as ws:
+        assert ws.protocol == "chat.v1"
+        assert await ws.receive_json() == {"geode": "ap-1", "protocol": "chat.v1"}
+        await ws.send_str("hello")
+        assert await ws.receive_str() == "ap-1: hello"
+        await ws.send_bytes(b"\x00\x01\x02")
+        assert await ws.receive_bytes() == b"\x02\x01\x00"
+
+
+async def test_websocket_close_codes_pass_through_both_ways(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    eu = geodes[0]
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{proxy.url}/ws") as ws:
+            await ws.receive_json()
+            await ws.send_str("close 4001 bye")
+            msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            assert (msg.data, msg.extra) == (4001, "bye")
+        async with http.ws_connect(f"{proxy.url}/ws") as ws:
+            await ws.receive_json()
+            await ws.close(code=4002, message=b"client done")
+        async with asyncio.timeout(5):
+            while 4002 not in eu.ws_closed:  # noqa: ASYNC110 -- bounded poll
+                await asyncio.sleep(0.01)
+
+
+async def test_other_upgrades_are_refused_and_forwarded_as_plain_requests(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
+    headers = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+               "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"}  # fmt: skip
+    async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
+        assert resp.status == 200  # not 101
+        seen = (await resp.json())["headers"]
+    assert "upgrade" not in seen and "http2-settings" not in seen
+
+
+async def test_server_sent_events_flush_as_they_arrive(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    eu = geodes[0]
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
+    async with http.get(f"{proxy.url}/sse") as resp:
+        async with asyncio.timeout(5):  # arrives while the geode still holds the second
+            assert await resp.content.readuntil(b"\n\n") == b"data: first\n\n"
+        assert not eu.sse_gate.is_set()
+        eu.sse_gate.set()
+        assert await resp.content.read() == b"data: second\n\n"
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+
+async def test_oversized_headers_get_431(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
+                                            limits={"max_header_bytes": "16KiB"}))  # fmt: skip
+    headers = {f"X-Pad-{i}": "p" * 4000 for i in range(5)}  # each line fine, 20 KB in all
+    async with http.get(f"{proxy.url}/whoami", headers=headers) as resp:
+        assert resp.status == 431
+        assert (await resp.json())["error"]["code"] == "headers_too_large"
+    assert geodes[0].hits["/whoami"] == 0
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_oversized_body_gets_413(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    chunked: bool,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
+                                            limits={"max_body_bytes": "64KiB"}))  # fmt: skip
+    payload = b"z" * (200 * 1024)
+
+    async def stream() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 8192):
+            yield payload[i:i + 8192]
+
+    body: Any = stream() if chunked else payload
+    async with http.post(f"{proxy.url}/echo", data=body) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "body_too_large"
+    if not chunked:
+        assert geodes[0].hits["/echo"] == 0  # refused before forwarding
+    async with http.post(f"{proxy.url}/echo", data=b"small") as resp:
+        assert resp.status == 200
+
+
+async def test_slow_request_head_gets_408_and_the_connection_closes(
+    geode_factory: GeodeFactory, write_config: WriteConfig,
+) -> None:
+    from geoproxy.app import Gateway
+
+    geodes = await three_geodes(geode_factory)
+    cfg = config_mod.load(write_config(base_config([geode_entry(g) for g in geodes])))
+    gateway = Gateway(cfg)
+    runner = HeadTimeoutRunner(gateway.proxy_app(), 0.3)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        # A complete request is served...
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        writer.close()
+        # ...a head trickled slower than the header timeout is not.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n")
+        async with asyncio.timeout(5):
+            answer = await reader.read()  # until the proxy closes the connection
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    finally:
+        await runner.cleanup()
+
+
+# -- security -----------------------------------------------------------------------------------
+
+
+async def raw_exchange(proxy: Proxy, request: bytes) -> bytes:
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    return head
+
+
+async def test_absolute_form_and_host_tricks_only_ever_reach_configured_geodes(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    eu = geodes[0]
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
+    head = await raw_exchange(proxy, b"GET http://169.254.169.254/latest/meta-data HTTP/1.1\r\n"
+                                     b"Host: 169.254.169.254\r\n\r\n")  # fmt: skip
+    assert b" 200 " in head.split(b"\r\n")[0] and b"X-Geoproxy-Geode: eu-1" in head
+    assert eu.hits["/latest/meta-data"] == 1  # the configured geode got it, nobody else
+    head = await raw_exchange(proxy, b"GET /whoami HTTP/1.1\r\nHost: evil.example:6379\r\n\r\n")
+    assert b"X-Geoproxy-Geode: eu-1" in head
+    head = await raw_exchange(proxy, b"CONNECT evil.example:443 HTTP/1.1\r\n"
+                                     b"Host: evil.example:443\r\n\r\n")  # fmt: skip
+    status = int(head.split(b" ", 2)[1])
+    assert status >= 400 and b"200 Connection established" not in head
+
+
+async def test_a_geode_url_pointing_back_at_the_proxy_is_answered_508(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    write_config: WriteConfig,
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    data = base_config([geode_entry(eu), geode_entry(us), geode_entry(ap)])
+    proxy = await proxy_factory(data)
+    # Point eu-west's geode at the proxy itself (health still passes: /health is proxied).
+    data["geodes"][0]["url"] = proxy.url
+    await reload_with(proxy, write_config, data)
+    async with asyncio.timeout(5), http.get(f"{proxy.url}/whoami",
+                                            headers={"CF-IPCountry": "FR"}) as resp:  # fmt: skip
+        assert resp.status == 508
+        assert (await resp.json())["error"]["code"] == "loop_detected"
+
+
+async def test_readyz_turns_503_when_draining(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
+    async with http.get(f"{proxy.admin_url}/readyz") as resp:
+        assert resp.status == 200
+    proxy.gateway.start_draining()
+    async with http.get(f"{proxy.admin_url}/readyz") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["reason"] == "shutting down"
+    assert proxy.sample("geoproxy_ready") == 0
+
+
