@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import re
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -74,7 +75,12 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
     except web.HTTPException as exc:  # aiohttp's own 404/405/413: same JSON shape
         if exc.status < 400:
             raise
-        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason,
+                          headers=allow)  # fmt: skip
+    except sqlite3.Error as exc:  # the store is unusable: nothing was changed
+        log.error("store error on %s %s: %s", request.method, request.path, exc)
+        return json_error(503, "store_unavailable", f"the local store is unusable: {exc}")
 
 
 def _parts(request: web.Request) -> tuple[Store, StampMetrics, Replicator]:
@@ -93,9 +99,11 @@ def _item_id(request: web.Request) -> str:
 async def _json_body(request: web.Request, limit: int) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise BadRequest(413, "too_large", f"body over {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise BadRequest(413, "too_large", f"body over {limit} bytes")
+    raw = bytearray()  # read to the end: one read() returns only what has arrived so far
+    async for chunk in request.content.iter_any():
+        raw += chunk
+        if len(raw) > limit:
+            raise BadRequest(413, "too_large", f"body over {limit} bytes")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -158,9 +166,19 @@ async def get_item(request: web.Request) -> web.Response:
     item = store.get(id)
     if item is None or item.deleted:
         raise BadRequest(404, "not_found", f"no item {id!r}")
-    if request.headers.get("If-None-Match") == f'"{item.version.encode()}"':
-        return web.Response(status=304, headers={"ETag": f'"{item.version.encode()}"'})
+    etag = f'"{item.version.encode()}"'
+    if _none_match(request.headers.get("If-None-Match"), etag):
+        return web.Response(status=304, headers={"ETag": etag})
     return _with_etag(item.as_dict(), item.version)
+
+
+def _none_match(header: str | None, etag: str) -> bool:
+    """``If-None-Match`` names ``etag``: a list of tags, weak or strong, or ``*`` (RFC 9110
+    13.1.2 compares weakly). A cache holding several versions sends them all."""
+    if header is None:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in tags or etag in tags
 
 
 async def delete_item(request: web.Request) -> web.Response:
@@ -286,11 +304,11 @@ def _parse_batch(body: Any) -> list[Change]:
                 )  # fmt: skip
                 if not ok or deleted:
                     raise ValueError("counter value")
-            if deleted != (value is None) and kind == ITEM:
-                raise ValueError("deleted and value disagree")
+            if deleted and value is not None:  # a live item's value may be JSON null
+                raise ValueError("a delete carries a value")
         except (KeyError, TypeError, ValueError) as exc:
             raise BadRequest(400, "bad_batch", f"changes[{i}]: invalid change ({exc})") from None
-        text = None if value is None else json.dumps(value, separators=(",", ":"))
+        text = None if deleted else json.dumps(value, separators=(",", ":"))
         out.append(Change(kind, id, text, deleted, version, region))
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter
@@ -21,6 +22,12 @@ class _StoreCollector(Collector):
         self.config = config
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            yield from self._collect()
+        except sqlite3.Error:
+            return  # the store is unusable (/health says so): export the other metrics
+
+    def _collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("stamp_items", "Live items in the local store.",
                                 value=self.store.count())  # fmt: skip
         backlog = GaugeMetricFamily(

@@ -10,12 +10,15 @@ catches up from the log when it returns; a stamp that restarts resumes from its 
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import logging
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
+from aiohttp.payload import BytesIOPayload
 from aiohttp_retry import JitterRetry, RetryClient
 
 from geoproxy.stamp.config import Peer, StampConfig
@@ -23,6 +26,10 @@ from geoproxy.stamp.store import Change, Store
 
 log = logging.getLogger("geoproxy.stamp.replication")
 PUSH_PATH = "/replication/changes"
+#: One push carries at most about this much: well under what a peer accepts in one request
+#: (64 MiB), however many changes ``batch_size`` allows. A value is at most 1 MiB, so a
+#: single change always fits, and a backlog of large values drains batch by batch.
+MAX_PUSH_BYTES = 8 * 1024 * 1024
 
 
 class PushError(Exception):
@@ -62,10 +69,14 @@ class Replicator:
     async def push(self, peer: Peer, changes: Iterable[Change]) -> dict[str, Any]:
         """Send changes to one peer; its answer (applied/ignored counts) or PushError."""
         body = {"from": self.config.name, "changes": [c.as_dict() for c in changes]}
+        # A payload that retries can send again from its start and that is written in
+        # chunks (aiohttp warns that a raw body over 1 MiB would hold up the event loop).
+        data = BytesIOPayload(io.BytesIO(json.dumps(body).encode()),
+                              content_type="application/json")  # fmt: skip
         timeout = aiohttp.ClientTimeout(total=self.config.replication.timeout)
         url = peer.url.with_path(PUSH_PATH)
         try:
-            async with self._client.post(url, json=body, timeout=timeout) as resp:
+            async with self._client.post(url, data=data, timeout=timeout) as resp:
                 if resp.status != 200:
                     text = (await resp.text())[:200]
                     raise PushError(f"{peer.name} answered {resp.status}: {text}")
@@ -101,6 +112,12 @@ class Replicator:
         )  # fmt: skip
         if not batch:
             return 0
+        size = 0
+        for n, (_, change) in enumerate(batch):
+            size += len(change.value or "") + 200  # the value, and the rest of the change
+            if size > MAX_PUSH_BYTES and n > 0:
+                batch = batch[:n]
+                break
         await self.push(peer, (c for _, c in batch))
         self.store.set_cursor(peer.name, batch[-1][0])
         return len(batch)

@@ -1,0 +1,1001 @@
+"""The reference stamp over HTTP: real stamps on loopback ports, each with its own SQLite
+file, replicating to each other over real sockets (and one as a real process, killed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from prometheus_client import CollectorRegistry
+from yarl import URL
+
+from geoproxy.stamp.app import STATE, build_stamp_app
+from geoproxy.stamp.config import Peer, Replication, StampConfig
+from geoproxy.stamp.store import Store
+
+from conftest import need_binary
+
+REGIONS = ("eu-west", "us-east", "ap-northeast")
+FAST = Replication(interval=0.1, batch_size=500, timeout=2.0, min_backoff=0.05, max_backoff=0.5)
+MiB = 1024 * 1024
+
+
+def bound_socket(port: int = 0) -> socket.socket:
+    """A loopback socket bound but not listening: connections to it are refused until a
+    server listens on it. It reserves the port, so a peer's URL is known before it starts
+    and a stopped stamp gets its own port back."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+class Stamp:
+    """One in-process stamp: a real aiohttp server on its own port and SQLite file. Stopping
+    it keeps its port reserved (refusing connections) and its database file."""
+
+    def __init__(self, config: StampConfig, sock: socket.socket) -> None:
+        self.config = config
+        self._sock: socket.socket | None = sock
+        self.runner: web.AppRunner | None = None
+        self.app: web.Application | None = None
+        self.registry = CollectorRegistry()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.port}"
+
+    @property
+    def store(self) -> Store:
+        assert self.app is not None
+        store = self.app[STATE].store
+        assert store is not None
+        return store
+
+    async def start(self) -> None:
+        assert self.runner is None and self._sock is not None
+        self.registry = CollectorRegistry()  # a fresh process has fresh metrics
+        self.app = build_stamp_app(self.config, self.registry)
+        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+        await self.runner.setup()
+        sock, self._sock = self._sock, None
+        await web.SockSite(self.runner, sock).start()
+
+    async def stop(self) -> None:
+        runner, self.runner = self.runner, None
+        assert runner is not None
+        await runner.cleanup()
+        self._sock = bound_socket(self.config.port)
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def sample(self, name: str, **labels: str) -> float:
+        """A metric sample's value; 0 when the labelled series does not exist yet."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+MeshFactory = Callable[..., Awaitable[list[Stamp]]]
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[MeshFactory]:
+    """``await mesh(n)``: n started stamps, each with every other one as a peer."""
+    made: list[Stamp] = []
+
+    async def make(
+        n: int = 3, replication: Replication = FAST, start: bool = True
+    ) -> list[Stamp]:
+        socks = [bound_socket() for _ in range(n)]
+        ports = [s.getsockname()[1] for s in socks]
+        names = [f"stamp-{REGIONS[i % 3]}-{len(made) + i}" for i in range(n)]
+        stamps = []
+        for i, sock in enumerate(socks):
+            peers = tuple(Peer(names[j], URL(f"http://127.0.0.1:{ports[j]}"))
+                          for j in range(n) if j != i)  # fmt: skip
+            config = StampConfig(
+                path=None, name=names[i], region=REGIONS[i % 3], host="127.0.0.1",
+                port=ports[i], database=tmp_path / f"{names[i]}.db", peers=peers,
+                replication=replication,
+            )  # fmt: skip
+            stamps.append(Stamp(config, sock))
+        made.extend(stamps)
+        if start:
+            for stamp in stamps:
+                await stamp.start()
+        return stamps
+
+    yield make
+    for stamp in reversed(made):
+        await stamp.close()
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0
+) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def call(
+    http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
+) -> tuple[int, Any, CIMultiDictProxy[str]]:
+    """One request: (status, JSON body or None, headers)."""
+    async with http.request(method, url, **kwargs) as resp:
+        text = await resp.text()
+        body = json.loads(text) if text and resp.content_type == "application/json" else None
+        return resp.status, body, resp.headers
+
+
+async def item(http: aiohttp.ClientSession, stamp: Stamp, id: str) -> dict[str, Any] | None:
+    status, body, _ = await call(http, "GET", f"{stamp.url}/items/{id}")
+    assert status in (200, 404), (status, body)
+    return body if status == 200 else None
+
+
+async def value_of(http: aiohttp.ClientSession, stamp: Stamp, id: str) -> Any:
+    got = await item(http, stamp, id)
+    assert got is not None, f"{stamp.name} has no item {id!r}"
+    return got["value"]
+
+
+async def put(
+    http: aiohttp.ClientSession, stamp: Stamp, id: str, value: Any, expect: int = 201
+) -> dict[str, Any]:
+    status, body, _ = await call(http, "PUT", f"{stamp.url}/items/{id}", json=value)
+    assert status == expect, (status, body)
+    return dict(body)
+
+
+async def events(http: aiohttp.ClientSession, stamp: Stamp) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    since = 0
+    while True:
+        status, body, _ = await call(http, "GET", f"{stamp.url}/events?since={since}&limit=1000")
+        assert status == 200, body
+        out.extend(body["events"])
+        if not body["events"]:
+            return out
+        since = body["next_since"]
+
+
+async def health(http: aiohttp.ClientSession, stamp: Stamp) -> tuple[int, dict[str, Any]]:
+    status, body, _ = await call(http, "GET", f"{stamp.url}/health")
+    return status, body
+
+
+def assert_json_error(status: int, body: Any, expect_status: int, code: str) -> None:
+    assert status == expect_status, body
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert {"status", "code", "message"} <= set(error), body
+    assert (error["status"], error["code"]) == (expect_status, code), body
+    assert isinstance(error["message"], str) and error["message"], body
+
+
+def converged_on(http: aiohttp.ClientSession, stamps: list[Stamp], id: str,
+                 expected: Any) -> Callable[[], Awaitable[bool]]:  # fmt: skip
+    """A condition: every stamp has ``id`` with ``expected`` as value (None: absent)."""
+
+    async def check() -> bool:
+        for stamp in stamps:
+            got = await item(http, stamp, id)
+            if (None if got is None else got["value"]) != expected:
+                return False
+        return True
+
+    return check
+
+
+# -- items API -------------------------------------------------------------------------
+
+
+async def test_put_creates_with_201_then_replaces_with_200_and_items_carry_version_origin_and_time(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    (eu,) = await mesh(1)
+    status, created, headers = await call(http, "PUT", f"{eu.url}/items/cart-1",
+                                          json={"lines": [1, 2]})  # fmt: skip
+    assert status == 201
+    assert created["id"] == "cart-1" and created["value"] == {"lines": [1, 2]}
+    assert created["origin"] == {"stamp": eu.name, "region": "eu-west"}
+    assert isinstance(created["timestamp"], float)
+    assert abs(created["timestamp"] - time.time()) < 60
+    assert created["timestamp"] == int(created["version"][:13]) / 1000
+    assert headers["ETag"] == f'"{created["version"]}"'
+
+    status, replaced, headers = await call(http, "PUT", f"{eu.url}/items/cart-1", json=[3])
+    assert status == 200
+    assert replaced["value"] == [3]
+    assert replaced["version"] > created["version"]
+    assert headers["ETag"] == f'"{replaced["version"]}"'
+
+    status, got, headers = await call(http, "GET", f"{eu.url}/items/cart-1")
+    assert status == 200 and got == replaced
+    assert headers["ETag"] == f'"{replaced["version"]}"'
+
+
+async def test_get_answers_304_when_if_none_match_carries_the_current_etag(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    (eu,) = await mesh(1)
+    first = await put(http, eu, "profile", {"name": "Ada"})
+    etag = f'"{first["version"]}"'
+    status, body, headers = await call(http, "GET", f"{eu.url}/items/profile",
+                                       headers={"If-None-Match": etag})  # fmt: skip
+    assert (status, body, headers["ETag"]) == (304, None, etag)
+    for header in (f'"0000000000000-000000-old", {etag}', f"W/{etag}", "*"):
+        status, _, _ = await call(http, "GET", f"{eu.url}/items/profile",
+                                  headers={"If-None-Match": header})  # fmt: skip
+        assert status == 304, header
+
+    await put(http, eu, "profile", {"name": "Grace"}, expect=200)
+    status, body, headers = await call(http, "GET", f"{eu.url}/items/profile",
+                                       headers={"If-None-Match": etag})  # fmt: skip
+    assert status == 200 and body["value"] == {"name": "Grace"}
+    assert headers["ETag"] != etag
+
+
+async def test_delete_leaves_a_tombstone_then_get_and_a_second_delete_answer_404(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    (eu,) = await mesh(1)
+    created = await put(http, eu, "doomed", 1)
+    status, body, headers = await call(http, "DELETE", f"{eu.url}/items/doomed")
+    assert status == 200
+    assert body["id"] == "doomed" and body["deleted"] is True
+    assert body["version"] > created["version"]
+    assert headers["ETag"] == f'"{body["version"]}"'
+
+    status, body, _ = await call(http, "GET", f"{eu.url}/items/doomed")
+    assert_json_error(status, body, 404, "not_found")
+    status, body, _ = await call(http, "DELETE", f"{eu.url}/items/doomed")
+    assert_json_error(status, body, 404, "not_found")
+    status, body, _ = await call(http, "DELETE", f"{eu.url}/items/never-was")
+    assert_json_error(status, body, 404, "not_found")
+
+    log = await events(http, eu)
+    assert [(e["id"], e["deleted"], e["value"]) for e in log] == [
+        ("doomed", False, 1), ("doomed", True, None)
+    ]  # the tombstone is a change like any other
+    status, listing, _ = await call(http, "GET", f"{eu.url}/items")
+    assert listing["items"] == []
+    assert (await put(http, eu, "doomed", 2))["value"] == 2  # a new life: 201 again
+
+
+async def test_list_filters_by_prefix_and_pages_with_limit_and_after(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    (eu,) = await mesh(1)
+    for id in ("user:3", "user:1", "order:1", "user:2", "user:4", "users"):
+        await put(http, eu, id, {"id": id})
+    status, body, _ = await call(http, "DELETE", f"{eu.url}/items/user:4")
+    assert status == 200
+
+    status, body, _ = await call(http, "GET", f"{eu.url}/items?prefix=user:&limit=2")
+    assert status == 200
+    assert [i["id"] for i in body["items"]] == ["user:1", "user:2"]
+    assert body["next_after"] == "user:2"
+    for i in body["items"]:
+        assert i["value"] == {"id": i["id"]}
+        assert i["origin"] == {"stamp": eu.name, "region": "eu-west"}
+        assert {"version", "timestamp"} <= set(i)
+
+    status, body, _ = await call(http, "GET", f"{eu.url}/items?prefix=user:&limit=2&after=user:2")
+    assert [i["id"] for i in body["items"]] == ["user:3"]  # user:4 is deleted
+    assert body["next_after"] is None
+
+    status, body, _ = await call(http, "GET", f"{eu.url}/items")
+    assert [i["id"] for i in body["items"]] == ["order:1", "user:1", "user:2", "user:3", "users"]
+
+
+async def test_health_reports_name_region_store_and_backlog_per_peer(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us = await mesh(2)
+    status, body = await health(http, eu)
+    assert status == 200
+    assert body["name"] == eu.name and body["region"] == "eu-west"
+    assert body["store"] == "ok"
+    assert body["replication"] == {us.name: {"backlog": 0, "lag_seconds": 0.0}}
+
+    await us.stop()
+    for i in range(3):
+        await put(http, eu, f"k{i}", i)
+
+    async def backlog_of_three() -> bool:
+        status, body = await health(http, eu)
+        return status == 200 and body["replication"][us.name]["backlog"] == 3
+
+    await eventually(backlog_of_three, "eu's backlog towards the stopped us is 3")
+    _, body = await health(http, eu)
+    assert body["replication"][us.name]["lag_seconds"] > 0
+
+
+async def test_health_answers_503_json_when_the_store_is_unusable(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    (eu,) = await mesh(1)
+    eu.store.close()  # as if the database file went away under the stamp
+    status, body = await health(http, eu)
+    assert status == 503
+    assert body["name"] == eu.name and body["region"] == "eu-west"
+    assert body["status"] == "unavailable"
+    assert body["store"] != "ok"
+    # Writes and reads answer the JSON error shape, and /metrics still answers.
+    async with http.put(f"{eu.url}/items/k", json={"v": 1}) as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"]["code"] == "store_unavailable"
+    async with http.get(f"{eu.url}/metrics") as resp:
+        assert resp.status == 200
+        assert "stamp_writes_total" in await resp.text()
+
+
+async def test_metrics_expose_items_backlog_lag_conflicts_and_apply_errors(
+    mesh: MeshFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    eu, us = await mesh(2)
+    await put(http, eu, "a", 1)
+    await put(http, eu, "b", 2)
+    await eventually(lambda: all_backlogs_empty(http, [eu]), "a and b reach us")
+    status, _, _ = await call(http, "POST", f"{us.url}/replication/changes", json={"x": 1})
+    assert status == 400
+
+    async with http.get(f"{us.url}/metrics") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        text = await resp.text()
+    assert re.search(r"^stamp_items 2\.0$", text, re.M), text
+    assert re.search(rf'^stamp_replication_backlog\{{peer="{eu.name}"\}} 0\.0$', text, re.M)
+    assert re.search(rf'^stamp_replication_lag_seconds\{{peer="{eu.name}"\}} 0\.0$', text, re.M)
+    assert re.search(r"^stamp_conflicts_resolved_total 0\.0$", text, re.M), text
+    assert re.search(r"^stamp_apply_errors_total 1\.0$", text, re.M), text
+
+    await us.stop()
+    await put(http, eu, "c", 3)
+
+    async def lagging() -> bool:
+        return (eu.sample("stamp_replication_backlog", peer=us.name) == 1
+                and eu.sample("stamp_replication_lag_seconds", peer=us.name) > 0)  # fmt: skip
+
+    await eventually(lagging, "eu shows a backlog of 1 and some lag towards stopped us")
+    assert eu.sample("stamp_items") == 3
+
+    async with http.get(f"{eu.url}/metrics") as resp:
+        exposition = await resp.read()
+    promtool = need_binary("promtool")
+    proc = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate(exposition)
+    assert proc.returncode == 0, out.decode()
+
+
+# -- bad input -------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    pytest.param("PUT", "/items/k", b"{not json", {}, 400, "bad_json", id="invalid-json"),
+    pytest.param("PUT", "/items/k", b"\xff\xfe", {}, 400, "bad_json", id="not-utf8"),
+    pytest.param("PUT", "/items/k", b"", {}, 400, "bad_json", id="empty-body"),
+    pytest.param("PUT", "/items/" + "x" * 1000, b"1", {}, 400, "bad_id", id="huge-id"),
+    pytest.param("PUT", "/items/" + "x" * 201, b"1", {}, 400, "bad_id", id="id-of-201"),
+    pytest.param("PUT", "/items/a%20b", b"1", {}, 400, "bad_id", id="id-with-space"),
+    pytest.param("PUT", "/items/%C3%A9t%C3%A9", b"1", {}, 400, "bad_id", id="non-ascii-id"),
+    pytest.param("PUT", "/items/a%22b", b"1", {}, 400, "bad_id", id="id-with-quote"),
+    pytest.param("PUT", "/items/k", json.dumps("x" * MiB).encode(), {}, 413, "too_large",
+                 id="value-over-1MiB"),
+    pytest.param("PUT", "/items/k?consistency=eventual", b"1", {}, 400, "bad_consistency",
+                 id="bad-consistency-query"),
+    pytest.param("PUT", "/items/k", b"1", {"X-Consistency": "strong"}, 400, "bad_consistency",
+                 id="bad-consistency-header"),
+    pytest.param("DELETE", "/items/seed?consistency=maybe", b"", {}, 400, "bad_consistency",
+                 id="delete-bad-consistency"),
+    pytest.param("DELETE", "/items/" + "x" * 1000, b"", {}, 400, "bad_id", id="delete-huge-id"),
+    pytest.param("GET", "/items?limit=abc", b"", {}, 400, "bad_query", id="limit-abc"),
+    pytest.param("GET", "/items?limit=0", b"", {}, 400, "bad_query", id="limit-0"),
+    pytest.param("GET", "/items?limit=1001", b"", {}, 400, "bad_query", id="limit-1001"),
+    pytest.param("GET", "/items?prefix=" + "p" * 201, b"", {}, 400, "bad_query",
+                 id="prefix-too-long"),
+    pytest.param("GET", "/events?since=-1", b"", {}, 400, "bad_query", id="events-since-neg"),
+    pytest.param("GET", "/events?limit=x", b"", {}, 400, "bad_query", id="events-limit-x"),
+    pytest.param("GET", "/replication/changes?since=x", b"", {}, 400, "bad_query",
+                 id="pull-since-x"),
+    pytest.param("POST", "/counters/c", b'{"delta": "1"}', {}, 400, "bad_delta",
+                 id="delta-string"),
+    pytest.param("POST", "/counters/c", b'{"delta": true}', {}, 400, "bad_delta",
+                 id="delta-bool"),
+    pytest.param("POST", "/counters/c", b'{"delta": 1.5}', {}, 400, "bad_delta",
+                 id="delta-float"),
+    pytest.param("POST", "/counters/c", b'{"delta": null}', {}, 400, "bad_delta",
+                 id="delta-null"),
+    pytest.param("POST", "/counters/c", b"{}", {}, 400, "bad_delta", id="delta-missing"),
+    pytest.param("POST", "/counters/c", b"[1]", {}, 400, "bad_delta", id="delta-not-object"),
+    pytest.param("POST", "/counters/c", b'{"delta": 1000000000001}', {}, 400, "bad_delta",
+                 id="delta-too-big"),
+    pytest.param("POST", "/counters/c", b"{", {}, 400, "bad_json", id="counter-invalid-json"),
+    pytest.param("POST", "/counters/" + "c" * 1000, b'{"delta": 1}', {}, 400, "bad_id",
+                 id="counter-huge-id"),
+    pytest.param("POST", "/items/k", b"1", {}, 405, "method_not_allowed", id="wrong-method"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "data", "headers", "status", "code"), BAD_REQUESTS)
+async def test_bad_input_gets_a_4xx_json_error_and_changes_nothing(
+    mesh: MeshFactory, http: aiohttp.ClientSession,
+    method: str, path: str, data: bytes, headers: dict[str, str], status: int, code: str,
+) -> None:  # fmt: skip
+    eu, us = await mesh(2)
+    await put(http, eu, "seed", {"v": 1})
+    status_, _, _ = await call(http, "POST", f"{eu.url}/counters/c", json={"delta": 5})
+    assert status_ == 200
+    await eventually(lambda: all_backlogs_empty(http, [eu]), "us has taken eu's writes")
+    before = (await events(http, eu), await events(http, us))
+    assert len(before[1]) == 2
+
+    got, body, _ = await call(http, method, eu.url + path, data=io.BytesIO(data),
+                              headers={"Content-Type": "application/json", **headers})  # fmt: skip
+    assert_json_error(got, body, status, code)
+
+    assert await value_of(http, eu, "seed") == {"v": 1}
+    assert await item(http, eu, "k") is None
+    _, counter, _ = await call(http, "GET", f"{eu.url}/counters/c")
+    assert counter["value"] == 5
+    _, listing, _ = await call(http, "GET", f"{eu.url}/items")
+    assert [i["id"] for i in listing["items"]] == ["seed"]
+    # nothing was logged, so nothing replicates: the peer's log is unchanged too
+    assert (await events(http, eu), await events(http, us)) == before
+    assert await all_backlogs_empty(http, [eu])
+
+
+async def _backlog_empty(http: aiohttp.ClientSession, stamp: Stamp) -> bool:
+    _, body = await health(http, stamp)
+    return all(p["backlog"] == 0 for p in body["replication"].values())
+
+
+def wire_change(id: str, value: Any, version: str, region: str = "us-east",
+                kind: str = "item") -> dict[str, Any]:  # fmt: skip
+    return {"kind": kind, "id": id, "value": value, "deleted": value is None and kind == "item",
+            "version": version, "region": region}  # fmt: skip
+
+
+def version(wall: int, logical: int = 0, origin: str = "stamp-far") -> str:
+    return f"{wall:013d}-{logical:06d}-{origin}"
+
+
+GOOD_WALL = 1_700_000_000_000
+
+BAD_CHANGES = [
+    pytest.param({"version": "yesterday"}, id="bad-version"),
+    pytest.param({"version": 17}, id="version-not-string"),
+    pytest.param({"id": "x" * 1000}, id="huge-id"),
+    pytest.param({"id": "a b"}, id="bad-id-chars"),
+    pytest.param({"id": 7}, id="id-not-string"),
+    pytest.param({"kind": "gauge"}, id="unknown-kind"),
+    pytest.param({"deleted": "no"}, id="deleted-not-bool"),
+    pytest.param({"deleted": True}, id="deleted-with-value"),
+    pytest.param({"region": ""}, id="empty-region"),
+    pytest.param({"region": None}, id="region-null"),
+    pytest.param({"kind": "counter", "value": {"p": -1, "n": 0}}, id="counter-negative"),
+    pytest.param({"kind": "counter", "value": {"p": "1", "n": 0}}, id="counter-string"),
+    pytest.param({"kind": "counter", "value": {"p": True, "n": 0}}, id="counter-bool"),
+    pytest.param({"kind": "counter", "value": {"p": 1}}, id="counter-missing-n"),
+    pytest.param({"__drop__": "version"}, id="missing-version"),
+    pytest.param({"__drop__": "value"}, id="missing-value"),
+    pytest.param({"__replace__": "not a change"}, id="change-not-object"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_CHANGES)
+async def test_a_batch_with_one_malformed_change_applies_nothing_and_counts_an_apply_error(
+    mesh: MeshFactory, http: aiohttp.ClientSession, bad: dict[str, Any]
+) -> None:
+    (eu,) = await mesh(1)
+    changes: list[Any] = [wire_change(f"ok-{i}", i, version(GOOD_WALL + i)) for i in range(4)]
+    broken: Any = {**wire_change("bad", 9, version(GOOD_WALL + 9)), **bad}
+    if "__drop__" in bad:
+        broken = {k: v for k, v in broken.items() if k not in ("__drop__", bad["__drop__"])}
+    if "__replace__" in bad:
+        broken = bad["__replace__"]
+    changes.insert(2, broken)
+
+    status, body, _ = await call(http, "POST", f"{eu.url}/replication/changes",
+                                 json={"from": "stamp-far", "changes": changes})  # fmt: skip
+    assert_json_error(status, body, 400, "bad_batch")
+    assert "changes[2]" in body["error"]["message"]
+    assert eu.sample("stamp_apply_errors_total") == 1
+    for i in range(4):
+        assert await item(http, eu, f"ok-{i}") is None
+    assert await events(http, eu) == []
+    assert eu.sample("stamp_changes_applied_total", result="applied") == 0
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(b"{", id="invalid-json"),
+    pytest.param(b"[]", id="not-an-object"),
+    pytest.param(b'{"from": "x"}', id="no-changes"),
+    pytest.param(b'{"from": "x", "changes": {"a": 1}}', id="changes-not-a-list"),
+])  # fmt: skip
+async def test_a_malformed_batch_body_gets_400_and_counts_an_apply_error(
+    mesh: MeshFactory, http: aiohttp.ClientSession, body: bytes
+) -> None:
+    (eu,) = await mesh(1)
+    status, answer, _ = await call(http, "POST", f"{eu.url}/replication/changes", data=body)
+    assert status == 400 and answer["error"]["code"] in ("bad_json", "bad_batch")
+    assert eu.sample("stamp_apply_errors_total") == 1
+    assert await events(http, eu) == []
+
+
+# -- replication -----------------------------------------------------------------------
+
+
+async def test_writes_in_different_regions_converge_on_every_stamp(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    stamps = await mesh(3)
+    written = {}
+    for stamp in stamps:
+        for i in range(5):
+            id = f"{stamp.config.region}-{i}"
+            written[id] = await put(http, stamp, id, {"from": stamp.config.region, "i": i})
+
+    async def all_everywhere() -> bool:
+        for stamp in stamps:
+            _, body, _ = await call(http, "GET", f"{stamp.url}/items?limit=1000")
+            if len(body["items"]) != len(written):
+                return False
+        return True
+
+    await eventually(all_everywhere, "all 15 items on all 3 stamps")
+    for stamp in stamps:
+        _, body, _ = await call(http, "GET", f"{stamp.url}/items?limit=1000")
+        # the very same item everywhere: value, version, origin stamp and region, timestamp
+        assert {i["id"]: i for i in body["items"]} == written
+    await eventually(lambda: all_backlogs_empty(http, stamps), "every backlog drains")
+
+
+async def all_backlogs_empty(http: aiohttp.ClientSession, stamps: list[Stamp]) -> bool:
+    for stamp in stamps:
+        if not await _backlog_empty(http, stamp):
+            return False
+    return True
+
+
+async def test_concurrent_conflicting_writes_converge_to_the_highest_version_everywhere(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    stamps = await mesh(3)
+    for round in range(5):
+        id = f"contested-{round}"
+        answers = await asyncio.gather(*(
+            call(http, "PUT", f"{s.url}/items/{id}", json={"by": s.name}) for s in stamps
+        ))  # fmt: skip
+        assert all(status in (200, 201) for status, _, _ in answers), answers
+        winner = max((body for _, body, _ in answers), key=lambda b: b["version"])
+
+        async def settled(id: str = id, winner: dict[str, Any] = winner) -> bool:
+            return all([await item(http, s, id) == winner for s in stamps])
+
+        await eventually(settled, f"every stamp holds {winner['version']} for {id}")
+    await eventually(lambda: all_backlogs_empty(http, stamps), "every backlog drains")
+    # the losers' writes were overruled somewhere, and counted
+    assert sum(s.sample("stamp_conflicts_resolved_total") for s in stamps) > 0
+
+
+async def test_conflicting_changes_resolve_to_the_same_winner_whatever_the_delivery_order(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    """Property-style: every order of delivery of four conflicting changes (an exact
+    wall/logical tie broken by stamp name, a tombstone among them) ends on the maximum."""
+    (receiver,) = await mesh(1)
+    changes = [
+        wire_change("k", "late", version(GOOD_WALL + 5, 0, "stamp-a"), "eu-west"),
+        wire_change("k", None, version(GOOD_WALL + 5, 0, "stamp-b"), "us-east"),
+        wire_change("k", "early-but-many", version(GOOD_WALL, 999, "stamp-c"), "ap-northeast"),
+        wire_change("k", "later", version(GOOD_WALL + 5, 1, "stamp-0"), "sa-east"),
+    ]
+    for n, order in enumerate(itertools.permutations(changes)):
+        id = f"k{n}"
+        for change in order:  # one push per change: each arrives on its own
+            batch = {"from": "test", "changes": [{**change, "id": id}]}
+            status, _, _ = await call(http, "POST", f"{receiver.url}/replication/changes",
+                                      json=batch)  # fmt: skip
+            assert status == 200
+        got = await item(http, receiver, id)
+        assert got is not None, order
+        assert got["value"] == "later" and got["version"] == version(GOOD_WALL + 5, 1, "stamp-0")
+        assert got["origin"] == {"stamp": "stamp-0", "region": "sa-east"}
+
+    ties = [changes[0], changes[1]]
+    for n, order in enumerate(itertools.permutations(ties)):
+        id = f"tie{n}"
+        for change in order:
+            await call(http, "POST", f"{receiver.url}/replication/changes",
+                       json={"from": "test", "changes": [{**change, "id": id}]})  # fmt: skip
+        # stamp-b's tombstone beats stamp-a's write at the exact same (wall, logical)
+        assert await item(http, receiver, id) is None
+        _, listing, _ = await call(http, "GET", f"{receiver.url}/items?prefix=tie")
+        assert listing["items"] == []
+
+
+async def test_deletes_replicate_as_tombstones_to_every_stamp(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await mesh(3)
+    await put(http, eu, "gone", {"x": 1})
+    await eventually(converged_on(http, [eu, us, ap], "gone", {"x": 1}), "gone everywhere")
+    status, _, _ = await call(http, "DELETE", f"{ap.url}/items/gone")  # from another region
+    assert status == 200
+    await eventually(converged_on(http, [eu, us, ap], "gone", None), "deleted everywhere")
+    for stamp in (eu, us, ap):
+        status, _, _ = await call(http, "DELETE", f"{stamp.url}/items/gone")
+        assert status == 404
+        log = await events(http, stamp)
+        assert [(e["id"], e["deleted"]) for e in log] == [("gone", False), ("gone", True)]
+        assert log[-1]["version"].endswith(ap.name)
+
+
+async def test_duplicate_delivery_of_a_batch_is_ignored_the_second_time(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    (eu,) = await mesh(1)
+    batch = {"from": "stamp-far", "changes": [
+        wire_change("a", 1, version(GOOD_WALL)),
+        wire_change("b", {"x": [1, 2]}, version(GOOD_WALL + 1)),
+        wire_change("a", None, version(GOOD_WALL + 2)),
+        wire_change("c", {"p": 3, "n": 1}, version(GOOD_WALL + 3), kind="counter"),
+    ]}  # fmt: skip
+    url = f"{eu.url}/replication/changes"
+    status, first, _ = await call(http, "POST", url, json=batch)
+    assert status == 200 and first == {"applied": 4, "ignored": 0, "conflicts": 0}
+    state = (await events(http, eu), await item(http, eu, "b"))
+    status, second, _ = await call(http, "POST", url, json=batch)
+    assert status == 200 and second == {"applied": 0, "ignored": 4, "conflicts": 0}
+    assert (await events(http, eu), await item(http, eu, "b")) == state
+    assert await item(http, eu, "a") is None
+    _, counter, _ = await call(http, "GET", f"{eu.url}/counters/c")
+    assert counter["value"] == 2
+    assert eu.sample("stamp_changes_applied_total", result="ignored") == 4
+
+
+async def test_pull_returns_the_changes_after_a_cursor(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us = await mesh(2)
+    for i in range(3):
+        await put(http, eu, f"eu-{i}", i)
+    await put(http, us, "us-0", 0)
+    await eventually(converged_on(http, [eu], "us-0", 0), "us-0 reaches eu")
+    url = f"{eu.url}/replication/changes"
+
+    status, body, _ = await call(http, "GET", f"{url}?since=0&limit=2")
+    assert status == 200
+    assert [c["id"] for c in body["changes"]] == ["eu-0", "eu-1"]
+    status, body, _ = await call(http, "GET", f"{url}?since={body['next_since']}")
+    assert [c["id"] for c in body["changes"]] == ["eu-2", "us-0"]
+    cursor = body["next_since"]
+    status, body, _ = await call(http, "GET", f"{url}?since={cursor}")
+    assert body == {"changes": [], "next_since": cursor}
+
+    status, body, _ = await call(http, "GET", f"{url}?since=0&origin={us.name}")
+    assert [(c["id"], c["region"]) for c in body["changes"]] == [("us-0", "us-east")]
+    change = body["changes"][0]
+    assert change["kind"] == "item" and change["value"] == 0 and change["deleted"] is False
+    assert change["version"].endswith(us.name)
+
+
+async def test_events_is_the_ordered_change_log_with_a_cursor(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us = await mesh(2)
+    await put(http, eu, "x", 1)
+    await put(http, eu, "x", 2, expect=200)
+    await call(http, "POST", f"{eu.url}/counters/hits", json={"delta": 3})
+    await call(http, "DELETE", f"{eu.url}/items/x")
+    await put(http, us, "y", "from us")
+    await eventually(converged_on(http, [eu], "y", "from us"), "y reaches eu")
+
+    status, body, _ = await call(http, "GET", f"{eu.url}/events?limit=2")
+    assert status == 200
+    assert [(e["seq"], e["id"]) for e in body["events"]] == [(1, "x"), (2, "x")]
+    rest = await call(http, "GET", f"{eu.url}/events?since={body['next_since']}")
+    log = body["events"] + rest[1]["events"]
+    assert [(e["kind"], e["id"], e["value"], e["deleted"]) for e in log] == [
+        ("item", "x", 1, False), ("item", "x", 2, False), ("counter", "hits", {"p": 3, "n": 0},
+        False), ("item", "x", None, True), ("item", "y", "from us", False),
+    ]  # fmt: skip
+    assert [e["seq"] for e in log] == sorted(e["seq"] for e in log)
+    own = [e["version"] for e in log if e["version"].endswith(eu.name)]
+    assert own == sorted(own)  # this stamp's versions only grow
+    assert log[-1]["region"] == "us-east"
+
+
+async def test_a_json_null_value_replicates_and_does_not_block_later_writes(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us = await mesh(2)
+    status, created, _ = await call(http, "PUT", f"{eu.url}/items/nothing", data=b"null")
+    assert status == 201 and created["value"] is None
+    await put(http, eu, "after", 1)
+    await eventually(converged_on(http, [us], "after", 1), "the write after the null reaches us")
+    assert await item(http, us, "nothing") == created
+
+
+async def test_a_value_of_up_to_1_mib_is_read_whole_however_it_arrives(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    (eu,) = await mesh(1)
+    value = {"blob": "z" * (MiB - 20)}
+    encoded = json.dumps(value).encode()
+    assert len(encoded) <= MiB
+    created = await put(http, eu, "whole", value)  # with a Content-Length, many segments
+    assert created["value"] == value
+
+    async def in_pieces() -> AsyncIterator[bytes]:  # chunked, with pauses between pieces
+        for start in range(0, len(encoded), 256 * 1024):
+            yield encoded[start : start + 256 * 1024]
+            await asyncio.sleep(0.01)
+
+    status, body, _ = await call(http, "PUT", f"{eu.url}/items/pieces", data=in_pieces())
+    assert status == 201, body
+    assert await value_of(http, eu, "pieces") == value
+
+    async def too_much() -> AsyncIterator[bytes]:
+        yield encoded
+        yield b" " * 64
+
+    status, body, _ = await call(http, "PUT", f"{eu.url}/items/over", data=too_much())
+    assert_json_error(status, body, 413, "too_large")
+    assert await item(http, eu, "over") is None
+
+
+async def test_a_backlog_of_large_values_beyond_one_push_reaches_a_returning_peer(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    """70 values of ~1 MiB: more than a peer takes in one request (64 MiB), so the backlog
+    must go over in several pushes, none of them refused."""
+    eu, us = await mesh(2)
+    await us.stop()
+    big = "b" * (MiB - 64)
+    for i in range(70):
+        await put(http, eu, f"big-{i}", [i, big])
+    await us.start()
+    await eventually(lambda: all_backlogs_empty(http, [eu]), "eu's backlog drains", timeout=20)
+    assert us.sample("stamp_items") == 70
+    assert eu.sample("stamp_replication_pushes_total", peer=us.name, result="ok") >= 2
+    assert us.sample("stamp_apply_errors_total") == 0
+    got = await item(http, us, "big-69")
+    assert got is not None and got["value"] == [69, big]
+
+
+# -- a peer that was away --------------------------------------------------------------
+
+
+async def test_a_stopped_stamp_catches_up_with_every_write_when_restarted_on_its_port(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await mesh(3)
+    await put(http, eu, "before", 0)
+    await eventually(lambda: all_backlogs_empty(http, [eu, us, ap]), "before reaches all")
+    await us.stop()  # its database file stays; its port refuses connections
+
+    writes = 40
+    for i in range(writes):
+        await asyncio.gather(put(http, eu, f"eu-{i}", i), put(http, ap, f"ap-{i}", i))
+    await call(http, "DELETE", f"{eu.url}/items/before")
+
+    async def backlog_grew() -> bool:
+        for stamp, n in ((eu, writes + 1), (ap, writes)):
+            _, body = await health(http, stamp)
+            if body["replication"][us.name]["backlog"] != n:
+                return False
+        return True
+
+    await eventually(backlog_grew, "eu and ap each hold every write for the stopped us")
+    _, body = await health(http, eu)
+    assert body["replication"][ap.name]["backlog"] == 0  # the others kept replicating
+
+    await us.start()  # same port, same database
+
+    async def caught_up() -> bool:
+        _, body, _ = await call(http, "GET", f"{us.url}/items?limit=1000")
+        return len(body["items"]) == 2 * writes
+
+    await eventually(caught_up, "us holds all 80 writes")
+    _, body, _ = await call(http, "GET", f"{us.url}/items?limit=1000")
+    assert {i["id"]: i["value"] for i in body["items"]} == {
+        **{f"eu-{i}": i for i in range(writes)}, **{f"ap-{i}": i for i in range(writes)}
+    }
+    assert await item(http, us, "before") is None
+    await eventually(lambda: all_backlogs_empty(http, [eu, us, ap]), "every backlog is 0")
+
+
+async def test_a_write_acknowledged_just_before_sigkill_replicates_after_restart(
+    mesh: MeshFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    (peer,) = await mesh(1, start=False)  # nothing listens at its address yet
+    config = tmp_path / "killed.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "stamp-killed", "region": "us-east",
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "database": "killed.db",
+        "peers": [{"name": peer.name, "url": peer.url}],
+        "replication": {"interval": "100ms", "min_backoff": "50ms", "max_backoff": "500ms",
+                        "timeout": "2s"},
+    }))  # fmt: skip
+
+    async with stamp_process(config) as first:
+        url = await first.listening()
+        status, body, _ = await call(http, "PUT", f"{url}/items/last-words",
+                                     json={"said": "before the kill"})  # fmt: skip
+        first.proc.send_signal(signal.SIGKILL)  # right after the acknowledgement
+        assert status == 201, body
+        assert await first.proc.wait() == -signal.SIGKILL
+    assert (tmp_path / "killed.db").exists()
+
+    await peer.start()
+    assert await item(http, peer, "last-words") is None  # it could not have replicated
+    async with stamp_process(config) as second:
+        await second.listening()
+        await eventually(converged_on(http, [peer], "last-words", {"said": "before the kill"}),
+                         "the killed stamp's acknowledged write reaches its peer")  # fmt: skip
+        got = await item(http, peer, "last-words")
+        assert got is not None and got["origin"] == {"stamp": "stamp-killed", "region": "us-east"}
+        assert got["version"] == body["version"]
+        second.proc.send_signal(signal.SIGTERM)
+        assert await second.proc.wait() == 0
+
+
+class StampProcess:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.output: list[str] = []
+
+    async def listening(self, timeout: float = 20) -> str:
+        """Read output until the stamp says where it listens; its URL."""
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.proc.stdout.readline()
+                if not raw:
+                    raise AssertionError("stamp process ended:\n" + "".join(self.output))
+                self.output.append(raw.decode())
+                if m := re.search(r"listening on (http://\S+)", self.output[-1]):
+                    return m.group(1)
+
+
+@contextlib.asynccontextmanager
+async def stamp_process(config: Path) -> AsyncIterator[StampProcess]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "geoproxy", "stamp", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        yield StampProcess(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+# -- sync writes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", [
+    pytest.param({"params": {"consistency": "sync"}}, id="query"),
+    pytest.param({"headers": {"X-Consistency": "sync"}}, id="header"),
+])  # fmt: skip
+async def test_a_sync_write_answers_once_every_peer_has_it(
+    mesh: MeshFactory, http: aiohttp.ClientSession, how: dict[str, Any]
+) -> None:
+    eu, us, ap = await mesh(3)
+    for n, expect in ((1, 201), (2, 200)):
+        status, body, _ = await call(http, "PUT", f"{eu.url}/items/order", json={"n": n}, **how)
+        assert status == expect, body
+        # no polling: the peers had applied it before the answer came
+        assert await item(http, us, "order") == body
+        assert await item(http, ap, "order") == body
+    status, body, _ = await call(http, "DELETE", f"{eu.url}/items/order", **how)
+    assert status == 200, body
+    assert await item(http, us, "order") is None and await item(http, ap, "order") is None
+    assert eu.sample("stamp_sync_writes_total", result="confirmed") == 3
+
+
+async def test_a_sync_write_with_a_peer_down_answers_503_naming_it_and_replicates_later(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us, ap = await mesh(3)
+    await ap.stop()
+    status, body, _ = await call(http, "PUT", f"{eu.url}/items/must-confirm",
+                                 params={"consistency": "sync"}, json="v")  # fmt: skip
+    assert_json_error(status, body, 503, "sync_not_confirmed")
+    failed = re.search(r"\(([^()]*) failed\)", body["error"]["message"])
+    assert failed is not None and failed.group(1) == ap.name, body
+    assert eu.sample("stamp_sync_writes_total", result="unconfirmed") == 1
+    # the local write is kept (not rolled back) and the live peer has it already
+    assert await value_of(http, eu, "must-confirm") == "v"
+    assert await value_of(http, us, "must-confirm") == "v"
+
+    await ap.start()
+    await eventually(converged_on(http, [ap], "must-confirm", "v"), "the write reaches ap")
+
+
+async def test_a_sync_write_with_quorum_one_succeeds_with_one_of_two_peers_down(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    quorum = Replication(interval=0.1, min_backoff=0.05, max_backoff=0.5, timeout=2.0,
+                         sync_quorum=1)  # fmt: skip
+    eu, us, ap = await mesh(3, replication=quorum)
+    await ap.stop()
+    status, body, _ = await call(http, "PUT", f"{eu.url}/items/q", json=1,
+                                 headers={"X-Consistency": "sync"})  # fmt: skip
+    assert status == 201, body
+    assert await item(http, us, "q") == body
+    await ap.start()
+    await eventually(converged_on(http, [ap], "q", 1), "the write reaches ap once it is back")
+
+
+# -- PN-counters -----------------------------------------------------------------------
+
+
+async def test_concurrent_counter_updates_on_every_stamp_converge_to_the_exact_total(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    stamps = await mesh(3)
+    deltas = {s.name: [1] * 20 + [-2] * 3 + [7] for s in stamps}
+
+    async def bump(stamp: Stamp, delta: int) -> None:
+        status, body, _ = await call(http, "POST", f"{stamp.url}/counters/likes",
+                                     json={"delta": delta})  # fmt: skip
+        assert status == 200, body
+
+    await asyncio.gather(*(bump(s, d) for s in stamps for d in deltas[s.name]))
+    total = sum(sum(d) for d in deltas.values())
+
+    async def converged() -> bool:
+        for stamp in stamps:
+            status, body, _ = await call(http, "GET", f"{stamp.url}/counters/likes")
+            if status != 200 or body["value"] != total:
+                return False
+        return True
+
+    await eventually(converged, f"every stamp counts {total}")
+    _, body, _ = await call(http, "GET", f"{stamps[0].url}/counters/likes")
+    assert {s["stamp"]: (s["increments"], s["decrements"]) for s in body["slots"]} == {
+        s.name: (27, 6) for s in stamps
+    }
+    status, body, _ = await call(http, "GET", f"{stamps[0].url}/counters/unknown")
+    assert_json_error(status, body, 404, "not_found")
