@@ -1,0 +1,290 @@
+#!/usr/bin/env python3
+"""Side-by-side proxy benchmark on loopback: geoproxy against nginx and Caddy (and a plain
+aiohttp proxy), all in front of the same nginx upstream, measured in the same run.
+
+    sudo python3 bench/run.py                      # installs nginx, caddy, wrk (Debian)
+    python3 bench/run.py --rounds 3 --duration 5 --conns 10,50,200 --sizes 0,16384
+
+Each proxy is pinned to core 0 (one core per proxy, GOMAXPROCS=1 for Caddy, one nginx
+worker); the upstream nginx and wrk share the other core. Rounds are interleaved
+(A B C ... A B C ...) so that drift on a shared machine hits every proxy alike, and the
+table shows the median of the rounds with ratios to nginx and Caddy from this same run.
+Everything listens on 127.0.0.1 only; every run is bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_tools() -> None:
+    missing = [t for t in ("nginx", "caddy", "wrk", "taskset") if shutil.which(t) is None]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        pkgs = ["nginx", "caddy", "wrk", "util-linux"]
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs],
+                       check=True, env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+    missing = [t for t in ("nginx", "caddy", "wrk", "taskset") if shutil.which(t) is None]
+    if missing:
+        sys.exit(f"bench: missing {', '.join(missing)} (as root: apt-get install nginx caddy wrk)")
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        subprocess.run([PY, "-m", "pip", "install", "--quiet", "uvloop"], check=True)
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def rss_kib(pid: int, field_name: str = "VmRSS") -> int:
+    """Resident memory of a process and its children (nginx master + worker), in KiB."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{p}/status").read_text()
+            m = re.search(rf"^{field_name}:\s+(\d+) kB", status, re.M)
+            total += int(m.group(1)) if m else 0
+    return total
+
+
+def children(pid: int) -> list[int]:
+    try:
+        out = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    kids = [int(c) for c in out]
+    return kids + [g for k in kids for g in children(k)]
+
+
+@dataclass
+class Proxy:
+    name: str
+    argv: list[str]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", "0", *self.argv], env={**os.environ, **self.env},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    rss_kib: int
+
+
+_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(port: int, path: str, conns: int, duration: int) -> tuple[float, float, float, int]:
+    out = subprocess.run(
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency",
+         f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, timeout=duration + 30,
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
+
+    def ms(text: str) -> float:
+        m = re.match(r"([\d.]+)(\w+)", text)
+        assert m is not None
+        return float(m.group(1)) * _UNIT[m.group(2)]
+
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(g) for g in m.groups())
+    return rps, ms(lat["50"]), ms(lat["99"]), errors
+
+
+def configs(tmp: Path, upstream: int, ports: dict[str, int]) -> None:
+    (tmp / "www").mkdir()
+    (tmp / "www" / "16k").write_bytes(b"x" * 16384)
+    (tmp / "upstream.conf").write_text(textwrap.dedent(f"""
+        worker_processes 1; daemon off; pid {tmp}/upstream.pid; error_log /dev/null crit;
+        events {{ worker_connections 4096; }}
+        http {{ access_log off; keepalive_requests 1000000;
+          server {{ listen 127.0.0.1:{upstream} reuseport; root {tmp}/www;
+            location = /health {{ return 200 "ok"; }}
+            location = /small {{ return 200 "ok"; }}
+            location = /16k {{ }} }} }}
+    """))
+    (tmp / "nginx-proxy.conf").write_text(textwrap.dedent(f"""
+        worker_processes 1; daemon off; pid {tmp}/proxy.pid; error_log /dev/null crit;
+        events {{ worker_connections 4096; }}
+        http {{ access_log off; keepalive_requests 1000000;
+          upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+          server {{ listen 127.0.0.1:{ports['nginx']};
+            location / {{ proxy_pass http://up; proxy_http_version 1.1;
+              proxy_set_header Connection ""; }} }} }}
+    """))
+    (tmp / "Caddyfile").write_text(textwrap.dedent(f"""
+        {{
+          admin off
+          auto_https off
+        }}
+        http://127.0.0.1:{ports['caddy']} {{
+          reverse_proxy 127.0.0.1:{upstream}
+        }}
+    """))
+    (tmp / "geoproxy.yaml").write_text(textwrap.dedent(f"""
+        listen: {{proxy: {{host: 127.0.0.1, port: {ports['geoproxy']}}},
+                  admin: {{host: 127.0.0.1, port: {free_port()}}}}}
+        trusted_proxies: [127.0.0.0/8]
+        default_region: eu-west
+        regions: {{eu-west: {{fallback: [us-east]}}, us-east: {{fallback: [eu-west]}}}}
+        countries: {{FR: eu-west}}
+        continents: {{EU: eu-west}}
+        geodes: [{{name: bench-1, region: eu-west, url: "http://127.0.0.1:{upstream}"}}]
+        access_log: "off"
+        reload: {{poll_interval: 0s}}
+    """))
+
+
+def proxies(tmp: Path, upstream: int, ports: dict[str, int], only: set[str]) -> list[Proxy]:
+    all_ = [
+        Proxy("nginx", ["nginx", "-c", str(tmp / "nginx-proxy.conf")], ports["nginx"]),
+        Proxy("caddy", ["caddy", "run", "--config", str(tmp / "Caddyfile"), "--adapter",
+                        "caddyfile"], ports["caddy"], env={"GOMAXPROCS": "1"}),
+        Proxy("geoproxy", [PY, "-m", "geoproxy", "run", "--config", str(tmp / "geoproxy.yaml"),
+                           "--log-level", "warning"], ports["geoproxy"]),
+        Proxy("aiohttp-plain", [PY, str(ROOT / "bench" / "plain_proxy.py"), str(ports["plain"]),
+                                f"http://127.0.0.1:{upstream}"], ports["plain"]),
+    ]
+    return [p for p in all_ if p.name in only]
+
+
+@contextlib.contextmanager
+def upstream_nginx(tmp: Path, port: int) -> Iterator[None]:
+    proc = subprocess.Popen(["taskset", "-c", "1", "nginx", "-c", str(tmp / "upstream.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_port(port)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    ap.add_argument("--conns", default="10,50,200")
+    ap.add_argument("--sizes", default="small,16k", help="small (2 bytes) and/or 16k")
+    ap.add_argument("--proxies", default="nginx,caddy,geoproxy,aiohttp-plain")
+    args = ap.parse_args()
+    ensure_tools()
+    conns = [int(c) for c in args.conns.split(",")]
+    sizes = args.sizes.split(",")
+    only = set(args.proxies.split(","))
+    upstream = free_port()
+    ports = {n: free_port() for n in ("nginx", "caddy", "geoproxy", "plain")}
+    results: dict[tuple[str, str, int], list[Result]] = {}
+    with tempfile.TemporaryDirectory(prefix="geoproxy-bench-") as d:
+        tmp = Path(d)
+        configs(tmp, upstream, ports)
+        with upstream_nginx(tmp, upstream):
+            for rnd in range(args.rounds):
+                for proxy in proxies(tmp, upstream, ports, only):
+                    proxy.start()
+                    try:
+                        assert proxy.proc is not None
+                        wrk(proxy.port, "/small", 10, 1)  # warm up (pools, caches)
+                        for size in sizes:
+                            for c in conns:
+                                rps, p50, p99, errors = wrk(proxy.port, f"/{size}", c,
+                                                            args.duration)  # fmt: skip
+                                rss = rss_kib(proxy.proc.pid)
+                                results.setdefault((proxy.name, size, c), []).append(
+                                    Result(rps, p50, p99, errors, rss))
+                                print(f"round {rnd + 1} {proxy.name:<14} {size:>5} c={c:<4}"
+                                      f" {rps:>9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:7.2f}"
+                                      f" ms  errors {errors}  rss {rss / 1024:.0f} MiB",
+                                      flush=True)  # fmt: skip
+                    finally:
+                        proxy.stop()
+    print_table(results, sizes, conns, only)
+
+
+def print_table(
+    results: dict[tuple[str, str, int], list[Result]], sizes: list[str], conns: list[int],
+    only: set[str],
+) -> None:
+    def med(name: str, size: str, c: int, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in results[(name, size, c)])
+
+    print("\n| proxy | body | conns | req/s | p50 ms | p99 ms | p99/p50 | RSS MiB | errors |"
+          " x nginx | x caddy |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for size in sizes:
+        for c in conns:
+            for name in ("nginx", "caddy", "geoproxy", "aiohttp-plain"):
+                if name not in only:
+                    continue
+                rps = med(name, size, c, "rps")
+                p50, p99 = med(name, size, c, "p50_ms"), med(name, size, c, "p99_ms")
+                errors = sum(r.errors for r in results[(name, size, c)])
+                rss = max(r.rss_kib for r in results[(name, size, c)]) / 1024
+                vs = [f"{rps / med(ref, size, c, 'rps'):.2f}" if ref in only else "-"
+                      for ref in ("nginx", "caddy")]  # fmt: skip
+                print(f"| {name} | {size} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} |"
+                      f" {p99 / p50:.1f} | {rss:.0f} | {errors} | {vs[0]} | {vs[1]} |")
+    if {"geoproxy", "aiohttp-plain"} <= only:
+        ratios = [med("geoproxy", s, c, "rps") / med("aiohttp-plain", s, c, "rps")
+                  for s in sizes for c in conns]  # fmt: skip
+        print(f"\ngeoproxy / plain aiohttp proxy: {min(ratios):.2f}x to {max(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
