@@ -37,6 +37,8 @@ CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, RESPONSE, BAD_RESPONSE = (
     "connect_error", "timeout", "reset", "retry_status", "response", "bad_response",
 )  # fmt: skip
 CLIENT_BODY_TOO_LARGE = "client_body_too_large"
+#: Responses up to this size with a Content-Length are read whole and sent in one write.
+SMALL_BODY = 64 * 1024
 
 
 
@@ -211,6 +213,9 @@ class Forwarder:
         out = _RelayResponse(status=resp.status, reason=resp.reason,
                              headers=downstream_headers(resp, geode, self.runtime.via))  # fmt: skip
         trace = request[TRACE_KEY]
+        length = resp.content_length
+        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+            return await self._relay_small(request, resp, geode, out, length)
         # A body that ends when the connection closes cannot tell a reset from its end by
         # itself (aiohttp reads a reset as EOF): the connection's `closed` future can.
         closed = None
@@ -251,6 +256,31 @@ class Forwarder:
                 resp.release()
             else:
                 resp.close()  # never return a half-read connection to the pool
+        return out
+
+
+    async def _relay_small(
+        self, request: web.Request, resp: aiohttp.ClientResponse, geode: Geode,
+        out: web.StreamResponse, length: int,
+    ) -> web.StreamResponse:
+        """A small body of known length: read it whole, then send head and body in one
+        write. Nothing has reached the client yet if the geode fails meanwhile: a clean 502."""
+        try:
+            body = await resp.content.readexactly(length)
+        except (aiohttp.ClientError, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+            resp.close()
+            log.warning("geode %s failed mid-response: %r", geode.name, exc)
+            request[TRACE_KEY].attempts[-1] = (geode.name, RESET)
+            request[TRACE_KEY].geode = None
+            return json_error(502, "bad_gateway", "the geode's response broke off",
+                              attempts=len(request[TRACE_KEY].attempts))  # fmt: skip
+        resp.release()
+        try:
+            await out.prepare(request)
+            await out.write_eof(body)
+        except ConnectionError:
+            return out  # the client went away
+        request[TRACE_KEY].body_bytes = length
         return out
 
 
