@@ -185,8 +185,6 @@ def _run_main(start: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]) 
             runner.run(_serve_with_signals(start))
     except GeoproxyError as exc:
         return _fail(str(exc))
-    except asyncio.CancelledError:
-        return 130  # stopped at once by a second signal
     return 0
 
 
@@ -198,13 +196,15 @@ async def _serve_with_signals(
     requests. SIGHUP sets ``reload``."""
     stop = asyncio.Event()
     reload = asyncio.Event()
-    main = asyncio.current_task()
-    assert main is not None
 
     def on_signal() -> None:
         if stop.is_set():
+            # Cancelling would not do: a drain in progress may shield itself from it.
             logging.getLogger("geoproxy").warning("second signal: stopping at once")
-            main.cancel()
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         stop.set()
 
     loop = asyncio.get_running_loop()
