@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from geoproxy import __version__
+from geoproxy import __version__, upstream
 from geoproxy import config as config_mod
 from geoproxy.admin import build_admin_app
 from geoproxy.clientip import TrustedProxies
@@ -138,7 +138,9 @@ class Gateway:
             self.runtime = Runtime(Topology.build(self.config),
                                    TrustedProxies(self.config.trusted_proxies), geoip,
                                    self.board, session, self.via)  # fmt: skip
-            self.forwarder = Forwarder(self.runtime, self.config.limits)
+            pool = upstream.Pool(self.config.forwarding.keepalive_timeout)
+            stack.callback(pool.close)
+            self.forwarder = Forwarder(self.runtime, self.config.limits, pool)
             self.checker = HealthChecker(self.board, health_session)
             await self.checker.check_once()
             self._update_ready()
@@ -177,6 +179,8 @@ class Gateway:
             assert self.forwarder is not None
             self.forwarder.runtime = self.runtime
             self.forwarder.limits = new.limits
+            self.forwarder.pool.keepalive_timeout = new.forwarding.keepalive_timeout
+            self.forwarder.pool.close(removed)
             checker.sync(removed)
             self.observer.access_format = new.access_log
             self.config = new

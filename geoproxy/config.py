@@ -61,9 +61,12 @@ class Geode:
     weight: int  # relative share among healthy geodes of one region, >= 1.
     health: HealthCheck
     base: str = field(init=False, repr=False, compare=False)  # url without a trailing "/"
+    prefix: str = field(init=False, repr=False, compare=False)  # its path, without "/" at
+    # the end: what goes before the request's path (usually "")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", str(self.url).rstrip("/"))
+        object.__setattr__(self, "prefix", self.url.raw_path.rstrip("/"))
 
 
 @dataclass(frozen=True, slots=True)

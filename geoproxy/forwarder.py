@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.hdrs import CONTENT_LENGTH, CONTENT_TYPE, SERVER, TRANSFER_ENCODING
+from aiohttp.http_writer import _serialize_headers  # C; also validates header values
+from multidict import CIMultiDictProxy
 from yarl import URL
 
+from geoproxy import upstream
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.config import Geode, Limits
 from geoproxy.headers import downstream_headers, has_looped, upstream_headers
@@ -80,6 +84,40 @@ class _Body:
             yield chunk
 
 
+class Reply:
+    """A geode's response as the relay needs it, from either client path."""
+
+    __slots__ = ("close", "content", "content_length", "headers", "protocol", "reason",
+                 "release", "status")  # fmt: skip
+
+    def __init__(
+        self,
+        status: int,
+        reason: str | None,
+        headers: CIMultiDictProxy[str],
+        content: aiohttp.StreamReader,
+        protocol: ResponseHandler | None,
+        release: Callable[[], None],
+        close: Callable[[], None],
+    ) -> None:
+        self.status, self.reason, self.headers, self.content = status, reason, headers, content
+        self.protocol, self.release, self.close = protocol, release, close
+        length = headers.get(CONTENT_LENGTH)
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+
+    @classmethod
+    def of_response(cls, resp: aiohttp.ClientResponse) -> Reply:
+        protocol = resp.connection.protocol if resp.connection is not None else None
+        return cls(resp.status, resp.reason, resp.headers, resp.content, protocol,
+                   resp.release, resp.close)  # fmt: skip
+
+    @classmethod
+    def of_exchange(cls, ex: upstream.Exchange) -> Reply:
+        msg = ex.message
+        return cls(msg.code, msg.reason, msg.headers, ex.payload, ex.proto, ex.release,
+                   ex.close)  # fmt: skip
+
+
 def _body_too_large(limits: Limits) -> web.Response:
     return json_error(413, "body_too_large",
                       f"request body exceeds {limits.max_body_bytes} bytes")  # fmt: skip
@@ -91,9 +129,10 @@ def _head_size(request: web.Request) -> int:
 
 
 class Forwarder:
-    def __init__(self, runtime: Runtime, limits: Limits) -> None:
+    def __init__(self, runtime: Runtime, limits: Limits, pool: upstream.Pool) -> None:
         self.runtime = runtime  # replaced whole by a reload
         self.limits = limits
+        self.pool = pool
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rt = self.runtime  # read once: a reload swaps it whole
@@ -141,19 +180,37 @@ class Forwarder:
             total=None, connect=fwd.connect_timeout, sock_connect=fwd.connect_timeout,
             sock_read=fwd.response_timeout,
         )  # fmt: skip
+        # Bodiless requests to plain-HTTP geodes take the lean path (upstream.py).
+        lean = body is None
+        idempotent = request.method in IDEMPOTENT
         last = CONNECT_ERROR
         for index, cand in enumerate(cands):
             geode = cand.geode
             if not fwd.preserve_host:
                 headers["Host"] = geode.url.raw_authority
-            url = URL(geode.base + path_qs, encoded=True)
+            elif "Host" not in headers:
+                headers["Host"] = geode.url.raw_authority  # an HTTP/1.0 client sent none
             try:
-                resp = await rt.session.request(
-                    request.method, url, headers=headers,
-                    data=body.chunks() if body is not None else None,
-                    allow_redirects=False, timeout=timeout,
-                )  # fmt: skip
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                if lean and geode.url.scheme == "http":
+                    line = f"{request.method} {geode.prefix}{path_qs} HTTP/1.1"
+                    try:
+                        head = _serialize_headers(line, headers)
+                    except ValueError:  # a control character: never passed on
+                        return json_error(400, "bad_request", "invalid request head")
+                    exchange = await upstream.send(
+                        self.pool, geode, head, request.method, fwd.connect_timeout,
+                        fwd.response_timeout, idempotent,
+                    )  # fmt: skip
+                    reply = Reply.of_exchange(exchange)
+                else:
+                    resp = await rt.session.request(
+                        request.method, URL(geode.base + path_qs, encoded=True),
+                        headers=headers, data=body.chunks() if body is not None else None,
+                        allow_redirects=False, timeout=timeout,
+                    )  # fmt: skip
+                    reply = Reply.of_response(resp)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
+                    upstream.ConnectFailed) as exc:  # fmt: skip
                 last = CONNECT_ERROR
                 log.info("geode %s: connect failed: %s", geode.name, exc)
             except (aiohttp.ServerTimeoutError, TimeoutError):
@@ -166,27 +223,27 @@ class Forwarder:
                 last = RESET
                 log.info("geode %s: request failed: %r", geode.name, exc)
             else:
-                rt.board.observe(geode.name, resp.status not in RETRY_STATUSES)
+                rt.board.observe(geode.name, reply.status not in RETRY_STATUSES)
                 more = index + 1 < len(cands) and loop.time() < deadline
                 if (
-                    resp.status in RETRY_STATUSES
+                    reply.status in RETRY_STATUSES
                     and more
                     and may_try_next(RETRY_STATUS, request.method, bool(body and body.started))
                 ):
                     trace.attempts.append((geode.name, RETRY_STATUS))
-                    resp.close()
+                    reply.close()
                     continue
-                if not _framing_ok(resp):
-                    resp.close()
+                if not _framing_ok(reply):
+                    reply.close()
                     trace.attempts.append((geode.name, BAD_RESPONSE))
                     log.warning("geode %s: unsupported Transfer-Encoding %r", geode.name,
-                                resp.headers.get("Transfer-Encoding"))  # fmt: skip
+                                reply.headers.get("Transfer-Encoding"))  # fmt: skip
                     last = BAD_RESPONSE
                     break
                 trace.attempts.append((geode.name, RESPONSE))
                 trace.geode = geode
                 trace.decision = cand.decision
-                return await self._relay(request, resp, geode)
+                return await self._relay(request, reply, geode)
             trace.attempts.append((geode.name, last))
             rt.board.observe(geode.name, False)
             if not may_try_next(last, request.method, bool(body and body.started)):
@@ -204,33 +261,32 @@ class Forwarder:
                           attempts=len(trace.attempts))  # fmt: skip
 
     async def _relay(
-        self, request: web.Request, resp: aiohttp.ClientResponse, geode: Geode
+        self, request: web.Request, reply: Reply, geode: Geode
     ) -> web.StreamResponse:
         """Stream the geode's response to the client. A geode that fails mid-body aborts
         the client connection, so a truncated response never looks complete. Returning
         the prepared response lets aiohttp finish (or notice the closed connection)
         without logging a 500 for what is not a server error."""
-        out = _RelayResponse(status=resp.status, reason=resp.reason,
-                             headers=downstream_headers(resp, geode, self.runtime.via))  # fmt: skip
+        headers = downstream_headers(reply.headers, geode, self.runtime.via)
+        out = _RelayResponse(status=reply.status, reason=reply.reason, headers=headers)
         trace = request[TRACE_KEY]
-        length = resp.content_length
+        length = reply.content_length
         if length is not None and length <= SMALL_BODY and request.method != "HEAD":
-            return await self._relay_small(request, resp, geode, out, length)
+            return await self._relay_small(request, reply, geode, out, length)
         # A body that ends when the connection closes cannot tell a reset from its end by
         # itself (aiohttp reads a reset as EOF): the connection's `closed` future can.
         closed = None
-        delimited = CONTENT_LENGTH in resp.headers or "chunked" in resp.headers.get(
+        delimited = CONTENT_LENGTH in reply.headers or "chunked" in reply.headers.get(
             TRANSFER_ENCODING, ""
         ).lower()
-        protocol = resp.connection.protocol if resp.connection is not None else None
-        if not delimited and protocol is not None:
-            closed = protocol.closed
+        if not delimited and reply.protocol is not None:
+            closed = reply.protocol.closed
         complete = False
         try:
             await out.prepare(request)
             while True:
                 try:
-                    chunk = await resp.content.readany()
+                    chunk = await reply.content.readany()
                     lost = closed.exception() if closed is not None and _settled(closed) else None
                     if not chunk and lost is not None:
                         raise lost
@@ -253,28 +309,28 @@ class Forwarder:
             if closed is not None and _settled(closed):
                 closed.exception()  # retrieved: no "exception was never retrieved" noise
             if complete:
-                resp.release()
+                reply.release()
             else:
-                resp.close()  # never return a half-read connection to the pool
+                reply.close()  # never return a half-read connection to the pool
         return out
 
 
     async def _relay_small(
-        self, request: web.Request, resp: aiohttp.ClientResponse, geode: Geode,
+        self, request: web.Request, reply: Reply, geode: Geode,
         out: web.StreamResponse, length: int,
     ) -> web.StreamResponse:
         """A small body of known length: read it whole, then send head and body in one
         write. Nothing has reached the client yet if the geode fails meanwhile: a clean 502."""
         try:
-            body = await resp.content.readexactly(length)
+            body = await reply.content.readexactly(length)
         except (aiohttp.ClientError, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-            resp.close()
+            reply.close()
             log.warning("geode %s failed mid-response: %r", geode.name, exc)
             request[TRACE_KEY].attempts[-1] = (geode.name, RESET)
             request[TRACE_KEY].geode = None
             return json_error(502, "bad_gateway", "the geode's response broke off",
                               attempts=len(request[TRACE_KEY].attempts))  # fmt: skip
-        resp.release()
+        reply.release()
         try:
             await out.prepare(request)
             await out.write_eof(body)
@@ -288,10 +344,10 @@ def _settled(future: asyncio.Future[None]) -> bool:
     return future.done() and not future.cancelled()
 
 
-def _framing_ok(resp: aiohttp.ClientResponse) -> bool:
+def _framing_ok(reply: Reply) -> bool:
     """Only ``chunked`` is a transfer-coding we can relay: any other (``gzip, chunked``)
     would reach the client as undeclared encoded bytes once the hop-by-hop header goes."""
-    te = resp.headers.get(TRANSFER_ENCODING)
+    te = reply.headers.get(TRANSFER_ENCODING)
     return te is None or te.strip().lower() == "chunked"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import secrets
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -97,15 +96,15 @@ def upstream_headers(
 
 
 def downstream_headers(
-    resp: aiohttp.ClientResponse, geode: Geode, via: str
+    headers: CIMultiDictProxy[str], geode: Geode, via: str
 ) -> CIMultiDict[str]:
-    named = _connection_tokens(resp.headers)
+    named = _connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in resp.headers.items():
+    for name, value in headers.items():
         if name in HOP_BY_HOP or name.lower() in named:
             continue
         out.add(name, value)
-    prior_via = ", ".join(resp.headers.getall("Via", ()))
+    prior_via = ", ".join(headers.getall("Via", ()))
     out["Via"] = f"{prior_via}, 1.1 {via}" if prior_via else f"1.1 {via}"
     out[GEODE_HEADER] = geode.name
     out[REGION_HEADER] = geode.region

@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "model": 3,
     "clientip": 3, "geoip": 4,
     "resolver": 5, "health": 5, "router": 5, "responses": 5,
-    "runtime": 6, "explain": 6, "headers": 6, "trace": 6,
+    "runtime": 6, "explain": 6, "headers": 6, "trace": 6, "upstream": 6,
     "websocket": 7, "status_page": 7,
     "forwarder": 8,
     "observe": 9, "admin": 9,
