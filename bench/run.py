@@ -150,6 +150,9 @@ def wrk(port: int, path: str, conns: int, duration: int) -> tuple[float, float, 
 def configs(tmp: Path, upstream: int, ports: dict[str, int]) -> None:
     (tmp / "www").mkdir()
     (tmp / "www" / "16k").write_bytes(b"x" * 16384)
+    for path in (tmp, tmp / "www"):  # nginx workers run as an unprivileged user
+        path.chmod(0o755)
+    (tmp / "www" / "16k").chmod(0o644)
     (tmp / "upstream.conf").write_text(textwrap.dedent(f"""
         worker_processes 1; daemon off; pid {tmp}/upstream.pid; error_log /dev/null crit;
         events {{ worker_connections 4096; }}

@@ -9,9 +9,10 @@ checked here; the derived topology lives in ``model.py``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,14 @@ from yarl import URL
 
 from geoproxy.countries import CONTINENTS, COUNTRY_CONTINENT
 from geoproxy.errors import ConfigError
-from geoproxy.schema import Node, Problems, parse_duration, parse_size, parse_statuses, read_yaml
+from geoproxy.schema import (
+    Node,
+    Problems,
+    parse_duration,
+    parse_size,
+    parse_statuses,
+    read_yaml_bytes,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -141,17 +149,37 @@ class Config:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     files: tuple[Path, ...] = ()  # every file read (this one, the region map): a change
     # to any of them triggers a reload.
+    fingerprint: bytes = b""  # of the exact bytes this config was read from
+
+
+def fingerprint(contents: Iterable[bytes]) -> bytes:
+    digest = hashlib.sha256()
+    for content in contents:
+        digest.update(hashlib.sha256(content).digest())
+    return digest.digest()
+
+
+def files_fingerprint(files: Iterable[Path]) -> bytes:
+    """The fingerprint of the files as they are now (an unreadable one counts as such)."""
+    contents = []
+    for path in files:
+        try:
+            contents.append(path.read_bytes())
+        except OSError as exc:  # mid-swap or deleted: compare as such, report at load
+            contents.append(f"unreadable: {exc.errno}".encode())
+    return fingerprint(contents)
 
 
 def load(path: str | Path) -> Config:
     """Read and validate a config file; raise ``ConfigError`` listing every problem."""
     path = Path(path)
-    data = read_yaml(path)
+    data, raw = read_yaml_bytes(path)
     problems = Problems(str(path))
-    config = _build(Node(data, "", problems), path, problems)
+    read: list[bytes] = [raw]
+    config = _build(Node(data, "", problems), path, problems, read)
     if problems or config is None:
         raise ConfigError(problems.lines)
-    return config
+    return dataclasses.replace(config, fingerprint=fingerprint(read))
 
 
 _TOP_KEYS = (
@@ -161,7 +189,7 @@ _TOP_KEYS = (
 )  # fmt: skip
 
 
-def _build(root: Node, path: Path, problems: Problems) -> Config | None:
+def _build(root: Node, path: Path, problems: Problems, read: list[bytes]) -> Config | None:
     # regions, geodes and default_region are required: their readers say so (once).
     if not root.expect_mapping(_TOP_KEYS):
         return None
@@ -181,7 +209,7 @@ def _build(root: Node, path: Path, problems: Problems) -> Config | None:
     regions = _regions(root.get("regions"))
     known = {r.name for r in regions}
     default_region = root.get("default_region").region(known)
-    countries, continents = _region_map(root, base, known, problems)
+    countries, continents = _region_map(root, base, known, problems, read)
     region_map = root.get("region_map").string(optional=True)
 
     health = _health(root.get("health_check"), HealthCheck())
@@ -291,7 +319,7 @@ def _regions(node: Node) -> tuple[Region, ...]:
 
 
 def _region_map(
-    root: Node, base: Path, known: set[str], problems: Problems
+    root: Node, base: Path, known: set[str], problems: Problems, read: list[bytes]
 ) -> tuple[dict[str, str], dict[str, str]]:
     """The region map: ``region_map`` (a file) first, then inline entries override it."""
     countries: dict[str, str] = {}
@@ -303,7 +331,8 @@ def _region_map(
     if file:
         map_path = base / file
         try:
-            data = read_yaml(map_path)
+            data, raw = read_yaml_bytes(map_path)
+            read.append(raw)
         except ConfigError as exc:
             sub.lines.extend(exc.problems)
         else:

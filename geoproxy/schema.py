@@ -269,14 +269,21 @@ for _first in "tTfF":
 
 
 def read_yaml(path: Path) -> Any:
+    return read_yaml_bytes(path)[0]
+
+
+def read_yaml_bytes(path: Path) -> tuple[Any, bytes]:
+    """The parsed YAML and the exact bytes it came from."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text: {exc.reason}"]) from None
     try:
-        return yaml.load(text, Loader=StrictBoolLoader)
+        return yaml.load(text, Loader=StrictBoolLoader), raw
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

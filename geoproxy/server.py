@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from geoproxy.app import Gateway
-from geoproxy.config import Config, Listener
+from geoproxy.config import Config, Listener, files_fingerprint
 from geoproxy.errors import GeoproxyError
 
 log = logging.getLogger("geoproxy")
@@ -174,7 +172,7 @@ async def watch_config(gateway: Gateway, reload: asyncio.Event) -> None:
     """Reload on ``reload`` (SIGHUP), and when the content of a config file changes:
     compared by hash every ``reload.poll_interval``, which catches Kubernetes ConfigMap
     symlink swaps and bind mounts that inotify-based watchers miss."""
-    digest = _digest(gateway.config.files)
+    digest = gateway.config.fingerprint  # of the bytes it was loaded from, at start-up
     while True:
         interval = gateway.config.lifecycle.reload_poll_interval
         try:
@@ -184,22 +182,12 @@ async def watch_config(gateway: Gateway, reload: asyncio.Event) -> None:
         except TimeoutError:
             reason = "config file changed"
         reload.clear()
-        now = _digest(gateway.config.files)
+        now = files_fingerprint(gateway.config.files)
         if reason != "SIGHUP" and now == digest:
             continue
-        digest = now  # a broken file is reported once, not at every poll
-        await gateway.reload_from_file(reason)
-
-
-def _digest(files: tuple[Path, ...]) -> bytes:
-    h = hashlib.sha256()
-    for path in files:
-        try:
-            h.update(path.read_bytes())
-        except OSError as exc:  # mid-swap or deleted: compare as such, report at load
-            h.update(f"unreadable: {exc.errno}".encode())
-        h.update(b"\0")
-    return h.digest()
+        ok = await gateway.reload_from_file(reason)
+        # A broken file is reported once, not at every poll.
+        digest = gateway.config.fingerprint if ok else now
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:

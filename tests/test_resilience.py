@@ -4,6 +4,7 @@ over real sockets. (Fault injection with real geode processes: test_faults.py.)"
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -390,3 +391,27 @@ async def test_readyz_turns_503_when_draining(
     assert proxy.sample("geoproxy_ready") == 0
 
 
+
+
+async def test_a_change_made_while_starting_up_is_picked_up(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    write_config: WriteConfig,
+) -> None:
+    from geoproxy.server import watch_config
+
+    geodes = await three_geodes(geode_factory)
+    data = base_config([geode_entry(g) for g in geodes], reload={"poll_interval": "50ms"})
+    proxy = await proxy_factory(data)
+    # The file changes after it was loaded but before anyone watches it.
+    data["countries"] = {**data["countries"], "FR": "us-east"}
+    write_config(data)
+    watcher = asyncio.create_task(watch_config(proxy.gateway, asyncio.Event()))
+    try:
+        async with asyncio.timeout(5):
+            while not proxy.sample("geoproxy_config_reloads_total", result="success"):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    assert await served_by(http, proxy, "FR") == "us-1"
