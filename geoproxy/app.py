@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -77,6 +77,7 @@ class Gateway:
         self.forwarder: Forwarder | None = None
         self.checker: HealthChecker | None = None
         self.draining = False
+        self.on_request: Callable[[web.Request], None] | None = None  # see HeadTimeoutRunner
         self._reload_lock = asyncio.Lock()
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.declare_geodes((g.name, g.region) for g in config.geodes)
@@ -208,11 +209,13 @@ class Gateway:
         return True
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.on_request is not None:
+            self.on_request(request)
         assert self.forwarder is not None
-        return await self.forwarder.handle(request)
+        return await self.observer.observe(request, self.forwarder.handle)
 
     def proxy_app(self) -> web.Application:
-        app = web.Application(middlewares=[self.observer.middleware])
+        app = web.Application()
         app.cleanup_ctx.append(self._lifespan)
         # (?s): a path may hold a percent-decoded newline; it is forwarded like any other.
         app.router.add_route("*", "/{tail:(?s:.*)}", self._handle)

@@ -11,6 +11,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@lru_cache(maxsize=4096)
 def parse_ip(text: str) -> IPAddress | None:
     """An address from a peer or an XFF entry; ``None`` when malformed. Accepts the forms
     proxies write (``1.2.3.4:5678``, ``[2001:db8::1]:443``) and unmaps ``::ffff:a.b.c.d``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,6 +37,7 @@ def code_class(status: int) -> str:
 class Metrics:
     def __init__(self, registry: CollectorRegistry, process_metrics: bool = True) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = registry
         self.requests = Counter(
             "geoproxy_requests", "Requests answered, by the geode that served them ('none' "
@@ -114,6 +116,16 @@ class Metrics:
         if process_metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, memoised: the hot path records the same few series
+        over and over, and ``labels()`` validates and locks on every call. The label sets
+        are bounded (regions, geodes, outcomes), so the memo is too."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def declare_geodes(self, geodes: Iterable[tuple[str, str]]) -> None:
         """Emit ``geoproxy_geode_up`` (0) for every (geode, region) before any check."""

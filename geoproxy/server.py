@@ -67,7 +67,7 @@ class HeadTimeoutRunner(web.AppRunner):
     by aiohttp's ``keepalive_timeout``, which closes a connection idling mid-head.
 
     aiohttp has no switch for this: the runner hands sites a wrapping protocol factory,
-    and a middleware notes the connections whose request head arrived."""
+    and the app calls ``note_request`` for every request head that arrived."""
 
     def __init__(self, app: web.Application, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
@@ -75,13 +75,10 @@ class HeadTimeoutRunner(web.AppRunner):
         # Connections whose first request head has not arrived yet. Held strongly (aiohttp's
         # protocol objects take no weak references), each for header_timeout at most.
         self._waiting: set[Any] = set()
-        app.middlewares.insert(0, self._note_started)
 
-    @web.middleware
-    async def _note_started(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    def note_request(self, request: web.Request) -> None:
+        """The request head of this connection arrived (the app calls this first thing)."""
         self._waiting.discard(request.protocol)
-        response: web.StreamResponse = await handler(request)
-        return response
 
     @property
     def server(self) -> Any:
@@ -136,6 +133,7 @@ async def serve(
         handle_signals=False, shutdown_timeout=drain,
         keepalive_timeout=config.limits.keepalive_timeout,
     )  # fmt: skip
+    gateway.on_request = proxy_runner.note_request
     admin_runner = web.AppRunner(gateway.admin_app(), access_log=None, handle_signals=False,
                                  shutdown_timeout=drain)  # fmt: skip
     log.info("geoproxy starting: first health round over %d geodes", len(config.geodes))

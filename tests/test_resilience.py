@@ -307,6 +307,7 @@ async def test_slow_request_head_gets_408_and_the_connection_closes(
     cfg = config_mod.load(write_config(base_config([geode_entry(g) for g in geodes])))
     gateway = Gateway(cfg)
     runner = HeadTimeoutRunner(gateway.proxy_app(), 0.3)
+    gateway.on_request = runner.note_request
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -491,6 +492,7 @@ async def test_idle_client_connections_are_closed_after_the_keepalive_timeout(
     cfg = config_mod.load(write_config(base_config([geode_entry(g) for g in geodes])))
     gateway = Gateway(cfg)
     runner = HeadTimeoutRunner(gateway.proxy_app(), 5.0, keepalive_timeout=0.3)
+    gateway.on_request = runner.note_request
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
