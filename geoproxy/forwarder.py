@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.hdrs import CONTENT_LENGTH, CONTENT_TYPE, SERVER, TRANSFER_ENCODING
 from aiohttp.http_writer import _serialize_headers  # C; also validates header values
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from geoproxy import upstream
@@ -43,6 +43,7 @@ CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, RESPONSE, BAD_RESPONSE = (
 CLIENT_BODY_TOO_LARGE = "client_body_too_large"
 #: Responses up to this size with a Content-Length are read whole and sent in one write.
 SMALL_BODY = 64 * 1024
+_NO_BODY = frozenset({204, 304})
 
 
 
@@ -268,11 +269,12 @@ class Forwarder:
         the prepared response lets aiohttp finish (or notice the closed connection)
         without logging a 500 for what is not a server error."""
         headers = downstream_headers(reply.headers, geode, self.runtime.via)
+        length = reply.content_length
+        if (length is not None and length <= SMALL_BODY and request.method != "HEAD"
+                and reply.status not in _NO_BODY and reply.status >= 200):  # fmt: skip
+            return await self._relay_small(request, reply, geode, headers, length)
         out = _RelayResponse(status=reply.status, reason=reply.reason, headers=headers)
         trace = request[TRACE_KEY]
-        length = reply.content_length
-        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
-            return await self._relay_small(request, reply, geode, out, length)
         # A body that ends when the connection closes cannot tell a reset from its end by
         # itself (aiohttp reads a reset as EOF): the connection's `closed` future can.
         closed = None
@@ -316,28 +318,25 @@ class Forwarder:
 
 
     async def _relay_small(
-        self, request: web.Request, reply: Reply, geode: Geode,
-        out: web.StreamResponse, length: int,
+        self, request: web.Request, reply: Reply, geode: Geode, headers: CIMultiDict[str],
+        length: int,
     ) -> web.StreamResponse:
-        """A small body of known length: read it whole, then send head and body in one
-        write. Nothing has reached the client yet if the geode fails meanwhile: a clean 502."""
+        """A small body of known length: read it whole, and let aiohttp send head and body
+        in one write. Nothing has reached the client if the geode fails meanwhile: a clean
+        502 instead of an aborted connection."""
+        trace = request[TRACE_KEY]
         try:
             body = await reply.content.readexactly(length)
         except (aiohttp.ClientError, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
             reply.close()
             log.warning("geode %s failed mid-response: %r", geode.name, exc)
-            request[TRACE_KEY].attempts[-1] = (geode.name, RESET)
-            request[TRACE_KEY].geode = None
+            trace.attempts[-1] = (geode.name, RESET)
+            trace.geode = None
             return json_error(502, "bad_gateway", "the geode's response broke off",
-                              attempts=len(request[TRACE_KEY].attempts))  # fmt: skip
+                              attempts=len(trace.attempts))  # fmt: skip
         reply.release()
-        try:
-            await out.prepare(request)
-            await out.write_eof(body)
-        except ConnectionError:
-            return out  # the client went away
-        request[TRACE_KEY].body_bytes = length
-        return out
+        trace.body_bytes = length
+        return _BodyRelayResponse(reply.status, reply.reason, headers, body)
 
 
 def _settled(future: asyncio.Future[None]) -> bool:
@@ -364,4 +363,23 @@ class _RelayResponse(web.StreamResponse):
         if not had_type:
             self.headers.popall(CONTENT_TYPE, None)
         if not had_server:
+            self.headers.popall(SERVER, None)
+
+
+class _BodyRelayResponse(web.Response):
+    """A whole small response, sent by aiohttp in one write after the handler returns,
+    with no Content-Type or Server header the geode did not send (as _RelayResponse)."""
+
+    def __init__(
+        self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
+    ) -> None:
+        self._geode_typed = CONTENT_TYPE in headers
+        self._geode_server = SERVER in headers
+        super().__init__(status=status, reason=reason, headers=headers, body=body)
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        if not self._geode_typed:
+            self.headers.popall(CONTENT_TYPE, None)
+        if not self._geode_server:
             self.headers.popall(SERVER, None)

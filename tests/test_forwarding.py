@@ -628,3 +628,29 @@ def test_aiohttp_is_recent_and_runs_its_c_parser() -> None:
     assert version >= (3, 14, 4)
     assert http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
     assert http_parser.HttpResponseParser.__module__ == "aiohttp._http_parser"
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: \"v1\"\r\n\r\n", 304),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", 204),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 200),
+    ],
+    ids=["304-with-representation-length", "204", "empty-200"],
+)
+async def test_bodiless_responses_pass_through_on_a_kept_alive_connection(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    raw_geodes: list[RawGeode],
+    head: bytes,
+    status: int,
+) -> None:
+    raw = RawGeode(head)
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    async with http.get(f"{proxy.url}/x") as resp:
+        assert resp.status == status
+        assert await resp.read() == b""
+        assert resp.headers["X-Geoproxy-Geode"] == "raw-1"
