@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -208,17 +208,17 @@ class Gateway:
         self.metrics.last_reload.set_to_current_time()
         return True
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if self.on_request is not None:
-            self.on_request(request)
+    def _forward(self, request: web.Request) -> Awaitable[web.StreamResponse]:
+        # Not a coroutine itself: the forwarder's coroutine is awaited by the observer.
         assert self.forwarder is not None
-        return await self.observer.observe(request, self.forwarder.handle)
+        return self.forwarder.handle(request)
 
     def proxy_app(self) -> web.Application:
         app = web.Application()
         app.cleanup_ctx.append(self._lifespan)
         # (?s): a path may hold a percent-decoded newline; it is forwarded like any other.
-        app.router.add_route("*", "/{tail:(?s:.*)}", self._handle)
+        handler = self.observer.wrap(self._forward, lambda: self.on_request)
+        app.router.add_route("*", "/{tail:(?s:.*)}", handler)
         return app
 
     def admin_app(self) -> web.Application:

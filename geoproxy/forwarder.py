@@ -8,6 +8,7 @@ one place, ``may_try_next``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ from yarl import URL
 
 from geoproxy import upstream
 from geoproxy.clientip import client_ip, parse_ip
-from geoproxy.config import Geode, Limits
+from geoproxy.config import Forwarding, Geode, Limits
 from geoproxy.headers import downstream_headers, has_looped, upstream_headers
 from geoproxy.resolver import resolve
 from geoproxy.responses import json_error
@@ -170,17 +171,13 @@ class Forwarder:
             )  # fmt: skip
 
         headers = upstream_headers(request, trusted, peer, rt.via)
-        if is_websocket(request):
+        if "Upgrade" in request.headers and is_websocket(request):
             return await proxy_websocket(request, rt, cands, headers, trace, limits)
         rel = request.rel_url  # origin-form, even for an absolute-form request target
         path_qs = rel.raw_path + ("?" + rel.raw_query_string if rel.raw_query_string else "")
         body = _Body(request.content, limits.max_body_bytes) if request.body_exists else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + fwd.failover_timeout
-        timeout = aiohttp.ClientTimeout(  # connect covers DNS too, sock_connect only TCP/TLS
-            total=None, connect=fwd.connect_timeout, sock_connect=fwd.connect_timeout,
-            sock_read=fwd.response_timeout,
-        )  # fmt: skip
         # Bodiless requests to plain-HTTP geodes take the lean path (upstream.py).
         lean = body is None
         idempotent = request.method in IDEMPOTENT
@@ -207,7 +204,7 @@ class Forwarder:
                     resp = await rt.session.request(
                         request.method, URL(geode.base + path_qs, encoded=True),
                         headers=headers, data=body.chunks() if body is not None else None,
-                        allow_redirects=False, timeout=timeout,
+                        allow_redirects=False, timeout=_client_timeout(fwd),
                     )  # fmt: skip
                     reply = Reply.of_response(resp)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
@@ -244,6 +241,25 @@ class Forwarder:
                 trace.attempts.append((geode.name, RESPONSE))
                 trace.geode = geode
                 trace.decision = cand.decision
+                length = reply.content_length
+                if (length is not None and length <= SMALL_BODY and request.method != "HEAD"
+                        and reply.status not in _NO_BODY and reply.status >= 200):  # fmt: skip
+                    # Read it whole and let aiohttp send head and body in one write; if the
+                    # geode breaks off, nothing reached the client yet: a clean 502.
+                    try:
+                        small = await reply.content.readexactly(length)
+                    except (aiohttp.ClientError, TimeoutError, OSError,
+                            asyncio.IncompleteReadError) as exc:  # fmt: skip
+                        reply.close()
+                        log.warning("geode %s failed mid-response: %r", geode.name, exc)
+                        trace.attempts[-1] = (geode.name, RESET)
+                        trace.geode = None
+                        return json_error(502, "bad_gateway", "the geode's response broke off",
+                                          attempts=len(trace.attempts))  # fmt: skip
+                    reply.release()
+                    trace.body_bytes = length
+                    headers = downstream_headers(reply.headers, geode, rt.via)
+                    return _BodyRelayResponse(reply.status, reply.reason, headers, small)
                 return await self._relay(request, reply, geode)
             trace.attempts.append((geode.name, last))
             rt.board.observe(geode.name, False)
@@ -269,10 +285,6 @@ class Forwarder:
         the prepared response lets aiohttp finish (or notice the closed connection)
         without logging a 500 for what is not a server error."""
         headers = downstream_headers(reply.headers, geode, self.runtime.via)
-        length = reply.content_length
-        if (length is not None and length <= SMALL_BODY and request.method != "HEAD"
-                and reply.status not in _NO_BODY and reply.status >= 200):  # fmt: skip
-            return await self._relay_small(request, reply, geode, headers, length)
         out = _RelayResponse(status=reply.status, reason=reply.reason, headers=headers)
         trace = request[TRACE_KEY]
         # A body that ends when the connection closes cannot tell a reset from its end by
@@ -317,26 +329,13 @@ class Forwarder:
         return out
 
 
-    async def _relay_small(
-        self, request: web.Request, reply: Reply, geode: Geode, headers: CIMultiDict[str],
-        length: int,
-    ) -> web.StreamResponse:
-        """A small body of known length: read it whole, and let aiohttp send head and body
-        in one write. Nothing has reached the client if the geode fails meanwhile: a clean
-        502 instead of an aborted connection."""
-        trace = request[TRACE_KEY]
-        try:
-            body = await reply.content.readexactly(length)
-        except (aiohttp.ClientError, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-            reply.close()
-            log.warning("geode %s failed mid-response: %r", geode.name, exc)
-            trace.attempts[-1] = (geode.name, RESET)
-            trace.geode = None
-            return json_error(502, "bad_gateway", "the geode's response broke off",
-                              attempts=len(trace.attempts))  # fmt: skip
-        reply.release()
-        trace.body_bytes = length
-        return _BodyRelayResponse(reply.status, reply.reason, headers, body)
+@functools.lru_cache(maxsize=8)
+def _client_timeout(fwd: Forwarding) -> aiohttp.ClientTimeout:
+    """For the ClientSession path; one object per forwarding config."""
+    return aiohttp.ClientTimeout(  # connect covers DNS too, sock_connect only TCP/TLS
+        total=None, connect=fwd.connect_timeout, sock_connect=fwd.connect_timeout,
+        sock_read=fwd.response_timeout,
+    )  # fmt: skip
 
 
 def _settled(future: asyncio.Future[None]) -> bool:

@@ -32,30 +32,40 @@ class Observer:
         self.metrics = metrics
         self.access_format = access_format
 
-    async def observe(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        """Run ``handler`` for ``request`` and record it. Called directly by the proxy's
-        one route (an aiohttp middleware costs a wrapper built per request)."""
-        start = time.perf_counter()
-        self.metrics.inflight.inc()
-        response: web.StreamResponse | None = None
-        status = 500
-        try:
-            response = await handler(request)
-            assert response is not None
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            response = exc
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED  # the client went away before the answer
-            raise
-        finally:
-            self.metrics.inflight.dec()
-            self.record(request, response, status, time.perf_counter() - start)
+    def wrap(
+        self,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        before: Callable[[], Callable[[web.Request], None] | None],
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """``handler`` as a route handler that first calls ``before()``'s hook (if any),
+        then records the request. One coroutine level: an aiohttp middleware would build a
+        wrapper per request."""
+        metrics = self.metrics
+
+        async def observed(request: web.Request) -> web.StreamResponse:
+            hook = before()
+            if hook is not None:
+                hook(request)
+            start = time.perf_counter()
+            metrics.inflight.inc()
+            response: web.StreamResponse | None = None
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                response = exc
+                status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = CLIENT_CLOSED  # the client went away before the answer
+                raise
+            finally:
+                metrics.inflight.dec()
+                self.record(request, response, status, time.perf_counter() - start)
+
+        return observed
 
     def record(
         self,
