@@ -180,8 +180,13 @@ def configs(tmp: Path, upstream: int, ports: dict[str, int]) -> None:
           reverse_proxy 127.0.0.1:{upstream}
         }}
     """))
-    (tmp / "geoproxy.yaml").write_text(textwrap.dedent(f"""
-        listen: {{proxy: {{host: 127.0.0.1, port: {ports['geoproxy']}}},
+    for name in ("geoproxy", "bypass"):
+        write_geoproxy_config(tmp / f"{name}.yaml", ports[name], upstream)
+
+
+def write_geoproxy_config(path: Path, port: int, upstream: int) -> None:
+    path.write_text(textwrap.dedent(f"""
+        listen: {{proxy: {{host: 127.0.0.1, port: {port}}},
                   admin: {{host: 127.0.0.1, port: {free_port()}}}}}
         trusted_proxies: [127.0.0.0/8]
         default_region: eu-west
@@ -203,6 +208,8 @@ def proxies(tmp: Path, upstream: int, ports: dict[str, int], only: set[str]) -> 
                            "--log-level", "warning"], ports["geoproxy"]),
         Proxy("aiohttp-plain", [PY, str(ROOT / "bench" / "plain_proxy.py"), str(ports["plain"]),
                                 f"http://127.0.0.1:{upstream}"], ports["plain"]),
+        Proxy("geoproxy-bypass", [PY, str(ROOT / "bench" / "bypass_proxy.py"),
+                                  str(tmp / "bypass.yaml")], ports["bypass"]),
     ]
     return [p for p in all_ if p.name in only]
 
@@ -225,14 +232,16 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     ap.add_argument("--conns", default="10,50,200")
     ap.add_argument("--sizes", default="small,16k", help="small (2 bytes) and/or 16k")
-    ap.add_argument("--proxies", default="nginx,caddy,geoproxy,aiohttp-plain")
+    ap.add_argument("--proxies", default="nginx,caddy,geoproxy,aiohttp-plain,geoproxy-bypass")
+    ap.add_argument("--soak", type=int, default=0, help="also: seconds of c=200 on geoproxy, "
+                    "sampling its RSS (idle first)")
     args = ap.parse_args()
     ensure_tools()
     conns = [int(c) for c in args.conns.split(",")]
     sizes = args.sizes.split(",")
     only = set(args.proxies.split(","))
     upstream = free_port()
-    ports = {n: free_port() for n in ("nginx", "caddy", "geoproxy", "plain")}
+    ports = {n: free_port() for n in ("nginx", "caddy", "geoproxy", "plain", "bypass")}
     results: dict[tuple[str, str, int], list[Result]] = {}
     with tempfile.TemporaryDirectory(prefix="geoproxy-bench-") as d:
         tmp = Path(d)
@@ -257,7 +266,32 @@ def main() -> None:
                                       flush=True)  # fmt: skip
                     finally:
                         proxy.stop()
+            if args.soak:
+                soak(tmp, upstream, ports, args.soak)
     print_table(results, sizes, conns, only)
+
+
+def soak(tmp: Path, upstream: int, ports: dict[str, int], seconds: int) -> None:
+    """geoproxy's RSS idle, then sampled while wrk holds c=200 for ``seconds``."""
+    (proxy,) = proxies(tmp, upstream, ports, {"geoproxy"})
+    proxy.start()
+    try:
+        assert proxy.proc is not None
+        time.sleep(1)
+        idle = rss_kib(proxy.proc.pid)
+        load = subprocess.Popen(
+            ["taskset", "-c", "1", "wrk", "-t1", "-c200", f"-d{seconds}s",
+             f"http://127.0.0.1:{proxy.port}/small"], stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        samples = []
+        while load.poll() is None:
+            time.sleep(5)
+            samples.append(rss_kib(proxy.proc.pid))
+        load.wait()
+        print(f"\ngeoproxy RSS: idle {idle / 1024:.1f} MiB; under c=200 for {seconds}s, every 5s:"
+              f" {' '.join(f'{s / 1024:.1f}' for s in samples)} MiB")  # fmt: skip
+    finally:
+        proxy.stop()
 
 
 def print_table(
@@ -272,7 +306,7 @@ def print_table(
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size in sizes:
         for c in conns:
-            for name in ("nginx", "caddy", "geoproxy", "aiohttp-plain"):
+            for name in ("nginx", "caddy", "geoproxy", "aiohttp-plain", "geoproxy-bypass"):
                 if name not in only:
                     continue
                 rps = med(name, size, c, "rps")
@@ -283,10 +317,13 @@ def print_table(
                       for ref in ("nginx", "caddy")]  # fmt: skip
                 print(f"| {name} | {size} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} |"
                       f" {p99 / p50:.1f} | {rss:.0f} | {errors} | {vs[0]} | {vs[1]} |")
-    if {"geoproxy", "aiohttp-plain"} <= only:
-        ratios = [med("geoproxy", s, c, "rps") / med("aiohttp-plain", s, c, "rps")
-                  for s in sizes for c in conns]  # fmt: skip
-        print(f"\ngeoproxy / plain aiohttp proxy: {min(ratios):.2f}x to {max(ratios):.2f}x")
+    others = (("aiohttp-plain", "plain aiohttp proxy"),
+              ("geoproxy-bypass", "geoproxy with routing and metrics bypassed"))  # fmt: skip
+    for other, what in others:
+        if {"geoproxy", other} <= only:
+            ratios = [med("geoproxy", s, c, "rps") / med(other, s, c, "rps")
+                      for s in sizes for c in conns]  # fmt: skip
+            print(f"geoproxy / {what}: {min(ratios):.2f}x to {max(ratios):.2f}x")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from geoproxy.config import Forwarding, Geode, Limits
 from geoproxy.headers import downstream_headers, has_looped, upstream_headers
 from geoproxy.resolver import resolve
 from geoproxy.responses import json_error
-from geoproxy.router import ALL_FAILED, candidates
+from geoproxy.router import ALL_FAILED, CandidateCache
 from geoproxy.runtime import Runtime
 from geoproxy.trace import TRACE_KEY, Trace
 from geoproxy.websocket import is_websocket, proxy_websocket
@@ -135,6 +135,7 @@ class Forwarder:
         self.runtime = runtime  # replaced whole by a reload
         self.limits = limits
         self.pool = pool
+        self.routes = CandidateCache()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rt = self.runtime  # read once: a reload swaps it whole
@@ -158,8 +159,9 @@ class Forwarder:
         cip = client_ip(peer, request.headers.getall("X-Forwarded-For", ()), rt.trusted)
         resolution = resolve(topology, request.headers, trusted, cip, rt.geoip)
         trace.resolution = resolution
-        cands, decision = candidates(
-            topology, resolution.region, rt.board.healthy, fwd.max_attempts
+        board = rt.board
+        cands, decision = self.routes.candidates(
+            topology, resolution.region, board.healthy, board.version, fwd.max_attempts
         )
         trace.decision = decision
         if not cands:

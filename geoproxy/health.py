@@ -88,6 +88,7 @@ class HealthBoard:
     ) -> None:
         self.states = {g.name: GeodeHealth(g) for g in geodes}
         self.healthy: set[str] = set()
+        self.version = 0  # bumped whenever ``healthy`` changes (for memoised routing)
         self.first_round_done = False
         self.outliers = outliers or OutlierDetection()
         self._schedule = schedule
@@ -105,6 +106,7 @@ class HealthBoard:
             self.healthy.add(name)
         else:
             self.healthy.discard(name)
+        self.version += 1
         log.log(
             logging.INFO if now else logging.WARNING, "geode %s (%s) %s%s", name,
             state.geode.region, "takes traffic" if now else "is out of rotation",
@@ -184,6 +186,7 @@ class HealthBoard:
         it passes a check. Returns (added, removed)."""
         new = {g.name: g for g in geodes}
         added, removed = [], []
+        self.version += 1
         for name, state in list(self.states.items()):
             geode = new.get(name)
             if geode is None or geode.url != state.geode.url:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,7 +19,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-from geoproxy import __version__
+from geoproxy import __version__, hotmetrics
+from geoproxy.hotmetrics import HotCounter, HotHistogram
 
 #: Buckets fit for a proxy: 1 ms to 30 s.
 LATENCY_BUCKETS = (
@@ -37,37 +37,37 @@ def code_class(status: int) -> str:
 class Metrics:
     def __init__(self, registry: CollectorRegistry, process_metrics: bool = True) -> None:
         self.registry = registry
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = registry
-        self.requests = Counter(
+        # The per-request families: lock-free (hotmetrics.py), one collector.
+        self.requests = HotCounter(
             "geoproxy_requests", "Requests answered, by the geode that served them ('none' "
             "when geoproxy answered itself) and status class.", ["geode", "code_class"],
-            registry=r,
         )  # fmt: skip
-        self.request_duration = Histogram(
+        self.request_duration = HotHistogram(
             "geoproxy_request_duration_seconds", "Time from request head to the last byte "
-            "of the response, by geode.", ["geode"], buckets=LATENCY_BUCKETS, registry=r,
+            "of the response, by geode.", ["geode"], LATENCY_BUCKETS,
         )  # fmt: skip
-        self.decisions = Counter(
+        self.decisions = HotCounter(
             "geoproxy_routing_decisions", "Routing decisions: home (the client's own "
             "region), fallback (another region), panic (health ignored), none_healthy "
-            "(503), all_failed (every attempt failed).",
-            ["client_region", "geode", "decision"], registry=r,
+            "(503), all_failed (every attempt failed).", ["client_region", "geode", "decision"],
         )  # fmt: skip
-        self.resolutions = Counter(
+        self.resolutions = HotCounter(
             "geoproxy_region_resolutions", "Region sources consulted, by result: ok, "
             "unknown, invalid, untrusted (a header from an untrusted peer, ignored).",
-            ["source", "result"], registry=r,
+            ["source", "result"],
         )  # fmt: skip
-        self.attempts = Counter(
+        self.attempts = HotCounter(
             "geoproxy_upstream_attempts", "Attempts to forward to a geode, by outcome: "
             "response, retry_status (502/503/504, tried elsewhere), connect_error, "
-            "timeout, reset.", ["geode", "outcome"], registry=r,
+            "timeout, reset.", ["geode", "outcome"],
         )  # fmt: skip
-        self.failovers = Counter(
+        self.failovers = HotCounter(
             "geoproxy_failovers", "A request moved from one geode to the next after a "
-            "failed attempt.", ["from_geode", "to_geode"], registry=r,
+            "failed attempt.", ["from_geode", "to_geode"],
         )  # fmt: skip
+        hotmetrics.register(r, self.requests, self.request_duration, self.decisions,
+                            self.resolutions, self.attempts, self.failovers)  # fmt: skip
         self.geode_up = Gauge(
             "geoproxy_geode_up", "1 when the geode is healthy and takes traffic, else 0. "
             "Emitted for every configured geode from start-up.", ["geode", "region"],
@@ -116,16 +116,6 @@ class Metrics:
         if process_metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
-
-    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
-        """``metric.labels(*labels)``, memoised: the hot path records the same few series
-        over and over, and ``labels()`` validates and locks on every call. The label sets
-        are bounded (regions, geodes, outcomes), so the memo is too."""
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
 
     def declare_geodes(self, geodes: Iterable[tuple[str, str]]) -> None:
         """Emit ``geoproxy_geode_up`` (0) for every (geode, region) before any check."""

@@ -77,23 +77,22 @@ class Observer:
         trace = request.get(TRACE_KEY) or Trace()
         geode = trace.geode.name if trace.geode else NO_GEODE
         m = self.metrics
-        child = m.child
-        child(m.requests, geode, code_class(status)).inc()
-        child(m.request_duration, geode).observe(duration)
+        m.requests.inc(geode, code_class(status))
+        m.request_duration.observe(duration, geode)
         resolution = trace.resolution
         if resolution is not None:
             for source, result in resolution.steps:
                 if result != ABSENT:
-                    child(m.resolutions, source, result).inc()
+                    m.resolutions.inc(source, result)
             if resolution.source == "default":
-                child(m.resolutions, "default", "ok").inc()
+                m.resolutions.inc("default", "ok")
             if trace.decision is not None:
-                child(m.decisions, resolution.region, geode, trace.decision).inc()
+                m.decisions.inc(resolution.region, geode, trace.decision)
         previous = None
         for name, outcome in trace.attempts:
-            child(m.attempts, name, outcome).inc()
+            m.attempts.inc(name, outcome)
             if previous is not None:
-                child(m.failovers, previous, name).inc()
+                m.failovers.inc(previous, name)
             previous = name
         if self.access_format != "off" and access_log.isEnabledFor(logging.INFO):
             access_log.info(self.format_line(request, response, trace, status, duration))

@@ -58,3 +58,31 @@ def candidates(
             out.extend(Candidate(g, PANIC) for g in weighted_order(group, rand))
         return out[:limit], PANIC
     return [], NONE_HEALTHY
+
+
+class CandidateCache:
+    """Memoises ``candidates`` while the topology and the healthy set stay the same, for
+    regions whose answer involves no random draw (each group of healthy geodes it uses has
+    one geode) — the common case. ``version`` must change whenever ``healthy`` does."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, tuple[Topology, int, list[Candidate], str]] = {}
+
+    def candidates(
+        self,
+        topology: Topology,
+        region: str,
+        healthy: Container[str],
+        version: int,
+        limit: int,
+        rand: Callable[[], float] = random.random,
+    ) -> tuple[list[Candidate], str]:
+        hit = self._memo.get(region)
+        if hit is not None and hit[0] is topology and hit[1] == version:
+            return hit[2], hit[3]
+        cands, decision = candidates(topology, region, healthy, limit, rand)
+        regions = {c.geode.region for c in cands}
+        if all(sum(g.name in healthy for g in topology.geodes_by_region[r]) <= 1
+               for r in regions) or decision == NONE_HEALTHY:  # fmt: skip
+            self._memo[region] = (topology, version, cands, decision)
+        return cands, decision

@@ -25,10 +25,8 @@ th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 
 def _requests_by_geode(metrics: Metrics) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = defaultdict(dict)
-    for family in metrics.requests.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                out[sample.labels["geode"]][sample.labels["code_class"]] = sample.value
+    for (geode, code_class), value in metrics.requests.values.items():
+        out[geode][code_class] = value
     return out
 
 

@@ -470,6 +470,7 @@ async def test_a_geode_that_never_accepts_the_connection_times_out_and_fails_ove
         ))  # fmt: skip
         # Start-up health saw the black hole as down; force it in to meet it on a request.
         proxy.gateway.board.healthy.add("eu-1")
+        proxy.gateway.board.version += 1
         loop = asyncio.get_running_loop()
         started = loop.time()
         async with http.get(f"{proxy.url}/whoami") as resp:

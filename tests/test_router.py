@@ -222,3 +222,23 @@ def test_weighted_order_of_fewer_than_two_geodes_draws_nothing(count: int) -> No
         raise AssertionError("no draw needed")
 
     assert weighted_order(geodes, rand) == geodes
+
+
+def test_candidate_cache_memoises_only_deterministic_answers_until_health_changes(
+    topology: Topology,
+) -> None:
+    from geoproxy.router import CandidateCache
+
+    cache = CandidateCache()
+    healthy = {"eu-1", "us-1", "ap-1"}  # one healthy geode per region: no random draw
+    first = cache.candidates(topology, "us-east", healthy, 1, 3)
+    assert cache.candidates(topology, "us-east", healthy, 1, 3) is not None
+    assert cache.candidates(topology, "us-east", healthy, 1, 3)[0] is first[0]  # memoised
+    healthy.discard("us-1")  # health changed: the board bumps its version
+    cands, decision = cache.candidates(topology, "us-east", healthy, 2, 3)
+    assert [c.geode.name for c in cands] == ["eu-1", "ap-1"] and decision == FALLBACK
+    # Two healthy geodes in a region: a weighted draw per request, never memoised.
+    both = {"eu-1", "eu-2"}
+    draws = {cache.candidates(topology, "eu-west", both, 3, 3, random.Random(i).random)[0][0]
+             .geode.name for i in range(50)}  # fmt: skip
+    assert draws == {"eu-1", "eu-2"}
