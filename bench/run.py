@@ -233,6 +233,8 @@ def main() -> None:
     ap.add_argument("--conns", default="10,50,200")
     ap.add_argument("--sizes", default="small,16k", help="small (2 bytes) and/or 16k")
     ap.add_argument("--proxies", default="nginx,caddy,geoproxy,aiohttp-plain,geoproxy-bypass")
+    ap.add_argument("--openloop", type=int, default=0, help="also: this many req/s, open "
+                    "loop, direct to the upstream and through geoproxy (p99 overhead)")
     ap.add_argument("--soak", type=int, default=0, help="also: seconds of c=200 on geoproxy, "
                     "sampling its RSS (idle first)")
     args = ap.parse_args()
@@ -268,7 +270,37 @@ def main() -> None:
                         proxy.stop()
             if args.soak:
                 soak(tmp, upstream, ports, args.soak)
+            if args.openloop:
+                openloop(tmp, upstream, ports, args.openloop, args.duration, args.rounds)
     print_table(results, sizes, conns, only)
+
+
+def openloop(
+    tmp: Path, upstream: int, ports: dict[str, int], rate: int, seconds: int, rounds: int
+) -> None:
+    """p50/p99 at a fixed, non-saturating rate: straight to the upstream, then through
+    geoproxy, interleaved; the difference is what geoproxy adds."""
+    (proxy,) = proxies(tmp, upstream, ports, {"geoproxy"})
+    proxy.start()
+    rows: dict[str, list[list[float]]] = {"direct": [], "geoproxy": []}
+    try:
+        for _ in range(rounds):
+            for name, port in (("direct", upstream), ("geoproxy", proxy.port)):
+                out = subprocess.run(
+                    ["taskset", "-c", "1", PY, str(ROOT / "bench" / "openloop.py"),
+                     f"http://127.0.0.1:{port}/small", str(rate), str(seconds)],
+                    capture_output=True, text=True, timeout=seconds + 60, check=True,
+                ).stdout.split()  # fmt: skip
+                rows[name].append([float(x) for x in out])
+    finally:
+        proxy.stop()
+    med = {n: [statistics.median(r[i] for r in rs) for i in range(4)] for n, rs in rows.items()}
+    d, g = med["direct"], med["geoproxy"]
+    print(f"\nopen loop, {rate} req/s for {seconds}s x {rounds} (median of rounds):")
+    for name, v in (("direct", d), ("geoproxy", g)):
+        print(f"  {name:<8} p50 {v[0]:.2f} ms  p99 {v[1]:.2f} ms  p99.9 {v[2]:.2f} ms  "
+              f"errors {v[3]:.0f}")
+    print(f"  geoproxy adds: p50 {g[0] - d[0]:+.2f} ms, p99 {g[1] - d[1]:+.2f} ms")
 
 
 def soak(tmp: Path, upstream: int, ports: dict[str, int], seconds: int) -> None:
