@@ -27,6 +27,7 @@ from geoproxy.schema import (
     Node,
     Problems,
     parse_duration,
+    parse_http_url,
     parse_size,
     parse_statuses,
     read_yaml_bytes,
@@ -431,30 +432,8 @@ def _geodes(node: Node, known: set[str], health: HealthCheck) -> tuple[Geode, ..
 
 
 def _geode_url(node: Node) -> URL | None:
-    text = node.string()
-    if text is None:
-        return None
-    try:
-        url = URL(text.strip())
-    except ValueError as exc:
-        node.problem(f"malformed URL {text!r}: {exc}")
-        return None
-    if url.scheme not in ("http", "https"):
-        node.problem(f"URL scheme must be http or https: {text!r}")
-    elif not url.host:
-        node.problem(f"URL has no host: {text!r}")
-    elif url.user or url.password:
-        node.problem(f"URL must not carry credentials: {text!r}")
-    elif url.query_string or url.fragment:
-        node.problem(f"URL must not have a query or fragment: {text!r}")
-    else:
-        try:
-            url.port  # noqa: B018 -- yarl validates the port lazily
-        except ValueError:
-            node.problem(f"URL has an invalid port: {text!r}")
-            return None
-        return url.with_path(url.path.rstrip("/"))
-    return None
+    url = parse_http_url(node)
+    return None if url is None else url.with_path(url.path.rstrip("/"))
 
 
 def _forwarding(node: Node) -> Forwarding:

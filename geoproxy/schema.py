@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yarl import URL
 
 from geoproxy.errors import ConfigError
 
@@ -218,6 +219,34 @@ def parse_size(node: Node) -> int | None:
         node.problem(f"must be larger than zero, got {value!r}")
         return None
     return size
+
+
+def parse_http_url(node: Node) -> URL | None:
+    """An http(s) URL with a host, no credentials, query or fragment, a valid port."""
+    text = node.string()
+    if text is None:
+        return None
+    try:
+        url = URL(text.strip())
+    except ValueError as exc:
+        node.problem(f"malformed URL {text!r}: {exc}")
+        return None
+    if url.scheme not in ("http", "https"):
+        node.problem(f"URL scheme must be http or https: {text!r}")
+    elif not url.host:
+        node.problem(f"URL has no host: {text!r}")
+    elif url.user or url.password:
+        node.problem(f"URL must not carry credentials: {text!r}")
+    elif url.query_string or url.fragment:
+        node.problem(f"URL must not have a query or fragment: {text!r}")
+    else:
+        try:
+            url.port  # noqa: B018 -- yarl validates the port lazily
+        except ValueError:
+            node.problem(f"URL has an invalid port: {text!r}")
+            return None
+        return url
+    return None
 
 
 def parse_statuses(node: Node) -> frozenset[int] | None:

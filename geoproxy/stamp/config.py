@@ -10,7 +10,7 @@ from pathlib import Path
 from yarl import URL
 
 from geoproxy.errors import ConfigError
-from geoproxy.schema import Node, Problems, parse_duration, read_yaml
+from geoproxy.schema import Node, Problems, parse_duration, parse_http_url, read_yaml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -72,7 +72,7 @@ def _build(root: Node, path: Path) -> StampConfig | None:
         if not item.expect_mapping(("name", "url"), required=("name", "url")):
             continue
         peer = _name(item.get("name"))
-        url = _url(item.get("url"))
+        url = parse_http_url(item.get("url"))
         if peer in seen:
             item.get("name").problem(f"duplicate stamp name {peer!r}")
         elif peer and url:
@@ -95,21 +95,6 @@ def _name(node: Node) -> str | None:
         node.problem(f"invalid name {text!r} (letters, digits, '.', '_', '-'; up to 63)")
         return None
     return text
-
-
-def _url(node: Node) -> URL | None:
-    text = node.string()
-    if text is None:
-        return None
-    try:
-        url = URL(text.strip())
-    except ValueError as exc:
-        node.problem(f"malformed URL {text!r}: {exc}")
-        return None
-    if url.scheme not in ("http", "https") or not url.host:
-        node.problem(f"not an http(s) URL with a host: {text!r}")
-        return None
-    return url
 
 
 def _replication(node: Node, peers: int) -> Replication:
