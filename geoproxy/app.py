@@ -147,7 +147,16 @@ class Gateway:
             self._update_ready()
             task = asyncio.create_task(self.checker.run(), name="geoproxy-health")
             stack.push_async_callback(_stop, task)
+            sweeper = asyncio.create_task(self._sweep(pool), name="geoproxy-pool-sweep")
+            stack.push_async_callback(_stop, sweeper)
             yield
+
+    async def _sweep(self, pool: upstream.Pool) -> None:
+        """Close pooled geode connections that idled past keepalive_timeout, or whose
+        geode a reload removed."""
+        while True:
+            await asyncio.sleep(max(0.5, pool.keepalive_timeout / 2))
+            pool.sweep(self.config.geodes)
 
     def _close_geoip(self) -> None:
         if self._own_geoip is not None:

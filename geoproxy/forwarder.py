@@ -45,6 +45,7 @@ CLIENT_BODY_TOO_LARGE = "client_body_too_large"
 #: Responses up to this size with a Content-Length are read whole and sent in one write.
 SMALL_BODY = 64 * 1024
 _NO_BODY = frozenset({204, 304})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 
@@ -184,12 +185,13 @@ class Forwarder:
         lean = body is None
         idempotent = request.method in IDEMPOTENT
         last = CONNECT_ERROR
+        client_host = headers.get("Host")
+        if body is None and "Content-Length" not in headers and request.method in _BODY_METHODS:
+            headers["Content-Length"] = "0"  # some servers answer 411 without it
         for index, cand in enumerate(cands):
             geode = cand.geode
-            if not fwd.preserve_host:
-                headers["Host"] = geode.url.raw_authority
-            elif "Host" not in headers:
-                headers["Host"] = geode.url.raw_authority  # an HTTP/1.0 client sent none
+            if not fwd.preserve_host or client_host is None:  # (an HTTP/1.0 client may
+                headers["Host"] = geode.url.raw_authority  # send no Host: each geode's own)
             try:
                 if lean and geode.url.scheme == "http":
                     line = f"{request.method} {geode.prefix}{path_qs} HTTP/1.1"
@@ -213,6 +215,9 @@ class Forwarder:
                     upstream.ConnectFailed) as exc:  # fmt: skip
                 last = CONNECT_ERROR
                 log.info("geode %s: connect failed: %s", geode.name, exc)
+            except upstream.BadResponse as exc:
+                last = BAD_RESPONSE
+                log.warning("geode %s: %s", geode.name, exc)
             except (aiohttp.ServerTimeoutError, TimeoutError):
                 last = TIMEOUT
                 log.info("geode %s: no response within %gs", geode.name, fwd.response_timeout)

@@ -18,8 +18,9 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from aiohttp.client_exceptions import ServerDisconnectedError
+from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import StreamReader
 
@@ -37,14 +38,34 @@ class StaleConnection(Exception):
     saw the request, so it may go again on a fresh connection."""
 
 
+class BadResponse(Exception):
+    """The geode's response head could not be parsed (or was a 101 nobody asked for)."""
+
+
+class Connection(ResponseHandler):
+    """aiohttp's response protocol, counting the bytes received since the last request
+    went out: a failure before the first one means the geode never answered it."""
+
+    __slots__ = ("received",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.received = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        super().data_received(data)
+
+
 class Pool:
-    """Idle keep-alive connections per geode, each closed after ``keepalive_timeout``."""
+    """Idle keep-alive connections per geode, closed after ``keepalive_timeout`` (by
+    ``sweep``, which the app runs periodically, or when next looked at)."""
 
     def __init__(self, keepalive_timeout: float) -> None:
         self.keepalive_timeout = keepalive_timeout
-        self._idle: dict[str, deque[tuple[ResponseHandler, float]]] = {}
+        self._idle: dict[str, deque[tuple[Connection, float]]] = {}
 
-    def get(self, geode: Geode) -> ResponseHandler | None:
+    def get(self, geode: Geode) -> Connection | None:
         idle = self._idle.get(geode.base)
         now = time.monotonic()
         while idle:
@@ -56,7 +77,7 @@ class Pool:
             proto.close()
         return None
 
-    def put(self, geode: Geode, proto: ResponseHandler) -> None:
+    def put(self, geode: Geode, proto: Connection) -> None:
         if not proto.is_connected() or proto.should_close:
             proto.close()
             return
@@ -65,6 +86,22 @@ class Pool:
         while idle and now - idle[0][1] >= self.keepalive_timeout:
             idle.popleft()[0].close()  # the oldest have idled too long
         idle.append((proto, now))
+
+    def sweep(self, live: Iterable[Geode]) -> None:
+        """Close idle connections that idled too long, or that belong to geodes no longer
+        configured (a reload can return one to the pool after it dropped that geode)."""
+        keep = {g.base for g in live}
+        now = time.monotonic()
+        for key in list(self._idle):
+            idle = self._idle[key]
+            if key not in keep:
+                for proto, _ in self._idle.pop(key):
+                    proto.close()
+                continue
+            while idle and now - idle[0][1] >= self.keepalive_timeout:
+                idle.popleft()[0].close()
+            if not idle:
+                del self._idle[key]
 
     def close(self, geodes: Iterable[Geode] | None = None) -> None:
         """Close idle connections (of the given geodes, or all)."""
@@ -84,7 +121,7 @@ class Exchange:
         self,
         pool: Pool,
         geode: Geode,
-        proto: ResponseHandler,
+        proto: Connection,
         message: RawResponseMessage,
         payload: StreamReader,
     ) -> None:
@@ -104,13 +141,13 @@ class Exchange:
         self.proto.close()
 
 
-async def connect(geode: Geode, within: float) -> ResponseHandler:
+async def connect(geode: Geode, within: float) -> Connection:
     """A new connection to a geode (DNS included in ``within`` seconds)."""
     loop = asyncio.get_running_loop()
     host, port = geode.url.host or "", geode.url.port or 80
     try:
         async with asyncio.timeout(within):
-            _, proto = await loop.create_connection(lambda: ResponseHandler(loop), host, port)
+            _, proto = await loop.create_connection(lambda: Connection(loop), host, port)
     except TimeoutError:
         raise ConnectFailed(f"connect timeout ({within:g}s) to {geode.url}") from None
     except OSError as exc:
@@ -149,7 +186,7 @@ async def send(
 async def _exchange(
     pool: Pool,
     geode: Geode,
-    proto: ResponseHandler,
+    proto: Connection,
     head: bytes,
     method: str,
     response_timeout: float,
@@ -165,18 +202,28 @@ async def _exchange(
         skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
         read_timeout=response_timeout, read_bufsize=_READ_BUFSIZE,
     )  # fmt: skip
+    proto.received = 0
     transport.write(head)
     proto.start_timeout()
     try:
         while True:
             message, payload = await proto.read()
-            if not 100 <= message.code < 200:  # interim responses are skipped
+            if message.code == 101:
+                raise BadResponse("101 Switching Protocols to a request that asked for none")
+            if not 100 <= message.code < 200:
                 break
-    except ServerDisconnectedError:
+            # An interim response (100, 103): aiohttp stops the read timer on it; the
+            # final response must still come within response_timeout.
+            proto.start_timeout()
+    except HttpProcessingError as exc:
         proto.close()
-        if may_resend:
-            # Closed by the geode while idle in our pool, before it read this request:
-            # the keep-alive race (RFC 9112 9.3.1). Safe to send again, once, anew.
+        raise BadResponse(f"malformed response: {exc.message}") from None
+    except (ServerDisconnectedError, ClientOSError):
+        proto.close()
+        if may_resend and proto.received == 0:
+            # The pooled connection was closed or reset by the geode before any byte of
+            # an answer: the keep-alive race (RFC 9112 9.3.1). Safe to send again, once,
+            # on a new connection, for an idempotent request.
             raise StaleConnection from None
         raise
     except BaseException:

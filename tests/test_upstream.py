@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
+import pytest
 
 from conftest import GeodeFactory, ProxyFactory, base_config, geode_entry
 
@@ -17,6 +22,7 @@ class OneShotGeode:
     fires just as the request arrives)."""
 
     def __init__(self) -> None:
+        self.reset = False
         self.connections = 0
         self.requests: list[str] = []
         self.server: asyncio.Server | None = None
@@ -37,6 +43,10 @@ class OneShotGeode:
                 if " /health " not in line:
                     self.requests.append(line)
                 if not first and " /health " not in line:
+                    if self.reset:
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))  # fmt: skip
                     return  # close without answering
                 first = False
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -97,3 +107,180 @@ async def test_keep_alive_race_resends_an_idempotent_request_once_on_a_fresh_con
             assert us.hits["/c"] == 0
     finally:
         await geode.close()
+
+
+class ScriptedGeode:
+    """Answers /health; every other request gets ``reply(n, line)`` (bytes or None to say
+    nothing), then, if ``hang``, keeps the connection silent until the test ends."""
+
+    def __init__(self, reply: Callable[[int, str], bytes | None], hang: bool = False) -> None:
+        self.reply = reply
+        self.hang = hang
+        self.requests: list[str] = []
+        self.heads: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        n = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line = head.split(b"\r\n", 1)[0].decode()
+                if " /health " in line:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+                    continue
+                self.requests.append(line)
+                self.heads.append(head)
+                answer = self.reply(n, line)
+                n += 1
+                if answer is not None:
+                    writer.write(answer)
+                    await writer.drain()
+                if self.hang:
+                    await asyncio.sleep(30)
+                if answer is None or b"Connection: close" in answer:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+
+
+async def two_geode_proxy(
+    proxy_factory: ProxyFactory, geode_factory: GeodeFactory, url: str, **overrides: Any
+) -> Any:
+    us = await geode_factory("us-1", "us-east")
+    proxy = await proxy_factory(base_config(
+        [{"name": "eu-1", "region": "eu-west", "url": url}, geode_entry(us)],
+        regions={"eu-west": {"fallback": ["us-east"]}, "us-east": None},
+        countries={}, continents={}, **overrides,
+    ))  # fmt: skip
+    return proxy, us
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"FOO BAR\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
+     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"],
+    ids=["garbage-status-line", "bad-content-length", "unasked-101"],
+)  # fmt: skip
+async def test_a_malformed_geode_response_is_a_failover_not_a_500(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    caplog: pytest.LogCaptureFixture, answer: bytes,
+) -> None:
+    geode = ScriptedGeode(lambda n, line: answer)
+    proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, await geode.start())
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/x") as resp:
+            assert resp.status == 200 and resp.headers["X-Geoproxy-Geode"] == "us-1"
+        async with aiohttp.ClientSession() as http, http.post(f"{proxy.url}/x") as resp:
+            assert resp.status == 502  # a POST does not move on
+            assert (await resp.json())["error"]["code"] == "bad_response"
+        assert "Traceback" not in caplog.text
+        assert proxy.sample("geoproxy_upstream_attempts_total", geode="eu-1",
+                            outcome="bad_response") == 2  # fmt: skip
+    finally:
+        await geode.close()
+
+
+async def test_an_interim_response_does_not_switch_the_response_timeout_off(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+) -> None:
+    geode = ScriptedGeode(lambda n, line: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+                          hang=True)  # fmt: skip
+    proxy, _ = await two_geode_proxy(
+        proxy_factory, geode_factory, await geode.start(),
+        forwarding={"response_timeout": "300ms", "max_attempts": 1},
+    )  # fmt: skip
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/x") as resp:
+            assert resp.status == 504
+        assert loop.time() - started < 3
+    finally:
+        await geode.close()
+
+
+async def test_a_client_without_host_gets_each_geodes_own_host_on_failover(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+) -> None:
+    geode = ScriptedGeode(lambda n, line: b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
+    url = await geode.start()
+    proxy, us = await two_geode_proxy(proxy_factory, geode_factory, url)
+    try:
+        host, port = proxy.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /echo HTTP/1.0\r\n\r\n")  # HTTP/1.0: no Host header
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+        assert b"X-Geoproxy-Geode: us-1" in answer
+        assert f"host: {url.removeprefix('http://')}".encode() in geode.heads[0].lower()
+        assert us.last_headers["host"] == [us.url.removeprefix("http://")]
+    finally:
+        await geode.close()
+
+
+async def test_a_reset_pooled_connection_is_resent_once_on_a_fresh_one(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+) -> None:
+    geode = OneShotGeode()
+    geode.reset = True  # the second request on a connection meets an RST, not a FIN
+    url = await geode.start()
+    proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/a", "/b"):
+                async with http.get(f"{proxy.url}{path}") as resp:
+                    assert resp.status == 200 and resp.headers["X-Geoproxy-Geode"] == "eu-1"
+        assert [r.split()[1] for r in geode.requests] == ["/a", "/b", "/b"]
+    finally:
+        await geode.close()
+
+
+async def test_idle_pooled_connections_are_swept_after_the_keepalive_timeout(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await proxy_factory(base_config(
+        [geode_entry(eu)], regions={"eu-west": None}, countries={}, continents={},
+        forwarding={"keepalive_timeout": "300ms"},
+    ))  # fmt: skip
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(http.get(f"{proxy.url}/slow?delay=0.1") for _ in range(5)))
+    assert proxy.gateway.forwarder is not None
+    pool = proxy.gateway.forwarder.pool
+    assert len(pool._idle.get(eu.url, ())) == 5
+    async with asyncio.timeout(5):
+        while pool._idle.get(eu.url):  # noqa: ASYNC110 -- a bounded poll
+            await asyncio.sleep(0.05)
+
+
+async def test_a_bodiless_post_carries_content_length_zero(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await proxy_factory(base_config([geode_entry(eu)], regions={"eu-west": None},
+                                            countries={}, continents={}))  # fmt: skip
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    assert b" 200 " in answer.split(b"\r\n", 1)[0]
+    assert eu.last_headers["content-length"] == ["0"]
