@@ -23,8 +23,6 @@ access_log = logging.getLogger("geoproxy.access")
 
 #: nginx's status for a request the client abandoned before the answer.
 CLIENT_CLOSED = 499
-#: ``access_log`` config values.
-ACCESS_FORMATS = ("json", "plain", "off")
 
 
 class Observer:
