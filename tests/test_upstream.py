@@ -4,7 +4,6 @@ the keep-alive race handled by RFC 9112's rule (idempotent only, once, anew)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import struct
 from collections.abc import Callable
@@ -16,53 +15,11 @@ import pytest
 from conftest import GeodeFactory, ProxyFactory, base_config, geode_entry
 
 
-class OneShotGeode:
-    """Answers the first request on each connection and keeps it open; a second request
-    on the same connection is read and met with a close (as when a geode's idle timeout
-    fires just as the request arrives)."""
-
-    def __init__(self) -> None:
-        self.reset = False
-        self.connections = 0
-        self.requests: list[str] = []
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.writers.append(writer)
-        try:
-            first = True
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                line = head.split(b"\r\n", 1)[0].decode()
-                if " /health " not in line:
-                    self.requests.append(line)
-                if not first and " /health " not in line:
-                    if self.reset:
-                        sock = writer.get_extra_info("socket")
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                        struct.pack("ii", 1, 0))  # fmt: skip
-                    return  # close without answering
-                first = False
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+def one_shot(n: int, line: str) -> bytes | None:
+    """Answer the first request on each connection and keep it open; meet a second one
+    on the same connection with a close (as when a geode's idle timeout fires just as the
+    request arrives)."""
+    return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" if n == 0 else None
 
 
 async def test_keep_alive_connections_to_a_geode_are_reused(
@@ -83,7 +40,7 @@ async def test_keep_alive_connections_to_a_geode_are_reused(
 async def test_keep_alive_race_resends_an_idempotent_request_once_on_a_fresh_connection(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory
 ) -> None:
-    geode = OneShotGeode()
+    geode = ScriptedGeode(one_shot)
     url = await geode.start()
     us = await geode_factory("us-1", "us-east")
     try:
@@ -110,12 +67,15 @@ async def test_keep_alive_race_resends_an_idempotent_request_once_on_a_fresh_con
 
 
 class ScriptedGeode:
-    """Answers /health; every other request gets ``reply(n, line)`` (bytes or None to say
-    nothing), then, if ``hang``, keeps the connection silent until the test ends."""
+    """Answers /health; the n-th other request on a connection gets ``reply(n, line)``
+    (bytes, or None: close without answering), then, if ``hang``, silence."""
 
-    def __init__(self, reply: Callable[[int, str], bytes | None], hang: bool = False) -> None:
+    def __init__(
+        self, reply: Callable[[int, str], bytes | None], hang: bool = False, reset: bool = False
+    ) -> None:
         self.reply = reply
         self.hang = hang
+        self.reset = reset  # saying nothing ends with an RST instead of a FIN
         self.requests: list[str] = []
         self.heads: list[bytes] = []
         self.server: asyncio.Server | None = None
@@ -145,6 +105,9 @@ class ScriptedGeode:
                     await writer.drain()
                 if self.hang:
                     await asyncio.sleep(30)
+                if answer is None and self.reset:
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 if answer is None or b"Connection: close" in answer:
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -238,8 +201,7 @@ async def test_a_client_without_host_gets_each_geodes_own_host_on_failover(
 async def test_a_reset_pooled_connection_is_resent_once_on_a_fresh_one(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
 ) -> None:
-    geode = OneShotGeode()
-    geode.reset = True  # the second request on a connection meets an RST, not a FIN
+    geode = ScriptedGeode(one_shot, reset=True)  # an RST, not a FIN, on the second request
     url = await geode.start()
     proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, url)
     try:
