@@ -4,10 +4,11 @@ status page. Binds to loopback by default (``listen.admin``)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.explain import explain
@@ -18,8 +19,30 @@ from geoproxy.runtime import Runtime
 from geoproxy.status_page import render_status
 
 RuntimeGetter = Callable[[], Runtime | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    """Where /metrics and /status read from: ``refresh`` first (with ``--workers``, the
+    supervisor asks every worker for its counts), then ``registry`` is exposed and
+    ``request_counts`` gives requests by (geode, status class)."""
+
+    registry: CollectorRegistry
+    refresh: Callable[[], Awaitable[None]]
+    request_counts: Callable[[], Mapping[tuple[str, ...], float]]
+
+    @classmethod
+    def local(cls, metrics: Metrics) -> Scrape:
+        """This process's own metrics."""
+        return cls(metrics.registry, _nothing, lambda: metrics.requests.values)
+
+
+async def _nothing() -> None:
+    pass
+
+
 RUNTIME: web.AppKey[RuntimeGetter] = web.AppKey("runtime")
-METRICS = web.AppKey("metrics", Metrics)
+SCRAPE = web.AppKey("scrape", Scrape)
 DRAINING: web.AppKey[Callable[[], bool]] = web.AppKey("draining")
 
 
@@ -53,7 +76,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    scrape = request.app[SCRAPE]
+    await scrape.refresh()
+    body = generate_latest(scrape.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -113,16 +138,19 @@ def _dumps(obj: object) -> str:
 
 
 async def status(request: web.Request) -> web.Response:
-    html = render_status(_runtime(request), request.app[METRICS])
+    runtime = _runtime(request)
+    scrape = request.app[SCRAPE]
+    await scrape.refresh()
+    html = render_status(runtime, scrape.request_counts())
     return web.Response(text=html, content_type="text/html")
 
 
 def build_admin_app(
-    runtime: RuntimeGetter, metrics_: Metrics, draining: Callable[[], bool] = lambda: False
+    runtime: RuntimeGetter, scrape: Scrape, draining: Callable[[], bool] = lambda: False
 ) -> web.Application:
     app = web.Application()
     app[RUNTIME] = runtime
-    app[METRICS] = metrics_
+    app[SCRAPE] = scrape
     app[DRAINING] = draining
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from geoproxy import __version__, upstream
 from geoproxy import config as config_mod
-from geoproxy.admin import build_admin_app
+from geoproxy.admin import Scrape, build_admin_app
 from geoproxy.clientip import TrustedProxies
 from geoproxy.config import Config
 from geoproxy.errors import GeoproxyError
@@ -67,8 +67,12 @@ class Gateway:
         config: Config,
         geoip: GeoLookup | None = None,
         registry: CollectorRegistry | None = None,
+        active_health: bool = True,
     ) -> None:
         self.config = config
+        # False in a worker of ``--workers``: the supervisor checks and hands health over
+        # (HealthBoard.adopt); passive ejection stays per process.
+        self.active_health = active_health
         self.via = via_name()
         self.board = HealthBoard(config.geodes, config.outlier_detection)
         self._geoip = geoip  # tests may inject a look-up; else opened from the config
@@ -78,6 +82,7 @@ class Gateway:
         self.checker: HealthChecker | None = None
         self.draining = False
         self.on_request: Callable[[web.Request], None] | None = None  # see HeadTimeoutRunner
+        self.on_reload: list[Callable[[], None]] = []  # after a config was swapped in
         self._reload_lock = asyncio.Lock()
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.declare_geodes((g.name, g.region) for g in config.geodes)
@@ -95,6 +100,11 @@ class Gateway:
 
     def _update_ready(self) -> None:
         self.metrics.ready.set(1 if self.ready else 0)
+
+    def adopt_health(self, snapshot: Mapping[str, Mapping[str, object]]) -> None:
+        """Active health from the supervisor (a worker of ``--workers``)."""
+        self.board.adopt(snapshot)
+        self._update_ready()
 
     def start_draining(self) -> None:
         """Shutdown began: /readyz answers 503 at once, so load balancers stop sending."""
@@ -129,11 +139,6 @@ class Gateway:
             session = await stack.enter_async_context(
                 forwarding_session(self.config.forwarding.keepalive_timeout)
             )
-            health_session = await stack.enter_async_context(aiohttp.ClientSession(
-                cookie_jar=aiohttp.DummyCookieJar(),
-                connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                headers={"User-Agent": f"geoproxy-health/{__version__}"},
-            ))  # fmt: skip
             loop = asyncio.get_running_loop()
             self.board._schedule = loop.call_later  # ejection timers
             self.runtime = Runtime(Topology.build(self.config),
@@ -142,11 +147,17 @@ class Gateway:
             pool = upstream.Pool(self.config.forwarding.keepalive_timeout)
             stack.callback(pool.close)
             self.forwarder = Forwarder(self.runtime, self.config.limits, pool)
-            self.checker = HealthChecker(self.board, health_session)
-            await self.checker.check_once()
+            if self.active_health:
+                health_session = await stack.enter_async_context(aiohttp.ClientSession(
+                    cookie_jar=aiohttp.DummyCookieJar(),
+                    connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                    headers={"User-Agent": f"geoproxy-health/{__version__}"},
+                ))  # fmt: skip
+                self.checker = HealthChecker(self.board, health_session)
+                await self.checker.check_once()
+                task = asyncio.create_task(self.checker.run(), name="geoproxy-health")
+                stack.push_async_callback(_stop, task)
             self._update_ready()
-            task = asyncio.create_task(self.checker.run(), name="geoproxy-health")
-            stack.push_async_callback(_stop, task)
             sweeper = asyncio.create_task(self._sweep(pool), name="geoproxy-pool-sweep")
             stack.push_async_callback(_stop, sweeper)
             yield
@@ -170,7 +181,7 @@ class Gateway:
         opened) and then nothing has changed."""
         async with self._reload_lock:
             old, runtime, checker = self.config, self.runtime, self.checker
-            if runtime is None or checker is None:
+            if runtime is None:
                 raise GeoproxyError("not started yet")
             if (new.proxy, new.admin) != (old.proxy, old.admin):
                 log.warning("%s: listener changes take effect only after a restart", new.path)
@@ -183,7 +194,8 @@ class Gateway:
             self.board.outliers = new.outlier_detection
             self.metrics.forget_geodes((g.name, g.region) for g in removed)
             self.metrics.declare_geodes((g.name, g.region) for g in added)
-            await checker.check_once(added)  # before they can take traffic
+            if checker is not None:
+                await checker.check_once(added)  # before they can take traffic
             self.runtime = Runtime(Topology.build(new), TrustedProxies(new.trusted_proxies),
                                    geoip, self.board, runtime.session, self.via)  # fmt: skip
             assert self.forwarder is not None
@@ -191,7 +203,8 @@ class Gateway:
             self.forwarder.limits = new.limits
             self.forwarder.pool.keepalive_timeout = new.forwarding.keepalive_timeout
             self.forwarder.pool.close(removed)
-            checker.sync(removed)
+            if checker is not None:
+                checker.sync(removed)
             self.observer.access_format = new.access_log
             self.config = new
             if geoip is not runtime.geoip:
@@ -200,6 +213,8 @@ class Gateway:
             self._update_ready()
             log.info("%s: config reloaded (%d geodes: %d added, %d removed)", new.path,
                      len(new.geodes), len(added), len(removed))  # fmt: skip
+            for hook in self.on_reload:
+                hook()
 
     async def reload_from_file(self, reason: str) -> bool:
         """Load the config file again and swap it in; on any error the running config
@@ -230,8 +245,10 @@ class Gateway:
         app.router.add_route("*", "/{tail:(?s:.*)}", handler)
         return app
 
-    def admin_app(self) -> web.Application:
-        return build_admin_app(lambda: self.runtime, self.metrics, lambda: self.draining)
+    def admin_app(self, scrape: Scrape | None = None) -> web.Application:
+        """The admin app; ``scrape``: where its metrics come from (default: this process)."""
+        return build_admin_app(lambda: self.runtime, scrape or Scrape.local(self.metrics),
+                               lambda: self.draining)  # fmt: skip
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

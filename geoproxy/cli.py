@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +29,7 @@ from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
 from geoproxy.server import Bound, serve
 from geoproxy.stamp import config as stamp_config
 from geoproxy.stamp.serve import serve_stamp
+from geoproxy.workers import MAX_WORKERS, die_with_supervisor, serve_worker, serve_workers
 
 DEFAULT_CONFIG = "config/geoproxy.yaml"
 
@@ -40,6 +42,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    run.add_argument("--workers", type=_workers_arg, default=1, metavar="N",
+                     help="worker processes sharing the proxy port (SO_REUSEPORT), or "
+                     "'auto' for one per usable CPU core (default: %(default)s)")  # fmt: skip
+
+    wkr = sub.add_parser("worker", help="(internal) one worker process of run --workers")
+    wkr.add_argument("--config", required=True)
+    wkr.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    wkr.add_argument("--index", type=int, required=True)
+    wkr.add_argument("--listen-fd", type=int, action="append", required=True)
+    wkr.add_argument("--control-fd", type=int, required=True)
+    wkr.add_argument("--supervisor-pid", type=int, required=True)
 
     check = sub.add_parser("check-config", help="validate a config and print its topology")
     check.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
@@ -65,9 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(Path(args.config))
     if args.command == "route":
         return route_cmd(Path(args.config), args.ip, args.country, args.region, args.json)
+    if args.command == "worker":
+        setup_logging(args.log_level, f"worker-{args.index}")
+        return _worker_cmd(args)
     setup_logging(args.log_level)
     if args.command == "run":
-        return _run_cmd(Path(args.config))
+        return _run_cmd(Path(args.config), args.workers, args.log_level)
     if args.command == "stamp":
         return _stamp_cmd(Path(args.config))
     return _demo_cmd(Path(args.data_dir) if args.data_dir else None)
@@ -159,12 +175,46 @@ def describe(topology: Topology) -> str:
     return "\n".join(lines)
 
 
-def _run_cmd(path: Path) -> int:
+def _workers_arg(text: str) -> int:
+    if text == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)  # fmt: skip
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 1 to {MAX_WORKERS}, or 'auto'; got {text!r}"
+        )
+    return count
+
+
+def _run_cmd(path: Path, workers: int = 1, log_level: str = "info") -> int:
     try:
         cfg = config_mod.load(path)
     except GeoproxyError as exc:
         return _fail(f"{path}: configuration is invalid\n{exc}")
-    return _run_main(lambda stop, reload: serve(cfg, stop, reload=reload))
+    if workers == 1:
+        return _run_main(lambda stop, reload: serve(cfg, stop, reload=reload))
+    return _run_main(
+        lambda stop, reload: serve_workers(cfg, workers, stop, reload, log_level=log_level)
+    )
+
+
+def _worker_cmd(args: argparse.Namespace) -> int:
+    """One worker of ``run --workers``: its sockets and channel come from the supervisor."""
+    die_with_supervisor(args.supervisor_pid)
+    path = Path(args.config)
+    try:
+        cfg = config_mod.load(path)
+    except GeoproxyError as exc:
+        return _fail(f"{path}: configuration is invalid\n{exc}")
+    sockets = [socket.socket(fileno=fd) for fd in args.listen_fd]
+    control = socket.socket(fileno=args.control_fd)
+    return _run_main(
+        lambda stop, _reload: serve_worker(cfg, args.index, sockets, control, stop)
+    )
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -96,7 +96,7 @@ class HealthBoard:
         self.on_check: list[CheckHook] = []
         self.on_eject: list[Transition] = []
 
-    def _update(self, state: GeodeHealth, why: str | None) -> None:
+    def _update(self, state: GeodeHealth, why: str | None, quiet: bool = False) -> None:
         """Keep ``healthy`` in step with the state; tell the hooks when it flips."""
         name = state.geode.name
         now = state.takes_traffic
@@ -107,11 +107,12 @@ class HealthBoard:
         else:
             self.healthy.discard(name)
         self.version += 1
-        log.log(
-            logging.INFO if now else logging.WARNING, "geode %s (%s) %s%s", name,
-            state.geode.region, "takes traffic" if now else "is out of rotation",
-            f": {why}" if why else "",
-        )  # fmt: skip
+        if not quiet:
+            log.log(
+                logging.INFO if now else logging.WARNING, "geode %s (%s) %s%s", name,
+                state.geode.region, "takes traffic" if now else "is out of rotation",
+                f": {why}" if why else "",
+            )  # fmt: skip
         for hook in self.on_transition:
             hook(state)
 
@@ -179,6 +180,25 @@ class HealthBoard:
         state.ejected_until = None
         state.passive_failures = 0
         self._update(state, "ejection time over")
+
+    def snapshot(self) -> dict[str, dict[str, object]]:
+        """Active-check health of every geode, to hand to workers (``adopt``)."""
+        return {name: {"url": str(s.geode.url), "checked": s.checked, "healthy": s.healthy}
+                for name, s in self.states.items()}  # fmt: skip
+
+    def adopt(self, snapshot: Mapping[str, Mapping[str, object]]) -> None:
+        """Take active-check health from a process that checks for us (the supervisor of
+        ``--workers``). Entries for a geode this board does not have, or has at another
+        URL (a reload not applied here yet), are ignored; passive ejection stays local.
+        Not logged: the supervisor logs each transition once."""
+        for name, entry in snapshot.items():
+            state = self.states.get(name)
+            if state is None or str(state.geode.url) != entry.get("url"):
+                continue
+            state.checked = bool(entry.get("checked"))
+            state.healthy = bool(entry.get("healthy"))
+            self._update(state, None, quiet=True)
+        self.first_round_done = True
 
     def sync(self, geodes: Iterable[Geode]) -> tuple[list[Geode], list[Geode]]:
         """Adopt a reloaded geode list: state carries over for a geode whose name and URL

@@ -25,10 +25,12 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, process: str = "") -> None:
+    """``process``: a tag for every diagnostic line (``worker-1`` under ``--workers``)."""
+    tag = f"[{process}] " if process else ""
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())

@@ -129,3 +129,16 @@ class Metrics:
             for gauge in (self.geode_up, self.ejected):
                 with contextlib.suppress(KeyError):  # never declared: nothing to drop
                     gauge.remove(name, region)
+
+
+class WorkerMetrics:
+    """The supervisor's metrics about its worker processes (``geoproxy run --workers``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.running = Gauge(
+            "geoproxy_workers", "Worker processes serving the proxy listener.", registry=registry
+        )
+        self.restarts = Counter(
+            "geoproxy_worker_restarts", "Worker processes that exited unexpectedly and were "
+            "started again.", registry=registry,
+        )  # fmt: skip

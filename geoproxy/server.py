@@ -42,7 +42,7 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def _start_site(
+async def start_site(
     runner: web.AppRunner, what: str, listener: Listener, any_port_if_taken: bool
 ) -> tuple[str, int]:
     site = web.TCPSite(runner, listener.host, listener.port, reuse_address=True)
@@ -51,7 +51,7 @@ async def _start_site(
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE and any_port_if_taken:
             log.warning("%s port %d is taken; using a free port instead", what, listener.port)
-            return await _start_site(runner, what, Listener(listener.host, 0), False)
+            return await start_site(runner, what, Listener(listener.host, 0), False)
         raise ListenError(
             f"cannot listen for {what} on {listener.host}:{listener.port}: "
             f"{exc.strerror or exc}"
@@ -113,6 +113,18 @@ _REQUEST_TIMEOUT = (
 )  # fmt: skip
 
 
+def make_proxy_runner(gateway: Gateway) -> HeadTimeoutRunner:
+    """The runner of the proxy app: its lifespan, limits and drain time from the config."""
+    config = gateway.config
+    runner = HeadTimeoutRunner(
+        gateway.proxy_app(), config.limits.header_timeout, access_log=None,
+        handle_signals=False, shutdown_timeout=config.lifecycle.drain_timeout,
+        keepalive_timeout=config.limits.keepalive_timeout,
+    )  # fmt: skip
+    gateway.on_request = runner.note_request
+    return runner
+
+
 async def serve(
     config: Config,
     stop: asyncio.Event,
@@ -128,23 +140,18 @@ async def serve(
     accepting, in-flight requests get ``shutdown.drain_timeout`` to finish."""
     gateway = Gateway(config)
     drain = config.lifecycle.drain_timeout
-    proxy_runner = HeadTimeoutRunner(
-        gateway.proxy_app(), config.limits.header_timeout, access_log=None,
-        handle_signals=False, shutdown_timeout=drain,
-        keepalive_timeout=config.limits.keepalive_timeout,
-    )  # fmt: skip
-    gateway.on_request = proxy_runner.note_request
+    proxy_runner = make_proxy_runner(gateway)
     admin_runner = web.AppRunner(gateway.admin_app(), access_log=None, handle_signals=False,
                                  shutdown_timeout=drain)  # fmt: skip
     log.info("geoproxy starting: first health round over %d geodes", len(config.geodes))
     watcher: asyncio.Task[None] | None = None
     try:
-        if not await _unless_stopped(proxy_runner.setup(), stop):
+        if not await unless_stopped(proxy_runner.setup(), stop):
             log.info("geoproxy stopped during start-up")
             return
         await admin_runner.setup()
-        proxy = await _start_site(proxy_runner, "proxy", config.proxy, any_port_if_taken)
-        admin = await _start_site(admin_runner, "admin", config.admin, any_port_if_taken)
+        proxy = await start_site(proxy_runner, "proxy", config.proxy, any_port_if_taken)
+        admin = await start_site(admin_runner, "admin", config.admin, any_port_if_taken)
         bound = Bound(proxy, admin)
         log.info("geoproxy proxying on %s, admin on %s (%d geodes, %d healthy)",
                  bound.proxy_url, bound.admin_url, len(gateway.board.states),
@@ -152,11 +159,7 @@ async def serve(
         watcher = asyncio.create_task(
             watch_config(gateway, reload or asyncio.Event()), name="geoproxy-config-watch"
         )
-        if on_ready is not None:
-            on_ready(bound)
-        await stop.wait()
-        gateway.start_draining()
-        log.info("geoproxy shutting down (in-flight requests get up to %gs)", drain)
+        await serve_until_stopped(gateway, bound, stop, on_ready)
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -164,6 +167,18 @@ async def serve(
                 await watcher
         await proxy_runner.cleanup()  # stop accepting, drain, close
         await admin_runner.cleanup()  # last: /readyz says 503 while draining
+
+
+async def serve_until_stopped(
+    gateway: Gateway, bound: Bound, stop: asyncio.Event, on_ready: Callable[[Bound], None] | None
+) -> None:
+    """Tell ``on_ready``, serve until ``stop``, then turn /readyz to 503 (draining)."""
+    if on_ready is not None:
+        on_ready(bound)
+    await stop.wait()
+    gateway.start_draining()
+    log.info("geoproxy shutting down (in-flight requests get up to %gs)",
+             gateway.config.lifecycle.drain_timeout)  # fmt: skip
 
 
 async def watch_config(gateway: Gateway, reload: asyncio.Event) -> None:
@@ -188,7 +203,7 @@ async def watch_config(gateway: Gateway, reload: asyncio.Event) -> None:
         digest = gateway.config.fingerprint if ok else now
 
 
-async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+async def unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
     """Run ``work`` unless ``stop`` is set first (then cancel it); True if it finished."""
     task = asyncio.ensure_future(work)
     stopped = asyncio.ensure_future(stop.wait())

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from html import escape
 
 from geoproxy import __version__
-from geoproxy.metrics import Metrics
 from geoproxy.runtime import Runtime
 
 REFRESH_SECONDS = 5
@@ -23,16 +23,19 @@ th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 """
 
 
-def _requests_by_geode(metrics: Metrics) -> dict[str, dict[str, float]]:
+def _requests_by_geode(
+    requests: Mapping[tuple[str, ...], float],
+) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = defaultdict(dict)
-    for (geode, code_class), value in metrics.requests.values.items():
+    for (geode, code_class), value in requests.items():
         out[geode][code_class] = value
     return out
 
 
-def render_status(runtime: Runtime, metrics: Metrics) -> str:
+def render_status(runtime: Runtime, requests: Mapping[tuple[str, ...], float]) -> str:
+    """The page; ``requests``: requests answered by (geode, status class)."""
     topology = runtime.topology
-    counts = _requests_by_geode(metrics)
+    counts = _requests_by_geode(requests)
     now = time.time()
     rows = []
     for state in runtime.board.states.values():

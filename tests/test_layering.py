@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "geoproxy"
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "countries": 0, "logs": 0, "hotmetrics": 0,
     "metrics": 1,
-    "schema": 1,
+    "schema": 1, "fleet": 1,
     "config": 2,
     "model": 3,
     "clientip": 3, "geoip": 4,
@@ -25,7 +25,8 @@ LAYERS: dict[str, int] = {
     "app": 10,
     "stamp": 10,  # the reference stamp package, checked on its own below
     "server": 11, "demo": 11,
-    "cli": 12, "__main__": 13,
+    "workers": 12,
+    "cli": 13, "__main__": 14,
 }  # fmt: skip
 
 

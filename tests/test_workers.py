@@ -1,0 +1,401 @@
+"""``geoproxy run --workers N`` as real processes: one port shared with SO_REUSEPORT, health
+checked once by the supervisor and handed to every worker, metrics summed across workers,
+reloads reaching every worker, a killed worker started again, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from geoproxy import fleet
+
+from conftest import FakeGeode, GeodeFactory, base_config, geode_entry
+
+READY = r"proxying on (http://\S+) with (\d+) workers \(pids ([\d ]+)\), admin on (http://\S+)"
+
+
+class Supervised:
+    """A ``geoproxy run --workers`` process; its merged output is read all along (so
+    that no pipe fills up) and searched by ``wait_for``."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._new = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+        self.proxy_url = self.admin_url = ""
+        self.pids: list[int] = []
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while raw := await self.proc.stdout.readline():
+            self.lines.append(raw.decode())
+            self._new.set()
+        self._new.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    async def wait_for(self, pattern: str, count: int = 1, timeout: float = 20) -> re.Match[str]:
+        """The ``count``-th line matching ``pattern`` (waiting for it)."""
+        regex = re.compile(pattern)
+        async with asyncio.timeout(timeout):
+            while True:
+                found = [m for line in self.lines if (m := regex.search(line))]
+                if len(found) >= count:
+                    return found[count - 1]
+                if self._reader.done():
+                    raise AssertionError(f"process ended:\n{self.output}")
+                self._new.clear()
+                await self._new.wait()
+
+    async def started(self) -> None:
+        m = await self.wait_for(READY)
+        self.proxy_url, self.admin_url = m.group(1), m.group(4)
+        self.pids = [int(p) for p in m.group(3).split()]
+
+    async def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 20) -> int:
+        """Send ``sig`` (None: one was sent already) and wait for the exit code."""
+        if sig is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+            await self._reader
+        return code
+
+    async def metrics(self, http: aiohttp.ClientSession) -> dict[tuple[str, frozenset[Any]], float]:
+        async with http.get(f"{self.admin_url}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples}  # fmt: skip
+
+
+def total(samples: dict[tuple[str, frozenset[Any]], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+@contextlib.asynccontextmanager
+async def supervised(config: Path, workers: int = 2) -> AsyncIterator[Supervised]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "geoproxy", "run", "--config", str(config),
+        "--workers", str(workers),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    running = Supervised(proc)
+    try:
+        await running.started()
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.kill()  # the kernel then kills the workers (PR_SET_PDEATHSIG)
+            await proc.wait()
+        for pid in running.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        running._reader.cancel()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is a process that has ended but was not reaped yet.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return False
+
+
+async def get_fresh(http: aiohttp.ClientSession, url: str, n: int) -> list[tuple[int, str]]:
+    """``n`` GETs, each on a new connection (so that the kernel spreads them over the
+    workers), as (status, serving geode)."""
+    out = []
+    for _ in range(n):
+        async with http.get(url, headers={"Connection": "close"}) as resp:
+            body = await resp.json()
+            out.append((resp.status, body.get("geode", "")))
+    return out
+
+
+async def until_only(http: aiohttp.ClientSession, url: str, geode: str) -> None:
+    """Until 20 requests in a row (new connections) are served by ``geode``: the
+    supervisor's word reaches the workers a moment after it logs it."""
+    async with asyncio.timeout(5):
+        while await get_fresh(http, url, 20) != [(200, geode)] * 20:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def one_region(geodes: list[FakeGeode], **overrides: Any) -> dict[str, Any]:
+    data = base_config([geode_entry(g) for g in geodes], regions={"eu-west": None},
+                       countries={}, continents={}, access_log="off")  # fmt: skip
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_workers_share_one_port_and_their_counts_are_summed_exactly(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    async with supervised(write_config(one_region([eu])), workers=2) as proxy:
+        assert len(proxy.pids) == 2 and all(alive(p) for p in proxy.pids)
+        results = await get_fresh(http, f"{proxy.proxy_url}/whoami", 200)
+        assert results == [(200, "eu-1")] * 200
+        m = await proxy.metrics(http)
+        assert total(m, "geoproxy_requests_total", geode="eu-1", code_class="2xx") == 200
+        assert total(m, "geoproxy_upstream_attempts_total", geode="eu-1") == 200
+        assert total(m, "geoproxy_request_duration_seconds_count", geode="eu-1") == 200
+        per_worker = [total(m, "geoproxy_worker_requests_total", worker=str(i)) for i in (0, 1)]
+        assert sum(per_worker) == 200
+        assert min(per_worker) > 0, f"one worker got every connection: {per_worker}"
+        assert total(m, "geoproxy_workers") == 2
+        assert eu.hits["/whoami"] == 200
+        assert await proxy.stop() == 0
+    assert not any(alive(p) for p in proxy.pids)
+
+
+async def test_geodes_are_health_checked_by_the_supervisor_only(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    # A long interval: only the first round runs while the test looks.
+    data = one_region([eu], health_check={"interval": "60s", "timeout": "500ms",
+                                          "jitter": "0s"})  # fmt: skip
+    async with supervised(write_config(data), workers=3) as proxy:
+        assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 30) == [(200, "eu-1")] * 30
+        await asyncio.sleep(1.0)
+        assert eu.hits["/health"] == 1  # not 1 per worker
+        m = await proxy.metrics(http)
+        assert total(m, "geoproxy_health_checks_total", geode="eu-1") == 1
+
+
+async def test_a_geode_failing_its_checks_leaves_every_workers_rotation(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    a = await geode_factory("eu-a", "eu-west")
+    b = await geode_factory("eu-b", "eu-west")
+    data = one_region([a, b], health_check={"interval": "200ms", "timeout": "150ms",
+                                            "jitter": "0s", "unhealthy_threshold": 1})  # fmt: skip
+    async with supervised(write_config(data), workers=2) as proxy:
+        served = {geode for _, geode in await get_fresh(http, f"{proxy.proxy_url}/whoami", 40)}
+        assert served == {"eu-a", "eu-b"}
+        a.health_status = 503  # /whoami still answers: only health tells the workers
+        await proxy.wait_for(r"geode eu-a \(eu-west\) is out of rotation")
+        await until_only(http, f"{proxy.proxy_url}/whoami", "eu-b")  # the news travels
+        before = a.hits["/whoami"]
+        results = await get_fresh(http, f"{proxy.proxy_url}/whoami", 100)
+        assert results == [(200, "eu-b")] * 100
+        assert a.hits["/whoami"] == before
+        a.health_status = 200
+        await proxy.wait_for(r"geode eu-a \(eu-west\) takes traffic", count=2)
+        served = {geode for _, geode in await get_fresh(http, f"{proxy.proxy_url}/whoami", 60)}
+        assert served == {"eu-a", "eu-b"}
+
+
+async def test_a_killed_worker_is_started_again_and_counts_do_not_go_backwards(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    async with supervised(write_config(one_region([eu])), workers=2) as proxy:
+        assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 50) == [(200, "eu-1")] * 50
+        assert total(await proxy.metrics(http), "geoproxy_requests_total") == 50
+        os.kill(proxy.pids[0], signal.SIGKILL)
+        await proxy.wait_for(r"worker 0 \(pid \d+\) exited unexpectedly \(killed by SIGKILL\)")
+        # Connections that reach the dead worker's socket wait in its backlog until the
+        # new worker takes them: none fails.
+        assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 50) == [(200, "eu-1")] * 50
+        m = await proxy.metrics(http)
+        assert total(m, "geoproxy_requests_total") == 100
+        assert total(m, "geoproxy_worker_restarts_total") == 1
+        assert total(m, "geoproxy_workers") == 2
+        assert total(m, "geoproxy_worker_requests_total") == 100
+        assert await proxy.stop() == 0
+
+
+async def test_a_reload_reaches_every_worker(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    old = await geode_factory("eu-old", "eu-west")
+    new = await geode_factory("eu-new", "eu-west")
+    path = write_config(one_region([old], reload={"poll_interval": "0s"}))
+    async with supervised(path, workers=2) as proxy:
+        assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 20) == [(200, "eu-old")] * 20
+        path.write_text(yaml.safe_dump(one_region([new], reload={"poll_interval": "0s"})))
+        proxy.proc.send_signal(signal.SIGHUP)
+        for i in (0, 1):
+            await proxy.wait_for(rf"\[worker-{i}\] geoproxy: .*config reloaded")
+        assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 60) == [(200, "eu-new")] * 60
+        m = await proxy.metrics(http)
+        assert total(m, "geoproxy_config_reloads_total", result="success") == 1
+
+
+async def test_sigterm_lets_every_worker_finish_its_in_flight_requests(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    async with supervised(write_config(one_region([eu])), workers=2) as proxy:
+
+        async def slow() -> int:
+            url = f"{proxy.proxy_url}/slow?delay=1"
+            async with aiohttp.ClientSession() as own, own.get(url) as resp:  # a connection each
+                await resp.read()
+                return resp.status
+
+        requests = [asyncio.create_task(slow()) for _ in range(12)]
+        async with asyncio.timeout(10):
+            while eu.hits["/slow"] < 12:  # noqa: ASYNC110 -- a bounded poll of a counter
+                await asyncio.sleep(0.02)
+        proxy.proc.send_signal(signal.SIGTERM)
+        await proxy.wait_for("shutting down")
+        assert await asyncio.gather(*requests) == [200] * 12
+        assert await proxy.stop(None) == 0
+    assert not any(alive(p) for p in proxy.pids)
+    assert "Traceback" not in proxy.output
+
+
+async def test_killing_the_supervisor_takes_its_workers_down(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    async with supervised(write_config(one_region([eu])), workers=2) as proxy:
+        proxy.proc.kill()
+        await proxy.proc.wait()
+        async with asyncio.timeout(5):
+            while any(alive(p) for p in proxy.pids):  # noqa: ASYNC110 -- bounded poll
+                await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "257", "1.5"])
+async def test_a_bad_workers_value_is_rejected_with_the_choices(
+    value: str, write_config: Callable[..., Path]
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "geoproxy", "run", "--config", "x.yaml", f"--workers={value}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 2
+    assert (f"argument --workers: expected a whole number from 1 to 256, or 'auto'; "
+            f"got '{value}'") in out.decode()  # fmt: skip
+
+
+async def test_a_taken_port_fails_start_up_with_the_address(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    assert eu.server is not None
+    taken = eu.server.port  # a listener without SO_REUSEPORT: nobody may share it
+    data = one_region([eu])
+    data["listen"]["proxy"]["port"] = taken
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "geoproxy", "run", "--config", str(write_config(data)),
+        "--workers", "2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    async with asyncio.timeout(20):
+        out, _ = await proc.communicate()
+    assert proc.returncode == 1
+    assert f"cannot listen for proxy on 127.0.0.1:{taken}: Address already in use" in out.decode()
+    assert "Traceback" not in out.decode()
+
+
+# -- merging the workers' counts (fleet.py), without processes -----------------------------
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Any:
+        return iter(self.families)
+
+
+def _worker_snapshot(requests: float, ejected: float, inflight: float) -> list[fleet.Family]:
+    reqs = CounterMetricFamily("geoproxy_requests", "r", labels=["geode", "code_class"])
+    reqs.add_metric(["eu-1", "2xx"], requests)
+    dur = HistogramMetricFamily("geoproxy_request_duration_seconds", "d", labels=["geode"])
+    dur.add_metric(["eu-1"], [("0.1", requests), ("+Inf", requests)], requests * 0.01)
+    ej = GaugeMetricFamily("geoproxy_geode_ejected", "e", labels=["geode", "region"])
+    ej.add_metric(["eu-1", "eu-west"], ejected)
+    inf = GaugeMetricFamily("geoproxy_inflight_requests", "i")
+    inf.add_metric([], inflight)
+    other = GaugeMetricFamily("geoproxy_geode_up", "u", labels=["geode", "region"])
+    other.add_metric(["eu-1", "eu-west"], 0)  # not a worker family: never sent
+    registry = CollectorRegistry()
+    registry.register(_Families([reqs, dur, ej, inf, other]))
+    return fleet.snapshot(registry)
+
+
+def _own() -> CollectorRegistry:
+    """The supervisor's registry: the same families, with nothing counted, and geode_up."""
+    own = CollectorRegistry()
+    up = GaugeMetricFamily("geoproxy_geode_up", "u", labels=["geode", "region"])
+    up.add_metric(["eu-1", "eu-west"], 1)
+    ej = GaugeMetricFamily("geoproxy_geode_ejected", "e", labels=["geode", "region"])
+    ej.add_metric(["eu-1", "eu-west"], 0)
+    own.register(_Families([
+        up, ej, CounterMetricFamily("geoproxy_requests", "r", labels=["geode", "code_class"]),
+        HistogramMetricFamily("geoproxy_request_duration_seconds", "d", labels=["geode"]),
+        GaugeMetricFamily("geoproxy_inflight_requests", "i", value=0),
+    ]))  # fmt: skip
+    return own
+
+
+def _exposed(merged: fleet.Fleet) -> dict[tuple[str, frozenset[Any]], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in merged.collect() for s in family.samples}  # fmt: skip
+
+
+def test_fleet_sums_counters_and_histograms_and_takes_the_max_of_ejection() -> None:
+    merged = fleet.Fleet(_own())
+    merged.update(0, _worker_snapshot(requests=7, ejected=0, inflight=2))
+    merged.update(1, _worker_snapshot(requests=5, ejected=1, inflight=3))
+    m = _exposed(merged)
+    assert total(m, "geoproxy_requests_total") == 12
+    assert total(m, "geoproxy_request_duration_seconds_bucket", le="+Inf") == 12
+    assert total(m, "geoproxy_request_duration_seconds_sum") == pytest.approx(0.12)
+    assert total(m, "geoproxy_geode_ejected") == 1  # ejected by one worker: ejected
+    assert total(m, "geoproxy_inflight_requests") == 5
+    assert total(m, "geoproxy_geode_up") == 1  # the supervisor's own, not the workers'
+    assert total(m, "geoproxy_worker_requests_total", worker="0") == 7
+    assert total(m, "geoproxy_worker_requests_total", worker="1") == 5
+
+
+def test_fleet_keeps_what_an_exited_worker_counted_but_not_its_gauges() -> None:
+    merged = fleet.Fleet(_own())
+    merged.update(0, _worker_snapshot(requests=7, ejected=1, inflight=2))
+    merged.update(1, _worker_snapshot(requests=5, ejected=0, inflight=3))
+    merged.retire(0)
+    m = _exposed(merged)
+    assert total(m, "geoproxy_requests_total") == 12
+    assert total(m, "geoproxy_geode_ejected") == 0
+    assert total(m, "geoproxy_inflight_requests") == 3
+    merged.update(0, _worker_snapshot(requests=4, ejected=0, inflight=0))  # its successor
+    m = _exposed(merged)
+    assert total(m, "geoproxy_requests_total") == 16
+    assert total(m, "geoproxy_worker_requests_total", worker="0") == 11
+    assert merged.request_counts() == {("eu-1", "2xx"): 16}
