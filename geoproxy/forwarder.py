@@ -11,22 +11,22 @@ import asyncio
 import functools
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.hdrs import CONTENT_LENGTH, CONTENT_TYPE, SERVER, TRANSFER_ENCODING
-from aiohttp.http_writer import _serialize_headers  # C; also validates header values
+from aiohttp.hdrs import CONTENT_LENGTH, TRANSFER_ENCODING
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from geoproxy import upstream
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.config import Forwarding, Geode, Limits
-from geoproxy.headers import downstream_headers, has_looped, upstream_headers
+from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines
 from geoproxy.resolver import resolve
-from geoproxy.responses import json_error
+from geoproxy.responses import RelayResponse, WholeResponse, json_error
 from geoproxy.router import ALL_FAILED, CandidateCache
 from geoproxy.runtime import Runtime
 from geoproxy.trace import TRACE_KEY, Trace
@@ -46,8 +46,6 @@ CLIENT_BODY_TOO_LARGE = "client_body_too_large"
 SMALL_BODY = 64 * 1024
 _NO_BODY = frozenset({204, 304})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-
 
 
 def may_try_next(outcome: str, method: str, body_started: bool) -> bool:
@@ -90,20 +88,22 @@ class _Body:
 class Reply:
     """A geode's response as the relay needs it, from either client path."""
 
-    __slots__ = ("close", "content", "content_length", "headers", "protocol", "reason",
-                 "release", "status")  # fmt: skip
+    __slots__ = ("close", "content", "content_length", "headers", "protocol", "raw_headers",
+                 "reason", "release", "status")  # fmt: skip
 
     def __init__(
         self,
         status: int,
         reason: str | None,
         headers: CIMultiDictProxy[str],
+        raw_headers: RawHeaders,
         content: aiohttp.StreamReader,
         protocol: ResponseHandler | None,
         release: Callable[[], None],
         close: Callable[[], None],
     ) -> None:
         self.status, self.reason, self.headers, self.content = status, reason, headers, content
+        self.raw_headers = raw_headers
         self.protocol, self.release, self.close = protocol, release, close
         length = headers.get(CONTENT_LENGTH)
         self.content_length = int(length) if length is not None and length.isdigit() else None
@@ -111,24 +111,19 @@ class Reply:
     @classmethod
     def of_response(cls, resp: aiohttp.ClientResponse) -> Reply:
         protocol = resp.connection.protocol if resp.connection is not None else None
-        return cls(resp.status, resp.reason, resp.headers, resp.content, protocol,
-                   resp.release, resp.close)  # fmt: skip
+        return cls(resp.status, resp.reason, resp.headers, resp.raw_headers, resp.content,
+                   protocol, resp.release, resp.close)  # fmt: skip
 
     @classmethod
     def of_exchange(cls, ex: upstream.Exchange) -> Reply:
         msg = ex.message
-        return cls(msg.code, msg.reason, msg.headers, ex.payload, ex.proto, ex.release,
-                   ex.close)  # fmt: skip
+        return cls(msg.code, msg.reason, msg.headers, msg.raw_headers, ex.payload, ex.proto,
+                   ex.release, ex.close)  # fmt: skip
 
 
 def _body_too_large(limits: Limits) -> web.Response:
     return json_error(413, "body_too_large",
                       f"request body exceeds {limits.max_body_bytes} bytes")  # fmt: skip
-
-
-def _head_size(request: web.Request) -> int:
-    """The request head's header bytes as sent (name, ': ', value, CRLF per line)."""
-    return sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
 
 
 class Forwarder:
@@ -145,20 +140,24 @@ class Forwarder:
         limits = self.limits
         trace = Trace()
         request[TRACE_KEY] = trace
-        if has_looped(request.headers, rt.via):
+        remote = request.remote
+        peer = parse_ip(remote) if remote else None
+        trusted = peer is not None and rt.trusted.contains(peer)
+        head = RequestHead(request.raw_headers, trusted)
+        via = _cached_bytes(rt.via)
+        if head.looped(via):
             return json_error(508, "loop_detected", "the request came back to this proxy: "
                               "a geode URL points at the proxy itself")  # fmt: skip
-        if _head_size(request) > limits.max_header_bytes:
+        if head.size > limits.max_header_bytes:
             too_big = f"request headers exceed {limits.max_header_bytes} bytes"
             return json_error(431, "headers_too_large", too_big)
         length = request.content_length
         if length is not None and length > limits.max_body_bytes:
             return _body_too_large(limits)
 
-        peer = parse_ip(request.remote) if request.remote else None
-        trusted = peer is not None and rt.trusted.contains(peer)
-        cip = client_ip(peer, request.headers.getall("X-Forwarded-For", ()), rt.trusted)
-        resolution = resolve(topology, request.headers, trusted, cip, rt.geoip)
+        headers_in = request.headers
+        cip = client_ip(peer, headers_in.getall("X-Forwarded-For", ()), rt.trusted)
+        resolution = resolve(topology, headers_in, trusted, cip, rt.geoip)
         trace.resolution = resolution
         board = rt.board
         cands, decision = self.routes.candidates(
@@ -173,41 +172,40 @@ class Forwarder:
                 headers={"Retry-After": retry_after}, region=resolution.region,
             )  # fmt: skip
 
-        headers = upstream_headers(request, trusted, peer, rt.via)
-        if "Upgrade" in request.headers and is_websocket(request):
+        method = request.method
+        forwarded = head.forwarded(_peer_text(remote) if remote else b"",
+                                   _cached_bytes(request.scheme), via)  # fmt: skip
+        if "Upgrade" in headers_in and is_websocket(request):
+            headers = head.as_map(forwarded, head.host)
             return await proxy_websocket(request, rt, cands, headers, trace, limits)
-        rel = request.rel_url  # origin-form, even for an absolute-form request target
-        path_qs = rel.raw_path + ("?" + rel.raw_query_string if rel.raw_query_string else "")
+        path_qs = _path_qs(request)
         body = _Body(request.content, limits.max_body_bytes) if request.body_exists else None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + fwd.failover_timeout
-        # Bodiless requests to plain-HTTP geodes take the lean path (upstream.py).
-        lean = body is None
-        idempotent = request.method in IDEMPOTENT
+        if body is None and method in _BODY_METHODS and not head.has_length:
+            forwarded += b"Content-Length: 0\r\n"  # some servers answer 411 without it
+        deadline = time.monotonic() + fwd.failover_timeout
+        idempotent = method in IDEMPOTENT
         last = CONNECT_ERROR
-        client_host = headers.get("Host")
-        if body is None and "Content-Length" not in headers and request.method in _BODY_METHODS:
-            headers["Content-Length"] = "0"  # some servers answer 411 without it
         for index, cand in enumerate(cands):
             geode = cand.geode
-            if not fwd.preserve_host or client_host is None:  # (an HTTP/1.0 client may
-                headers["Host"] = geode.url.raw_authority  # send no Host: each geode's own)
+            # An HTTP/1.0 client may send no Host: then each geode gets its own.
+            host = head.host
+            if not fwd.preserve_host or host is None:
+                host = _cached_bytes(geode.url.raw_authority)
             try:
-                if lean and geode.url.scheme == "http":
-                    line = f"{request.method} {geode.prefix}{path_qs} HTTP/1.1"
-                    try:
-                        head = _serialize_headers(line, headers)
-                    except ValueError:  # a control character: never passed on
-                        return json_error(400, "bad_request", "invalid request head")
+                if body is None and geode.url.scheme == "http":  # the lean path
+                    target = _text_bytes(f"{method} {geode.prefix}{path_qs} HTTP/1.1")
+                    wire = b"".join((target, b"\r\nHost: ", host, b"\r\n", head.kept,
+                                     forwarded, b"\r\n"))  # fmt: skip
                     exchange = await upstream.send(
-                        self.pool, geode, head, request.method, fwd.connect_timeout,
+                        self.pool, geode, wire, method, fwd.connect_timeout,
                         fwd.response_timeout, idempotent,
                     )  # fmt: skip
                     reply = Reply.of_exchange(exchange)
                 else:
                     resp = await rt.session.request(
-                        request.method, URL(geode.base + path_qs, encoded=True),
-                        headers=headers, data=body.chunks() if body is not None else None,
+                        method, URL(geode.base + path_qs, encoded=True),
+                        headers=head.as_map(forwarded, host),
+                        data=body.chunks() if body is not None else None,
                         allow_redirects=False, timeout=_client_timeout(fwd),
                     )  # fmt: skip
                     reply = Reply.of_response(resp)
@@ -228,31 +226,35 @@ class Forwarder:
                 last = RESET
                 log.info("geode %s: request failed: %r", geode.name, exc)
             else:
-                rt.board.observe(geode.name, reply.status not in RETRY_STATUSES)
-                more = index + 1 < len(cands) and loop.time() < deadline
+                status = reply.status
+                board.observe(geode.name, status not in RETRY_STATUSES)
                 if (
-                    reply.status in RETRY_STATUSES
-                    and more
-                    and may_try_next(RETRY_STATUS, request.method, bool(body and body.started))
+                    status in RETRY_STATUSES
+                    and index + 1 < len(cands)
+                    and time.monotonic() < deadline
+                    and may_try_next(RETRY_STATUS, method, bool(body and body.started))
                 ):
                     trace.attempts.append((geode.name, RETRY_STATUS))
                     reply.close()
                     continue
-                if not _framing_ok(reply):
+                out = ResponseHead(reply.raw_headers, reply.reason)
+                if not (out.ok and _framing_ok(reply)):
                     reply.close()
                     trace.attempts.append((geode.name, BAD_RESPONSE))
-                    log.warning("geode %s: unsupported Transfer-Encoding %r", geode.name,
-                                reply.headers.get("Transfer-Encoding"))  # fmt: skip
+                    log.warning("geode %s: a response head that cannot be relayed: "
+                                "Transfer-Encoding %r or a control character", geode.name,
+                                reply.headers.get(TRANSFER_ENCODING))  # fmt: skip
                     last = BAD_RESPONSE
                     break
                 trace.attempts.append((geode.name, RESPONSE))
                 trace.geode = geode
                 trace.decision = cand.decision
+                lines = out.tail(via, geode_lines(geode.name, geode.region))
                 length = reply.content_length
-                if (length is not None and length <= SMALL_BODY and request.method != "HEAD"
-                        and reply.status not in _NO_BODY and reply.status >= 200):  # fmt: skip
-                    # Read it whole and let aiohttp send head and body in one write; if the
-                    # geode breaks off, nothing reached the client yet: a clean 502.
+                if (length is not None and length <= SMALL_BODY and method != "HEAD"
+                        and status not in _NO_BODY and status >= 200):  # fmt: skip
+                    # Read it whole and send head and body in one write; if the geode
+                    # breaks off, nothing reached the client yet: a clean 502.
                     try:
                         small = await reply.content.readexactly(length)
                     except (aiohttp.ClientError, TimeoutError, OSError,
@@ -265,14 +267,14 @@ class Forwarder:
                                           attempts=len(trace.attempts))  # fmt: skip
                     reply.release()
                     trace.body_bytes = length
-                    headers = downstream_headers(reply.headers, geode, rt.via)
-                    return _BodyRelayResponse(reply.status, reply.reason, headers, small)
-                return await self._relay(request, reply, geode)
+                    return WholeResponse(status, reply.reason, out.kept + lines, out.date,
+                                         small)  # fmt: skip
+                return await self._relay(request, reply, geode, out.as_map(lines))
             trace.attempts.append((geode.name, last))
-            rt.board.observe(geode.name, False)
-            if not may_try_next(last, request.method, bool(body and body.started)):
+            board.observe(geode.name, False)
+            if not may_try_next(last, method, bool(body and body.started)):
                 break
-            if loop.time() >= deadline:
+            if time.monotonic() >= deadline:
                 break
         trace.decision = ALL_FAILED
         if last == TIMEOUT:
@@ -285,14 +287,13 @@ class Forwarder:
                           attempts=len(trace.attempts))  # fmt: skip
 
     async def _relay(
-        self, request: web.Request, reply: Reply, geode: Geode
+        self, request: web.Request, reply: Reply, geode: Geode, headers: CIMultiDict[str]
     ) -> web.StreamResponse:
         """Stream the geode's response to the client. A geode that fails mid-body aborts
         the client connection, so a truncated response never looks complete. Returning
         the prepared response lets aiohttp finish (or notice the closed connection)
         without logging a 500 for what is not a server error."""
-        headers = downstream_headers(reply.headers, geode, self.runtime.via)
-        out = _RelayResponse(status=reply.status, reason=reply.reason, headers=headers)
+        out = RelayResponse(status=reply.status, reason=reply.reason, headers=headers)
         trace = request[TRACE_KEY]
         # A body that ends when the connection closes cannot tell a reset from its end by
         # itself (aiohttp reads a reset as EOF): the connection's `closed` future can.
@@ -356,36 +357,24 @@ def _framing_ok(reply: Reply) -> bool:
     return te is None or te.strip().lower() == "chunked"
 
 
-class _RelayResponse(web.StreamResponse):
-    """A StreamResponse that adds no headers of its own: aiohttp would invent a
-    ``Content-Type: application/octet-stream`` and a ``Server`` header when the geode sent
-    none (a made-up type changes how browsers treat the body). ``_prepare_headers`` is
-    private aiohttp API; tests/test_forwarding.py pins this behaviour."""
-
-    async def _prepare_headers(self) -> None:
-        had_type = CONTENT_TYPE in self.headers
-        had_server = SERVER in self.headers
-        await super()._prepare_headers()
-        if not had_type:
-            self.headers.popall(CONTENT_TYPE, None)
-        if not had_server:
-            self.headers.popall(SERVER, None)
+def _text_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")  # what the parser decoded, as it came
 
 
-class _BodyRelayResponse(web.Response):
-    """A whole small response, sent by aiohttp in one write after the handler returns,
-    with no Content-Type or Server header the geode did not send (as _RelayResponse)."""
+_cached_bytes = functools.lru_cache(maxsize=256)(_text_bytes)  # this hop's name, schemes, hosts
 
-    def __init__(
-        self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
-    ) -> None:
-        self._geode_typed = CONTENT_TYPE in headers
-        self._geode_server = SERVER in headers
-        super().__init__(status=status, reason=reason, headers=headers, body=body)
 
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        if not self._geode_typed:
-            self.headers.popall(CONTENT_TYPE, None)
-        if not self._geode_server:
-            self.headers.popall(SERVER, None)
+@functools.lru_cache(maxsize=4096)
+def _peer_text(remote: str) -> bytes:
+    """The TCP peer as X-Forwarded-For names it (an IPv4-mapped address unmapped)."""
+    peer = parse_ip(remote)
+    return _text_bytes(str(peer) if peer is not None else remote)
+
+
+def _path_qs(request: web.Request) -> str:
+    """The request target in origin-form: as it came when it is one already."""
+    path = request.raw_path
+    if path.startswith("/") and "#" not in path and not path.endswith("?"):
+        return path
+    rel = request.rel_url  # absolute-form, a fragment, an empty query
+    return rel.raw_path + ("?" + rel.raw_query_string if rel.raw_query_string else "")

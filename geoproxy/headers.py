@@ -1,53 +1,106 @@
 """Header rules for forwarding: hop-by-hop removal, X-Forwarded-*, Via, and what an
-untrusted client may not claim. Pure functions over header maps."""
+untrusted client may not claim. Pure functions over the raw header lines.
+
+Both directions work on the parsed header lines as they arrived (aiohttp's
+``raw_headers``: bytes, in order, duplicates kept) and produce the head that goes on as
+bytes; a header map is made from the same result only for aiohttp's client (request
+bodies, TLS geodes, WebSockets) and for streamed responses. One pass per message, one
+set of rules for every path.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
 import secrets
+from collections.abc import Iterable, Sequence
 
-from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict
 
-from geoproxy.clientip import IPAddress
-from geoproxy.config import Geode
 from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION
 
+RawHeaders = Sequence[tuple[bytes, bytes]]
+
+
+def _low(names: Iterable[str]) -> frozenset[bytes]:
+    return frozenset(n.lower().encode("ascii") for n in names)
+
+
 #: RFC 9110 7.6.1 hop-by-hop headers, plus the legacy Proxy-Connection.
-HOP_BY_HOP = frozenset(
-    istr(h)
-    for h in ("Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
-              "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade")
-)  # fmt: skip
+HOP_BY_HOP = _low(("Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
+                   "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade"))  # fmt: skip
 # Request headers never passed on as they came: hop-by-hop ones, Expect (aiohttp answers
 # 100 Continue itself) and the ones this hop rewrites.
-_DROP_ALWAYS = frozenset(
-    h.lower() for h in (*HOP_BY_HOP, "Expect", "X-Forwarded-For", "X-Forwarded-Proto",
-                        "X-Forwarded-Host", "Via")
-)  # fmt: skip
+_DROP_ALWAYS = HOP_BY_HOP | _low(("Expect", "X-Forwarded-For", "X-Forwarded-Proto",
+                                  "X-Forwarded-Host", "Via"))  # fmt: skip
 # From an untrusted peer, also every header that claims a client identity or region: a
 # geode that believes one of them could be spoofed.
-_DROP_UNTRUSTED = _DROP_ALWAYS | frozenset(
-    h.lower() for h in (X_CLIENT_REGION, CF_IPCOUNTRY, "Forwarded", "X-Real-IP",
-                        "True-Client-IP", "CF-Connecting-IP", "X-Client-IP",
-                        "X-Cluster-Client-IP", "Fastly-Client-IP", "X-Forwarded-Port",
-                        "X-Forwarded-Prefix", "X-Forwarded-Server")
+_DROP_UNTRUSTED = _DROP_ALWAYS | _low(
+    (X_CLIENT_REGION, CF_IPCOUNTRY, "Forwarded", "X-Real-IP", "True-Client-IP",
+     "CF-Connecting-IP", "X-Client-IP", "X-Cluster-Client-IP", "Fastly-Client-IP",
+     "X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Server")
 )  # fmt: skip
 GEODE_HEADER = "X-Geoproxy-Geode"
 REGION_HEADER = "X-Geoproxy-Region"
-_INTERNAL_PREFIX = "x-geoproxy-"
+_INTERNAL_PREFIX = b"x-geoproxy-"
+_HOST, _VIA, _XFF, _XFP, _XFH, _CONNECTION, _CONTENT_LENGTH, _DATE = (
+    b"host", b"via", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+    b"connection", b"content-length", b"date",
+)  # fmt: skip
+# Request headers whose values this hop reads (all but Content-Length are then dropped
+# or set anew).
+_READ_REQUEST = frozenset({_HOST, _VIA, _XFF, _XFP, _XFH, _CONNECTION, _CONTENT_LENGTH})
+# Response headers this hop sets itself or drops from the geode's answer.
+_NOTED_DOWNSTREAM = _low((GEODE_HEADER, REGION_HEADER)) | {_VIA, _CONTENT_LENGTH, _DATE}
+#: A control character other than HTAB (RFC 9110 5.5). aiohttp's request parser rejects
+#: them; its response parser is lenient and lets some through in values and the reason.
+CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    """Header names listed in Connection: they are hop-by-hop too."""
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    """The lower-cased names listed in Connection values: they are hop-by-hop too."""
+    return frozenset(t for v in values for t in (p.strip().lower() for p in v.split(b",")) if t)
 
 
-def _joined(headers: CIMultiDictProxy[str], name: str) -> str:
+def _scan_request(
+    raw: RawHeaders, drop: frozenset[bytes], named: frozenset[bytes]
+) -> tuple[bytes, dict[bytes, list[bytes]], int]:
+    """The lines passed on as they came, the values of the headers this hop reads, and
+    the size of the header block as sent."""
+    kept: list[bytes] = []
+    read: dict[bytes, list[bytes]] = {}
+    size = 0
+    for name, value in raw:
+        size += len(name) + len(value) + 4  # name, ": ", value, CRLF
+        low = name.lower()
+        if low in _READ_REQUEST:
+            got = read.get(low)
+            if got is None:
+                read[low] = [value]
+            else:
+                got.append(value)
+            if low != _CONTENT_LENGTH or low in named:
+                continue
+        elif low in drop or low in named or low.startswith(_INTERNAL_PREFIX):
+            continue
+        kept.append(_line(name, value))
+    return b"".join(kept), read, size
+
+
+def _line(name: bytes, value: bytes) -> bytes:
+    return name + b": " + value + b"\r\n"
+
+
+def _joined(values: list[bytes] | None) -> bytes:
     """Every value of a list-valued header, as one comma-separated value."""
-    return ", ".join(headers.getall(name, ()))
+    return b", ".join(values) if values else b""
+
+
+def _lines_to_map(block: bytes, out: CIMultiDict[str]) -> CIMultiDict[str]:
+    for line in block.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b": ")
+        out.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+    return out
 
 
 def via_name() -> str:
@@ -56,56 +109,124 @@ def via_name() -> str:
     return f"geoproxy-{secrets.token_hex(4)}"
 
 
-def has_looped(headers: CIMultiDictProxy[str], name: str) -> bool:
-    """True when this instance already forwarded the request (its name is in ``Via``)."""
-    return any(
-        hop.split()[-1] == name
-        for value in headers.getall("Via", ())
-        for hop in value.split(",")
-        if hop.strip()
-    )
+class RequestHead:
+    """A client's request headers as this hop passes them on, from one pass over the
+    raw lines: hop-by-hop ones (and those named in Connection) dropped, X-Forwarded-* and
+    Via set, and from an untrusted peer every header claiming a client identity or region
+    dropped. ``Host`` is kept apart: each geode may get its own."""
+
+    __slots__ = ("has_length", "host", "kept", "read", "size", "trusted")
+
+    def __init__(self, raw: RawHeaders, trusted: bool) -> None:
+        drop = _DROP_ALWAYS if trusted else _DROP_UNTRUSTED
+        kept, read, size = _scan_request(raw, drop, frozenset())
+        named = _tokens(read[_CONNECTION]) - drop if _CONNECTION in read else None
+        if named:  # headers the client named hop-by-hop: one more pass without them
+            kept, read, size = _scan_request(raw, drop, named)
+        hosts = read.get(_HOST)  # (the parser rejects a second Host)
+        self.host = hosts[0] if hosts and not (named and _HOST in named) else None
+        # Content-Length passed on (the parser rejects two that differ).
+        self.has_length = _CONTENT_LENGTH in read and not (named and _CONTENT_LENGTH in named)
+        self.kept = kept
+        self.read = read
+        self.size = size  # the header bytes as the client sent them
+        self.trusted = trusted
+
+    def looped(self, via: bytes) -> bool:
+        """True when this instance already forwarded the request (its name is in Via)."""
+        return any(
+            hop.split()[-1] == via
+            for value in self.read.get(_VIA, ())
+            for hop in value.split(b",")
+            if hop.strip()
+        )
+
+    def forwarded(self, peer: bytes, scheme: bytes, via: bytes) -> bytes:
+        """The header lines after the kept ones: X-Forwarded-For (the trusted peer's
+        list with ``peer`` appended, else ``peer`` alone), -Proto, -Host (as the client
+        sent Host), and Via with this hop appended."""
+        read, trusted = self.read, self.trusted
+        prior = _joined(read.get(_XFF)) if trusted else b""
+        out = b"X-Forwarded-For: " + (prior + b", " + peer if prior else peer) + b"\r\n"
+        proto = _joined(read.get(_XFP)) if trusted else b""
+        out += b"X-Forwarded-Proto: " + (proto or scheme) + b"\r\n"
+        host = (_joined(read.get(_XFH)) if trusted else b"") or read.get(_HOST, (b"",))[0]
+        if host:
+            out += b"X-Forwarded-Host: " + host + b"\r\n"
+        prior_via = _joined(read.get(_VIA))
+        hop = b"1.1 " + via
+        return out + b"Via: " + (prior_via + b", " + hop if prior_via else hop) + b"\r\n"
+
+    def as_map(self, forwarded: bytes, host: bytes | None) -> CIMultiDict[str]:
+        """The same headers as a map, for aiohttp's client."""
+        out: CIMultiDict[str] = CIMultiDict()
+        if host is not None:
+            out["Host"] = host.decode("utf-8", "surrogateescape")
+        return _lines_to_map(forwarded, _lines_to_map(self.kept, out))
 
 
-def upstream_headers(
-    request: web.Request, trusted: bool, peer: IPAddress | None, via: str
-) -> CIMultiDict[str]:
-    """The headers sent to a geode: hop-by-hop removed, X-Forwarded-* and Via set. From an
-    untrusted peer, every header that claims a client identity or region is dropped."""
-    incoming = request.headers
-    named = _connection_tokens(incoming)
-    drop = _DROP_ALWAYS if trusted else _DROP_UNTRUSTED
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        low = name.lower()
-        if low in drop or low in named or low.startswith(_INTERNAL_PREFIX):
-            continue
-        out.add(name, value)
-    peer_text = str(peer) if peer is not None else (request.remote or "")
-    prior = _joined(incoming, "X-Forwarded-For") if trusted else ""
-    out["X-Forwarded-For"] = f"{prior}, {peer_text}" if prior else peer_text
-    proto = _joined(incoming, "X-Forwarded-Proto") if trusted else ""
-    out["X-Forwarded-Proto"] = proto or request.scheme
-    # The Host header as sent (for an absolute-form target aiohttp's request.host is the
-    # target's authority, which is not what the geode receives as Host).
-    host = (_joined(incoming, "X-Forwarded-Host") if trusted else "") or incoming.get("Host")
-    if host:
-        out["X-Forwarded-Host"] = host
-    prior_via = _joined(incoming, "Via")
-    out["Via"] = f"{prior_via}, 1.1 {via}" if prior_via else f"1.1 {via}"
-    return out
+class ResponseHead:
+    """A geode's response headers as this hop passes them on, from one pass over the
+    raw lines: hop-by-hop ones (and those named in Connection) dropped; Via, Date,
+    Content-Length and the X-Geoproxy-* pair kept apart, to be set by ``tail``. ``ok`` is
+    False when a value or the reason phrase holds a control character (never passed
+    on)."""
+
+    __slots__ = ("date", "kept", "lengths", "ok", "vias")
+
+    def __init__(self, raw: RawHeaders, reason: str | None) -> None:
+        named = self._scan(raw, frozenset())
+        if named:  # headers the geode named hop-by-hop: one more pass without them
+            self._scan(raw, named)
+        if reason and CONTROL(reason.encode("utf-8", "surrogateescape")):
+            self.ok = False
+
+    def _scan(self, raw: RawHeaders, named: frozenset[bytes]) -> frozenset[bytes]:
+        """One pass; returns the names listed in Connection that are not hop-by-hop
+        already (for a second pass)."""
+        kept: list[bytes] = []
+        connection: list[bytes] = []
+        self.vias, self.lengths = [], []
+        self.date = False
+        self.ok = True
+        for name, value in raw:
+            low = name.lower()
+            if low in HOP_BY_HOP:
+                if low == _CONNECTION:
+                    connection.append(value)
+            elif low in named:
+                pass
+            elif low in _NOTED_DOWNSTREAM:
+                if low == _VIA:
+                    self.vias.append(value)
+                elif low == _CONTENT_LENGTH:
+                    self.lengths.append(value)
+                elif low == _DATE:
+                    kept.append(_line(name, value))
+                    self.date = True
+            else:
+                kept.append(_line(name, value))
+            if CONTROL(value):
+                self.ok = False
+        self.kept = b"".join(kept)
+        return _tokens(connection) - HOP_BY_HOP - named if connection else frozenset()
+
+    def tail(self, via: bytes, geode_lines: bytes) -> bytes:
+        """Via with this hop appended, then the X-Geoproxy-* lines of the geode."""
+        hop = b"1.1 " + via
+        prior = _joined(self.vias)
+        return b"Via: " + (prior + b", " + hop if prior else hop) + b"\r\n" + geode_lines
+
+    def as_map(self, tail: bytes) -> CIMultiDict[str]:
+        """The same headers as a map (with the geode's Content-Length), for a streamed
+        response."""
+        out = _lines_to_map(self.kept, CIMultiDict())
+        for length in self.lengths:
+            out.add("Content-Length", length.decode("utf-8", "surrogateescape"))
+        return _lines_to_map(tail, out)
 
 
-def downstream_headers(
-    headers: CIMultiDictProxy[str], geode: Geode, via: str
-) -> CIMultiDict[str]:
-    named = _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name in HOP_BY_HOP or name.lower() in named:
-            continue
-        out.add(name, value)
-    prior_via = ", ".join(headers.getall("Via", ()))
-    out["Via"] = f"{prior_via}, 1.1 {via}" if prior_via else f"1.1 {via}"
-    out[GEODE_HEADER] = geode.name
-    out[REGION_HEADER] = geode.region
-    return out
+@functools.lru_cache(maxsize=256)
+def geode_lines(name: str, region: str) -> bytes:
+    """The response header lines naming the geode that answered."""
+    return f"{GEODE_HEADER}: {name}\r\n{REGION_HEADER}: {region}\r\n".encode()

@@ -1,5 +1,13 @@
-"""Error responses geoproxy itself sends: small JSON bodies with one stable shape,
-``{"error": {"status": 503, "code": "no_healthy_geode", "message": "...", ...}}``."""
+"""Responses geoproxy sends: its own errors (small JSON bodies with one stable shape,
+``{"error": {"status": 503, "code": "no_healthy_geode", "message": "...", ...}}``), and
+the two shapes a geode's response is relayed in (streamed, or whole in one write).
+
+Neither relay shape adds a header the geode did not send beyond what HTTP framing needs:
+aiohttp would invent ``Content-Type: application/octet-stream`` and a ``Server`` header
+(a made-up type changes how browsers treat the body). Both lean on private aiohttp API
+(``_prepare_headers``; ``_payload_writer``, ``_prepare_hook``); tests/test_forwarding.py
+pins what reaches the client.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,11 @@ import json
 from collections.abc import Mapping
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.hdrs import CONTENT_TYPE, SERVER
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
+from aiohttp.http_writer import _serialize_headers  # C; also rejects control characters
 
 
 def json_error(
@@ -23,3 +36,82 @@ def json_error(
         content_type="application/json",
         headers=headers,
     )
+
+
+class RelayResponse(web.StreamResponse):
+    """A streamed geode response: aiohttp's StreamResponse minus the headers it would
+    invent."""
+
+    async def _prepare_headers(self) -> None:
+        had_type = CONTENT_TYPE in self.headers
+        had_server = SERVER in self.headers
+        await super()._prepare_headers()
+        if not had_type:
+            self.headers.popall(CONTENT_TYPE, None)
+        if not had_server:
+            self.headers.popall(SERVER, None)
+
+
+_STATUS_LINES: dict[tuple[HttpVersion, int, str], bytes] = {}
+_KEEP_ALIVE_10 = b"Connection: keep-alive\r\n"
+_CLOSE_11 = b"Connection: close\r\n"
+
+
+def _status_line(version: HttpVersion, status: int, reason: str) -> bytes:
+    key = (version, status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n".encode(
+            "utf-8", "surrogateescape"
+        )
+        if len(_STATUS_LINES) < 1024:  # bounded: reason phrases come from geodes
+            _STATUS_LINES[key] = line
+    return line
+
+
+class WholeResponse(web.StreamResponse):
+    """A geode's whole (small) response, head and body sent in one write once the
+    handler returns, from header lines the caller already wrote and checked (no header
+    map is built). This hop adds only what aiohttp's own responses carry for framing:
+    ``Content-Length``, ``Date`` when the geode sent none, and ``Connection`` as
+    keep-alive and the HTTP version require. Never for HEAD, 1xx, 204 or 304."""
+
+    def __init__(self, status: int, reason: str | None, lines: bytes, dated: bool,
+                 body: bytes) -> None:  # fmt: skip
+        super().__init__(status=status, reason=reason)
+        self._lines = lines  # "Name: value\r\n" each
+        self._dated = dated
+        self._whole = body
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._eof_sent:
+            return None
+        if self._payload_writer is not None:
+            return self._payload_writer
+        self._req = request
+        writer = self._payload_writer = request._payload_writer
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = self._keep_alive = request.keep_alive
+        await request._prepare_hook(self)  # on_response_prepare signals, if any
+        version = request.version
+        body = self._whole
+        head = [_status_line(version, self._status, self._reason), self._lines,
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n"]  # fmt: skip
+        if not self._dated:
+            head.append(b"Date: " + rfc822_formatted_time().encode() + b"\r\n")
+        if keep_alive:
+            if version == HttpVersion10:
+                head.append(_KEEP_ALIVE_10)
+        elif version == HttpVersion11:
+            head.append(_CLOSE_11)
+        if self._headers:  # set by a signal handler
+            head.append(_serialize_headers("", self._headers)[2:-2])
+        head.append(b"\r\n")
+        head.append(body)
+        await writer.write_eof(b"".join(head))
+        self._eof_sent = True
+        self._req = None
+        self._body_length = writer.output_size
+        self._payload_writer = None
+        return writer

@@ -446,6 +446,7 @@ class RawGeode:
         self.reply = reply
         self.reset = reset
         self.requests: list[str] = []
+        self.heads: list[bytes] = []  # every request head, as received
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
 
@@ -465,6 +466,7 @@ class RawGeode:
                 await writer.drain()
                 return
             self.requests.append(line)
+            self.heads.append(head)
             if self.reply is not None:
                 writer.write(self.reply)
                 await writer.drain()
@@ -654,3 +656,205 @@ async def test_bodiless_responses_pass_through_on_a_kept_alive_connection(
         assert resp.status == status
         assert await resp.read() == b""
         assert resp.headers["X-Geoproxy-Geode"] == "raw-1"
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, list[bytes], bytes]:
+    """One response off a raw client connection: status line, header lines, body (by
+    Content-Length, else to the end of the connection)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, *lines = head[:-4].split(b"\r\n")
+    length = [int(v) for n, _, v in (h.partition(b": ") for h in lines)
+              if n.lower() == b"content-length"]  # fmt: skip
+    body = await reader.readexactly(length[0]) if length else await reader.read()
+    return status, lines, body
+
+
+def values(lines: list[bytes], name: bytes) -> list[bytes]:
+    return [v for n, _, v in (h.partition(b": ") for h in lines) if n.lower() == name]
+
+
+async def raw_client(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = proxy.url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-peer", "untrusted-peer"])
+async def test_request_head_keeps_duplicates_in_order_and_drops_what_connection_names(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw_geodes: list[RawGeode],
+    trusted: bool,
+) -> None:
+    raw = RawGeode(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    raw_geodes.append(raw)
+    cidrs = ["127.0.0.1/32"] if trusted else ["10.0.0.0/8"]
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw, trusted_proxies=cidrs)
+    reader, writer = await raw_client(proxy)
+    writer.write(
+        b"GET /x?a=1&b HTTP/1.1\r\nX-Dup: 1\r\nHost: shop.example\r\n"
+        b"Connection: keep-alive, X-Private\r\nX-Private: secret\r\nAccept: */*\r\n"
+        b"X-Dup: 2\r\nKeep-Alive: 300\r\nX-Forwarded-For: 203.0.113.9\r\n"
+        b"X-Forwarded-For: 198.51.100.2\r\nX-Obs: caf\xe9\r\nCF-IPCountry: FR\r\n"
+        b"X-Geoproxy-Region: forged\r\nVia: 1.0 cdn\r\n\r\n"
+    )  # fmt: skip
+    async with asyncio.timeout(5):
+        status, _, body = await read_response(reader)
+    writer.close()
+    assert (status, body) == (b"HTTP/1.1 200 OK", b"ok")
+    line, *lines = raw.heads[0][:-4].split(b"\r\n")
+    assert line == b"GET /x?a=1&b HTTP/1.1"
+    assert lines[0] == b"Host: shop.example"  # first, as RFC 9110 7.2 asks
+    passed = [h for h in lines[1:] if not h.lower().startswith((b"x-forwarded-", b"via:"))]
+    identity = [b"CF-IPCountry: FR"] if trusted else []
+    assert passed == [b"X-Dup: 1", b"Accept: */*", b"X-Dup: 2", b"X-Obs: caf\xe9", *identity]
+    via = proxy.gateway.via.encode()
+    xff = b"203.0.113.9, 198.51.100.2, 127.0.0.1" if trusted else b"127.0.0.1"
+    assert values(lines, b"x-forwarded-for") == [xff]
+    assert values(lines, b"x-forwarded-proto") == [b"http"]
+    assert values(lines, b"x-forwarded-host") == [b"shop.example"]
+    assert values(lines, b"via") == [b"1.0 cdn, 1.1 " + via]
+
+
+@pytest.mark.parametrize("dated", [True, False], ids=["geode-date", "no-geode-date"])
+async def test_response_head_keeps_duplicates_and_drops_what_connection_names(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw_geodes: list[RawGeode],
+    dated: bool,
+) -> None:
+    date = b"Date: Tue, 01 Jan 2030 00:00:00 GMT\r\n" if dated else b""
+    raw = RawGeode(
+        b"HTTP/1.1 201 Made Here\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\n"
+        b"Set-Cookie: a=1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: b=2\r\n" + date +
+        b"Via: 1.1 origin\r\nX-Geoproxy-Geode: forged\r\nX-Obs: caf\xe9\r\n"
+        b"Content-Length: 5\r\n\r\nhello"
+    )  # fmt: skip
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    reader, writer = await raw_client(proxy)
+    async with asyncio.timeout(5):
+        for path in (b"/a", b"/b"):  # the second on the same connection: framing is right
+            writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, lines, body = await read_response(reader)
+            assert (status, body) == (b"HTTP/1.1 201 Made Here", b"hello")
+    writer.close()
+    names = [h.partition(b": ")[0].lower() for h in lines]
+    for gone in (b"connection", b"x-private", b"keep-alive", b"server", b"content-type"):
+        assert gone not in names, gone
+    assert values(lines, b"set-cookie") == [b"a=1", b"b=2"]
+    assert values(lines, b"x-obs") == [b"caf\xe9"]
+    assert values(lines, b"via") == [b"1.1 origin, 1.1 " + proxy.gateway.via.encode()]
+    assert values(lines, b"x-geoproxy-geode") == [b"raw-1"]
+    assert values(lines, b"x-geoproxy-region") == [b"eu-west"]
+    assert values(lines, b"content-length") == [b"5"]
+    assert len(values(lines, b"date")) == 1
+    if dated:
+        assert values(lines, b"date") == [b"Tue, 01 Jan 2030 00:00:00 GMT"]
+
+
+@pytest.mark.parametrize(
+    ("request_head", "connection", "closes"),
+    [
+        (b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n", [], False),
+        (b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [b"close"], True),
+        (b"GET /x HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+         [b"keep-alive"], False),
+        (b"GET /x HTTP/1.0\r\nHost: x\r\n\r\n", [], True),
+    ],
+    ids=["http11", "http11-close", "http10-keep-alive", "http10"],
+)  # fmt: skip
+async def test_whole_responses_follow_the_clients_keep_alive_and_version(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw_geodes: list[RawGeode],
+    request_head: bytes,
+    connection: list[bytes],
+    closes: bool,
+) -> None:
+    raw = RawGeode(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok")
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    reader, writer = await raw_client(proxy)
+    writer.write(request_head)
+    async with asyncio.timeout(5):
+        status, lines, body = await read_response(reader)
+        assert status == request_head.split(b"\r\n")[0][-8:] + b" 200 OK"
+        assert body == b"ok"
+        assert values(lines, b"connection") == connection
+        assert (await reader.read() == b"") if closes else not reader.at_eof()
+    writer.close()
+
+
+async def test_a_control_character_in_a_geode_response_head_is_a_502(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    raw_geodes: list[RawGeode],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    raw = RawGeode(b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok")
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    async with http.get(f"{proxy.url}/x") as resp:
+        assert resp.status == 502
+        assert (await resp.json())["error"]["code"] == "bad_response"
+    assert "Traceback" not in caplog.text
+
+
+async def through_raw_home(
+    proxy_factory: ProxyFactory, geode_factory: GeodeFactory, raw_geodes: list[RawGeode],
+    reply: bytes, request: bytes,
+) -> tuple[bytes, list[bytes], bytes]:
+    """One request from a raw client through a proxy whose home geode answers ``reply``."""
+    raw = RawGeode(reply)
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    reader, writer = await raw_client(proxy)
+    writer.write(request)
+    try:
+        async with asyncio.timeout(5):
+            return await read_response(reader)
+    finally:
+        writer.close()
+
+
+def dechunk(body: bytes) -> bytes:
+    """A chunked body's payload (no extensions, no trailers)."""
+    out = b""
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        if int(size, 16) == 0:
+            return out
+        out, body = out + body[: int(size, 16)], body[int(size, 16) + 2 :]
+
+
+@pytest.mark.parametrize(
+    ("reply", "chunked"),
+    [
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabcde", False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", True),
+    ],
+    ids=["interim-then-final", "chunked-streamed"],
+)  # fmt: skip
+async def test_only_the_final_response_is_relayed_with_framing_for_its_body(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw_geodes: list[RawGeode],
+    reply: bytes,
+    chunked: bool,
+) -> None:
+    raw = RawGeode(reply)
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    reader, writer = await raw_client(proxy)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(5):
+        status, lines, body = await read_response(reader)
+    writer.close()
+    assert status == b"HTTP/1.1 200 OK"
+    assert values(lines, b"link") == []  # the 103's header stays with the 103
+    assert values(lines, b"transfer-encoding") == ([b"chunked"] if chunked else [])
+    assert values(lines, b"content-length") == ([] if chunked else [b"5"])
+    assert (dechunk(body) if chunked else body) == b"abcde"

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""A/B benchmark: geoproxy from two (or more) source trees, and Caddy, interleaved in the
+same run against the same nginx upstream, so that a change is judged against a reference
+measured minutes apart on the same noisy machine.
+
+    python bench/ab.py --tree base=/tmp/geoproxy-base --tree new=. --conns 10,50,200
+
+Each tree is run as ``python -m geoproxy`` with the tree as working directory (so its own
+``geoproxy`` package is imported). Everything listens on 127.0.0.1; every run is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # bench/run.py: the shared tooling
+
+
+class TreeProxy(run.Proxy):
+    def __init__(self, name: str, tree: Path, config: Path, port: int) -> None:
+        argv = [run.PY, "-m", "geoproxy", "run", "--config", str(config), "--log-level",
+                "warning"]  # fmt: skip
+        super().__init__(name, argv, port)
+        self.tree = tree
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", "0", *self.argv], cwd=self.tree, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        run.wait_port(self.port)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tree", action="append", required=True, help="name=path")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--conns", default="10,50,200")
+    ap.add_argument("--no-caddy", action="store_true")
+    args = ap.parse_args()
+    run.ensure_tools()
+    trees = dict(t.split("=", 1) for t in args.tree)
+    conns = [int(c) for c in args.conns.split(",")]
+    upstream = run.free_port()
+    ports = {n: run.free_port() for n in ("nginx", "caddy", "geoproxy", "plain", "bypass")}
+    rps: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="geoproxy-ab-") as d:
+        tmp = Path(d)
+        run.configs(tmp, upstream, ports)
+        contenders: list[run.Proxy] = []
+        if not args.no_caddy:
+            contenders += run.proxies(tmp, upstream, ports, {"caddy"})
+        for name, path in trees.items():
+            port = run.free_port()
+            run.write_geoproxy_config(tmp / f"{name}.yaml", port, upstream)
+            contenders.append(TreeProxy(name, Path(path).resolve(), tmp / f"{name}.yaml", port))
+        with run.upstream_nginx(tmp, upstream):
+            for rnd in range(args.rounds):
+                for proxy in contenders:
+                    proxy.start()
+                    try:
+                        run.wrk(proxy.port, "/small", 10, 1)  # warm up
+                        for c in conns:
+                            r, p50, p99, errors = run.wrk(proxy.port, "/small", c, args.duration)
+                            rps.setdefault((proxy.name, c), []).append(r)
+                            print(f"round {rnd + 1} {proxy.name:<10} c={c:<4} {r:>9.0f} req/s"
+                                  f"  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  errors {errors}",
+                                  flush=True)  # fmt: skip
+                    finally:
+                        proxy.stop()
+    names = [p.name for p in contenders]
+    print("\n| proxy | conns | req/s (median) | x caddy |")
+    for c in conns:
+        for name in names:
+            med = statistics.median(rps[(name, c)])
+            ref = statistics.median(rps[("caddy", c)]) if "caddy" in names else None
+            ratio = f"{med / ref:.2f}" if ref else "-"
+            print(f"| {name} | {c} | {med:.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
