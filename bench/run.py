@@ -10,6 +10,8 @@ worker); the upstream nginx and wrk share the other core. Rounds are interleaved
 (A B C ... A B C ...) so that drift on a shared machine hits every proxy alike, and the
 table shows the median of the rounds with ratios to nginx and Caddy from this same run.
 Everything listens on 127.0.0.1 only; every run is bounded by --duration.
+
+    python3 bench/run.py --scaling --conns 50,200   # geoproxy --workers 1 against 2
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -94,11 +97,12 @@ class Proxy:
     argv: list[str]
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    cores: str = "0"
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["taskset", "-c", "0", *self.argv], env={**os.environ, **self.env},
+            ["taskset", "-c", self.cores, *self.argv], env={**os.environ, **self.env},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         wait_port(self.port)
@@ -215,12 +219,12 @@ def proxies(tmp: Path, upstream: int, ports: dict[str, int], only: set[str]) -> 
 
 
 @contextlib.contextmanager
-def upstream_nginx(tmp: Path, port: int) -> Iterator[None]:
+def upstream_nginx(tmp: Path, port: int) -> Iterator[int]:
     proc = subprocess.Popen(["taskset", "-c", "1", "nginx", "-c", str(tmp / "upstream.conf")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         wait_port(port)
-        yield
+        yield proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
@@ -237,6 +241,8 @@ def main() -> None:
                     "loop, direct to the upstream and through geoproxy (p99 overhead)")
     ap.add_argument("--soak", type=int, default=0, help="also: seconds of c=200 on geoproxy, "
                     "sampling its RSS (idle first)")
+    ap.add_argument("--scaling", action="store_true", help="only: geoproxy --workers 1 on "
+                    "one core against --workers 2 on both cores (small body, --conns)")
     args = ap.parse_args()
     ensure_tools()
     conns = [int(c) for c in args.conns.split(",")]
@@ -248,7 +254,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="geoproxy-bench-") as d:
         tmp = Path(d)
         configs(tmp, upstream, ports)
-        with upstream_nginx(tmp, upstream):
+        with upstream_nginx(tmp, upstream) as upstream_pid:
+            if args.scaling:
+                return scaling(tmp, ports, conns, args.duration, args.rounds, upstream_pid)
             for rnd in range(args.rounds):
                 for proxy in proxies(tmp, upstream, ports, only):
                     proxy.start()
@@ -273,6 +281,64 @@ def main() -> None:
             if args.openloop:
                 openloop(tmp, upstream, ports, args.openloop, args.duration, args.rounds)
     print_table(results, sizes, conns, only)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its children so far."""
+    ticks = 0
+    for p in [pid, *children(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def scaling(
+    tmp: Path, ports: dict[str, int], conns: list[int], seconds: int, rounds: int,
+    upstream_pid: int,
+) -> None:  # fmt: skip
+    """geoproxy --workers 1 pinned to core 0 against --workers 2 on cores 0-1, interleaved.
+    On a 2-core machine the upstream and wrk share core 1 with the second worker, so the
+    throughput ratio understates scaling; CPU seconds per request tell the efficiency."""
+    config = str(tmp / "geoproxy.yaml")
+    base = [PY, "-m", "geoproxy", "run", "--config", config, "--log-level", "warning"]
+    setups = [Proxy("1 worker", [*base, "--workers", "1"], ports["geoproxy"], cores="0"),
+              Proxy("2 workers", [*base, "--workers", "2"], ports["geoproxy"], cores="0,1")]
+    rows: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
+    for _ in range(rounds):
+        for proxy in setups:
+            proxy.start()
+            try:
+                assert proxy.proc is not None
+                time.sleep(1)  # the workers come up after the port opens
+                wrk(proxy.port, "/small", 10, 1)
+                for c in conns:
+                    cpu0, other0 = cpu_seconds(proxy.proc.pid), cpu_seconds(upstream_pid)
+                    load0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    rps, _p50, p99, errors = wrk(proxy.port, "/small", c, seconds)
+                    load1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpu = cpu_seconds(proxy.proc.pid) - cpu0
+                    other = (cpu_seconds(upstream_pid) - other0 + load1.ru_utime
+                             + load1.ru_stime - load0.ru_utime - load0.ru_stime)  # fmt: skip
+                    rows.setdefault((proxy.name, c), []).append((rps, cpu, other, p99))
+                    print(f"{proxy.name:<10} c={c:<4} {rps:>8.0f} req/s  p99 {p99:6.2f} ms  "
+                          f"geoproxy CPU {cpu / seconds:.2f} cores  wrk+upstream "
+                          f"{other / seconds:.2f} cores  errors {errors}", flush=True)
+            finally:
+                proxy.stop()
+    print("\n| conns | 1 worker req/s | 2 workers req/s | ratio | us CPU/req 1w | 2w |"
+          " wrk+upstream cores (2w) |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in conns:
+        one, two = rows[("1 worker", c)], rows[("2 workers", c)]
+
+        def med(rs: list[tuple[float, float, float, float]], i: int) -> float:
+            return statistics.median(r[i] for r in rs)
+
+        per1 = statistics.median(r[1] / (r[0] * seconds) * 1e6 for r in one)
+        per2 = statistics.median(r[1] / (r[0] * seconds) * 1e6 for r in two)
+        print(f"| {c} | {med(one, 0):.0f} | {med(two, 0):.0f} | {med(two, 0) / med(one, 0):.2f}"
+              f" | {per1:.1f} | {per2:.1f} | {med(two, 2) / seconds:.2f} |")
 
 
 def openloop(
