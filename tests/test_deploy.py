@@ -11,6 +11,10 @@ from pathlib import Path
 
 import aiohttp
 import yaml
+from prometheus_client import CollectorRegistry
+
+from geoproxy.fleet import Fleet
+from geoproxy.metrics import Metrics, WorkerMetrics
 
 from conftest import (
     GeodeFactory,
@@ -28,10 +32,16 @@ PROMETHEUS_OWN = {"up"}
 
 
 async def exported_names(proxy_factory: ProxyFactory, geode_factory: GeodeFactory) -> set[str]:
+    """What one process exports, and what a ``--workers`` supervisor adds."""
     geode = await geode_factory("eu-1", "eu-west")
     proxy = await proxy_factory(base_config([geode_entry(geode)], regions={"eu-west": None},
                                             countries={}, continents={}))  # fmt: skip
-    return exported_metric_names(proxy.registry)
+    own = CollectorRegistry()
+    Metrics(own)
+    WorkerMetrics(own)
+    supervisor = CollectorRegistry()
+    supervisor.register(Fleet(own))
+    return exported_metric_names(proxy.registry) | exported_metric_names(supervisor)
 
 
 def dashboard_exprs() -> list[str]:

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from geoproxy import fleet
 
-from conftest import FakeGeode, GeodeFactory, base_config, geode_entry
+from conftest import FakeGeode, GeodeFactory, base_config, geode_entry, need_binary
 
 READY = r"proxying on (http://\S+) with (\d+) workers \(pids ([\d ]+)\), admin on (http://\S+)"
 
@@ -145,6 +145,20 @@ async def until_only(http: aiohttp.ClientSession, url: str, geode: str) -> None:
             await asyncio.sleep(0.01)
 
 
+async def passes_promtool_check_metrics(http: aiohttp.ClientSession, admin_url: str) -> None:
+    """The merged exposition is well-formed (one family per name, histograms complete)."""
+    promtool = need_binary("promtool")
+    async with http.get(f"{admin_url}/metrics") as resp:
+        text = await resp.read()
+    proc = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        report, _ = await proc.communicate(text)
+    assert proc.returncode == 0, report.decode()
+
+
 def one_region(geodes: list[FakeGeode], **overrides: Any) -> dict[str, Any]:
     data = base_config([geode_entry(g) for g in geodes], regions={"eu-west": None},
                        countries={}, continents={}, access_log="off")  # fmt: skip
@@ -175,6 +189,7 @@ async def test_workers_share_one_port_and_their_counts_are_summed_exactly(
         assert min(per_worker) > 0, f"one worker got every connection: {per_worker}"
         assert total(m, "geoproxy_workers") == 2
         assert eu.hits["/whoami"] == 200
+        await passes_promtool_check_metrics(http, proxy.admin_url)
         assert await proxy.stop() == 0
     assert not any(alive(p) for p in proxy.pids)
 
