@@ -260,7 +260,7 @@ class Supervisor:
 
     async def _watch(self, worker: Worker) -> None:
         """Start the worker again whenever it exits, until the supervisor stops."""
-        backoff = 0.5
+        backoff = 0.25
         while True:
             code = await worker.wait()
             if self.stopping:
@@ -272,10 +272,17 @@ class Supervisor:
             backoff = 0.5 if lived > 30 else min(backoff * 2, 10.0)
             log.error("worker %d (pid %s) exited unexpectedly (%s); starting it again in "
                       "%gs", worker.index, worker.pid, _describe_exit(code), backoff)  # fmt: skip
-            await asyncio.sleep(backoff)
-            if self.stopping:
-                return
-            await worker.start(self._health())
+            while True:
+                await asyncio.sleep(backoff)
+                if self.stopping:
+                    return
+                try:
+                    await worker.start(self._health())
+                    break
+                except OSError as exc:  # fork or exec failed: out of memory, say
+                    backoff = min(backoff * 2, 10.0)
+                    log.error("worker %d could not be started (%s); trying again in %gs",
+                              worker.index, exc, backoff)  # fmt: skip
             self.metrics.running.inc()
 
     def broadcast_health(self) -> None:

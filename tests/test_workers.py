@@ -414,3 +414,29 @@ def test_fleet_keeps_what_an_exited_worker_counted_but_not_its_gauges() -> None:
     assert total(m, "geoproxy_requests_total") == 16
     assert total(m, "geoproxy_worker_requests_total", worker="0") == 11
     assert merged.request_counts() == {("eu-1", "2xx"): 16}
+
+
+async def test_a_worker_failing_at_start_up_fails_the_start_with_its_reason(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    # The first health round takes 1 s: time to take the config away before the workers
+    # (which load it themselves) start.
+    data = one_region([eu], health_check={"path": "/slow?delay=1", "timeout": "3s",
+                                          "interval": "5s"})  # fmt: skip
+    path = write_config(data)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "geoproxy", "run", "--config", str(path), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    async with asyncio.timeout(20):
+        while b"first health round" not in await proc.stdout.readline():
+            pass
+        path.unlink()
+        out = (await proc.stdout.read()).decode()
+        assert await proc.wait() == 1
+    assert f"{path}: cannot read: No such file or directory" in out, out
+    assert re.search(r"worker \d exited during start-up \(exit code 1\)", out), out
+    assert "proxying on" not in out
+    assert "Traceback" not in out
