@@ -154,20 +154,26 @@ class Worker:
         if self.writer is not None and not self.writer.is_closing():
             self.writer.write(_line(message))
 
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op in ("ready", "reloaded"):
+            self.fingerprint = message.get("fingerprint", "")
+            self.ready.set()
+            if op == "reloaded" and not message.get("ok"):
+                log.error("worker %d: reload failed; it keeps its config", self.index)
+        elif op == "metrics":
+            future = self._pending.pop(message["id"], None)
+            if future is not None and not future.done():
+                future.set_result(message.get("families", []))
+
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(ConnectionError, ValueError):
+        with contextlib.suppress(ConnectionError):
             while line := await reader.readline():
-                message = json.loads(line)
-                op = message.get("op")
-                if op in ("ready", "reloaded"):
-                    self.fingerprint = message.get("fingerprint", "")
-                    self.ready.set()
-                    if op == "reloaded" and not message.get("ok"):
-                        log.error("worker %d: reload failed; it keeps its config", self.index)
-                elif op == "metrics":
-                    future = self._pending.pop(message.get("id"), None)
-                    if future is not None and not future.done():
-                        future.set_result(message.get("families", []))
+                try:
+                    self._handle(json.loads(line))
+                except Exception:
+                    log.exception("worker %d sent what cannot be handled: %.200r", self.index,
+                                  line)  # fmt: skip
         for future in self._pending.values():
             if not future.done():
                 future.set_result(None)  # it exited: no answer is coming
@@ -423,21 +429,25 @@ async def serve_worker(
         if not writer.is_closing():
             writer.write(_line(message))
 
+    async def handle(message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "health":
+            gateway.adopt_health(message["health"])
+        elif op == "reload":
+            ok = await gateway.reload_from_file("told by the supervisor")
+            gateway.adopt_health(message["health"])
+            send({"op": "reloaded", "ok": ok, "fingerprint": gateway.config.fingerprint.hex()})
+        elif op == "metrics":
+            families = fleet.snapshot(gateway.metrics.registry)
+            send({"op": "metrics", "id": message.get("id"), "families": families})
+
     async def obey() -> None:
-        with contextlib.suppress(ConnectionError, ValueError):
+        with contextlib.suppress(ConnectionError):
             while line := await reader.readline():
-                message = json.loads(line)
-                op = message.get("op")
-                if op == "health":
-                    gateway.adopt_health(message["health"])
-                elif op == "reload":
-                    ok = await gateway.reload_from_file("told by the supervisor")
-                    gateway.adopt_health(message["health"])
-                    send({"op": "reloaded", "ok": ok,
-                          "fingerprint": gateway.config.fingerprint.hex()})  # fmt: skip
-                elif op == "metrics":
-                    families = fleet.snapshot(gateway.metrics.registry)
-                    send({"op": "metrics", "id": message.get("id"), "families": families})
+                try:
+                    await handle(json.loads(line))
+                except Exception:  # a bug here must not cut the worker off its supervisor
+                    log.exception("worker %d: cannot handle %.200r", index, line)
         if not stop.is_set():
             log.warning("worker %d: the supervisor went away; stopping", index)
             stop.set()
