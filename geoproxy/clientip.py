@@ -49,10 +49,17 @@ class TrustedProxies:
         self._v4 = tuple(n for n in self.networks if n.version == 4)
         self._v6 = tuple(n for n in self.networks if n.version == 6)
         self.contains = lru_cache(maxsize=4096)(self._contains)
+        self.peer = lru_cache(maxsize=4096)(self._peer)
 
     def _contains(self, ip: IPAddress) -> bool:
         nets = self._v4 if ip.version == 4 else self._v6
         return any(ip in net for net in nets)
+
+    def _peer(self, remote: str) -> tuple[IPAddress | None, bool]:
+        """The TCP peer's address (``None`` when malformed) and whether it is trusted,
+        cached by the text the transport gave."""
+        ip = parse_ip(remote)
+        return ip, ip is not None and self.contains(ip)
 
     def __bool__(self) -> bool:
         return bool(self.networks)

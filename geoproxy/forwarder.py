@@ -141,8 +141,7 @@ class Forwarder:
         trace = Trace()
         request[TRACE_KEY] = trace
         remote = request.remote
-        peer = parse_ip(remote) if remote else None
-        trusted = peer is not None and rt.trusted.contains(peer)
+        peer, trusted = rt.trusted.peer(remote) if remote else (None, False)
         head = RequestHead(request.raw_headers, trusted)
         via = _cached_bytes(rt.via)
         if head.looped(via):
@@ -156,7 +155,8 @@ class Forwarder:
             return _body_too_large(limits)
 
         headers_in = request.headers
-        cip = client_ip(peer, headers_in.getall("X-Forwarded-For", ()), rt.trusted)
+        forwarded_for = headers_in.getall("X-Forwarded-For", None) if trusted else None
+        cip = client_ip(peer, forwarded_for, rt.trusted) if forwarded_for else peer
         resolution = resolve(topology, headers_in, trusted, cip, rt.geoip)
         trace.resolution = resolution
         board = rt.board

@@ -27,8 +27,10 @@ def _low(names: Iterable[str]) -> frozenset[bytes]:
 
 
 #: RFC 9110 7.6.1 hop-by-hop headers, plus the legacy Proxy-Connection.
-HOP_BY_HOP = _low(("Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
-                   "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade"))  # fmt: skip
+HOP_BY_HOP = _low(
+    ("Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
+     "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade")
+)  # fmt: skip
 # Request headers never passed on as they came: hop-by-hop ones, Expect (aiohttp answers
 # 100 Continue itself) and the ones this hop rewrites.
 _DROP_ALWAYS = HOP_BY_HOP | _low(("Expect", "X-Forwarded-For", "X-Forwarded-Proto",
@@ -55,11 +57,22 @@ _NOTED_DOWNSTREAM = _low((GEODE_HEADER, REGION_HEADER)) | {_VIA, _CONTENT_LENGTH
 #: A control character other than HTAB (RFC 9110 5.5). aiohttp's request parser rejects
 #: them; its response parser is lenient and lets some through in values and the reason.
 CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
+_NONE: frozenset[bytes] = frozenset()
+_CONTROLS_BUT_CRLF = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 
 
-def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
-    """The lower-cased names listed in Connection values: they are hop-by-hop too."""
-    return frozenset(t for v in values for t in (p.strip().lower() for p in v.split(b",")) if t)
+@functools.lru_cache(maxsize=1024)
+def _named(values: tuple[bytes, ...], known: frozenset[bytes]) -> frozenset[bytes]:
+    """The lower-cased names listed in Connection values (they are hop-by-hop too) that
+    are not in ``known`` already."""
+    tokens = (t.strip().lower() for v in values for t in v.split(b","))
+    return frozenset(t for t in tokens if t and t not in known)
+
+
+@functools.lru_cache(maxsize=256)
+def clean_reason(reason: str | None) -> bool:
+    """False when a reason phrase holds a control character (never passed on)."""
+    return not (reason and CONTROL(reason.encode("utf-8", "surrogateescape")))
 
 
 def _scan_request(
@@ -83,12 +96,8 @@ def _scan_request(
                 continue
         elif low in drop or low in named or low.startswith(_INTERNAL_PREFIX):
             continue
-        kept.append(_line(name, value))
+        kept += (name, b": ", value, b"\r\n")
     return b"".join(kept), read, size
-
-
-def _line(name: bytes, value: bytes) -> bytes:
-    return name + b": " + value + b"\r\n"
 
 
 def _joined(values: list[bytes] | None) -> bytes:
@@ -119,8 +128,8 @@ class RequestHead:
 
     def __init__(self, raw: RawHeaders, trusted: bool) -> None:
         drop = _DROP_ALWAYS if trusted else _DROP_UNTRUSTED
-        kept, read, size = _scan_request(raw, drop, frozenset())
-        named = _tokens(read[_CONNECTION]) - drop if _CONNECTION in read else None
+        kept, read, size = _scan_request(raw, drop, _NONE)
+        named = _named(tuple(read[_CONNECTION]), drop) if _CONNECTION in read else None
         if named:  # headers the client named hop-by-hop: one more pass without them
             kept, read, size = _scan_request(raw, drop, named)
         hosts = read.get(_HOST)  # (the parser rejects a second Host)
@@ -173,22 +182,26 @@ class ResponseHead:
     on)."""
 
     __slots__ = ("date", "kept", "lengths", "ok", "vias")
+    date: bool  # the geode sent a Date
+    kept: bytes  # the lines passed on as they came ("Name: value\r\n" each)
+    lengths: list[bytes]  # Content-Length values
+    ok: bool
+    vias: list[bytes]
 
     def __init__(self, raw: RawHeaders, reason: str | None) -> None:
-        named = self._scan(raw, frozenset())
+        named = self._scan(raw, _NONE)
         if named:  # headers the geode named hop-by-hop: one more pass without them
             self._scan(raw, named)
-        if reason and CONTROL(reason.encode("utf-8", "surrogateescape")):
-            self.ok = False
+        self.ok = self.ok and clean_reason(reason)
 
     def _scan(self, raw: RawHeaders, named: frozenset[bytes]) -> frozenset[bytes]:
         """One pass; returns the names listed in Connection that are not hop-by-hop
         already (for a second pass)."""
         kept: list[bytes] = []
         connection: list[bytes] = []
-        self.vias, self.lengths = [], []
+        vias: list[bytes] = []
+        lengths: list[bytes] = []
         self.date = False
-        self.ok = True
         for name, value in raw:
             low = name.lower()
             if low in HOP_BY_HOP:
@@ -198,18 +211,24 @@ class ResponseHead:
                 pass
             elif low in _NOTED_DOWNSTREAM:
                 if low == _VIA:
-                    self.vias.append(value)
+                    vias.append(value)
                 elif low == _CONTENT_LENGTH:
-                    self.lengths.append(value)
+                    lengths.append(value)
                 elif low == _DATE:
-                    kept.append(_line(name, value))
+                    kept += (name, b": ", value, b"\r\n")
                     self.date = True
             else:
-                kept.append(_line(name, value))
-            if CONTROL(value):
-                self.ok = False
+                kept += (name, b": ", value, b"\r\n")
         self.kept = b"".join(kept)
-        return _tokens(connection) - HOP_BY_HOP - named if connection else frozenset()
+        self.vias, self.lengths = vias, lengths
+        # The parser ends a line at any CR or LF, so one search over the block finds a
+        # control character in any value passed on.
+        block = self.kept
+        self.ok = len(block.translate(None, _CONTROLS_BUT_CRLF)) == len(block) and not (
+            vias and CONTROL(b"".join(vias)))
+        if not connection:
+            return _NONE
+        return _named(tuple(connection), HOP_BY_HOP | named if named else HOP_BY_HOP)
 
     def tail(self, via: bytes, geode_lines: bytes) -> bytes:
         """Via with this hop appended, then the X-Geoproxy-* lines of the geode."""

@@ -29,6 +29,9 @@ class Observer:
     def __init__(self, metrics: Metrics, access_format: str = "json") -> None:
         self.metrics = metrics
         self.access_format = access_format
+        # Requests being handled: a plain count, read by the gauge only when scraped.
+        self.inflight = 0
+        metrics.inflight.set_function(lambda: self.inflight)
 
     def wrap(
         self,
@@ -38,14 +41,15 @@ class Observer:
         """``handler`` as a route handler that first calls ``before()``'s hook (if any),
         then records the request. One coroutine level: an aiohttp middleware would build a
         wrapper per request."""
-        metrics = self.metrics
+        record = self.record
+        clock = time.perf_counter
 
         async def observed(request: web.Request) -> web.StreamResponse:
             hook = before()
             if hook is not None:
                 hook(request)
-            start = time.perf_counter()
-            metrics.inflight.inc()
+            start = clock()
+            self.inflight += 1
             response: web.StreamResponse | None = None
             status = 500
             try:
@@ -60,8 +64,8 @@ class Observer:
                 status = CLIENT_CLOSED  # the client went away before the answer
                 raise
             finally:
-                metrics.inflight.dec()
-                self.record(request, response, status, time.perf_counter() - start)
+                self.inflight -= 1
+                record(request, response, status, clock() - start)
 
         return observed
 
@@ -72,10 +76,13 @@ class Observer:
         status: int,
         duration: float,
     ) -> None:
-        trace = request.get(TRACE_KEY) or Trace()
+        try:
+            trace = request[TRACE_KEY]
+        except KeyError:  # answered before the forwarder ran
+            trace = Trace()
         geode = trace.geode.name if trace.geode else NO_GEODE
         m = self.metrics
-        m.requests.inc(geode, code_class(status))
+        m.requests.inc(geode, _code_class(status))
         m.request_duration.observe(duration, geode)
         resolution = trace.resolution
         if resolution is not None:
@@ -127,6 +134,16 @@ class Observer:
         if self.access_format == "json":
             return json.dumps(fields, separators=(",", ":"))
         return " ".join(f"{k}={_plain(v)}" for k, v in fields.items())
+
+
+_CODE_CLASSES: dict[int, str] = {}
+
+
+def _code_class(status: int) -> str:
+    cls = _CODE_CLASSES.get(status)
+    if cls is None:
+        cls = _CODE_CLASSES[status] = code_class(status)  # a bounded set of ints
+    return cls
 
 
 def _plain(value: object) -> str:
