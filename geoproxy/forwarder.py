@@ -25,7 +25,7 @@ from geoproxy import upstream
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.config import Forwarding, Geode, Limits
 from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines
-from geoproxy.resolver import resolve
+from geoproxy.resolver import ResolutionCache, resolve
 from geoproxy.responses import RelayResponse, WholeResponse, json_error
 from geoproxy.router import ALL_FAILED, CandidateCache
 from geoproxy.runtime import Runtime
@@ -88,8 +88,8 @@ class _Body:
 class Reply:
     """A geode's response as the relay needs it, from either client path."""
 
-    __slots__ = ("close", "content", "content_length", "headers", "protocol", "raw_headers",
-                 "reason", "release", "status")  # fmt: skip
+    __slots__ = ("close", "content", "headers", "protocol", "raw_headers", "reason",
+                 "release", "status")  # fmt: skip
 
     def __init__(
         self,
@@ -105,8 +105,6 @@ class Reply:
         self.status, self.reason, self.headers, self.content = status, reason, headers, content
         self.raw_headers = raw_headers
         self.protocol, self.release, self.close = protocol, release, close
-        length = headers.get(CONTENT_LENGTH)
-        self.content_length = int(length) if length is not None and length.isdigit() else None
 
     @classmethod
     def of_response(cls, resp: aiohttp.ClientResponse) -> Reply:
@@ -132,6 +130,7 @@ class Forwarder:
         self.limits = limits
         self.pool = pool
         self.routes = CandidateCache()
+        self.regions = ResolutionCache()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rt = self.runtime  # read once: a reload swaps it whole
@@ -156,8 +155,12 @@ class Forwarder:
 
         headers_in = request.headers
         forwarded_for = headers_in.getall("X-Forwarded-For", None) if trusted else None
-        cip = client_ip(peer, forwarded_for, rt.trusted) if forwarded_for else peer
-        resolution = resolve(topology, headers_in, trusted, cip, rt.geoip)
+        if forwarded_for:
+            cip = client_ip(peer, forwarded_for, rt.trusted)
+            resolution = resolve(topology, headers_in, trusted, cip, rt.geoip)
+        else:  # the client is the peer: its resolution is memoised by its address
+            resolution = self.regions.resolve(topology, headers_in, trusted, peer, rt.geoip,
+                                              remote)  # fmt: skip
         trace.resolution = resolution
         board = rt.board
         cands, decision = self.routes.candidates(
@@ -238,7 +241,7 @@ class Forwarder:
                     reply.close()
                     continue
                 out = ResponseHead(reply.raw_headers, reply.reason)
-                if not (out.ok and _framing_ok(reply)):
+                if not (out.ok and out.framed):
                     reply.close()
                     trace.attempts.append((geode.name, BAD_RESPONSE))
                     log.warning("geode %s: a response head that cannot be relayed: "
@@ -250,7 +253,7 @@ class Forwarder:
                 trace.geode = geode
                 trace.decision = cand.decision
                 lines = out.tail(via, geode_lines(geode.name, geode.region))
-                length = reply.content_length
+                length = out.length
                 if (length is not None and length <= SMALL_BODY and method != "HEAD"
                         and status not in _NO_BODY and status >= 200):  # fmt: skip
                     # Read it whole and send head and body in one write; if the geode
@@ -348,13 +351,6 @@ def _client_timeout(fwd: Forwarding) -> aiohttp.ClientTimeout:
 
 def _settled(future: asyncio.Future[None]) -> bool:
     return future.done() and not future.cancelled()
-
-
-def _framing_ok(reply: Reply) -> bool:
-    """Only ``chunked`` is a transfer-coding we can relay: any other (``gzip, chunked``)
-    would reach the client as undeclared encoded bytes once the hop-by-hop header goes."""
-    te = reply.headers.get(TRANSFER_ENCODING)
-    return te is None or te.strip().lower() == "chunked"
 
 
 def _text_bytes(text: str) -> bytes:

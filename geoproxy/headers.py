@@ -49,6 +49,7 @@ _HOST, _VIA, _XFF, _XFP, _XFH, _CONNECTION, _CONTENT_LENGTH, _DATE = (
     b"host", b"via", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
     b"connection", b"content-length", b"date",
 )  # fmt: skip
+_TRANSFER_ENCODING = b"transfer-encoding"
 # Request headers whose values this hop reads (all but Content-Length are then dropped
 # or set anew).
 _READ_REQUEST = frozenset({_HOST, _VIA, _XFF, _XFP, _XFH, _CONNECTION, _CONTENT_LENGTH})
@@ -181,9 +182,11 @@ class ResponseHead:
     False when a value or the reason phrase holds a control character (never passed
     on)."""
 
-    __slots__ = ("date", "kept", "lengths", "ok", "vias")
+    __slots__ = ("date", "framed", "kept", "length", "lengths", "ok", "vias")
     date: bool  # the geode sent a Date
+    framed: bool  # no Transfer-Encoding, or only chunked
     kept: bytes  # the lines passed on as they came ("Name: value\r\n" each)
+    length: int | None  # the Content-Length
     lengths: list[bytes]  # Content-Length values
     ok: bool
     vias: list[bytes]
@@ -201,12 +204,15 @@ class ResponseHead:
         connection: list[bytes] = []
         vias: list[bytes] = []
         lengths: list[bytes] = []
+        codings: list[bytes] = []
         self.date = False
         for name, value in raw:
             low = name.lower()
             if low in HOP_BY_HOP:
                 if low == _CONNECTION:
                     connection.append(value)
+                elif low == _TRANSFER_ENCODING:
+                    codings += (c.strip().lower() for c in value.split(b","))
             elif low in named:
                 pass
             elif low in _NOTED_DOWNSTREAM:
@@ -221,6 +227,10 @@ class ResponseHead:
                 kept += (name, b": ", value, b"\r\n")
         self.kept = b"".join(kept)
         self.vias, self.lengths = vias, lengths
+        # Only chunked can be relayed: any other coding (gzip, chunked) would reach the
+        # client as undeclared encoded bytes once the hop-by-hop header is gone.
+        self.framed = not codings or codings == [b"chunked"]
+        self.length = int(lengths[0]) if len(lengths) == 1 and lengths[0].isdigit() else None
         # The parser ends a line at any CR or LF, so one search over the block finds a
         # control character in any value passed on.
         block = self.kept

@@ -111,3 +111,40 @@ def _from_geoip(
         return None, None, UNKNOWN
     region = topology.region_of(answer.country, answer.continent)
     return region, answer.country, OK if region else UNKNOWN
+
+
+class ResolutionCache:
+    """Memoises ``resolve`` for requests that carry none of the region headers the
+    topology consults: their answer depends only on the client IP, so one (frozen)
+    Resolution serves every request from that client while the topology and the GeoIP
+    look-up stay the same. ``key`` names the client IP (the caller's cheap text for it)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._for: tuple[Topology, GeoLookup | None] | None = None
+        self._headers: tuple[str, ...] = ()
+        self._memo: dict[str, Resolution] = {}
+
+    def resolve(
+        self,
+        topology: Topology,
+        headers: Mapping[str, str],
+        peer_trusted: bool,
+        client_ip: IPAddress | None,
+        lookup: GeoLookup | None,
+        key: str | None,
+    ) -> Resolution:
+        if self._for is None or self._for[0] is not topology or self._for[1] is not lookup:
+            self._for = (topology, lookup)
+            self._headers = tuple(HEADER_OF[s] for s in topology.config.region_sources
+                                  if s in HEADER_OF)  # fmt: skip
+            self._memo = {}
+        if key is None or any(name in headers for name in self._headers):
+            return resolve(topology, headers, peer_trusted, client_ip, lookup)
+        hit = self._memo.get(key)
+        if hit is None or hit.client_ip != client_ip:
+            hit = resolve(topology, headers, peer_trusted, client_ip, lookup)
+            if len(self._memo) >= self.size:
+                self._memo.clear()  # bounded: many clients just resolve afresh
+            self._memo[key] = hit
+        return hit

@@ -33,11 +33,6 @@ class ConnectFailed(OSError):
     """No connection could be opened to the geode (nothing was sent)."""
 
 
-class StaleConnection(Exception):
-    """A pooled connection turned out closed before any response byte: the geode never
-    saw the request, so it may go again on a fresh connection."""
-
-
 class BadResponse(Exception):
     """The geode's response head could not be parsed (or was a 101 nobody asked for)."""
 
@@ -168,65 +163,52 @@ async def send(
 
     Raises ``ConnectFailed`` while connecting (nothing was sent), ``SocketTimeoutError``
     when the geode stays silent, ``ServerDisconnectedError``/``ClientOSError`` when the
-    connection drops. For an
-    idempotent request, a pooled connection found closed by the geode before any response
-    byte (the keep-alive race, RFC 9112 9.3.1) is replaced once by a fresh one.
+    connection drops, ``BadResponse`` for a head that cannot be parsed. For an idempotent
+    request, a pooled connection found closed by the geode before any response byte (the
+    keep-alive race, RFC 9112 9.3.1) is replaced once by a fresh one. One coroutine for
+    the whole exchange: this runs once per request.
     """
     proto = pool.get(geode)
-    if proto is not None:
-        try:
-            return await _exchange(pool, geode, proto, head, method, response_timeout,
-                                   idempotent)  # fmt: skip
-        except StaleConnection:
-            pass
-    proto = await connect(geode, connect_timeout)
-    return await _exchange(pool, geode, proto, head, method, response_timeout, False)
-
-
-async def _exchange(
-    pool: Pool,
-    geode: Geode,
-    proto: Connection,
-    head: bytes,
-    method: str,
-    response_timeout: float,
-    may_resend: bool,
-) -> Exchange:
-    transport = proto.transport
-    if transport is None or transport.is_closing():
-        proto.close()
-        if may_resend:
-            raise StaleConnection
-        raise ServerDisconnectedError()
-    proto.set_response_params(
-        skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
-        read_timeout=response_timeout, read_bufsize=_READ_BUFSIZE,
-    )  # fmt: skip
-    proto.received = 0
-    transport.write(head)
-    proto.start_timeout()
-    try:
-        while True:
-            message, payload = await proto.read()
-            if message.code == 101:
-                raise BadResponse("101 Switching Protocols to a request that asked for none")
-            if not 100 <= message.code < 200:
-                break
-            # An interim response (100, 103): aiohttp stops the read timer on it; the
-            # final response must still come within response_timeout.
+    may_resend = idempotent and proto is not None
+    if proto is None:
+        proto = await connect(geode, connect_timeout)
+    while True:
+        transport = proto.transport
+        if transport is None or transport.is_closing():
+            proto.close()
+            if not may_resend:
+                raise ServerDisconnectedError()
+        else:
+            proto.set_response_params(
+                skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
+                read_timeout=response_timeout, read_bufsize=_READ_BUFSIZE,
+            )  # fmt: skip
+            proto.received = 0
+            transport.write(head)
             proto.start_timeout()
-    except HttpProcessingError as exc:
-        proto.close()
-        raise BadResponse(f"malformed response: {exc.message}") from None
-    except (ServerDisconnectedError, ClientOSError):
-        proto.close()
-        if may_resend and proto.received == 0:
-            # The pooled connection was closed or reset by the geode before any byte of
-            # an answer: the keep-alive race (RFC 9112 9.3.1). Safe to send again, once,
-            # on a new connection, for an idempotent request.
-            raise StaleConnection from None
-        raise
-    except BaseException:
-        proto.close()
-        raise
-    return Exchange(pool, geode, proto, message, payload)
+            try:
+                while True:
+                    message, payload = await proto.read()
+                    if message.code == 101:
+                        raise BadResponse("101 Switching Protocols to a request that asked "
+                                          "for none")  # fmt: skip
+                    if not 100 <= message.code < 200:
+                        return Exchange(pool, geode, proto, message, payload)
+                    # An interim response (100, 103): aiohttp stops the read timer on it;
+                    # the final response must still come within response_timeout.
+                    proto.start_timeout()
+            except HttpProcessingError as exc:
+                proto.close()
+                raise BadResponse(f"malformed response: {exc.message}") from None
+            except (ServerDisconnectedError, ClientOSError):
+                proto.close()
+                if not (may_resend and proto.received == 0):
+                    raise
+                # The pooled connection was closed or reset by the geode before any byte
+                # of an answer: the keep-alive race (RFC 9112 9.3.1). Safe to send again,
+                # once, on a new connection, for an idempotent request.
+            except BaseException:
+                proto.close()
+                raise
+        may_resend = False
+        proto = await connect(geode, connect_timeout)

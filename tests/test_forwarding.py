@@ -7,7 +7,8 @@ import contextlib
 import gzip
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -858,3 +859,25 @@ async def test_only_the_final_response_is_relayed_with_framing_for_its_body(
     assert values(lines, b"transfer-encoding") == ([b"chunked"] if chunked else [])
     assert values(lines, b"content-length") == ([] if chunked else [b"5"])
     assert (dechunk(body) if chunked else body) == b"abcde"
+
+
+async def test_a_returning_client_follows_a_reload_that_moves_its_default_region(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    write_config: Callable[[dict[str, Any]], Path],
+) -> None:
+    """Resolutions of header-less requests are memoised per client address; a new
+    topology must not be answered from the old one's memo."""
+    geodes = await three_geodes(geode_factory)
+    data = base_config([geode_entry(g) for g in geodes])
+    proxy = await proxy_factory(data)
+    for _ in range(2):
+        async with http.get(f"{proxy.url}/whoami") as resp:
+            assert resp.headers["X-Geoproxy-Geode"] == "eu-1"
+    write_config({**data, "default_region": "us-east"})
+    assert await proxy.gateway.reload_from_file("test")
+    async with http.get(f"{proxy.url}/whoami") as resp:
+        assert resp.headers["X-Geoproxy-Geode"] == "us-1"
+    async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": "JP"}) as resp:
+        assert resp.headers["X-Geoproxy-Geode"] == "ap-1"  # headers still decide first
