@@ -29,7 +29,8 @@ from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
 from geoproxy.server import Bound, serve
 from geoproxy.stamp import config as stamp_config
 from geoproxy.stamp.serve import serve_stamp
-from geoproxy.workers import MAX_WORKERS, die_with_supervisor, serve_worker, serve_workers
+from geoproxy.supervisor import MAX_WORKERS, serve_workers
+from geoproxy.worker import die_with_supervisor, serve_worker
 
 DEFAULT_CONFIG = "config/geoproxy.yaml"
 
@@ -47,7 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "'auto' for one per usable CPU core (default: %(default)s)")  # fmt: skip
 
     wkr = sub.add_parser("worker", help="(internal) one worker process of run --workers")
-    wkr.add_argument("--config", required=True)
     wkr.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     wkr.add_argument("--index", type=int, required=True)
     wkr.add_argument("--listen-fd", type=int, action="append", required=True)
@@ -89,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _demo_cmd(Path(args.data_dir) if args.data_dir else None)
 
 
-def _fail(message: str) -> int:
-    print(f"geoproxy: {message}", file=sys.stderr)
+def _fail(message: str, who: str = "geoproxy") -> int:
+    print(f"{who}: {message}", file=sys.stderr)
     return 1
 
 
@@ -203,18 +203,13 @@ def _run_cmd(path: Path, workers: int = 1, log_level: str = "info") -> int:
 
 
 def _worker_cmd(args: argparse.Namespace) -> int:
-    """One worker of ``run --workers``: its sockets and channel come from the supervisor."""
+    """One worker of ``run --workers``: its sockets, config and health come from the
+    supervisor."""
     die_with_supervisor(args.supervisor_pid)
-    path = Path(args.config)
-    try:
-        cfg = config_mod.load(path)
-    except GeoproxyError as exc:
-        return _fail(f"{path}: configuration is invalid\n{exc}")
     sockets = [socket.socket(fileno=fd) for fd in args.listen_fd]
     control = socket.socket(fileno=args.control_fd)
-    return _run_main(
-        lambda stop, _reload: serve_worker(cfg, args.index, sockets, control, stop)
-    )
+    return _run_main(lambda stop, _reload: serve_worker(args.index, sockets, control, stop),
+                     f"geoproxy worker {args.index}")
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -229,12 +224,14 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _run_main(start: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]) -> int:
+def _run_main(
+    start: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]], who: str = "geoproxy"
+) -> int:
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_serve_with_signals(start))
     except GeoproxyError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), who)
     return 0
 
 

@@ -151,6 +151,12 @@ class Config:
     files: tuple[Path, ...] = ()  # every file read (this one, the region map): a change
     # to any of them triggers a reload.
     fingerprint: bytes = b""  # of the exact bytes this config was read from
+    contents: tuple[bytes, ...] = ()  # those bytes, one per file in ``files``
+
+    def sources(self) -> dict[str, bytes]:
+        """The bytes this config was read from, by file: ``load(path, given=...)`` builds
+        the very same config from them (a worker of ``--workers`` does)."""
+        return {str(f): c for f, c in zip(self.files, self.contents, strict=True)}
 
 
 def fingerprint(contents: Iterable[bytes]) -> bytes:
@@ -171,16 +177,18 @@ def files_fingerprint(files: Iterable[Path]) -> bytes:
     return fingerprint(contents)
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a config file; raise ``ConfigError`` listing every problem."""
+def load(path: str | Path, given: Mapping[str, bytes] | None = None) -> Config:
+    """Read and validate a config file; raise ``ConfigError`` listing every problem.
+    ``given``: file contents to use instead of reading those files (``Config.sources``)."""
     path = Path(path)
-    data, raw = read_yaml_bytes(path)
+    given = given or {}
+    data, raw = read_yaml_bytes(path, given.get(str(path)))
     problems = Problems(str(path))
     read: list[bytes] = [raw]
-    config = _build(Node(data, "", problems), path, problems, read)
+    config = _build(Node(data, "", problems), path, problems, read, given)
     if problems or config is None:
         raise ConfigError(problems.lines)
-    return dataclasses.replace(config, fingerprint=fingerprint(read))
+    return dataclasses.replace(config, fingerprint=fingerprint(read), contents=tuple(read))
 
 
 _TOP_KEYS = (
@@ -190,7 +198,9 @@ _TOP_KEYS = (
 )  # fmt: skip
 
 
-def _build(root: Node, path: Path, problems: Problems, read: list[bytes]) -> Config | None:
+def _build(
+    root: Node, path: Path, problems: Problems, read: list[bytes], given: Mapping[str, bytes]
+) -> Config | None:
     # regions, geodes and default_region are required: their readers say so (once).
     if not root.expect_mapping(_TOP_KEYS):
         return None
@@ -210,7 +220,7 @@ def _build(root: Node, path: Path, problems: Problems, read: list[bytes]) -> Con
     regions = _regions(root.get("regions"))
     known = {r.name for r in regions}
     default_region = root.get("default_region").region(known)
-    countries, continents = _region_map(root, base, known, problems, read)
+    countries, continents = _region_map(root, base, known, problems, read, given)
     region_map = root.get("region_map").string(optional=True)
 
     health = _health(root.get("health_check"), HealthCheck())
@@ -320,7 +330,8 @@ def _regions(node: Node) -> tuple[Region, ...]:
 
 
 def _region_map(
-    root: Node, base: Path, known: set[str], problems: Problems, read: list[bytes]
+    root: Node, base: Path, known: set[str], problems: Problems, read: list[bytes],
+    given: Mapping[str, bytes],
 ) -> tuple[dict[str, str], dict[str, str]]:
     """The region map: ``region_map`` (a file) first, then inline entries override it."""
     countries: dict[str, str] = {}
@@ -332,7 +343,7 @@ def _region_map(
     if file:
         map_path = base / file
         try:
-            data, raw = read_yaml_bytes(map_path)
+            data, raw = read_yaml_bytes(map_path, given.get(str(map_path)))
             read.append(raw)
         except ConfigError as exc:
             sub.lines.extend(exc.problems)

@@ -200,6 +200,16 @@ class HealthBoard:
             self._update(state, None, quiet=True)
         self.first_round_done = True
 
+    def passed(self, name: str, url: str) -> None:
+        """An active check of this geode passed in the process that checks for us: as
+        with our own checks, that re-admits a geode passive health ejected."""
+        state = self.states.get(name)
+        if state is None or str(state.geode.url) != url or not state.ejected:
+            return
+        state.ejected_until = None
+        state.passive_failures = 0
+        self._update(state, "an active check passed")
+
     def sync(self, geodes: Iterable[Geode]) -> tuple[list[Geode], list[Geode]]:
         """Adopt a reloaded geode list: state carries over for a geode whose name and URL
         are unchanged; a new (or moved) geode starts unchecked and takes no traffic until

@@ -301,12 +301,14 @@ def read_yaml(path: Path) -> Any:
     return read_yaml_bytes(path)[0]
 
 
-def read_yaml_bytes(path: Path) -> tuple[Any, bytes]:
-    """The parsed YAML and the exact bytes it came from."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+def read_yaml_bytes(path: Path, raw: bytes | None = None) -> tuple[Any, bytes]:
+    """The parsed YAML and the exact bytes it came from (``raw``: those bytes, already
+    read)."""
+    if raw is None:
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

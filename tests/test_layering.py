@@ -25,8 +25,9 @@ LAYERS: dict[str, int] = {
     "app": 10,
     "stamp": 10,  # the reference stamp package, checked on its own below
     "server": 11, "demo": 11,
-    "workers": 12,
-    "cli": 13, "__main__": 14,
+    "worker": 12,
+    "supervisor": 13,
+    "cli": 14, "__main__": 15,
 }  # fmt: skip
 
 

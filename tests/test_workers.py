@@ -145,6 +145,24 @@ async def until_only(http: aiohttp.ClientSession, url: str, geode: str) -> None:
             await asyncio.sleep(0.01)
 
 
+async def in_flight(proxy_url: str, geode: FakeGeode, n: int) -> list[asyncio.Task[int]]:
+    """``n`` requests of 1 s each on their own connections, once all have reached the
+    geode: each task gives the status in the end."""
+
+    async def slow() -> int:
+        url = f"{proxy_url}/slow?delay=1"
+        async with aiohttp.ClientSession() as own, own.get(url) as resp:
+            await resp.read()
+            return resp.status
+
+    before = geode.hits["/slow"]
+    requests = [asyncio.create_task(slow()) for _ in range(n)]
+    async with asyncio.timeout(10):
+        while geode.hits["/slow"] < before + n:  # noqa: ASYNC110 -- a bounded poll
+            await asyncio.sleep(0.02)
+    return requests
+
+
 async def passes_promtool_check_metrics(http: aiohttp.ClientSession, admin_url: str) -> None:
     """The merged exposition is well-formed (one family per name, histograms complete)."""
     promtool = need_binary("promtool")
@@ -274,17 +292,7 @@ async def test_sigterm_lets_every_worker_finish_its_in_flight_requests(
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     async with supervised(write_config(one_region([eu])), workers=2) as proxy:
-
-        async def slow() -> int:
-            url = f"{proxy.proxy_url}/slow?delay=1"
-            async with aiohttp.ClientSession() as own, own.get(url) as resp:  # a connection each
-                await resp.read()
-                return resp.status
-
-        requests = [asyncio.create_task(slow()) for _ in range(12)]
-        async with asyncio.timeout(10):
-            while eu.hits["/slow"] < 12:  # noqa: ASYNC110 -- a bounded poll of a counter
-                await asyncio.sleep(0.02)
+        requests = await in_flight(proxy.proxy_url, eu, 12)
         proxy.proc.send_signal(signal.SIGTERM)
         await proxy.wait_for("shutting down")
         assert await asyncio.gather(*requests) == [200] * 12
@@ -417,26 +425,138 @@ def test_fleet_keeps_what_an_exited_worker_counted_but_not_its_gauges() -> None:
 
 
 async def test_a_worker_failing_at_start_up_fails_the_start_with_its_reason(
-    geode_factory: GeodeFactory, write_config: Callable[..., Path]
+    geode_factory: GeodeFactory, write_config: Callable[..., Path],
+    make_mmdb: Callable[..., Path],
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
-    # The first health round takes 1 s: time to take the config away before the workers
-    # (which load it themselves) start.
-    data = one_region([eu], health_check={"path": "/slow?delay=1", "timeout": "3s",
-                                          "interval": "5s"})  # fmt: skip
-    path = write_config(data)
+    mmdb = make_mmdb()
+    # The supervisor opens the GeoIP database, then runs a first health round of 1 s: time
+    # to take the database away before the workers (which open it too) start.
+    data = one_region([eu], geoip={"database": str(mmdb)},
+                      health_check={"path": "/slow?delay=1", "timeout": "3s",
+                                    "interval": "5s"})  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "geoproxy", "run", "--config", str(path), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable, "-m", "geoproxy", "run", "--config", str(write_config(data)),
+        "--workers", "2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     assert proc.stdout is not None
     async with asyncio.timeout(20):
-        while b"first health round" not in await proc.stdout.readline():
-            pass
-        path.unlink()
+        while eu.hits["/slow"] == 0:  # noqa: ASYNC110 -- a bounded poll of a counter
+            await asyncio.sleep(0.01)
+        mmdb.unlink()
         out = (await proc.stdout.read()).decode()
         assert await proc.wait() == 1
-    assert f"{path}: cannot read: No such file or directory" in out, out
+    assert re.search(rf"geoproxy worker \d: {mmdb}: GeoIP database not found", out), out
     assert re.search(r"worker \d exited during start-up \(exit code 1\)", out), out
     assert "proxying on" not in out
     assert "Traceback" not in out
+
+
+async def test_new_connections_are_refused_not_dropped_once_draining_begins(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    async with supervised(write_config(one_region([eu])), workers=2) as proxy:
+        slow = asyncio.create_task(http.get(f"{proxy.proxy_url}/slow?delay=1"))
+        async with asyncio.timeout(10):
+            while eu.hits["/slow"] == 0:  # noqa: ASYNC110 -- a bounded poll of a counter
+                await asyncio.sleep(0.02)
+        proxy.proc.send_signal(signal.SIGTERM)
+        await proxy.wait_for("shutting down")
+        await asyncio.sleep(0.3)  # the workers got word and closed their listeners
+        host, port = proxy.proxy_url.removeprefix("http://").rsplit(":", 1)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(host, int(port))
+        async with await slow as resp:  # while the request in flight completes
+            assert resp.status == 200
+        assert await proxy.stop(None) == 0
+
+
+async def test_sigterm_to_every_process_at_once_still_drains(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path]
+) -> None:
+    """What systemd's default KillMode=control-group does: SIGTERM to the supervisor and
+    to every worker. A worker must not take the supervisor's word as a second signal."""
+    eu = await geode_factory("eu-1", "eu-west")
+    async with supervised(write_config(one_region([eu])), workers=2) as proxy:
+        requests = await in_flight(proxy.proxy_url, eu, 8)
+        for pid in (proxy.proc.pid, *proxy.pids):
+            os.kill(pid, signal.SIGTERM)
+        assert await asyncio.gather(*requests) == [200] * 8
+        assert await proxy.stop(None) == 0
+    assert "second signal" not in proxy.output
+
+
+@pytest.mark.parametrize("change", ["broken", "other geode"])
+async def test_a_restarted_worker_serves_the_supervisors_config_not_the_files(
+    change: str, geode_factory: GeodeFactory, write_config: Callable[..., Path],
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    old = await geode_factory("eu-old", "eu-west")
+    other = await geode_factory("eu-other", "eu-west")
+    no_polling = {"poll_interval": "0s"}  # only SIGHUP reloads: the file just sits there
+    path = write_config(one_region([old], reload=no_polling))
+    async with supervised(path, workers=2) as proxy:
+        if change == "broken":
+            path.write_text("geodes: [unclosed\n")
+        else:
+            path.write_text(yaml.safe_dump(one_region([other], reload=no_polling)))
+        os.kill(proxy.pids[0], signal.SIGKILL)
+        await proxy.wait_for(r"worker 0 \(pid \d+\) exited unexpectedly")
+        await asyncio.sleep(1.0)  # started again after 0.5 s
+        assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 40) == [(200, "eu-old")] * 40
+        assert "invalid" not in proxy.output
+
+
+async def test_an_active_pass_readmits_a_geode_a_worker_ejected(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    a = await geode_factory("eu-a", "eu-west")
+    b = await geode_factory("eu-b", "eu-west")
+    data = one_region([a, b], health_check={"interval": "200ms", "timeout": "150ms",
+                                            "jitter": "0s"},
+                      outlier_detection={"consecutive_failures": 1,
+                                         "base_ejection_time": "60s"})  # fmt: skip
+    async with supervised(write_config(data), workers=2) as proxy:
+        a.force_status = 503  # live traffic fails on eu-a while its /health passes
+        assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 40) == [(200, "eu-b")] * 40
+        assert total(await proxy.metrics(http), "geoproxy_geode_ejections_total") >= 1
+        a.force_status = None
+        await asyncio.sleep(1.0)  # several passing checks of eu-a
+        served = [g for _, g in await get_fresh(http, f"{proxy.proxy_url}/whoami", 60)]
+        assert served.count("eu-a") > 0, "eu-a stayed ejected for the full 60 s"
+
+
+async def test_a_second_instance_on_the_same_port_fails_before_starting_workers(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    async with supervised(write_config(one_region([eu])), workers=2) as first:
+        port = int(first.proxy_url.rsplit(":", 1)[1])
+        data = one_region([eu])
+        data["listen"]["proxy"]["port"] = port  # the admin port stays free (0)
+        second = write_config(data, name="second.yaml")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "geoproxy", "run", "--config", str(second), "--workers", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        async with asyncio.timeout(20):
+            out = (await proc.communicate())[0].decode()
+        assert proc.returncode == 1
+        assert f"cannot listen for proxy on 127.0.0.1:{port}: Address already in use" in out
+        assert "starting 2 workers" not in out
+
+
+async def test_a_hung_worker_is_killed_and_started_again(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    async with supervised(write_config(one_region([eu])), workers=2) as proxy:
+        os.kill(proxy.pids[1], signal.SIGSTOP)
+        for _ in range(3):  # each scrape waits its 2 s for the stopped worker
+            await proxy.metrics(http)
+        await proxy.wait_for(r"worker 1 \(pid \d+\) has not answered for 3 rounds; killing it")
+        await proxy.wait_for(r"worker 1 \(pid \d+\) exited unexpectedly \(killed by SIGKILL\)")
+        await asyncio.sleep(1.0)
+        assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 40) == [(200, "eu-1")] * 40
+        assert total(await proxy.metrics(http), "geoproxy_workers") == 2

@@ -1,0 +1,484 @@
+"""``geoproxy run --workers N``: the supervisor of N worker processes (worker.py).
+
+The supervisor binds N listening sockets to the proxy address with SO_REUSEPORT (the Linux
+kernel spreads new connections over them), runs the active health checks, the config
+watcher and the admin listener, and starts N workers; each serves one of the sockets on
+its own event loop. Workers run no health checks: the supervisor hands them every change
+of active health, so the geodes see one checker, not N + 1. Passive ejection stays per
+worker (each sees its own traffic). Workers get the supervisor's config as bytes, at start
+and after each of its successful reloads, and never read the files themselves.
+
+A worker that exits unexpectedly, or stops answering, is started again with backoff on the
+same socket: connections that arrive meanwhile wait in that socket's backlog. Workers run
+in their own session (a terminal's Ctrl-C reaches only the supervisor, which stops them
+gracefully) and are killed by the kernel if the supervisor dies, so none is orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from geoproxy import fleet
+from geoproxy.admin import Scrape
+from geoproxy.app import Gateway
+from geoproxy.config import Config, Listener
+from geoproxy.errors import GeoproxyError
+from geoproxy.health import GeodeHealth
+from geoproxy.metrics import WorkerMetrics
+from geoproxy.server import (
+    Bound,
+    ListenError,
+    serve_until_stopped,
+    start_site,
+    unless_stopped,
+    watch_config,
+)
+from geoproxy.worker import LINE_LIMIT, encode_sources, line
+
+log = logging.getLogger("geoproxy")
+
+_READY_TIMEOUT = 30.0  # a worker's start-up: interpreter, imports, its first message
+_METRICS_TIMEOUT = 2.0  # a worker's answer to a scrape; else its last counts serve
+_METRICS_POLL = 5.0  # counts are also fetched this often: a crash loses at most this much
+_MISSES = 3  # polls in a row a worker may leave unanswered before it counts as hung
+_BACKLOG = 128  # per socket, as aiohttp's own listeners
+MAX_WORKERS = 256
+
+
+# -- sockets ------------------------------------------------------------------------------
+
+
+def _addresses(listener: Listener, where: str) -> list[tuple[int, Any]]:
+    try:
+        infos = socket.getaddrinfo(listener.host or None, listener.port,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)  # fmt: skip
+    except socket.gaierror as exc:
+        raise ListenError(f"{where}: {exc.strerror}") from None
+    return list(dict.fromkeys((info[0], info[4]) for info in infos))
+
+
+def check_free(listener: Listener, what: str) -> int:
+    """Bind the listener's address without SO_REUSEPORT and let go: fails (ListenError)
+    when anything listens there, another geoproxy included — which SO_REUSEPORT alone
+    would let us join. Returns the port (the kernel's choice for port 0)."""
+    where = f"cannot listen for {what} on {listener.host}:{listener.port}"
+    port = listener.port
+    for family, address in _addresses(listener, where):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind((address[0], port, *address[2:]))
+            except OSError as exc:
+                raise ListenError(f"{where}: {exc.strerror or exc}") from None
+            port = probe.getsockname()[1]
+    return port
+
+
+def reuseport_sockets(listener: Listener, count: int) -> list[list[socket.socket]]:
+    """For each of ``count`` workers, a listening socket per address of ``listener``, all
+    on one port (with port 0: one the kernel picked)."""
+    what = "proxy"
+    where = f"cannot listen for {what} on {listener.host}:{listener.port}"
+    if not sys.platform.startswith("linux"):  # elsewhere one socket would get every connection
+        raise ListenError(f"{where}: --workers needs Linux's SO_REUSEPORT")
+    port = check_free(listener, what)
+    made: list[list[socket.socket]] = []
+    try:
+        for _ in range(count):
+            mine: list[socket.socket] = []
+            made.append(mine)
+            for family, address in _addresses(listener, where):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                mine.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:  # as asyncio: never an IPv4 socket as well
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], port, *address[2:]))
+                sock.listen(_BACKLOG)
+    except OSError as exc:
+        close_all(made)
+        raise ListenError(f"{where}: {exc.strerror or exc}") from None
+    return made
+
+
+def close_all(sockets: list[list[socket.socket]]) -> None:
+    for mine in sockets:
+        for sock in mine:
+            sock.close()
+
+
+# -- one worker, as the supervisor sees it ------------------------------------------------
+
+
+class Worker:
+    """A worker process: its sockets, process and control channel. ``hello`` makes the
+    first message (config and health as they are at that moment)."""
+
+    def __init__(
+        self, index: int, sockets: list[socket.socket], argv: list[str],
+        hello: Callable[[], dict[str, Any]], on_metrics: Callable[[int, list[Any]], None],
+    ) -> None:  # fmt: skip
+        self.index = index
+        self.sockets = sockets
+        self.argv = argv
+        self.hello = hello
+        self.on_metrics = on_metrics
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.ready = asyncio.Event()
+        self.started = 0.0
+        self.misses = 0  # metrics polls in a row left unanswered
+        self._ids = 0
+        self._pending: dict[int, asyncio.Future[bool]] = {}
+        self._reader_task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair()
+        fds = [s.fileno() for s in self.sockets]
+        argv = [*self.argv, "--index", str(self.index), "--control-fd", str(theirs.fileno()),
+                "--supervisor-pid", str(os.getpid())]  # fmt: skip
+        for fd in fds:
+            argv += ["--listen-fd", str(fd)]
+        self.ready = asyncio.Event()
+        self.misses = 0
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, pass_fds=(*fds, theirs.fileno()), start_new_session=True
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.started = time.monotonic()
+        reader, self.writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
+        self._reader_task = asyncio.create_task(self._read(reader), name=f"worker-{self.index}")
+        # No await since the connection: what changed while the process started is in it.
+        self.send(self.hello())
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(line(message))
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "ready":
+            self.ready.set()
+        elif op == "reloaded" and not message.get("ok"):
+            log.error("worker %d: reload failed; it keeps its config", self.index)
+        elif op == "metrics":
+            # Recorded as it arrives: when the worker exits, its last answer is in.
+            self.on_metrics(self.index, message.get("families", []))
+            future = self._pending.pop(message["id"], None)
+            if future is not None and not future.done():
+                future.set_result(True)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while raw := await reader.readline():
+                try:
+                    self._handle(json.loads(raw))
+                except Exception:
+                    log.exception("worker %d sent what cannot be handled: %.200r", self.index,
+                                  raw)  # fmt: skip
+        except (ConnectionError, ValueError) as exc:  # ValueError: a line over the limit
+            if self.running:
+                log.error("worker %d: control channel broken (%s); stopping it", self.index,
+                          exc)  # fmt: skip
+                self.kill()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result(False)  # no answer is coming
+        self._pending.clear()
+        if self.writer is not None:
+            self.writer.close()
+
+    async def ask_metrics(self) -> bool:
+        """Ask for the worker's counts; True if they came in time."""
+        if self.writer is None or self.writer.is_closing():
+            return False
+        self._ids += 1
+        ident = self._ids
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = future
+        self.send({"op": "metrics", "id": ident})
+        try:
+            async with asyncio.timeout(_METRICS_TIMEOUT):
+                return await future
+        except TimeoutError:
+            return False
+        finally:
+            self._pending.pop(ident, None)
+
+    def stop(self) -> None:
+        """Ask it to drain and exit (a signal, if the channel is gone). Not a signal
+        first: with systemd's KillMode=control-group the worker got a SIGTERM already,
+        and a second signal means 'stop at once'."""
+        if self.writer is not None and not self.writer.is_closing():
+            self.send({"op": "stop"})
+        elif self.running:
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        if self._reader_task is not None:  # shielded: a cancelled waiter must not end it
+            await asyncio.shield(self._reader_task)
+        return code
+
+
+def describe_exit(code: int) -> str:
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:  # real-time signals have no name
+        return f"killed by signal {-code}"
+
+
+# -- the supervisor -----------------------------------------------------------------------
+
+
+class Supervisor:
+    def __init__(
+        self, gateway: Gateway, sockets: list[list[socket.socket]], argv: list[str],
+        fleet_: fleet.Fleet, metrics: WorkerMetrics,
+    ) -> None:  # fmt: skip
+        self.gateway = gateway
+        self.sockets = sockets
+        self.fleet = fleet_
+        self.metrics = metrics
+        self.workers = [Worker(i, s, argv, self._hello, fleet_.update)
+                        for i, s in enumerate(sockets)]  # fmt: skip
+        self.stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+        self._refresh_lock = asyncio.Lock()
+        gateway.board.on_transition.append(lambda _state: self.broadcast_health())
+        gateway.board.on_check.append(self._on_check)
+        gateway.on_reload.append(self.broadcast_reload)
+
+    def _hello(self) -> dict[str, Any]:
+        config = self.gateway.config
+        return {"op": "start", "path": str(config.path), "config": encode_sources(config),
+                "health": self.gateway.board.snapshot()}  # fmt: skip
+
+    async def start(self) -> None:
+        """Start every worker and wait until each serves; one that fails to start fails
+        the whole start-up, with its exit code."""
+        for worker in self.workers:
+            try:
+                await worker.start()
+            except OSError as exc:  # out of file descriptors or memory, say
+                raise GeoproxyError(f"cannot start worker {worker.index}: "
+                                    f"{exc.strerror or exc}") from None  # fmt: skip
+        waiting: dict[asyncio.Future[Any], Worker] = {
+            asyncio.ensure_future(w.ready.wait()): w for w in self.workers
+        }
+        exits: dict[asyncio.Future[Any], Worker] = {
+            asyncio.ensure_future(w.wait()): w for w in self.workers
+        }
+        try:
+            async with asyncio.timeout(_READY_TIMEOUT):
+                while waiting:
+                    done, _ = await asyncio.wait({*waiting, *exits},
+                                                 return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                    for task in done:
+                        if task in exits:
+                            raise GeoproxyError(
+                                f"worker {exits[task].index} exited during start-up "
+                                f"({describe_exit(task.result())}); see its messages above"
+                            )
+                        del waiting[task]
+        except TimeoutError:
+            raise GeoproxyError(f"workers did not start within {_READY_TIMEOUT:g}s") from None
+        finally:
+            for task in (*waiting, *exits):
+                task.cancel()
+        self.metrics.running.set(len(self.workers))
+        self._watchers = [asyncio.create_task(self._watch(w), name=f"watch-worker-{w.index}")
+                          for w in self.workers]  # fmt: skip
+
+    async def _watch(self, worker: Worker) -> None:
+        """Start the worker again whenever it exits, until the supervisor stops."""
+        backoff = 0.25
+        while not self.stopping:
+            try:
+                code = await worker.wait()
+                if self.stopping:
+                    return
+                self.fleet.retire(worker.index)
+                self.metrics.restarts.inc()
+                self.metrics.running.dec()
+                lived = time.monotonic() - worker.started
+                backoff = 0.5 if lived > 30 else min(backoff * 2, 10.0)
+                log.error("worker %d (pid %s) exited unexpectedly (%s); starting it again "
+                          "in %gs", worker.index, worker.pid, describe_exit(code),
+                          backoff)  # fmt: skip
+                await self._restart(worker, backoff)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not leave a worker dead for good
+                log.exception("supervising worker %d failed; trying again", worker.index)
+                await asyncio.sleep(1.0)
+
+    async def _restart(self, worker: Worker, backoff: float) -> None:
+        while True:
+            await asyncio.sleep(backoff)
+            if self.stopping:
+                return
+            try:
+                await worker.start()
+            except OSError as exc:  # fork or exec failed: out of memory, say
+                backoff = min(backoff * 2, 10.0)
+                log.error("worker %d could not be started (%s); trying again in %gs",
+                          worker.index, exc.strerror or exc, backoff)  # fmt: skip
+                continue
+            self.metrics.running.inc()
+            return
+
+    def _broadcast(self, message: Mapping[str, Any]) -> None:
+        for worker in self.workers:
+            worker.send(message)
+
+    def broadcast_health(self) -> None:
+        self._broadcast({"op": "health", "health": self.gateway.board.snapshot()})
+
+    def _on_check(self, state: GeodeHealth, ok: bool, _latency: float | None) -> None:
+        if ok:  # a pass re-admits a geode a worker ejected
+            self._broadcast({"op": "passed", "geode": state.geode.name,
+                             "url": str(state.geode.url)})  # fmt: skip
+
+    def broadcast_reload(self) -> None:
+        self._broadcast({"op": "reload", "config": encode_sources(self.gateway.config),
+                         "health": self.gateway.board.snapshot()})  # fmt: skip
+
+    async def refresh_metrics(self) -> None:
+        """Fetch every worker's counts (one round at a time across concurrent scrapes). A
+        worker that leaves _MISSES rounds in a row unanswered is hung: it is killed, and
+        started again like a worker that crashed."""
+        async with self._refresh_lock:
+            live = [w for w in self.workers if w.running and w.ready.is_set()]
+            answers = await asyncio.gather(*(w.ask_metrics() for w in live))
+            for worker, answered in zip(live, answers, strict=True):
+                worker.misses = 0 if answered else worker.misses + 1
+                if worker.misses >= _MISSES and worker.running and not self.stopping:
+                    log.error("worker %d (pid %s) has not answered for %d rounds; killing "
+                              "it", worker.index, worker.pid, worker.misses)  # fmt: skip
+                    worker.kill()
+
+    async def poll_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(_METRICS_POLL)
+            await self.refresh_metrics()
+
+    async def stop(self, grace: float) -> None:
+        """Tell every worker to drain, wait up to ``grace`` seconds, kill what is left."""
+        self.stopping = True
+        for watcher in self._watchers:
+            watcher.cancel()
+        # Our copies of the sockets go first: once the workers close theirs, the port
+        # refuses new connections instead of queueing them where nobody will accept.
+        close_all(self.sockets)
+        live = [w for w in self.workers if w.running]
+        for worker in live:
+            worker.stop()
+        waits = [asyncio.ensure_future(w.wait()) for w in live]
+        if not waits:
+            return
+        _, pending = await asyncio.wait(waits, timeout=grace)
+        for worker, waited in zip(live, waits, strict=True):
+            if waited in pending:
+                log.error("worker %d did not stop within %gs; killing it", worker.index, grace)
+                worker.kill()
+        if pending:
+            await asyncio.wait(pending)
+        self.metrics.running.set(0)
+
+
+async def serve_workers(
+    config: Config,
+    count: int,
+    stop: asyncio.Event,
+    reload: asyncio.Event | None = None,
+    on_ready: Callable[[Bound], None] | None = None,
+    log_level: str = "info",
+) -> None:
+    """Run the proxy as ``count`` worker processes under this supervisor until ``stop``."""
+    if config.admin.port:
+        check_free(config.admin, "admin")  # before any worker takes a connection
+    sockets = reuseport_sockets(config.proxy, count)
+    own = CollectorRegistry()
+    gateway = Gateway(config, registry=own)
+    fleet_ = fleet.Fleet(own)
+    exposed = CollectorRegistry()
+    exposed.register(fleet_)
+    argv = [sys.executable, "-m", "geoproxy", "worker", "--log-level", log_level]
+    supervisor = Supervisor(gateway, sockets, argv, fleet_, WorkerMetrics(own))
+    # The proxy app's lifespan (GeoIP, health checks) runs here; its listener is the workers'.
+    lifespan = web.AppRunner(gateway.proxy_app(), handle_signals=False)
+    scrape = Scrape(exposed, supervisor.refresh_metrics, fleet_.request_counts)
+    admin_runner = web.AppRunner(gateway.admin_app(scrape), access_log=None,
+                                 handle_signals=False)  # fmt: skip
+    tasks: list[asyncio.Task[Any]] = []
+    log.info("geoproxy starting %d workers: first health round over %d geodes", count,
+             len(config.geodes))  # fmt: skip
+    try:
+        if not await unless_stopped(lifespan.setup(), stop):
+            log.info("geoproxy stopped during start-up")
+            return
+        if not await unless_stopped(supervisor.start(), stop):
+            log.info("geoproxy stopped during start-up")
+            return
+        await admin_runner.setup()
+        admin = await start_site(admin_runner, "admin", config.admin, False)
+        host, port = sockets[0][0].getsockname()[:2]
+        bound = Bound((str(host), int(port)), admin)
+        log.info("geoproxy proxying on %s with %d workers (pids %s), admin on %s",
+                 bound.proxy_url, count, " ".join(str(w.pid) for w in supervisor.workers),
+                 bound.admin_url)  # fmt: skip
+        tasks = [
+            asyncio.create_task(watch_config(gateway, reload or asyncio.Event()),
+                                name="geoproxy-config-watch"),
+            asyncio.create_task(supervisor.poll_metrics(), name="geoproxy-worker-metrics"),
+        ]  # fmt: skip
+        await serve_until_stopped(gateway, bound, stop, on_ready)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await supervisor.stop(gateway.config.lifecycle.drain_timeout + 5.0)
+        await lifespan.cleanup()
+        await admin_runner.cleanup()
+

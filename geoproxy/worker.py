@@ -1,0 +1,159 @@
+"""One worker process of ``geoproxy run --workers N`` (the supervisor is supervisor.py).
+
+A worker serves the listening sockets it inherited and does what its supervisor says over
+a socket pair, one JSON object per line:
+
+    supervisor -> worker  {"op": "start", "path", "config", "health"}  first, once
+                          {"op": "health", "health": {...}}   active health, on every change
+                          {"op": "passed", "geode", "url"}    a check passed (re-admits an
+                                                              ejected geode, as in one process)
+                          {"op": "reload", "config", "health"}  the supervisor's new config
+                          {"op": "metrics", "id": n}          send your counts
+                          {"op": "stop"}                      drain and exit
+    worker -> supervisor  {"op": "ready", "fingerprint": hex}  serving
+                          {"op": "reloaded", "ok": bool, "fingerprint": hex}
+                          {"op": "metrics", "id": n, "families": [...]}   (fleet.py)
+
+``config`` carries the exact bytes of the supervisor's config files (``Config.sources``):
+a worker never reads them from disk, so it serves the config the supervisor validated and
+health-checks, even when the files have changed or broken since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from geoproxy import config as config_mod
+from geoproxy import fleet
+from geoproxy.app import Gateway
+from geoproxy.config import Config
+from geoproxy.errors import GeoproxyError
+from geoproxy.server import make_proxy_runner, unless_stopped
+
+log = logging.getLogger("geoproxy")
+
+LINE_LIMIT = 64 * 1024 * 1024  # a metrics answer with many geodes is a long line
+
+
+def line(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def encode_sources(config: Config) -> dict[str, str]:
+    return {path: base64.b64encode(raw).decode() for path, raw in config.sources().items()}
+
+
+def load_sent(path: str, sources: Mapping[str, str]) -> Config:
+    """The config the supervisor sent (raises ConfigError like ``config.load``)."""
+    given = {name: base64.b64decode(text) for name, text in sources.items()}
+    return config_mod.load(path, given)
+
+
+def die_with_supervisor(supervisor_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux); if the supervisor
+    is already gone, exit now."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != supervisor_pid:
+        raise SystemExit("geoproxy worker: the supervisor has gone")
+
+
+class _Channel:
+    """The worker's end of the control channel and what it is told."""
+
+    def __init__(
+        self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        stop: asyncio.Event,
+    ) -> None:  # fmt: skip
+        self.index = index
+        self.reader, self.writer = reader, writer
+        self.stop = stop
+        self.gateway: Gateway | None = None
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(line(message))
+
+    async def handle(self, message: dict[str, Any]) -> None:
+        gateway = self.gateway
+        assert gateway is not None
+        op = message.get("op")
+        if op == "health":
+            gateway.adopt_health(message["health"])
+        elif op == "passed":
+            gateway.board.passed(message["geode"], message["url"])
+        elif op == "reload":
+            ok = True
+            try:
+                new = load_sent(str(gateway.config.path), message["config"])
+                await gateway.reload(new)
+            except GeoproxyError as exc:  # the supervisor loaded it: rare
+                ok = False
+                log.error("reload failed; the running config stays:\n%s", exc)
+            gateway.adopt_health(message["health"])
+            self.send({"op": "reloaded", "ok": ok,
+                       "fingerprint": gateway.config.fingerprint.hex()})  # fmt: skip
+        elif op == "metrics":
+            families = fleet.snapshot(gateway.metrics.registry)
+            self.send({"op": "metrics", "id": message.get("id"), "families": families})
+        elif op == "stop":
+            self.stop.set()
+
+    async def obey(self) -> None:
+        with contextlib.suppress(ConnectionError, ValueError):  # ValueError: line too long
+            while raw := await self.reader.readline():
+                try:
+                    await self.handle(json.loads(raw))
+                except Exception:  # a bug here must not cut the worker off its supervisor
+                    log.exception("cannot handle %.200r", raw)
+        if not self.stop.is_set():
+            log.warning("the supervisor went away; stopping")
+            self.stop.set()
+
+
+async def serve_worker(
+    index: int, sockets: list[socket.socket], control: socket.socket, stop: asyncio.Event
+) -> None:
+    """Serve the proxy on ``sockets`` with the config, health and reloads the supervisor
+    sends, until ``stop`` (a signal, or the supervisor says so or goes away)."""
+    reader, writer = await asyncio.open_unix_connection(sock=control, limit=LINE_LIMIT)
+    channel = _Channel(index, reader, writer, stop)
+    first = await reader.readline()
+    if not first:
+        return  # the supervisor went away before it said anything
+    hello = json.loads(first)
+    gateway = channel.gateway = Gateway(load_sent(hello["path"], hello["config"]),
+                                        active_health=False)  # fmt: skip
+    runner = make_proxy_runner(gateway)
+    obeying: asyncio.Task[None] | None = None
+    try:
+        if not await unless_stopped(runner.setup(), stop):
+            return
+        gateway.adopt_health(hello["health"])
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        obeying = asyncio.create_task(channel.obey(), name="geoproxy-worker-control")
+        channel.send({"op": "ready", "fingerprint": gateway.config.fingerprint.hex()})
+        await stop.wait()
+        gateway.start_draining()
+    finally:
+        await runner.cleanup()  # stop accepting, drain, close
+        if obeying is not None:
+            obeying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await obeying
+        writer.close()
