@@ -208,6 +208,10 @@ async def test_workers_share_one_port_and_their_counts_are_summed_exactly(
         assert total(m, "geoproxy_workers") == 2
         assert eu.hits["/whoami"] == 200
         await passes_promtool_check_metrics(http, proxy.admin_url)
+        async with http.get(f"{proxy.admin_url}/status") as resp:  # the fleet's counts too
+            assert resp.status == 200
+            assert "<td>eu-1</td>" in (page := await resp.text())
+            assert "<td class=num>200</td>" in page
         assert await proxy.stop() == 0
     assert not any(alive(p) for p in proxy.pids)
 
