@@ -23,9 +23,12 @@ import run  # bench/run.py: the shared tooling
 
 
 class TreeProxy(run.Proxy):
-    def __init__(self, name: str, tree: Path, config: Path, port: int) -> None:
-        argv = [run.PY, "-m", "geoproxy", "run", "--config", str(config), "--log-level",
-                "warning"]  # fmt: skip
+    def __init__(
+        self, name: str, tree: Path, config: Path, port: int, script: str | None = None
+    ) -> None:
+        argv = ([run.PY, script, str(config)] if script else
+                [run.PY, "-m", "geoproxy", "run", "--config", str(config), "--log-level",
+                 "warning"])  # fmt: skip
         super().__init__(name, argv, port)
         self.tree = tree
 
@@ -39,14 +42,16 @@ class TreeProxy(run.Proxy):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tree", action="append", required=True, help="name=path")
+    ap.add_argument("--tree", action="append", required=True,
+                    help="name=path, or name=path=script.py to run a bench script (given "
+                         "the config) from that tree instead of geoproxy itself")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--conns", default="10,50,200")
     ap.add_argument("--no-caddy", action="store_true")
     args = ap.parse_args()
     run.ensure_tools()
-    trees = dict(t.split("=", 1) for t in args.tree)
+    trees = [t.split("=", 2) for t in args.tree]
     conns = [int(c) for c in args.conns.split(",")]
     upstream = run.free_port()
     ports = {n: run.free_port() for n in ("nginx", "caddy", "geoproxy", "plain", "bypass")}
@@ -57,10 +62,12 @@ def main() -> None:
         contenders: list[run.Proxy] = []
         if not args.no_caddy:
             contenders += run.proxies(tmp, upstream, ports, {"caddy"})
-        for name, path in trees.items():
+        for name, path, *script in trees:
             port = run.free_port()
             run.write_geoproxy_config(tmp / f"{name}.yaml", port, upstream)
-            contenders.append(TreeProxy(name, Path(path).resolve(), tmp / f"{name}.yaml", port))
+            tree = Path(path).resolve()
+            script_path = str(tree / script[0]) if script else None
+            contenders.append(TreeProxy(name, tree, tmp / f"{name}.yaml", port, script_path))
         with run.upstream_nginx(tmp, upstream):
             for rnd in range(args.rounds):
                 for proxy in contenders:
