@@ -30,13 +30,12 @@ def main() -> None:
 
     async def serve() -> None:
         gateway = Gateway(cfg)
-        app = web.Application()
-        app.cleanup_ctx.append(gateway._lifespan)
-        app.router.add_route("*", "/{tail:(?s:.*)}", gateway._forward)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, cfg.proxy.host, cfg.proxy.port).start()
-        await asyncio.Event().wait()
+        async with gateway.lifespan():
+            server = web.Server(gateway._forward, access_log=None)  # no observer: no metrics
+            runner = web.ServerRunner(server)
+            await runner.setup()
+            await web.TCPSite(runner, cfg.proxy.host, cfg.proxy.port).start()
+            await asyncio.Event().wait()
 
     uvloop.run(serve())
 

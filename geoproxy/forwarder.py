@@ -132,7 +132,7 @@ class Forwarder:
         self.routes = CandidateCache()
         self.regions = ResolutionCache()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         rt = self.runtime  # read once: a reload swaps it whole
         topology = rt.topology
         fwd = topology.config.forwarding
@@ -182,6 +182,15 @@ class Forwarder:
             headers = head.as_map(forwarded, head.host)
             return await proxy_websocket(request, rt, cands, headers, trace, limits)
         path_qs = _path_qs(request)
+        if "Expect" in headers_in:
+            # RFC 9110 10.1.1: the client waits for this before it sends the body; only
+            # now, with a geode to send it to (a 503 or 413 goes out without it).
+            if headers_in["Expect"].lower() != "100-continue" or request.version < (1, 1):
+                only = "only 'Expect: 100-continue' is supported (HTTP/1.1)"
+                return json_error(417, "expectation_failed", only)
+            if request.body_exists:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0
         body = _Body(request.content, limits.max_body_bytes) if request.body_exists else None
         if body is None and method in _BODY_METHODS and not head.has_length:
             forwarded += b"Content-Length: 0\r\n"  # some servers answer 411 without it
@@ -290,7 +299,7 @@ class Forwarder:
                           attempts=len(trace.attempts))  # fmt: skip
 
     async def _relay(
-        self, request: web.Request, reply: Reply, geode: Geode, headers: CIMultiDict[str]
+        self, request: web.BaseRequest, reply: Reply, geode: Geode, headers: CIMultiDict[str]
     ) -> web.StreamResponse:
         """Stream the geode's response to the client. A geode that fails mid-body aborts
         the client connection, so a truncated response never looks complete. Returning
@@ -367,7 +376,7 @@ def _peer_text(remote: str) -> bytes:
     return _text_bytes(str(peer) if peer is not None else remote)
 
 
-def _path_qs(request: web.Request) -> str:
+def _path_qs(request: web.BaseRequest) -> str:
     """The request target in origin-form: as it came when it is one already."""
     path = request.raw_path
     if path.startswith("/") and "#" not in path and not path.endswith("?"):

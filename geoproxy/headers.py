@@ -31,8 +31,8 @@ HOP_BY_HOP = _low(
     ("Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
      "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade")
 )  # fmt: skip
-# Request headers never passed on as they came: hop-by-hop ones, Expect (aiohttp answers
-# 100 Continue itself) and the ones this hop rewrites.
+# Request headers never passed on as they came: hop-by-hop ones, Expect (the forwarder
+# answers 100 Continue itself) and the ones this hop rewrites.
 _DROP_ALWAYS = HOP_BY_HOP | _low(("Expect", "X-Forwarded-For", "X-Forwarded-Proto",
                                   "X-Forwarded-Host", "Via"))  # fmt: skip
 # From an untrusted peer, also every header that claims a client identity or region: a

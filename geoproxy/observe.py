@@ -35,16 +35,16 @@ class Observer:
 
     def wrap(
         self,
-        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-        before: Callable[[], Callable[[web.Request], None] | None],
-    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        before: Callable[[], Callable[[web.BaseRequest], None] | None],
+    ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         """``handler`` as a route handler that first calls ``before()``'s hook (if any),
         then records the request. One coroutine level: an aiohttp middleware would build a
         wrapper per request."""
         record = self.record
         clock = time.perf_counter
 
-        async def observed(request: web.Request) -> web.StreamResponse:
+        async def observed(request: web.BaseRequest) -> web.StreamResponse:
             hook = before()
             if hook is not None:
                 hook(request)
@@ -71,7 +71,7 @@ class Observer:
 
     def record(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         response: web.StreamResponse | None,
         status: int,
         duration: float,
@@ -104,7 +104,7 @@ class Observer:
 
     def format_line(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         response: web.StreamResponse | None,
         trace: Trace,
         status: int,

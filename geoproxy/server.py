@@ -43,7 +43,7 @@ def _url(host: str, port: int) -> str:
 
 
 async def start_site(
-    runner: web.AppRunner, what: str, listener: Listener, any_port_if_taken: bool
+    runner: web.BaseRunner, what: str, listener: Listener, any_port_if_taken: bool
 ) -> tuple[str, int]:
     site = web.TCPSite(runner, listener.host, listener.port, reuse_address=True)
     try:
@@ -60,23 +60,23 @@ async def start_site(
     return str(host), int(port)
 
 
-class HeadTimeoutRunner(web.AppRunner):
-    """An AppRunner whose connections must send a complete first request head within
+class HeadTimeoutRunner(web.ServerRunner):
+    """A runner whose connections must send a complete first request head within
     ``header_timeout``, or get a 408 and are closed (slowloris: aiohttp alone keeps such a
     connection for about an hour). Later requests on a kept-alive connection are bounded
     by aiohttp's ``keepalive_timeout``, which closes a connection idling mid-head.
 
     aiohttp has no switch for this: the runner hands sites a wrapping protocol factory,
-    and the app calls ``note_request`` for every request head that arrived."""
+    and the handler calls ``note_request`` for every request head that arrived."""
 
-    def __init__(self, app: web.Application, header_timeout: float, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
+    def __init__(self, server: web.Server, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
         self.header_timeout = header_timeout
         # Connections whose first request head has not arrived yet. Held strongly (aiohttp's
         # protocol objects take no weak references), each for header_timeout at most.
         self._waiting: set[Any] = set()
 
-    def note_request(self, request: web.Request) -> None:
+    def note_request(self, request: web.BaseRequest) -> None:
         """The request head of this connection arrived (the app calls this first thing)."""
         self._waiting.discard(request.protocol)
 
@@ -114,13 +114,16 @@ _REQUEST_TIMEOUT = (
 
 
 def make_proxy_runner(gateway: Gateway) -> HeadTimeoutRunner:
-    """The runner of the proxy app: its lifespan, limits and drain time from the config."""
+    """The runner of the proxy listener: limits and drain time from the config. The
+    gateway's ``lifespan()`` must be entered around it."""
     config = gateway.config
-    runner = HeadTimeoutRunner(
-        gateway.proxy_app(), config.limits.header_timeout, access_log=None,
-        handle_signals=False, shutdown_timeout=config.lifecycle.drain_timeout,
-        keepalive_timeout=config.limits.keepalive_timeout,
-    )  # fmt: skip
+    # handler_cancellation: a client that goes away cancels its request, and with it the
+    # exchange with the geode (logged as 499, as nginx does). aiohttp's default keeps
+    # forwarding to the geode for nobody (its test server turns it on).
+    server = web.Server(gateway.proxy_handler(), access_log=None, handler_cancellation=True,
+                        keepalive_timeout=config.limits.keepalive_timeout)  # fmt: skip
+    runner = HeadTimeoutRunner(server, config.limits.header_timeout, handle_signals=False,
+                               shutdown_timeout=config.lifecycle.drain_timeout)  # fmt: skip
     gateway.on_request = runner.note_request
     return runner
 
@@ -144,11 +147,13 @@ async def serve(
     admin_runner = web.AppRunner(gateway.admin_app(), access_log=None, handle_signals=False,
                                  shutdown_timeout=drain)  # fmt: skip
     log.info("geoproxy starting: first health round over %d geodes", len(config.geodes))
-    watcher: asyncio.Task[None] | None = None
-    try:
-        if not await unless_stopped(proxy_runner.setup(), stop):
+    async with contextlib.AsyncExitStack() as stack:  # undone in reverse
+        stack.push_async_callback(admin_runner.cleanup)  # last: /readyz 503 while draining
+        if not await unless_stopped(stack.enter_async_context(gateway.lifespan()), stop):
             log.info("geoproxy stopped during start-up")
             return
+        stack.push_async_callback(proxy_runner.cleanup)  # stop accepting, drain, close
+        await proxy_runner.setup()
         await admin_runner.setup()
         proxy = await start_site(proxy_runner, "proxy", config.proxy, any_port_if_taken)
         admin = await start_site(admin_runner, "admin", config.admin, any_port_if_taken)
@@ -159,14 +164,14 @@ async def serve(
         watcher = asyncio.create_task(
             watch_config(gateway, reload or asyncio.Event()), name="geoproxy-config-watch"
         )
+        stack.push_async_callback(cancel_and_wait, watcher)
         await serve_until_stopped(gateway, bound, stop, on_ready)
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-        await proxy_runner.cleanup()  # stop accepting, drain, close
-        await admin_runner.cleanup()  # last: /readyz says 503 while draining
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def serve_until_stopped(
@@ -203,7 +208,7 @@ async def watch_config(gateway: Gateway, reload: asyncio.Event) -> None:
         digest = gateway.config.fingerprint if ok else now
 
 
-async def unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+async def unless_stopped(work: Coroutine[Any, Any, Any], stop: asyncio.Event) -> bool:
     """Run ``work`` unless ``stop`` is set first (then cancel it); True if it finished."""
     task = asyncio.ensure_future(work)
     stopped = asyncio.ensure_future(stop.wait())

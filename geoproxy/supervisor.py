@@ -41,6 +41,7 @@ from geoproxy.metrics import WorkerMetrics
 from geoproxy.server import (
     Bound,
     ListenError,
+    cancel_and_wait,
     serve_until_stopped,
     start_site,
     unless_stopped,
@@ -446,18 +447,23 @@ async def serve_workers(
     exposed.register(fleet_)
     argv = [sys.executable, "-m", "geoproxy", "worker", "--log-level", log_level]
     supervisor = Supervisor(gateway, sockets, argv, fleet_, WorkerMetrics(own))
-    # The proxy app's lifespan (GeoIP, health checks) runs here; its listener is the workers'.
-    lifespan = web.AppRunner(gateway.proxy_app(), handle_signals=False)
     scrape = Scrape(exposed, supervisor.refresh_metrics, fleet_.request_counts)
     admin_runner = web.AppRunner(gateway.admin_app(scrape), access_log=None,
                                  handle_signals=False)  # fmt: skip
-    tasks: list[asyncio.Task[Any]] = []
+
+    async def stop_workers() -> None:
+        await supervisor.stop(gateway.config.lifecycle.drain_timeout + 5.0)
+
     log.info("geoproxy starting %d workers: first health round over %d geodes", count,
              len(config.geodes))  # fmt: skip
-    try:
-        if not await unless_stopped(lifespan.setup(), stop):
+    async with contextlib.AsyncExitStack() as stack:  # undone in reverse
+        stack.push_async_callback(admin_runner.cleanup)
+        stack.callback(close_all, sockets)
+        # The gateway's lifespan (GeoIP, health checks) runs here; the workers serve.
+        if not await unless_stopped(stack.enter_async_context(gateway.lifespan()), stop):
             log.info("geoproxy stopped during start-up")
             return
+        stack.push_async_callback(stop_workers)
         if not await unless_stopped(supervisor.start(), stop):
             log.info("geoproxy stopped during start-up")
             return
@@ -468,17 +474,10 @@ async def serve_workers(
         log.info("geoproxy proxying on %s with %d workers (pids %s), admin on %s",
                  bound.proxy_url, count, " ".join(str(w.pid) for w in supervisor.workers),
                  bound.admin_url)  # fmt: skip
-        tasks = [
+        for task in (
             asyncio.create_task(watch_config(gateway, reload or asyncio.Event()),
                                 name="geoproxy-config-watch"),
             asyncio.create_task(supervisor.poll_metrics(), name="geoproxy-worker-metrics"),
-        ]  # fmt: skip
+        ):  # fmt: skip
+            stack.push_async_callback(cancel_and_wait, task)
         await serve_until_stopped(gateway, bound, stop, on_ready)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await supervisor.stop(gateway.config.lifecycle.drain_timeout + 5.0)
-        await lifespan.cleanup()
-        await admin_runner.cleanup()
-

@@ -32,7 +32,7 @@ _GOING_AWAY, _INTERNAL_ERROR = 1001, 1011
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-def is_websocket(request: web.Request) -> bool:
+def is_websocket(request: web.BaseRequest) -> bool:
     upgrade = request.headers.get("Upgrade", "").strip().lower()
     connection = {t.strip().lower() for v in request.headers.getall("Connection", ())
                   for t in v.split(",")}  # fmt: skip
@@ -40,7 +40,7 @@ def is_websocket(request: web.Request) -> bool:
 
 
 async def proxy_websocket(
-    request: web.Request,
+    request: web.BaseRequest,
     rt: Runtime,
     cands: list[Candidate],
     headers: CIMultiDict[str],

@@ -41,7 +41,7 @@ from geoproxy import fleet
 from geoproxy.app import Gateway
 from geoproxy.config import Config
 from geoproxy.errors import GeoproxyError
-from geoproxy.server import make_proxy_runner, unless_stopped
+from geoproxy.server import cancel_and_wait, make_proxy_runner, unless_stopped
 
 log = logging.getLogger("geoproxy")
 
@@ -139,21 +139,17 @@ async def serve_worker(
     gateway = channel.gateway = Gateway(load_sent(hello["path"], hello["config"]),
                                         active_health=False)  # fmt: skip
     runner = make_proxy_runner(gateway)
-    obeying: asyncio.Task[None] | None = None
-    try:
-        if not await unless_stopped(runner.setup(), stop):
+    async with contextlib.AsyncExitStack() as stack:  # undone in reverse
+        if not await unless_stopped(stack.enter_async_context(gateway.lifespan()), stop):
             return
+        stack.callback(writer.close)
         gateway.adopt_health(hello["health"])
+        obeying = asyncio.create_task(channel.obey(), name="geoproxy-worker-control")
+        stack.push_async_callback(cancel_and_wait, obeying)  # after the drain: still obeys
+        stack.push_async_callback(runner.cleanup)  # stop accepting, drain, close
+        await runner.setup()
         for sock in sockets:
             await web.SockSite(runner, sock).start()
-        obeying = asyncio.create_task(channel.obey(), name="geoproxy-worker-control")
         channel.send({"op": "ready", "fingerprint": gateway.config.fingerprint.hex()})
         await stop.wait()
         gateway.start_draining()
-    finally:
-        await runner.cleanup()  # stop accepting, drain, close
-        if obeying is not None:
-            obeying.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await obeying
-        writer.close()

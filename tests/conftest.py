@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import socket
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from geoproxy import config as config_mod
 from geoproxy.app import Gateway
 from geoproxy.geoip import GeoLookup
+from geoproxy.server import make_proxy_runner
 
 
 class FakeGeode:
@@ -256,14 +258,10 @@ def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
 class Proxy:
     """A running proxy: its proxy and admin listeners, and its own metrics registry."""
 
-    def __init__(self, gateway: Gateway, server: TestServer, admin: TestServer) -> None:
+    def __init__(self, gateway: Gateway, url: str, admin: TestServer) -> None:
         self.gateway = gateway
-        self.server = server
+        self.url = url
         self.admin = admin
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
 
     @property
     def admin_url(self) -> str:
@@ -285,23 +283,25 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 async def proxy_factory(
     write_config: Callable[[dict[str, Any]], Path],
 ) -> AsyncIterator[ProxyFactory]:
-    """Start a real proxy from a config dict (through the real YAML loader)."""
-    servers: list[TestServer] = []
+    """Start a real proxy from a config dict (through the real YAML loader), served as
+    ``geoproxy run`` serves it (server.make_proxy_runner)."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def make(data: dict[str, Any], geoip: GeoLookup | None = None) -> Proxy:
-        cfg = config_mod.load(write_config(data))
-        gateway = Gateway(cfg, geoip=geoip, registry=CollectorRegistry())
-        server = TestServer(gateway.proxy_app(), host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        admin = TestServer(gateway.admin_app(), host="127.0.0.1")
-        await admin.start_server()
-        servers.insert(0, admin)
-        return Proxy(gateway, server, admin)
+        async def make(data: dict[str, Any], geoip: GeoLookup | None = None) -> Proxy:
+            cfg = config_mod.load(write_config(data))
+            gateway = Gateway(cfg, geoip=geoip, registry=CollectorRegistry())
+            await stack.enter_async_context(gateway.lifespan())
+            runner = make_proxy_runner(gateway)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            host, port = runner.addresses[0][:2]
+            admin = TestServer(gateway.admin_app(), host="127.0.0.1")
+            await admin.start_server()
+            stack.push_async_callback(admin.close)
+            return Proxy(gateway, f"http://{host}:{port}", admin)
 
-    yield make
-    for server in servers:
-        await server.close()
+        yield make
 
 
 @pytest.fixture

@@ -427,6 +427,29 @@ async def test_expect_100_continue_upload_is_forwarded(
     assert "expect" not in body["headers"]
 
 
+async def test_expect_100_continue_is_answered_before_the_body_and_others_get_417(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    port = int(proxy.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                 b"Expect: 100-continue\r\n\r\n")  # fmt: skip
+    async with asyncio.timeout(5):
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                 b"Expect: something-else\r\n\r\n")  # fmt: skip
+    async with asyncio.timeout(5):
+        assert (await reader.readline()).startswith(b"HTTP/1.1 417")
+    writer.close()
+    assert eu.hits["/echo"] == 1
+
+
 async def test_path_with_an_encoded_newline_is_forwarded_not_404(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:

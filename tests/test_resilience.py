@@ -12,11 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from test_forwarding import three_geodes
-
-from geoproxy import config as config_mod
-from geoproxy.server import HeadTimeoutRunner
 
 from conftest import GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
 
@@ -299,36 +295,26 @@ async def test_oversized_body_gets_413(
 
 
 async def test_slow_request_head_gets_408_and_the_connection_closes(
-    geode_factory: GeodeFactory, write_config: WriteConfig,
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
 ) -> None:
-    from geoproxy.app import Gateway
-
     geodes = await three_geodes(geode_factory)
-    cfg = config_mod.load(write_config(base_config([geode_entry(g) for g in geodes])))
-    gateway = Gateway(cfg)
-    runner = HeadTimeoutRunner(gateway.proxy_app(), 0.3)
-    gateway.on_request = runner.note_request
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        # A complete request is served...
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
-        async with asyncio.timeout(5):
-            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
-        writer.close()
-        # ...a head trickled slower than the header timeout is not.
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n")
-        async with asyncio.timeout(5):
-            answer = await reader.read()  # until the proxy closes the connection
-        writer.close()
-        assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
-        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
-    finally:
-        await runner.cleanup()
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
+                                            limits={"header_timeout": "300ms"}))  # fmt: skip
+    port = int(proxy.url.rsplit(":", 1)[1])
+    # A complete request is served...
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    # ...a head trickled slower than the header timeout is not.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n")
+    async with asyncio.timeout(5):
+        answer = await reader.read()  # until the proxy closes the connection
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
 
 
 # -- security -----------------------------------------------------------------------------------
@@ -485,26 +471,17 @@ async def test_a_geode_that_never_accepts_the_connection_times_out_and_fails_ove
 
 
 async def test_idle_client_connections_are_closed_after_the_keepalive_timeout(
-    geode_factory: GeodeFactory, write_config: WriteConfig,
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
 ) -> None:
-    from geoproxy.app import Gateway
-
     geodes = await three_geodes(geode_factory)
-    cfg = config_mod.load(write_config(base_config([geode_entry(g) for g in geodes])))
-    gateway = Gateway(cfg)
-    runner = HeadTimeoutRunner(gateway.proxy_app(), 5.0, keepalive_timeout=0.3)
-    gateway.on_request = runner.note_request
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
-        writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
-        async with asyncio.timeout(5):
-            await reader.readuntil(b"\r\n\r\n")
-            started = asyncio.get_running_loop().time()
-            rest = await reader.read()  # the body, then EOF once the idle connection closes
-        writer.close()
-        assert b"eu-1" in rest
-        assert asyncio.get_running_loop().time() - started < 3
-    finally:
-        await runner.cleanup()
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
+                                            limits={"keepalive_timeout": "300ms"}))  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
+    writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        await reader.readuntil(b"\r\n\r\n")
+        started = asyncio.get_running_loop().time()
+        rest = await reader.read()  # the body, then EOF once the idle connection closes
+    writer.close()
+    assert b"eu-1" in rest
+    assert asyncio.get_running_loop().time() - started < 3
