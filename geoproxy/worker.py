@@ -41,7 +41,12 @@ from geoproxy import fleet
 from geoproxy.app import Gateway
 from geoproxy.config import Config
 from geoproxy.errors import GeoproxyError
-from geoproxy.server import cancel_and_wait, make_proxy_runner, unless_stopped
+from geoproxy.server import (
+    cancel_and_wait,
+    freeze_startup_heap,
+    make_proxy_runner,
+    unless_stopped,
+)
 
 log = logging.getLogger("geoproxy")
 
@@ -147,6 +152,7 @@ async def serve_worker(
         obeying = asyncio.create_task(channel.obey(), name="geoproxy-worker-control")
         stack.push_async_callback(cancel_and_wait, obeying)  # after the drain: still obeys
         stack.push_async_callback(runner.cleanup)  # stop accepting, drain, close
+        freeze_startup_heap()
         await runner.setup()
         for sock in sockets:
             await web.SockSite(runner, sock).start()

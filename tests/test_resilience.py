@@ -14,6 +14,8 @@ import aiohttp
 import pytest
 from test_forwarding import three_geodes
 
+from geoproxy import config as config_mod
+
 from conftest import GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
 
 WriteConfig = Callable[..., Path]
@@ -485,3 +487,30 @@ async def test_idle_client_connections_are_closed_after_the_keepalive_timeout(
     writer.close()
     assert b"eu-1" in rest
     assert asyncio.get_running_loop().time() - started < 3
+
+
+async def test_serve_freezes_the_start_up_heap_before_it_accepts_requests(
+    geode_factory: GeodeFactory, write_config: WriteConfig
+) -> None:
+    """gc.freeze(): the long-lived objects leave the cyclic collector's full passes (a
+    latency tail under load otherwise, see bench/ab.py figures in server.py)."""
+    import gc
+
+    from geoproxy.server import Bound, serve
+
+    geodes = await three_geodes(geode_factory)
+    cfg = config_mod.load(write_config(base_config([geode_entry(g) for g in geodes])))
+    gc.unfreeze()
+    frozen_when_ready: list[int] = []
+    stop = asyncio.Event()
+
+    def ready(_bound: Bound) -> None:
+        frozen_when_ready.append(gc.get_freeze_count())
+        stop.set()
+
+    try:
+        async with asyncio.timeout(10):
+            await serve(cfg, stop, on_ready=ready)
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as usual
+    assert frozen_when_ready and frozen_when_ready[0] > 10_000
