@@ -17,6 +17,7 @@ from geoproxy import forwarder
 from geoproxy.app import Gateway
 from geoproxy.resolver import Resolution
 from geoproxy.router import HOME, Candidate
+from geoproxy.server import make_proxy_runner
 
 
 def main() -> None:
@@ -30,9 +31,17 @@ def main() -> None:
 
     async def serve() -> None:
         gateway = Gateway(cfg)
+        forward = gateway._forward
+
+        async def bypass(request: web.BaseRequest) -> web.StreamResponse:
+            assert gateway.on_request is not None
+            gateway.on_request(request)  # the head timer's hook, as the observer calls it
+            return await forward(request)
+
+        # No observer (no metrics); otherwise served as `geoproxy run` serves.
+        gateway.proxy_handler = lambda: bypass  # type: ignore[method-assign]
         async with gateway.lifespan():
-            server = web.Server(gateway._forward, access_log=None)  # no observer: no metrics
-            runner = web.ServerRunner(server)
+            runner = make_proxy_runner(gateway)
             await runner.setup()
             await web.TCPSite(runner, cfg.proxy.host, cfg.proxy.port).start()
             await asyncio.Event().wait()
