@@ -17,7 +17,7 @@ from geoproxy import forwarder
 from geoproxy.app import Gateway
 from geoproxy.resolver import Resolution
 from geoproxy.router import HOME, Candidate
-from geoproxy.server import make_proxy_runner
+from geoproxy.server import freeze_startup_heap, make_proxy_runner
 
 
 def main() -> None:
@@ -42,6 +42,7 @@ def main() -> None:
         gateway.proxy_handler = lambda: bypass  # type: ignore[method-assign]
         async with gateway.lifespan():
             runner = make_proxy_runner(gateway)
+            freeze_startup_heap()
             await runner.setup()
             await web.TCPSite(runner, cfg.proxy.host, cfg.proxy.port).start()
             await asyncio.Event().wait()
