@@ -38,9 +38,9 @@ class Observer:
         handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
         before: Callable[[], Callable[[web.BaseRequest], None] | None],
     ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-        """``handler`` as a route handler that first calls ``before()``'s hook (if any),
-        then records the request. One coroutine level: an aiohttp middleware would build a
-        wrapper per request."""
+        """``handler`` as the listener's request handler that first calls ``before()``'s
+        hook (if any), then records the request. One coroutine level: an aiohttp
+        middleware would build a wrapper per request."""
         record = self.record
         clock = time.perf_counter
 
