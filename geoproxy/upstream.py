@@ -7,8 +7,9 @@ same objects ``ClientSession`` uses underneath), writes the request head in one 
 pools keep-alive connections per geode. Requests with a body, TLS geodes and WebSockets
 stay on ``ClientSession``.
 
-``ResponseHandler.set_response_params`` is semi-private aiohttp API (stable across 3.x);
-tests/test_forwarding.py and tests/test_upstream.py exercise every path through it.
+``ResponseHandler.set_response_params`` is semi-private aiohttp API (stable across 3.x),
+and ``Connection`` keeps the handler's private ``_parser`` from one response to the next;
+tests/test_forwarding.py and tests/test_upstream.py exercise every path through them.
 """
 
 from __future__ import annotations
@@ -39,17 +40,45 @@ class BadResponse(Exception):
 
 class Connection(ResponseHandler):
     """aiohttp's response protocol, counting the bytes received since the last request
-    went out: a failure before the first one means the geode never answered it."""
+    went out (a failure before the first one means the geode never answered it). The
+    response parser is kept for the next request when it stands clean between two messages
+    (aiohttp builds a new one per request)."""
 
-    __slots__ = ("received",)
+    __slots__ = ("_parser_reusable", "received")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.received = 0
+        self._parser_reusable = False  # the parser reads bodies (was not built for a HEAD)
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         super().data_received(data)
+
+    def expect_response(self, head_request: bool, read_timeout: float) -> None:
+        """Make ready for the response to a request about to be sent."""
+        if not head_request and self._parser_reusable and self._parser_is_clean():
+            self._skip_payload = False
+            self._read_timeout = read_timeout
+            return
+        self.set_response_params(
+            skip_payload=head_request, read_until_eof=True, auto_decompress=False,
+            read_timeout=read_timeout, read_bufsize=_READ_BUFSIZE,
+        )  # fmt: skip
+        self._parser_reusable = not head_request
+
+    def _parser_is_clean(self) -> bool:
+        # Between two messages the parser holds no payload and has not started a message:
+        # then feed_eof() is a no-op returning None. Bytes the geode sent after the last
+        # response make it return (or raise): the parser is left for a fresh one, as
+        # aiohttp always does.
+        parser = self._parser
+        if parser is None:
+            return False
+        try:
+            return parser.feed_eof() is None
+        except Exception:
+            return False
 
 
 class Pool:
@@ -179,10 +208,7 @@ async def send(
             if not may_resend:
                 raise ServerDisconnectedError()
         else:
-            proto.set_response_params(
-                skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
-                read_timeout=response_timeout, read_bufsize=_READ_BUFSIZE,
-            )  # fmt: skip
+            proto.expect_response(method == "HEAD", response_timeout)
             proto.received = 0
             transport.write(head)
             proto.start_timeout()

@@ -246,3 +246,37 @@ async def test_a_bodiless_post_carries_content_length_zero(
     writer.close()
     assert b" 200 " in answer.split(b"\r\n", 1)[0]
     assert eu.last_headers["content-length"] == ["0"]
+
+
+SEQUENCE = [  # (method, the geode's answer, status and body the client gets)
+    ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none", 200, b"one"),
+    ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ntwo\r\n0\r\n\r\n",
+     200, b"two"),
+    ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", 204, b""),
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", 200, b""),
+    ("GET", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfour", 200, b"four"),
+    ("GET", b'HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\nETag: "x"\r\n\r\n', 304, b""),
+    ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            b"HTTP/1.1 500 Oops\r\nX-Leftover: ", 200, b"ok"),
+    ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast", 200, b"last"),
+]  # fmt: skip
+
+
+async def test_a_reused_connection_parses_each_following_response_right(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+) -> None:
+    """One connection carries every kind of response in turn, including a HEAD's and bytes
+    the geode sent unasked after a response (left behind, not read as the next one's);
+    ``n`` counts per connection, so a new connection would get the wrong answers."""
+    geode = ScriptedGeode(lambda n, line: SEQUENCE[n][1])
+    proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, await geode.start())
+    try:
+        async with aiohttp.ClientSession() as http:
+            for method, _, status, body in SEQUENCE:
+                async with http.request(method, f"{proxy.url}/x") as resp:
+                    assert (resp.status, await resp.read()) == (status, body)
+                    assert resp.headers["X-Geoproxy-Geode"] == "eu-1"
+        assert len(geode.requests) == len(SEQUENCE)
+    finally:
+        await geode.close()
