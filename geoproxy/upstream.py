@@ -8,8 +8,9 @@ pools keep-alive connections per geode. Requests with a body, TLS geodes and Web
 stay on ``ClientSession``.
 
 ``ResponseHandler.set_response_params`` is semi-private aiohttp API (stable across 3.x),
-and ``Connection`` keeps the handler's private ``_parser`` from one response to the next;
-tests/test_forwarding.py and tests/test_upstream.py exercise every path through them.
+and ``Connection`` overrides the handler's private read-timer hooks (``_reschedule_timeout``,
+``_drop_timeout``) and keeps its ``_parser``; tests/test_forwarding.py and
+tests/test_upstream.py exercise every path through them.
 """
 
 from __future__ import annotations
@@ -40,15 +41,26 @@ class BadResponse(Exception):
 
 class Connection(ResponseHandler):
     """aiohttp's response protocol, counting the bytes received since the last request
-    went out (a failure before the first one means the geode never answered it). The
-    response parser is kept for the next request when it stands clean between two messages
-    (aiohttp builds a new one per request)."""
+    went out (a failure before the first one means the geode never answered it), with two
+    per-request costs taken off the hot path:
 
-    __slots__ = ("_parser_reusable", "received")
+    - the response parser is kept for the next request when it stands clean between two
+      messages (aiohttp builds a new one per request);
+    - the read timeout is one lazily re-armed timer per connection: activity moves a
+      deadline, and the timer, when it fires, either times out or re-arms for the deadline
+      (aiohttp cancels and schedules a timer per request and per chunk received). The
+      semantics are aiohttp's: ``read_timeout`` seconds of silence from the last byte (or
+      the last ``start_timeout()``), none once the body is complete.
+    """
+
+    __slots__ = ("_deadline", "_parser_reusable", "_timer_at", "_timer_handle", "received")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.received = 0
+        self._deadline: float | None = None  # when silence becomes a timeout; None: off
+        self._timer_at = 0.0  # when the armed timer fires
+        self._timer_handle: asyncio.TimerHandle | None = None
         self._parser_reusable = False  # the parser reads bodies (was not built for a HEAD)
 
     def data_received(self, data: bytes) -> None:
@@ -79,6 +91,41 @@ class Connection(ResponseHandler):
             return parser.feed_eof() is None
         except Exception:
             return False
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._deadline = None
+            return
+        deadline = self._loop.time() + timeout
+        self._deadline = deadline
+        handle = self._timer_handle
+        if handle is None or self._timer_at > deadline:  # none armed, or armed too late
+            if handle is not None:
+                handle.cancel()
+            self._timer_at = deadline
+            self._timer_handle = self._loop.call_at(deadline, self._on_timer)
+
+    def _drop_timeout(self) -> None:
+        self._deadline = None  # the armed timer, if any, finds nothing to do
+
+    def _on_timer(self) -> None:
+        self._timer_handle = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if self._loop.time() >= deadline:
+            self._deadline = None
+            self._on_read_timeout()
+        else:  # activity since it was armed: wait for the deadline it moved to
+            self._timer_at = deadline
+            self._timer_handle = self._loop.call_at(deadline, self._on_timer)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+            self._timer_handle = None
 
 
 class Pool:

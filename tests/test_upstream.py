@@ -101,8 +101,7 @@ class ScriptedGeode:
                 answer = self.reply(n, line)
                 n += 1
                 if answer is not None:
-                    writer.write(answer)
-                    await writer.drain()
+                    await self._write(writer, answer)
                 if self.hang:
                     await asyncio.sleep(30)
                 if answer is None and self.reset:
@@ -114,6 +113,10 @@ class ScriptedGeode:
             pass
         finally:
             writer.close()
+
+    async def _write(self, writer: asyncio.StreamWriter, answer: bytes) -> None:
+        writer.write(answer)
+        await writer.drain()
 
     async def close(self) -> None:
         assert self.server is not None
@@ -132,6 +135,17 @@ async def two_geode_proxy(
         countries={}, continents={}, **overrides,
     ))  # fmt: skip
     return proxy, us
+
+
+async def quick_timeout_proxy(
+    proxy_factory: ProxyFactory, geode_factory: GeodeFactory, url: str
+) -> Any:
+    """A proxy whose geodes may stay silent 300 ms, trying one geode per request."""
+    proxy, _ = await two_geode_proxy(
+        proxy_factory, geode_factory, url,
+        forwarding={"response_timeout": "300ms", "max_attempts": 1},
+    )  # fmt: skip
+    return proxy
 
 
 @pytest.mark.parametrize(
@@ -164,10 +178,7 @@ async def test_an_interim_response_does_not_switch_the_response_timeout_off(
 ) -> None:
     geode = ScriptedGeode(lambda n, line: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
                           hang=True)  # fmt: skip
-    proxy, _ = await two_geode_proxy(
-        proxy_factory, geode_factory, await geode.start(),
-        forwarding={"response_timeout": "300ms", "max_attempts": 1},
-    )  # fmt: skip
+    proxy = await quick_timeout_proxy(proxy_factory, geode_factory, await geode.start())
     try:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -278,5 +289,80 @@ async def test_a_reused_connection_parses_each_following_response_right(
                     assert (resp.status, await resp.read()) == (status, body)
                     assert resp.headers["X-Geoproxy-Geode"] == "eu-1"
         assert len(geode.requests) == len(SEQUENCE)
+    finally:
+        await geode.close()
+
+
+class TricklingGeode(ScriptedGeode):
+    """Answers every request with a chunked body of ``chunks`` chunks, ``gap`` seconds apart
+    (and, if ``stall_after`` is set, silence after that many)."""
+
+    def __init__(self, chunks: int, gap: float, stall_after: int | None = None) -> None:
+        super().__init__(lambda n, line: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.chunks, self.gap, self.stall_after = chunks, gap, stall_after
+
+    async def _write(self, writer: asyncio.StreamWriter, answer: bytes) -> None:
+        writer.write(answer)
+        for i in range(self.chunks):
+            if i == self.stall_after:
+                await asyncio.sleep(30)
+            await asyncio.sleep(self.gap)
+            writer.write(b"1\r\nx\r\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+
+async def test_a_body_trickling_within_the_response_timeout_is_not_cut_off(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+) -> None:
+    """The response timeout is the longest silence, not a bound on the whole response:
+    each chunk moves it on, twice over (the second time on a pooled connection)."""
+    geode = TricklingGeode(chunks=6, gap=0.1)
+    proxy = await quick_timeout_proxy(proxy_factory, geode_factory, await geode.start())
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):
+                async with http.get(f"{proxy.url}/x") as resp:
+                    assert (resp.status, await resp.read()) == (200, b"x" * 6)
+    finally:
+        await geode.close()
+
+
+async def test_a_geode_falling_silent_mid_body_is_cut_off_after_the_response_timeout(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+) -> None:
+    geode = TricklingGeode(chunks=6, gap=0.05, stall_after=2)
+    proxy = await quick_timeout_proxy(proxy_factory, geode_factory, await geode.start())
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/x") as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        assert 0.3 < loop.time() - started < 3
+    finally:
+        await geode.close()
+
+
+async def test_the_response_timeout_fires_on_a_pooled_connection_after_a_1xx(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+) -> None:
+    """A connection that served a response before (with the timer armed for that one)
+    still times out the next one, silence after a 103 included."""
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    # After the 103 the geode only waits for another request: silence.
+    geode = ScriptedGeode(lambda n, line: first if n == 0 else b"HTTP/1.1 103 Early Hints\r\n\r\n")
+    proxy = await quick_timeout_proxy(proxy_factory, geode_factory, await geode.start())
+    try:
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{proxy.url}/a") as resp:
+                assert (resp.status, await resp.read()) == (200, b"ok")
+            started = loop.time()
+            async with http.get(f"{proxy.url}/b") as resp:
+                assert resp.status == 504
+            assert 0.3 <= loop.time() - started < 3
+        assert [r.split()[1] for r in geode.requests] == ["/a", "/b"]
     finally:
         await geode.close()
