@@ -376,6 +376,18 @@ def need_binary(name: str) -> str:
     return path
 
 
+async def assert_promtool_accepts(exposition: bytes) -> None:
+    """``promtool check metrics`` finds nothing wrong with a /metrics exposition."""
+    promtool = need_binary("promtool")
+    proc = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        report, _ = await proc.communicate(exposition)
+    assert proc.returncode == 0, report.decode()
+
+
 def exported_metric_names(registry: CollectorRegistry) -> set[str]:
     """Every sample name a registry can expose (with _total, _bucket, ... suffixes)."""
     names: set[str] = set()

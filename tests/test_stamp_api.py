@@ -30,7 +30,7 @@ from geoproxy.stamp.app import STATE, build_stamp_app
 from geoproxy.stamp.config import Peer, Replication, StampConfig
 from geoproxy.stamp.store import Store
 
-from conftest import need_binary
+from conftest import assert_promtool_accepts
 
 REGIONS = ("eu-west", "us-east", "ap-northeast")
 FAST = Replication(interval=0.1, batch_size=500, timeout=2.0, min_backoff=0.05, max_backoff=0.5)
@@ -394,14 +394,7 @@ async def test_metrics_expose_items_backlog_lag_conflicts_and_apply_errors(
 
     async with http.get(f"{eu.url}/metrics") as resp:
         exposition = await resp.read()
-    promtool = need_binary("promtool")
-    proc = await asyncio.create_subprocess_exec(
-        promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    async with asyncio.timeout(30):
-        out, _ = await proc.communicate(exposition)
-    assert proc.returncode == 0, out.decode()
+    await assert_promtool_accepts(exposition)
 
 
 # -- bad input -------------------------------------------------------------------------
