@@ -208,7 +208,7 @@ def _worker_cmd(args: argparse.Namespace) -> int:
     die_with_supervisor(args.supervisor_pid)
     sockets = [socket.socket(fileno=fd) for fd in args.listen_fd]
     control = socket.socket(fileno=args.control_fd)
-    return _run_main(lambda stop, _reload: serve_worker(args.index, sockets, control, stop),
+    return _run_main(lambda stop, _reload: serve_worker(sockets, control, stop),
                      f"geoproxy worker {args.index}")
 
 

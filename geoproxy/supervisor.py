@@ -71,47 +71,56 @@ def _addresses(listener: Listener, where: str) -> list[tuple[int, Any]]:
     return list(dict.fromkeys((info[0], info[4]) for info in infos))
 
 
-def check_free(listener: Listener, what: str) -> int:
-    """Bind the listener's address without SO_REUSEPORT and let go: fails (ListenError)
-    when anything listens there, another geoproxy included — which SO_REUSEPORT alone
-    would let us join. Returns the port (the kernel's choice for port 0)."""
-    where = f"cannot listen for {what} on {listener.host}:{listener.port}"
-    port = listener.port
-    for family, address in _addresses(listener, where):
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind((address[0], port, *address[2:]))
-            except OSError as exc:
-                raise ListenError(f"{where}: {exc.strerror or exc}") from None
-            port = probe.getsockname()[1]
+def _bind(family: int, address: Any, port: int, reuseport: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:  # as asyncio: never an IPv4 socket as well
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address[0], port, *address[2:]))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _probe(addresses: list[tuple[int, Any]], port: int, where: str) -> int:
+    """Bind every address without SO_REUSEPORT and let go: fails (ListenError) when
+    anything listens there, another geoproxy included — which SO_REUSEPORT alone would let
+    us join. Returns the port (the kernel's choice for port 0)."""
+    for family, address in addresses:
+        try:
+            with _bind(family, address, port, reuseport=False) as probe:
+                port = probe.getsockname()[1]
+        except OSError as exc:
+            raise ListenError(f"{where}: {exc.strerror or exc}") from None
     return port
+
+
+def check_free(listener: Listener, what: str) -> None:
+    """Fail (ListenError) now if the listener's address is taken."""
+    where = f"cannot listen for {what} on {listener.host}:{listener.port}"
+    _probe(_addresses(listener, where), listener.port, where)
 
 
 def reuseport_sockets(listener: Listener, count: int) -> list[list[socket.socket]]:
     """For each of ``count`` workers, a listening socket per address of ``listener``, all
     on one port (with port 0: one the kernel picked)."""
-    what = "proxy"
-    where = f"cannot listen for {what} on {listener.host}:{listener.port}"
+    where = f"cannot listen for proxy on {listener.host}:{listener.port}"
     if not sys.platform.startswith("linux"):  # elsewhere one socket would get every connection
         raise ListenError(f"{where}: --workers needs Linux's SO_REUSEPORT")
-    port = check_free(listener, what)
+    addresses = _addresses(listener, where)
+    port = _probe(addresses, listener.port, where)
     made: list[list[socket.socket]] = []
     try:
         for _ in range(count):
             mine: list[socket.socket] = []
             made.append(mine)
-            for family, address in _addresses(listener, where):
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                mine.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:  # as asyncio: never an IPv4 socket as well
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((address[0], port, *address[2:]))
-                sock.listen(_BACKLOG)
+            for family, address in addresses:
+                mine.append(_bind(family, address, port, reuseport=True))
+                mine[-1].listen(_BACKLOG)
     except OSError as exc:
         close_all(made)
         raise ListenError(f"{where}: {exc.strerror or exc}") from None
@@ -241,16 +250,16 @@ class Worker:
         and a second signal means 'stop at once'."""
         if self.writer is not None and not self.writer.is_closing():
             self.send({"op": "stop"})
-        elif self.running:
-            assert self.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
+        else:
+            self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        if self.running:
-            assert self.proc is not None
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+                self.proc.send_signal(sig)
 
     async def wait(self) -> int:
         assert self.proc is not None

@@ -81,13 +81,12 @@ class _Channel:
     """The worker's end of the control channel and what it is told."""
 
     def __init__(
-        self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         stop: asyncio.Event,
     ) -> None:  # fmt: skip
-        self.index = index
+        self.gateway = gateway
         self.reader, self.writer = reader, writer
         self.stop = stop
-        self.gateway: Gateway | None = None
 
     def send(self, message: Mapping[str, Any]) -> None:
         if not self.writer.is_closing():
@@ -95,7 +94,6 @@ class _Channel:
 
     async def handle(self, message: dict[str, Any]) -> None:
         gateway = self.gateway
-        assert gateway is not None
         op = message.get("op")
         if op == "health":
             gateway.adopt_health(message["health"])
@@ -131,18 +129,17 @@ class _Channel:
 
 
 async def serve_worker(
-    index: int, sockets: list[socket.socket], control: socket.socket, stop: asyncio.Event
+    sockets: list[socket.socket], control: socket.socket, stop: asyncio.Event
 ) -> None:
     """Serve the proxy on ``sockets`` with the config, health and reloads the supervisor
     sends, until ``stop`` (a signal, or the supervisor says so or goes away)."""
     reader, writer = await asyncio.open_unix_connection(sock=control, limit=LINE_LIMIT)
-    channel = _Channel(index, reader, writer, stop)
     first = await reader.readline()
     if not first:
         return  # the supervisor went away before it said anything
     hello = json.loads(first)
-    gateway = channel.gateway = Gateway(load_sent(hello["path"], hello["config"]),
-                                        active_health=False)  # fmt: skip
+    gateway = Gateway(load_sent(hello["path"], hello["config"]), active_health=False)
+    channel = _Channel(gateway, reader, writer, stop)
     runner = make_proxy_runner(gateway)
     async with contextlib.AsyncExitStack() as stack:  # undone in reverse
         if not await unless_stopped(stack.enter_async_context(gateway.lifespan()), stop):
