@@ -44,6 +44,11 @@ class GeodeHealth:
     def ejected(self) -> bool:
         return self.ejected_until is not None
 
+    def readmit(self) -> None:
+        """End a passive ejection (its time is over, or an active check passed)."""
+        self.ejected_until = None
+        self.passive_failures = 0
+
     @property
     def takes_traffic(self) -> bool:
         return self.healthy and not self.ejected
@@ -134,8 +139,7 @@ class HealthBoard:
             if not state.healthy and (first or state.passes >= check.healthy_threshold):
                 state.healthy = True
             if state.ejected:  # a passing active check re-admits an ejected geode
-                state.ejected_until = None
-                state.passive_failures = 0
+                state.readmit()
         else:
             state.failures += 1
             state.passes = 0
@@ -177,8 +181,7 @@ class HealthBoard:
         state = self.states.get(name)
         if state is None or state.ejected_until != until:
             return  # re-admitted earlier (an active pass), or removed
-        state.ejected_until = None
-        state.passive_failures = 0
+        state.readmit()
         self._update(state, "ejection time over")
 
     def snapshot(self) -> dict[str, dict[str, object]]:
@@ -206,8 +209,7 @@ class HealthBoard:
         state = self.states.get(name)
         if state is None or str(state.geode.url) != url or not state.ejected:
             return
-        state.ejected_until = None
-        state.passive_failures = 0
+        state.readmit()
         self._update(state, "an active check passed")
 
     def sync(self, geodes: Iterable[Geode]) -> tuple[list[Geode], list[Geode]]:
