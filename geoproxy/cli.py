@@ -243,15 +243,18 @@ async def _serve_with_signals(
     requests. SIGHUP sets ``reload``."""
     stop = asyncio.Event()
     reload = asyncio.Event()
+    signalled = False  # not stop.is_set(): a worker's stop may come from its supervisor
 
     def on_signal() -> None:
-        if stop.is_set():
+        nonlocal signalled
+        if signalled:
             # Cancelling would not do: a drain in progress may shield itself from it.
             logging.getLogger("geoproxy").warning("second signal: stopping at once")
             logging.shutdown()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)
+        signalled = True
         stop.set()
 
     loop = asyncio.get_running_loop()

@@ -469,15 +469,21 @@ async def test_new_connections_are_refused_not_dropped_once_draining_begins(
         assert await proxy.stop(None) == 0
 
 
-async def test_sigterm_to_every_process_at_once_still_drains(
-    geode_factory: GeodeFactory, write_config: Callable[..., Path]
+@pytest.mark.parametrize("order", ["at once", "workers after the supervisor's word"])
+async def test_sigterm_to_every_process_still_drains(
+    order: str, geode_factory: GeodeFactory, write_config: Callable[..., Path]
 ) -> None:
     """What systemd's default KillMode=control-group does: SIGTERM to the supervisor and
-    to every worker. A worker must not take the supervisor's word as a second signal."""
+    to every worker. A worker must not take the supervisor's word as a first signal and
+    its own SIGTERM as a second one ("stop at once"), whichever reaches it first."""
     eu = await geode_factory("eu-1", "eu-west")
     async with supervised(write_config(one_region([eu])), workers=2) as proxy:
         requests = await in_flight(proxy.proxy_url, eu, 8)
-        for pid in (proxy.proc.pid, *proxy.pids):
+        os.kill(proxy.proc.pid, signal.SIGTERM)
+        if order != "at once":
+            await proxy.wait_for("shutting down")
+            await asyncio.sleep(0.3)  # the workers got word and began to drain
+        for pid in proxy.pids:
             os.kill(pid, signal.SIGTERM)
         assert await asyncio.gather(*requests) == [200] * 8
         assert await proxy.stop(None) == 0
