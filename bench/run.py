@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Side-by-side proxy benchmark on loopback: geoproxy against nginx and Caddy (and a plain
-aiohttp proxy), all in front of the same nginx upstream, measured in the same run.
+"""Side-by-side proxy benchmark on loopback: geoproxy against nginx, HAProxy and Caddy (and
+a plain aiohttp proxy), all in front of the same nginx upstream, measured in the same run.
 
-    sudo python3 bench/run.py                      # installs nginx, caddy, wrk (Debian)
+    sudo python3 bench/run.py                      # installs nginx, haproxy, caddy, wrk
     python3 bench/run.py --rounds 3 --duration 5 --conns 10,50,200 --sizes 0,16384
 
-Each proxy is pinned to core 0 (one core per proxy, GOMAXPROCS=1 for Caddy, one nginx
-worker); the upstream nginx and wrk share the other core. Rounds are interleaved
-(A B C ... A B C ...) so that drift on a shared machine hits every proxy alike, and the
-table shows the median of the rounds with ratios to nginx and Caddy from this same run.
+Each proxy is pinned to core 0 (one core per proxy: one nginx worker, nbthread 1 for
+HAProxy, GOMAXPROCS=1 for Caddy); the upstream nginx and wrk share the other core. Rounds
+are interleaved (A B C ... A B C ...) so that drift on a shared machine hits every proxy
+alike, and the table shows the median of the rounds with ratios to nginx, HAProxy and
+Caddy from this same run.
 Everything listens on 127.0.0.1 only; every run is bounded by --duration.
 
     python3 bench/run.py --scaling --conns 50,200   # geoproxy --workers 1 against 2
@@ -44,17 +45,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+TOOLS = ("nginx", "haproxy", "caddy", "wrk", "taskset")
+#: The proxies in table order; the first three are the references.
+NAMES = ("nginx", "haproxy", "caddy", "geoproxy", "aiohttp-plain", "geoproxy-bypass")
+
+
 def ensure_tools() -> None:
-    missing = [t for t in ("nginx", "caddy", "wrk", "taskset") if shutil.which(t) is None]
+    missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        pkgs = ["nginx", "caddy", "wrk", "util-linux"]
+        pkgs = ["nginx", "haproxy", "caddy", "wrk", "util-linux"]
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs],
                        check=True, env=env, stdout=subprocess.DEVNULL)  # fmt: skip
-    missing = [t for t in ("nginx", "caddy", "wrk", "taskset") if shutil.which(t) is None]
+    missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        sys.exit(f"bench: missing {', '.join(missing)} (as root: apt-get install nginx caddy wrk)")
+        sys.exit(f"bench: missing {', '.join(missing)} (as root: apt-get install nginx haproxy "
+                 "caddy wrk)")
     try:
         import uvloop  # noqa: F401
     except ImportError:
@@ -175,6 +182,22 @@ def configs(tmp: Path, upstream: int, ports: dict[str, int]) -> None:
             location / {{ proxy_pass http://up; proxy_http_version 1.1;
               proxy_set_header Connection ""; }} }} }}
     """))
+    (tmp / "haproxy.cfg").write_text(textwrap.dedent(f"""
+        global
+          nbthread 1
+          maxconn 4096
+        defaults
+          mode http
+          timeout connect 5s
+          timeout client 30s
+          timeout server 30s
+          http-reuse always
+        frontend bench
+          bind 127.0.0.1:{ports['haproxy']}
+          default_backend up
+        backend up
+          server up1 127.0.0.1:{upstream}
+    """))
     (tmp / "Caddyfile").write_text(textwrap.dedent(f"""
         {{
           admin off
@@ -206,6 +229,7 @@ def write_geoproxy_config(path: Path, port: int, upstream: int) -> None:
 def proxies(tmp: Path, upstream: int, ports: dict[str, int], only: set[str]) -> list[Proxy]:
     all_ = [
         Proxy("nginx", ["nginx", "-c", str(tmp / "nginx-proxy.conf")], ports["nginx"]),
+        Proxy("haproxy", ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")], ports["haproxy"]),
         Proxy("caddy", ["caddy", "run", "--config", str(tmp / "Caddyfile"), "--adapter",
                         "caddyfile"], ports["caddy"], env={"GOMAXPROCS": "1"}),
         Proxy("geoproxy", [PY, "-m", "geoproxy", "run", "--config", str(tmp / "geoproxy.yaml"),
@@ -236,7 +260,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     ap.add_argument("--conns", default="10,50,200")
     ap.add_argument("--sizes", default="small,16k", help="small (2 bytes) and/or 16k")
-    ap.add_argument("--proxies", default="nginx,caddy,geoproxy,aiohttp-plain,geoproxy-bypass")
+    ap.add_argument("--proxies", default=",".join(NAMES))
     ap.add_argument("--openloop", type=int, default=0, help="also: this many req/s, open "
                     "loop, direct to the upstream and through geoproxy (p99 overhead)")
     ap.add_argument("--soak", type=int, default=0, help="also: seconds of c=200 on geoproxy, "
@@ -249,7 +273,8 @@ def main() -> None:
     sizes = args.sizes.split(",")
     only = set(args.proxies.split(","))
     upstream = free_port()
-    ports = {n: free_port() for n in ("nginx", "caddy", "geoproxy", "plain", "bypass")}
+    ports = {n: free_port() for n in ("nginx", "haproxy", "caddy", "geoproxy", "plain",
+                                      "bypass")}  # fmt: skip
     results: dict[tuple[str, str, int], list[Result]] = {}
     with tempfile.TemporaryDirectory(prefix="geoproxy-bench-") as d:
         tmp = Path(d)
@@ -397,14 +422,14 @@ def print_table(
     only: set[str],
 ) -> None:
     def med(name: str, size: str, c: int, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in results[(name, size, c)])
+        return float(statistics.median(getattr(r, attr) for r in results[(name, size, c)]))
 
     print("\n| proxy | body | conns | req/s | p50 ms | p99 ms | p99/p50 | RSS MiB | errors |"
-          " x nginx | x caddy |")  # fmt: skip
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          " x nginx | x haproxy | x caddy |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size in sizes:
         for c in conns:
-            for name in ("nginx", "caddy", "geoproxy", "aiohttp-plain", "geoproxy-bypass"):
+            for name in NAMES:
                 if name not in only:
                     continue
                 rps = med(name, size, c, "rps")
@@ -412,9 +437,9 @@ def print_table(
                 errors = sum(r.errors for r in results[(name, size, c)])
                 rss = max(r.rss_kib for r in results[(name, size, c)]) / 1024
                 vs = [f"{rps / med(ref, size, c, 'rps'):.2f}" if ref in only else "-"
-                      for ref in ("nginx", "caddy")]  # fmt: skip
+                      for ref in NAMES[:3]]  # fmt: skip
                 print(f"| {name} | {size} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} |"
-                      f" {p99 / p50:.1f} | {rss:.0f} | {errors} | {vs[0]} | {vs[1]} |")
+                      f" {p99 / p50:.1f} | {rss:.0f} | {errors} | {' | '.join(vs)} |")
     others = (("aiohttp-plain", "plain aiohttp proxy"),
               ("geoproxy-bypass", "geoproxy with routing and metrics bypassed"))  # fmt: skip
     for other, what in others:
