@@ -54,8 +54,7 @@ def main() -> None:
     trees = [t.split("=", 2) for t in args.tree]
     conns = [int(c) for c in args.conns.split(",")]
     upstream = run.free_port()
-    ports = {n: run.free_port() for n in ("nginx", "haproxy", "caddy", "geoproxy", "plain",
-                                          "bypass")}  # fmt: skip
+    ports = {n: run.free_port() for n in run.PORTS}
     rps: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="geoproxy-ab-") as d:
         tmp = Path(d)

@@ -46,8 +46,10 @@ def free_port() -> int:
 
 
 TOOLS = ("nginx", "haproxy", "caddy", "wrk", "taskset")
+PORTS = ("nginx", "haproxy", "caddy", "geoproxy", "plain", "bypass", "alone")
 #: The proxies in table order; the first three are the references.
-NAMES = ("nginx", "haproxy", "caddy", "geoproxy", "aiohttp-plain", "geoproxy-bypass")
+NAMES = ("nginx", "haproxy", "caddy", "geoproxy", "aiohttp-plain", "geoproxy-bypass",
+         "aiohttp-alone")
 
 
 def ensure_tools() -> None:
@@ -238,6 +240,8 @@ def proxies(tmp: Path, upstream: int, ports: dict[str, int], only: set[str]) -> 
                                 f"http://127.0.0.1:{upstream}"], ports["plain"]),
         Proxy("geoproxy-bypass", [PY, str(ROOT / "bench" / "bypass_proxy.py"),
                                   str(tmp / "bypass.yaml")], ports["bypass"]),
+        Proxy("aiohttp-alone", [PY, str(ROOT / "bench" / "aiohttp_alone.py"),
+                                str(ports["alone"])], ports["alone"]),
     ]
     return [p for p in all_ if p.name in only]
 
@@ -273,8 +277,7 @@ def main() -> None:
     sizes = args.sizes.split(",")
     only = set(args.proxies.split(","))
     upstream = free_port()
-    ports = {n: free_port() for n in ("nginx", "haproxy", "caddy", "geoproxy", "plain",
-                                      "bypass")}  # fmt: skip
+    ports = {n: free_port() for n in PORTS}
     results: dict[tuple[str, str, int], list[Result]] = {}
     with tempfile.TemporaryDirectory(prefix="geoproxy-bench-") as d:
         tmp = Path(d)
@@ -441,7 +444,8 @@ def print_table(
                 print(f"| {name} | {size} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} |"
                       f" {p99 / p50:.1f} | {rss:.0f} | {errors} | {' | '.join(vs)} |")
     others = (("aiohttp-plain", "plain aiohttp proxy"),
-              ("geoproxy-bypass", "geoproxy with routing and metrics bypassed"))  # fmt: skip
+              ("geoproxy-bypass", "geoproxy with routing and metrics bypassed"),
+              ("aiohttp-alone", "aiohttp's web server alone, no upstream (a ceiling)"))
     for other, what in others:
         if {"geoproxy", other} <= only:
             ratios = [med("geoproxy", s, c, "rps") / med(other, s, c, "rps")
