@@ -4,9 +4,12 @@ same run against the same nginx upstream, so that a change is judged against a r
 measured minutes apart on the same noisy machine.
 
     python bench/ab.py --tree base=/tmp/geoproxy-base --tree new=. --conns 10,50,200
+    python bench/ab.py --tree py311=. --python py313=/opt/py313/bin/python
 
 Each tree is run as ``python -m geoproxy`` with the tree as working directory (so its own
-``geoproxy`` package is imported). Everything listens on 127.0.0.1; every run is bounded.
+``geoproxy`` package is imported); ``--python`` runs this tree under another interpreter
+(a virtualenv with geoproxy's dependencies installed). Everything listens on 127.0.0.1;
+every run is bounded.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import run  # bench/run.py: the shared tooling
 
 class TreeProxy(run.Proxy):
     def __init__(
-        self, name: str, tree: Path, config: Path, port: int, script: str | None = None
-    ) -> None:
-        argv = ([run.PY, script, str(config)] if script else
-                [run.PY, "-m", "geoproxy", "run", "--config", str(config), "--log-level",
+        self, name: str, tree: Path, config: Path, port: int, script: str | None = None,
+        python: str = run.PY,
+    ) -> None:  # fmt: skip
+        argv = ([python, script, str(config)] if script else
+                [python, "-m", "geoproxy", "run", "--config", str(config), "--log-level",
                  "warning"])  # fmt: skip
         super().__init__(name, argv, port)
         self.tree = tree
@@ -42,7 +46,9 @@ class TreeProxy(run.Proxy):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tree", action="append", required=True,
+    ap.add_argument("--python", action="append", default=[],
+                    help="name=interpreter: this tree under another Python")
+    ap.add_argument("--tree", action="append", default=[],
                     help="name=path, or name=path=script.py to run a bench script (given "
                          "the config) from that tree instead of geoproxy itself")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3)
@@ -68,6 +74,11 @@ def main() -> None:
             tree = Path(path).resolve()
             script_path = str(tree / script[0]) if script else None
             contenders.append(TreeProxy(name, tree, tmp / f"{name}.yaml", port, script_path))
+        for name, python in (p.split("=", 1) for p in args.python):
+            port = run.free_port()
+            run.write_geoproxy_config(tmp / f"{name}.yaml", port, upstream)
+            contenders.append(TreeProxy(name, run.ROOT, tmp / f"{name}.yaml", port,
+                                        python=python))  # fmt: skip
         with run.upstream_nginx(tmp, upstream):
             for rnd in range(args.rounds):
                 for proxy in contenders:
