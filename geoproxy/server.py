@@ -221,15 +221,21 @@ async def watch_config(gateway: Gateway, reload: asyncio.Event) -> None:
 
 
 async def unless_stopped(work: Coroutine[Any, Any, Any], stop: asyncio.Event) -> bool:
-    """Run ``work`` unless ``stop`` is set first (then cancel it); True if it finished."""
+    """Run ``work`` unless ``stop`` is set first (then cancel it); True if it finished.
+    When both happen at once the stop wins: a start-up that failed because of the stop
+    (a worker that exited on the same SIGTERM, say) is no error to report."""
     task = asyncio.ensure_future(work)
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
+    if not stop.is_set():
         stopped.cancel()
         task.result()  # start-up errors (a GeoIP file, say) propagate
         return True
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:
+        log.info("start-up ended by the stop (%s)", exc)
     return False

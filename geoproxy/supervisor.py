@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -51,7 +52,10 @@ from geoproxy.worker import LINE_LIMIT, encode_sources, line
 
 log = logging.getLogger("geoproxy")
 
-_READY_TIMEOUT = 30.0  # a worker's start-up: interpreter, imports, its first message
+#: A worker's start-up (interpreter, imports, GeoIP database, its first message), in
+#: seconds; GEOPROXY_WORKER_START_TIMEOUT overrides it (a slow disk, a huge database).
+READY_TIMEOUT = 30.0
+START_TIMEOUT_VAR = "GEOPROXY_WORKER_START_TIMEOUT"
 _METRICS_TIMEOUT = 2.0  # a worker's answer to a scrape; else its last counts serve
 _METRICS_POLL = 5.0  # counts are also fetched this often: a crash loses at most this much
 _MISSES = 3  # polls in a row a worker may leave unanswered before it counts as hung
@@ -175,6 +179,7 @@ class Worker:
             argv += ["--listen-fd", str(fd)]
         self.ready = asyncio.Event()
         self.misses = 0
+        self.writer = None  # the last incarnation's channel is closed: none until connected
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, pass_fds=(*fds, theirs.fileno()), start_new_session=True
@@ -215,6 +220,8 @@ class Worker:
                 except Exception:
                     log.exception("worker %d sent what cannot be handled: %.200r", self.index,
                                   raw)  # fmt: skip
+        except ConnectionResetError:
+            pass  # it exited with our messages unread: an end like EOF, not a broken channel
         except (ConnectionError, ValueError) as exc:  # ValueError: a line over the limit
             if self.running:
                 log.error("worker %d: control channel broken (%s); stopping it", self.index,
@@ -245,13 +252,14 @@ class Worker:
             self._pending.pop(ident, None)
 
     def stop(self) -> None:
-        """Ask it to drain and exit (a signal, if the channel is gone). Not a signal
-        first: with systemd's KillMode=control-group the worker got a SIGTERM already,
-        and a second signal means 'stop at once'."""
-        if self.writer is not None and not self.writer.is_closing():
-            self.send({"op": "stop"})
-        else:
+        """Ask it to drain and exit. Not a signal: with systemd's KillMode=control-group
+        the worker got a SIGTERM already, and a second signal means 'stop at once'. A
+        channel that was never connected takes a SIGTERM instead; one the worker closed
+        means it is leaving already (the caller's grace period and SIGKILL remain)."""
+        if self.writer is None:
             self._signal(signal.SIGTERM)
+        elif not self.writer.is_closing():
+            self.send({"op": "stop"})
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
@@ -284,9 +292,10 @@ def describe_exit(code: int) -> str:
 class Supervisor:
     def __init__(
         self, gateway: Gateway, sockets: list[list[socket.socket]], argv: list[str],
-        fleet_: fleet.Fleet, metrics: WorkerMetrics,
+        fleet_: fleet.Fleet, metrics: WorkerMetrics, ready_timeout: float = READY_TIMEOUT,
     ) -> None:  # fmt: skip
         self.gateway = gateway
+        self.ready_timeout = ready_timeout
         self.sockets = sockets
         self.fleet = fleet_
         self.metrics = metrics
@@ -320,7 +329,7 @@ class Supervisor:
             asyncio.ensure_future(w.wait()): w for w in self.workers
         }
         try:
-            async with asyncio.timeout(_READY_TIMEOUT):
+            async with asyncio.timeout(self.ready_timeout):
                 while waiting:
                     done, _ = await asyncio.wait({*waiting, *exits},
                                                  return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
@@ -332,7 +341,8 @@ class Supervisor:
                             )
                         del waiting[task]
         except TimeoutError:
-            raise GeoproxyError(f"workers did not start within {_READY_TIMEOUT:g}s") from None
+            raise GeoproxyError(f"workers did not start within {self.ready_timeout:g}s "
+                                f"({START_TIMEOUT_VAR})") from None
         finally:
             for task in (*waiting, *exits):
                 task.cancel()
@@ -348,14 +358,18 @@ class Supervisor:
                 code = await worker.wait()
                 if self.stopping:
                     return
-                self.fleet.retire(worker.index)
-                self.metrics.restarts.inc()
-                self.metrics.running.dec()
                 lived = time.monotonic() - worker.started
                 backoff = 0.5 if lived > 30 else min(backoff * 2, 10.0)
-                log.error("worker %d (pid %s) exited unexpectedly (%s); starting it again "
-                          "in %gs", worker.index, worker.pid, describe_exit(code),
-                          backoff)  # fmt: skip
+                # Not called a crash at once: with systemd's KillMode=control-group a
+                # worker's own SIGTERM can be ahead of the supervisor's.
+                await asyncio.sleep(backoff)
+                if self.stopping:
+                    return
+                self.fleet.retire(worker.index)
+                self.metrics.restarts.inc()
+                self._count_serving()
+                log.error("worker %d (pid %s) exited unexpectedly (%s); starting it again",
+                          worker.index, worker.pid, describe_exit(code))  # fmt: skip
                 await self._restart(worker, backoff)
             except asyncio.CancelledError:
                 raise
@@ -364,8 +378,9 @@ class Supervisor:
                 await asyncio.sleep(1.0)
 
     async def _restart(self, worker: Worker, backoff: float) -> None:
+        """Start it again and wait until it serves; one that does not within
+        ``ready_timeout`` is killed (and ``_watch`` starts it again)."""
         while True:
-            await asyncio.sleep(backoff)
             if self.stopping:
                 return
             try:
@@ -374,9 +389,26 @@ class Supervisor:
                 backoff = min(backoff * 2, 10.0)
                 log.error("worker %d could not be started (%s); trying again in %gs",
                           worker.index, exc.strerror or exc, backoff)  # fmt: skip
+                await asyncio.sleep(backoff)
                 continue
-            self.metrics.running.inc()
-            return
+            break
+        assert worker.proc is not None
+        ready = asyncio.ensure_future(worker.ready.wait())
+        exited = asyncio.ensure_future(worker.proc.wait())
+        try:
+            await asyncio.wait({ready, exited}, timeout=self.ready_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            ready.cancel()
+            exited.cancel()
+        self._count_serving()
+        if not worker.ready.is_set() and worker.running and not self.stopping:
+            log.error("worker %d (pid %s) did not start within %gs; killing it",
+                      worker.index, worker.pid, self.ready_timeout)  # fmt: skip
+            worker.kill()
+
+    def _count_serving(self) -> None:
+        self.metrics.running.set(sum(w.running and w.ready.is_set() for w in self.workers))
 
     def _broadcast(self, message: Mapping[str, Any]) -> None:
         for worker in self.workers:
@@ -434,7 +466,24 @@ class Supervisor:
                 worker.kill()
         if pending:
             await asyncio.wait(pending)
+        for worker, waited in zip(live, waits, strict=True):
+            if waited.result() != 0:  # a clean stop is exit code 0
+                log.warning("worker %d (pid %s) stopped with %s", worker.index, worker.pid,
+                            describe_exit(waited.result()))  # fmt: skip
         self.metrics.running.set(0)
+
+
+def start_timeout() -> float:
+    text = os.environ.get(START_TIMEOUT_VAR, "")
+    if not text:
+        return READY_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise GeoproxyError(f"{START_TIMEOUT_VAR}={text!r}: expected seconds, a number > 0")
+    return value
 
 
 async def serve_workers(
@@ -446,6 +495,7 @@ async def serve_workers(
     log_level: str = "info",
 ) -> None:
     """Run the proxy as ``count`` worker processes under this supervisor until ``stop``."""
+    ready_timeout = start_timeout()
     if config.admin.port:
         check_free(config.admin, "admin")  # before any worker takes a connection
     sockets = reuseport_sockets(config.proxy, count)
@@ -455,7 +505,8 @@ async def serve_workers(
     exposed = CollectorRegistry()
     exposed.register(fleet_)
     argv = [sys.executable, "-m", "geoproxy", "worker", "--log-level", log_level]
-    supervisor = Supervisor(gateway, sockets, argv, fleet_, WorkerMetrics(own))
+    supervisor = Supervisor(gateway, sockets, argv, fleet_, WorkerMetrics(own),
+                            ready_timeout)  # fmt: skip
     scrape = Scrape(exposed, supervisor.refresh_metrics, fleet_.request_counts)
     admin_runner = web.AppRunner(gateway.admin_app(scrape), access_log=None,
                                  handle_signals=False)  # fmt: skip

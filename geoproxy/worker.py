@@ -114,6 +114,8 @@ class _Channel:
             families = fleet.snapshot(gateway.metrics.registry)
             self.send({"op": "metrics", "id": message.get("id"), "families": families})
         elif op == "stop":
+            if not self.stop.is_set():
+                log.info("the supervisor says stop: draining")
             self.stop.set()
 
     async def obey(self) -> None:

@@ -99,26 +99,62 @@ def total(samples: dict[tuple[str, frozenset[Any]], float], name: str, **labels:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (the supervisor's workers)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def is_worker(pid: int) -> bool:
+    """Whether ``pid`` runs ``geoproxy worker`` yet. Stopping a child between fork and
+    exec would freeze its parent, which waits for the exec (vfork)."""
+    try:
+        return b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
 @contextlib.asynccontextmanager
-async def supervised(config: Path, workers: int = 2) -> AsyncIterator[Supervised]:
+async def supervised(
+    config: Path, workers: int = 2, env: dict[str, str] | None = None
+) -> AsyncIterator[Supervised]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "geoproxy", "run", "--config", str(config),
         "--workers", str(workers),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )  # fmt: skip
     running = Supervised(proc)
     try:
         await running.started()
         yield running
     finally:
+        left = children(proc.pid)  # the workers now, restarted ones too
         if proc.returncode is None:
             proc.kill()  # the kernel then kills the workers (PR_SET_PDEATHSIG)
-            await proc.wait()
-        for pid in running.pids:
+        for pid in left:  # and those that did not get as far as asking for that
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        await proc.wait()  # which waits for its output pipe, shared with the workers
         running._reader.cancel()
+
+
+@contextlib.asynccontextmanager
+async def spawned(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``geoproxy run --workers 2`` that is expected to end by itself: killed (and with it
+    its workers, PR_SET_PDEATHSIG) if the test leaves before it does."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "geoproxy", "run", "--config", str(config), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 def alive(pid: int) -> bool:
@@ -332,11 +368,7 @@ async def test_a_taken_port_fails_start_up_with_the_address(
     taken = eu.server.port  # a listener without SO_REUSEPORT: nobody may share it
     data = one_region([eu])
     data["listen"]["proxy"]["port"] = taken
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "geoproxy", "run", "--config", str(write_config(data)),
-        "--workers", "2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    async with asyncio.timeout(20):
+    async with spawned(write_config(data)) as proc, asyncio.timeout(20):
         out, _ = await proc.communicate()
     assert proc.returncode == 1
     assert f"cannot listen for proxy on 127.0.0.1:{taken}: Address already in use" in out.decode()
@@ -432,12 +464,8 @@ async def test_a_worker_failing_at_start_up_fails_the_start_with_its_reason(
     data = one_region([eu], geoip={"database": str(mmdb)},
                       health_check={"path": "/slow?delay=1", "timeout": "3s",
                                     "interval": "5s"})  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "geoproxy", "run", "--config", str(write_config(data)),
-        "--workers", "2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    async with asyncio.timeout(20):
+    async with spawned(write_config(data)) as proc, asyncio.timeout(20):
+        assert proc.stdout is not None
         while eu.hits["/slow"] == 0:  # noqa: ASYNC110 -- a bounded poll of a counter
             await asyncio.sleep(0.01)
         mmdb.unlink()
@@ -459,11 +487,16 @@ async def test_new_connections_are_refused_not_dropped_once_draining_begins(
             while eu.hits["/slow"] == 0:  # noqa: ASYNC110 -- a bounded poll of a counter
                 await asyncio.sleep(0.02)
         proxy.proc.send_signal(signal.SIGTERM)
-        await proxy.wait_for("shutting down")
-        await asyncio.sleep(0.3)  # the workers got word and closed their listeners
+        await proxy.wait_for("the supervisor says stop", count=2)  # both workers got word
         host, port = proxy.proxy_url.removeprefix("http://").rsplit(":", 1)
         with pytest.raises(ConnectionRefusedError):
-            await asyncio.open_connection(host, int(port))
+            async with asyncio.timeout(5):
+                while True:  # until each worker has closed its listener
+                    _, writer = await asyncio.open_connection(host, int(port))
+                    writer.close()
+                    await writer.wait_closed()
+                    await asyncio.sleep(0.02)
+        assert not slow.done()
         async with await slow as resp:  # while the request in flight completes
             assert resp.status == 200
         assert await proxy.stop(None) == 0
@@ -481,8 +514,7 @@ async def test_sigterm_to_every_process_still_drains(
         requests = await in_flight(proxy.proxy_url, eu, 8)
         os.kill(proxy.proc.pid, signal.SIGTERM)
         if order != "at once":
-            await proxy.wait_for("shutting down")
-            await asyncio.sleep(0.3)  # the workers got word and began to drain
+            await proxy.wait_for("the supervisor says stop", count=2)  # both began to drain
         for pid in proxy.pids:
             os.kill(pid, signal.SIGTERM)
         assert await asyncio.gather(*requests) == [200] * 8
@@ -539,11 +571,7 @@ async def test_a_second_instance_on_the_same_port_fails_before_starting_workers(
         data = one_region([eu])
         data["listen"]["proxy"]["port"] = port  # the admin port stays free (0)
         second = write_config(data, name="second.yaml")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "geoproxy", "run", "--config", str(second), "--workers", "2",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        async with asyncio.timeout(20):
+        async with spawned(second) as proc, asyncio.timeout(20):
             out = (await proc.communicate())[0].decode()
         assert proc.returncode == 1
         assert f"cannot listen for proxy on 127.0.0.1:{port}: Address already in use" in out
@@ -563,3 +591,83 @@ async def test_a_hung_worker_is_killed_and_started_again(
         await asyncio.sleep(1.0)
         assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 40) == [(200, "eu-1")] * 40
         assert total(await proxy.metrics(http), "geoproxy_workers") == 2
+
+
+# -- stop races (systemd's KillMode=control-group signals every process) -----------------
+
+
+@pytest.mark.parametrize("order", ["at once", "workers first"])
+async def test_an_idle_fleet_signalled_together_stops_cleanly(
+    order: str, geode_factory: GeodeFactory, write_config: Callable[..., Path]
+) -> None:
+    """Idle workers drain in a moment and close their channel before the supervisor
+    tells them to stop: it must not send them a SIGTERM then (their second signal). And a
+    worker that exits on its own SIGTERM just before the supervisor gets its own is no
+    crash: not logged as one, not restarted."""
+    eu = await geode_factory("eu-1", "eu-west")
+    path = write_config(one_region([eu]))
+    for _ in range(3 if order == "at once" else 1):  # the race took 8 runs in 10
+        async with supervised(path, workers=2) as proxy:
+            if order == "at once":
+                for pid in (proxy.proc.pid, *proxy.pids):
+                    os.kill(pid, signal.SIGTERM)
+            else:
+                for pid in proxy.pids:
+                    os.kill(pid, signal.SIGTERM)
+                async with asyncio.timeout(10):
+                    while any(alive(pid) for pid in proxy.pids):  # noqa: ASYNC110
+                        await asyncio.sleep(0.005)
+                proxy.proc.send_signal(signal.SIGTERM)
+            assert await proxy.stop(None) == 0
+        for said in ("second signal", "stopped with", "exited unexpectedly", "Traceback"):
+            assert said not in proxy.output, proxy.output
+
+
+async def test_a_stop_during_start_up_is_a_clean_stop(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path]
+) -> None:
+    """SIGTERM to the supervisor and its workers while the workers are still starting:
+    exit code 0 and no error (a worker's exit or its closed channel is the stop's doing)."""
+    eu = await geode_factory("eu-1", "eu-west")
+    path = write_config(one_region([eu]))
+    for _ in range(3):
+        async with spawned(path) as proc, asyncio.timeout(20):
+            assert proc.stdout is not None
+            while b"starting 2 workers" not in await proc.stdout.readline():
+                pass
+            while len(kids := children(proc.pid)) < 2:  # noqa: ASYNC110 -- bounded above
+                await asyncio.sleep(0.005)
+            for pid in (proc.pid, *kids):
+                os.kill(pid, signal.SIGTERM)
+            out = (await proc.communicate())[0].decode()
+        assert proc.returncode == 0, out
+        for said in (" ERROR ", "control channel broken", "Traceback"):
+            assert said not in out, out
+
+
+async def test_a_restarted_worker_that_never_gets_ready_is_killed_and_started_again(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    env = {"GEOPROXY_WORKER_START_TIMEOUT": "2"}
+    async with supervised(write_config(one_region([eu])), workers=2, env=env) as proxy:
+        os.kill(proxy.pids[0], signal.SIGKILL)
+        def replacement() -> list[int]:
+            return [p for p in children(proxy.proc.pid) if p not in proxy.pids and is_worker(p)]
+
+        async with asyncio.timeout(10):
+            while not (new := replacement()):  # noqa: ASYNC110 -- a bounded poll
+                await asyncio.sleep(0.002)
+        (hung,) = new
+        os.kill(hung, signal.SIGSTOP)  # before it could say it is ready
+        await proxy.wait_for(rf"worker 0 \(pid {hung}\) did not start within 2s; killing it")
+        await proxy.wait_for("worker 0 .* exited unexpectedly", count=2)
+        async with asyncio.timeout(10):
+            while len(set(children(proxy.proc.pid)) - {hung, *proxy.pids}) < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        url = f"{proxy.proxy_url}/whoami"
+        async with asyncio.timeout(10):
+            while await get_fresh(http, url, 20) != [(200, "eu-1")] * 20:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert not alive(hung)
+        assert await proxy.stop() == 0
