@@ -46,10 +46,10 @@ def free_port() -> int:
 
 
 TOOLS = ("nginx", "haproxy", "caddy", "wrk", "taskset")
-PORTS = ("nginx", "haproxy", "caddy", "geoproxy", "plain", "bypass", "alone")
+PORTS = ("nginx", "haproxy", "caddy", "geoproxy", "plain", "bypass", "alone", "sketch")
 #: The proxies in table order; the first three are the references.
 NAMES = ("nginx", "haproxy", "caddy", "geoproxy", "aiohttp-plain", "geoproxy-bypass",
-         "aiohttp-alone")
+         "aiohttp-alone", "callback-sketch")
 
 
 def ensure_tools() -> None:
@@ -242,6 +242,8 @@ def proxies(tmp: Path, upstream: int, ports: dict[str, int], only: set[str]) -> 
                                   str(tmp / "bypass.yaml")], ports["bypass"]),
         Proxy("aiohttp-alone", [PY, str(ROOT / "bench" / "aiohttp_alone.py"),
                                 str(ports["alone"])], ports["alone"]),
+        Proxy("callback-sketch", [PY, str(ROOT / "bench" / "callback_proxy.py"),
+                                  str(ports["sketch"]), str(upstream)], ports["sketch"]),
     ]
     return [p for p in all_ if p.name in only]
 
@@ -445,7 +447,8 @@ def print_table(
                       f" {p99 / p50:.1f} | {rss:.0f} | {errors} | {' | '.join(vs)} |")
     others = (("aiohttp-plain", "plain aiohttp proxy"),
               ("geoproxy-bypass", "geoproxy with routing and metrics bypassed"),
-              ("aiohttp-alone", "aiohttp's web server alone, no upstream (a ceiling)"))
+              ("aiohttp-alone", "aiohttp's web server alone, no upstream (a ceiling)"),
+              ("callback-sketch", "a callback-style proxy sketch (bench/callback_proxy.py)"))
     for other, what in others:
         if {"geoproxy", other} <= only:
             ratios = [med("geoproxy", s, c, "rps") / med(other, s, c, "rps")
