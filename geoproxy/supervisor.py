@@ -190,7 +190,11 @@ class Worker:
         finally:
             theirs.close()
         self.started = time.monotonic()
-        reader, self.writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
+        try:
+            reader, self.writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
+        except BaseException:  # cancelled by a stop, say: the process gets a SIGTERM
+            ours.close()
+            raise
         self._reader_task = asyncio.create_task(self._read(reader), name=f"worker-{self.index}")
         # No await since the connection: what changed while the process started is in it.
         self.send(self.hello())
@@ -450,6 +454,8 @@ class Supervisor:
         self.stopping = True
         for watcher in self._watchers:
             watcher.cancel()
+        # A restart cancelled halfway leaves no channel or process half made.
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         # Our copies of the sockets go first: once the workers close theirs, the port
         # refuses new connections instead of queueing them where nobody will accept.
         close_all(self.sockets)
@@ -509,7 +515,8 @@ async def serve_workers(
                             ready_timeout)  # fmt: skip
     scrape = Scrape(exposed, supervisor.refresh_metrics, fleet_.request_counts)
     admin_runner = web.AppRunner(gateway.admin_app(scrape), access_log=None,
-                                 handle_signals=False)  # fmt: skip
+                                 handle_signals=False,
+                                 shutdown_timeout=config.lifecycle.drain_timeout)  # fmt: skip
 
     async def stop_workers() -> None:
         await supervisor.stop(gateway.config.lifecycle.drain_timeout + 5.0)
