@@ -469,8 +469,10 @@ async def test_hung_geode_gets_504_within_the_response_timeout_and_other_regions
     resumed = now()
     other_results, jp_results = await others.done(), await hung.done()
 
-    # JP requests sent while ap-1 was stopped (and not answered before it resumed).
-    during = [r for r in jp_results if stopped + 0.05 < r.start < resumed - response_timeout]
+    # JP requests sent while ap-1 was stopped (and not answered before it resumed). The
+    # 0.25 s margin: a starved proxy's timer may fire late, when ap-1 answers again.
+    during = [r for r in jp_results
+              if stopped + 0.05 < r.start < resumed - response_timeout - 0.25]  # fmt: skip
     after = [r for r in jp_results if r.start > resumed + 0.3]
     base = [r.latency for r in other_results if r.start < stopped]
     hang = [r.latency for r in other_results if stopped <= r.start <= resumed]
