@@ -46,10 +46,11 @@ def free_port() -> int:
 
 
 TOOLS = ("nginx", "haproxy", "caddy", "wrk", "taskset")
-PORTS = ("nginx", "haproxy", "caddy", "geoproxy", "plain", "bypass", "alone", "sketch")
+PORTS = ("nginx", "haproxy", "caddy", "geoproxy", "plain", "bypass", "alone", "sketch",
+         "fastlane")
 #: The proxies in table order; the first three are the references.
 NAMES = ("nginx", "haproxy", "caddy", "geoproxy", "aiohttp-plain", "geoproxy-bypass",
-         "aiohttp-alone", "callback-sketch")
+         "aiohttp-alone", "callback-sketch", "fastlane-sketch")
 
 
 def ensure_tools() -> None:
@@ -209,7 +210,7 @@ def configs(tmp: Path, upstream: int, ports: dict[str, int]) -> None:
           reverse_proxy 127.0.0.1:{upstream}
         }}
     """))
-    for name in ("geoproxy", "bypass"):
+    for name in ("geoproxy", "bypass", "fastlane"):
         write_geoproxy_config(tmp / f"{name}.yaml", ports[name], upstream)
 
 
@@ -244,6 +245,8 @@ def proxies(tmp: Path, upstream: int, ports: dict[str, int], only: set[str]) -> 
                                 str(ports["alone"])], ports["alone"]),
         Proxy("callback-sketch", [PY, str(ROOT / "bench" / "callback_proxy.py"),
                                   str(ports["sketch"]), str(upstream)], ports["sketch"]),
+        Proxy("fastlane-sketch", [PY, str(ROOT / "bench" / "fastlane_sketch.py"),
+                                  str(tmp / "fastlane.yaml")], ports["fastlane"]),
     ]
     return [p for p in all_ if p.name in only]
 
@@ -448,7 +451,9 @@ def print_table(
     others = (("aiohttp-plain", "plain aiohttp proxy"),
               ("geoproxy-bypass", "geoproxy with routing and metrics bypassed"),
               ("aiohttp-alone", "aiohttp's web server alone, no upstream (a ceiling)"),
-              ("callback-sketch", "a callback-style proxy sketch (bench/callback_proxy.py)"))
+              ("callback-sketch", "a callback-style proxy sketch (bench/callback_proxy.py)"),
+              ("fastlane-sketch", "the same with geoproxy's routing, header rules and "
+                                  "metrics (bench/fastlane_sketch.py)"))
     for other, what in others:
         if {"geoproxy", other} <= only:
             ratios = [med("geoproxy", s, c, "rps") / med(other, s, c, "rps")
