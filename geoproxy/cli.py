@@ -261,7 +261,16 @@ async def _serve_with_signals(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
-    await start(stop, reload)
+    try:
+        await start(stop, reload)
+    finally:
+        # Done (drained, or failed to start): what is left is closing the loop and
+        # exiting. A signal now (a worker's own SIGTERM behind its supervisor's word)
+        # must not kill the process on the way out, its default action once the loop's
+        # handlers are gone.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _stamp_cmd(path: Path) -> int:

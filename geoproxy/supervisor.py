@@ -157,6 +157,7 @@ class Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.ready = asyncio.Event()
         self.started = 0.0
+        self.ready_at: float | None = None  # when it said it serves (None: not yet)
         self.misses = 0  # metrics polls in a row left unanswered
         self._ids = 0
         self._pending: dict[int, asyncio.Future[bool]] = {}
@@ -178,6 +179,7 @@ class Worker:
         for fd in fds:
             argv += ["--listen-fd", str(fd)]
         self.ready = asyncio.Event()
+        self.ready_at = None
         self.misses = 0
         self.writer = None  # the last incarnation's channel is closed: none until connected
         try:
@@ -206,6 +208,7 @@ class Worker:
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
         if op == "ready":
+            self.ready_at = time.monotonic()
             self.ready.set()
         elif op == "reloaded" and not message.get("ok"):
             log.error("worker %d: reload failed; it keeps its config", self.index)
@@ -362,18 +365,24 @@ class Supervisor:
                 code = await worker.wait()
                 if self.stopping:
                     return
-                lived = time.monotonic() - worker.started
-                backoff = 0.5 if lived > 30 else min(backoff * 2, 10.0)
-                # Not called a crash at once: with systemd's KillMode=control-group a
-                # worker's own SIGTERM can be ahead of the supervisor's.
-                await asyncio.sleep(backoff)
-                if self.stopping:
-                    return
+                self._count_serving()
+                served = 0.0 if worker.ready_at is None else time.monotonic() - worker.ready_at
+                backoff = 0.5 if served > 30 else min(backoff * 2, 10.0)
+                clean = code == 0
+                if clean:
+                    # Not called a crash at once: with systemd's KillMode=control-group a
+                    # worker's own SIGTERM (a clean drain, exit code 0) can be ahead of
+                    # the supervisor's.
+                    await asyncio.sleep(backoff)
+                    if self.stopping:
+                        return
                 self.fleet.retire(worker.index)
                 self.metrics.restarts.inc()
-                self._count_serving()
-                log.error("worker %d (pid %s) exited unexpectedly (%s); starting it again",
-                          worker.index, worker.pid, describe_exit(code))  # fmt: skip
+                log.error("worker %d (pid %s) exited unexpectedly (%s); starting it again "
+                          "in %gs", worker.index, worker.pid, describe_exit(code),
+                          0 if clean else backoff)  # fmt: skip
+                if not clean:
+                    await asyncio.sleep(backoff)
                 await self._restart(worker, backoff)
             except asyncio.CancelledError:
                 raise
