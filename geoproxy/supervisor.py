@@ -201,6 +201,18 @@ class Worker:
         # No await since the connection: what changed while the process started is in it.
         self.send(self.hello())
 
+    async def until_ready(self) -> int | None:
+        """Wait until it serves (None) or exits (its exit code)."""
+        assert self.proc is not None
+        ready = asyncio.ensure_future(self.ready.wait())
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            exited.cancel()
+        return None if self.ready.is_set() else self.proc.returncode
+
     def send(self, message: Mapping[str, Any]) -> None:
         if self.writer is not None and not self.writer.is_closing():
             self.writer.write(line(message))
@@ -329,31 +341,25 @@ class Supervisor:
             except OSError as exc:  # out of file descriptors or memory, say
                 raise GeoproxyError(f"cannot start worker {worker.index}: "
                                     f"{exc.strerror or exc}") from None  # fmt: skip
-        waiting: dict[asyncio.Future[Any], Worker] = {
-            asyncio.ensure_future(w.ready.wait()): w for w in self.workers
-        }
-        exits: dict[asyncio.Future[Any], Worker] = {
-            asyncio.ensure_future(w.wait()): w for w in self.workers
-        }
+        pending = {asyncio.ensure_future(w.until_ready()): w for w in self.workers}
         try:
             async with asyncio.timeout(self.ready_timeout):
-                while waiting:
-                    done, _ = await asyncio.wait({*waiting, *exits},
-                                                 return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                while pending:
+                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
-                        if task in exits:
+                        worker = pending.pop(task)
+                        if (code := task.result()) is not None:
                             raise GeoproxyError(
-                                f"worker {exits[task].index} exited during start-up "
-                                f"({describe_exit(task.result())}); see its messages above"
+                                f"worker {worker.index} exited during start-up "
+                                f"({describe_exit(code)}); see its messages above"
                             )
-                        del waiting[task]
         except TimeoutError:
             raise GeoproxyError(f"workers did not start within {self.ready_timeout:g}s "
                                 f"({START_TIMEOUT_VAR})") from None
         finally:
-            for task in (*waiting, *exits):
+            for task in pending:
                 task.cancel()
-        self.metrics.running.set(len(self.workers))
+        self._count_serving()
         self._watchers = [asyncio.create_task(self._watch(w), name=f"watch-worker-{w.index}")
                           for w in self.workers]  # fmt: skip
 
@@ -405,20 +411,15 @@ class Supervisor:
                 await asyncio.sleep(backoff)
                 continue
             break
-        assert worker.proc is not None
-        ready = asyncio.ensure_future(worker.ready.wait())
-        exited = asyncio.ensure_future(worker.proc.wait())
         try:
-            await asyncio.wait({ready, exited}, timeout=self.ready_timeout,
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-        finally:
-            ready.cancel()
-            exited.cancel()
+            async with asyncio.timeout(self.ready_timeout):
+                await worker.until_ready()  # an exit: _watch sees it
+        except TimeoutError:
+            if not self.stopping:
+                log.error("worker %d (pid %s) did not start within %gs; killing it",
+                          worker.index, worker.pid, self.ready_timeout)  # fmt: skip
+                worker.kill()
         self._count_serving()
-        if not worker.ready.is_set() and worker.running and not self.stopping:
-            log.error("worker %d (pid %s) did not start within %gs; killing it",
-                      worker.index, worker.pid, self.ready_timeout)  # fmt: skip
-            worker.kill()
 
     def _count_serving(self) -> None:
         self.metrics.running.set(sum(w.running and w.ready.is_set() for w in self.workers))
