@@ -35,7 +35,7 @@ def main() -> None:
 
         async def bypass(request: web.BaseRequest) -> web.StreamResponse:
             assert gateway.on_request is not None
-            gateway.on_request(request)  # the head timer's hook, as the observer calls it
+            gateway.on_request(request.protocol)  # the head timer's hook, as the observer calls it
             return await forward(request)
 
         # No observer (no metrics); otherwise served as `geoproxy run` serves.

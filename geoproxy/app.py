@@ -82,7 +82,7 @@ class Gateway:
         self.forwarder: Forwarder | None = None
         self.checker: HealthChecker | None = None
         self.draining = False
-        self.on_request: Callable[[web.BaseRequest], None] | None = None  # see HeadTimeoutRunner
+        self.on_request: Callable[[object], None] | None = None  # see HeadTimeoutRunner
         self.on_reload: list[Callable[[], None]] = []  # after a config was swapped in
         self._reload_lock = asyncio.Lock()
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())

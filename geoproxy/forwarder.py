@@ -27,7 +27,7 @@ from geoproxy.config import Forwarding, Geode, Limits
 from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines
 from geoproxy.resolver import ResolutionCache, resolve
 from geoproxy.responses import RelayResponse, WholeResponse, json_error
-from geoproxy.router import ALL_FAILED, CandidateCache
+from geoproxy.router import ALL_FAILED, Candidate, CandidateCache
 from geoproxy.runtime import Runtime
 from geoproxy.trace import TRACE_KEY, Trace
 from geoproxy.websocket import is_websocket, proxy_websocket
@@ -124,6 +124,35 @@ def _body_too_large(limits: Limits) -> web.Response:
                       f"request body exceeds {limits.max_body_bytes} bytes")  # fmt: skip
 
 
+class Route:
+    """Where one request goes and how its head is passed on: what both lanes work out
+    first (the trusted-peer check, the header rules, region resolution, candidates)."""
+
+    __slots__ = ("cands", "forwarded", "head", "rt", "trace", "via")
+
+    def __init__(self, rt: Runtime, trace: Trace, head: RequestHead, cands: list[Candidate],
+                 forwarded: bytes, via: bytes) -> None:  # fmt: skip
+        self.rt, self.trace, self.head, self.cands = rt, trace, head, cands
+        self.forwarded = forwarded  # X-Forwarded-* and Via lines, as sent
+        self.via = via
+
+
+def request_wire(method: str, geode: Geode, path_qs: str, host: bytes, head: RequestHead,
+                 forwarded: bytes) -> bytes:  # fmt: skip
+    """A bodiless request head as it goes to a geode on the lean path."""
+    target = _text_bytes(f"{method} {geode.prefix}{path_qs} HTTP/1.1")
+    return b"".join((target, b"\r\nHost: ", host, b"\r\n", head.kept, forwarded, b"\r\n"))
+
+
+def host_for(fwd: Forwarding, head: RequestHead, geode: Geode) -> bytes:
+    """The Host a geode gets: the client's (an HTTP/1.0 client may send none), or the
+    geode's own."""
+    host = head.host
+    if not fwd.preserve_host or host is None:
+        host = _cached_bytes(geode.url.raw_authority)
+    return host
+
+
 class Forwarder:
     def __init__(self, runtime: Runtime, limits: Limits, pool: upstream.Pool) -> None:
         self.runtime = runtime  # replaced whole by a reload
@@ -132,16 +161,22 @@ class Forwarder:
         self.routes = CandidateCache()
         self.regions = ResolutionCache()
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        rt = self.runtime  # read once: a reload swaps it whole
+    def route(
+        self,
+        rt: Runtime,
+        raw_headers: RawHeaders,
+        headers_in: CIMultiDictProxy[str],
+        remote: str | None,
+        length: int | None,
+        scheme: str,
+        trace: Trace,
+    ) -> Route | web.Response:
+        """The request's route, or geoproxy's own answer when it has none (a loop, headers
+        or a declared body too large, no healthy geode)."""
         topology = rt.topology
-        fwd = topology.config.forwarding
         limits = self.limits
-        trace = Trace()
-        request[TRACE_KEY] = trace
-        remote = request.remote
         peer, trusted = rt.trusted.peer(remote) if remote else (None, False)
-        head = RequestHead(request.raw_headers, trusted)
+        head = RequestHead(raw_headers, trusted)
         via = _cached_bytes(rt.via)
         if head.looped(via):
             return json_error(508, "loop_detected", "the request came back to this proxy: "
@@ -149,11 +184,8 @@ class Forwarder:
         if head.size > limits.max_header_bytes:
             too_big = f"request headers exceed {limits.max_header_bytes} bytes"
             return json_error(431, "headers_too_large", too_big)
-        length = request.content_length
         if length is not None and length > limits.max_body_bytes:
             return _body_too_large(limits)
-
-        headers_in = request.headers
         forwarded_for = headers_in.getall("X-Forwarded-For", None) if trusted else None
         if forwarded_for:
             cip = client_ip(peer, forwarded_for, rt.trusted)
@@ -164,8 +196,9 @@ class Forwarder:
         trace.resolution = resolution
         board = rt.board
         cands, decision = self.routes.candidates(
-            topology, resolution.region, board.healthy, board.version, fwd.max_attempts
-        )
+            topology, resolution.region, board.healthy, board.version,
+            topology.config.forwarding.max_attempts,
+        )  # fmt: skip
         trace.decision = decision
         if not cands:
             retry_after = str(math.ceil(topology.config.health_check.interval))
@@ -174,14 +207,23 @@ class Forwarder:
                 f"no healthy geode can serve region {resolution.region!r}",
                 headers={"Retry-After": retry_after}, region=resolution.region,
             )  # fmt: skip
-
-        method = request.method
         forwarded = head.forwarded(_peer_text(remote) if remote else b"",
-                                   _cached_bytes(request.scheme), via)  # fmt: skip
+                                   _cached_bytes(scheme), via)  # fmt: skip
+        return Route(rt, trace, head, cands, forwarded, via)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        rt = self.runtime  # read once: a reload swaps it whole
+        trace = Trace()
+        request[TRACE_KEY] = trace
+        route = self.route(rt, request.raw_headers, request.headers, request.remote,
+                           request.content_length, request.scheme, trace)  # fmt: skip
+        if not isinstance(route, Route):
+            return route
+        head = route.head
+        headers_in = request.headers
         if "Upgrade" in headers_in and is_websocket(request):
-            headers = head.as_map(forwarded, head.host)
-            return await proxy_websocket(request, rt, cands, headers, trace, limits)
-        path_qs = _path_qs(request)
+            headers = head.as_map(route.forwarded, head.host)
+            return await proxy_websocket(request, rt, route.cands, headers, trace, self.limits)
         if "Expect" in headers_in:
             # RFC 9110 10.1.1: the client waits for this before it sends the body; only
             # now, with a geode to send it to (a 503 or 413 goes out without it).
@@ -191,26 +233,53 @@ class Forwarder:
             if request.body_exists:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 request.writer.output_size = 0
-        body = _Body(request.content, limits.max_body_bytes) if request.body_exists else None
-        if body is None and method in _BODY_METHODS and not head.has_length:
+        body = (_Body(request.content, self.limits.max_body_bytes) if request.body_exists
+                else None)  # fmt: skip
+        forwarded = route.forwarded
+        if body is None and request.method in _BODY_METHODS and not head.has_length:
             forwarded += b"Content-Length: 0\r\n"  # some servers answer 411 without it
-        deadline = time.monotonic() + fwd.failover_timeout
+        deadline = time.monotonic() + rt.topology.config.forwarding.failover_timeout
+        return await self._attempts(request, route, forwarded, body, deadline, None)
+
+    async def resume(
+        self, request: web.BaseRequest, route: Route, sent: upstream.Connection, deadline: float
+    ) -> web.StreamResponse:
+        """Go on with a request the fast lane sent to ``route.cands[0]`` on ``sent`` and
+        could not finish itself: its answer is awaited here, and whatever it is (a
+        failure, a 502/503/504, a body to stream) is handled as on this path."""
+        request[TRACE_KEY] = route.trace
+        return await self._attempts(request, route, route.forwarded, None, deadline, sent)
+
+    async def _attempts(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        forwarded: bytes,
+        body: _Body | None,
+        deadline: float,
+        sent: upstream.Connection | None,
+    ) -> web.StreamResponse:
+        """Try the candidates in order, as ``may_try_next`` allows; relay the first
+        answer that can be relayed."""
+        rt, trace, head, via = route.rt, route.trace, route.head, route.via
+        fwd = rt.topology.config.forwarding
+        board = rt.board
+        limits = self.limits
+        cands = route.cands
+        method = request.method
+        path_qs = _path_qs(request)
         idempotent = method in IDEMPOTENT
         last = CONNECT_ERROR
         for index, cand in enumerate(cands):
             geode = cand.geode
-            # An HTTP/1.0 client may send no Host: then each geode gets its own.
-            host = head.host
-            if not fwd.preserve_host or host is None:
-                host = _cached_bytes(geode.url.raw_authority)
+            host = host_for(fwd, head, geode)
+            first, sent = sent, None  # only the first attempt can have gone out already
             try:
                 if body is None and geode.url.scheme == "http":  # the lean path
-                    target = _text_bytes(f"{method} {geode.prefix}{path_qs} HTTP/1.1")
-                    wire = b"".join((target, b"\r\nHost: ", host, b"\r\n", head.kept,
-                                     forwarded, b"\r\n"))  # fmt: skip
+                    wire = request_wire(method, geode, path_qs, host, head, forwarded)
                     exchange = await upstream.send(
                         self.pool, geode, wire, method, fwd.connect_timeout,
-                        fwd.response_timeout, idempotent,
+                        fwd.response_timeout, idempotent, first,
                     )  # fmt: skip
                     reply = Reply.of_exchange(exchange)
                 else:

@@ -36,38 +36,45 @@ class Observer:
     def wrap(
         self,
         handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-        before: Callable[[], Callable[[web.BaseRequest], None] | None],
+        before: Callable[[], Callable[[object], None] | None],
     ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         """``handler`` as the listener's request handler that first calls ``before()``'s
-        hook (if any), then records the request. One coroutine level: an aiohttp
-        middleware would build a wrapper per request."""
-        record = self.record
+        hook (if any) with the request's connection, then records the request. No
+        coroutine level of its own: an aiohttp middleware would build a wrapper per
+        request."""
+        observe = self.observe
         clock = time.perf_counter
 
-        async def observed(request: web.BaseRequest) -> web.StreamResponse:
+        def observed(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
             hook = before()
             if hook is not None:
-                hook(request)
-            start = clock()
-            self.inflight += 1
-            response: web.StreamResponse | None = None
-            status = 500
-            try:
-                response = await handler(request)
-                status = response.status
-                return response
-            except web.HTTPException as exc:
-                response = exc
-                status = exc.status
-                raise
-            except asyncio.CancelledError:
-                status = CLIENT_CLOSED  # the client went away before the answer
-                raise
-            finally:
-                self.inflight -= 1
-                record(request, response, status, clock() - start)
+                hook(request.protocol)
+            return observe(request, handler(request), clock())
 
         return observed
+
+    async def observe(
+        self, request: web.BaseRequest, work: Awaitable[web.StreamResponse], start: float
+    ) -> web.StreamResponse:
+        """Await the handler's ``work`` for ``request`` and record it, timed from
+        ``start`` (``time.perf_counter``)."""
+        self.inflight += 1
+        response: web.StreamResponse | None = None
+        status = 500
+        try:
+            response = await work
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            response = exc
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client went away before the answer
+            raise
+        finally:
+            self.inflight -= 1
+            self.record(request, response, status, time.perf_counter() - start)
 
     def record(
         self,
@@ -80,6 +87,23 @@ class Observer:
             trace = request[TRACE_KEY]
         except KeyError:  # answered before the forwarder ran
             trace = Trace()
+        if trace.geode is not None:
+            size = trace.body_bytes
+        else:  # geoproxy's own small answers
+            size = response.content_length or 0 if response is not None else 0
+        self.note(trace, status, duration, request.method, request.path, request.remote, size)
+
+    def note(
+        self,
+        trace: Trace,
+        status: int,
+        duration: float,
+        method: str,
+        path: str,
+        remote: str | None,
+        size: int,
+    ) -> None:
+        """Count one finished request and write its access-log line."""
         geode = trace.geode.name if trace.geode else NO_GEODE
         m = self.metrics
         m.requests.inc(geode, _code_class(status))
@@ -100,29 +124,28 @@ class Observer:
                 m.failovers.inc(previous, name)
             previous = name
         if self.access_format != "off" and access_log.isEnabledFor(logging.INFO):
-            access_log.info(self.format_line(request, response, trace, status, duration))
+            access_log.info(self.format_line(trace, status, duration, method, path, remote,
+                                             size))  # fmt: skip
 
     def format_line(
         self,
-        request: web.BaseRequest,
-        response: web.StreamResponse | None,
         trace: Trace,
         status: int,
         duration: float,
+        method: str,
+        path: str,
+        remote: str | None,
+        size: int,
     ) -> str:
         res = trace.resolution
-        if trace.geode is not None:
-            size = trace.body_bytes
-        else:  # geoproxy's own small answers
-            size = response.content_length or 0 if response is not None else 0
         fields = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "method": request.method,
-            "path": request.path,  # without the query string, which may carry secrets
+            "method": method,
+            "path": path,  # without the query string, which may carry secrets
             "status": status,
             "duration_ms": round(duration * 1000, 3),
             "bytes": size,
-            "client_ip": str(res.client_ip) if res and res.client_ip else request.remote,
+            "client_ip": str(res.client_ip) if res and res.client_ip else remote,
             "client_region": res.region if res else None,
             "region_source": res.source if res else None,
             "geode": trace.geode.name if trace.geode else None,

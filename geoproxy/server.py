@@ -77,9 +77,9 @@ class HeadTimeoutRunner(web.ServerRunner):
         # protocol objects take no weak references), each for header_timeout at most.
         self._waiting: set[Any] = set()
 
-    def note_request(self, request: web.BaseRequest) -> None:
-        """The request head of this connection arrived (the app calls this first thing)."""
-        self._waiting.discard(request.protocol)
+    def note_request(self, protocol: object) -> None:
+        """A request head arrived on this connection (the proxy calls this first thing)."""
+        self._waiting.discard(protocol)
 
     @property
     def server(self) -> Any:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
@@ -53,7 +53,8 @@ class Connection(ResponseHandler):
       the last ``start_timeout()``), none once the body is complete.
     """
 
-    __slots__ = ("_deadline", "_parser_reusable", "_timer_at", "_timer_handle", "received")
+    __slots__ = ("_deadline", "_parser_reusable", "_timer_at", "_timer_handle", "received",
+                 "watcher")  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -62,10 +63,30 @@ class Connection(ResponseHandler):
         self._timer_at = 0.0  # when the armed timer fires
         self._timer_handle: asyncio.TimerHandle | None = None
         self._parser_reusable = False  # the parser reads bodies (was not built for a HEAD)
+        # Called after every event (bytes, the read timeout, the connection lost) while the
+        # fast lane waits for an answer from callbacks instead of a coroutine.
+        self.watcher: Callable[[], None] | None = None
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         super().data_received(data)
+        if self.watcher is not None:
+            self.watcher()
+
+    def answer(self) -> tuple[RawResponseMessage, StreamReader] | None:
+        """The response (head parsed) to the request sent, without waiting: None while
+        its head is incomplete or when an error (see ``failed``) ended the exchange."""
+        return self._buffer[0][0] if self._buffer else None
+
+    @property
+    def failed(self) -> bool:
+        """The exchange ended in an error (timeout, lost connection, malformed answer)
+        that ``read()`` raises."""
+        return self._exception is not None
+
+    def take_answer(self) -> None:
+        """Drop the answer ``answer()`` returned: the fast lane finished it."""
+        self._buffer.popleft()
 
     def expect_response(self, head_request: bool, read_timeout: float) -> None:
         """Make ready for the response to a request about to be sent."""
@@ -117,6 +138,8 @@ class Connection(ResponseHandler):
         if self._loop.time() >= deadline:
             self._deadline = None
             self._on_read_timeout()
+            if self.watcher is not None:
+                self.watcher()
         else:  # activity since it was armed: wait for the deadline it moved to
             self._timer_at = deadline
             self._timer_handle = self._loop.call_at(deadline, self._on_timer)
@@ -126,6 +149,8 @@ class Connection(ResponseHandler):
         if self._timer_handle is not None:
             self._timer_handle.cancel()
             self._timer_handle = None
+        if self.watcher is not None:
+            self.watcher()
 
 
 class Pool:
@@ -212,6 +237,14 @@ class Exchange:
         self.proto.close()
 
 
+def write(proto: Connection, head: bytes, head_request: bool, response_timeout: float) -> None:
+    """Send a request head on an open connection; the read timer starts."""
+    proto.expect_response(head_request, response_timeout)
+    proto.received = 0
+    proto.transport.write(head)  # type: ignore[union-attr]  # open: the caller checked
+    proto.start_timeout()
+
+
 async def connect(geode: Geode, within: float) -> Connection:
     """A new connection to a geode (DNS included in ``within`` seconds)."""
     loop = asyncio.get_running_loop()
@@ -234,8 +267,10 @@ async def send(
     connect_timeout: float,
     response_timeout: float,
     idempotent: bool,
+    sent: Connection | None = None,
 ) -> Exchange:
-    """Send a bodiless request head and wait for the response head.
+    """Send a bodiless request head and wait for the response head. ``sent``: a pooled
+    connection the head went out on already (by the fast lane), whose answer is awaited.
 
     Raises ``ConnectFailed`` while connecting (nothing was sent), ``SocketTimeoutError``
     when the geode stays silent, ``ServerDisconnectedError``/``ClientOSError`` when the
@@ -244,44 +279,46 @@ async def send(
     keep-alive race, RFC 9112 9.3.1) is replaced once by a fresh one. One coroutine for
     the whole exchange: this runs once per request.
     """
-    proto = pool.get(geode)
+    proto = sent if sent is not None else pool.get(geode)
     may_resend = idempotent and proto is not None
     if proto is None:
         proto = await connect(geode, connect_timeout)
     while True:
         transport = proto.transport
-        if transport is None or transport.is_closing():
+        if sent is not None:
+            sent = None  # written already: its answer, or what ended it, is in the queue
+        elif transport is not None and not transport.is_closing():
+            write(proto, head, method == "HEAD", response_timeout)
+        else:
             proto.close()
             if not may_resend:
                 raise ServerDisconnectedError()
-        else:
-            proto.expect_response(method == "HEAD", response_timeout)
-            proto.received = 0
-            transport.write(head)
-            proto.start_timeout()
-            try:
-                while True:
-                    message, payload = await proto.read()
-                    if message.code == 101:
-                        raise BadResponse("101 Switching Protocols to a request that asked "
-                                          "for none")  # fmt: skip
-                    if not 100 <= message.code < 200:
-                        return Exchange(pool, geode, proto, message, payload)
-                    # An interim response (100, 103): aiohttp stops the read timer on it;
-                    # the final response must still come within response_timeout.
-                    proto.start_timeout()
-            except HttpProcessingError as exc:
-                proto.close()
-                raise BadResponse(f"malformed response: {exc.message}") from None
-            except (ServerDisconnectedError, ClientOSError):
-                proto.close()
-                if not (may_resend and proto.received == 0):
-                    raise
-                # The pooled connection was closed or reset by the geode before any byte
-                # of an answer: the keep-alive race (RFC 9112 9.3.1). Safe to send again,
-                # once, on a new connection, for an idempotent request.
-            except BaseException:
-                proto.close()
+            may_resend = False
+            proto = await connect(geode, connect_timeout)
+            continue
+        try:
+            while True:
+                message, payload = await proto.read()
+                if message.code == 101:
+                    raise BadResponse("101 Switching Protocols to a request that asked "
+                                      "for none")  # fmt: skip
+                if not 100 <= message.code < 200:
+                    return Exchange(pool, geode, proto, message, payload)
+                # An interim response (100, 103): aiohttp stops the read timer on it;
+                # the final response must still come within response_timeout.
+                proto.start_timeout()
+        except HttpProcessingError as exc:
+            proto.close()
+            raise BadResponse(f"malformed response: {exc.message}") from None
+        except (ServerDisconnectedError, ClientOSError):
+            proto.close()
+            if not (may_resend and proto.received == 0):
                 raise
+            # The pooled connection was closed or reset by the geode before any byte of
+            # an answer: the keep-alive race (RFC 9112 9.3.1). Safe to send again, once,
+            # on a new connection, for an idempotent request.
+        except BaseException:
+            proto.close()
+            raise
         may_resend = False
         proto = await connect(geode, connect_timeout)
