@@ -98,6 +98,9 @@ class Forwarding:
     keepalive_timeout: float = 4.0  # idle pooled connections to geodes close after this;
     # keep it below the geodes' own idle timeout (often 5 s), or a request may meet a
     # connection the geode just closed (a POST then gets 502: it cannot be replayed).
+    fast_lane: bool = True  # serve plain GETs with small answers from callbacks (about
+    # twice the requests per core; see geoproxy/fastlane.py); false: every request takes
+    # the coroutine path. Both behave the same; this is a switch for diagnosis.
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +456,7 @@ def _forwarding(node: Node) -> Forwarding:
         "failover_timeout": _DURATION, "max_attempts": _int(1, 20),
         "when_none_healthy": lambda n: n.choice(("reject", "try_all")),
         "preserve_host": lambda n: n.boolean(), "keepalive_timeout": _DURATION,
+        "fast_lane": lambda n: n.boolean(),
     })  # fmt: skip
 
 

@@ -242,13 +242,21 @@ class Forwarder:
         return await self._attempts(request, route, forwarded, body, deadline, None)
 
     async def resume(
-        self, request: web.BaseRequest, route: Route, sent: upstream.Connection, deadline: float
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        first: upstream.Connection | upstream.ConnectFailed,
+        pooled: bool,
+        deadline: float,
     ) -> web.StreamResponse:
-        """Go on with a request the fast lane sent to ``route.cands[0]`` on ``sent`` and
-        could not finish itself: its answer is awaited here, and whatever it is (a
-        failure, a 502/503/504, a body to stream) is handled as on this path."""
+        """Go on with a request the fast lane began with ``route.cands[0]`` and could not
+        finish itself: ``first`` is the connection the request went out on (``pooled``:
+        taken from the pool), whose answer is awaited here, or the failure to connect.
+        Whatever it is (a failure, a 502/503/504, a body to stream) is handled as on
+        this path."""
         request[TRACE_KEY] = route.trace
-        return await self._attempts(request, route, route.forwarded, None, deadline, sent)
+        return await self._attempts(request, route, route.forwarded, None, deadline,
+                                    first, pooled)  # fmt: skip
 
     async def _attempts(
         self,
@@ -257,7 +265,8 @@ class Forwarder:
         forwarded: bytes,
         body: _Body | None,
         deadline: float,
-        sent: upstream.Connection | None,
+        sent: upstream.Connection | upstream.ConnectFailed | None,
+        sent_pooled: bool = True,
     ) -> web.StreamResponse:
         """Try the candidates in order, as ``may_try_next`` allows; relay the first
         answer that can be relayed."""
@@ -273,13 +282,15 @@ class Forwarder:
         for index, cand in enumerate(cands):
             geode = cand.geode
             host = host_for(fwd, head, geode)
-            first, sent = sent, None  # only the first attempt can have gone out already
+            first, sent = sent, None  # only the first attempt can have begun already
             try:
+                if isinstance(first, upstream.ConnectFailed):
+                    raise first
                 if body is None and geode.url.scheme == "http":  # the lean path
                     wire = request_wire(method, geode, path_qs, host, head, forwarded)
                     exchange = await upstream.send(
                         self.pool, geode, wire, method, fwd.connect_timeout,
-                        fwd.response_timeout, idempotent, first,
+                        fwd.response_timeout, idempotent, first, sent_pooled,
                     )  # fmt: skip
                     reply = Reply.of_exchange(exchange)
                 else:

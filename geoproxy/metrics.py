@@ -66,8 +66,14 @@ class Metrics:
             "geoproxy_failovers", "A request moved from one geode to the next after a "
             "failed attempt.", ["from_geode", "to_geode"],
         )  # fmt: skip
+        self.fast_lane = HotCounter(
+            "geoproxy_fast_lane_requests", "Requests that took the fast lane, by how they "
+            "ended: answered (from callbacks), handed_over (finished on the coroutine path: "
+            "a failure, a retry status, a body to stream), client_closed.", ["outcome"],
+        )  # fmt: skip
         hotmetrics.register(r, self.requests, self.request_duration, self.decisions,
-                            self.resolutions, self.attempts, self.failovers)  # fmt: skip
+                            self.resolutions, self.attempts, self.failovers,
+                            self.fast_lane)  # fmt: skip
         self.geode_up = Gauge(
             "geoproxy_geode_up", "1 when the geode is healthy and takes traffic, else 0. "
             "Emitted for every configured geode from start-up.", ["geode", "region"],

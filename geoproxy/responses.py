@@ -69,12 +69,28 @@ def _status_line(version: HttpVersion, status: int, reason: str) -> bytes:
     return line
 
 
+def whole_head(version: HttpVersion, status: int, reason: str, lines: bytes, dated: bool,
+               length: int, keep_alive: bool) -> list[bytes]:  # fmt: skip
+    """The head of a whole response, from header lines already written and checked
+    ("Name: value\r\n" each), without the blank line that ends it: what this hop adds is
+    only what aiohttp's own responses carry for framing: ``Content-Length``, ``Date``
+    when the geode sent none, and ``Connection`` as keep-alive and the version require."""
+    head = [_status_line(version, status, reason), lines,
+            b"Content-Length: " + str(length).encode() + b"\r\n"]  # fmt: skip
+    if not dated:
+        head.append(b"Date: " + rfc822_formatted_time().encode() + b"\r\n")
+    if keep_alive:
+        if version == HttpVersion10:
+            head.append(_KEEP_ALIVE_10)
+    elif version == HttpVersion11:
+        head.append(_CLOSE_11)
+    return head
+
+
 class WholeResponse(web.StreamResponse):
     """A geode's whole (small) response, head and body sent in one write once the
     handler returns, from header lines the caller already wrote and checked (no header
-    map is built). This hop adds only what aiohttp's own responses carry for framing:
-    ``Content-Length``, ``Date`` when the geode sent none, and ``Connection`` as
-    keep-alive and the HTTP version require. Never for HEAD, 1xx, 204 or 304."""
+    map is built; ``whole_head``). Never for HEAD, 1xx, 204 or 304."""
 
     def __init__(self, status: int, reason: str | None, lines: bytes, dated: bool,
                  body: bytes) -> None:  # fmt: skip
@@ -94,17 +110,9 @@ class WholeResponse(web.StreamResponse):
         if keep_alive is None:
             keep_alive = self._keep_alive = request.keep_alive
         await request._prepare_hook(self)  # on_response_prepare signals, if any
-        version = request.version
         body = self._whole
-        head = [_status_line(version, self._status, self._reason), self._lines,
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n"]  # fmt: skip
-        if not self._dated:
-            head.append(b"Date: " + rfc822_formatted_time().encode() + b"\r\n")
-        if keep_alive:
-            if version == HttpVersion10:
-                head.append(_KEEP_ALIVE_10)
-        elif version == HttpVersion11:
-            head.append(_CLOSE_11)
+        head = whole_head(request.version, self._status, self._reason, self._lines,
+                          self._dated, len(body), keep_alive)  # fmt: skip
         if self._headers:  # set by a signal handler
             head.append(_serialize_headers("", self._headers)[2:-2])
         head.append(b"\r\n")

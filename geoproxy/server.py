@@ -17,6 +17,7 @@ from aiohttp import web
 from geoproxy.app import Gateway
 from geoproxy.config import Config, Listener, files_fingerprint
 from geoproxy.errors import GeoproxyError
+from geoproxy.fastlane import ProxyServer
 
 log = logging.getLogger("geoproxy")
 
@@ -131,8 +132,8 @@ def make_proxy_runner(gateway: Gateway) -> HeadTimeoutRunner:
     # handler_cancellation: a client that goes away cancels its request, and with it the
     # exchange with the geode (logged as 499, as nginx does). aiohttp's default keeps
     # forwarding to the geode for nobody (its test server turns it on).
-    server = web.Server(gateway.proxy_handler(), access_log=None, handler_cancellation=True,
-                        keepalive_timeout=config.limits.keepalive_timeout)  # fmt: skip
+    server = ProxyServer(gateway, access_log=None, handler_cancellation=True,
+                         keepalive_timeout=config.limits.keepalive_timeout)  # fmt: skip
     runner = HeadTimeoutRunner(server, config.limits.header_timeout, handle_signals=False,
                                shutdown_timeout=config.lifecycle.drain_timeout)  # fmt: skip
     gateway.on_request = runner.note_request

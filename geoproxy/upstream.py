@@ -268,9 +268,11 @@ async def send(
     response_timeout: float,
     idempotent: bool,
     sent: Connection | None = None,
+    sent_pooled: bool = True,
 ) -> Exchange:
-    """Send a bodiless request head and wait for the response head. ``sent``: a pooled
-    connection the head went out on already (by the fast lane), whose answer is awaited.
+    """Send a bodiless request head and wait for the response head. ``sent``: a
+    connection the head went out on already (by the fast lane; ``sent_pooled``: one taken
+    from the pool), whose answer is awaited.
 
     Raises ``ConnectFailed`` while connecting (nothing was sent), ``SocketTimeoutError``
     when the geode stays silent, ``ServerDisconnectedError``/``ClientOSError`` when the
@@ -279,10 +281,12 @@ async def send(
     keep-alive race, RFC 9112 9.3.1) is replaced once by a fresh one. One coroutine for
     the whole exchange: this runs once per request.
     """
-    proto = sent if sent is not None else pool.get(geode)
-    may_resend = idempotent and proto is not None
-    if proto is None:
-        proto = await connect(geode, connect_timeout)
+    if sent is not None:
+        proto, may_resend = sent, idempotent and sent_pooled
+    else:
+        pooled = pool.get(geode)
+        may_resend = idempotent and pooled is not None
+        proto = pooled if pooled is not None else await connect(geode, connect_timeout)
     while True:
         transport = proto.transport
         if sent is not None:

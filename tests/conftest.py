@@ -280,14 +280,27 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 
 
 @pytest.fixture
+def lane() -> str:
+    """The request path proxies serve from: "fast" (the default, as deployed: plain GETs
+    from callbacks, geoproxy/fastlane.py) or "coroutine" (``forwarding.fast_lane: false``).
+    A module whose behaviour must hold on both overrides this with a parametrised
+    fixture."""
+    return "fast"
+
+
+@pytest.fixture
 async def proxy_factory(
-    write_config: Callable[[dict[str, Any]], Path],
+    write_config: Callable[[dict[str, Any]], Path], lane: str
 ) -> AsyncIterator[ProxyFactory]:
     """Start a real proxy from a config dict (through the real YAML loader), served as
-    ``geoproxy run`` serves it (server.make_proxy_runner)."""
+    ``geoproxy run`` serves it (server.make_proxy_runner), on the ``lane`` fixture's path
+    unless the config picks one."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def make(data: dict[str, Any], geoip: GeoLookup | None = None) -> Proxy:
+            fwd = data.get("forwarding", {})
+            if "fast_lane" not in fwd:
+                data = {**data, "forwarding": {**fwd, "fast_lane": lane == "fast"}}
             cfg = config_mod.load(write_config(data))
             gateway = Gateway(cfg, geoip=geoip, registry=CollectorRegistry())
             await stack.enter_async_context(gateway.lifespan())

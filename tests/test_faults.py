@@ -40,6 +40,12 @@ TWO_REGIONS = {"eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["e
 TWO_COUNTRIES = {"FR": "eu-west", "US": "us-east"}
 
 
+@pytest.fixture(params=["fast", "coroutine"])
+def lane(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both request paths (conftest.py's ``lane``)."""
+    return str(request.param)
+
+
 def now() -> float:
     return asyncio.get_running_loop().time()
 

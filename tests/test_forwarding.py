@@ -18,6 +18,12 @@ from multidict import CIMultiDict
 from conftest import FakeGeode, GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
 
 
+@pytest.fixture(params=["fast", "coroutine"])
+def lane(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both request paths (conftest.py's ``lane``)."""
+    return str(request.param)
+
+
 async def three_geodes(geode_factory: GeodeFactory) -> tuple[FakeGeode, FakeGeode, FakeGeode]:
     eu = await geode_factory("eu-1", "eu-west")
     us = await geode_factory("us-1", "us-east")

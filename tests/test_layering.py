@@ -24,10 +24,11 @@ LAYERS: dict[str, int] = {
     "observe": 9, "admin": 9,
     "app": 10,
     "stamp": 10,  # the reference stamp package, checked on its own below
-    "server": 11, "demo": 11,
-    "worker": 12,
-    "supervisor": 13,
-    "cli": 14, "__main__": 15,
+    "fastlane": 11,
+    "server": 12, "demo": 12,
+    "worker": 13,
+    "supervisor": 14,
+    "cli": 15, "__main__": 16,
 }  # fmt: skip
 
 

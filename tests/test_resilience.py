@@ -21,6 +21,12 @@ from conftest import GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
 WriteConfig = Callable[..., Path]
 
 
+@pytest.fixture(params=["fast", "coroutine"])
+def lane(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both request paths (conftest.py's ``lane``)."""
+    return str(request.param)
+
+
 async def served_by(
     http: aiohttp.ClientSession, proxy: Proxy, country: str, path: str = "/whoami"
 ) -> str:

@@ -1,0 +1,382 @@
+"""The fast lane: the common request served from callbacks, without a task.
+
+On the coroutine path aiohttp wakes the connection's task, starts a handler task, and
+the handler suspends on the geode and resumes through its frames: about six loop
+callbacks per request where a callback proxy needs two (bench/callback_proxy.py). Here
+the client connection's ``data_received`` sends the request head on an idle pooled geode
+connection, and that connection's events (``upstream.Connection.watcher``) write the
+answer to the client.
+
+A request takes the fast lane when ``forwarding.fast_lane`` is on and it is a GET over
+HTTP/1.1 with no body, ``Upgrade`` or ``Expect``, on an idle connection (nothing queued,
+not paused for writing), whose route is not one of geoproxy's own answers and whose first
+candidate is a plain-HTTP geode with an idle pooled connection. The fast lane finishes
+the exchange itself only when the answer is final, not 502/503/504, not 204/304, with a
+``Content-Length`` of at most 64 KiB that arrived whole, and a head that can be relayed.
+Anything else (a timeout, a lost connection, a retry status, a body to stream, a malformed
+answer) is handed to the coroutine path before any byte reached the client:
+``Forwarder.resume`` awaits the same exchange, so failover, timeouts, streaming and error
+answers have one implementation, and a geode never gets the request twice (but for the
+keep-alive-race resend both paths allow).
+
+Bytes that arrive while an exchange is in flight are held and parsed after it, so
+pipelined answers stay in order. Metrics and the access log come from the same
+``Observer.note``.
+
+This leans on aiohttp's ``RequestHandler`` internals (aiohttp 3.14): the connection task's
+``_waiter`` and ``_messages`` queue, ``_parser.message_consumed``, the keep-alive timer
+(``_process_keepalive``, ``_next_keepalive_close_time``), ``_request_in_progress`` and
+``_handler_waiter`` (what ``shutdown()`` drains), ``_request_factory`` and
+``_handle_request``. tests/test_fastlane.py pins each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http import HttpVersion11, RawRequestMessage, StreamWriter
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler
+
+from geoproxy import upstream
+from geoproxy.app import Gateway
+from geoproxy.forwarder import (
+    RESPONSE,
+    RETRY_STATUSES,
+    SMALL_BODY,
+    Route,
+    host_for,
+    request_wire,
+)
+from geoproxy.headers import ResponseHead, geode_lines
+from geoproxy.observe import CLIENT_CLOSED
+from geoproxy.responses import whole_head
+from geoproxy.router import Candidate
+from geoproxy.trace import Trace
+
+#: Bytes held while an exchange is in flight before reading from the client pauses.
+HOLD_LIMIT = 64 * 1024
+_NO_BODY = frozenset({204, 304})
+
+
+class ProxyServer(web.Server):
+    """aiohttp's low-level server, whose connections take the fast lane."""
+
+    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(gateway.proxy_handler(), **kwargs)
+        self.gateway = gateway
+
+    def __call__(self) -> RequestHandler:
+        return ProxyConnection(self, loop=self._loop, **self._kwargs)
+
+
+class _Exchange:
+    """One request on the fast lane, from its head to the answer (or the hand-over)."""
+
+    __slots__ = ("cand", "conn", "connecting", "deadline", "failure", "message", "out",
+                 "pooled", "proto", "remote", "response_timeout", "resumed", "route",
+                 "start", "task", "wire")  # fmt: skip
+
+    def __init__(self, conn: ProxyConnection, message: RawRequestMessage, route: Route,
+                 wire: bytes, remote: str | None, start: float, deadline: float,
+                 response_timeout: float) -> None:  # fmt: skip
+        self.conn, self.message, self.route, self.wire = conn, message, route, wire
+        self.cand: Candidate = route.cands[0]
+        self.remote = remote
+        self.start = start  # time.perf_counter(), for the duration metric
+        self.deadline = deadline  # time.monotonic(): no new attempt after it
+        self.response_timeout = response_timeout
+        self.proto: upstream.Connection | None = None  # the request went out on it
+        self.pooled = True  # proto came from the pool (a resend on the keep-alive race)
+        self.failure: upstream.ConnectFailed | None = None  # no connection could be opened
+        self.connecting: asyncio.Task[None] | None = None
+        self.out: ResponseHead | None = None
+        self.task: asyncio.Task[None] | None = None  # the coroutine path, once handed over
+        self.resumed = False  # ... and once that task made the request its own
+
+    def send(self, proto: upstream.Connection, pooled: bool) -> None:
+        self.proto, self.pooled = proto, pooled
+        upstream.write(proto, self.wire, False, self.response_timeout)
+        proto.watcher = self.on_geode
+
+    async def connect(self, connect_timeout: float) -> None:
+        """Open a connection to the geode (no idle one in the pool), then send."""
+        try:
+            proto = await upstream.connect(self.cand.geode, connect_timeout)
+        except upstream.ConnectFailed as exc:
+            self.connecting = None
+            self.failure = exc
+            self.conn.hand_over(self)
+            return
+        self.connecting = None
+        if self.conn._fast is not self:  # the client went away meanwhile
+            proto.close()
+            return
+        self.send(proto, pooled=False)
+
+    def on_geode(self) -> None:
+        """An event on the geode connection: finish, hand over, or wait for more."""
+        proto = self.proto
+        assert proto is not None  # watched only once sent
+        answer = proto.answer()
+        if answer is None:
+            if proto.failed or proto.transport is None:
+                self.conn.hand_over(self)
+            return
+        message, payload = answer
+        status = message.code
+        if status < 200 or status in RETRY_STATUSES or status in _NO_BODY:
+            self.conn.hand_over(self)
+            return
+        out = self.out
+        if out is None:
+            out = self.out = ResponseHead(message.raw_headers, message.reason)
+            if not (out.ok and out.framed) or out.length is None or out.length > SMALL_BODY:
+                self.conn.hand_over(self)
+                return
+        if not payload.is_eof():
+            if proto.failed:
+                self.conn.hand_over(self)
+            return
+        if payload.exception() is not None or payload.total_bytes != out.length:
+            self.conn.hand_over(self)
+            return
+        proto.watcher = None  # first: reading can resume the transport, which calls back
+        proto.take_answer()
+        body = payload.read_nowait(-1)
+        geode = self.cand.geode
+        pool = self.conn.gateway_pool()
+        upstream.Exchange(pool, geode, proto, message, payload).release()
+        route = self.route
+        route.rt.board.observe(geode.name, True)
+        trace = route.trace
+        trace.attempts.append((geode.name, RESPONSE))
+        trace.geode = geode
+        trace.decision = self.cand.decision
+        trace.body_bytes = len(body)
+        lines = out.kept + out.tail(route.via, geode_lines(geode.name, geode.region))
+        self.conn.answer(self, status, message.reason, lines, out.date, body)
+
+    def abandon(self) -> None:
+        """The client went away first: the geode's answer is of no use to anybody."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.proto is not None:
+            self.proto.watcher = None
+            self.proto.close()  # never back to the pool: an answer may be on its way
+
+
+class ProxyConnection(RequestHandler):
+    """aiohttp's server protocol, serving eligible requests on the fast lane."""
+
+    __slots__ = ("_fast", "_gateway", "_held")
+
+    def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._gateway = manager.gateway
+        self._fast: _Exchange | None = None
+        self._held = b""
+
+    def gateway_pool(self) -> upstream.Pool:
+        forwarder = self._gateway.forwarder
+        assert forwarder is not None  # the fast lane started, so the gateway did
+        return forwarder.pool
+
+    # -- the client side ------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._fast is not None:  # answers go out in order: parse after this exchange
+            self._held += data
+            if len(self._held) >= HOLD_LIMIT and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+            return
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._messages or not data:
+            super().data_received(data)  # the connection task is busy: aiohttp's path
+            return
+        self._waiter = None  # parse without waking the idle connection task
+        try:
+            super().data_received(data)
+        finally:
+            self._waiter = waiter
+        messages = self._messages
+        if not messages:
+            return
+        if len(messages) == 1 and self._begin(*messages[0]):
+            messages.popleft()
+            if self._parser is not None:
+                self._parser.message_consumed()
+            return
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def _begin(self, message: Any, payload: Any) -> bool:
+        """Send ``message`` on the fast lane if it is eligible; False leaves it to the
+        connection task."""
+        if (
+            type(message) is not RawRequestMessage  # a parse error to answer
+            or message.method != "GET"
+            or payload is not EMPTY_PAYLOAD
+            or message.version != HttpVersion11
+            or message.upgrade
+            or self._paused
+            or self._close
+            or self._force_close
+        ):
+            return False
+        headers = message.headers
+        path = message.path
+        if (
+            "Upgrade" in headers
+            or "Expect" in headers
+            or not path.startswith("/")  # absolute-form, "*"
+            or "#" in path
+            or path.endswith("?")
+        ):
+            return False
+        gateway = self._gateway
+        forwarder = gateway.forwarder
+        if forwarder is None:
+            return False
+        rt = forwarder.runtime
+        fwd = rt.topology.config.forwarding
+        if not fwd.fast_lane:
+            return False
+        start = time.perf_counter()
+        peer = self.peername
+        remote = str(peer[0]) if isinstance(peer, (list, tuple)) else None
+        route = forwarder.route(rt, message.raw_headers, headers, remote, None, "http", Trace())
+        if not isinstance(route, Route):
+            return False  # geoproxy's own answer: the coroutine path writes it
+        geode = route.cands[0].geode
+        if geode.url.scheme != "http":
+            return False
+        hook = gateway.on_request
+        if hook is not None:
+            hook(self)
+        wire = request_wire("GET", geode, path, host_for(fwd, route.head, geode), route.head,
+                            route.forwarded)  # fmt: skip
+        fast = _Exchange(self, message, route, wire, remote, start,
+                         time.monotonic() + fwd.failover_timeout, fwd.response_timeout)  # fmt: skip
+        self._fast = fast
+        self._request_in_progress = True  # shutdown() waits for it
+        gateway.observer.inflight += 1
+        proto = forwarder.pool.get(geode)
+        if proto is not None:
+            fast.send(proto, pooled=True)
+        else:  # a new connection: one task, for this request only
+            fast.connecting = self._loop.create_task(fast.connect(fwd.connect_timeout))
+        return True
+
+    def answer(self, fast: _Exchange, status: int, reason: str, lines: bytes, dated: bool,
+               body: bytes) -> None:  # fmt: skip
+        """Write the geode's answer, note the request, and go on with the connection."""
+        keep_alive = not (fast.message.should_close or self._close or self._force_close)
+        head = whole_head(HttpVersion11, status, reason, lines, dated, len(body), keep_alive)
+        head += (b"\r\n", body)
+        if self.transport is not None:
+            self.transport.write(b"".join(head))
+        self._gateway.metrics.fast_lane.inc("answered")
+        self._done(fast, status)
+        self._next(keep_alive)
+
+    def _done(self, fast: _Exchange, status: int) -> None:
+        self._fast = None
+        self._request_in_progress = False
+        if self._handler_waiter is not None and not self._handler_waiter.done():
+            self._handler_waiter.set_result(None)  # a shutdown() waits for this request
+        observer = self._gateway.observer
+        observer.inflight -= 1
+        trace = fast.route.trace
+        observer.note(trace, status, time.perf_counter() - fast.start, "GET",
+                      fast.message.url.path, fast.remote, trace.body_bytes)  # fmt: skip
+
+    def _next(self, keep_alive: bool) -> None:
+        """After an exchange: close, or re-arm the keep-alive timer and parse what came
+        in meanwhile (as the connection task does after each request)."""
+        if not keep_alive or self._close or self._force_close:
+            self._held = b""
+            self.force_close()
+            return
+        loop = self._loop
+        if self._keepalive_timeout > 0:
+            self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
+            if self._keepalive_handle is None:
+                self._keepalive_handle = loop.call_at(self._next_keepalive_close_time,
+                                                      self._process_keepalive)  # fmt: skip
+        held, self._held = self._held, b""
+        if self._buffer_paused and not self._messages:
+            self._resume_reading_for_buffer()
+        if held:
+            self.data_received(held)
+
+    def _process_keepalive(self) -> None:
+        if self._fast is not None:  # not idle: an exchange is in flight
+            self._keepalive_handle = None
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time,
+                                                        self._process_keepalive)  # fmt: skip
+            return
+        super()._process_keepalive()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        fast = self._fast
+        cancel = self._manager is not None and self._manager.handler_cancellation
+        super().connection_lost(exc)
+        self._held = b""
+        if fast is None:
+            return
+        if fast.resumed:
+            if cancel:  # as aiohttp cancels its handler task: the exchange with it
+                fast.task.cancel()  # type: ignore[union-attr]  # resumed: it has a task
+            return
+        if fast.task is not None:  # handed over, but its task has not run yet
+            fast.task.cancel()
+            self._gateway.observer.inflight += 1  # as counted before the hand-over
+        fast.abandon()
+        self._gateway.metrics.fast_lane.inc("client_closed")
+        self._done(fast, CLIENT_CLOSED)
+
+    # -- the hand-over --------------------------------------------------------------------
+
+    def hand_over(self, fast: _Exchange) -> None:
+        """The coroutine path takes the exchange over: ``Forwarder.resume``, run as the
+        connection task runs a request (``_handle_request``), in a task of its own."""
+        if fast.proto is not None:
+            fast.proto.watcher = None
+        self._gateway.metrics.fast_lane.inc("handed_over")
+        self._gateway.observer.inflight -= 1  # counted again by Observer.observe
+        fast.task = self._loop.create_task(self._resume(fast))
+
+    async def _resume(self, fast: _Exchange) -> None:
+        forwarder = self._gateway.forwarder
+        factory = self._request_factory
+        assert factory is not None and forwarder is not None  # else connection_lost ran
+        fast.resumed = True  # connection_lost would not let this task start otherwise
+        loop = self._loop
+        task = asyncio.current_task()
+        assert task is not None
+        request = factory(fast.message, EMPTY_PAYLOAD, self, StreamWriter(self, loop), task)
+        first = fast.failure if fast.failure is not None else fast.proto
+        assert first is not None  # handed over after connecting, or failing to
+        work = self._gateway.observer.observe(
+            request, forwarder.resume(request, fast.route, first, fast.pooled, fast.deadline),
+            fast.start,
+        )  # fmt: skip
+        keep_alive = False
+        try:
+            resp, reset = await self._handle_request(request, None, lambda _: work)
+            keep_alive = not reset and bool(resp.keep_alive)
+        except asyncio.CancelledError:
+            self.force_close()
+            raise
+        except Exception as exc:
+            self.log_exception("Unhandled exception", exc_info=exc)
+            self.force_close()
+        finally:
+            request._task = None  # type: ignore[assignment]  # no cycle through the task
+            self._fast = None
+        self._next(keep_alive)
