@@ -29,7 +29,7 @@ from geoproxy.app import Gateway
 from geoproxy.forwarder import _cached_bytes, _peer_text, _text_bytes
 from geoproxy.headers import RequestHead, ResponseHead, geode_lines
 from geoproxy.router import HOME
-from geoproxy.trace import TRACE_KEY, Trace
+from geoproxy.trace import Trace
 
 
 class Client(BaseProtocol):
@@ -93,8 +93,8 @@ class Client(BaseProtocol):
             trace.geode = geode
             trace.decision = HOME
             trace.body_bytes = len(body)
-            gateway.observer.record({TRACE_KEY: trace}, None, status,  # type: ignore[arg-type]
-                                    time.perf_counter() - start)  # fmt: skip
+            gateway.observer.note(trace, status, time.perf_counter() - start, "GET",
+                                  message.path, remote, len(body))  # type: ignore[attr-defined]
 
         Upstream.send(self.loop, self.pool, wire, reply,
                       (geode.url.host or "", geode.url.port or 80))  # fmt: skip
