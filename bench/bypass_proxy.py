@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""geoproxy with region resolution, routing and metrics bypassed: the same forwarder and
-header rules, a fixed home geode, no observer. Measures what routing + metrics cost.
+"""geoproxy with region resolution, routing and metrics bypassed: the same forwarder, fast
+lane and header rules, a fixed home geode, no metrics or access log. Measures what
+routing + metrics cost.
 
     python bench/bypass_proxy.py CONFIG   (listens on the config's proxy port)"""
 
@@ -26,6 +27,7 @@ def main() -> None:
     fixed = Resolution(geode.region, "default", None, None, ())
     # Measurement only: swap the routing functions the forwarder calls for constants.
     forwarder.resolve = lambda *args: fixed  # type: ignore[assignment]
+    forwarder.ResolutionCache.resolve = lambda *args: fixed  # type: ignore[method-assign]
     plan = ([Candidate(geode, HOME)], HOME)
     forwarder.CandidateCache.candidates = lambda *args: plan  # type: ignore[method-assign]
 
@@ -40,6 +42,7 @@ def main() -> None:
 
         # No observer (no metrics); otherwise served as `geoproxy run` serves.
         gateway.proxy_handler = lambda: bypass  # type: ignore[method-assign]
+        gateway.observer.note = lambda *args: None  # type: ignore[method-assign]  # fast lane
         async with gateway.lifespan():
             runner = make_proxy_runner(gateway)
             freeze_startup_heap()

@@ -1,0 +1,367 @@
+"""The fast lane (geoproxy/fastlane.py): which requests take it, that what reaches the
+client is what the coroutine path sends, and that everything it cannot finish (failures,
+retry statuses, streamed bodies) is handed over without a second request to the geode.
+Also pins the aiohttp internals it leans on: the keep-alive timer, the head timeout,
+pipelining order, client disconnects and the shutdown drain.
+
+tests/test_forwarding.py, test_faults.py and test_resilience.py run on both lanes too."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from geoproxy import config as config_mod
+from geoproxy.app import Gateway
+from geoproxy.server import make_proxy_runner
+
+from conftest import FakeGeode, GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
+
+FAST = "geoproxy_fast_lane_requests_total"
+
+
+def lane_count(proxy: Proxy, outcome: str) -> float:
+    return proxy.sample(FAST, outcome=outcome)
+
+
+async def start(proxy_factory: ProxyFactory, geodes: list[dict[str, Any]],
+                **overrides: Any) -> Proxy:  # fmt: skip
+    return await proxy_factory(base_config(geodes, **overrides))
+
+
+class Raw:
+    """A client connection over a real socket that sends bytes as given and reads whole
+    responses (Content-Length or chunked), for pipelining and connection-level checks."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> Raw:
+        host, port = url.removeprefix("http://").split(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def response(self, head_only: bool = False) -> tuple[str, dict[str, str], bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        status, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if head_only:
+            body = b""
+        elif "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        else:  # chunked
+            body = b""
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                chunk = await self.reader.readexactly(size + 2)
+                body += chunk[:-2]
+                if size == 0:  # (no trailers: the CRLF after it was read)
+                    break
+        return status, headers, body
+
+    async def closed(self, within: float = 5) -> bool:
+        """True when the proxy closes the connection within ``within`` seconds."""
+        return await asyncio.wait_for(self.reader.read(1), within) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def get(path: str, *extra: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: example.test", *extra, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[list[Raw]]:
+    opened: list[Raw] = []
+    yield opened
+    for conn in opened:
+        conn.close()
+
+
+async def connect(raw: list[Raw], url: str) -> Raw:
+    conn = await Raw.open(url)
+    raw.append(conn)
+    return conn
+
+
+async def test_a_plain_get_is_answered_on_the_fast_lane_with_the_bytes_the_coroutine_path_sends(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    fast = await start(proxy_factory, [geode_entry(eu)])
+    slow = await start(proxy_factory, [geode_entry(eu)], forwarding={"fast_lane": False})
+    answers = []
+    for proxy in (fast, slow):
+        conn = await connect(raw, proxy.url)
+        for _ in range(2):  # a new geode connection, then a pooled one
+            conn.send(get("/hop-headers?x=1", "X-Forwarded-For: 81.2.69.1"))
+            answers.append(await conn.response())
+    assert lane_count(fast, "answered") == 2
+    assert lane_count(slow, "answered") == lane_count(slow, "handed_over") == 0
+
+    def comparable(answer: tuple[str, dict[str, str], bytes]) -> tuple[Any, ...]:
+        status, headers, body = answer
+        # Date is the clock's; Via names the instance.
+        rest = {k: v for k, v in headers.items() if k not in ("date", "via")}
+        via = re.sub(r"geoproxy-[0-9a-f]+", "geoproxy-X", headers["via"])
+        return status, tuple(sorted(rest.items())), body, via
+
+    assert len({comparable(a) for a in answers}) == 1, answers
+    status, headers, _ = answers[0]
+    assert status == "HTTP/1.1 200 OK"
+    assert headers["x-geoproxy-geode"] == "eu-1"
+    assert headers["x-end-to-end"] == "kept"
+    assert "x-private-hop" not in headers and "keep-alive" not in headers
+    # The geode saw the same forwarded headers from both lanes.
+    assert eu.last_headers["x-forwarded-for"] == ["81.2.69.1, 127.0.0.1"]
+    assert fast.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") == 2
+    assert fast.sample("geoproxy_upstream_attempts_total", geode="eu-1", outcome="response") == 2
+    assert fast.sample("geoproxy_request_duration_seconds_count", geode="eu-1") == 2
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /whoami HTTP/1.0\r\nHost: a\r\n\r\n",
+        b"HEAD /whoami HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST /whoami HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+        b"GET /whoami HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+        b"GET /whoami HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+        b"GET /whoami HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\n\r\n",
+        b"GET http://a/whoami HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+    ids=["http-1.0", "head", "post", "get-with-body", "expect", "upgrade", "absolute-form"],
+)
+async def test_requests_the_fast_lane_leaves_to_the_coroutine_path(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw],
+    request_bytes: bytes,
+) -> None:  # fmt: skip
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await start(proxy_factory, [geode_entry(eu)])
+    conn = await connect(raw, proxy.url)
+    conn.send(request_bytes)
+    status, _, _ = await conn.response(head_only=request_bytes.startswith(b"HEAD"))
+    assert status.split()[1] in ("200", "417")
+    assert lane_count(proxy, "answered") == lane_count(proxy, "handed_over") == 0
+    assert proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") + (
+        proxy.sample("geoproxy_requests_total", geode="none", code_class="4xx")) == 1
+
+
+async def test_geoproxys_own_answers_are_left_to_the_coroutine_path(
+    proxy_factory: ProxyFactory, dead_url: str, raw: list[Raw]
+) -> None:
+    proxy = await start(proxy_factory, [{"name": "eu-1", "region": "eu-west", "url": dead_url}])
+    conn = await connect(raw, proxy.url)
+    conn.send(get("/"))
+    status, headers, body = await conn.response()
+    assert status.startswith("HTTP/1.1 503")
+    assert b"no_healthy_geode" in body and headers["retry-after"] == "1"
+    assert lane_count(proxy, "answered") == lane_count(proxy, "handed_over") == 0
+
+
+async def test_a_retry_status_is_handed_over_and_fails_over_without_a_second_request(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    us = await geode_factory("us-1", "us-east")
+    eu.force_status = 503
+    proxy = await start(proxy_factory, [geode_entry(eu), geode_entry(us)])
+    conn = await connect(raw, proxy.url)
+    conn.send(get("/whoami"))
+    status, headers, _ = await conn.response()
+    assert (status, headers["x-geoproxy-geode"]) == ("HTTP/1.1 200 OK", "us-1")
+    assert (eu.hits["/whoami"], us.hits["/whoami"]) == (1, 1)
+    assert lane_count(proxy, "handed_over") == 1
+    assert lane_count(proxy, "answered") == 0
+    attempts = "geoproxy_upstream_attempts_total"
+    assert proxy.sample(attempts, geode="eu-1", outcome="retry_status") == 1
+    assert proxy.sample(attempts, geode="us-1", outcome="response") == 1
+    assert proxy.sample("geoproxy_failovers_total", from_geode="eu-1", to_geode="us-1") == 1
+
+
+async def test_a_geode_that_refuses_the_connection_is_handed_over_and_failed_over(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, dead_url: str, raw: list[Raw]
+) -> None:
+    us = await geode_factory("us-1", "us-east")
+    geodes = [{"name": "eu-1", "region": "eu-west", "url": dead_url}, geode_entry(us)]
+    proxy = await start(proxy_factory, geodes)
+    proxy.gateway.board.states["eu-1"].healthy = True  # as if it died after its last check
+    proxy.gateway.board.version += 1
+    proxy.gateway.board.healthy = frozenset({"eu-1", "us-1"})
+    conn = await connect(raw, proxy.url)
+    conn.send(get("/whoami"))
+    status, headers, _ = await conn.response()
+    assert (status, headers["x-geoproxy-geode"]) == ("HTTP/1.1 200 OK", "us-1")
+    assert lane_count(proxy, "handed_over") == 1
+    attempts = "geoproxy_upstream_attempts_total"
+    assert proxy.sample(attempts, geode="eu-1", outcome="connect_error") == 1
+    assert proxy.sample(attempts, geode="us-1", outcome="response") == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "size"),
+    [("/stream?size=300000", 300000), ("/stream?size=70000&chunk=70000", 70000)],
+    ids=["chunked", "larger-than-64k"],
+)
+async def test_a_body_to_stream_is_handed_over_and_arrives_whole(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], path: str,
+    size: int,
+) -> None:  # fmt: skip
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await start(proxy_factory, [geode_entry(eu)])
+    conn = await connect(raw, proxy.url)
+    conn.send(get(path))
+    status, _, body = await conn.response()
+    assert (status, len(body)) == ("HTTP/1.1 200 OK", size)
+    assert eu.hits["/stream"] == 1
+    assert lane_count(proxy, "handed_over") == 1
+    conn.send(get("/whoami"))  # the connection goes on, and takes the fast lane again
+    status, _, _ = await conn.response()
+    assert status == "HTTP/1.1 200 OK"
+    assert lane_count(proxy, "answered") == 1
+
+
+async def test_a_geode_that_stays_silent_gets_a_504_after_the_hand_over(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await start(proxy_factory, [geode_entry(eu)],
+                        forwarding={"response_timeout": "300ms"})  # fmt: skip
+    conn = await connect(raw, proxy.url)
+    begun = time.monotonic()
+    conn.send(get("/slow?delay=2"))
+    status, _, body = await conn.response()
+    assert status.startswith("HTTP/1.1 504") and b"gateway_timeout" in body
+    assert time.monotonic() - begun < 1.5
+    assert eu.hits["/slow"] == 1
+    assert lane_count(proxy, "handed_over") == 1
+    timeouts = proxy.sample("geoproxy_upstream_attempts_total", geode="eu-1", outcome="timeout")
+    assert timeouts == 1
+
+
+async def test_requests_sent_while_one_is_in_flight_are_answered_in_order(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await start(proxy_factory, [geode_entry(eu)])
+    conn = await connect(raw, proxy.url)
+    conn.send(get("/slow?delay=0.4"))
+    await asyncio.sleep(0.1)  # the first is on the fast lane, waiting for the geode
+    conn.send(get("/whoami?n=2"))
+    conn.send(get("/whoami?n=3") + get("/whoami?n=4"))  # and two pipelined in one write
+    first = await conn.response()
+    assert b'"geode": "eu-1"' in first[2] and b"path" not in first[2]
+    paths = [(await conn.response())[2] for _ in range(3)]
+    assert [re.search(rb'"path": "([^"]+)"', p).group(1) for p in paths] == [  # type: ignore[union-attr]
+        b"/whoami?n=2", b"/whoami?n=3", b"/whoami?n=4"]
+    # The first on the fast lane; what came meanwhile was held, then parsed together:
+    # more than one request at once is aiohttp's to answer in order.
+    assert lane_count(proxy, "answered") == 1
+    assert proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") == 4
+
+
+async def test_a_client_that_goes_away_is_counted_499_and_its_geode_connection_is_dropped(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await start(proxy_factory, [geode_entry(eu)])
+    conn = await connect(raw, proxy.url)
+    conn.send(get("/slow?delay=0.5"))
+    await asyncio.sleep(0.15)
+    conn.close()
+    for _ in range(50):
+        if lane_count(proxy, "client_closed"):
+            break
+        await asyncio.sleep(0.02)
+    assert lane_count(proxy, "client_closed") == 1
+    assert proxy.sample("geoproxy_requests_total", geode="none", code_class="4xx") == 1
+    assert proxy.gateway.observer.inflight == 0
+    await asyncio.sleep(0.6)  # the geode answers into a closed connection
+    forwarder = proxy.gateway.forwarder
+    assert forwarder is not None
+    assert forwarder.pool.get(proxy.gateway.config.geodes[0]) is None  # not pooled
+    again = await connect(raw, proxy.url)
+    again.send(get("/whoami"))
+    assert (await again.response())[0] == "HTTP/1.1 200 OK"
+
+
+async def test_connection_close_from_the_client_is_answered_then_the_connection_closes(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await start(proxy_factory, [geode_entry(eu)])
+    conn = await connect(raw, proxy.url)
+    conn.send(get("/whoami", "Connection: close"))
+    status, headers, _ = await conn.response()
+    assert (status, headers["connection"]) == ("HTTP/1.1 200 OK", "close")
+    assert await conn.closed()
+    assert lane_count(proxy, "answered") == 1
+
+
+async def test_the_keepalive_timer_waits_for_a_slow_exchange_and_then_closes_the_idle_connection(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    limits = {"keepalive_timeout": "300ms", "header_timeout": "300ms"}
+    proxy = await start(proxy_factory, [geode_entry(eu)], limits=limits)
+    conn = await connect(raw, proxy.url)
+    conn.send(get("/slow?delay=0.9"))  # longer than both timeouts: neither may cut it
+    status, _, _ = await conn.response()
+    assert status == "HTTP/1.1 200 OK"
+    assert lane_count(proxy, "answered") == 1
+    idle_since = time.monotonic()
+    assert await conn.closed(within=3)
+    assert 0.2 < time.monotonic() - idle_since < 2
+
+
+async def test_shutdown_drains_an_exchange_in_flight_on_the_fast_lane(
+    geode_factory: GeodeFactory, write_config: Any, raw: list[Raw]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    cfg = config_mod.load(write_config(base_config([geode_entry(eu)])))
+    gateway = Gateway(cfg, registry=CollectorRegistry())
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(gateway.lifespan())
+        runner = make_proxy_runner(gateway)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        conn = await connect(raw, f"http://{host}:{port}")
+        conn.send(get("/slow?delay=0.5"))
+        await asyncio.sleep(0.15)
+        cleanup = asyncio.create_task(runner.cleanup())
+        status, _, body = await conn.response()
+        assert status == "HTTP/1.1 200 OK" and b"eu-1" in body
+        await asyncio.wait_for(cleanup, 5)
+        assert await conn.closed()
+        assert gateway.metrics.fast_lane.values == {("answered",): 1.0}
+
+
+async def test_fast_lane_off_in_the_config_serves_every_request_on_the_coroutine_path(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    eu: FakeGeode = await geode_factory("eu-1", "eu-west")
+    proxy = await start(proxy_factory, [geode_entry(eu)], forwarding={"fast_lane": False})
+    assert proxy.gateway.config.forwarding.fast_lane is False
+    conn = await connect(raw, proxy.url)
+    for _ in range(3):
+        conn.send(get("/whoami"))
+        assert (await conn.response())[0] == "HTTP/1.1 200 OK"
+    assert lane_count(proxy, "answered") == lane_count(proxy, "handed_over") == 0
+    assert proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") == 3
