@@ -94,7 +94,7 @@ class Client(BaseProtocol):
             trace.decision = HOME
             trace.body_bytes = len(body)
             gateway.observer.note(trace, status, time.perf_counter() - start, "GET",
-                                  message.path, remote, len(body))  # type: ignore[attr-defined]
+                                  message.url, remote, len(body))  # type: ignore[attr-defined]
 
         Upstream.send(self.loop, self.pool, wire, reply,
                       (geode.url.host or "", geode.url.port or 80))  # fmt: skip

@@ -77,13 +77,14 @@ class _Exchange:
     """One request on the fast lane, from its head to the answer (or the hand-over)."""
 
     __slots__ = ("cand", "conn", "connecting", "deadline", "failure", "message", "out",
-                 "pooled", "proto", "remote", "response_timeout", "resumed", "route",
+                 "pool", "pooled", "proto", "remote", "response_timeout", "resumed", "route",
                  "start", "task", "wire")  # fmt: skip
 
     def __init__(self, conn: ProxyConnection, message: RawRequestMessage, route: Route,
-                 wire: bytes, remote: str | None, start: float, deadline: float,
-                 response_timeout: float) -> None:  # fmt: skip
+                 wire: bytes, pool: upstream.Pool, remote: str | None, start: float,
+                 deadline: float, response_timeout: float) -> None:  # fmt: skip
         self.conn, self.message, self.route, self.wire = conn, message, route, wire
+        self.pool = pool
         self.cand: Candidate = route.cands[0]
         self.remote = remote
         self.start = start  # time.perf_counter(), for the duration metric
@@ -148,8 +149,10 @@ class _Exchange:
         proto.take_answer()
         body = payload.read_nowait(-1)
         geode = self.cand.geode
-        pool = self.conn.gateway_pool()
-        upstream.Exchange(pool, geode, proto, message, payload).release()
+        if message.should_close:
+            proto.close()
+        else:  # the body is complete: the connection stands clean between two messages
+            self.pool.put(geode, proto)
         route = self.route
         route.rt.board.observe(geode.name, True)
         trace = route.trace
@@ -179,11 +182,6 @@ class ProxyConnection(RequestHandler):
         self._gateway = manager.gateway
         self._fast: _Exchange | None = None
         self._held = b""
-
-    def gateway_pool(self) -> upstream.Pool:
-        forwarder = self._gateway.forwarder
-        assert forwarder is not None  # the fast lane started, so the gateway did
-        return forwarder.pool
 
     # -- the client side ------------------------------------------------------------------
 
@@ -259,12 +257,13 @@ class ProxyConnection(RequestHandler):
             hook(self)
         wire = request_wire("GET", geode, path, host_for(fwd, route.head, geode), route.head,
                             route.forwarded)  # fmt: skip
-        fast = _Exchange(self, message, route, wire, remote, start,
+        pool = forwarder.pool
+        fast = _Exchange(self, message, route, wire, pool, remote, start,
                          time.monotonic() + fwd.failover_timeout, fwd.response_timeout)  # fmt: skip
         self._fast = fast
         self._request_in_progress = True  # shutdown() waits for it
         gateway.observer.inflight += 1
-        proto = forwarder.pool.get(geode)
+        proto = pool.get(geode)
         if proto is not None:
             fast.send(proto, pooled=True)
         else:  # a new connection: one task, for this request only
@@ -292,7 +291,7 @@ class ProxyConnection(RequestHandler):
         observer.inflight -= 1
         trace = fast.route.trace
         observer.note(trace, status, time.perf_counter() - fast.start, "GET",
-                      fast.message.url.path, fast.remote, trace.body_bytes)  # fmt: skip
+                      fast.message.url, fast.remote, trace.body_bytes)  # fmt: skip
 
     def _next(self, keep_alive: bool) -> None:
         """After an exchange: close, or re-arm the keep-alive timer and parse what came

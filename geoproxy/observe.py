@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
+from yarl import URL
 
 from geoproxy.metrics import NO_GEODE, Metrics, code_class
 from geoproxy.resolver import ABSENT
@@ -91,7 +92,7 @@ class Observer:
             size = trace.body_bytes
         else:  # geoproxy's own small answers
             size = response.content_length or 0 if response is not None else 0
-        self.note(trace, status, duration, request.method, request.path, request.remote, size)
+        self.note(trace, status, duration, request.method, request.rel_url, request.remote, size)
 
     def note(
         self,
@@ -99,11 +100,12 @@ class Observer:
         status: int,
         duration: float,
         method: str,
-        path: str,
+        url: URL,
         remote: str | None,
         size: int,
     ) -> None:
-        """Count one finished request and write its access-log line."""
+        """Count one finished request and write its access-log line (``url``: the
+        request target, whose path is logged)."""
         geode = trace.geode.name if trace.geode else NO_GEODE
         m = self.metrics
         m.requests.inc(geode, _code_class(status))
@@ -124,7 +126,7 @@ class Observer:
                 m.failovers.inc(previous, name)
             previous = name
         if self.access_format != "off" and access_log.isEnabledFor(logging.INFO):
-            access_log.info(self.format_line(trace, status, duration, method, path, remote,
+            access_log.info(self.format_line(trace, status, duration, method, url.path, remote,
                                              size))  # fmt: skip
 
     def format_line(
