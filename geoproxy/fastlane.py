@@ -33,6 +33,7 @@ This leans on aiohttp's ``RequestHandler`` internals (aiohttp 3.14): the connect
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -56,6 +57,8 @@ from geoproxy.observe import CLIENT_CLOSED
 from geoproxy.responses import whole_head
 from geoproxy.router import Candidate
 from geoproxy.trace import Trace
+
+log = logging.getLogger("geoproxy.fastlane")
 
 #: Bytes held while an exchange is in flight before reading from the client pauses.
 HOLD_LIMIT = 64 * 1024
@@ -116,10 +119,24 @@ class _Exchange:
         if self.conn._fast is not self:  # the client went away meanwhile
             proto.close()
             return
-        self.send(proto, pooled=False)
+        try:
+            self.send(proto, pooled=False)
+        except Exception:  # a bug: the coroutine path sends the request itself
+            log.exception("fast lane: unexpected error; the coroutine path takes over")
+            proto.close()
+            self.proto = None
+            self.conn.hand_over(self)
 
     def on_geode(self) -> None:
         """An event on the geode connection: finish, hand over, or wait for more."""
+        try:
+            self._on_geode()
+        except Exception:  # a bug: never leave the client waiting for nothing
+            log.exception("fast lane: unexpected error; the coroutine path takes over")
+            if self.conn._fast is self and self.task is None:
+                self.conn.hand_over(self)
+
+    def _on_geode(self) -> None:
         proto = self.proto
         assert proto is not None  # watched only once sent
         answer = proto.answer()
@@ -145,14 +162,16 @@ class _Exchange:
         if payload.exception() is not None or payload.total_bytes != out.length:
             self.conn.hand_over(self)
             return
-        proto.watcher = None  # first: reading can resume the transport, which calls back
+        proto.watcher = None  # done watching (before anything that could call back)
         proto.take_answer()
-        body = payload.read_nowait(-1)
+        # The whole body, as read_nowait() would join it, without its per-read work (a
+        # timer check, resuming a transport that is not paused).
+        body = b"".join(payload._buffer) if out.length else b""
         geode = self.cand.geode
         if message.should_close:
             proto.close()
         else:  # the body is complete: the connection stands clean between two messages
-            self.pool.put(geode, proto)
+            self.pool.put_clean(geode, proto)
         route = self.route
         route.rt.board.observe(geode.name, True)
         trace = route.trace
@@ -175,13 +194,20 @@ class _Exchange:
 class ProxyConnection(RequestHandler):
     """aiohttp's server protocol, serving eligible requests on the fast lane."""
 
-    __slots__ = ("_fast", "_gateway", "_held")
+    __slots__ = ("_fast", "_gateway", "_held", "_noted", "_remote")
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._gateway = manager.gateway
         self._fast: _Exchange | None = None
         self._held = b""
+        self._noted = False  # the head-timeout hook was told
+        self._remote: str | None = None  # the peer's address, as request.remote gives it
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = self.peername
+        self._remote = str(peer[0]) if isinstance(peer, (list, tuple)) else None
 
     # -- the client side ------------------------------------------------------------------
 
@@ -203,7 +229,18 @@ class ProxyConnection(RequestHandler):
         messages = self._messages
         if not messages:
             return
-        if len(messages) == 1 and self._begin(*messages[0]):
+        try:
+            begun = len(messages) == 1 and self._begin(*messages[0])
+        except Exception:  # a bug: the coroutine path answers (a 500 at worst)
+            log.exception("fast lane: unexpected error; the coroutine path takes over")
+            begun = False
+            fast = self._fast
+            if fast is not None:  # undo what began; its geode connection is closed
+                fast.abandon()
+                self._fast = None
+                self._request_in_progress = False
+                self._gateway.observer.inflight -= 1
+        if begun:
             messages.popleft()
             if self._parser is not None:
                 self._parser.message_consumed()
@@ -244,17 +281,18 @@ class ProxyConnection(RequestHandler):
         if not fwd.fast_lane:
             return False
         start = time.perf_counter()
-        peer = self.peername
-        remote = str(peer[0]) if isinstance(peer, (list, tuple)) else None
+        remote = self._remote
         route = forwarder.route(rt, message.raw_headers, headers, remote, None, "http", Trace())
         if not isinstance(route, Route):
             return False  # geoproxy's own answer: the coroutine path writes it
         geode = route.cands[0].geode
         if geode.url.scheme != "http":
             return False
-        hook = gateway.on_request
-        if hook is not None:
-            hook(self)
+        if not self._noted:  # the head timeout: this connection sent a request head
+            self._noted = True
+            hook = gateway.on_request
+            if hook is not None:
+                hook(self)
         wire = request_wire("GET", geode, path, host_for(fwd, route.head, geode), route.head,
                             route.forwarded)  # fmt: skip
         pool = forwarder.pool
@@ -265,6 +303,7 @@ class ProxyConnection(RequestHandler):
         gateway.observer.inflight += 1
         proto = pool.get(geode)
         if proto is not None:
+            fast.proto = proto  # first: an undo closes it
             fast.send(proto, pooled=True)
         else:  # a new connection: one task, for this request only
             fast.connecting = self._loop.create_task(fast.connect(fwd.connect_timeout))
@@ -359,8 +398,7 @@ class ProxyConnection(RequestHandler):
         task = asyncio.current_task()
         assert task is not None
         request = factory(fast.message, EMPTY_PAYLOAD, self, StreamWriter(self, loop), task)
-        first = fast.failure if fast.failure is not None else fast.proto
-        assert first is not None  # handed over after connecting, or failing to
+        first = fast.failure if fast.failure is not None else fast.proto  # None: not sent
         work = self._gateway.observer.observe(
             request, forwarder.resume(request, fast.route, first, fast.pooled, fast.deadline),
             fast.start,

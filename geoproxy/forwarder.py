@@ -245,13 +245,14 @@ class Forwarder:
         self,
         request: web.BaseRequest,
         route: Route,
-        first: upstream.Connection | upstream.ConnectFailed,
+        first: upstream.Connection | upstream.ConnectFailed | None,
         pooled: bool,
         deadline: float,
     ) -> web.StreamResponse:
         """Go on with a request the fast lane began with ``route.cands[0]`` and could not
         finish itself: ``first`` is the connection the request went out on (``pooled``:
-        taken from the pool), whose answer is awaited here, or the failure to connect.
+        taken from the pool), whose answer is awaited here, the failure to connect, or
+        None when nothing was sent.
         Whatever it is (a failure, a 502/503/504, a body to stream) is handled as on
         this path."""
         request[TRACE_KEY] = route.trace

@@ -184,6 +184,11 @@ class Pool:
         if not proto.is_connected() or proto.should_close:
             proto.close()
             return
+        self.put_clean(geode, proto)
+
+    def put_clean(self, geode: Geode, proto: Connection) -> None:
+        """``put`` for a connection known to be open and clean: its answer was read whole
+        and the geode did not ask to close."""
         idle = self._idle.setdefault(geode.base, deque())
         now = time.monotonic()
         while idle and now - idle[0][1] >= self.keepalive_timeout:

@@ -365,3 +365,33 @@ async def test_fast_lane_off_in_the_config_serves_every_request_on_the_coroutine
         assert (await conn.response())[0] == "HTTP/1.1 200 OK"
     assert lane_count(proxy, "answered") == lane_count(proxy, "handed_over") == 0
     assert proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") == 3
+
+
+@pytest.mark.parametrize("broken", ["request_wire", "_Exchange.send", "ResponseHead"])
+async def test_an_unexpected_error_in_the_fast_lane_leaves_the_request_to_the_coroutine_path(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, broken: str,
+) -> None:  # fmt: skip
+    """Fault injection into geoproxy's own code (not the HTTP layer): a bug while the
+    request is prepared, sent (on a new connection, then on a pooled one) or answered
+    must never leave the client without an answer, nor reach the geode twice."""
+    from geoproxy import fastlane
+
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await start(proxy_factory, [geode_entry(eu)])
+    conn = await connect(raw, proxy.url)
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected")
+
+    owner, _, name = broken.rpartition(".")
+    monkeypatch.setattr(getattr(fastlane, owner) if owner else fastlane, name, fail)
+    for n in (1, 2):  # the pool is empty, then holds the first request's connection
+        conn.send(get(f"/whoami?n={n}"))
+        status, headers, _ = await conn.response()
+        assert (status, headers["x-geoproxy-geode"]) == ("HTTP/1.1 200 OK", "eu-1")
+        assert eu.hits["/whoami"] == n
+    assert lane_count(proxy, "answered") == 0
+    assert proxy.gateway.observer.inflight == 0
+    errors = [r for r in caplog.records if "fast lane: unexpected error" in r.getMessage()]
+    assert len(errors) == 2
