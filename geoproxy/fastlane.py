@@ -39,8 +39,9 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11, RawRequestMessage, StreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from geoproxy import upstream
 from geoproxy.app import Gateway
@@ -218,35 +219,52 @@ class ProxyConnection(RequestHandler):
                 self._pause_reading_for_buffer()
             return
         waiter = self._waiter
-        if waiter is None or waiter.done() or self._messages or not data:
-            super().data_received(data)  # the connection task is busy: aiohttp's path
-            return
-        self._waiter = None  # parse without waking the idle connection task
-        try:
+        parser = self._parser
+        if (
+            waiter is None  # the connection task is busy: aiohttp's path
+            or waiter.done()
+            or self._messages
+            or not data
+            or parser is None
+            or self._upgraded
+            or self._payload_parser is not None
+            or self._close
+            or self._force_close
+        ):
             super().data_received(data)
-        finally:
-            self._waiter = waiter
-        messages = self._messages
-        if not messages:
             return
+        # The connection is idle: parse here as RequestHandler.data_received does, so that
+        # a lone eligible request takes the fast lane without waking the connection task.
         try:
-            begun = len(messages) == 1 and self._begin(*messages[0])
+            messages, upgraded, tail = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            messages = [(_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)]
+            upgraded, tail = False, b""
+        self._request_count += len(messages)
+        if len(messages) == 1 and not upgraded and self._try_begin(*messages[0]):
+            parser.message_consumed()
+            return
+        self._messages.extend(messages)
+        if messages:
+            waiter.set_result(None)
+        if not self._buffer_paused and len(self._messages) >= self._max_msg_queue_size:
+            self._pause_reading_for_buffer()  # as aiohttp: start() resumes as it drains
+        self._upgraded = upgraded
+        if upgraded and tail:
+            self._message_tail = tail
+
+    def _try_begin(self, message: Any, payload: Any) -> bool:
+        try:
+            return self._begin(message, payload)
         except Exception:  # a bug: the coroutine path answers (a 500 at worst)
             log.exception("fast lane: unexpected error; the coroutine path takes over")
-            begun = False
             fast = self._fast
             if fast is not None:  # undo what began; its geode connection is closed
                 fast.abandon()
                 self._fast = None
                 self._request_in_progress = False
                 self._gateway.observer.inflight -= 1
-        if begun:
-            messages.popleft()
-            if self._parser is not None:
-                self._parser.message_consumed()
-            return
-        if not waiter.done():
-            waiter.set_result(None)
+            return False
 
     def _begin(self, message: Any, payload: Any) -> bool:
         """Send ``message`` on the fast lane if it is eligible; False leaves it to the

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from test_forwarding import RawGeode, start_with_raw_home
 
 from geoproxy import config as config_mod
 from geoproxy.app import Gateway
@@ -395,3 +396,27 @@ async def test_an_unexpected_error_in_the_fast_lane_leaves_the_request_to_the_co
     assert proxy.gateway.observer.inflight == 0
     errors = [r for r in caplog.records if "fast lane: unexpected error" in r.getMessage()]
     assert len(errors) == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\nok", b"garbage\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"],
+    ids=["bad-status", "garbage", "two-lengths"],
+)
+async def test_an_answer_the_parser_rejects_is_handed_over_and_failed_over(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], reply: bytes,
+) -> None:  # fmt: skip
+    home = RawGeode(reply)
+    try:
+        proxy = await start_with_raw_home(proxy_factory, geode_factory, home)
+        conn = await connect(raw, proxy.url)
+        conn.send(get("/x"))
+        status, headers, _ = await conn.response()
+    finally:
+        await home.close()
+    assert (status, headers["x-geoproxy-geode"]) == ("HTTP/1.1 200 OK", "us-1")
+    assert len(home.requests) == 1
+    assert lane_count(proxy, "handed_over") == 1
+    attempts = "geoproxy_upstream_attempts_total"
+    assert proxy.sample(attempts, geode="raw-1", outcome="bad_response") == 1
