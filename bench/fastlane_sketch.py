@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """A sketch, for measurement only: bench/callback_proxy.py's callback style with
-geoproxy's own per-request work on top, i.e. what a callback "fast lane" could reach.
+geoproxy's own per-request work on top: geoproxy's fast lane (geoproxy/fastlane.py)
+without its bookkeeping, a bound on what it could reach.
 
 Per request, as geoproxy does it: trusted-peer check, region resolution (memoised),
 candidates from the health board, loop detection, the request head built by the same
 header rules (hop-by-hop removal, X-Forwarded-*, Via), the response head filtered the
 same way plus X-Geoproxy-*, Date and Content-Length, and the same metrics
-(Observer.record). Not there: failover, timeouts, streaming, bodies, error answers, the
-access log, draining: a bound, not a proxy to run.
+(Observer.note). Not there: failover, timeouts, streaming, bodies, error answers, the
+keep-alive and head timers, draining: a bound, not a proxy to run.
 
     python bench/fastlane_sketch.py CONFIG   (listens on the config's proxy port)"""
 
