@@ -54,6 +54,7 @@ class FakeGeode:
         self.app.router.add_route("*", "/whoami", self.whoami)
         self.app.router.add_route("*", "/echo", self.echo)
         self.app.router.add_get("/stream", self.stream)
+        self.app.router.add_get("/bytes", self.bytes_)
         self.app.router.add_route("*", "/status/{code}", self.status)
         self.app.router.add_route("*", "/slow", self.slow)
         self.app.router.add_get("/reset", self.reset)
@@ -115,6 +116,14 @@ class FakeGeode:
             sent += len(part)
         await resp.write_eof()
         return resp
+
+    async def bytes_(self, request: web.Request) -> web.Response:
+        """``size`` bytes (a repeating pattern) with a Content-Length."""
+        self._note(request)
+        size = int(request.query.get("size", "1024"))
+        pattern = bytes(range(256))
+        return web.Response(body=(pattern * (size // 256 + 1))[:size],
+                            content_type="application/octet-stream")  # fmt: skip
 
     async def status(self, request: web.Request) -> web.Response:
         self._note(request)

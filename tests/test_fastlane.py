@@ -420,3 +420,21 @@ async def test_an_answer_the_parser_rejects_is_handed_over_and_failed_over(
     assert lane_count(proxy, "handed_over") == 1
     attempts = "geoproxy_upstream_attempts_total"
     assert proxy.sample(attempts, geode="raw-1", outcome="bad_response") == 1
+
+
+@pytest.mark.parametrize(("size", "outcome"), [(0, "answered"), (5000, "answered"),
+                                               (65536, "answered"), (65537, "handed_over")])
+async def test_answers_up_to_64_kib_go_out_whole_from_the_fast_lane(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], size: int,
+    outcome: str,
+) -> None:  # fmt: skip
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await start(proxy_factory, [geode_entry(eu)])
+    conn = await connect(raw, proxy.url)
+    pattern = bytes(range(256))
+    for _ in range(2):  # a new geode connection, then a pooled one
+        conn.send(get(f"/bytes?size={size}"))
+        status, headers, body = await conn.response()
+        assert (status, headers["content-length"]) == ("HTTP/1.1 200 OK", str(size))
+        assert body == (pattern * (size // 256 + 1))[:size]
+    assert lane_count(proxy, outcome) == 2
