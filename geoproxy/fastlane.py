@@ -82,7 +82,7 @@ class _Exchange:
 
     __slots__ = ("cand", "conn", "connecting", "deadline", "failure", "message", "out",
                  "pool", "pooled", "proto", "remote", "response_timeout", "resumed", "route",
-                 "start", "task", "wire")  # fmt: skip
+                 "start", "task", "wire", "written")  # fmt: skip
 
     def __init__(self, conn: ProxyConnection, message: RawRequestMessage, route: Route,
                  wire: bytes, pool: upstream.Pool, remote: str | None, start: float,
@@ -94,7 +94,8 @@ class _Exchange:
         self.start = start  # time.perf_counter(), for the duration metric
         self.deadline = deadline  # time.monotonic(): no new attempt after it
         self.response_timeout = response_timeout
-        self.proto: upstream.Connection | None = None  # the request went out on it
+        self.proto: upstream.Connection | None = None  # the request goes out on it
+        self.written = False  # ... and went out
         self.pooled = True  # proto came from the pool (a resend on the keep-alive race)
         self.failure: upstream.ConnectFailed | None = None  # no connection could be opened
         self.connecting: asyncio.Task[None] | None = None
@@ -105,7 +106,15 @@ class _Exchange:
     def send(self, proto: upstream.Connection, pooled: bool) -> None:
         self.proto, self.pooled = proto, pooled
         upstream.write(proto, self.wire, False, self.response_timeout)
+        self.written = True
         proto.watcher = self.on_geode
+
+    def unsent(self) -> None:
+        """Forget a connection the request did not go out on (after a bug): the
+        coroutine path will send it."""
+        if self.proto is not None and not self.written:
+            self.proto.close()
+            self.proto = None
 
     async def connect(self, connect_timeout: float) -> None:
         """Open a connection to the geode (no idle one in the pool), then send."""
@@ -116,20 +125,28 @@ class _Exchange:
             self.failure = exc
             self.conn.hand_over(self)
             return
+        except Exception:  # a bug: the coroutine path connects and answers itself
+            log.exception("fast lane: unexpected error; the coroutine path takes over")
+            self.connecting = None
+            self.conn.hand_over(self)
+            return
         self.connecting = None
         if self.conn._fast is not self:  # the client went away meanwhile
             proto.close()
             return
         try:
             self.send(proto, pooled=False)
-        except Exception:  # a bug: the coroutine path sends the request itself
+        except Exception:  # a bug: the coroutine path goes on (sends, or awaits the answer)
             log.exception("fast lane: unexpected error; the coroutine path takes over")
-            proto.close()
-            self.proto = None
+            if self.proto is None:
+                proto.close()
+            self.unsent()
             self.conn.hand_over(self)
 
     def on_geode(self) -> None:
-        """An event on the geode connection: finish, hand over, or wait for more."""
+        """An event on the geode connection: finish, hand over, or wait for more.
+        Everything that could fail runs before the answer is taken from the connection:
+        until then the coroutine path can take over the exchange as it stands."""
         try:
             self._on_geode()
         except Exception:  # a bug: never leave the client waiting for nothing
@@ -163,25 +180,31 @@ class _Exchange:
         if payload.exception() is not None or payload.total_bytes != out.length:
             self.conn.hand_over(self)
             return
-        proto.watcher = None  # done watching (before anything that could call back)
+        geode = self.cand.geode
+        route = self.route
+        lines = out.kept + out.tail(route.via, geode_lines(geode.name, geode.region))
+        conn = self.conn
+        keep_alive = conn.keeps_alive(self.message)
+        head = whole_head(HttpVersion11, status, message.reason, lines, out.date, out.length,
+                          keep_alive)  # fmt: skip
+        head.append(b"\r\n")
+        # The answer is taken: from here on, nothing that can fail.
+        proto.watcher = None
         proto.take_answer()
         # The whole body, as read_nowait() would join it, without its per-read work (a
         # timer check, resuming a transport that is not paused).
         body = b"".join(payload._buffer) if out.length else b""
-        geode = self.cand.geode
         if message.should_close:
             proto.close()
         else:  # the body is complete: the connection stands clean between two messages
             self.pool.put_clean(geode, proto)
-        route = self.route
         route.rt.board.observe(geode.name, True)
         trace = route.trace
         trace.attempts.append((geode.name, RESPONSE))
         trace.geode = geode
         trace.decision = self.cand.decision
         trace.body_bytes = len(body)
-        lines = out.kept + out.tail(route.via, geode_lines(geode.name, geode.region))
-        self.conn.answer(self, status, message.reason, lines, out.date, body)
+        conn.answer(self, status, head, body, keep_alive)
 
     def abandon(self) -> None:
         """The client went away first: the geode's answer is of no use to anybody."""
@@ -259,11 +282,15 @@ class ProxyConnection(RequestHandler):
         except Exception:  # a bug: the coroutine path answers (a 500 at worst)
             log.exception("fast lane: unexpected error; the coroutine path takes over")
             fast = self._fast
-            if fast is not None:  # undo what began; its geode connection is closed
-                fast.abandon()
-                self._fast = None
-                self._request_in_progress = False
-                self._gateway.observer.inflight -= 1
+            if fast is None:
+                return False  # nothing began: the connection task gets the request
+            if fast.written:  # the geode has it: the coroutine path awaits the answer
+                self.hand_over(fast)
+                return True
+            fast.abandon()  # undo what began; its geode connection is closed
+            self._fast = None
+            self._request_in_progress = False
+            self._gateway.observer.inflight -= 1
             return False
 
     def _begin(self, message: Any, payload: Any) -> bool:
@@ -327,18 +354,24 @@ class ProxyConnection(RequestHandler):
             fast.connecting = self._loop.create_task(fast.connect(fwd.connect_timeout))
         return True
 
-    def answer(self, fast: _Exchange, status: int, reason: str, lines: bytes, dated: bool,
-               body: bytes) -> None:  # fmt: skip
+    def keeps_alive(self, message: RawRequestMessage) -> bool:
+        """The connection stays open after this request's answer."""
+        return not (message.should_close or self._close or self._force_close)
+
+    def answer(self, fast: _Exchange, status: int, head: list[bytes], body: bytes,
+               keep_alive: bool) -> None:  # fmt: skip
         """Write the geode's answer, note the request, and go on with the connection."""
-        keep_alive = not (fast.message.should_close or self._close or self._force_close)
-        head = whole_head(HttpVersion11, status, reason, lines, dated, len(body), keep_alive)
-        head.append(b"\r\n")
-        if self.transport is not None:
-            if len(body) > 4096:  # one vectored write, without copying the body once more
-                self.transport.writelines((b"".join(head), body))
-            else:
-                head.append(body)
-                self.transport.write(b"".join(head))
+        transport = self.transport
+        if transport is None:  # closed by a shutdown a moment ago; connection_lost is due
+            self._gateway.metrics.fast_lane.inc("client_closed")
+            self._done(fast, CLIENT_CLOSED)
+            self._next(False)
+            return
+        if len(body) > 4096:  # one vectored write, without copying the body once more
+            transport.writelines((b"".join(head), body))
+        else:
+            head.append(body)
+            transport.write(b"".join(head))
         self._gateway.metrics.fast_lane.inc("answered")
         self._done(fast, status)
         self._next(keep_alive)
@@ -393,11 +426,12 @@ class ProxyConnection(RequestHandler):
             if cancel:  # as aiohttp cancels its handler task: the exchange with it
                 fast.task.cancel()  # type: ignore[union-attr]  # resumed: it has a task
             return
-        if fast.task is not None:  # handed over, but its task has not run yet
+        if fast.task is not None:  # handed over (counted so), but its task has not run yet
             fast.task.cancel()
             self._gateway.observer.inflight += 1  # as counted before the hand-over
+        else:
+            self._gateway.metrics.fast_lane.inc("client_closed")
         fast.abandon()
-        self._gateway.metrics.fast_lane.inc("client_closed")
         self._done(fast, CLIENT_CLOSED)
 
     # -- the hand-over --------------------------------------------------------------------

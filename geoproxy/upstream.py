@@ -22,10 +22,9 @@ from collections.abc import Callable, Iterable
 
 from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.helpers import EMPTY_BODY_STATUS_CODES
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawResponseMessage
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.streams import StreamReader
 
 from geoproxy.config import Geode
 
@@ -70,50 +69,9 @@ class Connection(ResponseHandler):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
-        watcher = self.watcher
-        if (
-            watcher is None
-            or not data
-            or self._parser is None
-            or self._upgraded
-            or self._payload_parser is not None
-            or self._payload_parser_failed
-        ):
-            super().data_received(data)
-            if self.watcher is not None:
-                self.watcher()
-            return
-        # Watched by the fast lane: ResponseHandler.data_received for a plain HTTP answer,
-        # without moving the read timer for an answer that arrived whole.
-        try:
-            messages, upgraded, _ = self._parser.feed_data(data)
-        except Exception as exc:  # as aiohttp: the connection is done, read() raises
-            if self.transport is not None:
-                self.transport.close()
-            error = HttpProcessingError()
-            if isinstance(exc, HttpProcessingError):
-                error = HttpProcessingError(code=exc.code, message=exc.message,
-                                            headers=exc.headers)  # fmt: skip
-            self.set_exception(error, exc)
-            watcher()
-            return
-        self._upgraded = upgraded
-        payload = None
-        for message, payload in messages:
-            if message.should_close:
-                self._should_close = True
-            self._payload = payload
-            if self._skip_payload or message.code in EMPTY_BODY_STATUS_CODES:
-                self.feed_data((message, EMPTY_PAYLOAD), 0)
-            else:
-                self.feed_data((message, payload), 0)
-        if payload is not None and payload.is_eof():
-            self._drop_timeout()  # the answer is whole
-        else:
-            self._reschedule_timeout()
-            if payload is not None:
-                payload.on_eof(self._drop_timeout)
-        watcher()
+        super().data_received(data)
+        if self.watcher is not None:
+            self.watcher()
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         # aiohttp's StreamReader calls this after every read below its low-water mark,
@@ -310,6 +268,8 @@ async def connect(geode: Geode, within: float) -> Connection:
         raise ConnectFailed(f"connect timeout ({within:g}s) to {geode.url}") from None
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {geode.url}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a host name the resolver rejects (a label over 63 bytes)
+        raise ConnectFailed(f"cannot connect to {geode.url}: {exc}") from None
     return proto
 
 

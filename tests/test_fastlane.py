@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -438,3 +438,160 @@ async def test_answers_up_to_64_kib_go_out_whole_from_the_fast_lane(
         assert (status, headers["content-length"]) == ("HTTP/1.1 200 OK", str(size))
         assert body == (pattern * (size // 256 + 1))[:size]
     assert lane_count(proxy, outcome) == 2
+
+
+class ScriptGeode:
+    """A keep-alive geode speaking raw HTTP/1.1: ``script(n, writer)`` writes the answer
+    to the n-th request. Notes the proxy-side port of every request (its connection)."""
+
+    def __init__(self, script: Callable[[int, asyncio.StreamWriter], Awaitable[None]]) -> None:
+        self.script = script
+        self.ports: list[int] = []
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b" /health " in head.split(b"\r\n", 1)[0]:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")  # fmt: skip
+                    return
+                self.ports.append(writer.get_extra_info("peername")[1])
+                await self.script(len(self.ports), writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in self.writers:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def scripted(proxy_factory: ProxyFactory, geode_factory: GeodeFactory,
+                   script: Callable[[int, asyncio.StreamWriter], Awaitable[None]],
+                   **overrides: Any) -> AsyncIterator[tuple[Proxy, ScriptGeode]]:  # fmt: skip
+    """eu-west is the scripted geode, us-east a FakeGeode (its fallback)."""
+    geode = ScriptGeode(script)
+    try:
+        url = await geode.start()
+        us = await geode_factory("us-1", "us-east")
+        proxy = await start(proxy_factory, [{"name": "raw-1", "region": "eu-west", "url": url},
+                                            geode_entry(us)], **overrides)  # fmt: skip
+        yield proxy, geode
+    finally:
+        await geode.close()
+
+
+@pytest.mark.parametrize("fast_lane", [True, False], ids=["fast", "coroutine"])
+async def test_a_geode_connection_answered_in_pieces_is_pooled_without_a_read_deadline(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], fast_lane: bool
+) -> None:
+    """A body that arrives in two reads, then an idle pause longer than
+    response_timeout (but shorter than the pool's keep-alive): the next request reuses
+    the connection (a leftover read deadline would have failed it while idle)."""
+
+    async def two_pieces(n: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"world")
+
+    forwarding = {"response_timeout": "500ms", "keepalive_timeout": "4s",
+                  "fast_lane": fast_lane}  # fmt: skip
+    async with scripted(proxy_factory, geode_factory, two_pieces,
+                        forwarding=forwarding) as (proxy, geode):  # fmt: skip
+        conn = await connect(raw, proxy.url)
+        for path in ("/a", "/b"):
+            conn.send(get(path))
+            status, _, body = await conn.response()
+            assert (status, body) == ("HTTP/1.1 200 OK", b"helloworld")
+            await asyncio.sleep(0.8)
+        assert geode.ports[0] == geode.ports[1]
+        assert lane_count(proxy, "answered") == (2 if fast_lane else 0)
+
+
+@pytest.mark.parametrize("fast_lane", [True, False], ids=["fast", "coroutine"])
+async def test_a_geode_host_name_the_resolver_rejects_is_a_connect_failure(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], fast_lane: bool
+) -> None:
+    us = await geode_factory("us-1", "us-east")
+    bad = "http://" + "a" * 64 + ".test:8080"  # a DNS label over 63 bytes: UnicodeError
+    geodes = [{"name": "eu-1", "region": "eu-west", "url": bad}, geode_entry(us)]
+    proxy = await start(proxy_factory, geodes, forwarding={"fast_lane": fast_lane})
+    board = proxy.gateway.board
+    board.states["eu-1"].healthy = True  # as if it had passed its checks
+    board.version += 1
+    board.healthy = frozenset({"eu-1", "us-1"})
+    conn = await connect(raw, proxy.url)
+    conn.send(get("/whoami"))
+    status, headers, _ = await conn.response()
+    assert (status, headers["x-geoproxy-geode"]) == ("HTTP/1.1 200 OK", "us-1")
+    attempts = "geoproxy_upstream_attempts_total"
+    assert proxy.sample(attempts, geode="eu-1", outcome="connect_error") == 1
+    assert proxy.gateway.observer.inflight == 0
+
+
+@pytest.mark.parametrize("broken", ["geode_lines", "whole_head"])
+async def test_an_unexpected_error_while_the_answer_is_made_still_answers(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw],
+    monkeypatch: pytest.MonkeyPatch, broken: str,
+) -> None:  # fmt: skip
+    """Fault injection as above, in the last steps before the answer is written: the
+    answer is still on the geode connection, and the coroutine path relays it."""
+    from geoproxy import fastlane
+
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await start(proxy_factory, [geode_entry(eu)])
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(fastlane, broken, fail)
+    conn = await connect(raw, proxy.url)
+    conn.send(get("/whoami"))
+    status, headers, _ = await conn.response()
+    assert (status, headers["x-geoproxy-geode"]) == ("HTTP/1.1 200 OK", "eu-1")
+    assert eu.hits["/whoami"] == 1
+    assert lane_count(proxy, "handed_over") == 1
+    assert proxy.sample("geoproxy_upstream_attempts_total", geode="eu-1",
+                        outcome="response") == 1  # fmt: skip
+
+
+async def test_a_client_that_leaves_as_the_exchange_is_handed_over_is_counted_once(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    writers: list[asyncio.StreamWriter] = []
+    gate = asyncio.Event()
+
+    async def hold(n: int, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await gate.wait()
+
+    async with scripted(proxy_factory, geode_factory, hold) as (proxy, _):
+        conn = await connect(raw, proxy.url)
+        conn.send(get("/x"))
+        for _ in range(200):
+            if writers:
+                break
+            await asyncio.sleep(0.01)
+        # In one go, before the proxy's loop (this loop) polls again: the client's FIN,
+        # then the geode's 503 (which the fast lane hands over).
+        assert conn.writer.transport.can_write_eof()
+        conn.writer.transport.write_eof()
+        writers[0].write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+        time.sleep(0.05)  # noqa: ASYNC251 -- both must be on the wire before the next poll
+        await asyncio.sleep(0.3)
+        gate.set()
+        assert sum(proxy.gateway.metrics.fast_lane.values.values()) == 1
+        assert proxy.gateway.observer.inflight == 0
