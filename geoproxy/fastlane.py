@@ -49,14 +49,16 @@ from geoproxy.forwarder import (
     RESPONSE,
     RETRY_STATUSES,
     SMALL_BODY,
+    Prelude,
     Route,
     host_for,
     request_wire,
 )
-from geoproxy.headers import ResponseHead, geode_lines
+from geoproxy.headers import RawHeaders, ResponseHead, geode_lines
 from geoproxy.observe import CLIENT_CLOSED
 from geoproxy.responses import whole_head
 from geoproxy.router import Candidate
+from geoproxy.runtime import Runtime
 from geoproxy.trace import Trace
 
 log = logging.getLogger("geoproxy.fastlane")
@@ -218,7 +220,7 @@ class _Exchange:
 class ProxyConnection(RequestHandler):
     """aiohttp's server protocol, serving eligible requests on the fast lane."""
 
-    __slots__ = ("_fast", "_gateway", "_held", "_noted", "_remote")
+    __slots__ = ("_fast", "_gateway", "_held", "_memo", "_noted", "_remote")
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -227,6 +229,8 @@ class ProxyConnection(RequestHandler):
         self._held = b""
         self._noted = False  # the head-timeout hook was told
         self._remote: str | None = None  # the peer's address, as request.remote gives it
+        # The last request's header lines and what they decided (Forwarder.prelude).
+        self._memo: tuple[Runtime, RawHeaders, Prelude] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -327,7 +331,17 @@ class ProxyConnection(RequestHandler):
             return False
         start = time.perf_counter()
         remote = self._remote
-        route = forwarder.route(rt, message.raw_headers, headers, remote, None, "http", Trace())
+        raw = message.raw_headers
+        memo = self._memo
+        if memo is not None and memo[0] is rt and memo[1] == raw:
+            prelude = memo[2]  # a client repeating its headers on a kept-alive connection
+        else:
+            found = forwarder.prelude(rt, raw, headers, remote, None, "http")
+            if not isinstance(found, Prelude):
+                return False  # geoproxy's own answer: the coroutine path writes it
+            prelude = found
+            self._memo = (rt, raw, prelude)
+        route = forwarder.routed(rt, prelude, Trace())
         if not isinstance(route, Route):
             return False  # geoproxy's own answer: the coroutine path writes it
         geode = route.cands[0].geode

@@ -25,7 +25,7 @@ from geoproxy import upstream
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.config import Forwarding, Geode, Limits
 from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines
-from geoproxy.resolver import ResolutionCache, resolve
+from geoproxy.resolver import Resolution, ResolutionCache, resolve
 from geoproxy.responses import RelayResponse, WholeResponse, json_error
 from geoproxy.router import ALL_FAILED, Candidate, CandidateCache
 from geoproxy.runtime import Runtime
@@ -124,6 +124,19 @@ def _body_too_large(limits: Limits) -> web.Response:
                       f"request body exceeds {limits.max_body_bytes} bytes")  # fmt: skip
 
 
+class Prelude:
+    """What a request's headers and its peer decide, before health is consulted: the
+    head as passed on, its X-Forwarded-*/Via lines, and the client's region. The same
+    for the same header lines from the same peer under the same ``Runtime`` (the fast
+    lane keeps the last one per connection)."""
+
+    __slots__ = ("forwarded", "head", "resolution", "via")
+
+    def __init__(self, head: RequestHead, forwarded: bytes, via: bytes,
+                 resolution: Resolution) -> None:  # fmt: skip
+        self.head, self.forwarded, self.via, self.resolution = head, forwarded, via, resolution
+
+
 class Route:
     """Where one request goes and how its head is passed on: what both lanes work out
     first (the trusted-peer check, the header rules, region resolution, candidates)."""
@@ -173,6 +186,22 @@ class Forwarder:
     ) -> Route | web.Response:
         """The request's route, or geoproxy's own answer when it has none (a loop, headers
         or a declared body too large, no healthy geode)."""
+        prelude = self.prelude(rt, raw_headers, headers_in, remote, length, scheme)
+        if not isinstance(prelude, Prelude):
+            return prelude
+        return self.routed(rt, prelude, trace)
+
+    def prelude(
+        self,
+        rt: Runtime,
+        raw_headers: RawHeaders,
+        headers_in: CIMultiDictProxy[str],
+        remote: str | None,
+        length: int | None,
+        scheme: str,
+    ) -> Prelude | web.Response:
+        """What the headers and the peer decide (see ``Prelude``), or geoproxy's own
+        answer: a loop, headers or a declared body too large."""
         topology = rt.topology
         limits = self.limits
         peer, trusted = rt.trusted.peer(remote) if remote else (None, False)
@@ -193,6 +222,14 @@ class Forwarder:
         else:  # the client is the peer: its resolution is memoised by its address
             resolution = self.regions.resolve(topology, headers_in, trusted, peer, rt.geoip,
                                               remote)  # fmt: skip
+        forwarded = head.forwarded(_peer_text(remote) if remote else b"",
+                                   _cached_bytes(scheme), via)  # fmt: skip
+        return Prelude(head, forwarded, via, resolution)
+
+    def routed(self, rt: Runtime, prelude: Prelude, trace: Trace) -> Route | web.Response:
+        """The candidates for a prelude's region as health stands now, or a 503."""
+        topology = rt.topology
+        resolution = prelude.resolution
         trace.resolution = resolution
         board = rt.board
         cands, decision = self.routes.candidates(
@@ -207,9 +244,7 @@ class Forwarder:
                 f"no healthy geode can serve region {resolution.region!r}",
                 headers={"Retry-After": retry_after}, region=resolution.region,
             )  # fmt: skip
-        forwarded = head.forwarded(_peer_text(remote) if remote else b"",
-                                   _cached_bytes(scheme), via)  # fmt: skip
-        return Route(rt, trace, head, cands, forwarded, via)
+        return Route(rt, trace, prelude.head, cands, prelude.forwarded, prelude.via)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         rt = self.runtime  # read once: a reload swaps it whole

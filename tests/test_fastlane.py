@@ -595,3 +595,32 @@ async def test_a_client_that_leaves_as_the_exchange_is_handed_over_is_counted_on
         gate.set()
         assert sum(proxy.gateway.metrics.fast_lane.values.values()) == 1
         assert proxy.gateway.observer.inflight == 0
+
+
+async def test_a_connection_that_changes_its_headers_or_outlives_a_reload_is_routed_anew(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw],
+    write_config: Callable[[dict[str, Any]], Any],
+) -> None:  # fmt: skip
+    """The fast lane keeps what the last request's headers decided, per connection: a
+    request with other headers, or the same headers under a reloaded config, is routed
+    from scratch."""
+    geodes = [await geode_factory("eu-1", "eu-west"), await geode_factory("us-1", "us-east"),
+              await geode_factory("ap-1", "ap-northeast")]  # fmt: skip
+    data = base_config([geode_entry(g) for g in geodes])
+    proxy = await proxy_factory(data)
+    conn = await connect(raw, proxy.url)
+
+    async def served(country: str) -> str:
+        conn.send(get("/whoami", f"CF-IPCountry: {country}"))
+        status, headers, _ = await conn.response()
+        assert status == "HTTP/1.1 200 OK"
+        return headers["x-geoproxy-geode"]
+
+    assert [await served(c) for c in ("FR", "FR", "JP", "FR", "US")] == [
+        "eu-1", "eu-1", "ap-1", "eu-1", "us-1"]
+    data["countries"] = {**data["countries"], "US": "ap-northeast"}
+    data["forwarding"] = {**data.get("forwarding", {}), "fast_lane": True}
+    assert write_config(data) == proxy.gateway.config.path
+    assert await proxy.gateway.reload_from_file("test")
+    assert await served("US") == "ap-1"  # the same header lines, on the same connection
+    assert lane_count(proxy, "answered") == 6
