@@ -239,8 +239,11 @@ class Worker:
                 except Exception:
                     log.exception("worker %d sent what cannot be handled: %.200r", self.index,
                                   raw)  # fmt: skip
-        except ConnectionResetError:
-            pass  # it exited with our messages unread: an end like EOF, not a broken channel
+        except (ConnectionResetError, BrokenPipeError):
+            # It exited with our messages unread, or closed its end before our last write
+            # (an idle worker draining on its own SIGTERM as we tell it to stop): an end
+            # like EOF, not a broken channel.
+            pass
         except (ConnectionError, ValueError) as exc:  # ValueError: a line over the limit
             if self.running:
                 log.error("worker %d: control channel broken (%s); stopping it", self.index,
