@@ -3,14 +3,16 @@
 On the coroutine path aiohttp wakes the connection's task, starts a handler task, and
 the handler suspends on the geode and resumes through its frames: about six loop
 callbacks per request where a callback proxy needs two (bench/callback_proxy.py). Here
-the client connection's ``data_received`` sends the request head on an idle pooled geode
+the client connection's ``data_received`` sends the request head on a geode
 connection, and that connection's events (``upstream.Connection.watcher``) write the
 answer to the client.
 
 A request takes the fast lane when ``forwarding.fast_lane`` is on and it is a GET over
 HTTP/1.1 with no body, ``Upgrade`` or ``Expect``, on an idle connection (nothing queued,
 not paused for writing), whose route is not one of geoproxy's own answers and whose first
-candidate is a plain-HTTP geode with an idle pooled connection. The fast lane finishes
+candidate is a plain-HTTP geode (on a pooled connection, or a new one). A connection that
+repeats its header lines reuses what they decided (``Forwarder.prelude``) until they or
+the config change. The fast lane finishes
 the exchange itself only when the answer is final, not 502/503/504, not 204/304, with a
 ``Content-Length`` of at most 64 KiB that arrived whole, and a head that can be relayed.
 Anything else (a timeout, a lost connection, a retry status, a body to stream, a malformed
@@ -83,16 +85,15 @@ class _Exchange:
     """One request on the fast lane, from its head to the answer (or the hand-over)."""
 
     __slots__ = ("cand", "conn", "connecting", "deadline", "failure", "message", "out",
-                 "pool", "pooled", "proto", "remote", "response_timeout", "resumed", "route",
-                 "start", "task", "wire", "written")  # fmt: skip
+                 "pool", "pooled", "proto", "response_timeout", "resumed", "route", "start",
+                 "task", "wire", "written")  # fmt: skip
 
     def __init__(self, conn: ProxyConnection, message: RawRequestMessage, route: Route,
-                 wire: bytes, pool: upstream.Pool, remote: str | None, start: float,
-                 deadline: float, response_timeout: float) -> None:  # fmt: skip
+                 wire: bytes, pool: upstream.Pool, start: float, deadline: float,
+                 response_timeout: float) -> None:  # fmt: skip
         self.conn, self.message, self.route, self.wire = conn, message, route, wire
         self.pool = pool
         self.cand: Candidate = route.cands[0]
-        self.remote = remote
         self.start = start  # time.perf_counter(), for the duration metric
         self.deadline = deadline  # time.monotonic(): no new attempt after it
         self.response_timeout = response_timeout
@@ -111,28 +112,20 @@ class _Exchange:
         self.written = True
         proto.watcher = self.on_geode
 
-    def unsent(self) -> None:
-        """Forget a connection the request did not go out on (after a bug): the
-        coroutine path will send it."""
-        if self.proto is not None and not self.written:
-            self.proto.close()
-            self.proto = None
-
     async def connect(self, connect_timeout: float) -> None:
         """Open a connection to the geode (no idle one in the pool), then send."""
         try:
             proto = await upstream.connect(self.cand.geode, connect_timeout)
         except upstream.ConnectFailed as exc:
-            self.connecting = None
             self.failure = exc
             self.conn.hand_over(self)
             return
         except Exception:  # a bug: the coroutine path connects and answers itself
             log.exception("fast lane: unexpected error; the coroutine path takes over")
-            self.connecting = None
             self.conn.hand_over(self)
             return
-        self.connecting = None
+        finally:
+            self.connecting = None
         if self.conn._fast is not self:  # the client went away meanwhile
             proto.close()
             return
@@ -140,9 +133,9 @@ class _Exchange:
             self.send(proto, pooled=False)
         except Exception:  # a bug: the coroutine path goes on (sends, or awaits the answer)
             log.exception("fast lane: unexpected error; the coroutine path takes over")
-            if self.proto is None:
+            if not self.written:  # it sends the request itself, on a connection of its own
                 proto.close()
-            self.unsent()
+                self.proto = None
             self.conn.hand_over(self)
 
     def on_geode(self) -> None:
@@ -330,13 +323,12 @@ class ProxyConnection(RequestHandler):
         if not fwd.fast_lane:
             return False
         start = time.perf_counter()
-        remote = self._remote
         raw = message.raw_headers
         memo = self._memo
         if memo is not None and memo[0] is rt and memo[1] == raw:
             prelude = memo[2]  # a client repeating its headers on a kept-alive connection
         else:
-            found = forwarder.prelude(rt, raw, headers, remote, None, "http")
+            found = forwarder.prelude(rt, raw, headers, self._remote, None, "http")
             if not isinstance(found, Prelude):
                 return False  # geoproxy's own answer: the coroutine path writes it
             prelude = found
@@ -355,7 +347,7 @@ class ProxyConnection(RequestHandler):
         wire = request_wire("GET", geode, path, host_for(fwd, route.head, geode), route.head,
                             route.forwarded)  # fmt: skip
         pool = forwarder.pool
-        fast = _Exchange(self, message, route, wire, pool, remote, start,
+        fast = _Exchange(self, message, route, wire, pool, start,
                          time.monotonic() + fwd.failover_timeout, fwd.response_timeout)  # fmt: skip
         self._fast = fast
         self._request_in_progress = True  # shutdown() waits for it
@@ -399,7 +391,7 @@ class ProxyConnection(RequestHandler):
         observer.inflight -= 1
         trace = fast.route.trace
         observer.note(trace, status, time.perf_counter() - fast.start, "GET",
-                      fast.message.url, fast.remote, trace.body_bytes)  # fmt: skip
+                      fast.message.url, self._remote, trace.body_bytes)  # fmt: skip
 
     def _next(self, keep_alive: bool) -> None:
         """After an exchange: close, or re-arm the keep-alive timer and parse what came
@@ -408,24 +400,26 @@ class ProxyConnection(RequestHandler):
             self._held = b""
             self.force_close()
             return
-        loop = self._loop
         if self._keepalive_timeout > 0:
-            self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
-            if self._keepalive_handle is None:
-                self._keepalive_handle = loop.call_at(self._next_keepalive_close_time,
-                                                      self._process_keepalive)  # fmt: skip
+            self._arm_keepalive()
         held, self._held = self._held, b""
         if self._buffer_paused and not self._messages:
             self._resume_reading_for_buffer()
         if held:
             self.data_received(held)
 
+    def _arm_keepalive(self) -> None:
+        """An idle connection closes ``keepalive_timeout`` from now (as the connection
+        task arms it after each request)."""
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time,
+                                                        self._process_keepalive)  # fmt: skip
+
     def _process_keepalive(self) -> None:
         if self._fast is not None:  # not idle: an exchange is in flight
             self._keepalive_handle = None
-            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
-            self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time,
-                                                        self._process_keepalive)  # fmt: skip
+            self._arm_keepalive()
             return
         super()._process_keepalive()
 

@@ -174,23 +174,6 @@ class Forwarder:
         self.routes = CandidateCache()
         self.regions = ResolutionCache()
 
-    def route(
-        self,
-        rt: Runtime,
-        raw_headers: RawHeaders,
-        headers_in: CIMultiDictProxy[str],
-        remote: str | None,
-        length: int | None,
-        scheme: str,
-        trace: Trace,
-    ) -> Route | web.Response:
-        """The request's route, or geoproxy's own answer when it has none (a loop, headers
-        or a declared body too large, no healthy geode)."""
-        prelude = self.prelude(rt, raw_headers, headers_in, remote, length, scheme)
-        if not isinstance(prelude, Prelude):
-            return prelude
-        return self.routed(rt, prelude, trace)
-
     def prelude(
         self,
         rt: Runtime,
@@ -250,8 +233,11 @@ class Forwarder:
         rt = self.runtime  # read once: a reload swaps it whole
         trace = Trace()
         request[TRACE_KEY] = trace
-        route = self.route(rt, request.raw_headers, request.headers, request.remote,
-                           request.content_length, request.scheme, trace)  # fmt: skip
+        prelude = self.prelude(rt, request.raw_headers, request.headers, request.remote,
+                               request.content_length, request.scheme)  # fmt: skip
+        if not isinstance(prelude, Prelude):
+            return prelude
+        route = self.routed(rt, prelude, trace)
         if not isinstance(route, Route):
             return route
         head = route.head
