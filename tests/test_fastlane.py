@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from test_forwarding import RawGeode, start_with_raw_home
+from test_upstream import ScriptedGeode, two_geode_proxy
 
 from geoproxy import config as config_mod
 from geoproxy.app import Gateway
@@ -440,57 +441,26 @@ async def test_answers_up_to_64_kib_go_out_whole_from_the_fast_lane(
     assert lane_count(proxy, outcome) == 2
 
 
-class ScriptGeode:
-    """A keep-alive geode speaking raw HTTP/1.1: ``script(n, writer)`` writes the answer
-    to the n-th request. Notes the proxy-side port of every request (its connection)."""
+class TwoPieces(ScriptedGeode):
+    """Each answer in two writes, 50 ms apart: its body arrives in two reads."""
 
-    def __init__(self, script: Callable[[int, asyncio.StreamWriter], Awaitable[None]]) -> None:
-        self.script = script
-        self.ports: list[int] = []
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if b" /health " in head.split(b"\r\n", 1)[0]:
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")  # fmt: skip
-                    return
-                self.ports.append(writer.get_extra_info("peername")[1])
-                await self.script(len(self.ports), writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for writer in self.writers:
-            writer.close()
+    async def _write(self, writer: asyncio.StreamWriter, answer: bytes) -> None:
+        for piece in (answer[:-5], answer[-5:]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
 
 
-@contextlib.asynccontextmanager
-async def scripted(proxy_factory: ProxyFactory, geode_factory: GeodeFactory,
-                   script: Callable[[int, asyncio.StreamWriter], Awaitable[None]],
-                   **overrides: Any) -> AsyncIterator[tuple[Proxy, ScriptGeode]]:  # fmt: skip
-    """eu-west is the scripted geode, us-east a FakeGeode (its fallback)."""
-    geode = ScriptGeode(script)
-    try:
-        url = await geode.start()
-        us = await geode_factory("us-1", "us-east")
-        proxy = await start(proxy_factory, [{"name": "raw-1", "region": "eu-west", "url": url},
-                                            geode_entry(us)], **overrides)  # fmt: skip
-        yield proxy, geode
-    finally:
-        await geode.close()
+class Held(ScriptedGeode):
+    """Answers nothing by itself: the test writes on ``writers_held`` when it wants."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda n, line: b"")
+        self.writers_held: list[asyncio.StreamWriter] = []
+
+    async def _write(self, writer: asyncio.StreamWriter, answer: bytes) -> None:
+        self.writers_held.append(writer)
+        await asyncio.sleep(30)  # the test closes the geode long before
 
 
 @pytest.mark.parametrize("fast_lane", [True, False], ids=["fast", "coroutine"])
@@ -501,24 +471,28 @@ async def test_a_geode_connection_answered_in_pieces_is_pooled_without_a_read_de
     response_timeout (but shorter than the pool's keep-alive): the next request reuses
     the connection (a leftover read deadline would have failed it while idle)."""
 
-    async def two_pieces(n: int, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"world")
+    seen: list[int] = []  # the request's number on its geode connection
 
-    forwarding = {"response_timeout": "500ms", "keepalive_timeout": "4s",
-                  "fast_lane": fast_lane}  # fmt: skip
-    async with scripted(proxy_factory, geode_factory, two_pieces,
-                        forwarding=forwarding) as (proxy, geode):  # fmt: skip
+    def answer(n: int, line: str) -> bytes:
+        seen.append(n)
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhelloworld"
+
+    geode = TwoPieces(answer)
+    try:
+        forwarding = {"response_timeout": "500ms", "keepalive_timeout": "4s",
+                      "fast_lane": fast_lane}  # fmt: skip
+        proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, await geode.start(),
+                                         forwarding=forwarding)  # fmt: skip
         conn = await connect(raw, proxy.url)
         for path in ("/a", "/b"):
             conn.send(get(path))
             status, _, body = await conn.response()
             assert (status, body) == ("HTTP/1.1 200 OK", b"helloworld")
             await asyncio.sleep(0.8)
-        assert geode.ports[0] == geode.ports[1]
+        assert seen == [0, 1]  # the second came on the same geode connection
         assert lane_count(proxy, "answered") == (2 if fast_lane else 0)
+    finally:
+        await geode.close()
 
 
 @pytest.mark.parametrize("fast_lane", [True, False], ids=["fast", "coroutine"])
@@ -571,30 +545,27 @@ async def test_an_unexpected_error_while_the_answer_is_made_still_answers(
 async def test_a_client_that_leaves_as_the_exchange_is_handed_over_is_counted_once(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
 ) -> None:
-    writers: list[asyncio.StreamWriter] = []
-    gate = asyncio.Event()
-
-    async def hold(n: int, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        await gate.wait()
-
-    async with scripted(proxy_factory, geode_factory, hold) as (proxy, _):
+    geode = Held()
+    try:
+        proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, await geode.start())
         conn = await connect(raw, proxy.url)
         conn.send(get("/x"))
         for _ in range(200):
-            if writers:
+            if geode.writers_held:
                 break
             await asyncio.sleep(0.01)
         # In one go, before the proxy's loop (this loop) polls again: the client's FIN,
         # then the geode's 503 (which the fast lane hands over).
         assert conn.writer.transport.can_write_eof()
         conn.writer.transport.write_eof()
-        writers[0].write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+        geode.writers_held[0].write(b"HTTP/1.1 503 Service Unavailable\r\n"
+                                    b"Content-Length: 0\r\n\r\n")  # fmt: skip
         time.sleep(0.05)  # noqa: ASYNC251 -- both must be on the wire before the next poll
         await asyncio.sleep(0.3)
-        gate.set()
         assert sum(proxy.gateway.metrics.fast_lane.values.values()) == 1
         assert proxy.gateway.observer.inflight == 0
+    finally:
+        await geode.close()
 
 
 async def test_a_connection_that_changes_its_headers_or_outlives_a_reload_is_routed_anew(
