@@ -119,12 +119,17 @@ class Gateway:
             self.metrics.health_check_duration.labels(name).observe(latency)
 
     def _on_transition(self, state: GeodeHealth) -> None:
-        g = state.geode
-        up = state.takes_traffic
-        self.metrics.geode_up.labels(g.name, g.region).set(1 if up else 0)
-        self.metrics.ejected.labels(g.name, g.region).set(1 if state.ejected else 0)
-        self.metrics.transitions.labels(g.name, "healthy" if up else "unhealthy").inc()
+        self._publish(state)
+        self.metrics.transitions.labels(
+            state.geode.name, "healthy" if state.takes_traffic else "unhealthy"
+        ).inc()
         self._update_ready()
+
+    def _publish(self, state: GeodeHealth) -> None:
+        """The geode's gauges as its state is now."""
+        g = state.geode
+        self.metrics.geode_up.labels(g.name, g.region).set(1 if state.takes_traffic else 0)
+        self.metrics.ejected.labels(g.name, g.region).set(1 if state.ejected else 0)
 
     def _on_eject(self, state: GeodeHealth) -> None:
         self.metrics.ejections.labels(state.geode.name).inc()
@@ -193,10 +198,16 @@ class Gateway:
             if self._geoip is None and new.geoip_database != old.geoip_database:
                 opened = MaxMindLookup(new.geoip_database) if new.geoip_database else None
                 geoip = opened
+            regions = {name: s.geode.region for name, s in self.board.states.items()}
             added, removed = self.board.sync(new.geodes)
             self.board.outliers = new.outlier_detection
             self.metrics.forget_geodes((g.name, g.region) for g in removed)
             self.metrics.declare_geodes((g.name, g.region) for g in added)
+            # A geode kept (same name and URL) in another region: its series move with it.
+            for name, state in self.board.states.items():
+                if regions.get(name, state.geode.region) != state.geode.region:
+                    self.metrics.forget_geodes([(name, regions[name])])
+                    self._publish(state)
             if checker is not None:
                 await checker.check_once(added)  # before they can take traffic
             self.runtime = Runtime(Topology.build(new), TrustedProxies(new.trusted_proxies),

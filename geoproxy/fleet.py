@@ -21,12 +21,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-#: Families counted by the workers (names as ``Metric.name``: counters without _total).
-WORKER_FAMILIES = frozenset({
-    "geoproxy_requests", "geoproxy_request_duration_seconds", "geoproxy_routing_decisions",
-    "geoproxy_region_resolutions", "geoproxy_upstream_attempts", "geoproxy_failovers",
-    "geoproxy_geode_ejections", "geoproxy_geode_ejected", "geoproxy_inflight_requests",
-})  # fmt: skip
+from geoproxy.metrics import worker_families
+
+#: Families counted by the workers (names as ``Metric.name``: counters without _total),
+#: as metrics.py declares them.
+WORKER_FAMILIES = worker_families()
 _MAX = frozenset({"geoproxy_geode_ejected"})
 _CUMULATIVE = frozenset({"counter", "histogram"})  # carried over when a worker exits
 

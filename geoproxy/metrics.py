@@ -71,9 +71,9 @@ class Metrics:
             "ended: answered (from callbacks), handed_over (finished on the coroutine path: "
             "a failure, a retry status, a body to stream), client_closed.", ["outcome"],
         )  # fmt: skip
-        hotmetrics.register(r, self.requests, self.request_duration, self.decisions,
-                            self.resolutions, self.attempts, self.failovers,
-                            self.fast_lane)  # fmt: skip
+        hot = (self.requests, self.request_duration, self.decisions, self.resolutions,
+               self.attempts, self.failovers, self.fast_lane)  # fmt: skip
+        hotmetrics.register(r, *hot)
         self.geode_up = Gauge(
             "geoproxy_geode_up", "1 when the geode is healthy and takes traffic, else 0. "
             "Emitted for every configured geode from start-up.", ["geode", "region"],
@@ -119,6 +119,14 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.build_info.labels(__version__).set(1)
+        #: Families each worker of ``--workers`` counts for itself and the supervisor sums
+        #: (fleet.py): every per-request family, passive health (each worker sees its own
+        #: traffic) and in-flight requests. The rest is the supervisor's own: active
+        #: health, reloads, readiness, build and process.
+        self.worker_families = frozenset(
+            {f.name for f in hot}
+            | {m.name for c in (self.ejections, self.ejected, self.inflight) for m in c.describe()}
+        )
         if process_metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -135,6 +143,11 @@ class Metrics:
             for gauge in (self.geode_up, self.ejected):
                 with contextlib.suppress(KeyError):  # never declared: nothing to drop
                     gauge.remove(name, region)
+
+
+def worker_families() -> frozenset[str]:
+    """``Metrics.worker_families``, as ``Metric.name`` (counters without ``_total``)."""
+    return Metrics(CollectorRegistry(), process_metrics=False).worker_families
 
 
 class WorkerMetrics:

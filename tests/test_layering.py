@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "geoproxy"
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "countries": 0, "logs": 0, "hotmetrics": 0,
     "metrics": 1,
-    "schema": 1, "fleet": 1,
+    "schema": 1,
+    "fleet": 2,
     "config": 2,
     "model": 3,
     "clientip": 3, "geoip": 4,

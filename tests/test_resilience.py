@@ -100,6 +100,27 @@ async def test_new_geode_is_checked_before_it_takes_traffic(
     assert proxy.sample("geoproxy_geode_up", geode="ap-1", region="ap-northeast") == 0
 
 
+async def test_a_reload_moving_a_geode_to_another_region_moves_its_series(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    write_config: WriteConfig,
+) -> None:
+    """Same name and URL, another region: health carries over, and geode_up and
+    geode_ejected follow it to the new region (none left behind under the old one)."""
+    eu, us, ap = await three_geodes(geode_factory)
+    data = base_config([geode_entry(g) for g in (eu, us, ap)])
+    proxy = await proxy_factory(data)
+    assert proxy.sample("geoproxy_geode_up", geode="ap-1", region="ap-northeast") == 1
+    data["geodes"][2]["region"] = "us-east"
+    await reload_with(proxy, write_config, data)
+    assert await served_by(http, proxy, "US") in ("us-1", "ap-1")
+    for family in ("geoproxy_geode_up", "geoproxy_geode_ejected"):
+        assert proxy.registry.get_sample_value(
+            family, {"geode": "ap-1", "region": "ap-northeast"}) is None  # fmt: skip
+    assert proxy.sample("geoproxy_geode_up", geode="ap-1", region="us-east") == 1
+    assert proxy.registry.get_sample_value(
+        "geoproxy_geode_ejected", {"geode": "ap-1", "region": "us-east"}) == 0  # fmt: skip
+
+
 async def test_removed_geode_finishes_in_flight_requests_and_takes_no_new_ones(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
     write_config: WriteConfig,

@@ -245,6 +245,43 @@ async def test_workers_share_one_port_and_their_counts_are_summed_exactly(
     assert not any(alive(p) for p in proxy.pids)
 
 
+def _families_with_samples(text: str) -> set[str]:
+    return {f.name for f in text_string_to_metric_families(text) if f.samples}
+
+
+async def test_a_fleet_exposes_every_family_one_process_exposes(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    """The same traffic through one process and through two workers: /metrics has the
+    same families with samples, plus the fleet's own (workers, restarts, per worker)."""
+    eu = await geode_factory("eu-1", "eu-west")
+    path = write_config(one_region([eu]))
+    exposed = {}
+    for workers in (1, 2):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "geoproxy", "run", "--config", str(path),
+            "--workers", str(workers), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        running = Supervised(proc)
+        try:
+            found = await running.wait_for(r"proxying on (http://[\d.:]+).* admin on (\S+)")
+            proxy_url, admin_url = found.group(1), found.group(2)
+            assert await get_fresh(http, f"{proxy_url}/whoami", 20) == [(200, "eu-1")] * 20
+            async with http.get(f"{admin_url}/metrics") as resp:
+                exposed[workers] = _families_with_samples(await resp.text())
+            assert await running.stop() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    fleet_only = {n for n in exposed[2] if n.startswith(("geoproxy_worker_", "geoproxy_workers"))}
+    assert "geoproxy_fast_lane_requests" in exposed[1]
+    assert sorted(exposed[2] - fleet_only) == sorted(exposed[1])
+    assert fleet_only >= {"geoproxy_workers", "geoproxy_worker_restarts",
+                          "geoproxy_worker_requests"}  # fmt: skip
+
+
 async def test_geodes_are_health_checked_by_the_supervisor_only(
     geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
 ) -> None:
