@@ -24,7 +24,7 @@ from geoproxy.clientip import TrustedProxies
 from geoproxy.config import Config
 from geoproxy.errors import GeoproxyError
 from geoproxy.forwarder import Forwarder
-from geoproxy.geoip import GeoLookup, MaxMindLookup
+from geoproxy.geoip import GeoLookup, MaxMindLookup, open_geoip
 from geoproxy.headers import via_name
 from geoproxy.health import GeodeHealth, HealthBoard, HealthChecker
 from geoproxy.metrics import Metrics
@@ -142,7 +142,7 @@ class Gateway:
         async with contextlib.AsyncExitStack() as stack:  # undone in reverse, always
             geoip = self._geoip
             if geoip is None and self.config.geoip_database is not None:
-                self._own_geoip = geoip = MaxMindLookup(self.config.geoip_database)
+                self._own_geoip = geoip = open_geoip(self.config)
                 stack.callback(self._close_geoip)
             session = await stack.enter_async_context(
                 forwarding_session(self.config.forwarding.keepalive_timeout)
@@ -196,7 +196,7 @@ class Gateway:
             geoip = runtime.geoip
             opened = None
             if self._geoip is None and new.geoip_database != old.geoip_database:
-                opened = MaxMindLookup(new.geoip_database) if new.geoip_database else None
+                opened = open_geoip(new)
                 geoip = opened
             regions = {name: s.geode.region for name, s in self.board.states.items()}
             added, removed = self.board.sync(new.geodes)
@@ -244,6 +244,8 @@ class Gateway:
             return False
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set_to_current_time()
+        for line in new.warnings:
+            log.warning("%s", line)
         return True
 
     def _forward(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:

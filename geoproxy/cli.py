@@ -22,10 +22,19 @@ from geoproxy import config as config_mod
 from geoproxy.clientip import parse_ip
 from geoproxy.errors import GeoproxyError
 from geoproxy.explain import explain
-from geoproxy.geoip import MaxMindLookup
+from geoproxy.geoip import open_geoip
 from geoproxy.logs import setup_logging
 from geoproxy.model import Topology
-from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
+from geoproxy.resolver import (
+    CF_IPCOUNTRY,
+    CF_UNKNOWN,
+    ERROR,
+    INVALID,
+    UNKNOWN,
+    X_CLIENT_REGION,
+    Resolution,
+    resolve,
+)
 from geoproxy.server import Bound, serve
 from geoproxy.stamp import config as stamp_config
 from geoproxy.stamp.serve import serve_stamp
@@ -98,13 +107,15 @@ def check_config(path: Path) -> int:
     """Like ``nginx -t``: exit 0 and the derived topology, or 1 and every error."""
     try:
         cfg = config_mod.load(path)
-        if cfg.geoip_database is not None:
-            MaxMindLookup(cfg.geoip_database).close()
+        if (lookup := open_geoip(cfg)) is not None:
+            lookup.close()
     except GeoproxyError as exc:
         print(f"{path}: configuration is invalid", file=sys.stderr)
         print(str(exc), file=sys.stderr)
         return 1
     print(describe(Topology.build(cfg)))
+    for line in cfg.warnings:
+        print(f"warning: {line}", file=sys.stderr)
     print(f"{path}: configuration is valid")
     return 0
 
@@ -115,7 +126,7 @@ def route_cmd(
     """Explain a routing decision from the config alone, every geode counted healthy."""
     try:
         cfg = config_mod.load(path)
-        lookup = MaxMindLookup(cfg.geoip_database) if cfg.geoip_database else None
+        lookup = open_geoip(cfg)
     except GeoproxyError as exc:
         return _fail(f"{path}: configuration is invalid\n{exc}")
     client = parse_ip(ip) if ip else None
@@ -134,6 +145,11 @@ def route_cmd(
             lookup.close()
     every = {g.name for g in cfg.geodes}
     answer = explain(topology, resolution, every, None, True)
+    given = {"x-client-region": ("--region", region), "cf-ipcountry": ("--country", country),
+             "geoip": ("--ip", ip)}  # fmt: skip
+    for source, (flag, value) in given.items():
+        if value is not None and (why := _unused(source, value, cfg, resolution)):
+            print(f"geoproxy route: {flag} {value!r} {why}", file=sys.stderr)
     if as_json:
         print(json.dumps(answer, indent=2))
         return 0
@@ -148,6 +164,36 @@ def route_cmd(
     print(f"why: {answer['reason']}")
     print("health: not known offline; every geode counted healthy")
     return 0
+
+
+def _unused(source: str, value: str, cfg: config_mod.Config, res: Resolution) -> str | None:
+    """Why an input of ``route`` did not decide the region, or ``None`` when it did."""
+    results = dict(res.steps)
+    if source == "geoip" and cfg.geoip_database is None:
+        return "was ignored: the config sets no geoip.database"
+    if source not in cfg.region_sources:
+        return f"was ignored: {source!r} is not in region_sources"
+    if source not in results:
+        return f"was not consulted: {res.source} decided first"
+    result = results[source]
+    if result == INVALID and source == "x-client-region":
+        regions = ", ".join(r.name for r in cfg.regions)
+        return (f"is unknown: neither a region ({regions}) nor an ISO 3166-1 alpha-2 country "
+                "code; ignored")  # fmt: skip
+    if result == INVALID:
+        return "is unknown: not an ISO 3166-1 alpha-2 country code; ignored"
+    if result == UNKNOWN and source == "geoip":
+        client = parse_ip(value)
+        if client is not None and not client.is_global:
+            return "was not looked up: a private or reserved address"
+        return "is not in the GeoIP database, or has no country or continent there"
+    if result == UNKNOWN and value.strip().upper() in CF_UNKNOWN:
+        return "means an unknown country (Cloudflare's XX or T1); ignored"
+    if result == UNKNOWN:
+        return "is a country the region map gives no region; ignored"
+    if result == ERROR:
+        return "could not be looked up: the GeoIP database is corrupt"
+    return None
 
 
 def describe(topology: Topology) -> str:
@@ -195,6 +241,8 @@ def _run_cmd(path: Path, workers: int = 1, log_level: str = "info") -> int:
         cfg = config_mod.load(path)
     except GeoproxyError as exc:
         return _fail(f"{path}: configuration is invalid\n{exc}")
+    for line in cfg.warnings:
+        logging.getLogger("geoproxy").warning("%s", line)
     if workers == 1:
         return _run_main(lambda stop, reload: serve(cfg, stop, reload=reload))
     return _run_main(

@@ -34,10 +34,12 @@ from geoproxy.schema import (
 )
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: Region sources a config may list in ``region_sources``, in their default order.
 SOURCES = ("x-client-region", "cf-ipcountry", "geoip")
-_REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_REGION_ID_MAX = 63  # a DNS label, so a region id fits in a host name
+_REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _GEODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -155,6 +157,8 @@ class Config:
     # to any of them triggers a reload.
     fingerprint: bytes = b""  # of the exact bytes this config was read from
     contents: tuple[bytes, ...] = ()  # those bytes, one per file in ``files``
+    warnings: tuple[str, ...] = ()  # ``FILE: PATH: MESSAGE`` lines for what is valid but
+    # likely wrong; check-config prints them, start-up and reloads log them.
 
     def sources(self) -> dict[str, bytes]:
         """The bytes this config was read from, by file: ``load(path, given=...)`` builds
@@ -191,7 +195,8 @@ def load(path: str | Path, given: Mapping[str, bytes] | None = None) -> Config:
     config = _build(Node(data, "", problems), path, problems, read, given)
     if problems or config is None:
         raise ConfigError(problems.lines)
-    return dataclasses.replace(config, fingerprint=fingerprint(read), contents=tuple(read))
+    return dataclasses.replace(config, fingerprint=fingerprint(read), contents=tuple(read),
+                               warnings=tuple(_warnings(config)))
 
 
 _TOP_KEYS = (
@@ -212,6 +217,11 @@ def _build(
     listen.expect_mapping(("proxy", "admin"), allow_missing=True)
     proxy = _listener(listen.get("proxy"), Listener("0.0.0.0", 8080))
     admin = _listener(listen.get("admin"), Listener("127.0.0.1", 9901))
+    if (shared := _shared_address(proxy, admin)) is not None:
+        listen.get("admin").problem(
+            f"{admin.host}:{admin.port} collides with the proxy listener "
+            f"{proxy.host}:{proxy.port} ({shared}); give them different ports"
+        )
 
     trusted = tuple(_cidrs(root.get("trusted_proxies")))
     geoip = root.get("geoip")
@@ -221,14 +231,15 @@ def _build(
     sources = _sources(root.get("region_sources"), geoip_database is not None)
 
     regions = _regions(root.get("regions"))
-    known = {r.name for r in regions}
-    default_region = root.get("default_region").region(known)
-    countries, continents = _region_map(root, base, known, problems, read, given)
+    known = {r.name for r in regions if _region_id_problem(r.name) is None}
+    quiet = {r.name for r in regions} - known  # invalid ids: reported once, where declared
+    default_region = root.get("default_region").region(known, quiet)
+    countries, continents = _region_map(root, base, (known, quiet), problems, read, given)
     region_map = root.get("region_map").string(optional=True)
 
     health = _health(root.get("health_check"), HealthCheck())
     before = len(problems.lines)
-    geodes = _geodes(root.get("geodes"), known, health)
+    geodes = _geodes(root.get("geodes"), (known, quiet), health)
     if root.get("geodes").value == []:
         root.get("geodes").problem("at least one geode is required")
     elif geodes and len(problems.lines) == before:  # a broken entry would make this noise
@@ -273,6 +284,34 @@ def _listener(node: Node, default: Listener) -> Listener:
     return Listener(host, default.port if port is None else port)
 
 
+def _addresses(host: str) -> set[IPAddress]:
+    if host == "localhost":  # what getaddrinfo gives for it
+        return {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+    try:
+        return {ipaddress.ip_address(host)}
+    except ValueError:
+        return set()  # already reported
+
+
+def _shared_address(a: Listener, b: Listener) -> str | None:
+    """What two listeners would both bind, or ``None``. 0.0.0.0 covers every IPv4 address
+    and :: every IPv6 one (IPv6 sockets are IPv6-only, as asyncio makes them); port 0
+    picks a free port each."""
+    if a.port != b.port or a.port == 0:
+        return None
+    for x in _addresses(a.host):
+        for y in _addresses(b.host):
+            if x.version != y.version:
+                continue
+            if x == y:
+                return f"both bind port {a.port} on {x}"
+            if x.is_unspecified or y.is_unspecified:
+                wild = x if x.is_unspecified else y
+                every = "IPv4" if wild.version == 4 else "IPv6"
+                return f"{wild} binds port {a.port} on every {every} address"
+    return None
+
+
 def _cidrs(node: Node) -> list[IPNetwork]:
     out: list[IPNetwork] = []
     for item in node.items(optional=True):
@@ -303,15 +342,27 @@ def _sources(node: Node, have_geoip: bool) -> tuple[str, ...]:
     return tuple(out)
 
 
+_Known = tuple[set[str], set[str]]  # valid region ids; declared but invalid ones
+
+
+def _region_id_problem(key: str) -> str | None:
+    if len(key) > _REGION_ID_MAX:
+        return f"{len(key)} characters, at most {_REGION_ID_MAX}"
+    if not key.isascii():
+        return "not ASCII: lowercase ASCII letters, digits and '-', e.g. eu-west"
+    if not _REGION_ID.match(key):
+        return "lowercase letters, digits and '-', e.g. eu-west"
+    return None
+
+
 def _regions(node: Node) -> tuple[Region, ...]:
     if not node.expect_mapping(None):
         return ()
     names = node.keys()
     for key in names:
-        if not _REGION_ID.match(key):
-            node.get(key).problem(
-                f"invalid region id {key!r} (lowercase letters, digits and '-', e.g. eu-west)"
-            )
+        if (why := _region_id_problem(key)) is not None:
+            node.get(key).problem(f"invalid region id {key!r} ({why})")
+    valid = {key for key in names if _region_id_problem(key) is None}
     regions = []
     for name in names:
         entry = node.get(name)
@@ -321,7 +372,7 @@ def _regions(node: Node) -> tuple[Region, ...]:
         entry.expect_mapping(("fallback",), allow_missing=True)
         fallback: list[str] = []
         for item in entry.get("fallback").items(optional=True):
-            other = item.region(set(names))
+            other = item.region(valid, set(names) - valid)
             if other == name:
                 item.problem(f"region {name!r} cannot fall back to itself")
             elif other in fallback:
@@ -333,7 +384,7 @@ def _regions(node: Node) -> tuple[Region, ...]:
 
 
 def _region_map(
-    root: Node, base: Path, known: set[str], problems: Problems, read: list[bytes],
+    root: Node, base: Path, known: _Known, problems: Problems, read: list[bytes],
     given: Mapping[str, bytes],
 ) -> tuple[dict[str, str], dict[str, str]]:
     """The region map: ``region_map`` (a file) first, then inline entries override it."""
@@ -363,7 +414,7 @@ def _region_map(
                 layer.get("countries").get(key).problem(
                     f"unknown country code {key!r} (ISO 3166-1 alpha-2, e.g. FR)"
                 )
-            elif (region := value.region(known)) is not None:
+            elif (region := value.region(*known)) is not None:
                 countries[code] = region
         for key, value in layer.get("continents").pairs():
             code = key.upper().strip()
@@ -371,7 +422,7 @@ def _region_map(
                 layer.get("continents").get(key).problem(
                     f"unknown continent code {key!r} (known: {', '.join(sorted(CONTINENTS))})"
                 )
-            elif (region := value.region(known)) is not None:
+            elif (region := value.region(*known)) is not None:
                 continents[code] = region
     for line in sub.lines:  # only now: the loop above records the map's entry problems
         problems.add("region_map", line)
@@ -420,7 +471,7 @@ def _duration(node: Node, default: float, allow_zero: bool = False) -> float | N
     return parse_duration(node, allow_zero=allow_zero)
 
 
-def _geodes(node: Node, known: set[str], health: HealthCheck) -> tuple[Geode, ...]:
+def _geodes(node: Node, known: _Known, health: HealthCheck) -> tuple[Geode, ...]:
     geodes: list[Geode] = []
     seen: dict[str, str] = {}
     for item in node.items():
@@ -436,7 +487,7 @@ def _geodes(node: Node, known: set[str], health: HealthCheck) -> tuple[Geode, ..
             item.get("name").problem(f"duplicate geode name {name!r} (first at {seen[name]})")
         elif name is not None:
             seen[name] = item.path
-        region = item.get("region").region(known)
+        region = item.get("region").region(*known)
         url = _geode_url(item.get("url"))
         weight = item.get("weight").integer(1, 1000, optional=True) or 1
         own = _health(item.get("health"), health)
@@ -486,6 +537,28 @@ def _section(
         if not sub.missing and (value := read(sub)) is not None:
             values[(rename or {}).get(key, key)] = value
     return dataclasses.replace(base, **values)  # type: ignore[type-var]
+
+
+def _warnings(config: Config) -> Iterable[str]:
+    """What is valid but probably not meant. Paths index the YAML lists: a config with
+    no problems kept every entry."""
+    where = Problems(str(config.path))
+    for i, network in enumerate(config.trusted_proxies):
+        if network.prefixlen == 0:
+            where.add(f"trusted_proxies[{i}]", f"{network} trusts every IPv{network.version} "
+                      "client: any client can pick its region (X-Client-Region, CF-IPCountry) "
+                      "and its address (X-Forwarded-For)")  # fmt: skip
+    first: dict[tuple[str, str | None, int | None, str], tuple[int, Geode]] = {}
+    for i, geode in enumerate(config.geodes):
+        url = geode.url
+        key = (url.scheme, url.host, url.port, geode.prefix)
+        if key not in first:
+            first[key] = (i, geode)
+        elif (other := first[key][1]).region != geode.region:
+            where.add(f"geodes[{i}].url", f"same URL as geodes[{first[key][0]}] "
+                      f"({other.name}, region {other.region}): one stamp would serve "
+                      f"regions {other.region} and {geode.region}")  # fmt: skip
+    return where.lines
 
 
 def _check_servable(regions: tuple[Region, ...], geodes: tuple[Geode, ...], node: Node) -> None:

@@ -18,3 +18,7 @@ class ConfigError(GeoproxyError):
 
 class GeoIPError(GeoproxyError):
     """The GeoIP database named in the config cannot be opened or read."""
+
+
+class GeoIPLookupError(GeoIPError):
+    """One GeoIP look-up failed (a corrupt record), unlike an address not in the database."""

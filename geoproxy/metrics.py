@@ -54,7 +54,8 @@ class Metrics:
         )  # fmt: skip
         self.resolutions = HotCounter(
             "geoproxy_region_resolutions", "Region sources consulted, by result: ok, "
-            "unknown, invalid, untrusted (a header from an untrusted peer, ignored).",
+            "unknown, invalid, untrusted (a header from an untrusted peer, ignored), error "
+            "(a GeoIP look-up failed: a corrupt database).",
             ["source", "result"],
         )  # fmt: skip
         self.attempts = HotCounter(

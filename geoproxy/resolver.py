@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from geoproxy.clientip import IPAddress
 from geoproxy.countries import COUNTRY_CONTINENT
+from geoproxy.errors import GeoIPLookupError
 from geoproxy.geoip import GeoLookup
 from geoproxy.model import Topology
 
@@ -20,6 +21,7 @@ _MAX_HEADER_VALUE = 64
 
 # Step results, also the values of the `result` metric label (a bounded set).
 OK, ABSENT, UNKNOWN, INVALID, UNTRUSTED = "ok", "absent", "unknown", "invalid", "untrusted"
+ERROR = "error"  # the GeoIP look-up itself failed (a corrupt record), unlike UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,10 @@ def _from_geoip(
         return None, None, ABSENT
     if not ip.is_global:
         return None, None, UNKNOWN  # private, loopback, link-local, documentation ranges
-    answer = lookup(ip)
+    try:
+        answer = lookup(ip)
+    except GeoIPLookupError:
+        return None, None, ERROR  # counted and logged (rate-limited) by the look-up
     if answer is None:
         return None, None, UNKNOWN
     region = topology.region_of(answer.country, answer.continent)

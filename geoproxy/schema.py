@@ -155,12 +155,13 @@ class Node:
             return None
         return norm
 
-    def region(self, known: set[str]) -> str | None:
-        """A reference to a declared region."""
+    def region(self, known: set[str], quiet: set[str] | None = None) -> str | None:
+        """A reference to a declared region. ``quiet``: ids declared but invalid (reported
+        where declared): a reference to one is not reported again."""
         text = self.string()
         if text is None:
             return None
-        if not known:
+        if not known or text in (quiet or ()):
             return None  # `regions` itself is broken and already reported; no flood
         if text not in known:
             hint = difflib.get_close_matches(text, sorted(known), n=1)
@@ -239,6 +240,8 @@ def parse_http_url(node: Node) -> URL | None:
         node.problem(f"URL must not carry credentials: {text!r}")
     elif url.query_string or url.fragment:
         node.problem(f"URL must not have a query or fragment: {text!r}")
+    elif (why := host_name_problem(url.raw_host or "")) is not None:
+        node.problem(f"URL host can never resolve in DNS ({why}): {text!r}")
     else:
         try:
             url.port  # noqa: B018 -- yarl validates the port lazily
@@ -246,6 +249,23 @@ def parse_http_url(node: Node) -> URL | None:
             node.problem(f"URL has an invalid port: {text!r}")
             return None
         return url
+    return None
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why a host name (IDNA-encoded, as in a URL) can never be looked up in DNS, or
+    ``None``: a label over 63 bytes, an empty label, a name over 253 bytes (RFC 1035).
+    One trailing dot (a fully qualified name) is allowed; IP literals pass."""
+    if not host or ":" in host or re.fullmatch(r"[\d.]+", host):
+        return None  # an IPv6 literal, or an IPv4 one (yarl rejects malformed literals)
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253:
+        return f"a name of {len(name)} bytes, at most 253"
+    for label in name.split("."):
+        if not label:
+            return "an empty label: '..' or a leading dot"
+        if len(label) > 63:
+            return f"a label of {len(label)} bytes, at most 63"
     return None
 
 

@@ -7,8 +7,9 @@ import contextlib
 import gzip
 import hashlib
 import socket
+import struct
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -379,6 +380,36 @@ def make_mmdb(tmp_path: Path) -> Callable[..., Path]:
             writer.insert_network(IPSet([cidr]), _record(country, continent, edition == "City"))
         path = tmp_path / f"test-{edition}-v{ip_version}.mmdb"
         writer.to_db_file(str(path))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def make_broken_mmdb(tmp_path: Path) -> Callable[..., Path]:
+    """A City database like MaxMind's ``GeoIP2-City-Test-Broken-Double-Format.mmdb``: its
+    metadata reads, but the location doubles of ``broken`` networks (every one by
+    default) are declared 2 bytes long instead of 8, so looking one of them up fails."""
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    def make(broken: Collection[str] | None = None) -> Path:
+        writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoIP2-City",
+                            languages=["en"], description="geoproxy broken test database")
+        latitudes = {}
+        for i, (cidr, (country, continent)) in enumerate(GEO_NETWORKS.items()):
+            record = _record(country, continent, True)
+            record["location"] = {"latitude": 10.0 + i, "longitude": 20.0 + i}  # unique
+            latitudes[cidr] = 10.0 + i
+            writer.insert_network(IPSet([cidr]), record)
+        path = tmp_path / "GeoIP2-City-Test-Broken-Double-Format.mmdb"
+        writer.to_db_file(str(path))
+        raw = path.read_bytes()
+        for cidr in GEO_NETWORKS if broken is None else broken:
+            double = struct.pack("!d", latitudes[cidr])  # control byte 0x68: double, size 8
+            assert raw.count(b"\x68" + double) == 1
+            raw = raw.replace(b"\x68" + double, b"\x62" + double)  # ...size 2
+        path.write_bytes(raw)
         return path
 
     return make

@@ -364,6 +364,149 @@ def test_malformed_geode_url_is_rejected(
     check_errors(write_config, edited({"geodes[0].url": url}), [f"geodes[0].url: {message}"])
 
 
+LONG_LABEL = "a" * 64
+LONG_NAME = ("a" * 63 + ".") * 4 + "test"  # 260 bytes
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        pytest.param(f"http://{LONG_LABEL}.test", "a label of 64 bytes, at most 63",
+                     id="label-over-63-bytes"),
+        pytest.param("http://euw-1..test", "an empty label: '..' or a leading dot",
+                     id="empty-label"),
+        pytest.param("https://.euw-1.test:8443", "an empty label: '..' or a leading dot",
+                     id="leading-dot"),
+        pytest.param(f"http://{LONG_NAME}/api", "a name of 260 bytes, at most 253",
+                     id="name-over-253-bytes"),
+    ],
+)  # fmt: skip
+def test_geode_host_that_can_never_resolve_is_rejected(
+    write_config: WriteConfig, url: str, why: str
+) -> None:
+    expected = f"geodes[1].url: URL host can never resolve in DNS ({why}): {url!r}"
+    check_errors(write_config, edited({"geodes[1].url": url}), [expected])
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["a" * 63 + ".test", "euw-1.test.", ("a" * 63 + ".") * 3 + "a" * 61, "10.0.0.1", "[::1]"],
+    ids=["label-of-63-bytes", "trailing-dot", "name-of-253-bytes", "ipv4", "ipv6"],
+)
+def test_geode_host_at_the_dns_limits_is_accepted(write_config: WriteConfig, host: str) -> None:
+    cfg = config_mod.load(write_config(edited({"geodes[1].url": f"http://{host}:8080"})))
+    assert cfg.geodes[1].url.raw_host == host.strip("[]")
+
+
+@pytest.mark.parametrize(
+    ("proxy", "admin", "why"),
+    [
+        pytest.param("127.0.0.1", "127.0.0.1", "both bind port 8080 on 127.0.0.1",
+                     id="same-address"),
+        pytest.param("0.0.0.0", "127.0.0.1", "0.0.0.0 binds port 8080 on every IPv4 address",
+                     id="any-ipv4-and-loopback"),
+        pytest.param("10.1.2.3", "0.0.0.0", "0.0.0.0 binds port 8080 on every IPv4 address",
+                     id="address-and-any-ipv4"),
+        pytest.param("::", "::1", ":: binds port 8080 on every IPv6 address", id="any-ipv6"),
+        pytest.param("::1", "localhost", "both bind port 8080 on ::1", id="localhost"),
+    ],
+)  # fmt: skip
+def test_proxy_and_admin_listeners_that_collide_are_rejected(
+    write_config: WriteConfig, proxy: str, admin: str, why: str
+) -> None:
+    data = edited({"listen.proxy": {"host": proxy, "port": 8080},
+                   "listen.admin": {"host": admin, "port": 8080}})  # fmt: skip
+    check_errors(write_config, data, [
+        f"listen.admin: {admin}:8080 collides with the proxy listener {proxy}:8080 ({why}); "
+        "give them different ports"
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("proxy", "admin"),
+    [(("127.0.0.1", 8080), ("127.0.0.1", 9901)), (("127.0.0.1", 0), ("127.0.0.1", 0)),
+     (("0.0.0.0", 8080), ("::1", 8080)), (("::", 8080), ("127.0.0.1", 8080))],
+    ids=["other-port", "both-any-free-port", "ipv4-any-and-ipv6", "ipv6-any-and-ipv4"],
+)  # fmt: skip
+def test_listeners_that_do_not_collide_are_accepted(
+    write_config: WriteConfig, proxy: tuple[str, int], admin: tuple[str, int]
+) -> None:
+    data = edited({"listen.proxy": {"host": proxy[0], "port": proxy[1]},
+                   "listen.admin": {"host": admin[0], "port": admin[1]}})  # fmt: skip
+    cfg = config_mod.load(write_config(data))
+    assert (cfg.proxy, cfg.admin) == (Listener(*proxy), Listener(*admin))
+
+
+def test_listeners_the_config_says_collide_really_cannot_both_bind() -> None:
+    """The rule above, against the kernel: 0.0.0.0 and 127.0.0.1 on one port."""
+    import socket
+
+    with socket.socket() as first:
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        first.bind(("0.0.0.0", 0))
+        first.listen()
+        with socket.socket() as second:
+            second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError, match="Address already in use"):
+                second.bind(("127.0.0.1", first.getsockname()[1]))
+
+
+LONG_REGION = "r" * 64
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param({f"regions.{LONG_REGION}": {"fallback": ["eu-west"]}},
+                     [f"regions.{LONG_REGION}: invalid region id '{LONG_REGION}' (64 characters, "
+                      "at most 63)"], id="over-the-length-limit"),
+        pytest.param({"regions.eu-wést": {"fallback": ["eu-west"]}},
+                     ["regions.eu-wést: invalid region id 'eu-wést' (not ASCII: lowercase ASCII "
+                      "letters, digits and '-', e.g. eu-west)"], id="not-ascii"),
+        pytest.param({"regions.EU_West": {"fallback": ["eu-west"]}, "geodes[0].region": "mars",
+                      "geodes[1].region": "EU_West"},
+                     ["regions.EU_West: invalid region id 'EU_West' (lowercase letters, digits "
+                      "and '-', e.g. eu-west)",
+                      f"geodes[0].region: unknown region 'mars' {KNOWN}"],
+                     id="known-lists-only-valid-ids"),
+    ],
+)  # fmt: skip
+def test_invalid_region_id_message_names_the_rule_it_breaks(
+    write_config: WriteConfig, changes: dict[str, Any], expected: list[str]
+) -> None:
+    check_errors(write_config, edited(changes), expected)
+
+
+def test_trusting_every_address_or_one_stamp_in_two_regions_is_a_warning_not_an_error(
+    write_config: WriteConfig,
+) -> None:
+    data = edited({"trusted_proxies": ["10.0.0.0/8", "0.0.0.0/0", "::/0"],
+                   "geodes[2].url": "HTTP://use-1.test:80/"})  # fmt: skip
+    path = write_config(data)
+    cfg = config_mod.load(path)
+    assert cfg.warnings == (
+        f"{path}: trusted_proxies[1]: 0.0.0.0/0 trusts every IPv4 client: any client can pick "
+        "its region (X-Client-Region, CF-IPCountry) and its address (X-Forwarded-For)",
+        f"{path}: trusted_proxies[2]: ::/0 trusts every IPv6 client: any client can pick "
+        "its region (X-Client-Region, CF-IPCountry) and its address (X-Forwarded-For)",
+        f"{path}: geodes[2].url: same URL as geodes[1] (use-1, region us-east): one stamp "
+        "would serve regions us-east and ap-northeast",
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"geodes[2].url": "http://use-1.test:8080"}, {"geodes[2].url": "https://use-1.test"},
+     {"geodes[2].url": "http://use-1.test/other"},
+     {"geodes[2].url": "http://use-1.test", "geodes[2].region": "us-east"}],
+    ids=["base", "other-port", "other-scheme", "other-base-path", "same-region"],
+)  # fmt: skip
+def test_config_without_doubtful_settings_has_no_warnings(
+    write_config: WriteConfig, changes: dict[str, Any]
+) -> None:
+    assert config_mod.load(write_config(edited(changes))).warnings == ()
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
@@ -875,7 +1018,37 @@ def test_check_config_on_missing_geoip_database_names_resolved_path(
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.splitlines() == [
         f"{path}: configuration is invalid",
-        f"{etc / 'missing.mmdb'}: GeoIP database not found",
+        f"{path}: geoip.database: {etc / 'missing.mmdb'}: GeoIP database not found",
+    ]
+
+
+def test_check_config_rejects_a_corrupt_geoip_database_it_probed(
+    write_config: WriteConfig, tmp_path: Path, make_broken_mmdb: Callable[..., Path]
+) -> None:
+    """Metadata that reads, records that do not (MaxMind's Broken-Double-Format file): a
+    look-up of the first addresses in it fails at load, not on traffic."""
+    database = make_broken_mmdb()
+    path = write_config(edited(geoip={"database": database.name}))
+    result = check_config(path, tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        f"{path}: configuration is invalid",
+        f"{path}: geoip.database: {database}: corrupt MaxMind database: Error looking up data "
+        "while iterating over tree: The MaxMind DB file's data section contains bad data "
+        "(unknown data type or corrupt data)",
+    ]
+
+
+def test_check_config_prints_warnings_and_still_exits_0(
+    write_config: WriteConfig, tmp_path: Path
+) -> None:
+    path = write_config(edited({"trusted_proxies": ["::/0"]}))
+    result = check_config(path, tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[-1] == f"{path}: configuration is valid"
+    assert result.stderr.splitlines() == [
+        f"warning: {path}: trusted_proxies[0]: ::/0 trusts every IPv6 client: any client can "
+        "pick its region (X-Client-Region, CF-IPCountry) and its address (X-Forwarded-For)"
     ]
 
 
@@ -890,7 +1063,8 @@ def test_check_config_on_file_that_is_not_mmdb_exits_1_with_clear_message(
     assert (result.returncode, result.stdout) == (1, "")
     lines = result.stderr.splitlines()
     assert lines[0] == f"{path}: configuration is invalid"
-    assert lines[1].startswith(f"{database}: not a readable MaxMind database: ")
+    assert lines[1].startswith(f"{path}: geoip.database: {database}: not a readable MaxMind "
+                               "database: ")
     assert len(lines) == 2
     assert "Traceback" not in result.stderr
 

@@ -262,6 +262,25 @@ async def test_geoip_resolution_results_are_counted(
                   "result") == expected  # fmt: skip
 
 
+async def test_geoip_lookup_that_fails_is_counted_as_error_not_unknown(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    make_broken_mmdb: MakeMmdb,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    database = make_broken_mmdb(["2a02:cf40::/29"])  # FR's record: past the load probe
+    proxy = await start(proxy_factory, list(geodes), geoip={"database": str(database)})
+    for client in ("2a02:cf40::1", "8.8.8.8"):
+        async with http.get(f"{proxy.url}/whoami", headers={"X-Forwarded-For": client}) as resp:
+            assert resp.status == 200  # the default region serves, never a 500
+            assert resp.headers["X-Geoproxy-Geode"] == "eu-1"
+    await settled(proxy)
+    assert series(proxy.registry, "geoproxy_region_resolutions_total", "source", "result") == {
+        ("geoip", "error"): 1, ("geoip", "unknown"): 1, ("default", "ok"): 2,
+    }  # fmt: skip
+
+
 async def _home_refuses(proxy: Proxy, geodes: tuple[FakeGeode, FakeGeode, FakeGeode]) -> None:
     await refuse_connections(geodes[0])
 
@@ -953,6 +972,46 @@ def test_route_cli_picks_by_geoip_of_the_given_ip(
         source,
     )
     assert answer["client"]["ip"] == ip
+
+
+@pytest.mark.parametrize(
+    ("args", "note"),
+    [
+        (["--region", "mars"], "--region 'mars' is unknown: neither a region (eu-west, us-east, "
+         "ap-northeast) nor an ISO 3166-1 alpha-2 country code; ignored"),
+        (["--country", "ZZ"],
+         "--country 'ZZ' is unknown: not an ISO 3166-1 alpha-2 country code; ignored"),
+        (["--country", "XX"], "--country 'XX' means an unknown country (Cloudflare's XX or T1); "
+         "ignored"),
+        (["--ip", "10.0.0.7"], "--ip '10.0.0.7' was not looked up: a private or reserved address"),
+        (["--ip", "8.8.8.8"],
+         "--ip '8.8.8.8' is not in the GeoIP database, or has no country or continent there"),
+        (["--region", "eu-west", "--ip", "216.160.83.56"],
+         "--ip '216.160.83.56' was not consulted: x-client-region decided first"),
+    ],
+    ids=["unknown-region", "unknown-country", "unknown-by-design", "private-ip",
+         "ip-not-in-database", "ip-after-a-deciding-header"],
+)  # fmt: skip
+def test_route_cli_says_which_input_did_not_decide_and_why(
+    route_config: Path, args: list[str], note: str
+) -> None:
+    done = run_route("--config", str(route_config), *args)
+    assert done.returncode == 0
+    assert done.stderr == f"geoproxy route: {note}\n"
+    assert "chosen geode:" in done.stdout
+
+
+def test_route_cli_says_an_ip_is_ignored_without_a_geoip_database(
+    write_config: WriteConfig, dead_url: str
+) -> None:
+    path = write_config(base_config([{"name": "eu-1", "region": "eu-west", "url": dead_url}],
+                                    regions={"eu-west": None}, countries={}, continents={}))
+    done = run_route("--config", str(path), "--ip", "216.160.83.56", "--json")
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["resolution"]["source"] == "default"
+    assert done.stderr == (
+        "geoproxy route: --ip '216.160.83.56' was ignored: the config sets no geoip.database\n"
+    )
 
 
 def test_route_cli_rejects_a_bad_ip_with_a_clear_message(route_config: Path) -> None:

@@ -148,8 +148,25 @@ async def test_run_names_a_missing_geoip_database(
     path = write_config(data)
     code, out = await run_to_end("run", "--config", str(path))
     assert code == 1
-    assert f"{path.parent / 'GeoLite2-City.mmdb'}: GeoIP database not found" in out
+    assert (f"geoproxy: {path}: geoip.database: {path.parent / 'GeoLite2-City.mmdb'}: GeoIP "
+            "database not found\n") in out
     assert "Traceback" not in out
+
+
+async def test_run_logs_config_warnings_at_start_up(
+    geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    data = base_config([geode_entry(eu), {**geode_entry(eu), "name": "us-1",
+                                          "region": "us-east"}])  # fmt: skip
+    path = write_config(data)
+    async with geoproxy("run", "--config", str(path)) as proxy:
+        await proxy.wait_for(READY)
+        assert await proxy.stop() == 0
+    warnings = [line.split(" ", 2)[2] for line in "".join(proxy.output).splitlines()
+                if " WARNING " in line]  # fmt: skip
+    assert warnings == [f"WARNING geoproxy: {path}: geodes[1].url: same URL as geodes[0] (eu-1, "
+                        "region eu-west): one stamp would serve regions eu-west and us-east"]
 
 
 def _occupy(port: int) -> socket.socket | None:

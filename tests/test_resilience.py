@@ -83,6 +83,22 @@ async def test_broken_reload_changes_nothing_and_is_counted(
     assert proxy.sample("geoproxy_config_last_reload_success_timestamp_seconds") == stamp
 
 
+async def test_reload_logs_the_warnings_of_the_new_config(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, write_config: WriteConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    data = base_config([geode_entry(g) for g in geodes])
+    proxy = await proxy_factory(data)
+    data["trusted_proxies"] = ["0.0.0.0/0"]
+    await reload_with(proxy, write_config, data)
+    path = proxy.gateway.config.path
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if "trusted" in r.getMessage()
+            ] == [("WARNING", f"{path}: trusted_proxies[0]: 0.0.0.0/0 trusts every IPv4 client: "
+                   "any client can pick its region (X-Client-Region, CF-IPCountry) and its "
+                   "address (X-Forwarded-For)")]  # fmt: skip
+
+
 async def test_new_geode_is_checked_before_it_takes_traffic(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
     write_config: WriteConfig,

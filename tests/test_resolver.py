@@ -15,7 +15,7 @@ from netaddr import IPSet
 
 from geoproxy import config as config_mod
 from geoproxy.clientip import IPAddress
-from geoproxy.errors import GeoIPError
+from geoproxy.errors import GeoIPError, GeoIPLookupError
 from geoproxy.geoip import GeoAnswer, MaxMindLookup
 from geoproxy.model import Topology
 from geoproxy.resolver import Resolution, resolve
@@ -488,3 +488,72 @@ def test_database_without_country_data_raises_geoip_error(tmp_path: Path) -> Non
         f"{path}: database type 'GeoLite2-ASN' has no country data "
         "(use a City, Country or Enterprise edition)"
     )
+
+
+# --- a corrupt database -------------------------------------------------------------------
+
+
+def test_database_whose_records_do_not_decode_fails_the_probe_at_load(
+    make_broken_mmdb: MakeMmdb,
+) -> None:
+    path = make_broken_mmdb()  # every record broken, as MaxMind's Broken-Double-Format file
+    with pytest.raises(GeoIPError) as excinfo:
+        MaxMindLookup(path)
+    assert str(excinfo.value) == (
+        f"{path}: corrupt MaxMind database: Error looking up data while iterating over tree: "
+        "The MaxMind DB file's data section contains bad data (unknown data type or corrupt "
+        "data)"
+    )
+
+
+@pytest.fixture
+def clock() -> list[float]:
+    """A settable monotonic clock: ``clock[0]``."""
+    return [1000.0]
+
+
+@pytest.fixture
+def partly_broken(make_broken_mmdb: MakeMmdb, clock: list[float]) -> Iterator[MaxMindLookup]:
+    """Only FR's record is broken: the last one in address order, past the probe's sample
+    (geoip.PROBE_RECORDS), so the database opens and that look-up fails on traffic."""
+    reader = MaxMindLookup(make_broken_mmdb(["2a02:cf40::/29"]), clock=lambda: clock[0])
+    yield reader
+    reader.close()
+
+
+def test_failed_lookup_is_an_error_result_not_unknown(
+    write_config: WriteConfig, partly_broken: MaxMindLookup
+) -> None:
+    topology = topology_of(write_config, geoip={"database": str(partly_broken.path)})
+    broken, absent = ip_address("2a02:cf40::1"), ip_address("8.8.8.8")
+    assert partly_broken(ip_address("81.2.69.160")) == GeoAnswer("GB", "EU")  # the rest works
+    with pytest.raises(GeoIPLookupError):
+        partly_broken(broken)
+    assert resolve(topology, {}, True, broken, partly_broken) == Resolution(
+        "eu-west", "default", None, broken, ((XCR, "absent"), (CF, "absent"), (GEO, "error"))
+    )
+    assert resolve(topology, {}, True, absent, partly_broken) == Resolution(
+        "eu-west", "default", None, absent, ((XCR, "absent"), (CF, "absent"), (GEO, "unknown"))
+    )
+
+
+def test_failed_lookups_are_logged_at_most_once_a_minute_with_their_count(
+    partly_broken: MaxMindLookup, clock: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = ip_address("2a02:cf40::1")
+    for now in (1000.0, 1001.0, 1059.9, 1060.0, 1061.0):
+        clock[0] = now
+        with pytest.raises(GeoIPLookupError):
+            partly_broken(broken)
+    assert partly_broken(ip_address("8.8.8.8")) is None  # not in the database: not logged
+    lines = [r.getMessage() for r in caplog.records]
+    detail = ("The MaxMind DB file's data section contains bad data (unknown data type or "
+              "corrupt data)")  # fmt: skip
+    assert lines == [
+        f"{partly_broken.path}: GeoIP look-up failed, the database is corrupt: Error while "
+        f"looking up data for 2a02:cf40::1. {detail} ({count} failed look-ups since the last "
+        "such message; logged at most every 60s, each counted as "
+        'geoproxy_region_resolutions_total{source="geoip",result="error"})'
+        for count in (1, 3)
+    ]
+    assert [r.levelname for r in caplog.records] == ["ERROR", "ERROR"]
