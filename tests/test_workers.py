@@ -501,14 +501,16 @@ async def test_a_worker_failing_at_start_up_fails_the_start_with_its_reason(
     data = one_region([eu], geoip={"database": str(mmdb)},
                       health_check={"path": "/slow?delay=1", "timeout": "3s",
                                     "interval": "5s"})  # fmt: skip
-    async with spawned(write_config(data)) as proc, asyncio.timeout(20):
+    path = write_config(data)
+    async with spawned(path) as proc, asyncio.timeout(20):
         assert proc.stdout is not None
         while eu.hits["/slow"] == 0:  # noqa: ASYNC110 -- a bounded poll of a counter
             await asyncio.sleep(0.01)
         mmdb.unlink()
         out = (await proc.stdout.read()).decode()
         assert await proc.wait() == 1
-    assert re.search(rf"geoproxy worker \d: {mmdb}: GeoIP database not found", out), out
+    reason = f"{path}: geoip.database: {mmdb}: GeoIP database not found"
+    assert re.search(rf"geoproxy worker \d: {re.escape(reason)}", out), out
     assert re.search(r"worker \d exited during start-up \(exit code 1\)", out), out
     assert "proxying on" not in out
     assert "Traceback" not in out
