@@ -3,20 +3,25 @@ status page. Binds to loopback by default (``listen.admin``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from geoproxy.changes import ReloadOutcome
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.explain import explain
 from geoproxy.metrics import Metrics
 from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
 from geoproxy.responses import json_error
 from geoproxy.runtime import Runtime
-from geoproxy.status_page import render_status
+from geoproxy.status_page import Facts, render_status
+from geoproxy.traffic import STEP, Traffic, TrafficHistory
 
 RuntimeGetter = Callable[[], Runtime | None]
 
@@ -25,16 +30,16 @@ RuntimeGetter = Callable[[], Runtime | None]
 class Scrape:
     """Where /metrics and /status read from: ``refresh`` first (with ``--workers``, the
     supervisor asks every worker for its counts), then ``registry`` is exposed and
-    ``request_counts`` gives requests by (geode, status class)."""
+    ``traffic`` gives the counts the status page shows."""
 
     registry: CollectorRegistry
     refresh: Callable[[], Awaitable[None]]
-    request_counts: Callable[[], Mapping[tuple[str, ...], float]]
+    traffic: Callable[[], Traffic]
 
     @classmethod
     def local(cls, metrics: Metrics) -> Scrape:
         """This process's own metrics."""
-        return cls(metrics.registry, _nothing, lambda: metrics.requests.values)
+        return cls(metrics.registry, _nothing, lambda: Traffic.of(metrics, frozenset()))
 
 
 async def _nothing() -> None:
@@ -44,6 +49,8 @@ async def _nothing() -> None:
 RUNTIME: web.AppKey[RuntimeGetter] = web.AppKey("runtime")
 SCRAPE = web.AppKey("scrape", Scrape)
 DRAINING: web.AppKey[Callable[[], bool]] = web.AppKey("draining")
+LAST_RELOAD: web.AppKey[Callable[[], ReloadOutcome | None]] = web.AppKey("last_reload")
+HISTORY = web.AppKey("history", TrafficHistory)
 
 
 def _runtime(request: web.Request) -> Runtime:
@@ -61,17 +68,25 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def readiness(runtime: Runtime | None, draining: bool) -> str | None:
+    """Why the proxy is not ready, or None when it is: the first health round is done,
+    at least one geode takes traffic, and shutdown has not begun."""
+    if draining:
+        return "shutting down"
+    if runtime is None or not runtime.board.first_round_done:
+        return "first health round running"
+    if not runtime.board.healthy:
+        return "no healthy geode"
+    return None
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Ready once the first health round is done and at least one geode takes traffic;
     not ready again from the moment shutdown begins."""
     runtime = request.app[RUNTIME]()
-    if request.app[DRAINING]():
-        return web.json_response({"ready": False, "reason": "shutting down"}, status=503)
-    if runtime is None or not runtime.board.first_round_done:
-        return web.json_response({"ready": False, "reason": "first health round running"},
-                                 status=503)  # fmt: skip
-    if not runtime.board.healthy:
-        return web.json_response({"ready": False, "reason": "no healthy geode"}, status=503)
+    reason = readiness(runtime, request.app[DRAINING]())
+    if reason is not None or runtime is None:
+        return web.json_response({"ready": False, "reason": reason}, status=503)
     return web.json_response({"ready": True, "healthy_geodes": sorted(runtime.board.healthy)})
 
 
@@ -138,20 +153,48 @@ def _dumps(obj: object) -> str:
 
 
 async def status(request: web.Request) -> web.Response:
+    app = request.app
     runtime = _runtime(request)
-    scrape = request.app[SCRAPE]
+    scrape = app[SCRAPE]
     await scrape.refresh()
-    html = render_status(runtime, scrape.request_counts())
-    return web.Response(text=html, content_type="text/html")
+    traffic = scrape.traffic()
+    now = time.time()
+    history = app[HISTORY]
+    history.note(now, traffic)
+    draining = app[DRAINING]()
+    facts = Facts(readiness(runtime, draining), draining, app[LAST_RELOAD](), traffic,
+                  history.rates(now, traffic))  # fmt: skip
+    return web.Response(text=render_status(runtime, facts, now), content_type="text/html")
+
+
+async def _sample_traffic(app: web.Application) -> AsyncIterator[None]:
+    """Note the traffic counts every ``STEP`` seconds, for the rates on /status."""
+
+    async def sample() -> None:
+        while True:
+            app[HISTORY].note(time.time(), app[SCRAPE].traffic())
+            await asyncio.sleep(STEP)
+
+    task = asyncio.create_task(sample(), name="geoproxy-traffic-history")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def build_admin_app(
-    runtime: RuntimeGetter, scrape: Scrape, draining: Callable[[], bool] = lambda: False
+    runtime: RuntimeGetter,
+    scrape: Scrape,
+    draining: Callable[[], bool] = lambda: False,
+    last_reload: Callable[[], ReloadOutcome | None] = lambda: None,
 ) -> web.Application:
     app = web.Application()
     app[RUNTIME] = runtime
     app[SCRAPE] = scrape
     app[DRAINING] = draining
+    app[LAST_RELOAD] = last_reload
+    app[HISTORY] = TrafficHistory()
+    app.cleanup_ctx.append(_sample_traffic)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

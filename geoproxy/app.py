@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from geoproxy import __version__, upstream
+from geoproxy import __version__, changes, upstream
 from geoproxy import config as config_mod
 from geoproxy.admin import Scrape, build_admin_app
+from geoproxy.changes import ReloadOutcome, plural
 from geoproxy.clientip import TrustedProxies
 from geoproxy.config import Config
 from geoproxy.errors import GeoproxyError
@@ -85,6 +87,7 @@ class Gateway:
         self.on_request: Callable[[object], None] | None = None  # see HeadTimeoutRunner
         self.on_reload: list[Callable[[], None]] = []  # after a config was swapped in
         self._reload_lock = asyncio.Lock()
+        self.last_reload: ReloadOutcome | None = None  # None: none since start-up
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.declare_geodes((g.name, g.region) for g in config.geodes)
         self.metrics.last_reload.set_to_current_time()
@@ -163,12 +166,22 @@ class Gateway:
                 ))  # fmt: skip
                 self.checker = HealthChecker(self.board, health_session)
                 await self.checker.check_once()
+                self._warn_failing()
                 task = asyncio.create_task(self.checker.run(), name="geoproxy-health")
                 stack.push_async_callback(_stop, task)
             self._update_ready()
             sweeper = asyncio.create_task(self._sweep(pool), name="geoproxy-pool-sweep")
             stack.push_async_callback(_stop, sweeper)
             yield
+
+    def _warn_failing(self) -> None:
+        """After the first health round: name every geode that failed it."""
+        failing = [s for s in self.board.states.values() if not s.healthy]
+        if failing:
+            log.warning("first health round: %s of %d failed: %s",
+                        plural(len(failing), "geode"), len(self.board.states),
+                        "; ".join(f"{s.geode.name} ({s.geode.region}): {s.last_error}"
+                                  for s in failing))  # fmt: skip
 
     async def _sweep(self, pool: upstream.Pool) -> None:
         """Close pooled geode connections that idled past keepalive_timeout, or whose
@@ -182,17 +195,19 @@ class Gateway:
             self._own_geoip.close()
             self._own_geoip = None
 
-    async def reload(self, new: Config) -> None:
-        """Swap in a validated config. Health of unchanged geodes carries over; new geodes
-        are checked before they can take traffic; removed ones take no new requests while
-        their in-flight requests finish. Raises GeoproxyError (a GeoIP file that cannot be
-        opened) and then nothing has changed."""
+    async def reload(self, new: Config) -> list[str]:
+        """Swap in a validated config; returns what changed (``changes.describe``).
+        Health of unchanged geodes carries over; new geodes are checked before they can
+        take traffic; removed ones take no new requests while their in-flight requests
+        finish. Raises GeoproxyError (a GeoIP file that cannot be opened) and then
+        nothing has changed."""
         async with self._reload_lock:
             old, runtime, checker = self.config, self.runtime, self.checker
             if runtime is None:
                 raise GeoproxyError("not started yet")
             if (new.proxy, new.admin) != (old.proxy, old.admin):
                 log.warning("%s: listener changes take effect only after a restart", new.path)
+            what = changes.describe(old, new)
             geoip = runtime.geoip
             opened = None
             if self._geoip is None and new.geoip_database != old.geoip_database:
@@ -225,10 +240,11 @@ class Gateway:
                 self._close_geoip()  # look-ups are synchronous: none is in progress
                 self._own_geoip = opened
             self._update_ready()
-            log.info("%s: config reloaded (%d geodes: %d added, %d removed)", new.path,
-                     len(new.geodes), len(added), len(removed))  # fmt: skip
+            log.info("%s: config reloaded (%s): %s", new.path, plural(len(new.geodes), "geode"),
+                     "; ".join(what) or "nothing that takes effect changed")  # fmt: skip
             for hook in self.on_reload:
                 hook()
+            return what
 
     async def reload_from_file(self, reason: str) -> bool:
         """Load the config file again and swap it in; on any error the running config
@@ -236,12 +252,15 @@ class Gateway:
         path = self.config.path
         try:
             new = config_mod.load(path)
-            await self.reload(new)
+            what = await self.reload(new)
         except GeoproxyError as exc:
             self.metrics.reloads.labels("failure").inc()
+            self.last_reload = ReloadOutcome(time.time(), reason, False, str(exc))
             log.error("%s: reload (%s) failed; the running config stays:\n%s", path, reason,
                       exc)  # fmt: skip
             return False
+        self.last_reload = ReloadOutcome(time.time(), reason, True,
+                                         "; ".join(what) or "no change in effect")  # fmt: skip
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set_to_current_time()
         for line in new.warnings:
@@ -262,7 +281,7 @@ class Gateway:
     def admin_app(self, scrape: Scrape | None = None) -> web.Application:
         """The admin app; ``scrape``: where its metrics come from (default: this process)."""
         return build_admin_app(lambda: self.runtime, scrape or Scrape.local(self.metrics),
-                               lambda: self.draining)  # fmt: skip
+                               lambda: self.draining, lambda: self.last_reload)  # fmt: skip
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from geoproxy.metrics import worker_families
+from geoproxy.traffic import Traffic
 
 #: Families counted by the workers (names as ``Metric.name``: counters without _total),
 #: as metrics.py declares them.
@@ -95,6 +96,19 @@ class Fleet(Collector):
         return {(dict(labels)["geode"], dict(labels)["code_class"]): v
                 for (name, labels), v in merged.items()
                 if name == "geoproxy_requests_total"}  # fmt: skip
+
+    def traffic(self) -> Traffic:
+        """The fleet's counts for the status page; ejected: by any live worker."""
+        decisions: dict[str, float] = {}
+        for (name, labels), value in self._merged("geoproxy_routing_decisions", []).items():
+            if name == "geoproxy_routing_decisions_total":
+                decision = dict(labels)["decision"]
+                decisions[decision] = decisions.get(decision, 0.0) + value
+        failovers = sum(value for (name, _), value in self._merged("geoproxy_failovers", []).items()
+                        if name == "geoproxy_failovers_total")  # fmt: skip
+        ejections = self._merged("geoproxy_geode_ejected", [])
+        ejected = frozenset(dict(labels)["geode"] for (_, labels), v in ejections.items() if v)
+        return Traffic(self.request_counts(), failovers, decisions, ejected)
 
     def _merged(self, name: str, own_samples: Sequence[Any]) -> dict[Key, float]:
         merged: dict[Key, float] = {}

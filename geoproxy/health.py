@@ -39,6 +39,9 @@ class GeodeHealth:
     passive_failures: int = 0  # consecutive connect failures / 502 / 503 / 504
     ejections: int = 0  # how often ejected so far; the n-th lasts n x base time
     ejected_until: float | None = None  # wall-clock time; None: not ejected
+    # Wall-clock time since which the geode has (or has not) taken traffic: its first
+    # check, then every change. None: never checked.
+    since: float | None = None
 
     @property
     def ejected(self) -> bool:
@@ -53,13 +56,24 @@ class GeodeHealth:
     def takes_traffic(self) -> bool:
         return self.healthy and not self.ejected
 
+    @property
+    def state(self) -> str:
+        """One word for operators: unchecked, up, ejected (by passive health) or down."""
+        if self.ejected:
+            return "ejected"
+        if not self.checked:
+            return "unchecked"
+        return "up" if self.healthy else "down"
+
     def as_dict(self) -> dict[str, object]:
         return {
             "name": self.geode.name,
             "region": self.geode.region,
             "url": str(self.geode.url),
             "weight": self.geode.weight,
+            "state": self.state,
             "takes_traffic": self.takes_traffic,
+            "since": self.since,
             "healthy": self.healthy,
             "checked": self.checked,
             "consecutive_passes": self.passes,
@@ -111,6 +125,7 @@ class HealthBoard:
             self.healthy.add(name)
         else:
             self.healthy.discard(name)
+        state.since = time.time()
         self.version += 1
         if not quiet:
             log.log(
@@ -129,6 +144,8 @@ class HealthBoard:
         first = not state.checked
         state.checked = True
         state.last_check = time.time()
+        if first:
+            state.since = state.last_check
         state.last_latency = latency
         state.last_error = error
         check = state.geode.health
@@ -198,6 +215,8 @@ class HealthBoard:
             state = self.states.get(name)
             if state is None or str(state.geode.url) != entry.get("url"):
                 continue
+            if entry.get("checked") and not state.checked:
+                state.since = time.time()
             state.checked = bool(entry.get("checked"))
             state.healthy = bool(entry.get("healthy"))
             self._update(state, None, quiet=True)
@@ -232,6 +251,22 @@ class HealthBoard:
                 self.states[name] = GeodeHealth(geode)
                 added.append(geode)
         return added, removed
+
+
+def connect_failure(exc: aiohttp.ClientConnectorError) -> str:
+    """Why a connection to a geode failed, in words an operator can act on."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert = exc.certificate_error
+        detail = getattr(cert, "verify_message", None) or str(cert)
+        return f"certificate verify failed: {detail} (host {exc.host})"
+    err = exc.os_error
+    # getaddrinfo's errors are negative (EAI_*): os.strerror does not know them.
+    reason = os.strerror(err.errno) if err.errno and err.errno > 0 else err.strerror or str(err)
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve host {exc.host}: {reason}"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS handshake failed: {reason or err}"
+    return f"connect failed: {reason}"
 
 
 class HealthChecker:
@@ -269,9 +304,7 @@ class HealthChecker:
         except TimeoutError:
             return False, None, f"timeout after {hc.timeout:g}s"
         except aiohttp.ClientConnectorError as exc:
-            err = exc.os_error
-            reason = os.strerror(err.errno) if err.errno else str(err)
-            return False, None, f"connect failed: {reason}"
+            return False, None, connect_failure(exc)
         except (aiohttp.ClientError, OSError) as exc:
             return False, None, f"{type(exc).__name__}: {exc}"
         latency = time.perf_counter() - start

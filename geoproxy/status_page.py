@@ -1,15 +1,22 @@
 """The admin ``/status`` page: one server-rendered HTML page, no external assets, in the
-spirit of HAProxy's stats page. Refreshes itself every few seconds."""
+spirit of HAProxy's stats page. Refreshes itself every few seconds.
+
+It tells what ``/readyz``, ``/geodes`` and ``/metrics`` tell: a geode that passive health
+ejected reads EJECTED (until when), not UP; readiness, draining and the last reload
+(a failed one included) are in the header; rates cover the last minutes.
+"""
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from collections.abc import Mapping
+from dataclasses import dataclass
 from html import escape
 
 from geoproxy import __version__
+from geoproxy.changes import ReloadOutcome, plural
+from geoproxy.health import GeodeHealth
 from geoproxy.runtime import Runtime
+from geoproxy.traffic import Rates, Traffic
 
 REFRESH_SECONDS = 5
 
@@ -19,76 +26,172 @@ h1{font-size:1.3em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
 table{border-collapse:collapse}th,td{padding:.3em .7em;border:1px solid #ccc;text-align:left}
 th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .up{background:#c8f0c8}.down{background:#f6c4c4}.unknown{background:#e4e4e4}
-.muted{color:#777}code{font-size:12px}
+.ejected{background:#fbdca8}.partial{background:#fbf0b0}.fallback{background:#dbe8f8}
+.bad{color:#a00;font-weight:bold}.muted{color:#777}code{font-size:12px}
 """
 
-
-def _requests_by_geode(
-    requests: Mapping[tuple[str, ...], float],
-) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = defaultdict(dict)
-    for (geode, code_class), value in requests.items():
-        out[geode][code_class] = value
-    return out
+_CSS = {"up": "up", "down": "down", "ejected": "ejected", "unchecked": "unknown"}
 
 
-def render_status(runtime: Runtime, requests: Mapping[tuple[str, ...], float]) -> str:
-    """The page; ``requests``: requests answered by (geode, status class)."""
-    topology = runtime.topology
-    counts = _requests_by_geode(requests)
-    now = time.time()
-    rows = []
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the page shows besides the runtime: ``not_ready`` is /readyz's reason (None:
+    ready); ``rates`` is None until there is a second of history."""
+
+    not_ready: str | None
+    draining: bool
+    last_reload: ReloadOutcome | None
+    traffic: Traffic
+    rates: Rates | None
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at))
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def geode_state(state: GeodeHealth, traffic: Traffic) -> str:
+    """up, down, ejected or unchecked; ejected also when a worker of ``--workers``
+    ejected it (the supervisor's own board does not see passive health)."""
+    if state.geode.name in traffic.ejected and state.state == "up":
+        return "ejected"
+    return state.state
+
+
+def _label(state: GeodeHealth, word: str, now: float) -> str:
+    if word == "ejected":
+        until = state.ejected_until
+        return "EJECTED" + (f" until {_clock(until)} ({_ago(until - now)} left)" if until
+                            else " by a worker")  # fmt: skip
+    return word.upper()
+
+
+def _since(state: GeodeHealth, word: str, now: float) -> str:
+    if state.since is None:
+        return "-"
+    verb = "up" if word == "up" else "down"
+    return f"{verb} since {_clock(state.since)} ({_ago(now - state.since)})"
+
+
+def _geode_rows(runtime: Runtime, facts: Facts, now: float) -> tuple[list[str], int]:
+    counts = facts.traffic.by_geode()
+    rates = facts.rates
+    rows, serving = [], 0
     for state in runtime.board.states.values():
         g = state.geode
-        classes = counts.get(g.name, {})
-        total = sum(classes.values())
-        errors = classes.get("5xx", 0.0)
-        if not state.checked:
-            css, label = "unknown", "UNCHECKED"
-        elif state.healthy:
-            css, label = "up", "UP"
-        else:
-            css, label = "down", "DOWN"
+        word = geode_state(state, facts.traffic)
+        serving += word == "up"
+        total, errors = counts.get(g.name, (0.0, 0.0))
         latency = f"{state.last_latency * 1000:.1f} ms" if state.last_latency is not None else "-"
         age = f"{now - state.last_check:.0f} s ago" if state.last_check else "never"
-        rate = f"{100 * errors / total:.1f} %" if total else "-"
+        if rates is None:
+            rate = err = "-"
+        else:
+            rate = f"{rates.requests.get(g.name, 0.0):.2f}/s"
+            share = rates.error_share(g.name)
+            err = "-" if share is None else f"{100 * share:.1f} %"
         rows.append(
-            f"<tr class={css}><td>{escape(g.name)}</td><td>{escape(g.region)}</td>"
-            f"<td>{label}</td><td class=num>{latency}</td><td class=num>{age}</td>"
-            f"<td class=num>{total:.0f}</td><td class=num>{rate}</td>"
+            f"<tr class={_CSS[word]}><td>{escape(g.name)}</td><td>{escape(g.region)}</td>"
+            f"<td>{escape(_label(state, word, now))}</td>"
+            f"<td>{escape(_since(state, word, now))}</td>"
+            f"<td class=num>{latency}</td><td class=num>{age}</td>"
+            f"<td class=num>{rate}</td><td class=num>{err}</td>"
+            f"<td class=num>{total:.0f}</td><td class=num>{errors:.0f}</td>"
             f"<td><code>{escape(str(g.url))}</code></td>"
             f"<td>{escape(state.last_error or '')}</td></tr>"
         )
-    by_region: dict[str, list[str]] = defaultdict(list)
+    return rows, serving
+
+
+def _region_rows(runtime: Runtime, up: set[str]) -> list[str]:
+    topology = runtime.topology
+    by_region: dict[str, list[str]] = {}
     for country, region in sorted(topology.country_region.items()):
-        by_region[region].append(country)
-    region_rows = []
+        by_region.setdefault(region, []).append(country)
+    rows = []
     for region, order in topology.try_orders.items():
-        healthy = sum(g.name in runtime.board.healthy for g in topology.geodes_by_region[region])
-        region_rows.append(
-            f"<tr><td>{escape(region)}</td><td>{escape(' → '.join(order))}</td>"
-            f"<td class=num>{healthy}/{len(topology.geodes_by_region[region])}</td>"
+        geodes = topology.geodes_by_region[region]
+        serving = sum(g.name in up for g in geodes)
+        if not geodes:
+            css, what = "fallback", "no geodes by design: served through its fallback"
+        elif serving == 0:
+            css, what = "down", "ALL DOWN: served by its fallback"
+        elif serving < len(geodes):
+            css, what = "partial", "degraded"
+        else:
+            css, what = "up", "ok"
+        rows.append(
+            f"<tr class={css}><td>{escape(region)}</td><td>{escape(' → '.join(order))}</td>"
+            f"<td class=num>{serving}/{len(geodes)}</td><td>{escape(what)}</td>"
             f"<td><code>{escape(' '.join(by_region.get(region, [])))}</code></td></tr>"
         )
-    cfg = topology.config
+    return rows
+
+
+def _header(facts: Facts, now: float) -> str:
+    ready = ("<span class=bad>not ready: " + escape(facts.not_ready) + "</span>"
+             if facts.not_ready else "ready")  # fmt: skip
+    if facts.draining:
+        ready += " · <span class=bad>draining (shutting down)</span>"
+    reload = facts.last_reload
+    if reload is None:
+        reloaded = "no reload since start-up"
+    elif reload.ok:
+        reloaded = (f"last reload ({escape(reload.reason)}) at {_clock(reload.at)}: ok — "
+                    f"{escape(reload.detail)}")  # fmt: skip
+    else:
+        first = reload.detail.splitlines()[0] if reload.detail else ""
+        reloaded = (f"<span class=bad>last reload ({escape(reload.reason)}) at "
+                    f"{_clock(reload.at)} FAILED; the running config stays: "
+                    f"{escape(first)}</span>")  # fmt: skip
+    rates = facts.rates
+    if rates is None:
+        recent = "rates: not enough history yet"
+    else:
+        off = "-" if rates.off_region is None else f"{100 * rates.off_region:.1f} %"
+        recent = (f"last {_ago(rates.seconds)}: {rates.decisions:.2f} requests/s routed, "
+                  f"{rates.failovers * 60:.1f} failovers/min, {off} served outside the "
+                  f"client's region")  # fmt: skip
+    return f"<div>{ready}</div>\n<div>{reloaded}</div>\n<div>{recent}</div>"
+
+
+def render_status(runtime: Runtime, facts: Facts, now: float | None = None) -> str:
+    """The page."""
+    now = time.time() if now is None else now
+    rows, serving = _geode_rows(runtime, facts, now)
+    up = {s.geode.name for s in runtime.board.states.values()
+          if geode_state(s, facts.traffic) == "up"}  # fmt: skip
+    cfg = runtime.topology.config
+    window = f"last {_ago(facts.rates.seconds)}" if facts.rates else "recent"
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8>
 <meta http-equiv=refresh content="{REFRESH_SECONDS}">
 <title>geoproxy status</title><style>{_STYLE}</style></head><body>
 <h1>geoproxy status</h1>
 <div class=muted>version {escape(__version__)} · config {escape(str(cfg.path))} ·
-{len(runtime.board.healthy)} of {len(runtime.board.states)} geodes up ·
+{serving} of {plural(len(runtime.board.states), "geode")} take traffic ·
 refreshes every {REFRESH_SECONDS} s</div>
+{_header(facts, now)}
 <h2>Geodes</h2>
-<table><tr><th>geode</th><th>region</th><th>state</th><th>latency</th><th>checked</th>
-<th>requests</th><th>5xx rate</th><th>url</th><th>last error</th></tr>
+<table><tr><th>geode</th><th>region</th><th>state</th><th>since</th><th>latency</th>
+<th>checked</th><th>requests ({window})</th><th>5xx ({window})</th><th>requests (total)</th>
+<th>5xx (total)</th><th>url</th><th>last error</th></tr>
 {"".join(rows)}
 </table>
 <h2>Region map</h2>
 <div class=muted>sources: {escape(" → ".join((*cfg.region_sources, "default")))};
 default region {escape(cfg.default_region)}</div>
-<table><tr><th>region</th><th>try order</th><th>healthy geodes</th><th>countries</th></tr>
-{"".join(region_rows)}
+<table><tr><th>region</th><th>try order</th><th>geodes taking traffic</th><th>state</th>
+<th>countries</th></tr>
+{"".join(_region_rows(runtime, up))}
 </table>
 </body></html>
 """

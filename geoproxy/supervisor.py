@@ -526,7 +526,7 @@ async def serve_workers(
     argv = [sys.executable, "-m", "geoproxy", "worker", "--log-level", log_level]
     supervisor = Supervisor(gateway, sockets, argv, fleet_, WorkerMetrics(own),
                             ready_timeout)  # fmt: skip
-    scrape = Scrape(exposed, supervisor.refresh_metrics, fleet_.request_counts)
+    scrape = Scrape(exposed, supervisor.refresh_metrics, fleet_.traffic)
     admin_runner = web.AppRunner(gateway.admin_app(scrape), access_log=None,
                                  handle_signals=False,
                                  shutdown_timeout=config.lifecycle.drain_timeout)  # fmt: skip

@@ -4,6 +4,7 @@ real servers on loopback, and the run loop (bounded waits, cancelled and awaited
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -20,7 +21,7 @@ from geoproxy import config as config_mod
 from geoproxy.config import Geode, HealthCheck
 from geoproxy.health import GeodeHealth, HealthBoard, HealthChecker
 
-from conftest import FakeGeode, GeodeFactory, base_config
+from conftest import FakeGeode, GeodeFactory, base_config, need_binary
 
 WriteConfig = Callable[..., Path]
 
@@ -251,6 +252,58 @@ async def test_check_once_fails_a_geode_refusing_connections(
     assert state.last_latency is None
     assert board.healthy == set()
     assert board.first_round_done
+
+
+async def test_check_once_says_a_geode_host_cannot_be_resolved(
+    write_config: WriteConfig, session: aiohttp.ClientSession
+) -> None:
+    """An unresolvable host is named, not ``connect failed: Unknown error -2``."""
+    url = "http://no-such-geode.invalid:8080"
+    board = HealthBoard(load_geodes(write_config, [entry(url)]))
+    await HealthChecker(board, session).check_once()
+    error = board.states["g1"].last_error
+    assert error is not None
+    assert error.startswith("cannot resolve host no-such-geode.invalid: "), error
+    assert "Unknown error" not in error
+
+
+@pytest.fixture
+async def self_signed_geode(tmp_path: Path) -> AsyncIterator[str]:
+    """An https geode whose certificate nobody signed: its URL."""
+    openssl = need_binary("openssl")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    proc = await asyncio.create_subprocess_exec(
+        openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await proc.wait() == 0
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"https://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_check_once_says_a_geodes_certificate_failed_verification(
+    self_signed_geode: str, write_config: WriteConfig, session: aiohttp.ClientSession
+) -> None:
+    """Not ``Operation not permitted``: the verification error, as OpenSSL words it."""
+    board = HealthBoard(load_geodes(write_config, [entry(self_signed_geode)]))
+    await HealthChecker(board, session).check_once()
+    error = board.states["g1"].last_error
+    assert error is not None
+    assert error.startswith("certificate verify failed: self-signed certificate"), error
 
 
 async def test_check_once_fails_a_geode_slower_than_the_timeout(

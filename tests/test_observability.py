@@ -546,7 +546,8 @@ async def test_geodes_endpoint_lists_every_geode_with_its_health(
     fields = {"name", "region", "url", "weight", "healthy", "checked",
               "consecutive_passes", "consecutive_failures", "last_check",
               "last_latency_seconds", "last_error", "takes_traffic", "ejected",
-              "ejected_until", "ejections", "consecutive_passive_failures"}  # fmt: skip
+              "ejected_until", "ejections", "consecutive_passive_failures", "state",
+              "since"}  # fmt: skip
     for fake in (eu, us, ap):
         g = by_name[fake.name]
         assert set(g) == fields
@@ -559,6 +560,8 @@ async def test_geodes_endpoint_lists_every_geode_with_its_health(
         assert before - 60 < g["last_check"] <= time.time()
         assert g["last_latency_seconds"] > 0
     assert by_name["eu-1"]["healthy"] is True
+    assert (by_name["eu-1"]["state"], by_name["ap-1"]["state"]) == ("up", "down")
+    assert before - 60 < by_name["ap-1"]["since"] <= time.time()
     assert by_name["eu-1"]["takes_traffic"] is True
     assert by_name["eu-1"]["ejected"] is False
     assert by_name["eu-1"]["consecutive_passes"] >= 1
@@ -638,11 +641,145 @@ async def test_status_page_shows_one_row_per_geode_and_escapes_error_text(
         "us-1": ("down", "us-east", "DOWN"),
         "ap-1": ("down", "ap-northeast", "DOWN"),
     }
-    requests = {cells[0]: cells[5] for _, cells in geode_rows}
+    requests = {cells[0]: cells[8] for _, cells in geode_rows}
     assert requests == {"eu-1": "2", "us-1": "0", "ap-1": "0"}
     assert {cells[0] for _, cells in geode_rows if "alert(1)" in cells[-1]} == {"ap-1"}
     region_rows = [cells for _, cells in parser.tables[1] if cells]
     assert sorted(cells[0] for cells in region_rows) == ["ap-northeast", "eu-west", "us-east"]
+
+
+async def test_start_up_names_the_geodes_that_failed_the_first_round_at_warning(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, dead_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    caplog.set_level(logging.INFO, logger="geoproxy")
+    await proxy_factory(base_config([
+        geode_entry(eu), {"name": "us-1", "region": "us-east", "url": dead_url},
+        {"name": "ap-1", "region": "ap-northeast", "url": "http://no-such-geode.invalid"},
+    ]))  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and r.getMessage().startswith("first health round")]  # fmt: skip
+    assert warnings == [
+        "first health round: 2 geodes of 3 failed: us-1 (us-east): connect failed: "
+        "Connection refused; ap-1 (ap-northeast): cannot resolve host no-such-geode.invalid: "
+        "Name or service not known"
+    ]
+
+
+async def _status_tables(http: aiohttp.ClientSession, proxy: Proxy) -> tuple[str, _Tables]:
+    async with http.get(f"{proxy.admin_url}/status") as resp:
+        assert resp.status == 200
+        html = await resp.text()
+    parser = _Tables()
+    parser.feed(html)
+    return html, parser
+
+
+async def test_status_geodes_and_metrics_agree_on_an_ejected_a_down_and_an_up_geode(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A geode passive health ejected reads EJECTED (until when) on /status, "ejected" in
+    /geodes and geode_up 0 / geode_ejected 1 in /metrics; the page's request counts are
+    /metrics' counts."""
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(
+        proxy_factory, [eu, us, ap],
+        outlier_detection={"consecutive_failures": 2, "base_ejection_time": "1h"},
+        # No active check during the test: a pass would re-admit the ejected geode.
+        health_check={"interval": "1h", "timeout": "500ms", "unhealthy_threshold": 2},
+    )  # fmt: skip
+    await mark_unhealthy(proxy, ap)
+    eu.force_status = 503  # its /health still passes
+    for _ in range(2):
+        async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": "FR"}) as resp:
+            assert resp.status == 200  # moved on to us-1
+    await settled(proxy)
+    html, tables = await _status_tables(http, proxy)
+    rows = {cells[0]: (css, cells) for css, cells in tables.tables[0] if cells}
+    status_word = {name: cells[2].split()[0].lower() for name, (_, cells) in rows.items()}
+    assert status_word == {"eu-1": "ejected", "us-1": "up", "ap-1": "down"}
+    assert {name: css for name, (css, _) in rows.items()} == {
+        "eu-1": "ejected", "us-1": "up", "ap-1": "down"}  # fmt: skip
+    until = proxy.gateway.board.states["eu-1"].ejected_until
+    assert until is not None
+    assert rows["eu-1"][1][2].startswith(
+        "EJECTED until " + time.strftime("%H:%M:%S", time.localtime(until)))  # fmt: skip
+    assert rows["ap-1"][1][3].startswith("down since ")
+    assert "1 of 3 geodes take traffic" in html
+    _, listed = await get_json(http, f"{proxy.admin_url}/geodes")
+    states = {g["name"]: g for g in listed["geodes"]}
+    async with http.get(f"{proxy.admin_url}/metrics") as resp:
+        families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+
+    def sample(family: str, sample: str, **labels: str) -> float:
+        return sum(s.value for s in families[family].samples
+                   if s.name == sample and labels.items() <= s.labels.items())  # fmt: skip
+
+    for name, word in status_word.items():
+        assert states[name]["state"] == word
+        assert sample("geoproxy_geode_up", "geoproxy_geode_up", geode=name) == (word == "up")
+        assert sample("geoproxy_geode_ejected", "geoproxy_geode_ejected", geode=name) == (
+            word == "ejected")  # fmt: skip
+        assert float(rows[name][1][8]) == sample("geoproxy_requests",
+                                                 "geoproxy_requests_total", geode=name)
+    assert states["eu-1"]["ejected_until"] == until
+
+
+async def test_status_page_shows_readiness_draining_and_a_failed_reload(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    write_config: WriteConfig,
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    data = base_config([geode_entry(g) for g in (eu, us, ap)])
+    proxy = await proxy_factory(data)
+    html, _ = await _status_tables(http, proxy)
+    assert "<div>ready</div>" in html and "no reload since start-up" in html
+    path = proxy.gateway.config.path
+    path.write_text("regions: [unclosed\n")
+    assert not await proxy.gateway.reload_from_file("SIGHUP")
+    html, _ = await _status_tables(http, proxy)
+    assert re.search(r"last reload \(SIGHUP\) at [\d:]+ FAILED; the running config stays: "
+                     + re.escape(str(path)), html), html  # fmt: skip
+    data["countries"] = {**data["countries"], "FR": "us-east"}
+    write_config(data)
+    assert await proxy.gateway.reload_from_file("config file changed")
+    html, _ = await _status_tables(http, proxy)
+    assert re.search(r"last reload \(config file changed\) at [\d:]+: ok — countries moved: "
+                     r"FR eu-west -&gt; us-east", html), html  # fmt: skip
+    proxy.gateway.start_draining()
+    html, _ = await _status_tables(http, proxy)
+    assert "not ready: shutting down" in html and "draining (shutting down)" in html
+
+
+async def test_status_page_shows_recent_rates_and_tells_a_region_without_geodes_from_one_all_down(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+) -> None:
+    """ap-northeast has no geodes (served through its fallback by design); us-east has one,
+    down. Half the requests come from Japan: served outside their region."""
+    eu = await geode_factory("eu-1", "eu-west")
+    us = await geode_factory("us-1", "us-east")
+    proxy = await start(proxy_factory, [eu, us], regions={
+        "eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["eu-west"]},
+        "ap-northeast": {"fallback": ["eu-west"]}})  # fmt: skip
+    await mark_unhealthy(proxy, us)
+    await asyncio.sleep(1.1)  # the rates need a second of history since the admin started
+    for country in ("FR", "JP") * 3:
+        async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": country}) as resp:
+            assert resp.status == 200
+    await settled(proxy)
+    html, tables = await _status_tables(http, proxy)
+    regions = {cells[0]: (css, cells[3]) for css, cells in tables.tables[1] if cells}
+    assert regions == {
+        "eu-west": ("up", "ok"),
+        "us-east": ("down", "ALL DOWN: served by its fallback"),
+        "ap-northeast": ("fallback", "no geodes by design: served through its fallback"),
+    }
+    assert re.search(r"last \d+ s: \d+\.\d\d requests/s routed, 0\.0 failovers/min, 50\.0 % "
+                     "served outside the client's region", html), html  # fmt: skip
+    rows = {cells[0]: cells for _, cells in tables.tables[0] if cells}
+    assert re.fullmatch(r"\d+\.\d\d/s", rows["eu-1"][6]) and rows["eu-1"][6] != "0.00/s"
+    assert (rows["us-1"][6], rows["eu-1"][7]) == ("0.00/s", "0.0 %")
 
 
 @pytest.mark.parametrize(
