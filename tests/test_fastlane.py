@@ -497,10 +497,15 @@ async def test_a_geode_connection_answered_in_pieces_is_pooled_without_a_read_de
 
 @pytest.mark.parametrize("fast_lane", [True, False], ids=["fast", "coroutine"])
 async def test_a_geode_host_name_the_resolver_rejects_is_a_connect_failure(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], fast_lane: bool
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], fast_lane: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from geoproxy import schema
+
     us = await geode_factory("us-1", "us-east")
     bad = "http://" + "a" * 64 + ".test:8080"  # a DNS label over 63 bytes: UnicodeError
+    # check-config rejects this one; the forwarder must survive any the resolver rejects.
+    monkeypatch.setattr(schema, "host_name_problem", lambda host: None)
     geodes = [{"name": "eu-1", "region": "eu-west", "url": bad}, geode_entry(us)]
     proxy = await start(proxy_factory, geodes, forwarding={"fast_lane": fast_lane})
     board = proxy.gateway.board
