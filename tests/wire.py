@@ -154,6 +154,7 @@ class RecordingGeode:
         self.reply = reply
         self.max_line = max_line
         self.requests: list[Received] = []
+        self.heads: list[bytes] = []  # request heads as they arrive, before their bodies
         self.server: asyncio.Server | None = None
         self.conns = 0
         self._writers: list[asyncio.StreamWriter] = []
@@ -173,9 +174,6 @@ class RecordingGeode:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    def clear(self) -> None:
-        self.requests.clear()
-
     async def seen(self, count: int, within: float = WAIT) -> list[Received]:
         """The first ``count`` requests once they arrived (fails after ``within`` s)."""
         async with asyncio.timeout(within):
@@ -183,6 +181,13 @@ class RecordingGeode:
                 self._arrived.clear()
                 await self._arrived.wait()
         return self.requests[:count]
+
+    async def began(self, count: int, within: float = WAIT) -> None:
+        """Wait until ``count`` request heads arrived (their bodies may still come)."""
+        async with asyncio.timeout(within):
+            while len(self.heads) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
@@ -196,6 +201,9 @@ class RecordingGeode:
                                  b"Connection: close\r\n\r\n")  # fmt: skip
                     return
                 lines = header_lines(head)
+                if not head.startswith(b"GET /health "):
+                    self.heads.append(head)
+                    self._arrived.set()
                 if _is_chunked(lines):
                     body, payload, trailers = await _read_chunked(reader)
                 else:
