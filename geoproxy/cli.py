@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -76,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stm = sub.add_parser("stamp", help="run one reference stamp")
     stm.add_argument("--config", required=True, help="stamp config file")
     stm.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    stm.add_argument("--allow-clock-ahead", action="store_true",
+                     help="start even though the stamp's last version is further ahead of "
+                     "this machine's clock than max_clock_skew")  # fmt: skip
 
     dem = sub.add_parser("demo", help="run the proxy in front of three local stamps")
     dem.add_argument("--data-dir", help="where the stamps keep their SQLite files "
@@ -94,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run_cmd(Path(args.config), args.workers, args.log_level)
     if args.command == "stamp":
-        return _stamp_cmd(Path(args.config))
+        return _stamp_cmd(Path(args.config), args.allow_clock_ahead)
     return _demo_cmd(Path(args.data_dir) if args.data_dir else None)
 
 
@@ -321,11 +325,12 @@ async def _serve_with_signals(
             signal.signal(sig, signal.SIG_IGN)
 
 
-def _stamp_cmd(path: Path) -> int:
+def _stamp_cmd(path: Path, allow_clock_ahead: bool = False) -> int:
     try:
         cfg = stamp_config.load(path)
     except GeoproxyError as exc:
         return _fail(f"{path}: configuration is invalid\n{exc}")
+    cfg = dataclasses.replace(cfg, allow_clock_ahead=allow_clock_ahead)
     return _run_main(lambda stop, _reload: serve_stamp(cfg, stop))
 
 

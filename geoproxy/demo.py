@@ -4,6 +4,9 @@ with its own SQLite file, replicating to the others), and the proxy in front of 
 Every geode's socket is bound first (its configured port, or a free one if taken), so each
 app can be built knowing where all the others listen; the app comes from a ``GeodeApp``
 factory, which is the seam between the proxy side and what the geodes are.
+
+The stamps replicate over their own peer listeners (free loopback ports the proxy knows
+nothing of), signed with a fleet secret made up for this run: the demo stays one command.
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import secrets
 import socket
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 
 from aiohttp import web
+from yarl import URL
 
 from geoproxy.config import Config, Geode
-from geoproxy.stamp.app import build_stamp_app
+from geoproxy.stamp.app import STATE, build_stamp_app, stamp_runner
 from geoproxy.stamp.config import Peer, Replication, StampConfig
 
 log = logging.getLogger("geoproxy.demo")
@@ -41,17 +46,39 @@ def demo_config_path() -> Path:
 
 
 def stamp_apps(data_dir: Path) -> GeodeApp:
-    """Reference stamps: one SQLite file each in ``data_dir``, every other geode a peer."""
+    """Reference stamps: one SQLite file each in ``data_dir``, every other geode a peer,
+    each with a peer listener on a free loopback port, all sharing one new secret."""
+    secret = secrets.token_hex(32).encode()
+    peer_socks: dict[str, socket.socket] = {}
 
     def build(geode: Geode, live: Mapping[str, Geode]) -> web.Application:
-        peers = tuple(Peer(g.name, g.url) for g in live.values() if g.name != geode.name)
+        for g in live.values():  # every stamp's peer listener, before any stamp starts
+            if g.name not in peer_socks:
+                peer_socks[g.name] = _bind_any(g.url.host or "127.0.0.1")
+        peers = tuple(Peer(g.name, _peer_url(g, peer_socks[g.name])) for g in live.values()
+                      if g.name != geode.name)  # fmt: skip
+        host = geode.url.host or ""
         return build_stamp_app(StampConfig(
-            path=None, name=geode.name, region=geode.region, host=geode.url.host or "",
+            path=None, name=geode.name, region=geode.region, host=host,
             port=geode.url.port or 0, database=data_dir / f"{geode.name}.db", peers=peers,
-            replication=Replication(interval=0.5),
-        ))  # fmt: skip
+            replication=Replication(interval=0.5), peer_host=host,
+            peer_port=peer_socks[geode.name].getsockname()[1], secret=secret,
+        ), peer_sock=peer_socks[geode.name])  # fmt: skip
 
     return build
+
+
+def _peer_url(geode: Geode, sock: socket.socket) -> URL:
+    return geode.url.with_port(sock.getsockname()[1])
+
+
+def _bind_any(host: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
 
 
 def _bind(geode: Geode) -> socket.socket:
@@ -87,7 +114,9 @@ async def start_geodes(
     runners: list[web.AppRunner] = []
     try:
         for geode in live.values():
-            runner = web.AppRunner(make_app(geode, live), access_log=None)
+            app = make_app(geode, live)
+            # A stamp's runner carries its listener limits (head timeout, idle keep-alive).
+            runner = stamp_runner(app) if STATE in app else web.AppRunner(app, access_log=None)
             await runner.setup()
             runners.append(runner)
             await web.SockSite(runner, socks.pop(geode.name)).start()

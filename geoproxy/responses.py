@@ -11,8 +11,11 @@ pins what reaches the client.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -123,3 +126,53 @@ class WholeResponse(web.StreamResponse):
         self._body_length = writer.output_size
         self._payload_writer = None
         return writer
+
+
+_TIMEOUT_BODY = (
+    b'{"error":{"status":408,"code":"request_timeout",'
+    b'"message":"request head not received in time"}}\n'
+)
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_TIMEOUT_BODY)).encode()
+    + b"\r\n\r\n" + _TIMEOUT_BODY
+)  # fmt: skip
+
+
+class HeadDeadline:
+    """Connections must send a complete first request head within ``header_timeout``, or
+    get a 408 and are closed (slowloris: aiohttp alone keeps such a connection for about
+    an hour). Later requests on a kept-alive connection are bounded by aiohttp's
+    ``keepalive_timeout``, which closes a connection idling mid-head.
+
+    aiohttp has no switch for this: a runner hands its sites ``wrap(protocol factory)``,
+    and the handler calls ``note_request`` for every request head that arrived."""
+
+    def __init__(self, header_timeout: float) -> None:
+        self.header_timeout = header_timeout
+        # Connections whose first request head has not arrived yet. Held strongly (aiohttp's
+        # protocol objects take no weak references), each for header_timeout at most.
+        self._waiting: set[Any] = set()
+
+    def note_request(self, protocol: object) -> None:
+        """A request head arrived on this connection."""
+        self._waiting.discard(protocol)
+
+    def wrap(self, factory: Callable[[], Any]) -> Callable[[], Any]:
+        return partial(self._connection, factory)
+
+    def _connection(self, factory: Callable[[], Any]) -> Any:
+        protocol = factory()
+        self._waiting.add(protocol)
+        asyncio.get_running_loop().call_later(self.header_timeout, self._check_head, protocol)
+        return protocol
+
+    def _check_head(self, protocol: Any) -> None:
+        if protocol not in self._waiting:
+            return
+        self._waiting.discard(protocol)
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(_REQUEST_TIMEOUT)
+        transport.close()

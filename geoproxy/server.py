@@ -9,7 +9,6 @@ import gc
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +17,7 @@ from geoproxy.app import Gateway
 from geoproxy.config import Config, Listener, files_fingerprint
 from geoproxy.errors import GeoproxyError
 from geoproxy.fastlane import ProxyServer
+from geoproxy.responses import HeadDeadline
 
 log = logging.getLogger("geoproxy")
 
@@ -63,56 +63,19 @@ async def start_site(
 
 
 class HeadTimeoutRunner(web.ServerRunner):
-    """A runner whose connections must send a complete first request head within
-    ``header_timeout``, or get a 408 and are closed (slowloris: aiohttp alone keeps such a
-    connection for about an hour). Later requests on a kept-alive connection are bounded
-    by aiohttp's ``keepalive_timeout``, which closes a connection idling mid-head.
-
-    aiohttp has no switch for this: the runner hands sites a wrapping protocol factory,
-    and the handler calls ``note_request`` for every request head that arrived."""
+    """A runner whose connections get a ``HeadDeadline`` (the proxy calls ``note_request``
+    first thing for every request)."""
 
     def __init__(self, server: web.Server, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
         self.header_timeout = header_timeout
-        # Connections whose first request head has not arrived yet. Held strongly (aiohttp's
-        # protocol objects take no weak references), each for header_timeout at most.
-        self._waiting: set[Any] = set()
-
-    def note_request(self, protocol: object) -> None:
-        """A request head arrived on this connection (the proxy calls this first thing)."""
-        self._waiting.discard(protocol)
+        self.heads = HeadDeadline(header_timeout)
+        self.note_request = self.heads.note_request
 
     @property
     def server(self) -> Any:
         inner = super().server
-        return None if inner is None else partial(self._connection, inner)
-
-    def _connection(self, factory: Callable[[], Any]) -> Any:
-        protocol = factory()
-        self._waiting.add(protocol)
-        asyncio.get_running_loop().call_later(self.header_timeout, self._check_head, protocol)
-        return protocol
-
-    def _check_head(self, protocol: Any) -> None:
-        if protocol not in self._waiting:
-            return
-        self._waiting.discard(protocol)
-        transport = protocol.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(_REQUEST_TIMEOUT)
-        transport.close()
-
-
-_TIMEOUT_BODY = (
-    b'{"error":{"status":408,"code":"request_timeout",'
-    b'"message":"request head not received in time"}}\n'
-)
-_REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-    b"Connection: close\r\nContent-Length: " + str(len(_TIMEOUT_BODY)).encode()
-    + b"\r\n\r\n" + _TIMEOUT_BODY
-)  # fmt: skip
+        return None if inner is None else self.heads.wrap(inner)
 
 
 def freeze_startup_heap() -> None:

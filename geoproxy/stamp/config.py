@@ -1,10 +1,14 @@
 """Stamp configuration: YAML -> a frozen ``StampConfig``, errors named like the proxy's
-(``config/stamps/eu-west.yaml: peers[1].url: ...``)."""
+(``config/stamps/eu-west.yaml: peers[1].url: ...``).
+
+The fleet's shared secret (peer authentication) is read from a file or an environment
+variable at load time, never written in the YAML itself, and never shown in a repr."""
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from yarl import URL
@@ -13,6 +17,8 @@ from geoproxy.errors import ConfigError
 from geoproxy.schema import Node, Problems, parse_duration, parse_http_url, read_yaml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+#: The shortest shared secret accepted (bytes): 128 bits as 32 hex digits.
+MIN_SECRET_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,17 @@ class StampConfig:
     peers: tuple[Peer, ...]
     replication: Replication = Replication()
     durable: bool = True  # SQLite synchronous=FULL: a commit survives power loss
+    peer_host: str = "127.0.0.1"  # the peer listener: replication and /metrics
+    peer_port: int = 9101
+    #: The fleet's shared secret: every replication request is signed with it. None: the
+    #: peer listener refuses every replication request (a stamp without peers).
+    secret: bytes | None = field(default=None, repr=False)
+    auth_window: float = 30.0  # a signed request is good this long either side of now
+    max_clock_skew: float = 60.0  # a peer's change further ahead of our clock is refused
+    allow_clock_ahead: bool = False  # start even if the restored clock is beyond that
+    max_replication_lag: float | None = None  # /health is 503 past it (None: never)
+    header_timeout: float = 10.0  # a connection's first request head must arrive by then
+    keepalive_timeout: float = 60.0  # an idle connection closes after this
 
 
 def load(path: str | Path) -> StampConfig:
@@ -56,15 +73,20 @@ def load(path: str | Path) -> StampConfig:
 
 
 def _build(root: Node, path: Path) -> StampConfig | None:
-    keys = ("name", "region", "listen", "database", "peers", "replication", "durability")
+    keys = ("name", "region", "listen", "database", "peers", "replication", "durability",
+            "peer_auth", "max_clock_skew", "health")  # fmt: skip
     if not root.expect_mapping(keys, required=("name", "region", "database")):
         return None
     name = _name(root.get("name"))
     region = root.get("region").string()
     listen = root.get("listen")
-    listen.expect_mapping(("host", "port"), allow_missing=True)
+    listen.expect_mapping(("host", "port", "peer"), allow_missing=True)
     host = listen.get("host").string(optional=True) or "127.0.0.1"
     port = listen.get("port").integer(0, 65535, optional=True)
+    peer_listen = listen.get("peer")
+    peer_listen.expect_mapping(("host", "port"), allow_missing=True)
+    peer_host = peer_listen.get("host").string(optional=True) or "127.0.0.1"
+    peer_port = peer_listen.get("port").integer(0, 65535, optional=True)
     database = root.get("database").string()
     peers = []
     seen = {name}
@@ -80,13 +102,68 @@ def _build(root: Node, path: Path) -> StampConfig | None:
             peers.append(Peer(peer, url))
     replication = _replication(root.get("replication"), len(peers))
     durability = root.get("durability").choice(("full", "normal"), optional=True) or "full"
+    auth = root.get("peer_auth")
+    secret = _secret(auth, path, needed=bool(peers))
+    window = _duration(auth.get("window"), 30.0)
+    skew = _duration(root.get("max_clock_skew"), 60.0)
+    health = root.get("health")
+    health.expect_mapping(("max_replication_lag",), allow_missing=True)
+    lag_node = health.get("max_replication_lag")
+    lag = None if lag_node.missing else parse_duration(lag_node)
     if not (name and region and database):
         return None
     return StampConfig(
         path=path, name=name, region=region, host=host, port=8101 if port is None else port,
         database=path.parent / database, peers=tuple(peers), replication=replication,
-        durable=durability == "full",
+        durable=durability == "full", peer_host=peer_host,
+        peer_port=9101 if peer_port is None else peer_port, secret=secret,
+        auth_window=window, max_clock_skew=skew, max_replication_lag=lag,
     )  # fmt: skip
+
+
+def _duration(node: Node, default: float) -> float:
+    return default if node.missing else (parse_duration(node) or default)
+
+
+def _secret(node: Node, path: Path, needed: bool) -> bytes | None:
+    """The shared secret from ``secret_file`` (relative to the config file) or the
+    environment variable ``secret_env``: exactly one of them."""
+    if node.missing:
+        if needed:
+            node.problem("required with peers: the fleet's shared secret, as secret_file "
+                         "or secret_env (never inline)")  # fmt: skip
+        return None
+    if not node.expect_mapping(("secret_file", "secret_env", "window")):
+        return None
+    file_node, env_node = node.get("secret_file"), node.get("secret_env")
+    if file_node.missing == env_node.missing:
+        node.problem("give exactly one of secret_file and secret_env")
+        return None
+    if not file_node.missing:
+        name = file_node.string()
+        if name is None:
+            return None
+        try:
+            raw = (path.parent / name).read_bytes()
+        except OSError as exc:
+            file_node.problem(f"cannot read the secret file {name!r}: {exc.strerror or exc}")
+            return None
+        where = file_node
+    else:
+        var = env_node.string()
+        if var is None:
+            return None
+        text = os.environ.get(var)
+        if text is None:
+            env_node.problem(f"environment variable {var!r} is not set")
+            return None
+        raw, where = text.encode(), env_node
+    secret = raw.strip()
+    if len(secret) < MIN_SECRET_BYTES:
+        where.problem(f"the secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)} "
+                      "(e.g. openssl rand -hex 32)")  # fmt: skip
+        return None
+    return secret
 
 
 def _name(node: Node) -> str | None:
@@ -104,8 +181,7 @@ def _replication(node: Node, peers: int) -> Replication:
         return base
 
     def duration(key: str, default: float) -> float:
-        sub = node.get(key)
-        return default if sub.missing else (parse_duration(sub) or default)
+        return _duration(node.get(key), default)
 
     quorum_node = node.get("sync_quorum")
     quorum = None

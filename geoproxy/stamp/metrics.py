@@ -36,7 +36,7 @@ class _StoreCollector(Collector):
         )  # fmt: skip
         lag = GaugeMetricFamily(
             "stamp_replication_lag_seconds", "Age of the oldest change a peer has not "
-            "acknowledged (0 when none).", labels=["peer"],
+            "acknowledged: the oldest unsent change (0 when none).", labels=["peer"],
         )  # fmt: skip
         for peer in self.config.peers:
             count, age = self.store.backlog(peer.name)
@@ -64,6 +64,16 @@ class StampMetrics:
                                     "invalid or failed to apply.", registry=r)  # fmt: skip
         self.pushes = Counter("stamp_replication_pushes", "Pushes to peers, by result.",
                               ["peer", "result"], registry=r)  # fmt: skip
+        self.quarantined = Counter(
+            "stamp_quarantined_changes", "Changes put in the dead-letter table, by direction "
+            "(received: a peer's change refused here; sent: ours a peer refused for good) and "
+            "reason (invalid, wrong_origin, clock_skew, refused).", ["direction", "reason"],
+            registry=r,
+        )  # fmt: skip
+        self.auth_failures = Counter(
+            "stamp_peer_auth_failures", "Requests to the replication endpoints refused as "
+            "not from an authenticated peer (401), by reason.", ["reason"], registry=r,
+        )  # fmt: skip
         self.sync_writes = Counter("stamp_sync_writes", "Writes asked to be confirmed by "
                                    "peers, by result (confirmed, unconfirmed).", ["result"],
                                    registry=r)  # fmt: skip

@@ -5,6 +5,11 @@ A push is idempotent (applying a change twice is a no-op), so retrying it is alw
 aiohttp-retry retries one push a few times with jittered backoff, and the peer loop backs
 off exponentially (with jitter, capped) while a peer stays unreachable. A peer that was down
 catches up from the log when it returns; a stamp that restarts resumes from its cursors.
+
+Every push is signed with the fleet's secret (``auth``). A peer that refuses a batch for
+good (400, 413, 422: it can never take it) gets its changes again one at a time, and a
+change refused alone is parked in the dead-letter table, so one poison change never stops
+the rest. Anything else (401, 5xx, no answer) is retried: it may pass later.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import aiohttp
 from aiohttp.payload import BytesIOPayload
 from aiohttp_retry import JitterRetry, RetryClient
 
+from geoproxy.stamp import auth
 from geoproxy.stamp.config import Peer, StampConfig
 from geoproxy.stamp.store import Change, Store
 
@@ -30,10 +36,16 @@ PUSH_PATH = "/replication/changes"
 #: (64 MiB), however many changes ``batch_size`` allows. A value is at most 1 MiB, so a
 #: single change always fits, and a backlog of large values drains batch by batch.
 MAX_PUSH_BYTES = 8 * 1024 * 1024
+#: Answers that mean the peer will never take this batch as it is.
+PERMANENT = frozenset({400, 413, 422})
 
 
 class PushError(Exception):
     """A peer did not take a batch."""
+
+
+class Refused(PushError):
+    """A peer answered that it will never take this batch (a status in PERMANENT)."""
 
 
 class Replicator:
@@ -44,12 +56,14 @@ class Replicator:
         session: aiohttp.ClientSession,
         on_push: Callable[[str, str], None] | None = None,
         rand: Callable[[], float] = random.random,
+        on_park: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.peers = config.peers
         self._wake = {p.name: asyncio.Event() for p in config.peers}
         self._on_push = on_push or (lambda peer, result: None)
+        self._on_park = on_park or (lambda peer: None)
         self._rand = rand
         rep = config.replication
         self._client = RetryClient(
@@ -68,18 +82,25 @@ class Replicator:
 
     async def push(self, peer: Peer, changes: Iterable[Change]) -> dict[str, Any]:
         """Send changes to one peer; its answer (applied/ignored counts) or PushError."""
-        body = {"from": self.config.name, "changes": [c.as_dict() for c in changes]}
+        try:
+            body = {"from": self.config.name, "changes": [c.as_dict() for c in changes]}
+            raw = json.dumps(body).encode()
+        except (RecursionError, ValueError) as exc:  # a value no peer could parse either
+            raise Refused(f"cannot encode the batch for {peer.name}: {exc}") from None
         # A payload that retries can send again from its start and that is written in
         # chunks (aiohttp warns that a raw body over 1 MiB would hold up the event loop).
-        data = BytesIOPayload(io.BytesIO(json.dumps(body).encode()),
-                              content_type="application/json")  # fmt: skip
+        data = BytesIOPayload(io.BytesIO(raw), content_type="application/json")
         timeout = aiohttp.ClientTimeout(total=self.config.replication.timeout)
         url = peer.url.with_path(PUSH_PATH)
+        headers = auth.sign(self.config.secret or b"", self.config.name, "POST",
+                            url.raw_path_qs, raw)  # fmt: skip
         try:
-            async with self._client.post(url, data=data, timeout=timeout) as resp:
+            async with self._client.post(url, data=data, timeout=timeout,
+                                         headers=headers) as resp:  # fmt: skip
                 if resp.status != 200:
                     text = (await resp.text())[:200]
-                    raise PushError(f"{peer.name} answered {resp.status}: {text}")
+                    error = Refused if resp.status in PERMANENT else PushError
+                    raise error(f"{peer.name} answered {resp.status}: {text}")
                 answer: dict[str, Any] = await resp.json()
                 return answer
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -108,19 +129,34 @@ class Replicator:
         """One batch from the cursor to a peer; the number of changes it acknowledged."""
         batch = self.store.changes_since(
             self.store.cursor(peer.name), self.config.replication.batch_size,
-            origin=self.config.name,
+            origin=self.config.name, max_bytes=MAX_PUSH_BYTES,
         )  # fmt: skip
         if not batch:
             return 0
-        size = 0
-        for n, (_, change) in enumerate(batch):
-            size += len(change.value or "") + 200  # the value, and the rest of the change
-            if size > MAX_PUSH_BYTES and n > 0:
-                batch = batch[:n]
-                break
-        await self.push(peer, (c for _, c in batch))
+        try:
+            await self.push(peer, (c for _, c in batch))
+        except Refused as exc:
+            if len(batch) == 1:
+                self._park(peer, batch[0][1], str(exc))
+            else:  # find the change it cannot take: each on its own
+                log.warning("%s refused a batch of %d changes (%s); sending them one at a "
+                            "time", peer.name, len(batch), exc)  # fmt: skip
+                for seq, change in batch:
+                    try:
+                        await self.push(peer, [change])
+                    except Refused as one:
+                        self._park(peer, change, str(one))
+                    self.store.set_cursor(peer.name, seq)
         self.store.set_cursor(peer.name, batch[-1][0])
         return len(batch)
+
+    def _park(self, peer: Peer, change: Change, reason: str) -> None:
+        """A change the peer will never take: into the dead-letter table, and move on."""
+        log.error("replication to %s: %s refused change %s of %r for good (%s); parked in "
+                  "the dead-letter table", peer.name, peer.name, change.version.encode(),
+                  change.id, reason)  # fmt: skip
+        self.store.quarantine("sent", peer.name, _raw(change), reason)
+        self._on_park(peer.name)
 
     async def _peer_loop(self, peer: Peer) -> None:
         rep = self.config.replication
@@ -151,3 +187,10 @@ class Replicator:
                     await wake.wait()
             except TimeoutError:
                 pass
+
+
+def _raw(change: Change) -> str:
+    """A change as JSON text, its value spliced in as stored (it may be past parsing)."""
+    head = json.dumps({"kind": change.kind, "id": change.id, "deleted": change.deleted,
+                       "version": change.version.encode(), "region": change.region})  # fmt: skip
+    return f'{head[:-1]}, "value": {change.value or "null"}}}'

@@ -1,4 +1,5 @@
-"""Serving one stamp until told to stop."""
+"""Serving one stamp until told to stop: its public listener (``listen``) here, its peer
+listener (``listen.peer``) opened by the app itself as it starts."""
 
 from __future__ import annotations
 
@@ -8,15 +9,14 @@ import logging
 from aiohttp import web
 
 from geoproxy.errors import GeoproxyError
-from geoproxy.stamp.app import build_stamp_app
+from geoproxy.stamp.app import build_stamp_app, stamp_runner
 from geoproxy.stamp.config import StampConfig
 
 log = logging.getLogger("geoproxy.stamp")
 
 
 async def serve_stamp(config: StampConfig, stop: asyncio.Event) -> None:
-    runner = web.AppRunner(build_stamp_app(config), access_log=None, handle_signals=False,
-                           shutdown_timeout=10.0)  # fmt: skip
+    runner = stamp_runner(build_stamp_app(config))
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port, reuse_address=True)

@@ -9,6 +9,9 @@ which is the event log ``GET /events`` serves.
 SQLite calls run on the event loop's thread: each is a short local transaction, and one
 connection keeps the ordering simple. ``synchronous=FULL`` (default) makes a commit
 survive power loss, not only a process kill.
+
+Changes that cannot be applied (a peer sent an invalid one) or that a peer refused for good
+go to the ``dead_letters`` table with the reason, instead of blocking replication.
 """
 
 from __future__ import annotations
@@ -39,7 +42,37 @@ CREATE TABLE IF NOT EXISTS counters (
     id TEXT NOT NULL, stamp TEXT NOT NULL, region TEXT NOT NULL, p INTEGER NOT NULL,
     n INTEGER NOT NULL, version TEXT NOT NULL, PRIMARY KEY (id, stamp));
 CREATE TABLE IF NOT EXISTS peer_cursors (peer TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, direction TEXT NOT NULL, peer TEXT NOT NULL,
+    change TEXT NOT NULL, reason TEXT NOT NULL, recorded_at REAL NOT NULL);
 """
+#: A counter slot is a signed 64-bit integer in SQLite (and in most peers' languages).
+INT64_MAX = 2**63 - 1
+#: What one kept dead letter holds of the raw change (the reason is always whole).
+DEAD_LETTER_BYTES = 64 * 1024
+
+
+class ClockAhead(Exception):
+    """The restored clock is further ahead of the wall clock than ``max_clock_skew``."""
+
+
+class CounterOverflow(ValueError):
+    """An increment would take a counter slot past ``INT64_MAX``."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    seq: int
+    direction: str  # received: a peer's change we refused; sent: ours a peer refused
+    peer: str
+    change: str  # the raw change (JSON text, cut at DEAD_LETTER_BYTES)
+    reason: str
+    recorded_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "direction": self.direction, "peer": self.peer,
+                "change": self.change, "reason": self.reason,
+                "recorded_at": self.recorded_at}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +120,17 @@ class ApplyResult:
 
 
 class Store:
-    def __init__(self, path: Path, stamp: str, region: str, durable: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        stamp: str,
+        region: str,
+        durable: bool = True,
+        max_clock_skew: float = 60.0,
+        allow_clock_ahead: bool = True,
+    ) -> None:
+        """``allow_clock_ahead`` False: refuse (ClockAhead) to resume a clock that the log
+        puts more than ``max_clock_skew`` seconds ahead of the wall clock."""
         self.stamp = stamp
         self.region = region
         self.path = path
@@ -100,7 +143,23 @@ class Store:
             "SELECT version FROM changes WHERE origin = ? ORDER BY seq DESC LIMIT 1", (stamp,)
         ).fetchone()
         # After a restart the clock resumes past the last version this stamp issued.
-        self.clock = HybridClock(stamp, last=Version.decode(row[0]) if row else None)
+        skew_ms = int(max_clock_skew * 1000)
+        try:
+            last = Version.decode(row[0]) if row else None
+        except ValueError as exc:
+            self._db.close()
+            raise ClockAhead(f"{path}: the last version this stamp issued is unreadable "
+                             f"({exc})") from None  # fmt: skip
+        self.clock = HybridClock(stamp, last=last, max_drift_ms=skew_ms)
+        ahead = self.clock.ahead_ms()
+        if last is not None and ahead > skew_ms and not allow_clock_ahead:
+            self._db.close()
+            raise ClockAhead(
+                f"{path}: the last version this stamp issued ({last.encode()}) is "
+                f"{ahead / 1000:.0f}s ahead of this machine's clock, more than max_clock_skew "
+                f"({max_clock_skew:g}s): fix the clock, or start once with "
+                "--allow-clock-ahead to keep issuing versions after that one"
+            )  # fmt: skip
 
     def close(self) -> None:
         self._db.close()
@@ -129,12 +188,20 @@ class Store:
 
     def items(self, prefix: str, limit: int, after: str = "") -> list[Item]:
         """Live items whose id starts with ``prefix``, in id order, after ``after``."""
+        return self.items_page(prefix, limit, after)[0]
+
+    def items_page(
+        self, prefix: str, limit: int, after: str = "", max_bytes: int | None = None
+    ) -> tuple[list[Item], bool]:
+        """As ``items``, also cut at about ``max_bytes`` of values (never empty when there
+        is one): (page, whether more may follow)."""
         rows = self._db.execute(
             "SELECT id, value, deleted, version, region FROM items WHERE deleted = 0 "
             "AND id > ? AND substr(id, 1, ?) = ? ORDER BY id LIMIT ?",
             (after, len(prefix), prefix, limit),
-        ).fetchall()
-        return [_item(r) for r in rows]
+        )
+        page, more = _budgeted(rows, limit, max_bytes, value_at=1)
+        return [_item(r) for r in page], more
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM items WHERE deleted = 0").fetchone()[0])
@@ -164,6 +231,9 @@ class Store:
             ).fetchone()
             p, n = row if row else (0, 0)
             p, n = (p + delta, n) if delta >= 0 else (p, n - delta)
+            if max(p, n) > INT64_MAX:
+                raise CounterOverflow(f"counter {id!r}: this stamp's slot would pass "
+                                      f"{INT64_MAX} (a signed 64-bit integer)")  # fmt: skip
             change = Change(COUNTER, id, json.dumps({"p": p, "n": n}), False, self.clock.now(),
                             self.region)  # fmt: skip
             _upsert_counter(db, change)
@@ -212,17 +282,36 @@ class Store:
         return ApplyResult(applied, ignored, conflicts)
 
     def changes_since(
-        self, seq: int, limit: int, origin: str | None = None
+        self, seq: int, limit: int, origin: str | None = None, max_bytes: int | None = None
     ) -> list[tuple[int, Change]]:
-        """Logged changes after ``seq`` in local order (only ``origin``'s, if given)."""
+        """Logged changes after ``seq`` in local order (only ``origin``'s, if given), cut
+        at about ``max_bytes`` of values (never empty when there is one)."""
         where = "seq > ? AND origin = ?" if origin else "seq > ?"
-        sql = ("SELECT seq, kind, id, value, deleted, version, region FROM changes "
+        sql = ("SELECT seq, value, kind, id, deleted, version, region FROM changes "
                f"WHERE {where} ORDER BY seq LIMIT ?")  # fmt: skip
         args: tuple[Any, ...] = (seq, origin, limit) if origin else (seq, limit)
+        page, _ = _budgeted(self._db.execute(sql, args), limit, max_bytes, value_at=1)
         return [
             (s, Change(k, i, v, bool(d), Version.decode(ver), r))
-            for s, k, i, v, d, ver, r in self._db.execute(sql, args).fetchall()
+            for s, v, k, i, d, ver, r in page
         ]
+
+    # -- dead letters ----------------------------------------------------------------
+
+    def quarantine(self, direction: str, peer: str, raw: str, reason: str) -> None:
+        """Keep a change that could not be applied or delivered, with why."""
+        if len(raw) > DEAD_LETTER_BYTES:
+            raw = raw[:DEAD_LETTER_BYTES] + f"... ({len(raw)} characters in all)"
+        with self._tx() as db:
+            db.execute("INSERT INTO dead_letters (direction, peer, change, reason, recorded_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (direction, peer, raw, reason, time.time()))
+
+    def dead_letters(self, since: int = 0, limit: int = 100) -> list[DeadLetter]:
+        rows = self._db.execute(
+            "SELECT seq, direction, peer, change, reason, recorded_at FROM dead_letters "
+            "WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit),
+        ).fetchall()  # fmt: skip
+        return [DeadLetter(*row) for row in rows]
 
     def cursor(self, peer: str) -> int:
         row = self._db.execute("SELECT seq FROM peer_cursors WHERE peer = ?", (peer,)).fetchone()
@@ -241,6 +330,29 @@ class Store:
         ).fetchone()
         count, oldest = int(row[0]), row[1]
         return count, (time.time() - oldest) if oldest is not None else None
+
+
+#: What a row costs in a page besides its value (id, version, region, JSON punctuation).
+ROW_OVERHEAD = 300
+
+
+def _budgeted(
+    rows: sqlite3.Cursor, limit: int, max_bytes: int | None, value_at: int
+) -> tuple[list[tuple[Any, ...]], bool]:
+    """Rows up to ``limit``, and up to ``max_bytes`` counting each row's value (at
+    ``value_at``) and ROW_OVERHEAD; at least one row. (rows, whether the budget or the
+    limit cut the page). Rows past the budget are never read."""
+    page: list[tuple[Any, ...]] = []
+    size = 0
+    try:
+        for row in rows:
+            size += len(row[value_at] or "") + ROW_OVERHEAD
+            if max_bytes is not None and size > max_bytes and page:
+                return page, True
+            page.append(row)
+    finally:
+        rows.close()
+    return page, len(page) == limit
 
 
 def _item(row: tuple[Any, ...]) -> Item:
