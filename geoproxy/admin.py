@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from geoproxy.changes import ReloadOutcome
 from geoproxy.clientip import client_ip, parse_ip
-from geoproxy.explain import explain
+from geoproxy.explain import explain, explain_access
 from geoproxy.metrics import Metrics
 from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
 from geoproxy.responses import json_error
@@ -110,13 +111,15 @@ async def route(request: web.Request) -> web.Response:
     those headers come from a trusted proxy; default true).
     Header form (no query): this very request, treated as the proxy would treat it — its
     peer, X-Forwarded-For, CF-IPCountry and X-Client-Region.
+    ``path`` (either form): also what the access rules do with that request path.
     """
     rt = _runtime(request)
-    q = request.query
+    q = MultiDict(request.query)
+    path = q.popone("path", None)
     if q.keys() - {"ip", "country", "region", "trusted"}:
         unknown = ", ".join(sorted(q.keys() - {"ip", "country", "region", "trusted"}))
         return json_error(400, "bad_query", f"unknown parameter(s): {unknown} "
-                          "(known: ip, country, region, trusted)")  # fmt: skip
+                          "(known: ip, country, region, trusted, path)")  # fmt: skip
     headers: Mapping[str, str]
     if q:
         ip = None
@@ -142,10 +145,10 @@ async def route(request: web.Request) -> web.Response:
         peer_trusted = peer is not None and rt.trusted.contains(peer)
         cip = client_ip(peer, request.headers.getall("X-Forwarded-For", ()), rt.trusted)
     resolution = resolve(rt.topology, headers, peer_trusted, cip, rt.geoip)
-    return web.json_response(
-        explain(rt.topology, resolution, rt.board.healthy, peer, peer_trusted),
-        dumps=_dumps,
-    )
+    answer = explain(rt.topology, resolution, rt.board.healthy, peer, peer_trusted)
+    if path is not None:
+        answer["access"] = explain_access(rt.topology, path)
+    return web.json_response(answer, dumps=_dumps)
 
 
 def _dumps(obj: object) -> str:

@@ -22,7 +22,7 @@ from geoproxy import __version__, demo
 from geoproxy import config as config_mod
 from geoproxy.clientip import parse_ip
 from geoproxy.errors import GeoproxyError
-from geoproxy.explain import explain
+from geoproxy.explain import explain, explain_access
 from geoproxy.geoip import open_geoip
 from geoproxy.logs import setup_logging
 from geoproxy.model import Topology
@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rte.add_argument("--ip", help="the client's real IP (looked up in the GeoIP database)")
     rte.add_argument("--country", help="as sent in CF-IPCountry, e.g. JP")
     rte.add_argument("--region", help="as sent in X-Client-Region: a region id or country")
+    rte.add_argument("--path", help="a request path: which access rule it meets")
     rte.add_argument("--json", action="store_true", help="print the explanation as JSON")
 
     stm = sub.add_parser("stamp", help="run one reference stamp")
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(Path(args.config))
     if args.command == "route":
-        return route_cmd(Path(args.config), args.ip, args.country, args.region, args.json)
+        return route_cmd(Path(args.config), args.ip, args.country, args.region, args.json,
+                         args.path)  # fmt: skip
     if args.command == "worker":
         setup_logging(args.log_level, f"worker-{args.index}")
         return _worker_cmd(args)
@@ -125,7 +127,8 @@ def check_config(path: Path) -> int:
 
 
 def route_cmd(
-    path: Path, ip: str | None, country: str | None, region: str | None, as_json: bool
+    path: Path, ip: str | None, country: str | None, region: str | None, as_json: bool,
+    request_path: str | None = None,
 ) -> int:
     """Explain a routing decision from the config alone, every geode counted healthy."""
     try:
@@ -154,6 +157,8 @@ def route_cmd(
     for source, (flag, value) in given.items():
         if value is not None and (why := _unused(source, value, cfg, resolution)):
             print(f"geoproxy route: {flag} {value!r} {why}", file=sys.stderr)
+    if request_path is not None:
+        answer["access"] = explain_access(topology, request_path)
     if as_json:
         print(json.dumps(answer, indent=2))
         return 0
@@ -167,6 +172,8 @@ def route_cmd(
     print(f"chosen geode: {answer['chosen']} ({answer['decision']})")
     print(f"why: {answer['reason']}")
     print("health: not known offline; every geode counted healthy")
+    if request_path is not None:
+        print(f"access: {request_path} -> {answer['access']['reason']}")
     return 0
 
 
@@ -218,6 +225,13 @@ def describe(topology: Topology) -> str:
         counts = ", ".join(f"{r}({len(topology.geodes_by_region[r])})" for r in order)
         served = sum(1 for c in topology.country_region.values() if c == region)
         lines.append(f"  {region:<14} {counts}   countries: {served}")
+    lines.append("access rules (first match per reading of the path; none: forwarded):"
+                 if cfg.access else "access rules: none (every path is forwarded)")  # fmt: skip
+    for rule in cfg.access:
+        answer = f"{rule.action} {rule.status}" if rule.action == "deny" else rule.action
+        lines.append(f"  {rule.name:<20} {answer:<9} {rule.path_prefix}")
+    trace = "forwarded" if cfg.forwarding.forward_trace else "405"
+    lines.append(f"methods refused at the edge: CONNECT (405); TRACE: {trace}")
     unmapped = topology.unmapped_countries()
     if unmapped:
         lines.append(f"countries with no region (go to {cfg.default_region}): "

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from yarl import URL
 
+from geoproxy.access import ALLOW, DENY, AccessRule, prefix_problem
 from geoproxy.countries import CONTINENTS, COUNTRY_CONTINENT
 from geoproxy.errors import ConfigError
 from geoproxy.schema import (
@@ -103,6 +104,8 @@ class Forwarding:
     fast_lane: bool = True  # serve plain GETs with small answers from callbacks (about
     # twice the requests per core; see geoproxy/fastlane.py); false: every request takes
     # the coroutine path. Both behave the same; this is a switch for diagnosis.
+    forward_trace: bool = False  # TRACE is refused at the edge (405: cross-site tracing,
+    # and it would echo what the proxy added); true forwards it. CONNECT is always 405.
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,8 @@ class Config:
     health_check: HealthCheck = field(default_factory=HealthCheck)
     forwarding: Forwarding = field(default_factory=Forwarding)
     access_log: str = "json"  # json: one JSON line per request on stdout | plain | off
+    access: tuple[AccessRule, ...] = ()  # the proxy listener's access rules, in order
+    # (geoproxy/access.py): a denied request never reaches a geode.
     limits: Limits = field(default_factory=Limits)
     outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
@@ -202,7 +207,7 @@ def load(path: str | Path, given: Mapping[str, bytes] | None = None) -> Config:
 _TOP_KEYS = (
     "listen", "trusted_proxies", "region_sources", "geoip", "default_region", "regions",
     "region_map", "countries", "continents", "geodes", "health_check", "forwarding",
-    "access_log", "limits", "outlier_detection", "reload", "shutdown",
+    "access_log", "limits", "outlier_detection", "reload", "shutdown", "access",
 )  # fmt: skip
 
 
@@ -245,7 +250,8 @@ def _build(
     elif geodes and len(problems.lines) == before:  # a broken entry would make this noise
         _check_servable(regions, geodes, root.get("regions"))
     forwarding = _forwarding(root.get("forwarding"))
-    access = root.get("access_log").choice(("json", "plain", "off"), optional=True) or "json"
+    access_log = root.get("access_log").choice(("json", "plain", "off"), optional=True)
+    access = _access(root.get("access"))
     limits = _section(root.get("limits"), Limits(), {
         "header_timeout": _DURATION, "max_header_bytes": _SIZE, "max_body_bytes": _SIZE,
         "keepalive_timeout": _DURATION,
@@ -264,8 +270,9 @@ def _build(
         path=path, proxy=proxy, admin=admin, trusted_proxies=trusted, region_sources=sources,
         geoip_database=geoip_database, default_region=default_region, regions=regions,
         countries=MappingProxyType(countries), continents=MappingProxyType(continents),
-        geodes=geodes, health_check=health, forwarding=forwarding, access_log=access,
-        limits=limits, outlier_detection=outliers, lifecycle=lifecycle,
+        geodes=geodes, health_check=health, forwarding=forwarding,
+        access_log=access_log or "json", access=access, limits=limits,
+        outlier_detection=outliers, lifecycle=lifecycle,
         files=(path,) + ((base / region_map,) if region_map else ()),
     )  # fmt: skip
 
@@ -507,8 +514,42 @@ def _forwarding(node: Node) -> Forwarding:
         "failover_timeout": _DURATION, "max_attempts": _int(1, 20),
         "when_none_healthy": lambda n: n.choice(("reject", "try_all")),
         "preserve_host": lambda n: n.boolean(), "keepalive_timeout": _DURATION,
-        "fast_lane": lambda n: n.boolean(),
+        "fast_lane": lambda n: n.boolean(), "forward_trace": lambda n: n.boolean(),
     })  # fmt: skip
+
+
+def _access(node: Node) -> tuple[AccessRule, ...]:
+    rules: list[AccessRule] = []
+    seen: dict[str, str] = {}
+    for index, item in enumerate(node.items(optional=True)):
+        if not item.expect_mapping(("name", "path_prefix", "action", "status")):
+            continue
+        name = item.get("name").string(optional=True)
+        if name is not None and not _GEODE_NAME.match(name):
+            item.get("name").problem(f"invalid rule name {name!r} (letters, digits and "
+                                     "'._-', at most 63)")  # fmt: skip
+            name = None
+        elif name is not None and name in seen:
+            item.get("name").problem(f"duplicate rule name {name!r} (first at {seen[name]})")
+        name = name or f"access[{index}]"
+        seen.setdefault(name, item.path)
+        prefix = item.get("path_prefix").string()
+        if prefix is not None and (problem := prefix_problem(prefix)) is not None:
+            item.get("path_prefix").problem(problem)
+            prefix = None
+        action = item.get("action").choice((DENY, ALLOW))
+        status = 404
+        status_node = item.get("status")
+        if not status_node.missing:
+            if action == ALLOW:
+                status_node.problem("only a deny rule has a status")
+            elif status_node.value not in (403, 404) or isinstance(status_node.value, bool):
+                status_node.problem(f"must be 403 or 404, got {status_node.value!r}")
+            else:
+                status = status_node.value
+        if prefix is not None and action is not None:
+            rules.append(AccessRule(name, prefix, action, status))
+    return tuple(rules)
 
 
 Reader = Callable[[Node], Any]

@@ -2,7 +2,8 @@
 
 Built from the same pure functions the forwarder calls (client IP, resolver, router), so
 the answer cannot drift from what the proxy does. Used by the admin ``/route`` endpoint and
-by ``geoproxy route`` (offline, where every geode counts as healthy).
+by ``geoproxy route`` (offline, where every geode counts as healthy); ``explain_access``
+answers which access rule a path meets, from the same ``AccessRules.decide``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,27 @@ def explain(
         "chosen": chosen.name if chosen else None,
         "chosen_region": chosen.region if chosen else None,
         "reason": _reason(topology, resolution, decision, chosen.region if chosen else None, pool),
+    }
+
+
+def explain_access(topology: Topology, path: str) -> dict[str, Any]:
+    """A JSON-able account of what the access rules do with a request path."""
+    decision = topology.access.decide(path)
+    rule = decision.rule
+    if rule is None:
+        why = "allowed: no rule matches"
+    elif decision.allowed:
+        why = f"allowed by rule {rule.name!r} ({rule.path_prefix})"
+    elif rule.status == 400:
+        why = "400: the path cannot be read safely (an encoded '/' or '\\', a NUL, not UTF-8)"
+    else:
+        why = f"denied by rule {rule.name!r} ({rule.path_prefix}): {rule.status}"
+    return {
+        "path": path,
+        "allowed": decision.allowed,
+        "rule": rule.name if rule is not None else None,
+        "status": None if decision.allowed or rule is None else rule.status,
+        "reason": why,
     }
 
 

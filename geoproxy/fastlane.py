@@ -54,6 +54,7 @@ from geoproxy.forwarder import (
     Prelude,
     Route,
     host_for,
+    refusal,
     request_wire,
 )
 from geoproxy.headers import RawHeaders, ResponseHead, geode_lines
@@ -322,6 +323,8 @@ class ProxyConnection(RequestHandler):
         fwd = rt.topology.config.forwarding
         if not fwd.fast_lane:
             return False
+        if refusal(rt, "GET", path) is not None:
+            return False  # geoproxy's own answer: the coroutine path writes it
         start = time.perf_counter()
         raw = message.raw_headers
         memo = self._memo

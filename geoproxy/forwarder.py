@@ -22,6 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from geoproxy import upstream
+from geoproxy.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.config import Forwarding, Geode, Limits
 from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines
@@ -122,6 +123,32 @@ class Reply:
 def _body_too_large(limits: Limits) -> web.Response:
     return json_error(413, "body_too_large",
                       f"request body exceeds {limits.max_body_bytes} bytes")  # fmt: skip
+
+
+def refusal(rt: Runtime, method: str, target: str) -> tuple[str, web.Response] | None:
+    """The edge's own answer to a request that must not reach a geode (access.py), with
+    its ``geoproxy_requests_denied_total`` label: a 405 for CONNECT (and TRACE unless
+    forwarded), a 400 for a path no rule can judge, the denying rule's 404 or 403. None
+    lets it through. ``target``: the request target as forwarded (``_path_qs``)."""
+    fwd = rt.topology.config.forwarding
+    label = refused_method(method, fwd.forward_trace)
+    if label is not None:
+        allow = ALLOWED_METHODS + (", TRACE" if fwd.forward_trace else "")
+        why = ("a reverse proxy does not tunnel" if label == CONNECT_REFUSED
+               else "not forwarded (forwarding.forward_trace)")  # fmt: skip
+        return label, json_error(405, "method_not_allowed", f"{method}: {why}",
+                                 headers={"Allow": allow})  # fmt: skip
+    decision = rt.topology.access.decide(target)
+    rule = decision.rule
+    if decision.allowed or rule is None:
+        return None
+    if rule.status == 400:
+        return rule.name, json_error(400, "bad_path", "the request path cannot be read "
+                                     "safely: an encoded '/' or '\\', a '\\', a NUL or "
+                                     "bytes that are not UTF-8")  # fmt: skip
+    if rule.status == 403:
+        return rule.name, json_error(403, "forbidden", "access to this path is denied")
+    return rule.name, json_error(404, "not_found", "no such path")
 
 
 class Prelude:
@@ -233,6 +260,12 @@ class Forwarder:
         rt = self.runtime  # read once: a reload swaps it whole
         trace = Trace()
         request[TRACE_KEY] = trace
+        refused = refusal(rt, request.method, _path_qs(request))
+        if refused is not None:  # before anything else: it never reaches a geode
+            trace.denied, answer = refused
+            if request.body_exists:  # unread (or a CONNECT tunnel): not worth reading
+                answer.force_close()
+            return answer
         prelude = self.prelude(rt, request.raw_headers, request.headers, request.remote,
                                request.content_length, request.scheme)  # fmt: skip
         if not isinstance(prelude, Prelude):
@@ -484,4 +517,5 @@ def _path_qs(request: web.BaseRequest) -> str:
     if path.startswith("/") and "#" not in path and not path.endswith("?"):
         return path
     rel = request.rel_url  # absolute-form, a fragment, an empty query
-    return rel.raw_path + ("?" + rel.raw_query_string if rel.raw_query_string else "")
+    path = rel.raw_path or "/"  # "GET http://host HTTP/1.1" has none
+    return path + ("?" + rel.raw_query_string if rel.raw_query_string else "")

@@ -72,8 +72,13 @@ class Metrics:
             "ended: answered (from callbacks), handed_over (finished on the coroutine path: "
             "a failure, a retry status, a body to stream), client_closed.", ["outcome"],
         )  # fmt: skip
+        self.denied = HotCounter(
+            "geoproxy_requests_denied", "Requests refused at the edge, never forwarded, by "
+            "the access rule that denied them (its name, else access[N]), or method:CONNECT, "
+            "method:TRACE (405), path:unsafe (400: a path no rule can judge).", ["rule"],
+        )  # fmt: skip
         hot = (self.requests, self.request_duration, self.decisions, self.resolutions,
-               self.attempts, self.failovers, self.fast_lane)  # fmt: skip
+               self.attempts, self.failovers, self.fast_lane, self.denied)  # fmt: skip
         hotmetrics.register(r, *hot)
         self.geode_up = Gauge(
             "geoproxy_geode_up", "1 when the geode is healthy and takes traffic, else 0. "

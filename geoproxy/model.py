@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from geoproxy.access import AccessRules
 from geoproxy.config import Config, Geode
 from geoproxy.countries import COUNTRY_CONTINENT
 
@@ -20,6 +21,7 @@ class Topology:
     geodes_by_region: Mapping[str, tuple[Geode, ...]]
     country_region: Mapping[str, str]  # ISO country -> region, continent defaults applied
     continent_region: Mapping[str, str]
+    access: AccessRules  # the config's access rules, with the verdicts of recent paths
 
     @classmethod
     def build(cls, config: Config) -> Topology:
@@ -38,6 +40,7 @@ class Topology:
             geodes_by_region=MappingProxyType({k: tuple(v) for k, v in by_region.items()}),
             country_region=MappingProxyType(countries),
             continent_region=config.continents,
+            access=AccessRules(config.access),
         )
 
     def region_of(self, country: str | None, continent: str | None = None) -> str | None:

@@ -119,6 +119,8 @@ class Observer:
                 m.resolutions.inc("default", "ok")
             if trace.decision is not None:
                 m.decisions.inc(resolution.region, geode, trace.decision)
+        if trace.denied is not None:
+            m.denied.inc(trace.denied)
         previous = None
         for name, outcome in trace.attempts:
             m.attempts.inc(name, outcome)
@@ -156,6 +158,8 @@ class Observer:
         }
         if trace.aborted:
             fields["aborted"] = True
+        if trace.denied is not None:
+            fields["denied"] = trace.denied
         if self.access_format == "json":
             return json.dumps(fields, separators=(",", ":"))
         return " ".join(f"{k}={_plain(v)}" for k, v in fields.items())

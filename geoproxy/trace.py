@@ -20,6 +20,7 @@ class Trace:
     geode: Geode | None = None  # the geode whose response was relayed
     aborted: bool = False  # the geode failed mid-response; the client connection was cut
     body_bytes: int = 0  # response body bytes relayed to the client
+    denied: str | None = None  # refused at the edge: the access rule (or refusal) label
 
 
 TRACE_KEY = web.RequestKey("trace", Trace)

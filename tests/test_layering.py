@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "geoproxy"
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "countries": 0, "logs": 0, "hotmetrics": 0,
     "metrics": 1,
-    "schema": 1,
+    "schema": 1, "access": 1,
     "config": 2, "traffic": 2,
     "fleet": 3,
     "model": 3,

@@ -786,7 +786,7 @@ async def test_status_page_shows_recent_rates_and_tells_a_region_without_geodes_
     ("query", "message"),
     [
         ("country=FR&client=1", "unknown parameter(s): client (known: ip, country, region, "
-                                "trusted)"),
+                                "trusted, path)"),
         ("ip=not-an-ip", "ip: not an IP address: 'not-an-ip'"),
         ("ip=999.1.1.1", "ip: not an IP address: '999.1.1.1'"),
         ("country=FR&trusted=maybe", "trusted: must be true or false"),
