@@ -24,7 +24,7 @@ from test_workers import get_fresh, one_region, supervised, total
 
 from geoproxy import config as config_mod
 from geoproxy.access import AccessRule, AccessRules
-from geoproxy.stamp.app import build_stamp_app
+from geoproxy.stamp.app import STATE, build_stamp_app
 from geoproxy.stamp.config import StampConfig
 
 from conftest import FakeGeode, GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
@@ -36,6 +36,7 @@ WriteConfig = Callable[..., Path]
 STAMP_RULES = [
     {"name": "stamp-replication", "path_prefix": "/replication/", "action": "deny"},
     {"name": "stamp-events", "path_prefix": "/events", "action": "deny"},
+    {"name": "stamp-dead-letters", "path_prefix": "/dead-letters", "action": "deny"},
     {"name": "stamp-metrics", "path_prefix": "/metrics", "action": "deny"},
 ]
 
@@ -292,27 +293,29 @@ async def test_trace_is_refused_unless_forwarding_it_is_configured(
 async def test_shipped_configs_fence_off_the_reference_stamps_internal_paths(
     proxy_factory: ProxyFactory, http: aiohttp.ClientSession, tmp_path: Path, shipped: str
 ) -> None:
+    """The stamp serves its internal endpoints on its peer listener: a geode URL pointing
+    there by mistake still exposes none of them through the edge."""
     rules = config_mod.load(REPO / "config" / shipped).access
     stamp = StampConfig(path=None, name="stamp-eu", region="eu-west", host="127.0.0.1", port=0,
-                        database=tmp_path / "stamp.db", peers=())  # fmt: skip
-    server = TestServer(build_stamp_app(stamp, CollectorRegistry()), host="127.0.0.1")
+                        database=tmp_path / "stamp.db", peers=(), peer_port=0)  # fmt: skip
+    app = build_stamp_app(stamp, CollectorRegistry())
+    server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
-        url = str(server.make_url("")).rstrip("/")
+        url = "http://{}:{}".format(*app[STATE].peer_address)
         proxy = await proxy_factory(base_config(
             [{"name": n, "region": r, "url": url} for n, r in
              (("s-eu", "eu-west"), ("s-us", "us-east"), ("s-ap", "ap-northeast"))],
             access=[{"name": r.name, "path_prefix": r.path_prefix, "action": r.action}
                     for r in rules],
         ))  # fmt: skip
-        for path in ("/replication/changes", "/events", "/metrics"):
+        for path in ("/replication/changes", "/events", "/dead-letters", "/metrics"):
             async with http.get(url + path) as resp:
-                assert resp.status == 200, path  # the stamp serves it to whoever reaches it
+                assert resp.status != 404, path  # the stamp has it
             async with http.get(proxy.url + path) as resp:
                 assert (resp.status, "X-Geoproxy-Geode" in resp.headers) == (404, False), path
-        async with http.put(proxy.url + "/items/k", json={"v": 1}) as resp:
-            assert resp.status == 201
-        async with http.get(proxy.url + "/items/k") as resp:
+                assert (await resp.json())["error"]["code"] == "not_found"
+        async with http.get(proxy.url + "/health") as resp:
             assert resp.status == 200
     finally:
         await server.close()
@@ -380,9 +383,10 @@ def test_check_config_and_route_show_the_rule_a_path_meets(tmp_path: Path) -> No
                           check=True)  # fmt: skip
     lines = done.stdout.splitlines()
     at = lines.index("access rules (first match per reading of the path; none: forwarded):")
-    assert [line.split() for line in lines[at + 1 : at + 5]] == [
+    assert [line.split() for line in lines[at + 1 : at + 6]] == [
         ["stamp-replication", "deny", "404", "/replication/"],
         ["stamp-events", "deny", "404", "/events"],
+        ["stamp-dead-letters", "deny", "404", "/dead-letters"],
         ["stamp-metrics", "deny", "404", "/metrics"],
         ["methods", "refused", "at", "the", "edge:", "CONNECT", "(405);", "TRACE:", "405"],
     ]
