@@ -219,6 +219,25 @@ async def test_get_moves_on_after_503_but_post_is_not_retried_after_body_sent(
     assert us.hits["/echo"] == 0 and ap.hits["/echo"] == 0
 
 
+async def test_put_with_a_body_answered_503_is_not_retried_after_the_body_was_sent(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """PUT is idempotent, yet its body cannot be replayed once it went out: the geode's 503
+    is the answer (a POST alone cannot show this: it is never retried anyway)."""
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await start(proxy_factory, [eu, us, ap])
+    eu.force_status = 503  # /echo reads the whole body, then answers 503
+    async with http.put(f"{proxy.url}/echo", data=b"put once" * 4096,
+                        headers={"CF-IPCountry": "FR"}) as resp:  # fmt: skip
+        assert resp.status == 503
+        assert (await resp.json())["geode"] == "eu-1"
+    assert (eu.hits["/echo"], us.hits["/echo"], ap.hits["/echo"]) == (1, 0, 0)
+    # Without a body the same PUT moves on: the rule is the body, not the method.
+    async with http.put(f"{proxy.url}/echo", headers={"CF-IPCountry": "FR"}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["geode"] == "us-1"
+
+
 async def test_503_with_json_and_retry_after_when_no_geode_is_healthy(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
