@@ -204,6 +204,59 @@ async def test_geode_failing_live_traffic_is_ejected_then_readmitted(
     assert await served_by(http, proxy, "FR") == "eu-1"
 
 
+async def test_ejection_time_alone_readmits_a_geode_when_no_active_check_comes(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+) -> None:
+    """The ejection timer, not an active pass: checks come every hour, the ejection lasts
+    300 ms."""
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await proxy_factory(base_config(
+        [geode_entry(g) for g in (eu, us, ap)],
+        health_check={"interval": "1h", "timeout": "500ms", "jitter": "0s"},
+        outlier_detection={"consecutive_failures": 2, "base_ejection_time": "300ms"},
+    ))  # fmt: skip
+    checks = eu.hits["/health"]
+    eu.force_status = 503
+    for _ in range(2):
+        assert await served_by(http, proxy, "FR") == "us-1"
+    assert proxy.gateway.board.states["eu-1"].ejected
+    eu.force_status = None
+    async with asyncio.timeout(3):  # 10 x the ejection time; checks come in 1 h
+        while "eu-1" not in proxy.gateway.board.healthy:  # noqa: ASYNC110 -- bounded poll
+            await asyncio.sleep(0.02)
+    assert eu.hits["/health"] == checks  # no active check ran meanwhile
+    assert await served_by(http, proxy, "FR") == "eu-1"
+
+
+async def test_geode_up_follows_takes_traffic_through_ejection_and_readmission(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+) -> None:
+    """geoproxy_geode_up is 1 only for a geode that takes traffic: an ejected geode passes
+    its active checks yet reads 0, and 1 again once re-admitted."""
+    eu, us, ap = await three_geodes(geode_factory)
+    proxy = await proxy_factory(base_config(
+        [geode_entry(g) for g in (eu, us, ap)],
+        outlier_detection={"consecutive_failures": 2, "base_ejection_time": "1h"},
+    ))  # fmt: skip
+
+    def up() -> float:
+        return proxy.sample("geoproxy_geode_up", geode="eu-1", region="eu-west")
+
+    assert up() == 1
+    eu.force_status = 503
+    for _ in range(2):
+        await served_by(http, proxy, "FR")
+    state = proxy.gateway.board.states["eu-1"]
+    assert state.ejected and state.healthy  # ejected, though its /health passes
+    assert up() == 0
+    eu.force_status = None
+    checker = proxy.gateway.checker
+    assert checker is not None
+    await checker.check_once()  # a passing active check re-admits it
+    assert not state.ejected
+    assert up() == 1
+
+
 async def test_active_pass_readmits_and_last_geode_is_never_ejected(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
 ) -> None:
@@ -337,6 +390,34 @@ async def test_oversized_body_gets_413(
         assert geodes[0].hits["/echo"] == 0  # refused before forwarding
     async with http.post(f"{proxy.url}/echo", data=b"small") as resp:
         assert resp.status == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_body_of_exactly_max_body_bytes_passes_and_one_byte_more_gets_413(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    chunked: bool,
+) -> None:
+    geodes = await three_geodes(geode_factory)
+    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
+                                            limits={"max_body_bytes": "64KiB"}))  # fmt: skip
+
+    def body(size: int) -> Any:
+        payload = b"z" * size
+        if not chunked:
+            return payload  # a declared Content-Length
+
+        async def stream() -> AsyncIterator[bytes]:
+            for i in range(0, size, 8192):
+                yield payload[i:i + 8192]
+
+        return stream()
+
+    async with http.post(f"{proxy.url}/echo", data=body(64 * 1024)) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["size"] == 64 * 1024
+    async with http.post(f"{proxy.url}/echo", data=body(64 * 1024 + 1)) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "body_too_large"
 
 
 async def test_slow_request_head_gets_408_and_the_connection_closes(
