@@ -151,6 +151,17 @@ def test_observing_an_older_remote_version_does_not_move_the_clock_backwards() -
     assert hlc.now() == Version(mine.wall, 1, EU)
 
 
+def test_same_millisecond_remote_with_a_lower_counter_never_moves_the_clock_back() -> None:
+    clock = FakeClock()  # never moves: every version is of the same millisecond
+    hlc = HybridClock(EU, clock=clock)
+    mine = [hlc.now() for _ in range(5)]
+    assert mine[-1] == Version(T0, 4, EU)
+    hlc.observe(Version(T0, 1, US))  # same wall time, a lower counter
+    after = hlc.now()
+    assert after > mine[-1]
+    assert after == Version(T0, 5, EU)
+
+
 @pytest.mark.parametrize(
     "ahead_ms",
     [
