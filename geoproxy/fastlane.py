@@ -339,7 +339,7 @@ class ProxyConnection(RequestHandler):
         route = forwarder.routed(rt, prelude, Trace())
         if not isinstance(route, Route):
             return False  # geoproxy's own answer: the coroutine path writes it
-        geode = route.cands[0].geode
+        geode = route.trace.trying = route.cands[0].geode
         if geode.url.scheme != "http":
             return False
         if not self._noted:  # the head timeout: this connection sent a request head

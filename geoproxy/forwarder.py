@@ -335,7 +335,7 @@ class Forwarder:
         idempotent = method in IDEMPOTENT
         last = CONNECT_ERROR
         for index, cand in enumerate(cands):
-            geode = cand.geode
+            geode = trace.trying = cand.geode
             host = host_for(fwd, head, geode)
             first, sent = sent, None  # only the first attempt can have begun already
             try:

@@ -61,7 +61,8 @@ class Metrics:
         self.attempts = HotCounter(
             "geoproxy_upstream_attempts", "Attempts to forward to a geode, by outcome: "
             "response, retry_status (502/503/504, tried elsewhere), connect_error, "
-            "timeout, reset.", ["geode", "outcome"],
+            "timeout, reset, cut_by_drain (still waiting when the shutdown drain ended).",
+            ["geode", "outcome"],
         )  # fmt: skip
         self.failovers = HotCounter(
             "geoproxy_failovers", "A request moved from one geode to the next after a "

@@ -24,6 +24,11 @@ access_log = logging.getLogger("geoproxy.access")
 
 #: nginx's status for a request the client abandoned before the answer.
 CLIENT_CLOSED = 499
+#: The status logged and counted for a request the drain cut off at shutdown: geoproxy
+#: failed it (the client saw its connection closed, no answer).
+DRAIN_CUT = 503
+#: The attempt outcome of the geode a cut request was on.
+CUT = "cut_by_drain"
 
 
 class Observer:
@@ -33,6 +38,11 @@ class Observer:
         # Requests being handled: a plain count, read by the gauge only when scraped.
         self.inflight = 0
         metrics.inflight.set_function(lambda: self.inflight)
+        # From the start of a shutdown's drain: requests finished, and cut off.
+        self.draining = False
+        self.cutting = False  # the drain time is over: what ends now was cut off
+        self.drained = 0
+        self.cut = 0
 
     def wrap(
         self,
@@ -106,6 +116,11 @@ class Observer:
     ) -> None:
         """Count one finished request and write its access-log line (``url``: the
         request target, whose path is logged)."""
+        if self.draining:
+            if self.cutting and status == CLIENT_CLOSED:
+                status = self._cut(trace)
+            else:
+                self.drained += 1
         geode = trace.geode.name if trace.geode else NO_GEODE
         m = self.metrics
         m.requests.inc(geode, _code_class(status))
@@ -130,6 +145,15 @@ class Observer:
         if self.access_format != "off" and access_log.isEnabledFor(logging.INFO):
             access_log.info(self.format_line(trace, status, duration, method, url.path, remote,
                                              size))  # fmt: skip
+
+    def _cut(self, trace: Trace) -> int:
+        """A request the drain cut off: counted on the geode it was on, if any."""
+        self.cut += 1
+        trace.cut = True
+        if trace.geode is None and trace.trying is not None:
+            trace.geode = trace.trying
+            trace.attempts.append((trace.trying.name, CUT))
+        return DRAIN_CUT
 
     def format_line(
         self,
@@ -160,6 +184,8 @@ class Observer:
             fields["aborted"] = True
         if trace.denied is not None:
             fields["denied"] = trace.denied
+        if trace.cut:
+            fields["cut"] = "drain_timeout"
         if self.access_format == "json":
             return json.dumps(fields, separators=(",", ":"))
         return " ".join(f"{k}={_plain(v)}" for k, v in fields.items())

@@ -14,12 +14,20 @@ from typing import Any
 from aiohttp import web
 
 from geoproxy.app import Gateway
+from geoproxy.changes import plural
 from geoproxy.config import Config, Listener, files_fingerprint
 from geoproxy.errors import GeoproxyError
 from geoproxy.fastlane import ProxyServer
+from geoproxy.observe import Observer
 from geoproxy.responses import HeadDeadline
 
 log = logging.getLogger("geoproxy")
+
+#: Seconds a stop may take beyond ``shutdown.drain_timeout``: cutting off what is still in
+#: flight then, and closing. The process exits within drain_timeout + DRAIN_MARGIN.
+DRAIN_MARGIN = 1.0
+_CUT_WAIT = 0.5  # of that margin: for the requests cut off to finish their bookkeeping
+_POLL = 0.02  # seconds between two looks at the in-flight count while draining
 
 
 class ListenError(GeoproxyError):
@@ -77,6 +85,40 @@ class HeadTimeoutRunner(web.ServerRunner):
         inner = super().server
         return None if inner is None else self.heads.wrap(inner)
 
+    async def drain(self, gateway: Gateway) -> tuple[int, int]:
+        """Stop accepting, give in-flight requests ``shutdown.drain_timeout`` to finish,
+        then cut off what is left (closing its connection; logged with status 503 and
+        ``cut``), close everything. Returns (requests drained, requests cut). aiohttp's
+        own ``shutdown(timeout)`` waits, cancels, then waits again: up to twice the
+        timeout, while the configured value is what stop timeouts are sized by."""
+        timeout = gateway.config.lifecycle.drain_timeout
+        observer = gateway.observer
+        observer.draining = True
+        for site in list(self.sites):
+            await site.stop()
+        inner = super().server
+        if inner is not None:
+            inner.pre_shutdown()  # idle connections close; busy ones after their answer
+            if not await _until_idle(observer, timeout):
+                log.warning("shutdown.drain_timeout (%gs) is over: cutting off %s still in "
+                            "flight", timeout, plural(observer.inflight, "request"))  # fmt: skip
+                observer.cutting = True
+                for connection in inner.connections:
+                    connection.force_close()
+                await _until_idle(observer, _CUT_WAIT)
+        await self.cleanup()
+        return observer.drained, observer.cut
+
+
+async def _until_idle(observer: Observer, seconds: float) -> bool:
+    """Wait up to ``seconds`` for no request to be in flight; True if none is."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    # A poll: the count is a plain int, changed from the fast lane's callbacks too.
+    while observer.inflight > 0 and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(_POLL)
+    return observer.inflight == 0
+
 
 def freeze_startup_heap() -> None:
     """Take what is alive once started (modules, aiohttp, config, topology, GeoIP reader)
@@ -97,8 +139,9 @@ def make_proxy_runner(gateway: Gateway) -> HeadTimeoutRunner:
     # forwarding to the geode for nobody (its test server turns it on).
     server = ProxyServer(gateway, access_log=None, handler_cancellation=True,
                          keepalive_timeout=config.limits.keepalive_timeout)  # fmt: skip
+    # shutdown_timeout: what is left once ``drain`` has cut off what outlived the drain.
     runner = HeadTimeoutRunner(server, config.limits.header_timeout, handle_signals=False,
-                               shutdown_timeout=config.lifecycle.drain_timeout)  # fmt: skip
+                               shutdown_timeout=_CUT_WAIT)  # fmt: skip
     gateway.on_request = runner.note_request
     return runner
 
@@ -117,17 +160,16 @@ async def serve(
     reload the config. On stop: /readyz turns 503 at once, the proxy listener stops
     accepting, in-flight requests get ``shutdown.drain_timeout`` to finish."""
     gateway = Gateway(config)
-    drain = config.lifecycle.drain_timeout
     proxy_runner = make_proxy_runner(gateway)
     admin_runner = web.AppRunner(gateway.admin_app(), access_log=None, handle_signals=False,
-                                 shutdown_timeout=drain)  # fmt: skip
+                                 shutdown_timeout=_CUT_WAIT)  # fmt: skip
     log.info("geoproxy starting: first health round over %d geodes", len(config.geodes))
     async with contextlib.AsyncExitStack() as stack:  # undone in reverse
         stack.push_async_callback(admin_runner.cleanup)  # last: /readyz 503 while draining
         if not await unless_stopped(stack.enter_async_context(gateway.lifespan()), stop):
             log.info("geoproxy stopped during start-up")
             return
-        stack.push_async_callback(proxy_runner.cleanup)  # stop accepting, drain, close
+        stack.push_async_callback(drain_and_report, proxy_runner, gateway, "geoproxy")
         freeze_startup_heap()
         await proxy_runner.setup()
         await admin_runner.setup()
@@ -142,6 +184,13 @@ async def serve(
         )
         stack.push_async_callback(cancel_and_wait, watcher)
         await serve_until_stopped(gateway, bound, stop, on_ready)
+
+
+async def drain_and_report(runner: HeadTimeoutRunner, gateway: Gateway, who: str) -> None:
+    """Stop accepting, drain, close (``HeadTimeoutRunner.drain``); log the counts."""
+    drained, cut = await runner.drain(gateway)
+    log.info("%s stopped: %s drained, %d cut off by shutdown.drain_timeout", who,
+             plural(drained, "request"), cut)  # fmt: skip
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:

@@ -35,11 +35,13 @@ from prometheus_client import CollectorRegistry
 from geoproxy import fleet
 from geoproxy.admin import Scrape
 from geoproxy.app import Gateway
+from geoproxy.changes import plural
 from geoproxy.config import Config, Listener
 from geoproxy.errors import GeoproxyError
 from geoproxy.health import GeodeHealth
 from geoproxy.metrics import WorkerMetrics
 from geoproxy.server import (
+    DRAIN_MARGIN,
     Bound,
     ListenError,
     cancel_and_wait,
@@ -159,6 +161,7 @@ class Worker:
         self.started = 0.0
         self.ready_at: float | None = None  # when it said it serves (None: not yet)
         self.misses = 0  # metrics polls in a row left unanswered
+        self.drained = self.cut = 0  # requests its stop drained and cut off (it says so)
         self._ids = 0
         self._pending: dict[int, asyncio.Future[bool]] = {}
         self._reader_task: asyncio.Task[None] | None = None
@@ -222,6 +225,8 @@ class Worker:
         if op == "ready":
             self.ready_at = time.monotonic()
             self.ready.set()
+        elif op == "drained":
+            self.drained, self.cut = int(message["drained"]), int(message["cut"])
         elif op == "reloaded" and not message.get("ok"):
             log.error("worker %d: reload failed; it keeps its config", self.index)
         elif op == "metrics":
@@ -490,6 +495,9 @@ class Supervisor:
                 log.warning("worker %d (pid %s) stopped with %s", worker.index, worker.pid,
                             describe_exit(waited.result()))  # fmt: skip
         self.metrics.running.set(0)
+        log.info("geoproxy stopped: %s drained, %d cut off by shutdown.drain_timeout "
+                 "(over %s)", plural(sum(w.drained for w in live), "request"),
+                 sum(w.cut for w in live), plural(len(live), "worker"))  # fmt: skip
 
 
 def start_timeout() -> float:
@@ -532,7 +540,9 @@ async def serve_workers(
                                  shutdown_timeout=config.lifecycle.drain_timeout)  # fmt: skip
 
     async def stop_workers() -> None:
-        await supervisor.stop(gateway.config.lifecycle.drain_timeout + 5.0)
+        # Each worker exits within drain_timeout + DRAIN_MARGIN (server.py); what is
+        # still running then is killed, so the supervisor keeps to the same bound.
+        await supervisor.stop(gateway.config.lifecycle.drain_timeout + DRAIN_MARGIN)
 
     log.info("geoproxy starting %d workers: first health round over %d geodes", count,
              len(config.geodes))  # fmt: skip

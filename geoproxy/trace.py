@@ -18,6 +18,8 @@ class Trace:
     decision: str | None = None
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (geode, outcome)
     geode: Geode | None = None  # the geode whose response was relayed
+    trying: Geode | None = None  # the geode of the attempt under way (or the last one)
+    cut: bool = False  # still in flight when shutdown.drain_timeout ran out: cut off
     aborted: bool = False  # the geode failed mid-response; the client connection was cut
     body_bytes: int = 0  # response body bytes relayed to the client
     denied: str | None = None  # refused at the edge: the access rule (or refusal) label

@@ -39,9 +39,11 @@ from aiohttp import web
 from geoproxy import config as config_mod
 from geoproxy import fleet
 from geoproxy.app import Gateway
+from geoproxy.changes import plural
 from geoproxy.config import Config
 from geoproxy.errors import GeoproxyError
 from geoproxy.server import (
+    HeadTimeoutRunner,
     cancel_and_wait,
     freeze_startup_heap,
     make_proxy_runner,
@@ -118,6 +120,15 @@ class _Channel:
                 log.info("the supervisor says stop: draining")
             self.stop.set()
 
+    async def drain(self, runner: HeadTimeoutRunner) -> None:
+        """Stop accepting, drain and close; tell the supervisor the counts."""
+        drained, cut = await runner.drain(self.gateway)
+        log.info("worker stopped: %s drained, %d cut off by shutdown.drain_timeout",
+                 plural(drained, "request"), cut)  # fmt: skip
+        self.send({"op": "drained", "drained": drained, "cut": cut})
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
     async def obey(self) -> None:
         with contextlib.suppress(ConnectionError, ValueError):  # ValueError: line too long
             while raw := await self.reader.readline():
@@ -150,7 +161,7 @@ async def serve_worker(
         gateway.adopt_health(hello["health"])
         obeying = asyncio.create_task(channel.obey(), name="geoproxy-worker-control")
         stack.push_async_callback(cancel_and_wait, obeying)  # after the drain: still obeys
-        stack.push_async_callback(runner.cleanup)  # stop accepting, drain, close
+        stack.push_async_callback(channel.drain, runner)  # stop accepting, drain, close
         freeze_startup_heap()
         await runner.setup()
         for sock in sockets:

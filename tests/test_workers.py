@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from geoproxy import fleet
+from geoproxy.server import DRAIN_MARGIN
 
 from conftest import (
     FakeGeode,
@@ -245,6 +247,30 @@ async def test_workers_share_one_port_and_their_counts_are_summed_exactly(
     assert not any(alive(p) for p in proxy.pids)
 
 
+@contextlib.asynccontextmanager
+async def run(path: Path, workers: int) -> AsyncIterator[tuple[Supervised, str, str]]:
+    """``geoproxy run --workers N`` (N = 1: one process): the process, proxy and admin
+    URLs; killed with its workers if the test leaves before it ends."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "geoproxy", "run", "--config", str(path),
+        "--workers", str(workers), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    running = Supervised(proc)
+    try:
+        found = await running.wait_for(r"proxying on (http://[\d.:]+).* admin on (\S+)")
+        yield running, found.group(1), found.group(2)
+    finally:
+        left = children(proc.pid)
+        if proc.returncode is None:
+            proc.kill()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await proc.wait()
+        running._reader.cancel()
+
+
 def _families_with_samples(text: str) -> set[str]:
     return {f.name for f in text_string_to_metric_families(text) if f.samples}
 
@@ -258,23 +284,11 @@ async def test_a_fleet_exposes_every_family_one_process_exposes(
     path = write_config(one_region([eu]))
     exposed = {}
     for workers in (1, 2):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "geoproxy", "run", "--config", str(path),
-            "--workers", str(workers), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        running = Supervised(proc)
-        try:
-            found = await running.wait_for(r"proxying on (http://[\d.:]+).* admin on (\S+)")
-            proxy_url, admin_url = found.group(1), found.group(2)
+        async with run(path, workers) as (running, proxy_url, admin_url):
             assert await get_fresh(http, f"{proxy_url}/whoami", 20) == [(200, "eu-1")] * 20
             async with http.get(f"{admin_url}/metrics") as resp:
                 exposed[workers] = _families_with_samples(await resp.text())
             assert await running.stop() == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
     fleet_only = {n for n in exposed[2] if n.startswith(("geoproxy_worker_", "geoproxy_workers"))}
     assert "geoproxy_fast_lane_requests" in exposed[1]
     assert sorted(exposed[2] - fleet_only) == sorted(exposed[1])
@@ -369,6 +383,51 @@ async def test_sigterm_lets_every_worker_finish_its_in_flight_requests(
         assert await proxy.stop(None) == 0
     assert not any(alive(p) for p in proxy.pids)
     assert "Traceback" not in proxy.output
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+async def test_sigterm_exits_within_the_drain_timeout_and_logs_the_requests_it_cut(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], workers: int
+) -> None:
+    """shutdown.drain_timeout 2s, one 0.5 s request and three 6 s requests in flight: the
+    short one is drained, the long ones are cut off at 2 s and logged as such (503, cut,
+    on their geode), and the process exits within drain_timeout + DRAIN_MARGIN of the
+    SIGTERM (aiohttp's own shutdown took 4 s)."""
+    eu = await geode_factory("eu-1", "eu-west")
+    path = write_config(one_region([eu], access_log="json", shutdown={"drain_timeout": "2s"},
+                                   forwarding={"response_timeout": "60s"}))  # fmt: skip
+
+    async def get(url: str) -> int | str:
+        try:
+            async with aiohttp.ClientSession() as own, own.get(url) as resp:
+                await resp.read()
+                return resp.status
+        except aiohttp.ClientError:
+            return "cut"
+
+    loop = asyncio.get_running_loop()
+    async with run(path, workers) as (proxy, proxy_url, _):
+        delays = (0.5, 6, 6, 6)
+        requests = [asyncio.create_task(get(f"{proxy_url}/slow?delay={d}")) for d in delays]
+        async with asyncio.timeout(10):
+            while eu.hits["/slow"] < len(delays):  # noqa: ASYNC110 -- a bounded poll
+                await asyncio.sleep(0.01)
+        signalled = loop.time()
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert await proxy.stop(None, timeout=15) == 0
+        took = loop.time() - signalled
+        assert await asyncio.gather(*requests) == [200, "cut", "cut", "cut"]
+    assert 2.0 <= took < 2.0 + DRAIN_MARGIN, f"exited {took:.2f}s after SIGTERM"
+    out = proxy.output
+    cut = [json.loads(line[line.index("{"):]) for line in proxy.lines if '"cut":' in line]
+    assert [(c["status"], c["geode"], c["attempts"], c["cut"]) for c in cut] == [
+        (503, "eu-1", 1, "drain_timeout")] * 3  # fmt: skip
+    warned = re.findall(r"WARNING.*shutdown.drain_timeout \(2s\) is over: cutting off (\d+) "
+                        r"requests? still in flight", out)  # fmt: skip
+    assert sum(map(int, warned)) == 3
+    assert re.search(r"geoproxy: geoproxy stopped: 1 request drained, 3 cut off by "
+                     r"shutdown.drain_timeout", out), out  # fmt: skip
+    assert '"status":499' not in out and "Traceback" not in out
 
 
 async def test_killing_the_supervisor_takes_its_workers_down(
