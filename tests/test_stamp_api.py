@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -12,7 +13,9 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -26,10 +29,15 @@ from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
+from geoproxy import config as config_mod
+from geoproxy import demo
+from geoproxy.config import Listener
+from geoproxy.server import Bound, serve
 from geoproxy.stamp import auth
-from geoproxy.stamp.app import STATE, build_stamp_app, stamp_runner
+from geoproxy.stamp import peer as peer_module
+from geoproxy.stamp.app import STATE, StartError, build_stamp_app, stamp_runner
 from geoproxy.stamp.config import Peer, Replication, StampConfig
-from geoproxy.stamp.hlc import MAX_LOGICAL, MAX_WALL, Version
+from geoproxy.stamp.hlc import MAX_LOGICAL, MAX_WALL, HybridClock, Version
 from geoproxy.stamp.store import COUNTER, ITEM, Change, Store
 
 from conftest import assert_promtool_accepts
@@ -88,7 +96,12 @@ class Stamp:
         peer_sock, self._peer_sock = self._peer_sock, None
         self.app = build_stamp_app(self.config, self.registry, peer_sock=peer_sock)
         self.runner = stamp_runner(self.app, shutdown_timeout=2.0)
-        await self.runner.setup()
+        try:
+            await self.runner.setup()
+        except BaseException:  # it did not start: its ports stay reserved, as when stopped
+            await self.runner.cleanup()
+            self.runner, self._peer_sock = None, peer_sock
+            raise
         sock, self._sock = self._sock, None
         await web.SockSite(self.runner, sock).start()
 
@@ -932,9 +945,9 @@ class StampProcess:
 
 
 @contextlib.asynccontextmanager
-async def stamp_process(config: Path) -> AsyncIterator[StampProcess]:
+async def stamp_process(config: Path, *more: str) -> AsyncIterator[StampProcess]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "geoproxy", "stamp", "--config", str(config),
+        sys.executable, "-m", "geoproxy", "stamp", "--config", str(config), *more,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
@@ -1283,3 +1296,272 @@ async def test_counter_slots_stay_within_int64_increments_past_it_are_400_never_
     assert status == 200 and (body["applied"], body["quarantined"]) == (1, 1), body
     status, _, _ = await call(http, "GET", f"{eu.url}/counters/big2")
     assert status == 404
+
+
+async def test_a_change_ahead_by_more_than_max_clock_skew_is_quarantined_within_it_applies(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    """Finding 4: a far-future version stayed forever (later legitimate writes lost)."""
+    eu, us = await mesh(2, max_clock_skew=60.0)
+    now = int(time.time() * 1000)
+    changes = [wire_change("ahead", "a", version(now + 120_000, 0, us.name)),
+               wire_change("near", "n", version(now + 20_000, 0, us.name))]  # fmt: skip
+    status, body, _ = await push_as(http, eu, us.name, changes)
+    assert status == 200 and (body["applied"], body["quarantined"]) == (1, 1), body
+    assert await item(http, eu, "ahead") is None and await value_of(http, eu, "near") == "n"
+    _, letters, _ = await call(http, "GET", f"{eu.peer_url}/dead-letters")
+    assert "more than max_clock_skew (60s)" in letters["dead_letters"][0]["reason"]
+    await put(http, eu, "ahead", "legit")  # nothing from the future beats it
+    assert await value_of(http, eu, "ahead") == "legit"
+
+
+async def test_a_stamp_whose_restored_clock_is_far_ahead_refuses_to_start_unless_told(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    """Finding 4: a far-future own-origin version, then a restart, made every new write of
+    that stamp carry year 2286."""
+    (eu,) = await mesh(1)
+    await put(http, eu, "a", 1)
+    await eu.stop()
+    db = sqlite3.connect(eu.config.database)
+    future = version(int(time.time() * 1000) + 3_600_000, 0, eu.name)  # an hour ahead
+    with db:
+        db.execute("UPDATE changes SET version = ?", (future,))
+    db.close()
+    with pytest.raises(StartError, match=r"3600s ahead of this machine's clock.*max_clock_skew"):
+        await eu.start()
+    eu.config = dataclasses.replace(eu.config, allow_clock_ahead=True)
+    await eu.start()
+    assert (await put(http, eu, "b", 2))["version"] > future
+
+
+async def test_the_stamp_command_refuses_a_clock_far_ahead_and_names_the_override(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "ahead.yaml"
+    config.write_text(yaml.safe_dump({"name": "stamp-ahead", "region": "eu-west",
+                                      "listen": {"port": 0, "peer": {"port": 0}},
+                                      "database": "ahead.db"}))  # fmt: skip
+    store = Store(tmp_path / "ahead.db", "stamp-ahead", "eu-west")
+    store.clock = HybridClock("stamp-ahead", clock=lambda: time.time() + 7200)
+    store.put("a", "1")
+    store.close()
+    async with stamp_process(config) as proc:
+        assert await proc.proc.wait() == 1
+        assert proc.proc.stdout is not None
+        out = (await proc.proc.stdout.read()).decode()
+    assert "ahead of this machine's clock" in out and "--allow-clock-ahead" in out, out
+    assert "Traceback" not in out
+    async with stamp_process(config, "--allow-clock-ahead") as proc:
+        await proc.listening()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await proc.proc.wait() == 0
+
+
+# -- listener limits, error text ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("listener", ["public", "peer"])
+async def test_a_half_sent_request_head_gets_408_and_the_connection_closes(
+    mesh: MeshFactory, listener: str
+) -> None:
+    """Finding 7: the stamp kept a half-sent request head open indefinitely (slowloris)."""
+    (eu,) = await mesh(1, header_timeout=0.5)
+    url = URL(eu.url if listener == "public" else eu.peer_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+        await writer.drain()
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            answer = await reader.read()  # to EOF: the stamp closes the connection
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b'"request_timeout"' in answer
+        assert 0.4 < time.monotonic() - started < 3
+    finally:
+        writer.close()
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_keepalive_timeout(
+    mesh: MeshFactory,
+) -> None:
+    (eu,) = await mesh(1, keepalive_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", eu.config.port)
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed by the stamp once idle
+    finally:
+        writer.close()
+
+
+async def test_errors_name_no_sqlite_or_exception_text(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    """Finding 7: error bodies echoed SQLite and exception text."""
+    (eu,) = await mesh(1)
+    eu.store.close()
+    answers = [await call(http, "GET", f"{eu.url}/health"),
+               await call(http, "PUT", f"{eu.url}/items/k", json=1),
+               await call(http, "GET", f"{eu.url}/items"),
+               await call(http, "GET", f"{eu.peer_url}/events")]  # fmt: skip
+    for status, body, _ in answers:
+        assert status == 503, body
+        assert "database" not in json.dumps(body).lower(), body
+        assert "sqlite" not in json.dumps(body).lower(), body
+
+
+# -- bounded pages, large pushes ---------------------------------------------------------
+
+
+async def test_lists_events_and_pulls_are_cut_by_bytes_and_page_through_everything(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    """Finding 6: /items?limit=1000, /events and pulls built whole answers in memory (30
+    items of 1 MiB: a 31 MB answer)."""
+    eu, us = await mesh(2)
+    value = "v" * (MiB - 100)
+    for i in range(12):
+        await put(http, eu, f"big-{i:02d}", value)
+    seen: list[str] = []
+    after = ""
+    while True:
+        async with http.get(f"{eu.url}/items", params={"limit": "1000", "after": after}) as r:
+            raw = await r.read()
+        assert len(raw) < 4.5 * MiB
+        body = json.loads(raw)
+        seen += [i["id"] for i in body["items"]]
+        if body["next_after"] is None:
+            break
+        after = body["next_after"]
+    assert seen == [f"big-{i:02d}" for i in range(12)]
+
+    async with http.get(f"{eu.peer_url}/events", params={"limit": "1000"}) as r:
+        raw = await r.read()
+    assert 3 * MiB < len(raw) < 4.5 * MiB and len(json.loads(raw)["events"]) < 12
+    assert [e["id"] for e in await events(http, eu)] == seen  # the helper pages to the end
+
+    status, body, _ = await signed(http, "GET", f"{eu.peer_url}/replication/changes"
+                                   "?since=0&limit=10000", us.name)  # fmt: skip
+    assert status == 200 and 0 < len(body["changes"]) < 12
+    await eventually(converged_on(http, [us], "big-11", value), "every big value replicates")
+
+
+async def test_a_large_push_is_parsed_off_the_event_loop(
+    mesh: MeshFactory, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (eu,) = await mesh(1, also=("stamp-far",))
+    threads: list[str] = []
+    real = peer_module.parse_batch
+
+    def recording(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(peer_module, "parse_batch", recording)
+    small = [wire_change("small", 1, version(GOOD_WALL))]
+    large = [wire_change(f"l{i}", "x" * 100_000, version(GOOD_WALL + i)) for i in range(5)]
+    for changes in (small, large):
+        status, body, _ = await push_as(http, eu, "stamp-far", changes)
+        assert status == 200, body
+    assert threads[0] == threading.main_thread().name
+    assert threads[1] != threading.main_thread().name
+    assert await value_of(http, eu, "l4") == "x" * 100_000
+
+
+# -- replication lag in /health ----------------------------------------------------------
+
+
+async def test_health_turns_503_while_replication_lags_past_the_bound_when_one_is_set(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    eu, us = await mesh(2, max_replication_lag=0.3)
+    plain, _ = await mesh(2)
+    await us.stop()
+    await put(http, eu, "waiting", 1)
+    await put(http, plain, "waiting", 1)
+
+    async def lagging() -> bool:
+        status, body = await health(http, eu)
+        return status == 503 and body["status"] == "lagging" and body["lagging"] == [us.name]
+
+    await eventually(lagging, "eu reports lagging towards stopped us")
+    await asyncio.sleep(0.4)
+    assert (await health(http, plain))[0] == 200  # off by default
+    await us.start()
+    await eventually(lambda: _healthy(http, eu), "eu healthy again once us has caught up")
+
+
+async def _healthy(http: aiohttp.ClientSession, stamp: Stamp) -> bool:
+    return (await health(http, stamp))[0] == 200
+
+
+# -- the demo: forged pushes ---------------------------------------------------------------
+
+
+async def test_a_forged_push_through_the_demo_proxy_or_to_a_stamp_is_refused(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The review's attack, on `geoproxy demo` as it runs: a forged tombstone pushed through
+    the proxy port, to a stamp's public port, and unsigned to its peer listener."""
+    cfg = config_mod.load(demo.demo_config_path())
+    cfg = dataclasses.replace(
+        cfg, proxy=Listener("127.0.0.1", 0), admin=Listener("127.0.0.1", 0),
+        geodes=tuple(dataclasses.replace(g, url=g.url.with_port(0)) for g in cfg.geodes),
+    )  # fmt: skip
+    live, runners = await demo.start_geodes(cfg, demo.stamp_apps(tmp_path))
+    stop = asyncio.Event()
+    ready: asyncio.Future[Bound] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(live, stop, on_ready=ready.set_result))
+    try:
+        proxy = (await asyncio.wait_for(ready, 20)).proxy_url
+        fr = {"CF-IPCountry": "FR"}
+        async with http.put(f"{proxy}/items/hello", json="bonjour", headers=fr) as r:
+            assert r.status == 201
+        eu = next(g for g in live.geodes if g.region == "eu-west")
+        peer_address = next(r.app[STATE].peer_address for r in runners
+                            if r.app[STATE].config.name == eu.name)  # fmt: skip
+        assert peer_address is not None
+        forged = json.dumps({"from": eu.name, "changes": [wire_change(
+            "hello", None, version(int(time.time() * 1000), 5, eu.name), "eu-west")]})
+        targets = [f"{proxy}/replication/changes", f"{eu.url}/replication/changes",
+                   f"http://{peer_address[0]}:{peer_address[1]}/replication/changes"]
+        for url in targets:
+            async with http.post(url, data=forged, headers={
+                **fr, "Content-Type": "application/json"}) as r:  # fmt: skip
+                assert r.status in (401, 403, 404), (url, r.status)
+        await asyncio.sleep(1.0)  # the demo replicates every 0.5 s
+        for region in ("FR", "JP", "US"):
+            async with http.get(f"{proxy}/items/hello", headers={"CF-IPCountry": region}) as r:
+                assert r.status == 200 and (await r.json())["value"] == "bonjour", region
+    finally:
+        stop.set()
+        await task
+        for runner in runners:
+            await runner.cleanup()
+
+
+# -- deploy: the stamp's alert rules -------------------------------------------------------
+
+
+async def test_the_stamp_alert_rules_name_only_metrics_a_stamp_exports(
+    mesh: MeshFactory, http: aiohttp.ClientSession
+) -> None:
+    (eu,) = await mesh(1)
+    async with http.get(f"{eu.peer_url}/metrics") as resp:
+        text = await resp.text()
+    exported = set(re.findall(r"^# TYPE (\S+) (\S+)", text, re.M))
+    names = {n for n, _ in exported} | {f"{n}_total" for n, t in exported if t == "counter"}
+    rules = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy" / "prometheus" /
+                            "alerts.yml").read_text())  # fmt: skip
+    stamp_rules = [r for g in rules["groups"] for r in g["rules"] if "stamp_" in r["expr"]]
+    assert {r["alert"] for r in stamp_rules} >= {
+        "StampReplicationLagging", "StampChangesQuarantined", "StampPeerAuthFailures"}
+    for rule in stamp_rules:
+        used = set(re.findall(r"\bstamp_[a-z_]+\b", rule["expr"]))
+        assert used <= names, (rule["alert"], used - names)

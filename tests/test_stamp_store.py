@@ -19,8 +19,15 @@ from typing import Any
 
 import pytest
 
-from geoproxy.stamp.hlc import MAX_DRIFT_MS, HybridClock, Version
-from geoproxy.stamp.store import COUNTER, ITEM, Change, Store
+from geoproxy.stamp.hlc import (
+    MAX_DRIFT_MS,
+    MAX_LOGICAL,
+    MAX_WALL,
+    HybridClock,
+    Version,
+    VersionOverflow,
+)
+from geoproxy.stamp.store import COUNTER, ITEM, Change, ClockAhead, Store
 
 T0 = 1_700_000_000_000  # a wall time in milliseconds (Nov 2023)
 EU, US, AP = "eu-west", "us-east", "ap-northeast"  # stamp names; as origins AP < EU < US
@@ -919,3 +926,92 @@ def test_changes_since_pages_the_log_in_local_order(store: Store) -> None:
         item_change("r", T0, 0, US, 1)
     ]
     assert store.changes_since(seqs[-1], 100) == []
+
+
+# -- hardening (issue 13) -----------------------------------------------------------------
+
+
+def _sample_versions(rng: random.Random, n: int) -> Iterator[Version]:
+    """Versions from the whole domain, its edges weighted in: property-style."""
+    walls = [0, 1, 9, 10, T0, MAX_WALL - 1, MAX_WALL]
+    logicals = [0, 1, 9, 10, MAX_LOGICAL - 1, MAX_LOGICAL]
+    alphabet = "abcxyzABCZ0189._-"
+    for _ in range(n):
+        wall = rng.choice(walls) if rng.random() < 0.3 else rng.randrange(MAX_WALL + 1)
+        logical = rng.choice(logicals) if rng.random() < 0.3 else rng.randrange(MAX_LOGICAL + 1)
+        origin = rng.choice("aZ9") + "".join(rng.choice(alphabet)
+                                             for _ in range(rng.randrange(63)))  # fmt: skip
+        yield Version(wall, logical, origin)
+
+
+def test_every_version_there_is_round_trips_and_sorts_like_its_text() -> None:
+    """Finding 2 of issue 13: the clock made 10000000000000-..., which the parser could not
+    read. Every Version that can exist encodes, decodes to itself, and sorts as its text
+    does, so anything a clock or a successor makes can be read back."""
+    rng = random.Random(13)
+    versions = list(_sample_versions(rng, 20_000))
+    for v in versions:
+        assert Version.decode(v.encode()) == v
+        try:
+            after = v.successor("z")
+        except VersionOverflow:
+            assert (v.wall, v.logical) == (MAX_WALL, MAX_LOGICAL)
+            continue
+        assert after > v and Version.decode(after.encode()) == after
+    assert sorted(versions, key=Version.encode) == sorted(versions)
+
+
+@pytest.mark.parametrize("parts", [
+    pytest.param((MAX_WALL + 1, 0, EU), id="wall-past-13-digits"),
+    pytest.param((-1, 0, EU), id="negative-wall"),
+    pytest.param((T0, MAX_LOGICAL + 1, EU), id="logical-past-6-digits"),
+    pytest.param((T0, -1, EU), id="negative-logical"),
+    pytest.param((T0, 0, "eu west"), id="origin-not-a-name"),
+    pytest.param((T0, 0, ""), id="empty-origin"),
+])  # fmt: skip
+def test_a_version_that_could_not_be_encoded_cannot_be_made(parts: tuple[int, int, str]) -> None:
+    with pytest.raises(ValueError, match=r"out of range|not a stamp name"):
+        Version(*parts)
+
+
+def test_the_clock_at_the_largest_version_refuses_rather_than_overflow() -> None:
+    clock = FakeClock(MAX_WALL)
+    hlc = HybridClock(EU, clock=clock, last=Version(MAX_WALL, MAX_LOGICAL - 1, EU))
+    assert hlc.now() == Version(MAX_WALL, MAX_LOGICAL, EU)
+    with pytest.raises(VersionOverflow):
+        hlc.now()
+
+
+def test_a_store_refuses_to_reopen_when_its_own_clock_is_far_ahead(tmp_path: Path) -> None:
+    """Finding 4 of issue 13: an own-origin version in 2100 made every later write carry it
+    (the running drift guard was bypassed at start-up). Refuse, naming the override."""
+    path = tmp_path / "eu.db"
+    first = fresh_store(path, EU, FakeClock(4_102_444_800_000))  # 2100-01-01
+    first.put("a", '"1"')
+    first.close()
+    with pytest.raises(ClockAhead, match=r"ahead of this machine's clock.*--allow-clock-ahead"):
+        Store(path, EU, "europe", max_clock_skew=60, allow_clock_ahead=False)
+    again = Store(path, EU, "europe", max_clock_skew=60, allow_clock_ahead=True)
+    assert again.put("b", '"2"').version.wall >= 4_102_444_800_000  # still ahead, as asked
+    again.close()
+
+
+def test_a_store_whose_clock_is_within_the_skew_reopens(tmp_path: Path) -> None:
+    path = tmp_path / "eu.db"
+    first = fresh_store(path, EU, FakeClock(int(time.time() * 1000) + 30_000))  # 30 s ahead
+    first.put("a", '"1"')
+    first.close()
+    Store(path, EU, "europe", max_clock_skew=60, allow_clock_ahead=False).close()
+
+
+def test_pages_stop_at_the_byte_budget_but_never_come_back_empty(store: Store) -> None:
+    big = json.dumps("x" * 1000)
+    for i in range(10):
+        store.put(f"k{i}", big)
+    items, more = store.items_page("", 100, max_bytes=4000)  # 1,302 bytes a row
+    assert [i.id for i in items] == ["k0", "k1", "k2"] and more
+    items, more = store.items_page("", 100, after="k8", max_bytes=4000)
+    assert [i.id for i in items] == ["k9"] and not more
+    items, more = store.items_page("", 1, max_bytes=10)  # one row over budget still comes
+    assert len(items) == 1 and more
+    assert [s for s, _ in store.changes_since(0, 100, max_bytes=2700)] == [1, 2]
