@@ -621,7 +621,8 @@ async def test_broken_config_reload_under_load_keeps_routing_and_counts_failures
     await eventually(lambda: reaches("failure", 2), 5, 0.05)
     unknown_region = now() - started
     await proxy.child.wait_for(r"countries\.FR: unknown region 'moon-base'", 5)
-    await asyncio.sleep(0.5)
+    served = len(load.results)
+    await eventually(lambda: len(load.results) >= served + 100, 5)  # under the broken file
     write_atomically(proxy.config, good)
     await eventually(lambda: reaches("success", 1), 5, 0.05)
     results = await load.done()
@@ -664,7 +665,8 @@ async def test_reload_moving_a_country_under_load_routes_it_to_the_new_region_wi
     applied = await eventually(lambda: reloaded(1), 5, 0.02)
     await run_until(applied + 0.5)
     write_atomically(proxy.config, back)
-    await asyncio.sleep(0.6)  # polling is off: nothing changes until the signal
+    with pytest.raises(TimeoutError):  # polling is off: no reload for 3 old poll intervals
+        await eventually(lambda: reloaded(2), 0.6, 0.02)
     assert await reloaded(1)
     hup = now()
     proxy.child.send(signal.SIGHUP)

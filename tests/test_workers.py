@@ -207,6 +207,13 @@ async def in_flight(proxy_url: str, geode: FakeGeode, n: int) -> list[asyncio.Ta
     return requests
 
 
+async def until_workers_serve(proxy: Supervised, http: aiohttp.ClientSession, n: int) -> None:
+    """Until ``geoproxy_workers`` reads ``n``: a restarted worker counts once it is ready."""
+    async with asyncio.timeout(10):
+        while total(await proxy.metrics(http), "geoproxy_workers") != n:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
 def one_region(geodes: list[FakeGeode], **overrides: Any) -> dict[str, Any]:
     data = base_config([geode_entry(g) for g in geodes], regions={"eu-west": None},
                        countries={}, continents={}, access_log="off")  # fmt: skip
@@ -305,7 +312,8 @@ async def test_geodes_are_health_checked_by_the_supervisor_only(
                                           "jitter": "0s"})  # fmt: skip
     async with supervised(write_config(data), workers=3) as proxy:
         assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 30) == [(200, "eu-1")] * 30
-        await asyncio.sleep(1.0)
+        # No wait needed: a process's first round is part of its start-up, and the
+        # supervisor reports ready only once every worker is.
         assert eu.hits["/health"] == 1  # not 1 per worker
         m = await proxy.metrics(http)
         assert total(m, "geoproxy_health_checks_total", geode="eu-1") == 1
@@ -637,7 +645,7 @@ async def test_a_restarted_worker_serves_the_supervisors_config_not_the_files(
             path.write_text(yaml.safe_dump(one_region([other], reload=no_polling)))
         os.kill(proxy.pids[0], signal.SIGKILL)
         await proxy.wait_for(r"worker 0 \(pid \d+\) exited unexpectedly")
-        await asyncio.sleep(1.0)  # started again after 0.5 s
+        await until_workers_serve(proxy, http, 2)  # started again after 0.5 s
         assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 40) == [(200, "eu-old")] * 40
         assert "invalid" not in proxy.output
 
@@ -656,9 +664,10 @@ async def test_an_active_pass_readmits_a_geode_a_worker_ejected(
         assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 40) == [(200, "eu-b")] * 40
         assert total(await proxy.metrics(http), "geoproxy_geode_ejections_total") >= 1
         a.force_status = None
-        await asyncio.sleep(1.0)  # several passing checks of eu-a
-        served = [g for _, g in await get_fresh(http, f"{proxy.proxy_url}/whoami", 60)]
-        assert served.count("eu-a") > 0, "eu-a stayed ejected for the full 60 s"
+        url = f"{proxy.proxy_url}/whoami"
+        async with asyncio.timeout(10):  # a check every 200 ms; the ejection lasts 60 s
+            while "eu-a" not in {g for _, g in await get_fresh(http, url, 20)}:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
 
 
 async def test_a_second_instance_on_the_same_port_fails_before_starting_workers(
@@ -687,7 +696,7 @@ async def test_a_hung_worker_is_killed_and_started_again(
             await proxy.metrics(http)
         await proxy.wait_for(r"worker 1 \(pid \d+\) has not answered for 3 rounds; killing it")
         await proxy.wait_for(r"worker 1 \(pid \d+\) exited unexpectedly \(killed by SIGKILL\)")
-        await asyncio.sleep(1.0)
+        await until_workers_serve(proxy, http, 2)
         assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 40) == [(200, "eu-1")] * 40
         assert total(await proxy.metrics(http), "geoproxy_workers") == 2
 
