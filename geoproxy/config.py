@@ -118,6 +118,13 @@ class Limits:
     max_body_bytes: int = 100 * 1024**2  # a request body; else 413 before forwarding (or
     # the upload is cut when a chunked body grows past it).
     keepalive_timeout: float = 60.0  # an idle client connection closes after this.
+    body_timeout: float = 30.0  # seconds a client may pause while its request body is
+    # read, before the first piece too (nginx client_body_timeout); else 408, the client
+    # connection closes and the request to the geode is aborted (its connection closed,
+    # never pooled). A geode slow to take the body does not count against the client.
+    body_min_rate: int = 500  # bytes/s a request body must average once the time spent
+    # waiting for it passes body_timeout (Apache mod_reqtimeout's MinRate: a trickle of a
+    # byte a second is cut); else 408 likewise. 1B turns it off in effect.
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +261,7 @@ def _build(
     access = _access(root.get("access"))
     limits = _section(root.get("limits"), Limits(), {
         "header_timeout": _DURATION, "max_header_bytes": _SIZE, "max_body_bytes": _SIZE,
-        "keepalive_timeout": _DURATION,
+        "keepalive_timeout": _DURATION, "body_timeout": _DURATION, "body_min_rate": _SIZE,
     })  # fmt: skip
     outliers = _section(root.get("outlier_detection"), OutlierDetection(), {
         "consecutive_failures": _int(0, 1000), "base_ejection_time": _DURATION,

@@ -43,6 +43,7 @@ CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, RESPONSE, BAD_RESPONSE = (
     "connect_error", "timeout", "reset", "retry_status", "response", "bad_response",
 )  # fmt: skip
 CLIENT_BODY_TOO_LARGE = "client_body_too_large"
+CLIENT_BODY_TIMEOUT = "client_body_timeout"
 #: Responses up to this size with a Content-Length are read whole and sent in one write.
 SMALL_BODY = 64 * 1024
 _NO_BODY = frozenset({204, 304})
@@ -63,27 +64,63 @@ class BodyTooLarge(Exception):
     """A chunked request body grew past ``limits.max_body_bytes`` while streaming."""
 
 
+class BodyTimeout(Exception):
+    """The client paused its request body past ``limits.body_timeout``, or sent it slower
+    than ``limits.body_min_rate``."""
+
+
 class _Body:
     """The client's request body as an async iterable that notes when it starts flowing
-    and stops it when it grows past the limit."""
+    and stops it when it grows past the limit or comes too slowly."""
 
-    __slots__ = ("content", "limit", "size", "started", "too_large")
+    __slots__ = ("content", "limits", "size", "started", "timed_out", "too_large")
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limits: Limits) -> None:
         self.content = content
-        self.limit = limit
+        self.limits = limits
         self.size = 0
         self.started = False
         self.too_large = False
+        self.timed_out = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.content.iter_any():
+        limits = self.limits
+        content = self.content
+        clock = time.monotonic
+        waited = 0.0  # on the client only: a geode slow to take the body does not count
+        while True:
+            began = clock()
+            try:
+                async with asyncio.timeout(limits.body_timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                self.timed_out = True
+                raise BodyTimeout from None
+            if not chunk:
+                return
+            waited += clock() - began
             self.started = True
             self.size += len(chunk)
-            if self.size > self.limit:
+            if self.size > limits.max_body_bytes:
                 self.too_large = True
                 raise BodyTooLarge
+            if waited > limits.body_timeout and self.size < limits.body_min_rate * waited:
+                self.timed_out = True
+                raise BodyTimeout
             yield chunk
+
+
+def _body_timed_out(request: web.BaseRequest, limits: Limits) -> web.Response:
+    """The 408 for a body that came too slowly; the connection closes once it is sent
+    (aiohttp would otherwise wait up to 10 s for the rest of the body to discard it)."""
+    answer = json_error(408, "request_timeout", "request body not received in time (a "
+                        f"pause over {limits.body_timeout:g}s, or under "
+                        f"{limits.body_min_rate} bytes/s)")  # fmt: skip
+    answer.force_close()
+    task = asyncio.current_task()  # aiohttp's, which writes the answer before it ends
+    if task is not None:
+        task.add_done_callback(lambda _: request.protocol.force_close())
+    return answer
 
 
 class Reply:
@@ -287,8 +324,7 @@ class Forwarder:
             if request.body_exists:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 request.writer.output_size = 0
-        body = (_Body(request.content, self.limits.max_body_bytes) if request.body_exists
-                else None)  # fmt: skip
+        body = _Body(request.content, self.limits) if request.body_exists else None
         forwarded = route.forwarded
         if body is None and request.method in _BODY_METHODS and not head.has_length:
             forwarded += b"Content-Length: 0\r\n"  # some servers answer 411 without it
@@ -364,12 +400,18 @@ class Forwarder:
                 last = BAD_RESPONSE
                 log.warning("geode %s: %s", geode.name, exc)
             except (aiohttp.ServerTimeoutError, TimeoutError):
+                if body is not None and body.timed_out:  # the client's, not the geode's
+                    trace.attempts.append((geode.name, CLIENT_BODY_TIMEOUT))
+                    return _body_timed_out(request, limits)
                 last = TIMEOUT
                 log.info("geode %s: no response within %gs", geode.name, fwd.response_timeout)
-            except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
+            except (aiohttp.ClientError, OSError, BodyTooLarge, BodyTimeout) as exc:
                 if body is not None and body.too_large:
                     trace.attempts.append((geode.name, CLIENT_BODY_TOO_LARGE))
                     return _body_too_large(limits)
+                if body is not None and body.timed_out:  # aiohttp closed the geode's
+                    trace.attempts.append((geode.name, CLIENT_BODY_TIMEOUT))  # connection
+                    return _body_timed_out(request, limits)
                 last = RESET
                 log.info("geode %s: request failed: %r", geode.name, exc)
             else:

@@ -8,7 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -451,3 +451,162 @@ async def test_denials_in_workers_are_summed_by_the_supervisor(
         assert total(m, "geoproxy_requests_denied_total", rule="stamp-replication") == 20
         assert await proxy.stop() == 0
     assert reached(eu) == {"/items/1"}
+
+
+# --- slow request bodies -----------------------------------------------------------------
+
+
+class BodyGeode:
+    """A geode that reads whatever a request sends and never answers: it records, per
+    connection, the bytes received and whether (and when) the proxy closed it."""
+
+    def __init__(self) -> None:
+        self.received: list[bytearray] = []
+        self.closed: list[asyncio.Event] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET /health "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            data, closed = bytearray(head), asyncio.Event()
+            self.received.append(data)
+            self.closed.append(closed)
+            try:
+                while chunk := await reader.read(65536):
+                    data += chunk
+            except ConnectionError:
+                pass
+            closed.set()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.fixture
+async def body_geode(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory
+) -> AsyncIterator[tuple[BodyGeode, Proxy]]:
+    """A ``BodyGeode`` in eu-west behind a proxy with a 300 ms body timeout."""
+    geode = BodyGeode()
+    url = await geode.start()
+    us = await geode_factory("us-1", "us-east")
+    ap = await geode_factory("ap-1", "ap-northeast")
+    proxy = await proxy_factory(base_config(
+        [{"name": "slow-1", "region": "eu-west", "url": url}, geode_entry(us), geode_entry(ap)],
+        limits={"body_timeout": "300ms", "body_min_rate": "1KiB"},
+        forwarding={"response_timeout": "5s"},
+    ))  # fmt: skip
+    yield geode, proxy
+    await geode.close()
+
+
+async def request_timed_out(proxy: Proxy, head: bytes, pieces: list[bytes], pause: float,
+                            ) -> tuple[bytes, dict[str, Any], float]:  # fmt: skip
+    """Send ``head``, then each piece ``pause`` seconds apart (until the proxy answers);
+    the status line, the JSON error, and seconds from the head to the answer."""
+    reader, writer = await raw_client(proxy)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    writer.write(head)
+
+    async def trickle() -> None:
+        for piece in pieces:
+            await asyncio.sleep(pause)
+            writer.write(piece)
+
+    sending = asyncio.create_task(trickle())
+    try:
+        async with asyncio.timeout(10):
+            status, lines, body = await read_response(reader)
+            took = loop.time() - began
+            assert b"Connection: close" in lines
+            assert await reader.read() == b""  # the client connection is closed too
+    finally:
+        sending.cancel()
+        writer.close()
+    return status, json.loads(body), took
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
+     b"PUT /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+     b"GET /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"],
+    ids=["content-length", "chunked", "get-with-body"],
+)  # fmt: skip
+async def test_a_body_that_stalls_gets_408_and_the_geode_connection_is_closed(
+    body_geode: tuple[BodyGeode, Proxy], head: bytes
+) -> None:
+    geode, proxy = body_geode
+    first = b"5\r\nhello\r\n" if b"chunked" in head else b"hello"
+    status, error, took = await request_timed_out(proxy, head, [first], 0.05)
+    assert status == b"HTTP/1.1 408 Request Timeout"
+    assert error["error"]["code"] == "request_timeout"
+    assert 0.3 <= took < 3
+    async with asyncio.timeout(3):  # the part that went out is not left pending
+        await geode.closed[0].wait()
+    assert b"hello" in geode.received[0].partition(b"\r\n\r\n")[2]
+    assert len(geode.received) == 1
+    await settled(proxy)
+    assert proxy.sample("geoproxy_upstream_attempts_total", geode="slow-1",
+                        outcome="client_body_timeout") == 1  # fmt: skip
+
+
+async def test_a_body_trickled_below_the_minimum_rate_gets_408(
+    body_geode: tuple[BodyGeode, Proxy],
+) -> None:
+    """Each byte comes well within body_timeout, but at about 20 bytes/s: cut once the
+    time spent waiting for it passes body_timeout."""
+    geode, proxy = body_geode
+    head = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    status, error, took = await request_timed_out(proxy, head, [b"x"] * 100, 0.05)
+    assert status == b"HTTP/1.1 408 Request Timeout"
+    assert error["error"]["code"] == "request_timeout"
+    assert 0.3 <= took < 3
+    async with asyncio.timeout(3):
+        await geode.closed[0].wait()
+    assert 5 <= len(geode.received[0].partition(b"\r\n\r\n")[2]) < 100
+
+
+async def test_a_body_whose_pauses_stay_within_the_limits_is_forwarded_whole(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory
+) -> None:
+    proxy, eu = await fenced(geode_factory, proxy_factory, [],
+                             limits={"body_timeout": "400ms", "body_min_rate": "1B"})
+    reader, writer = await raw_client(proxy)
+    try:
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n")
+        for piece in (b"ab", b"cd", b"ef"):
+            await asyncio.sleep(0.15)
+            writer.write(piece)
+        async with asyncio.timeout(5):
+            status, _, body = await read_response(reader)
+    finally:
+        writer.close()
+    assert status == b"HTTP/1.1 200 OK"
+    assert json.loads(body)["size"] == 6
+    assert eu.hits["/echo"] == 1
+
+
+def test_body_limits_are_read_and_bad_values_named(write_config: WriteConfig) -> None:
+    cfg = config_mod.load(write_config(edited(limits={"body_timeout": "2s",
+                                                      "body_min_rate": "1KiB"})))  # fmt: skip
+    assert (cfg.limits.body_timeout, cfg.limits.body_min_rate) == (2.0, 1024)
+    path = write_config(edited(limits={"body_timeout": 5, "body_min_rate": "fast"}))
+    assert problems_of(path) == [
+        f"{path}: limits.body_timeout: a duration needs a unit: 5 (e.g. '5s' or '5ms')",
+        f"{path}: limits.body_min_rate: not a size: 'fast' (e.g. 64KiB, 100MiB, 2GiB)",
+    ]
