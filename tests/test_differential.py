@@ -47,7 +47,8 @@ BY_DESIGN = """What geoproxy changes on purpose (geoproxy/headers.py, README):
 - framing is this hop's: chunk sizes and extensions may differ, a bodiless POST/PUT/PATCH
   gains Content-Length: 0, an answer read whole may gain a Content-Length; payloads
   and every other header line are the same, in order, byte for byte;
-- trailers may be dropped (never turned into header lines of anything);
+- a request's trailers may be dropped (never turned into header lines of anything); an
+  answer's trailers are compared like the rest;
 - a request geoproxy refuses (a 400) is answered by geoproxy, where the geode refuses it
   too: only the status is compared.
 """
