@@ -1,6 +1,7 @@
 """``geoproxy run | check-config | route | stamp | demo``: owns the process, logging and
 signals."""
 
+
 from __future__ import annotations
 
 import argparse
@@ -43,21 +44,25 @@ from geoproxy.supervisor import MAX_WORKERS, serve_workers
 from geoproxy.worker import die_with_supervisor, serve_worker
 
 DEFAULT_CONFIG = "config/geoproxy.yaml"
+_DESCRIPTION = "geoproxy: a geo-routing edge reverse proxy in front of regional stamps."
+#: The commands ``--help`` lists; ``worker`` is internal (``run --workers`` starts it).
+_COMMANDS = "{run,check-config,route,stamp,demo}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="geoproxy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="geoproxy", description=_DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"geoproxy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar=_COMMANDS)
+    config_help = f"config file (default: {DEFAULT_CONFIG}, relative to the current directory)"
 
     run = sub.add_parser("run", help="run the proxy")
-    run.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    run.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     run.add_argument("--workers", type=_workers_arg, default=1, metavar="N",
                      help="worker processes sharing the proxy port (SO_REUSEPORT), or "
                      "'auto' for one per usable CPU core (default: %(default)s)")  # fmt: skip
 
-    wkr = sub.add_parser("worker", help="(internal) one worker process of run --workers")
+    wkr = sub.add_parser("worker")  # no help: not listed; one process of run --workers
     wkr.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     wkr.add_argument("--index", type=int, required=True)
     wkr.add_argument("--listen-fd", type=int, action="append", required=True)
@@ -65,10 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     wkr.add_argument("--supervisor-pid", type=int, required=True)
 
     check = sub.add_parser("check-config", help="validate a config and print its topology")
-    check.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    check.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
 
     rte = sub.add_parser("route", help="explain where a client would be sent (offline)")
-    rte.add_argument("--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    rte.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
     rte.add_argument("--ip", help="the client's real IP (looked up in the GeoIP database)")
     rte.add_argument("--country", help="as sent in CF-IPCountry, e.g. JP")
     rte.add_argument("--region", help="as sent in X-Client-Region: a region id or country")

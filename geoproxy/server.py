@@ -163,7 +163,8 @@ async def serve(
     proxy_runner = make_proxy_runner(gateway)
     admin_runner = web.AppRunner(gateway.admin_app(), access_log=None, handle_signals=False,
                                  shutdown_timeout=_CUT_WAIT)  # fmt: skip
-    log.info("geoproxy starting: first health round over %d geodes", len(config.geodes))
+    log.info("geoproxy starting: first health round over %s",
+             plural(len(config.geodes), "geode"))  # fmt: skip
     async with contextlib.AsyncExitStack() as stack:  # undone in reverse
         stack.push_async_callback(admin_runner.cleanup)  # last: /readyz 503 while draining
         if not await unless_stopped(stack.enter_async_context(gateway.lifespan()), stop):
@@ -176,8 +177,8 @@ async def serve(
         proxy = await start_site(proxy_runner, "proxy", config.proxy, any_port_if_taken)
         admin = await start_site(admin_runner, "admin", config.admin, any_port_if_taken)
         bound = Bound(proxy, admin)
-        log.info("geoproxy proxying on %s, admin on %s (%d geodes, %d healthy)",
-                 bound.proxy_url, bound.admin_url, len(gateway.board.states),
+        log.info("geoproxy proxying on %s, admin on %s (%s, %d healthy)",
+                 bound.proxy_url, bound.admin_url, plural(len(gateway.board.states), "geode"),
                  len(gateway.board.healthy))  # fmt: skip
         watcher = asyncio.create_task(
             watch_config(gateway, reload or asyncio.Event()), name="geoproxy-config-watch"

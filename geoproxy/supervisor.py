@@ -422,6 +422,8 @@ class Supervisor:
         try:
             async with asyncio.timeout(self.ready_timeout):
                 await worker.until_ready()  # an exit: _watch sees it
+            if worker.ready.is_set():
+                log.info("worker %d started again (pid %s)", worker.index, worker.pid)
         except TimeoutError:
             if not self.stopping:
                 log.error("worker %d (pid %s) did not start within %gs; killing it",
@@ -544,8 +546,8 @@ async def serve_workers(
         # still running then is killed, so the supervisor keeps to the same bound.
         await supervisor.stop(gateway.config.lifecycle.drain_timeout + DRAIN_MARGIN)
 
-    log.info("geoproxy starting %d workers: first health round over %d geodes", count,
-             len(config.geodes))  # fmt: skip
+    log.info("geoproxy starting %d workers: first health round over %s", count,
+             plural(len(config.geodes), "geode"))  # fmt: skip
     async with contextlib.AsyncExitStack() as stack:  # undone in reverse
         stack.push_async_callback(admin_runner.cleanup)
         stack.callback(close_all, sockets)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,28 @@ async def test_reload_moves_a_country_and_keeps_health_state(
     after = proxy.gateway.board.states["eu-1"]
     assert after is before and after.healthy and after.passes == passes  # no flapping
     assert proxy.sample("geoproxy_config_reloads_total", result="success") == 1
+
+
+async def test_a_reload_logs_what_changed(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, write_config: WriteConfig,
+    caplog: pytest.LogCaptureFixture, lane: str,
+) -> None:
+    eu, us, ap = await three_geodes(geode_factory)
+    data = base_config([geode_entry(eu), geode_entry(us)])
+    data["forwarding"]["fast_lane"] = lane == "fast"  # as the proxy runs: no change
+    proxy = await proxy_factory(data)
+    caplog.set_level(logging.INFO, logger="geoproxy")
+    data["geodes"] = [geode_entry(eu), geode_entry(ap)]
+    data["countries"] = {**data["countries"], "GB": "us-east"}
+    data["limits"] = {"header_timeout": "5s"}
+    await reload_with(proxy, write_config, data)
+    path = proxy.gateway.config.path
+    assert (f"{path}: config reloaded (2 geodes): 1 geode added: ap-1 (ap-northeast); "
+            "1 geode removed: us-1 (us-east); countries moved: GB eu-west -> us-east; "
+            "settings: limits.header_timeout 10 -> 5") in caplog.messages  # fmt: skip
+    await reload_with(proxy, write_config, data)
+    assert caplog.messages[-1] == (f"{path}: config reloaded (2 geodes): nothing that takes "
+                                   "effect changed")  # fmt: skip
 
 
 async def test_broken_reload_changes_nothing_and_is_counted(

@@ -354,6 +354,9 @@ async def test_a_killed_worker_is_started_again_and_counts_do_not_go_backwards(
         # Connections that reach the dead worker's socket wait in its backlog until the
         # new worker takes them: none fails.
         assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 50) == [(200, "eu-1")] * 50
+        again = await proxy.wait_for(r"worker 0 started again \(pid (\d+)\)")
+        assert int(again.group(1)) in children(proxy.proc.pid)
+        assert int(again.group(1)) != proxy.pids[0]
         m = await proxy.metrics(http)
         assert total(m, "geoproxy_requests_total") == 100
         assert total(m, "geoproxy_worker_restarts_total") == 1
@@ -436,6 +439,7 @@ async def test_sigterm_exits_within_the_drain_timeout_and_logs_the_requests_it_c
     assert re.search(r"geoproxy: geoproxy stopped: 1 request drained, 3 cut off by "
                      r"shutdown.drain_timeout", out), out  # fmt: skip
     assert '"status":499' not in out and "Traceback" not in out
+    assert "first health round over 1 geode\n" in out  # not "1 geodes"
 
 
 async def test_killing_the_supervisor_takes_its_workers_down(
