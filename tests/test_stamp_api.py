@@ -32,8 +32,10 @@ from yarl import URL
 from geoproxy import config as config_mod
 from geoproxy import demo
 from geoproxy.config import Listener
+from geoproxy.errors import ConfigError
 from geoproxy.server import Bound, serve
 from geoproxy.stamp import auth
+from geoproxy.stamp import config as stamp_config
 from geoproxy.stamp import peer as peer_module
 from geoproxy.stamp.app import STATE, StartError, build_stamp_app, stamp_runner
 from geoproxy.stamp.config import Peer, Replication, StampConfig
@@ -195,7 +197,7 @@ async def signed(
 ) -> tuple[int, Any, CIMultiDictProxy[str]]:  # fmt: skip
     """One request to a peer listener, signed as peer ``sender``."""
     headers = auth.sign(secret, sender, method, URL(url).raw_path_qs, body, now=now)
-    return await call(http, method, url, data=body,
+    return await call(http, method, url, data=io.BytesIO(body),
                       headers={**headers, "Content-Type": "application/json"})  # fmt: skip
 
 
@@ -1465,13 +1467,15 @@ async def test_a_large_push_is_parsed_off_the_event_loop(
 
     monkeypatch.setattr(peer_module, "parse_batch", recording)
     small = [wire_change("small", 1, version(GOOD_WALL))]
-    large = [wire_change(f"l{i}", "x" * 100_000, version(GOOD_WALL + i)) for i in range(5)]
-    for changes in (small, large):
+    large = [wire_change(f"l{i}", "x" * 300_000, version(GOOD_WALL + i)) for i in range(8)]
+    for changes in (small, large):  # the large one applies in three slices
         status, body, _ = await push_as(http, eu, "stamp-far", changes)
-        assert status == 200, body
+        assert status == 200 and body["applied"] == len(changes), body
     assert threads[0] == threading.main_thread().name
     assert threads[1] != threading.main_thread().name
-    assert await value_of(http, eu, "l4") == "x" * 100_000
+    assert await value_of(http, eu, "l7") == "x" * 300_000
+    status, body, _ = await push_as(http, eu, "stamp-far", large)
+    assert body == {"applied": 0, "ignored": 8, "conflicts": 0, "quarantined": 0}
 
 
 # -- replication lag in /health ----------------------------------------------------------
@@ -1565,3 +1569,75 @@ async def test_the_stamp_alert_rules_name_only_metrics_a_stamp_exports(
     for rule in stamp_rules:
         used = set(re.findall(r"\bstamp_[a-z_]+\b", rule["expr"]))
         assert used <= names, (rule["alert"], used - names)
+
+
+# -- the secret: from a file or the environment, never inline ------------------------------
+
+
+@pytest.mark.parametrize(("auth_node", "error"), [
+    pytest.param(None, "peer_auth: required with peers", id="missing"),
+    pytest.param({"secret": "x" * 64}, "peer_auth.secret: never inline", id="inline"),
+    pytest.param({"secret_file": "fleet.secret", "secret_env": "GP_TEST_SECRET"},
+                 "peer_auth: give exactly one of secret_file and secret_env", id="both"),
+    pytest.param({"secret_file": "absent.secret"},
+                 "peer_auth.secret_file: cannot read the secret file 'absent.secret'",
+                 id="file-missing"),
+    pytest.param({"secret_env": "GP_TEST_UNSET"},
+                 "peer_auth.secret_env: environment variable 'GP_TEST_UNSET' is not set",
+                 id="env-unset"),
+    pytest.param({"secret_file": "short.secret"},
+                 "peer_auth.secret_file: the secret must be at least 32 bytes, got 5",
+                 id="too-short"),
+    pytest.param({"secret_file": "fleet.secret", "window": "soon"},
+                 "peer_auth.window: not a duration", id="bad-window"),
+])  # fmt: skip
+def test_the_peer_secret_comes_from_a_file_or_the_environment_and_errors_name_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, auth_node: dict[str, str] | None,
+    error: str,
+) -> None:  # fmt: skip
+    (tmp_path / "fleet.secret").write_bytes(SECRET + b"\n")
+    (tmp_path / "short.secret").write_text("short\n")
+    monkeypatch.setenv("GP_TEST_SECRET", SECRET.decode())
+    monkeypatch.delenv("GP_TEST_UNSET", raising=False)
+    data: dict[str, Any] = {"name": "stamp-a", "region": "eu-west", "database": "a.db",
+                            "peers": [{"name": "stamp-b", "url": "http://127.0.0.1:9102"}]}
+    if auth_node is not None:
+        data["peer_auth"] = auth_node
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as caught:
+        stamp_config.load(path)
+    assert f"{path}: {error}" in str(caught.value)
+    assert SECRET.decode() not in str(caught.value)
+
+
+@pytest.mark.parametrize("source", ["file", "env"])
+def test_a_secret_from_a_file_or_env_loads_and_never_shows_in_the_config_repr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    (tmp_path / "fleet.secret").write_bytes(SECRET + b"\n")
+    monkeypatch.setenv("GP_TEST_SECRET", SECRET.decode())
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "stamp-a", "region": "eu-west", "database": "a.db",
+        "listen": {"peer": {"host": "10.0.0.5", "port": 9201}},
+        "peers": [{"name": "stamp-b", "url": "http://10.0.0.6:9201"}],
+        "peer_auth": {"secret_file": "fleet.secret"} if source == "file"
+        else {"secret_env": "GP_TEST_SECRET"},
+        "max_clock_skew": "30s", "health": {"max_replication_lag": "2m"},
+    }))  # fmt: skip
+    config = stamp_config.load(path)
+    assert config.secret == SECRET
+    assert (config.peer_host, config.peer_port) == ("10.0.0.5", 9201)
+    assert (config.max_clock_skew, config.max_replication_lag) == (30.0, 120.0)
+    assert SECRET.decode() not in repr(config)
+
+
+async def test_a_stamp_with_peers_but_no_secret_refuses_to_start(tmp_path: Path) -> None:
+    config = StampConfig(path=None, name="stamp-a", region="eu-west", host="127.0.0.1", port=0,
+                         database=tmp_path / "a.db", peer_port=0,
+                         peers=(Peer("stamp-b", URL("http://127.0.0.1:1")),))  # fmt: skip
+    runner = stamp_runner(build_stamp_app(config))
+    with pytest.raises(StartError, match="peers need the fleet's shared secret"):
+        await runner.setup()
+    await runner.cleanup()

@@ -257,6 +257,9 @@ def build_stamp_app(
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            if config.peers and not config.secret:
+                raise StartError(f"stamp {config.name}: peers need the fleet's shared secret "
+                                 "(peer_auth) to sign replication")  # fmt: skip
             try:
                 store = Store(config.database, config.name, config.region,
                               durable=config.durable, max_clock_skew=config.max_clock_skew,

@@ -133,6 +133,11 @@ def _secret(node: Node, path: Path, needed: bool) -> bytes | None:
             node.problem("required with peers: the fleet's shared secret, as secret_file "
                          "or secret_env (never inline)")  # fmt: skip
         return None
+    if isinstance(node.value, dict) and "secret" in node.value:
+        node.get("secret").problem("never inline (the YAML is read by many): put the secret "
+                                   "in secret_file, or name an environment variable in "
+                                   "secret_env")  # fmt: skip
+        return None
     if not node.expect_mapping(("secret_file", "secret_env", "window")):
         return None
     file_node, env_node = node.get("secret_file"), node.get("secret_env")

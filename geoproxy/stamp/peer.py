@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -28,17 +29,19 @@ from geoproxy.responses import json_error
 from geoproxy.stamp import auth, values
 from geoproxy.stamp.hlc import Version
 from geoproxy.stamp.state import STATE, BadRequest, int_query, parts, read_body
-from geoproxy.stamp.store import COUNTER, INT64_MAX, ITEM, Change
+from geoproxy.stamp.store import COUNTER, INT64_MAX, ITEM, ROW_OVERHEAD, Change
 
 log = logging.getLogger("geoproxy.stamp")
 
-MAX_BATCH_BYTES = 64 * 1024 * 1024  # one replication push
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # one replication push (a sender here sends <= 9 MiB)
 MAX_BATCH = 10_000
 #: One page of /events or of a pull holds about this much at most, whatever its limit.
 PAGE_BYTES = 4 * 1024 * 1024
 #: A pushed body larger than this is parsed and checked on a worker thread, so that the
 #: event loop keeps serving meanwhile.
 OFF_LOOP_BYTES = 256 * 1024
+#: A pushed batch applies in transactions of about this much (values), one at a time.
+APPLY_BYTES = 1024 * 1024
 
 
 def authenticate(request: web.Request) -> tuple[str, str]:
@@ -80,21 +83,44 @@ async def push_changes(request: web.Request) -> web.Response:
     except (BadRequest, values.BadValue):
         metrics.apply_errors.inc()
         raise
+    applied = ignored = conflicts = 0
     try:
-        result = store.apply(good)
+        for part in _slices(good):
+            result = store.apply(part)
+            applied, ignored = applied + result.applied, ignored + result.ignored
+            conflicts += result.conflicts
+            await asyncio.sleep(0)  # let other requests in between slices
     except Exception:
         metrics.apply_errors.inc()
         log.exception("applying a batch from %s failed", peer)
-        return json_error(500, "apply_failed", "batch not applied (this stamp's log says why)")
+        return json_error(500, "apply_failed", "batch not (wholly) applied (this stamp's log "
+                          "says why); the sender sends it again")  # fmt: skip
     for text, code, reason in bad:
         log.warning("quarantined a change from %s (%s): %s", peer, code, reason)
         store.quarantine("received", peer, text, reason)
         metrics.quarantined.labels("received", code).inc()
-    metrics.applied.labels("applied").inc(result.applied)
-    metrics.applied.labels("ignored").inc(result.ignored)
-    metrics.conflicts.inc(result.conflicts)
-    return web.json_response({"applied": result.applied, "ignored": result.ignored,
-                              "conflicts": result.conflicts, "quarantined": len(bad)})  # fmt: skip
+    metrics.applied.labels("applied").inc(applied)
+    metrics.applied.labels("ignored").inc(ignored)
+    metrics.conflicts.inc(conflicts)
+    return web.json_response({"applied": applied, "ignored": ignored, "conflicts": conflicts,
+                              "quarantined": len(bad)})  # fmt: skip
+
+
+def _slices(changes: list[Change]) -> Iterator[list[Change]]:
+    """The batch in slices of about APPLY_BYTES, each one transaction: a large batch does
+    not hold up the event loop for its whole length. Each change applies on its own
+    merits (last-write-wins, per-slot maximum), so slices may commit apart: a batch cut
+    short by a crash is sent again whole, and what had applied is ignored the second time."""
+    part: list[Change] = []
+    size = 0
+    for change in changes:
+        part.append(change)
+        size += len(change.value or "") + ROW_OVERHEAD
+        if size >= APPLY_BYTES:
+            yield part
+            part, size = [], 0
+    if part:
+        yield part
 
 
 #: A change refused: (its JSON text, reason code for the metric, reason for people).

@@ -33,7 +33,7 @@ from geoproxy.stamp.store import Change, Store
 log = logging.getLogger("geoproxy.stamp.replication")
 PUSH_PATH = "/replication/changes"
 #: One push carries at most about this much: well under what a peer accepts in one request
-#: (64 MiB), however many changes ``batch_size`` allows. A value is at most 1 MiB, so a
+#: (16 MiB), however many changes ``batch_size`` allows. A value is at most 1 MiB, so a
 #: single change always fits, and a backlog of large values drains batch by batch.
 MAX_PUSH_BYTES = 8 * 1024 * 1024
 #: Answers that mean the peer will never take this batch as it is.
