@@ -21,7 +21,7 @@ from geoproxy.metrics import Metrics
 from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
 from geoproxy.responses import json_error
 from geoproxy.runtime import Runtime
-from geoproxy.status_page import Facts, render_status
+from geoproxy.status_page import Facts, geode_state, render_status
 from geoproxy.traffic import STEP, Traffic, TrafficHistory
 
 RuntimeGetter = Callable[[], Runtime | None]
@@ -100,7 +100,17 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def geodes(request: web.Request) -> web.Response:
     board = _runtime(request).board
-    return web.json_response({"geodes": [s.as_dict() for s in board.states.values()]})
+    scrape = request.app[SCRAPE]
+    await scrape.refresh()
+    traffic = scrape.traffic()
+    listed = []
+    for state in board.states.values():
+        entry = state.as_dict()
+        word = geode_state(state, traffic)
+        if word != state.state:  # ejected by a worker of --workers, as /status says
+            entry.update(state=word, ejected=True, takes_traffic=False)
+        listed.append(entry)
+    return web.json_response({"geodes": listed})
 
 
 async def route(request: web.Request) -> web.Response:

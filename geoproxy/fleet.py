@@ -59,6 +59,15 @@ def _merge(family: str, into: dict[Key, float], key: Key, value: float) -> None:
         into[key] += value
 
 
+def _without(geode_up: Metric, ejected: frozenset[str]) -> Metric:
+    """The supervisor's geode_up (active health), 0 for geodes a worker ejected: a geode
+    reads 1 only while it takes traffic, as in one process."""
+    out = Metric(geode_up.name, geode_up.documentation, geode_up.type)
+    for s in geode_up.samples:
+        out.add_sample(s.name, s.labels, 0.0 if s.labels.get("geode") in ejected else s.value)
+    return out
+
+
 class Fleet(Collector):
     """The supervisor's exposition: ``own`` registry merged with the workers' snapshots."""
 
@@ -106,9 +115,12 @@ class Fleet(Collector):
                 decisions[decision] = decisions.get(decision, 0.0) + value
         failovers = sum(value for (name, _), value in self._merged("geoproxy_failovers", []).items()
                         if name == "geoproxy_failovers_total")  # fmt: skip
+        return Traffic(self.request_counts(), failovers, decisions, self.ejected())
+
+    def ejected(self) -> frozenset[str]:
+        """Geodes a live worker has ejected (passive health)."""
         ejections = self._merged("geoproxy_geode_ejected", [])
-        ejected = frozenset(dict(labels)["geode"] for (_, labels), v in ejections.items() if v)
-        return Traffic(self.request_counts(), failovers, decisions, ejected)
+        return frozenset(dict(labels)["geode"] for (_, labels), v in ejections.items() if v)
 
     def _merged(self, name: str, own_samples: Sequence[Any]) -> dict[Key, float]:
         merged: dict[Key, float] = {}
@@ -124,7 +136,11 @@ class Fleet(Collector):
         return merged
 
     def collect(self) -> Iterator[Metric]:
+        ejected = self.ejected()
         for family in self.own.collect():
+            if family.name == "geoproxy_geode_up" and ejected:
+                yield _without(family, ejected)
+                continue
             if family.name not in WORKER_FAMILIES:
                 yield family
                 continue

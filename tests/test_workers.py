@@ -540,7 +540,7 @@ def test_fleet_sums_counters_and_histograms_and_takes_the_max_of_ejection() -> N
     assert total(m, "geoproxy_request_duration_seconds_sum") == pytest.approx(0.12)
     assert total(m, "geoproxy_geode_ejected") == 1  # ejected by one worker: ejected
     assert total(m, "geoproxy_inflight_requests") == 5
-    assert total(m, "geoproxy_geode_up") == 1  # the supervisor's own, not the workers'
+    assert total(m, "geoproxy_geode_up") == 0  # ejected by a worker: up 1 only if serving
     assert total(m, "geoproxy_worker_requests_total", worker="0") == 7
     assert total(m, "geoproxy_worker_requests_total", worker="1") == 5
 
@@ -553,6 +553,7 @@ def test_fleet_keeps_what_an_exited_worker_counted_but_not_its_gauges() -> None:
     m = _exposed(merged)
     assert total(m, "geoproxy_requests_total") == 12
     assert total(m, "geoproxy_geode_ejected") == 0
+    assert total(m, "geoproxy_geode_up") == 1  # the supervisor's own, not the workers'
     assert total(m, "geoproxy_inflight_requests") == 3
     merged.update(0, _worker_snapshot(requests=4, ejected=0, inflight=0))  # its successor
     m = _exposed(merged)
@@ -672,6 +673,34 @@ async def test_an_active_pass_readmits_a_geode_a_worker_ejected(
         async with asyncio.timeout(10):  # a check every 200 ms; the ejection lasts 60 s
             while "eu-a" not in {g for _, g in await get_fresh(http, url, 20)}:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+
+
+async def test_status_geodes_and_metrics_agree_on_a_geode_a_worker_ejected(
+    geode_factory: GeodeFactory, write_config: Callable[..., Path], http: aiohttp.ClientSession
+) -> None:
+    """The supervisor checks health but does not see passive ejection: /status, /geodes
+    and geode_up take it from the workers' counts, as one process would show it."""
+    a = await geode_factory("eu-a", "eu-west")
+    b = await geode_factory("eu-b", "eu-west")
+    data = one_region([a, b], health_check={"interval": "1h", "timeout": "500ms"},
+                      outlier_detection={"consecutive_failures": 1,
+                                         "base_ejection_time": "60s"})  # fmt: skip
+    async with supervised(write_config(data), workers=2) as proxy:
+        a.force_status = 503  # live traffic fails on eu-a; no active check re-admits it
+        assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 40) == [(200, "eu-b")] * 40
+        m = await proxy.metrics(http)
+        assert total(m, "geoproxy_geode_ejected", geode="eu-a") == 1
+        assert total(m, "geoproxy_geode_up", geode="eu-a") == 0
+        assert total(m, "geoproxy_geode_up", geode="eu-b") == 1
+        async with http.get(f"{proxy.admin_url}/geodes") as resp:
+            listed = {g["name"]: g for g in (await resp.json())["geodes"]}
+        assert (listed["eu-a"]["state"], listed["eu-a"]["takes_traffic"]) == ("ejected", False)
+        assert listed["eu-b"]["state"] == "up"
+        async with http.get(f"{proxy.admin_url}/status") as resp:
+            page = await resp.text()
+        assert re.search(r"<tr class=ejected><td>eu-a</td><td>eu-west</td><td>EJECTED by a "
+                         r"worker</td>", page), page  # fmt: skip
+        assert "1 of 2 geodes take traffic" in page
 
 
 async def test_a_second_instance_on_the_same_port_fails_before_starting_workers(
