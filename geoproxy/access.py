@@ -28,6 +28,7 @@ however the geode reads the path.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
@@ -101,10 +102,12 @@ def prefix_problem(prefix: str) -> str | None:
 class AccessRules:
     """A config's rules in order, with the verdicts of recent paths."""
 
-    __slots__ = ("_cache", "rules")
+    __slots__ = ("_cache", "_folded", "_prefixes", "rules")
 
     def __init__(self, rules: tuple[AccessRule, ...]) -> None:
         self.rules = rules
+        self._prefixes = tuple(r.path_prefix for r in rules)
+        self._folded = tuple(r.folded for r in rules)
         self._cache: dict[str, Decision] = {}
 
     def decide(self, target: str) -> Decision:
@@ -122,21 +125,31 @@ class AccessRules:
     def _decide(self, path: str) -> Decision:
         if path == "*":  # OPTIONS *: the server, no path
             return ALLOWED
-        segments = _segments(path or "/")
-        if segments is None:
-            return Decision(False, UNSAFE)
-        matched = [self._first(text, folded) for text, folded in _readings(segments)]
-        denied = [i for i in matched if i is not None and self.rules[i].action == DENY]
+        first = self._first
+        if path.startswith("/") and _READ_ALIKE.search(path) is None:
+            matched = [first(path, False), first(path.lower(), True)]  # all there are
+        else:
+            segments = _segments(path or "/")
+            if segments is None:
+                return Decision(False, UNSAFE)
+            matched = [first(text, folded) for text, folded in _readings(segments)]
+        rules = self.rules
+        denied = [i for i in matched if i is not None and rules[i].action == DENY]
         if denied:  # named by the first such rule in the list, however it was reached
-            return Decision(False, self.rules[min(denied)])
-        return Decision(True, None if matched[0] is None else self.rules[matched[0]])
+            return Decision(False, rules[min(denied)])
+        return Decision(True, None if matched[0] is None else rules[matched[0]])
 
     def _first(self, text: str, folded: bool) -> int | None:
         """The index of the first rule that decides one reading."""
-        for index, rule in enumerate(self.rules):
-            if text.startswith(rule.folded if folded else rule.path_prefix):
+        for index, prefix in enumerate(self._folded if folded else self._prefixes):
+            if text.startswith(prefix):
                 return index
         return None
+
+
+#: A path with none of these reads the same every way but for case (the common case,
+#: decided without splitting it): no escape, parameter, empty or dot segment, backslash.
+_READ_ALIKE = re.compile(r"[%;\\\0]|//|/\.")
 
 
 def _segments(path: str) -> list[str] | None:

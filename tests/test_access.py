@@ -22,6 +22,7 @@ from test_forwarding import lane, raw_client, read_response  # noqa: F401  (lane
 from test_observability import access_lines, settled  # noqa: F401  (a fixture)
 from test_workers import get_fresh, one_region, supervised, total
 
+from geoproxy import access as access_mod
 from geoproxy import config as config_mod
 from geoproxy.access import AccessRule, AccessRules
 from geoproxy.stamp.app import STATE, build_stamp_app
@@ -610,3 +611,20 @@ def test_body_limits_are_read_and_bad_values_named(write_config: WriteConfig) ->
         f"{path}: limits.body_timeout: a duration needs a unit: 5 (e.g. '5s' or '5ms')",
         f"{path}: limits.body_min_rate: not a size: 'fast' (e.g. 64KiB, 100MiB, 2GiB)",
     ]
+
+
+@pytest.mark.parametrize("path", ["/", "/items/1", "/Items/A/", "/replication/x",
+                                  "/REPLICATION/x", "/metricsx", "/a.b/c..d", "/e/f.",
+                                  "/.well-known/x"])  # fmt: skip
+def test_a_plain_path_is_judged_as_the_full_reading_would(path: str) -> None:
+    """Paths without escapes, parameters, empty or dot segments skip the splitting: the
+    verdict is the one the full reading gives."""
+    rules = AccessRules(tuple(AccessRule(n, p, a) for n, p, a in (
+        ("m", "/metrics", "deny"), ("i", "/Items/", "allow"), ("r", "/replication/", "deny"),
+        ("all", "/", "deny"))))  # fmt: skip
+    segments = access_mod._segments(path)
+    assert segments is not None
+    full = [rules._first(text, folded) for text, folded in access_mod._readings(segments)]
+    denied = [i for i in full if i is not None and rules.rules[i].action == "deny"]
+    assert rules.decide(path).allowed == (not denied)
+    assert rules.decide(path).rule == rules.rules[min(denied) if denied else full[0]]
