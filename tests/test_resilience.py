@@ -391,6 +391,19 @@ async def test_oversized_headers_get_431(
     assert geodes[0].hits["/whoami"] == 0
 
 
+def upload(size: int, chunked: bool) -> Any:
+    """A request body of ``size`` bytes: with a declared Content-Length, or chunked."""
+    payload = b"z" * size
+    if not chunked:
+        return payload
+
+    async def stream() -> AsyncIterator[bytes]:
+        for i in range(0, size, 8192):
+            yield payload[i:i + 8192]
+
+    return stream()
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_oversized_body_gets_413(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
@@ -399,14 +412,7 @@ async def test_oversized_body_gets_413(
     geodes = await three_geodes(geode_factory)
     proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
                                             limits={"max_body_bytes": "64KiB"}))  # fmt: skip
-    payload = b"z" * (200 * 1024)
-
-    async def stream() -> AsyncIterator[bytes]:
-        for i in range(0, len(payload), 8192):
-            yield payload[i:i + 8192]
-
-    body: Any = stream() if chunked else payload
-    async with http.post(f"{proxy.url}/echo", data=body) as resp:
+    async with http.post(f"{proxy.url}/echo", data=upload(200 * 1024, chunked)) as resp:
         assert resp.status == 413
         assert (await resp.json())["error"]["code"] == "body_too_large"
     if not chunked:
@@ -423,22 +429,10 @@ async def test_body_of_exactly_max_body_bytes_passes_and_one_byte_more_gets_413(
     geodes = await three_geodes(geode_factory)
     proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
                                             limits={"max_body_bytes": "64KiB"}))  # fmt: skip
-
-    def body(size: int) -> Any:
-        payload = b"z" * size
-        if not chunked:
-            return payload  # a declared Content-Length
-
-        async def stream() -> AsyncIterator[bytes]:
-            for i in range(0, size, 8192):
-                yield payload[i:i + 8192]
-
-        return stream()
-
-    async with http.post(f"{proxy.url}/echo", data=body(64 * 1024)) as resp:
+    async with http.post(f"{proxy.url}/echo", data=upload(64 * 1024, chunked)) as resp:
         assert resp.status == 200
         assert (await resp.json())["size"] == 64 * 1024
-    async with http.post(f"{proxy.url}/echo", data=body(64 * 1024 + 1)) as resp:
+    async with http.post(f"{proxy.url}/echo", data=upload(64 * 1024 + 1, chunked)) as resp:
         assert resp.status == 413
         assert (await resp.json())["error"]["code"] == "body_too_large"
 
