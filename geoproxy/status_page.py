@@ -75,7 +75,7 @@ def _label(state: GeodeHealth, word: str, now: float) -> str:
 
 
 def _since(state: GeodeHealth, word: str, now: float) -> str:
-    if state.since is None:
+    if state.since is None or word != state.state:  # a worker's ejection: its time unknown
         return "-"
     verb = "up" if word == "up" else "down"
     return f"{verb} since {_clock(state.since)} ({_ago(now - state.since)})"
