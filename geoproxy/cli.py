@@ -365,8 +365,10 @@ def _demo_cmd(data_dir: Path | None) -> int:
     async def run_demo(stop: asyncio.Event, _reload: asyncio.Event) -> None:
         live, runners = await demo.start_geodes(cfg, demo.stamp_apps(folder))
         try:
+            peers = demo.peer_listeners(runners)
             for g in live.geodes:
-                print(f"stamp {g.name:<18} region {g.region:<14} {g.url}", flush=True)
+                print(f"stamp {g.name:<18} region {g.region:<14} {g.url}  (peer listener, "
+                      f"/metrics: {peers.get(g.name, '-')})", flush=True)  # fmt: skip
             print(f"stamp data: {folder}" + (" (removed on exit)" if temporary else ""),
                   flush=True)  # fmt: skip
 

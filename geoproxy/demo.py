@@ -130,6 +130,17 @@ async def start_geodes(
     return dataclasses.replace(config, geodes=tuple(live.values())), runners
 
 
+def peer_listeners(runners: list[web.AppRunner]) -> dict[str, str]:
+    """Where each started stamp's peer listener is (replication, /events, /metrics)."""
+    found = {}
+    for runner in runners:
+        state = runner.app.get(STATE)
+        if state is not None and state.peer_address is not None:
+            host, port = state.peer_address
+            found[state.config.name] = f"http://{host}:{port}"
+    return found
+
+
 def curl_lines(proxy_url: str, admin_url: str) -> str:
     put = "curl -s -X PUT -H 'Content-Type: application/json'"
     return "\n".join([

@@ -1528,13 +1528,14 @@ async def test_a_forged_push_through_the_demo_proxy_or_to_a_stamp_is_refused(
         async with http.put(f"{proxy}/items/hello", json="bonjour", headers=fr) as r:
             assert r.status == 201
         eu = next(g for g in live.geodes if g.region == "eu-west")
-        peer_address = next(r.app[STATE].peer_address for r in runners
-                            if r.app[STATE].config.name == eu.name)  # fmt: skip
-        assert peer_address is not None
+        peer_listeners = demo.peer_listeners(runners)  # what the demo prints
+        assert sorted(peer_listeners) == sorted(g.name for g in live.geodes)
+        async with http.get(f"{peer_listeners[eu.name]}/metrics") as r:
+            assert r.status == 200 and "stamp_items" in await r.text()
         forged = json.dumps({"from": eu.name, "changes": [wire_change(
             "hello", None, version(int(time.time() * 1000), 5, eu.name), "eu-west")]})
         targets = [f"{proxy}/replication/changes", f"{eu.url}/replication/changes",
-                   f"http://{peer_address[0]}:{peer_address[1]}/replication/changes"]
+                   f"{peer_listeners[eu.name]}/replication/changes"]
         for url in targets:
             async with http.post(url, data=forged, headers={
                 **fr, "Content-Type": "application/json"}) as r:  # fmt: skip
