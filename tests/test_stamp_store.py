@@ -1015,3 +1015,13 @@ def test_pages_stop_at_the_byte_budget_but_never_come_back_empty(store: Store) -
     items, more = store.items_page("", 1, max_bytes=10)  # one row over budget still comes
     assert len(items) == 1 and more
     assert [s for s, _ in store.changes_since(0, 100, max_bytes=2700)] == [1, 2]
+
+
+def test_dead_letters_keep_the_reason_whole_and_the_raw_change_cut_at_64_kib(store: Store) -> None:
+    store.quarantine("received", US, [('{"id": "a"}', "why a"), ("x" * 100_000, "why b")])
+    first, second = store.dead_letters()
+    assert (first.direction, first.peer, first.change, first.reason) == (
+        "received", US, '{"id": "a"}', "why a")  # fmt: skip
+    assert second.change.startswith("x" * 65_536) and "(100000 characters in all)" in second.change
+    assert second.reason == "why b" and second.seq > first.seq
+    assert store.dead_letters(since=first.seq) == [second]

@@ -95,10 +95,12 @@ async def push_changes(request: web.Request) -> web.Response:
         log.exception("applying a batch from %s failed", peer)
         return json_error(500, "apply_failed", "batch not (wholly) applied (this stamp's log "
                           "says why); the sender sends it again")  # fmt: skip
-    for text, code, reason in bad:
-        log.warning("quarantined a change from %s (%s): %s", peer, code, reason)
-        store.quarantine("received", peer, text, reason)
-        metrics.quarantined.labels("received", code).inc()
+    if bad:
+        store.quarantine("received", peer, [(text, reason) for text, _, reason in bad])
+        for _, code, _ in bad:
+            metrics.quarantined.labels("received", code).inc()
+        log.warning("quarantined %d of %d changes from %s (GET /dead-letters); the first: %s",
+                    len(bad), len(bad) + len(good), peer, bad[0][2])  # fmt: skip
     metrics.applied.labels("applied").inc(applied)
     metrics.applied.labels("ignored").inc(ignored)
     metrics.conflicts.inc(conflicts)

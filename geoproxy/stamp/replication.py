@@ -155,7 +155,7 @@ class Replicator:
         log.error("replication to %s: %s refused change %s of %r for good (%s); parked in "
                   "the dead-letter table", peer.name, peer.name, change.version.encode(),
                   change.id, reason)  # fmt: skip
-        self.store.quarantine("sent", peer.name, _raw(change), reason)
+        self.store.quarantine("sent", peer.name, [(_raw(change), reason)])
         self._on_park(peer.name)
 
     async def _peer_loop(self, peer: Peer) -> None:

@@ -298,13 +298,14 @@ class Store:
 
     # -- dead letters ----------------------------------------------------------------
 
-    def quarantine(self, direction: str, peer: str, raw: str, reason: str) -> None:
-        """Keep a change that could not be applied or delivered, with why."""
-        if len(raw) > DEAD_LETTER_BYTES:
-            raw = raw[:DEAD_LETTER_BYTES] + f"... ({len(raw)} characters in all)"
+    def quarantine(self, direction: str, peer: str, letters: list[tuple[str, str]]) -> None:
+        """Keep changes that could not be applied or delivered, each (raw JSON, why), in
+        one transaction."""
+        now = time.time()
+        rows = [(direction, peer, _cut(raw), reason, now) for raw, reason in letters]
         with self._tx() as db:
-            db.execute("INSERT INTO dead_letters (direction, peer, change, reason, recorded_at) "
-                       "VALUES (?, ?, ?, ?, ?)", (direction, peer, raw, reason, time.time()))
+            db.executemany("INSERT INTO dead_letters (direction, peer, change, reason, "
+                           "recorded_at) VALUES (?, ?, ?, ?, ?)", rows)  # fmt: skip
 
     def dead_letters(self, since: int = 0, limit: int = 100) -> list[DeadLetter]:
         rows = self._db.execute(
@@ -330,6 +331,12 @@ class Store:
         ).fetchone()
         count, oldest = int(row[0]), row[1]
         return count, (time.time() - oldest) if oldest is not None else None
+
+
+def _cut(raw: str) -> str:
+    if len(raw) <= DEAD_LETTER_BYTES:
+        return raw
+    return raw[:DEAD_LETTER_BYTES] + f"... ({len(raw)} characters in all)"
 
 
 #: What a row costs in a page besides its value (id, version, region, JSON punctuation).
