@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -26,7 +27,7 @@ from geoproxy.clientip import TrustedProxies
 from geoproxy.config import Config
 from geoproxy.errors import GeoproxyError
 from geoproxy.forwarder import Forwarder
-from geoproxy.geoip import GeoLookup, MaxMindLookup, open_geoip
+from geoproxy.geoip import FileIdentity, GeoLookup, MaxMindLookup, open_geoip
 from geoproxy.headers import via_name
 from geoproxy.health import GeodeHealth, HealthBoard, HealthChecker
 from geoproxy.metrics import Metrics
@@ -71,6 +72,7 @@ class Gateway:
         geoip: GeoLookup | None = None,
         registry: CollectorRegistry | None = None,
         active_health: bool = True,
+        geoip_source: str | None = None,
     ) -> None:
         self.config = config
         # False in a worker of ``--workers``: the supervisor checks and hands health over
@@ -80,6 +82,9 @@ class Gateway:
         self.board = HealthBoard(config.geodes, config.outlier_detection)
         self._geoip = geoip  # tests may inject a look-up; else opened from the config
         self._own_geoip: MaxMindLookup | None = None
+        self._geoip_source = geoip_source  # what to open at start-up instead of the path
+        self._geoip_refused: FileIdentity | None = None  # a new file that did not open
+        self.on_geoip: list[Callable[[MaxMindLookup], None]] = []  # after a new database
         self.runtime: Runtime | None = None
         self.forwarder: Forwarder | None = None
         self.checker: HealthChecker | None = None
@@ -145,8 +150,9 @@ class Gateway:
         async with contextlib.AsyncExitStack() as stack:  # undone in reverse, always
             geoip = self._geoip
             if geoip is None and self.config.geoip_database is not None:
-                self._own_geoip = geoip = open_geoip(self.config)
+                self._own_geoip = geoip = open_geoip(self.config, self._geoip_source)
                 stack.callback(self._close_geoip)
+                self._note_geoip()
             session = await stack.enter_async_context(
                 forwarding_session(self.config.forwarding.keepalive_timeout)
             )
@@ -195,6 +201,58 @@ class Gateway:
             self._own_geoip.close()
             self._own_geoip = None
 
+    @property
+    def geoip(self) -> MaxMindLookup | None:
+        """The GeoIP database this gateway opened (None: none, or a test's look-up)."""
+        return self._own_geoip
+
+    def _note_geoip(self) -> None:
+        """The build-date gauge, as the database in use says (none without one)."""
+        self.metrics.geoip_built.clear()
+        if self._own_geoip is not None:
+            db = self._own_geoip
+            self.metrics.geoip_built.labels(db.database_type).set(db.build_epoch)
+
+    async def refresh_geoip(self, expect: FileIdentity | None = None) -> bool:
+        """Open ``geoip.database`` again if its file changed since it was opened (a new
+        inode from ``geoipupdate``'s rename, or a new mtime or size), and swap it in; True
+        if it did. A file that cannot be used is logged once (until it changes again) and
+        counted; the database in use keeps answering. ``expect``: the identity the
+        supervisor of ``--workers`` validated; any other file is left alone."""
+        async with self._reload_lock:  # a reload builds its runtime from the old look-up
+            current, runtime = self._own_geoip, self.runtime
+            if current is None or runtime is None or self.forwarder is None:
+                return False
+            now = FileIdentity.of(current.path)
+            if now is None or now in (current.identity, self._geoip_refused):
+                return False
+            if expect is not None and now != expect:
+                log.info("%s: changed again since the supervisor opened it; waiting for its "
+                         "word", current.path)  # fmt: skip
+                return False
+            try:
+                new = MaxMindLookup(current.path)
+            except GeoproxyError as exc:
+                self._geoip_refused = now
+                self.metrics.geoip_reloads.labels("failure").inc()
+                log.error("%s: the GeoIP database file changed but cannot be used; the one "
+                          "opened before keeps answering (built %s): %s", current.path,
+                          _date(current.build_epoch), exc)  # fmt: skip
+                return False
+            self._geoip_refused = None
+            self.runtime = dataclasses.replace(runtime, geoip=new)
+            self.forwarder.runtime = self.runtime
+            self._own_geoip = new
+            current.close()  # look-ups are synchronous: none is in progress
+            self._note_geoip()
+            self.metrics.geoip_reloads.labels("success").inc()
+            log.info("%s: GeoIP database re-opened: %s built %s (was built %s)", new.path,
+                     new.database_type, _date(new.build_epoch),
+                     _date(current.build_epoch))  # fmt: skip
+            for hook in self.on_geoip:
+                hook(new)
+            return True
+
     async def reload(self, new: Config) -> list[str]:
         """Swap in a validated config; returns what changed (``changes.describe``).
         Health of unchanged geodes carries over; new geodes are checked before they can
@@ -239,6 +297,8 @@ class Gateway:
             if geoip is not runtime.geoip:
                 self._close_geoip()  # look-ups are synchronous: none is in progress
                 self._own_geoip = opened
+                self._geoip_refused = None
+                self._note_geoip()
             self._update_ready()
             log.info("%s: config reloaded (%s): %s", new.path, plural(len(new.geodes), "geode"),
                      "; ".join(what) or "nothing that takes effect changed")  # fmt: skip
@@ -282,6 +342,10 @@ class Gateway:
         """The admin app; ``scrape``: where its metrics come from (default: this process)."""
         return build_admin_app(lambda: self.runtime, scrape or Scrape.local(self.metrics),
                                lambda: self.draining, lambda: self.last_reload)  # fmt: skip
+
+
+def _date(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch))
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wkr.add_argument("--listen-fd", type=int, action="append", required=True)
     wkr.add_argument("--control-fd", type=int, required=True)
     wkr.add_argument("--supervisor-pid", type=int, required=True)
+    wkr.add_argument("--geoip-fd", type=int)  # the GeoIP database the supervisor opened
 
     check = sub.add_parser("check-config", help="validate a config and print its topology")
     check.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
@@ -279,7 +280,7 @@ def _worker_cmd(args: argparse.Namespace) -> int:
     die_with_supervisor(args.supervisor_pid)
     sockets = [socket.socket(fileno=fd) for fd in args.listen_fd]
     control = socket.socket(fileno=args.control_fd)
-    return _run_main(lambda stop, _reload: serve_worker(sockets, control, stop),
+    return _run_main(lambda stop, _reload: serve_worker(sockets, control, stop, args.geoip_fd),
                      f"geoproxy worker {args.index}")
 
 

@@ -1,10 +1,16 @@
-"""GeoIP look-up: a protocol the resolver calls, and the MaxMind adapter behind it."""
+"""GeoIP look-up: a protocol the resolver calls, and the MaxMind adapter behind it.
+
+A ``MaxMindLookup`` remembers the identity of the file it opened (device, inode, mtime,
+size): ``geoipupdate`` writes a new file and renames it over the old one, so a changed
+identity is a new database to open (``Gateway.refresh_geoip``), while the old one,
+memory-mapped, keeps answering until the swap."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +42,29 @@ class GeoAnswer:
     continent: str | None  # AF AN AS EU NA OC SA
 
 
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """Which file a path names, and which version of it: a rename over it (a new inode)
+    or a rewrite in place (mtime, size) changes it."""
+
+    device: int
+    inode: int
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity | None:
+        """The identity of the file at ``path`` now (None: there is none)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def as_list(self) -> list[int]:
+        return [self.device, self.inode, self.mtime_ns, self.size]
+
+
 class GeoLookup(Protocol):
     def __call__(self, ip: IPAddress) -> GeoAnswer | None:
         """The answer, or ``None`` when the address is not in the database. Raises
@@ -43,37 +72,64 @@ class GeoLookup(Protocol):
         ...
 
 
-def open_geoip(config: Config) -> MaxMindLookup | None:
-    """The database ``geoip.database`` names, opened and probed; ``GeoIPError`` names the
-    config file and the key, like every config error."""
+def open_geoip(config: Config, source: str | None = None) -> MaxMindLookup | None:
+    """The database ``geoip.database`` names (or ``source``, its inherited descriptor),
+    opened and probed; ``GeoIPError`` names the config file and the key, like every
+    config error."""
     if config.geoip_database is None:
         return None
     try:
-        return MaxMindLookup(config.geoip_database)
+        return MaxMindLookup(config.geoip_database, source=source)
     except GeoIPError as exc:
         raise GeoIPError(f"{config.path}: geoip.database: {exc}") from None
 
 
 class MaxMindLookup:
-    """Reads a MaxMind ``.mmdb`` (GeoIP2/GeoLite2 City or Country edition). Opened once;
-    memory-mapped, so workers share the pages."""
+    """Reads a MaxMind ``.mmdb`` (GeoIP2/GeoLite2 City or Country edition). Memory-mapped,
+    so workers share the pages. ``source``: the file to open when it is not ``path``
+    itself (a worker of ``--workers`` opens the supervisor's inherited descriptor)."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, path: Path, clock: Callable[[], float] = time.monotonic, source: str | None = None
+    ) -> None:
         self.path = path
         self._clock = clock
         self._logged_at: float | None = None
         self._unlogged = 0  # failed look-ups since the last message
+        # A descriptor held open while the database is in use: the identity is of the
+        # very file read (a rename between a stat and an open cannot mix two versions),
+        # and a worker of --workers inherits it (one truth: the database the supervisor
+        # validated, whatever the path names by then).
         try:
-            self._reader = geoip2.database.Reader(str(path))
+            self.fd = os.open(source or path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise GeoIPError(f"{path}: GeoIP database not found") from None
+        except OSError as exc:
+            raise GeoIPError(f"{path}: cannot open the GeoIP database: {exc.strerror}") from None
+        st = os.fstat(self.fd)
+        self.identity = FileIdentity(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        try:
+            self._open(fd_path(self.fd))
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _open(self, path: str) -> None:
+        try:
+            self._reader = geoip2.database.Reader(path)
+        except FileNotFoundError:
+            raise GeoIPError(f"{self.path}: GeoIP database not found") from None
         except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
-            raise GeoIPError(f"{path}: not a readable MaxMind database: {exc}") from None
-        kind = self._reader.metadata().database_type
+            raise GeoIPError(f"{self.path}: not a readable MaxMind database: "
+                             f"{str(exc).replace(path, str(self.path))}") from None
+        metadata = self._reader.metadata()
+        kind = metadata.database_type
+        #: When MaxMind built it (seconds since the epoch): its age is what goes stale.
+        self.build_epoch = int(metadata.build_epoch)
         if not any(edition in kind for edition in ("City", "Country", "Enterprise")):
             self._reader.close()
             raise GeoIPError(
-                f"{path}: database type {kind!r} has no country data (use a City, Country or "
+                f"{self.path}: database type {kind!r} has no country data (use a City, Country or "
                 "Enterprise edition)"
             )
         self.database_type = kind
@@ -86,14 +142,14 @@ class MaxMindLookup:
         else:
             self._lookup = self._reader.country
         try:
-            self._probe()
+            self._probe(path)
         except (maxminddb.InvalidDatabaseError, ValueError, TypeError, KeyError) as exc:
             self._reader.close()
-            raise GeoIPError(f"{path}: corrupt MaxMind database: {exc}") from None
+            raise GeoIPError(f"{self.path}: corrupt MaxMind database: {exc}") from None
 
-    def _probe(self) -> None:
+    def _probe(self, path: str) -> None:
         """Decode the first records and look their addresses up as traffic would."""
-        with maxminddb.open_database(str(self.path)) as raw:
+        with maxminddb.open_database(path) as raw:
             for network, _record in itertools.islice(raw, PROBE_RECORDS):
                 with contextlib.suppress(geoip2.errors.AddressNotFoundError):  # an alias
                     self._lookup(network.network_address)
@@ -127,3 +183,13 @@ class MaxMindLookup:
 
     def close(self) -> None:
         self._reader.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def fd_path(fd: int) -> str:
+    """A path that opens the file behind ``fd`` (Linux, and the BSDs' /dev/fd)."""
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        if os.path.isdir(folder):
+            return f"{folder}/{fd}"
+    raise GeoIPError("cannot re-open a file descriptor on this system (no /proc/self/fd)")

@@ -110,6 +110,16 @@ class Metrics:
             "geoproxy_config_last_reload_success_timestamp_seconds", "When the config in "
             "force was loaded (start-up or the last good reload).", registry=r,
         )  # fmt: skip
+        self.geoip_built = Gauge(
+            "geoproxy_geoip_database_build_timestamp_seconds", "When the GeoIP database "
+            "in use was built (its metadata's build_epoch), by its type (GeoLite2-City, say); "
+            "absent without geoip.database.", ["database_type"], registry=r,
+        )  # fmt: skip
+        self.geoip_reloads = Counter(
+            "geoproxy_geoip_reloads", "GeoIP database files that changed on disk, by result "
+            "(success: re-opened and in use; failure: unreadable or corrupt, the old "
+            "database keeps answering).", ["result"], registry=r,
+        )  # fmt: skip
         self.ejections = Counter(
             "geoproxy_geode_ejections", "Geodes ejected by passive health (consecutive "
             "failures of live traffic).", ["geode"], registry=r,

@@ -215,7 +215,9 @@ async def serve_until_stopped(
 async def watch_config(gateway: Gateway, reload: asyncio.Event) -> None:
     """Reload on ``reload`` (SIGHUP), and when the content of a config file changes:
     compared by hash every ``reload.poll_interval``, which catches Kubernetes ConfigMap
-    symlink swaps and bind mounts that inotify-based watchers miss."""
+    symlink swaps and bind mounts that inotify-based watchers miss. At the same moments
+    the GeoIP database file is looked at (``Gateway.refresh_geoip``): ``geoipupdate``'s
+    new file is opened and swapped in without a restart."""
     digest = gateway.config.fingerprint  # of the bytes it was loaded from, at start-up
     while True:
         interval = gateway.config.lifecycle.reload_poll_interval
@@ -227,11 +229,11 @@ async def watch_config(gateway: Gateway, reload: asyncio.Event) -> None:
             reason = "config file changed"
         reload.clear()
         now = files_fingerprint(gateway.config.files)
-        if reason != "SIGHUP" and now == digest:
-            continue
-        ok = await gateway.reload_from_file(reason)
-        # A broken file is reported once, not at every poll.
-        digest = gateway.config.fingerprint if ok else now
+        if reason == "SIGHUP" or now != digest:
+            ok = await gateway.reload_from_file(reason)
+            # A broken file is reported once, not at every poll.
+            digest = gateway.config.fingerprint if ok else now
+        await gateway.refresh_geoip()
 
 
 async def unless_stopped(work: Coroutine[Any, Any, Any], stop: asyncio.Event) -> bool:

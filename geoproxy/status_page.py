@@ -14,11 +14,15 @@ from html import escape
 
 from geoproxy import __version__
 from geoproxy.changes import ReloadOutcome, plural
+from geoproxy.geoip import MaxMindLookup
 from geoproxy.health import GeodeHealth
 from geoproxy.runtime import Runtime
 from geoproxy.traffic import Rates, Traffic
 
 REFRESH_SECONDS = 5
+#: A GeoIP database older than this reads as stale (as the GeoIPDatabaseStale alert):
+#: MaxMind publishes GeoLite2 twice a week, so a month means the updates stopped.
+GEOIP_STALE_DAYS = 30
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -163,6 +167,21 @@ def _header(facts: Facts, now: float) -> str:
     return f"<div>{ready}</div>\n<div>{reloaded}</div>\n<div>{recent}</div>"
 
 
+def _geoip_line(runtime: Runtime, now: float) -> str:
+    db = runtime.geoip
+    if db is None:
+        return "GeoIP database: none (geoip.database is not set)"
+    if not isinstance(db, MaxMindLookup):
+        return "GeoIP database: a look-up given by the embedding program"
+    days = (now - db.build_epoch) / 86400
+    built = time.strftime("%Y-%m-%d", time.gmtime(db.build_epoch))
+    age = f"built {built}, {days:.0f} days ago"
+    if days > GEOIP_STALE_DAYS:
+        age = f"<span class=bad>{age}: stale, is geoipupdate running?</span>"
+    return (f"GeoIP database: <code>{escape(str(db.path))}</code> "
+            f"({escape(db.database_type)}, {age})")
+
+
 def render_status(runtime: Runtime, facts: Facts, now: float | None = None) -> str:
     """The page."""
     now = time.time() if now is None else now
@@ -188,7 +207,7 @@ refreshes every {REFRESH_SECONDS} s</div>
 </table>
 <h2>Region map</h2>
 <div class=muted>sources: {escape(" → ".join((*cfg.region_sources, "default")))};
-default region {escape(cfg.default_region)}</div>
+default region {escape(cfg.default_region)}<br>{_geoip_line(runtime, now)}</div>
 <table><tr><th>region</th><th>try order</th><th>geodes taking traffic</th><th>state</th>
 <th>countries</th></tr>
 {"".join(_region_rows(runtime, up))}

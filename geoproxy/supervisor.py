@@ -149,8 +149,10 @@ class Worker:
     def __init__(
         self, index: int, sockets: list[socket.socket], argv: list[str],
         hello: Callable[[], dict[str, Any]], on_metrics: Callable[[int, list[Any]], None],
+        geoip_fd: Callable[[], int | None] = lambda: None,
     ) -> None:  # fmt: skip
         self.index = index
+        self.geoip_fd = geoip_fd  # the supervisor's GeoIP database, inherited at start
         self.sockets = sockets
         self.argv = argv
         self.hello = hello
@@ -181,6 +183,9 @@ class Worker:
                 "--supervisor-pid", str(os.getpid())]  # fmt: skip
         for fd in fds:
             argv += ["--listen-fd", str(fd)]
+        if (geoip := self.geoip_fd()) is not None:
+            fds.append(geoip)
+            argv += ["--geoip-fd", str(geoip)]
         self.ready = asyncio.Event()
         self.ready_at = None
         self.misses = 0
@@ -326,7 +331,7 @@ class Supervisor:
         self.sockets = sockets
         self.fleet = fleet_
         self.metrics = metrics
-        self.workers = [Worker(i, s, argv, self._hello, fleet_.update)
+        self.workers = [Worker(i, s, argv, self._hello, fleet_.update, self._geoip_fd)
                         for i, s in enumerate(sockets)]  # fmt: skip
         self.stopping = False
         self._watchers: list[asyncio.Task[None]] = []
@@ -334,6 +339,12 @@ class Supervisor:
         gateway.board.on_transition.append(lambda _state: self.broadcast_health())
         gateway.board.on_check.append(self._on_check)
         gateway.on_reload.append(self.broadcast_reload)
+        gateway.on_geoip.append(lambda db: self._broadcast({"op": "geoip",
+                                                            "identity": db.identity.as_list()}))
+
+    def _geoip_fd(self) -> int | None:
+        db = self.gateway.geoip
+        return None if db is None else db.fd
 
     def _hello(self) -> dict[str, Any]:
         config = self.gateway.config

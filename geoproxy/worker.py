@@ -8,6 +8,9 @@ a socket pair, one JSON object per line:
                           {"op": "passed", "geode", "url"}    a check passed (re-admits an
                                                               ejected geode, as in one process)
                           {"op": "reload", "config", "health"}  the supervisor's new config
+                          {"op": "geoip", "identity": [...]}  the GeoIP database file
+                                                              changed: open it if it is
+                                                              still the one validated
                           {"op": "metrics", "id": n}          send your counts
                           {"op": "stop"}                      drain and exit
     worker -> supervisor  {"op": "ready", "fingerprint": hex}  serving
@@ -16,7 +19,10 @@ a socket pair, one JSON object per line:
 
 ``config`` carries the exact bytes of the supervisor's config files (``Config.sources``):
 a worker never reads them from disk, so it serves the config the supervisor validated and
-health-checks, even when the files have changed or broken since.
+health-checks, even when the files have changed or broken since. Likewise the GeoIP
+database: a worker starts from the descriptor of the file the supervisor opened
+(``--geoip-fd``), and after a ``geoipupdate`` opens the new file only when it is the one the
+supervisor opened and probed (same device, inode, mtime and size).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from geoproxy.app import Gateway
 from geoproxy.changes import plural
 from geoproxy.config import Config
 from geoproxy.errors import GeoproxyError
+from geoproxy.geoip import FileIdentity, fd_path
 from geoproxy.server import (
     HeadTimeoutRunner,
     cancel_and_wait,
@@ -112,6 +119,8 @@ class _Channel:
             gateway.adopt_health(message["health"])
             self.send({"op": "reloaded", "ok": ok,
                        "fingerprint": gateway.config.fingerprint.hex()})  # fmt: skip
+        elif op == "geoip":
+            await gateway.refresh_geoip(FileIdentity(*message["identity"]))
         elif op == "metrics":
             families = fleet.snapshot(gateway.metrics.registry)
             self.send({"op": "metrics", "id": message.get("id"), "families": families})
@@ -142,20 +151,26 @@ class _Channel:
 
 
 async def serve_worker(
-    sockets: list[socket.socket], control: socket.socket, stop: asyncio.Event
-) -> None:
+    sockets: list[socket.socket], control: socket.socket, stop: asyncio.Event,
+    geoip_fd: int | None = None,
+) -> None:  # fmt: skip
     """Serve the proxy on ``sockets`` with the config, health and reloads the supervisor
-    sends, until ``stop`` (a signal, or the supervisor says so or goes away)."""
+    sends, until ``stop`` (a signal, or the supervisor says so or goes away).
+    ``geoip_fd``: the GeoIP database the supervisor opened (inherited)."""
     reader, writer = await asyncio.open_unix_connection(sock=control, limit=LINE_LIMIT)
     first = await reader.readline()
     if not first:
         return  # the supervisor went away before it said anything
     hello = json.loads(first)
-    gateway = Gateway(load_sent(hello["path"], hello["config"]), active_health=False)
+    gateway = Gateway(load_sent(hello["path"], hello["config"]), active_health=False,
+                      geoip_source=None if geoip_fd is None else fd_path(geoip_fd))  # fmt: skip
     channel = _Channel(gateway, reader, writer, stop)
     runner = make_proxy_runner(gateway)
     async with contextlib.AsyncExitStack() as stack:  # undone in reverse
-        if not await unless_stopped(stack.enter_async_context(gateway.lifespan()), stop):
+        started = await unless_stopped(stack.enter_async_context(gateway.lifespan()), stop)
+        if geoip_fd is not None:
+            os.close(geoip_fd)  # opened again by the gateway, or not needed
+        if not started:
             return
         stack.callback(writer.close)
         gateway.adopt_health(hello["health"])

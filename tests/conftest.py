@@ -362,24 +362,36 @@ def _record(country: str | None, continent: str, city: bool) -> dict[str, Any]:
 
 @pytest.fixture
 def make_mmdb(tmp_path: Path) -> Callable[..., Path]:
-    """Write a real MaxMind-format database (City or Country edition, IPv4 or IPv6)."""
-    from mmdb_writer import MMDBWriter
+    """Write a real MaxMind-format database (City or Country edition, IPv4 or IPv6).
+    ``networks``: other networks than ``GEO_NETWORKS``; ``name``: another file name;
+    ``built``: its build date (seconds since the epoch; default now)."""
+    import mmdb_writer
     from netaddr import IPSet
 
-    def make(edition: str = "City", ip_version: int = 6) -> Path:
-        writer = MMDBWriter(
+    def make(
+        edition: str = "City", ip_version: int = 6,
+        networks: dict[str, tuple[str | None, str]] | None = None, name: str | None = None,
+        built: float | None = None,
+    ) -> Path:  # fmt: skip
+        writer = mmdb_writer.MMDBWriter(
             ip_version=ip_version,
             ipv4_compatible=ip_version == 6,
             database_type=f"GeoLite2-{edition}",
             languages=["en"],
             description="geoproxy test database",
         )
-        for cidr, (country, continent) in GEO_NETWORKS.items():
+        for cidr, (country, continent) in (networks or GEO_NETWORKS).items():
             if ip_version == 4 and ":" in cidr:
                 continue
             writer.insert_network(IPSet([cidr]), _record(country, continent, edition == "City"))
-        path = tmp_path / f"test-{edition}-v{ip_version}.mmdb"
-        writer.to_db_file(str(path))
+        path = tmp_path / (name or f"test-{edition}-v{ip_version}.mmdb")
+        real_time = mmdb_writer.time.time
+        if built is not None:  # the writer stamps build_epoch with time.time()
+            mmdb_writer.time.time = lambda: built
+        try:
+            writer.to_db_file(str(path))
+        finally:
+            mmdb_writer.time.time = real_time
         return path
 
     return make

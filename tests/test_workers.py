@@ -569,7 +569,8 @@ async def test_a_worker_failing_at_start_up_fails_the_start_with_its_reason(
     eu = await geode_factory("eu-1", "eu-west")
     mmdb = make_mmdb()
     # The supervisor opens the GeoIP database, then runs a first health round of 1 s: time
-    # to take the database away before the workers (which open it too) start.
+    # to spoil the database before the workers (which open the supervisor's file, not the
+    # path) start. Written over in place, not replaced: the file they inherit is empty.
     data = one_region([eu], geoip={"database": str(mmdb)},
                       health_check={"path": "/slow?delay=1", "timeout": "3s",
                                     "interval": "5s"})  # fmt: skip
@@ -578,10 +579,10 @@ async def test_a_worker_failing_at_start_up_fails_the_start_with_its_reason(
         assert proc.stdout is not None
         while eu.hits["/slow"] == 0:  # noqa: ASYNC110 -- a bounded poll of a counter
             await asyncio.sleep(0.01)
-        mmdb.unlink()
+        mmdb.write_bytes(b"")
         out = (await proc.stdout.read()).decode()
         assert await proc.wait() == 1
-    reason = f"{path}: geoip.database: {mmdb}: GeoIP database not found"
+    reason = f"{path}: geoip.database: {mmdb}: not a readable MaxMind database"
     assert re.search(rf"geoproxy worker \d: {re.escape(reason)}", out), out
     assert re.search(r"worker \d exited during start-up \(exit code 1\)", out), out
     assert "proxying on" not in out
