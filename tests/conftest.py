@@ -427,17 +427,18 @@ def make_broken_mmdb(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def need_binary(name: str) -> str:
+def need_binary(name: str, package: str = "prometheus") -> str:
     """The path of a tool a test needs. Locally a missing tool skips the test with the
-    reason; under CI (CI=true) it fails it, since .ci/run installs it."""
+    reason; under CI (CI=true) it fails it, since .ci/run installs it (Debian's
+    ``package``)."""
     import os
     import shutil
 
     path = shutil.which(name)
     if path is None:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed; .ci/run installs Debian's prometheus package")
-        pytest.skip(f"{name} is not installed (Debian: apt-get install prometheus)")
+            pytest.fail(f"{name} is not installed; .ci/run installs Debian's {package} package")
+        pytest.skip(f"{name} is not installed (Debian: apt-get install {package})")
     return path
 
 
