@@ -6,13 +6,19 @@ Kubernetes manifests against the Kubernetes JSON schemas."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
 
 from geoproxy import config as config_mod
 from geoproxy.config import Lifecycle
 from geoproxy.server import DRAIN_MARGIN
+from geoproxy.stamp import config as stamp_config
 
 from conftest import need_binary
 
@@ -111,3 +117,147 @@ def test_systemd_analyze_verify_would_catch_a_misspelt_directive(tmp_path: Path)
     out = subprocess.run([analyze, "verify", str(bad)], capture_output=True, text=True,
                          timeout=60)  # fmt: skip
     assert "ProtectSytem" in out.stdout + out.stderr
+
+
+# -- container ----------------------------------------------------------------------------
+
+CONTAINER = DEPLOY / "container"
+
+
+def dockerfile_stages() -> list[tuple[str, list[tuple[str, str]]]]:
+    """The Dockerfile's stages: (FROM line, [(instruction, arguments)])."""
+    text = re.sub(r"\\\n", " ", (CONTAINER / "Dockerfile").read_text())
+    stages: list[tuple[str, list[tuple[str, str]]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            stages.append((rest, []))
+        elif stages:
+            stages[-1][1].append((word.upper(), rest.strip()))
+    return stages
+
+
+def test_the_dockerfile_builds_in_one_stage_and_runs_in_a_slim_non_root_one() -> None:
+    text = (CONTAINER / "Dockerfile").read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M)
+    assert base and re.fullmatch(r"python:3\.1[1-9]-slim(-\w+)?", base.group(1)), base
+    stages = dockerfile_stages()
+    assert [s[0] for s in stages] == ["${PYTHON_IMAGE} AS build", "${PYTHON_IMAGE} AS runtime"]
+    build, final = stages[0][1], stages[1][1]
+    assert any("build-essential" in arg for op, arg in build if op == "RUN")
+    for _op, arg in final:  # no compilers, and nothing built in the final image
+        assert not re.search(r"build-essential|gcc|apt-get install|pip install", arg), arg
+    assert ("COPY", "--from=build /opt/geoproxy /opt/geoproxy") in final
+    user = [arg for op, arg in final if op == "USER"]
+    assert user and user[-1].split(":")[0] not in ("root", "0"), user
+    # Every file COPY takes from the build context exists in the repository.
+    for _, steps in stages:
+        for op, arg in steps:
+            if op == "COPY" and not arg.startswith("--from"):
+                for source in arg.split()[:-1]:
+                    assert (ROOT / source).exists(), source
+
+
+def test_the_image_stops_on_sigterm_checks_healthz_and_takes_config_and_geoip_volumes() -> None:
+    final = dict(dockerfile_stages()[-1][1])
+    assert final["STOPSIGNAL"] == "SIGTERM"
+    admin = config_mod.load(ROOT / "config" / "geoproxy.yaml").admin  # the image's default
+    assert admin.host == "127.0.0.1"  # loopback: the HEALTHCHECK runs inside the container
+    assert f"http://127.0.0.1:{admin.port}/healthz" in final["HEALTHCHECK"]
+    volumes = set(re.findall(r'"([^"]+)"', final["VOLUME"]))
+    assert {"/etc/geoproxy", "/var/lib/GeoIP"} <= volumes
+    assert final["COPY"] == "config/geoproxy.yaml config/region-map.yaml /etc/geoproxy/"
+    assert "/etc/geoproxy/geoproxy.yaml" in final["CMD"]
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((CONTAINER / "compose.yaml").read_text())
+    return data
+
+
+def mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """A service's volumes as (source, target): a bind mount's source is a path."""
+    return [(v.split(":")[0], v.split(":")[1]) for v in service.get("volumes", [])]
+
+
+def materialise(service: dict[str, Any], root: Path) -> Path:
+    """The files a service's bind mounts put in its container, copied under ``root``."""
+    for source, target in mounts(service):
+        if source.startswith("."):
+            there = root / target.lstrip("/")
+            there.parent.mkdir(parents=True, exist_ok=True)
+            if (CONTAINER / source).is_dir():
+                shutil.copytree(CONTAINER / source, there)
+            else:
+                shutil.copy(CONTAINER / source, there)
+    return root
+
+
+def test_every_file_the_compose_file_names_exists_and_named_volumes_are_declared() -> None:
+    data = compose()
+    build = data["services"]["geoproxy"]["build"]
+    assert (CONTAINER / build["context"] / build["dockerfile"]).resolve() == \
+        CONTAINER / "Dockerfile"  # fmt: skip
+    for name, service in data["services"].items():
+        for source, _target in mounts(service):
+            if source.startswith("."):
+                assert (CONTAINER / source).exists(), (name, source)
+            else:
+                assert source in data["volumes"], (name, source)
+    assert {"geoproxy", "stamp-eu-west", "stamp-us-east", "stamp-ap-northeast", "prometheus",
+            "grafana"} <= set(data["services"])  # fmt: skip
+
+
+def test_the_compose_services_agree_on_hosts_and_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = compose()
+    services = data["services"]
+    proxy_root = materialise(services["geoproxy"], tmp_path / "geoproxy")
+    cfg = config_mod.load(proxy_root / "etc/geoproxy/geoproxy.yaml")  # as mounted, map included
+    published = {p.split(":")[1] for p in services["geoproxy"]["ports"]}
+    assert published == {str(cfg.proxy.port)}  # the admin listener is not published
+    assert seconds(services["geoproxy"]["stop_grace_period"]) > \
+        cfg.lifecycle.drain_timeout + DRAIN_MARGIN  # fmt: skip
+    # Each geode is a stamp service, at the port its config listens on; the stamps' peers
+    # are each other's peer listeners; their health checks ask their own port.
+    monkeypatch.setenv("GEOPROXY_FLEET_SECRET", "0" * 64)
+    stamps: dict[str, Any] = {}
+    for name, service in services.items():
+        if service.get("command", [""])[0] == "stamp":
+            root = materialise(service, tmp_path / name)
+            stamps[name] = stamp_config.load(root / service["command"][-1].lstrip("/"))
+            assert stamps[name].name == name
+            assert f"127.0.0.1:{stamps[name].port}/health" in " ".join(
+                service["healthcheck"]["test"])
+            assert "GEOPROXY_FLEET_SECRET" in service["environment"]
+    assert len(stamps) == 3
+    assert {(g.name, g.url.host, g.url.port) for g in cfg.geodes} == \
+        {(n, n, s.port) for n, s in stamps.items()}  # fmt: skip
+    for name, stamp in stamps.items():
+        want = {(o, f"http://{o}:{s.peer_port}") for o, s in stamps.items() if o != name}
+        assert {(p.name, str(p.url)) for p in stamp.peers} == want
+    # Prometheus scrapes the proxy's admin listener and the stamps' peer listeners, and
+    # loads the shipped rules where they are mounted; Grafana reads that Prometheus.
+    prom_root = materialise(services["prometheus"], tmp_path / "prometheus")
+    prom = yaml.safe_load((prom_root / "etc/prometheus/prometheus.yml").read_text())
+    targets = {job["job_name"]: set(job["static_configs"][0]["targets"])
+               for job in prom["scrape_configs"]}  # fmt: skip
+    assert targets["geoproxy"] == {f"geoproxy:{cfg.admin.port}"}
+    assert targets["stamps"] == {f"{n}:{s.peer_port}" for n, s in stamps.items()}
+    for rules in prom["rule_files"]:
+        assert (prom_root / rules.lstrip("/")).read_text() == \
+            (DEPLOY / "prometheus" / "alerts.yml").read_text()  # fmt: skip
+    graf_root = materialise(services["grafana"], tmp_path / "grafana")
+    sources = yaml.safe_load(
+        (graf_root / "etc/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert sources["datasources"][0]["url"] == \
+        f"http://prometheus:{services['prometheus']['ports'][0].split(':')[1]}"  # fmt: skip
+    provider = yaml.safe_load(
+        (graf_root / "etc/grafana/provisioning/dashboards/geoproxy.yml").read_text())
+    folder = provider["providers"][0]["options"]["path"]
+    assert (graf_root / folder.lstrip("/") / "geoproxy.json").read_text() == \
+        (DEPLOY / "grafana" / "geoproxy-dashboard.json").read_text()  # fmt: skip
