@@ -18,8 +18,10 @@ import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.hdrs import CONTENT_LENGTH, TRANSFER_ENCODING
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
+from aiohttp.http import HttpVersion11
+from aiohttp.http_parser import RawResponseMessage
+from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDictProxy
 
 from geoproxy import upstream
 from geoproxy.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
@@ -27,7 +29,7 @@ from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.config import Forwarding, Geode, Limits
 from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines
 from geoproxy.resolver import Resolution, ResolutionCache, resolve
-from geoproxy.responses import RelayResponse, WholeResponse, json_error
+from geoproxy.responses import RelayResponse, WholeResponse, json_error, status_line
 from geoproxy.router import ALL_FAILED, Candidate, CandidateCache
 from geoproxy.runtime import Runtime
 from geoproxy.trace import TRACE_KEY, Trace
@@ -44,6 +46,7 @@ CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, RESPONSE, BAD_RESPONSE = (
 )  # fmt: skip
 CLIENT_BODY_TOO_LARGE = "client_body_too_large"
 CLIENT_BODY_TIMEOUT = "client_body_timeout"
+CLIENT_BODY_ERROR = "client_body_error"
 #: Responses up to this size with a Content-Length are read whole and sent in one write.
 SMALL_BODY = 64 * 1024
 _NO_BODY = frozenset({204, 304})
@@ -143,12 +146,6 @@ class Reply:
         self.status, self.reason, self.headers, self.content = status, reason, headers, content
         self.raw_headers = raw_headers
         self.protocol, self.release, self.close = protocol, release, close
-
-    @classmethod
-    def of_response(cls, resp: aiohttp.ClientResponse) -> Reply:
-        protocol = resp.connection.protocol if resp.connection is not None else None
-        return cls(resp.status, resp.reason, resp.headers, resp.raw_headers, resp.content,
-                   protocol, resp.release, resp.close)  # fmt: skip
 
     @classmethod
     def of_exchange(cls, ex: upstream.Exchange) -> Reply:
@@ -369,6 +366,11 @@ class Forwarder:
         method = request.method
         path_qs = _path_qs(request)
         idempotent = method in IDEMPOTENT
+        # A body without Content-Length came chunked: it goes on chunked.
+        chunked = body is not None and not head.has_length
+        if chunked:
+            forwarded += b"Transfer-Encoding: chunked\r\n"
+        interim = _interim_writer(request)
         last = CONNECT_ERROR
         for index, cand in enumerate(cands):
             geode = trace.trying = cand.geode
@@ -377,23 +379,15 @@ class Forwarder:
             try:
                 if isinstance(first, upstream.ConnectFailed):
                     raise first
-                if body is None and geode.url.scheme == "http":  # the lean path
-                    wire = request_wire(method, geode, path_qs, host, head, forwarded)
-                    exchange = await upstream.send(
-                        self.pool, geode, wire, method, fwd.connect_timeout,
-                        fwd.response_timeout, idempotent, first, sent_pooled,
-                    )  # fmt: skip
-                    reply = Reply.of_exchange(exchange)
-                else:
-                    resp = await rt.session.request(
-                        method, URL(geode.base + path_qs, encoded=True),
-                        headers=head.as_map(forwarded, host),
-                        data=body.chunks() if body is not None else None,
-                        allow_redirects=False, timeout=_client_timeout(fwd),
-                    )  # fmt: skip
-                    reply = Reply.of_response(resp)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
-                    upstream.ConnectFailed) as exc:  # fmt: skip
+                wire = request_wire(method, geode, path_qs, host, head, forwarded)
+                exchange = await upstream.send(
+                    self.pool, geode, wire, method, fwd.connect_timeout,
+                    fwd.response_timeout, idempotent, first, sent_pooled,
+                    upstream.Body(body.chunks(), chunked) if body is not None else None,
+                    interim,
+                )  # fmt: skip
+                reply = Reply.of_exchange(exchange)
+            except upstream.ConnectFailed as exc:
                 last = CONNECT_ERROR
                 log.info("geode %s: connect failed: %s", geode.name, exc)
             except upstream.BadResponse as exc:
@@ -405,6 +399,10 @@ class Forwarder:
                     return _body_timed_out(request, limits)
                 last = TIMEOUT
                 log.info("geode %s: no response within %gs", geode.name, fwd.response_timeout)
+            except RequestPayloadError as exc:  # the client's body broke off or is malformed
+                trace.attempts.append((geode.name, CLIENT_BODY_ERROR))
+                return json_error(400, "bad_request_body",
+                                  f"the request body could not be read: {exc}")  # fmt: skip
             except (aiohttp.ClientError, OSError, BodyTooLarge, BodyTimeout) as exc:
                 if body is not None and body.too_large:
                     trace.attempts.append((geode.name, CLIENT_BODY_TOO_LARGE))
@@ -458,7 +456,9 @@ class Forwarder:
                     trace.body_bytes = length
                     return WholeResponse(status, reply.reason, out.kept + lines, out.date,
                                          small)  # fmt: skip
-                return await self._relay(request, reply, geode, out.as_map(lines))
+                relay = RelayResponse(status, reply.reason, out.kept + lines, out.date,
+                                      length)  # fmt: skip
+                return await self._relay(request, reply, geode, relay)
             trace.attempts.append((geode.name, last))
             board.observe(geode.name, False)
             if not may_try_next(last, method, bool(body and body.started)):
@@ -476,13 +476,12 @@ class Forwarder:
                           attempts=len(trace.attempts))  # fmt: skip
 
     async def _relay(
-        self, request: web.BaseRequest, reply: Reply, geode: Geode, headers: CIMultiDict[str]
+        self, request: web.BaseRequest, reply: Reply, geode: Geode, out: RelayResponse
     ) -> web.StreamResponse:
         """Stream the geode's response to the client. A geode that fails mid-body aborts
         the client connection, so a truncated response never looks complete. Returning
         the prepared response lets aiohttp finish (or notice the closed connection)
         without logging a 500 for what is not a server error."""
-        out = RelayResponse(status=reply.status, reason=reply.reason, headers=headers)
         trace = request[TRACE_KEY]
         # A body that ends when the connection closes cannot tell a reset from its end by
         # itself (aiohttp reads a reset as EOF): the connection's `closed` future can.
@@ -526,13 +525,21 @@ class Forwarder:
         return out
 
 
-@functools.lru_cache(maxsize=8)
-def _client_timeout(fwd: Forwarding) -> aiohttp.ClientTimeout:
-    """For the ClientSession path; one object per forwarding config."""
-    return aiohttp.ClientTimeout(  # connect covers DNS too, sock_connect only TCP/TLS
-        total=None, connect=fwd.connect_timeout, sock_connect=fwd.connect_timeout,
-        sock_read=fwd.response_timeout,
-    )  # fmt: skip
+def _interim_writer(request: web.BaseRequest) -> Callable[[RawResponseMessage], None] | None:
+    """What passes a geode's 1xx responses (100, 102, 103 Early Hints) on to the client,
+    as RFC 9110 15.2 requires of a proxy: hop-by-hop headers dropped, never to an
+    HTTP/1.0 client (which cannot read them)."""
+    if request.version < HttpVersion11:
+        return None
+    transport = request.transport
+
+    def interim(message: RawResponseMessage) -> None:
+        out = ResponseHead(message.raw_headers, message.reason)
+        if out.ok and transport is not None and not transport.is_closing():
+            line = status_line(HttpVersion11, message.code, message.reason or "")
+            transport.write(line + out.kept + b"\r\n")
+
+    return interim
 
 
 def _settled(future: asyncio.Future[None]) -> bool:

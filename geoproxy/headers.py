@@ -246,14 +246,6 @@ class ResponseHead:
         prior = _joined(self.vias)
         return b"Via: " + (prior + b", " + hop if prior else hop) + b"\r\n" + geode_lines
 
-    def as_map(self, tail: bytes) -> CIMultiDict[str]:
-        """The same headers as a map (with the geode's Content-Length), for a streamed
-        response."""
-        out = _lines_to_map(self.kept, CIMultiDict())
-        for length in self.lengths:
-            out.add("Content-Length", length.decode("utf-8", "surrogateescape"))
-        return _lines_to_map(tail, out)
-
 
 @functools.lru_cache(maxsize=256)
 def geode_lines(name: str, region: str) -> bytes:

@@ -4,9 +4,10 @@ the two shapes a geode's response is relayed in (streamed, or whole in one write
 
 Neither relay shape adds a header the geode did not send beyond what HTTP framing needs:
 aiohttp would invent ``Content-Type: application/octet-stream`` and a ``Server`` header
-(a made-up type changes how browsers treat the body). Both lean on private aiohttp API
-(``_prepare_headers``; ``_payload_writer``, ``_prepare_hook``); tests/test_forwarding.py
-pins what reaches the client.
+(a made-up type changes how browsers treat the body), and both write the geode's header
+lines as bytes, as they came. Both lean on private aiohttp API (``_prepare_headers``,
+``_write_headers``, ``_must_be_empty_body``; ``_payload_writer``, ``_prepare_hook``);
+tests/test_forwarding.py and tests/test_integrity.py pin what reaches the client.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.hdrs import CONTENT_TYPE, SERVER
+from aiohttp.hdrs import SERVER
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_writer import _serialize_headers  # C; also rejects control characters
@@ -33,7 +34,7 @@ def json_error(
     **details: object,
 ) -> web.Response:
     body = {"error": {"status": status, "code": code, "message": message, **details}}
-    return web.Response(
+    return ErrorResponse(
         status=status,
         text=json.dumps(body, separators=(",", ":")) + "\n",
         content_type="application/json",
@@ -41,18 +42,22 @@ def json_error(
     )
 
 
-class RelayResponse(web.StreamResponse):
-    """A streamed geode response: aiohttp's StreamResponse minus the headers it would
-    invent."""
+class ErrorResponse(web.Response):
+    """geoproxy's own answer: no ``Server`` header (aiohttp's names its own and Python's
+    versions), and HTTP/1.1 in the status line whatever the request's version (RFC 9110
+    6.2; aiohttp echoes the request's, and answers a request it could not parse as
+    HTTP/1.0)."""
 
     async def _prepare_headers(self) -> None:
-        had_type = CONTENT_TYPE in self.headers
         had_server = SERVER in self.headers
         await super()._prepare_headers()
-        if not had_type:
-            self.headers.popall(CONTENT_TYPE, None)
         if not had_server:
             self.headers.popall(SERVER, None)
+
+    async def _write_headers(self) -> None:
+        writer = self._payload_writer
+        assert writer is not None  # set by _start
+        await writer.write_headers(f"HTTP/1.1 {self._status} {self._reason}", self._headers)
 
 
 _STATUS_LINES: dict[tuple[HttpVersion, int, str], bytes] = {}
@@ -60,7 +65,7 @@ _KEEP_ALIVE_10 = b"Connection: keep-alive\r\n"
 _CLOSE_11 = b"Connection: close\r\n"
 
 
-def _status_line(version: HttpVersion, status: int, reason: str) -> bytes:
+def status_line(version: HttpVersion, status: int, reason: str) -> bytes:
     key = (version, status, reason)
     line = _STATUS_LINES.get(key)
     if line is None:
@@ -72,14 +77,14 @@ def _status_line(version: HttpVersion, status: int, reason: str) -> bytes:
     return line
 
 
-def whole_head(version: HttpVersion, status: int, reason: str, lines: bytes, dated: bool,
-               length: int, keep_alive: bool) -> list[bytes]:  # fmt: skip
-    """The head of a whole response, from header lines already written and checked
-    ("Name: value\r\n" each), without the blank line that ends it: what this hop adds is
-    only what aiohttp's own responses carry for framing: ``Content-Length``, ``Date``
-    when the geode sent none, and ``Connection`` as keep-alive and the version require."""
-    head = [_status_line(version, status, reason), lines,
-            b"Content-Length: " + str(length).encode() + b"\r\n"]  # fmt: skip
+def relay_head(version: HttpVersion, status: int, reason: str, lines: bytes, dated: bool,
+               framing: bytes, keep_alive: bool) -> list[bytes]:  # fmt: skip
+    """The head of a relayed response, from header lines already written and checked
+    ("Name: value\r\n" each, as the geode sent them), without the blank line that ends
+    it: what this hop adds is only what aiohttp's own responses carry for framing:
+    ``framing`` (Content-Length or Transfer-Encoding), ``Date`` when the geode sent none,
+    and ``Connection`` as keep-alive and the version require."""
+    head = [status_line(version, status, reason), lines, framing]
     if not dated:
         head.append(b"Date: " + rfc822_formatted_time().encode() + b"\r\n")
     if keep_alive:
@@ -88,6 +93,71 @@ def whole_head(version: HttpVersion, status: int, reason: str, lines: bytes, dat
     elif version == HttpVersion11:
         head.append(_CLOSE_11)
     return head
+
+
+def whole_head(version: HttpVersion, status: int, reason: str, lines: bytes, dated: bool,
+               length: int, keep_alive: bool) -> list[bytes]:  # fmt: skip
+    """``relay_head`` for a whole response of ``length`` bytes."""
+    return relay_head(version, status, reason, lines, dated,
+                      b"Content-Length: " + str(length).encode() + b"\r\n",
+                      keep_alive)  # fmt: skip
+
+
+class RelayResponse(web.StreamResponse):
+    """A streamed geode response. Its head is written from header lines the caller
+    wrote and checked, as the geode sent them (no header map: bytes that are not UTF-8
+    pass as they came); aiohttp would also invent ``Content-Type:
+    application/octet-stream`` and a ``Server`` header. The body is framed by the geode's
+    Content-Length when it sent one; else chunked to an HTTP/1.1 client, and to an
+    HTTP/1.0 one by closing the connection after it (aiohttp 3.14 left such a keep-alive
+    connection open, the client waiting for an end that never came). A HEAD's or a 304's
+    Content-Length describes the representation (RFC 9110 8.6) and is passed on; a 204
+    has none."""
+
+    def __init__(self, status: int, reason: str | None, lines: bytes, dated: bool,
+                 length: int | None) -> None:  # fmt: skip
+        super().__init__(status=status, reason=reason)
+        self._lines = lines  # "Name: value\r\n" each
+        self._dated = dated
+        self._relay_length = length
+        self._head: list[bytes] = []
+
+    async def _prepare_headers(self) -> None:
+        request = self._req
+        writer = self._payload_writer
+        assert request is not None and writer is not None  # set by _start
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = request.keep_alive
+        version = request.version
+        length = self._relay_length
+        framing = b""
+        if self._must_be_empty_body:
+            if length is not None and self.status != 204:
+                framing = b"Content-Length: " + str(length).encode() + b"\r\n"
+        elif length is not None:
+            writer.length = length
+            framing = b"Content-Length: " + str(length).encode() + b"\r\n"
+        elif version >= HttpVersion11:
+            writer.enable_chunking()
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            keep_alive = False  # the body ends when the connection closes
+        self._keep_alive = keep_alive
+        self._head = relay_head(version, self._status, self._reason, self._lines,
+                                self._dated, framing, keep_alive)  # fmt: skip
+
+    async def _write_headers(self) -> None:
+        request = self._req
+        assert request is not None  # set by _start
+        head = self._head
+        if self._headers:  # set by a signal handler
+            head.append(_serialize_headers("", self._headers)[2:-2])
+        head.append(b"\r\n")
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client connection closed")
+        transport.write(b"".join(head))
 
 
 class WholeResponse(web.StreamResponse):

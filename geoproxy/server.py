@@ -137,8 +137,13 @@ def make_proxy_runner(gateway: Gateway) -> HeadTimeoutRunner:
     # handler_cancellation: a client that goes away cancels its request, and with it the
     # exchange with the geode (logged as 499, as nginx does). aiohttp's default keeps
     # forwarding to the geode for nobody (its test server turns it on).
+    # auto_decompress=False: a request body passes as it came, whatever its
+    # Content-Encoding. aiohttp inflates it by default, and the geode then got the
+    # inflated bytes under the client's Content-Length (truncated, altered); inflating
+    # is also what makes a decompression bomb cost the edge, not the geode.
     server = ProxyServer(gateway, access_log=None, handler_cancellation=True,
-                         keepalive_timeout=config.limits.keepalive_timeout)  # fmt: skip
+                         keepalive_timeout=config.limits.keepalive_timeout,
+                         auto_decompress=False)  # fmt: skip
     # shutdown_timeout: what is left once ``drain`` has cut off what outlived the drain.
     runner = HeadTimeoutRunner(server, config.limits.header_timeout, handle_signals=False,
                                shutdown_timeout=_CUT_WAIT)  # fmt: skip

@@ -16,19 +16,23 @@ tests/test_upstream.py exercise every path through them.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 
 from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawResponseMessage
+from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
 
 from geoproxy.config import Geode
 
 _READ_BUFSIZE = 2**16
+_NO_BODY_STATUSES = (b"204", b"304")  # as they stand in a status line, at [9:12]
 
 
 class ConnectFailed(OSError):
@@ -68,6 +72,17 @@ class Connection(ResponseHandler):
         self.watcher: Callable[[], None] | None = None
 
     def data_received(self, data: bytes) -> None:
+        if not self.received and (self._skip_payload or data[9:12] in _NO_BODY_STATUSES):
+            # The first bytes of an answer that has no body (to a HEAD, a 204 or 304):
+            # its head alone first. aiohttp's parser takes bytes after it as the start of
+            # another response and, failing on them, raises before handing back the
+            # answer it parsed: the client got a 502 for a geode's 204. This way the
+            # answer is queued, and what follows only ends the connection.
+            end = data.find(b"\r\n\r\n") + 4
+            if 3 < end < len(data):
+                self.received = end
+                super().data_received(data[:end])
+                data = data[end:]
         self.received += len(data)
         super().data_received(data)
         if self.watcher is not None:
@@ -106,6 +121,15 @@ class Connection(ResponseHandler):
             read_timeout=read_timeout, read_bufsize=_READ_BUFSIZE,
         )  # fmt: skip
         self._parser_reusable = not head_request
+
+    def forget_parser(self) -> None:
+        """The next response gets a fresh parser. Called after a chunked response:
+        aiohttp's C parser (3.14) keeps the last trailer field of a chunked message
+        pending and adds it to the headers of the next message it parses, so a geode's
+        trailer (``X-Checksum: 1`` after the last chunk) would become a header of the next
+        answer on this connection, to another client. Trailers are dropped, as RFC 9112
+        7.1.2 allows a recipient that removes the chunked coding to."""
+        self._parser_reusable = False
 
     def _parser_is_clean(self) -> bool:
         # Between two messages the parser holds no payload and has not started a message:
@@ -249,23 +273,78 @@ class Exchange:
         self.proto.close()
 
 
-def write(proto: Connection, head: bytes, head_request: bool, response_timeout: float) -> None:
-    """Send a request head on an open connection; the read timer starts."""
+def write(proto: Connection, head: bytes, head_request: bool, response_timeout: float,
+          timed: bool = True) -> None:  # fmt: skip
+    """Send a request head on an open connection; the read timer starts (unless not
+    ``timed``: a body follows, and the timer starts once it is sent)."""
     proto.expect_response(head_request, response_timeout)
     proto.received = 0
     proto.transport.write(head)  # type: ignore[union-attr]  # open: the caller checked
+    if timed:
+        proto.start_timeout()
+
+
+class Body:
+    """A request body to stream after the head, as the client framed it: with its
+    Content-Length (passed on in the head), or chunked (re-chunked here; the client's
+    chunk boundaries, extensions and trailers are not kept)."""
+
+    __slots__ = ("chunked", "chunks")
+
+    def __init__(self, chunks: AsyncIterable[bytes], chunked: bool) -> None:
+        self.chunks, self.chunked = chunks, chunked
+
+
+async def _stream_body(proto: Connection, body: Body, write_timeout: float) -> None:
+    """Send ``body`` on the connection its head went out on, waiting for the geode to
+    take it (no more than ``write_timeout`` per wait); then the read timer starts. Any
+    failure (the client's body too large or malformed, the client gone, a geode that
+    stops reading) aborts the connection: the geode never sees a short body as whole,
+    and the reader of the answer wakes up."""
+    writer = StreamWriter(proto, proto._loop)
+    if body.chunked:
+        writer.enable_chunking()
+    try:
+        async for chunk in body.chunks:
+            await writer.write(chunk, drain=False)
+            if proto.transport is not None and (
+                proto.transport.get_write_buffer_size() > _READ_BUFSIZE
+            ):
+                async with asyncio.timeout(write_timeout):
+                    await writer.drain()
+        await writer.write_eof()
+    except asyncio.CancelledError:
+        proto.force_close()  # the body is incomplete on the wire
+        raise
+    except BaseException:
+        if proto.transport is not None:
+            proto.transport.abort()
+        raise
     proto.start_timeout()
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """For https geodes: the system's trust store and host name checks, as aiohttp's
+    client uses by default."""
+    return ssl.create_default_context()
 
 
 async def connect(geode: Geode, within: float) -> Connection:
     """A new connection to a geode (DNS included in ``within`` seconds)."""
     loop = asyncio.get_running_loop()
-    host, port = geode.url.host or "", geode.url.port or 80
+    url = geode.url
+    host, port = url.host or "", url.port or 80
+    tls = _tls_context() if url.scheme == "https" else None
     try:
         async with asyncio.timeout(within):
-            _, proto = await loop.create_connection(lambda: Connection(loop), host, port)
+            _, proto = await loop.create_connection(lambda: Connection(loop), host, port,
+                                                    ssl=tls)  # fmt: skip
     except TimeoutError:
         raise ConnectFailed(f"connect timeout ({within:g}s) to {geode.url}") from None
+    except ssl.SSLError as exc:
+        raise ConnectFailed(f"TLS handshake with {geode.url} failed: "
+                            f"{exc.reason or exc}") from None  # fmt: skip
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {geode.url}: {exc.strerror or exc}") from None
     except ValueError as exc:  # a host name the resolver rejects (a label over 63 bytes)
@@ -283,30 +362,39 @@ async def send(
     idempotent: bool,
     sent: Connection | None = None,
     sent_pooled: bool = True,
+    body: Body | None = None,
+    interim: Callable[[RawResponseMessage], None] | None = None,
 ) -> Exchange:
-    """Send a bodiless request head and wait for the response head. ``sent``: a
-    connection the head went out on already (by the fast lane; ``sent_pooled``: one taken
-    from the pool), whose answer is awaited.
+    """Send a request head (and ``body``, streamed) and wait for the final response
+    head; ``interim`` gets each 1xx response before it. ``sent``: a connection the head
+    went out on already (by the fast lane; ``sent_pooled``: one taken from the pool),
+    whose answer is awaited.
 
     Raises ``ConnectFailed`` while connecting (nothing was sent), ``SocketTimeoutError``
     when the geode stays silent, ``ServerDisconnectedError``/``ClientOSError`` when the
-    connection drops, ``BadResponse`` for a head that cannot be parsed. For an idempotent
-    request, a pooled connection found closed by the geode before any response byte (the
-    keep-alive race, RFC 9112 9.3.1) is replaced once by a fresh one. One coroutine for
-    the whole exchange: this runs once per request.
+    connection drops, ``BadResponse`` for a head that cannot be parsed, and whatever
+    ended the body (``_stream_body``). For an idempotent bodiless request, a pooled
+    connection found closed by the geode before any response byte (the keep-alive race,
+    RFC 9112 9.3.1) is replaced once by a fresh one; a body cannot be sent twice. One
+    coroutine for the whole exchange: this runs once per request.
     """
+    idempotent = idempotent and body is None
     if sent is not None:
         proto, may_resend = sent, idempotent and sent_pooled
     else:
         pooled = pool.get(geode)
         may_resend = idempotent and pooled is not None
         proto = pooled if pooled is not None else await connect(geode, connect_timeout)
+    streaming: asyncio.Task[None] | None = None
     while True:
         transport = proto.transport
         if sent is not None:
             sent = None  # written already: its answer, or what ended it, is in the queue
         elif transport is not None and not transport.is_closing():
-            write(proto, head, method == "HEAD", response_timeout)
+            write(proto, head, method == "HEAD", response_timeout, timed=body is None)
+            if body is not None:
+                streaming = asyncio.create_task(_stream_body(proto, body, response_timeout))
+                streaming.add_done_callback(_retrieve)
         else:
             proto.close()
             if not may_resend:
@@ -321,22 +409,56 @@ async def send(
                     raise BadResponse("101 Switching Protocols to a request that asked "
                                       "for none")  # fmt: skip
                 if not 100 <= message.code < 200:
+                    if message.chunked:
+                        proto.forget_parser()
+                    if streaming is not None and not streaming.done():
+                        # Answered before the whole body went out (RFC 9112 9.3 lets a
+                        # server): stop sending; the connection cannot carry another
+                        # request.
+                        proto.force_close()
+                        streaming.cancel()
                     return Exchange(pool, geode, proto, message, payload)
+                if interim is not None:
+                    interim(message)
                 # An interim response (100, 103): aiohttp stops the read timer on it;
                 # the final response must still come within response_timeout.
-                proto.start_timeout()
+                if streaming is None or streaming.done():
+                    proto.start_timeout()
         except HttpProcessingError as exc:
+            _stop(streaming)
             proto.close()
             raise BadResponse(f"malformed response: {exc.message}") from None
         except (ServerDisconnectedError, ClientOSError):
             proto.close()
+            if streaming is not None:
+                failed = _stop(streaming)
+                if failed is not None:
+                    raise failed from None  # what ended the body ended the exchange
             if not (may_resend and proto.received == 0):
                 raise
             # The pooled connection was closed or reset by the geode before any byte of
             # an answer: the keep-alive race (RFC 9112 9.3.1). Safe to send again, once,
             # on a new connection, for an idempotent request.
         except BaseException:
+            _stop(streaming)
             proto.close()
             raise
         may_resend = False
         proto = await connect(geode, connect_timeout)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A body task's failure is the exchange's (``_stop``), or of no use once the
+    geode answered: never "exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _stop(streaming: asyncio.Task[None] | None) -> BaseException | None:
+    """Cancel a body still streaming; what ended one that is done."""
+    if streaming is None:
+        return None
+    if not streaming.done():
+        streaming.cancel()
+        return None
+    return None if streaming.cancelled() else streaming.exception()

@@ -887,19 +887,24 @@ def dechunk(body: bytes) -> bytes:
     ],
     ids=["interim-then-final", "chunked-streamed"],
 )  # fmt: skip
-async def test_only_the_final_response_is_relayed_with_framing_for_its_body(
+async def test_interim_responses_are_passed_on_before_the_final_one_with_its_framing(
     geode_factory: GeodeFactory,
     proxy_factory: ProxyFactory,
     raw_geodes: list[RawGeode],
     reply: bytes,
     chunked: bool,
 ) -> None:
+    """RFC 9110 15.2: a proxy forwards 1xx responses (a 103's Link lets a browser
+    preload while the geode works)."""
     raw = RawGeode(reply)
     raw_geodes.append(raw)
     proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
     reader, writer = await raw_client(proxy)
     writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     async with asyncio.timeout(5):
+        if not chunked:
+            early = await reader.readuntil(b"\r\n\r\n")
+            assert early == b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
         status, lines, body = await read_response(reader)
     writer.close()
     assert status == b"HTTP/1.1 200 OK"

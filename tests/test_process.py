@@ -92,8 +92,12 @@ async def test_run_streams_large_bodies_both_ways_with_bounded_memory(
     eu = await geode_factory("eu-1", "eu-west")
     us = await geode_factory("us-1", "us-east")
     ap = await geode_factory("ap-1", "ap-northeast")
+    # The geode (in this test's process) hashes 256 MiB while the client sends them: on
+    # a loaded machine it can stop taking the upload for longer than the 2 s the other
+    # tests allow a geode to stay silent.
     path = write_config(base_config([geode_entry(g) for g in (eu, us, ap)],
-                                    limits={"max_body_bytes": "1GiB"}))  # fmt: skip
+                                    limits={"max_body_bytes": "1GiB"},
+                                    forwarding={"response_timeout": "15s"}))  # fmt: skip
     async with geoproxy("run", "--config", str(path)) as proxy:
         proxy_url = (await proxy.wait_for(READY)).group(1)
         async with aiohttp.ClientSession() as http:
