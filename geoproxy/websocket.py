@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from geoproxy.config import Limits
-from geoproxy.headers import GEODE_HEADER, REGION_HEADER
+from geoproxy.headers import GEODE_HEADER, REGION_HEADER, ResponseHead
 from geoproxy.responses import json_error
 from geoproxy.router import Candidate
 from geoproxy.runtime import Runtime
@@ -28,7 +28,10 @@ log = logging.getLogger("geoproxy.websocket")
 # aiohttp's client makes its own handshake headers.
 _HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
               "Sec-WebSocket-Protocol")  # fmt: skip
+_HANDSHAKE_ANSWER = frozenset(("sec-websocket-accept", "sec-websocket-protocol",
+                               "sec-websocket-extensions", "content-length"))  # fmt: skip
 _GOING_AWAY, _INTERNAL_ERROR = 1001, 1011
+_CLOSE_WAIT = 15.0
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
@@ -89,6 +92,7 @@ async def proxy_websocket(
         protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False,
         max_msg_size=limits.max_body_bytes,
     )  # fmt: skip
+    _pass_on_101_headers(upstream, downstream)
     downstream.headers[GEODE_HEADER] = trace.geode.name
     downstream.headers[REGION_HEADER] = trace.geode.region
     try:
@@ -97,6 +101,9 @@ async def proxy_websocket(
                  asyncio.create_task(_pump(downstream, upstream))]  # fmt: skip
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            # The other pump may be passing a close on and waiting for its answer: each
+            # close waits at most aiohttp's close timeout (10 s).
+            await asyncio.wait(pumps, timeout=_CLOSE_WAIT)
         finally:
             for task in pumps:
                 task.cancel()
@@ -109,8 +116,28 @@ async def proxy_websocket(
     return downstream
 
 
+def _pass_on_101_headers(upstream: aiohttp.ClientWebSocketResponse,
+                         downstream: web.WebSocketResponse) -> None:  # fmt: skip
+    """The header lines of the geode's 101 (its Set-Cookie, its own headers) go to the
+    client too, less the hop-by-hop ones and the handshake's, which each side makes for
+    its own connection. The 101 is only reachable as ``_response`` (aiohttp 3.14): without
+    it, none are passed on."""
+    response = getattr(upstream, "_response", None)
+    raw = getattr(response, "raw_headers", None)
+    if not raw:
+        return
+    out = ResponseHead(raw, None)
+    for line in out.kept.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b": ")
+        text = name.decode("utf-8", "surrogateescape")
+        if text.lower() not in _HANDSHAKE_ANSWER:
+            downstream.headers.add(text, value.decode("utf-8", "surrogateescape"))
+
+
 async def _pump(source: WebSocket, sink: WebSocket) -> None:
-    """Relay frames from one side to the other; pass a close (code and reason) on."""
+    """Relay frames from one side to the other. A close is passed on, its answer awaited
+    and given back, as RFC 6455 5.5.1 has the two ends do: a client's close code and
+    reason reach the geode, and the geode's answering code reaches the client."""
     while True:
         msg = await source.receive()
         if msg.type == WSMsgType.TEXT:
@@ -119,10 +146,11 @@ async def _pump(source: WebSocket, sink: WebSocket) -> None:
             await sink.send_bytes(msg.data)
         elif msg.type == WSMsgType.CLOSE:
             code = msg.data if isinstance(msg.data, int) else _GOING_AWAY
-            reason = (msg.extra or "").encode()
-            await sink.close(code=code, message=reason)
-            await source.close(code=code)  # answer the close (autoclose is off)
+            await sink.close(code=code, message=(msg.extra or "").encode())
+            await source.close(code=sink.close_code or code)  # autoclose is off
             return
-        elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+        elif msg.type == WSMsgType.CLOSING:
+            return  # the other pump is closing this side, and answers it
+        elif msg.type in (WSMsgType.CLOSED, WSMsgType.ERROR):
             await sink.close(code=_INTERNAL_ERROR if msg.type == WSMsgType.ERROR else _GOING_AWAY)
             return

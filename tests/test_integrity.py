@@ -213,7 +213,6 @@ async def test_request_and_response_bodies_pass_byte_for_byte_whatever_their_cod
     assert resp.values(b"content-encoding") == ([content_encoding] if content_encoding else [])
 
 
-@xfail("§1", "the edge inflates a compressed request body")
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 async def test_a_compressed_body_moved_on_to_a_fallback_geode_arrives_byte_for_byte(
     proxy_factory: ProxyFactory, framing: str
@@ -248,8 +247,6 @@ BODIES = {
     "length": b"Content-Length: 5\r\n\r\nhello",
     "chunked": b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"hello"),
 }
-
-
 
 
 def method_for(shape: str) -> bytes:
@@ -453,7 +450,6 @@ def ws_handshake(request: Received) -> bytes:
             b"X-Stamp-Build: 2026.12\r\nKeep-Alive: timeout=5\r\n\r\n")  # fmt: skip
 
 
-@xfail("§1", "aiohttp's client makes its own handshake: the geode's 101 headers are dropped")
 async def test_websocket_handshake_passes_the_geodes_101_headers(through: Through) -> None:
     proxy, geode = await through(ws_handshake)
     client = await RawClient.open(proxy.url)
@@ -481,7 +477,6 @@ async def ws_geode(
     return geode, await proxy_to(proxy_factory, geode.url)
 
 
-@xfail("§1", "the geode's answer to a client's close comes back as 1001")
 @pytest.mark.parametrize("code", [1000, 4002])
 async def test_a_clients_close_code_reaches_the_geode_and_comes_back_unchanged(
     ws_geode: tuple[FakeGeode, Proxy], code: int
