@@ -57,8 +57,10 @@ def forwarding_session(keepalive_timeout: float) -> aiohttp.ClientSession:
     # aiohttp re-sends an idempotent request once, to the same geode, when a connection
     # drops before the response; the forwarder's loop must own every retry (never the same
     # geode twice, counted, capped). aiohttp offers no public switch; its own TestClient
-    # sets this attribute. tests/test_forwarding.py pins the behaviour.
-    session._retry_connection = False
+    # sets this attribute. tests/test_forwarding.py pins the behaviour. (Only the public
+    # mode of compat.py forwards through this session; WebSockets always do.)
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
     return session
 
 

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from geoproxy import __version__, demo
+from geoproxy import __version__, compat, demo
 from geoproxy import config as config_mod
 from geoproxy.clientip import parse_ip
 from geoproxy.errors import GeoproxyError
@@ -101,8 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          args.path)  # fmt: skip
     if args.command == "worker":
         setup_logging(args.log_level, f"worker-{args.index}")
+        compat.warn_if_public()
         return _worker_cmd(args)
     setup_logging(args.log_level)
+    if args.command in ("run", "demo"):
+        compat.warn_if_public()
     if args.command == "run":
         return _run_cmd(Path(args.config), args.workers, args.log_level)
     if args.command == "stamp":

@@ -22,14 +22,15 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
+from yarl import URL
 
-from geoproxy import upstream
+from geoproxy import compat, upstream
 from geoproxy.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.config import Forwarding, Geode, Limits
 from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines
 from geoproxy.resolver import Resolution, ResolutionCache, resolve
-from geoproxy.responses import RelayResponse, WholeResponse, json_error, status_line
+from geoproxy.responses import json_error, relay_response, status_line, whole_response
 from geoproxy.router import ALL_FAILED, Candidate, CandidateCache
 from geoproxy.runtime import Runtime
 from geoproxy.trace import TRACE_KEY, Trace
@@ -146,6 +147,12 @@ class Reply:
         self.status, self.reason, self.headers, self.content = status, reason, headers, content
         self.raw_headers = raw_headers
         self.protocol, self.release, self.close = protocol, release, close
+
+    @classmethod
+    def of_response(cls, resp: aiohttp.ClientResponse) -> Reply:
+        protocol = resp.connection.protocol if resp.connection is not None else None
+        return cls(resp.status, resp.reason, resp.headers, resp.raw_headers, resp.content,
+                   protocol, resp.release, resp.close)  # fmt: skip
 
     @classmethod
     def of_exchange(cls, ex: upstream.Exchange) -> Reply:
@@ -366,9 +373,10 @@ class Forwarder:
         method = request.method
         path_qs = _path_qs(request)
         idempotent = method in IDEMPOTENT
+        lean = compat.lean()
         # A body without Content-Length came chunked: it goes on chunked.
         chunked = body is not None and not head.has_length
-        if chunked:
+        if chunked and lean:
             forwarded += b"Transfer-Encoding: chunked\r\n"
         interim = _interim_writer(request)
         last = CONNECT_ERROR
@@ -379,15 +387,25 @@ class Forwarder:
             try:
                 if isinstance(first, upstream.ConnectFailed):
                     raise first
-                wire = request_wire(method, geode, path_qs, host, head, forwarded)
-                exchange = await upstream.send(
-                    self.pool, geode, wire, method, fwd.connect_timeout,
-                    fwd.response_timeout, idempotent, first, sent_pooled,
-                    upstream.Body(body.chunks(), chunked) if body is not None else None,
-                    interim,
-                )  # fmt: skip
-                reply = Reply.of_exchange(exchange)
-            except upstream.ConnectFailed as exc:
+                if lean:
+                    wire = request_wire(method, geode, path_qs, host, head, forwarded)
+                    exchange = await upstream.send(
+                        self.pool, geode, wire, method, fwd.connect_timeout,
+                        fwd.response_timeout, idempotent, first, sent_pooled,
+                        upstream.Body(body.chunks(), chunked) if body is not None else None,
+                        interim,
+                    )  # fmt: skip
+                    reply = Reply.of_exchange(exchange)
+                else:  # aiohttp's public API only (compat)
+                    resp = await rt.session.request(
+                        method, URL(geode.base + path_qs, encoded=True),
+                        headers=head.as_map(forwarded, host),
+                        data=body.chunks() if body is not None else None,
+                        allow_redirects=False, timeout=_client_timeout(fwd),
+                    )  # fmt: skip
+                    reply = Reply.of_response(resp)
+            except (upstream.ConnectFailed, aiohttp.ClientConnectorError,
+                    aiohttp.ConnectionTimeoutError) as exc:  # fmt: skip
                 last = CONNECT_ERROR
                 log.info("geode %s: connect failed: %s", geode.name, exc)
             except upstream.BadResponse as exc:
@@ -454,10 +472,10 @@ class Forwarder:
                                           attempts=len(trace.attempts))  # fmt: skip
                     reply.release()
                     trace.body_bytes = length
-                    return WholeResponse(status, reply.reason, out.kept + lines, out.date,
-                                         small)  # fmt: skip
-                relay = RelayResponse(status, reply.reason, out.kept + lines, out.date,
-                                      length)  # fmt: skip
+                    return whole_response(status, reply.reason, out.kept + lines, out.date,
+                                          small)  # fmt: skip
+                relay = relay_response(status, reply.reason, out.kept + lines, out.date,
+                                       length)  # fmt: skip
                 return await self._relay(request, reply, geode, relay)
             trace.attempts.append((geode.name, last))
             board.observe(geode.name, False)
@@ -476,7 +494,7 @@ class Forwarder:
                           attempts=len(trace.attempts))  # fmt: skip
 
     async def _relay(
-        self, request: web.BaseRequest, reply: Reply, geode: Geode, out: RelayResponse
+        self, request: web.BaseRequest, reply: Reply, geode: Geode, out: web.StreamResponse
     ) -> web.StreamResponse:
         """Stream the geode's response to the client. A geode that fails mid-body aborts
         the client connection, so a truncated response never looks complete. Returning
@@ -523,6 +541,15 @@ class Forwarder:
             else:
                 reply.close()  # never return a half-read connection to the pool
         return out
+
+
+@functools.lru_cache(maxsize=8)
+def _client_timeout(fwd: Forwarding) -> aiohttp.ClientTimeout:
+    """For the public-API path (compat); one object per forwarding config."""
+    return aiohttp.ClientTimeout(  # connect covers DNS too, sock_connect only TCP/TLS
+        total=None, connect=fwd.connect_timeout, sock_connect=fwd.connect_timeout,
+        sock_read=fwd.response_timeout,
+    )  # fmt: skip
 
 
 def _interim_writer(request: web.BaseRequest) -> Callable[[RawResponseMessage], None] | None:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from multidict import CIMultiDict
 
 from geoproxy.resolver import CF_IPCOUNTRY, X_CLIENT_REGION
+from geoproxy.responses import lines_to_map
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
 
@@ -106,13 +107,6 @@ def _joined(values: list[bytes] | None) -> bytes:
     return b", ".join(values) if values else b""
 
 
-def _lines_to_map(block: bytes, out: CIMultiDict[str]) -> CIMultiDict[str]:
-    for line in block.split(b"\r\n")[:-1]:
-        name, _, value = line.partition(b": ")
-        out.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-    return out
-
-
 def via_name() -> str:
     """This proxy instance's name in ``Via`` (``1.1 geoproxy-5f3a9c1e``): unique, so a
     request that comes back through the same proxy (a loop) can be recognised."""
@@ -172,7 +166,7 @@ class RequestHead:
         out: CIMultiDict[str] = CIMultiDict()
         if host is not None:
             out["Host"] = host.decode("utf-8", "surrogateescape")
-        return _lines_to_map(forwarded, _lines_to_map(self.kept, out))
+        return lines_to_map(forwarded, lines_to_map(self.kept, out))
 
 
 class ResponseHead:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 
+import aiohttp
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -19,7 +20,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-from geoproxy import __version__, hotmetrics
+from geoproxy import __version__, compat, hotmetrics
 from geoproxy.hotmetrics import HotCounter, HotHistogram
 
 #: Buckets fit for a proxy: 1 ms to 30 s.
@@ -132,10 +133,12 @@ class Metrics:
             "geoproxy_inflight_requests", "Requests being handled right now.", registry=r
         )
         self.build_info = Gauge(
-            "geoproxy_build_info", "Always 1; the version as a label.", ["version"],
-            registry=r,
+            "geoproxy_build_info",
+            "Always 1; geoproxy's and aiohttp's versions, and the mode: lean, or public "
+            "(aiohttp's public API only: an aiohttp outside the tested window).",
+            ["version", "aiohttp", "mode"], registry=r,
         )  # fmt: skip
-        self.build_info.labels(__version__).set(1)
+        self.build_info.labels(__version__, aiohttp.__version__, compat.mode()).set(1)
         #: Families each worker of ``--workers`` counts for itself and the supervisor sums
         #: (fleet.py): every per-request family, passive health (each worker sees its own
         #: traffic) and in-flight requests. The rest is the supervisor's own: active

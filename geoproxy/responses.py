@@ -24,6 +24,16 @@ from aiohttp.hdrs import SERVER
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_writer import _serialize_headers  # C; also rejects control characters
+from multidict import CIMultiDict
+
+from geoproxy import compat
+
+
+def lines_to_map(block: bytes, out: CIMultiDict[str]) -> CIMultiDict[str]:
+    for line in block.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b": ")
+        out.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+    return out
 
 
 def json_error(
@@ -34,7 +44,7 @@ def json_error(
     **details: object,
 ) -> web.Response:
     body = {"error": {"status": status, "code": code, "message": message, **details}}
-    return ErrorResponse(
+    return (ErrorResponse if compat.lean() else web.Response)(
         status=status,
         text=json.dumps(body, separators=(",", ":")) + "\n",
         content_type="application/json",
@@ -246,3 +256,25 @@ class HeadDeadline:
             return
         transport.write(_REQUEST_TIMEOUT)
         transport.close()
+
+
+def whole_response(status: int, reason: str | None, lines: bytes, dated: bool,
+                   body: bytes) -> web.StreamResponse:  # fmt: skip
+    """A geode's whole answer: ``WholeResponse``, or in public mode (``compat``) a plain
+    ``web.Response`` (aiohttp then adds its own Content-Type and Server headers)."""
+    if compat.lean():
+        return WholeResponse(status, reason, lines, dated, body)
+    return web.Response(status=status, reason=reason, body=body,
+                        headers=lines_to_map(lines, CIMultiDict()))  # fmt: skip
+
+
+def relay_response(status: int, reason: str | None, lines: bytes, dated: bool,
+                   length: int | None) -> web.StreamResponse:  # fmt: skip
+    """A geode's streamed answer: ``RelayResponse``, or in public mode a plain
+    ``web.StreamResponse`` (framed by aiohttp)."""
+    if compat.lean():
+        return RelayResponse(status, reason, lines, dated, length)
+    headers = lines_to_map(lines, CIMultiDict())
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    return web.StreamResponse(status=status, reason=reason, headers=headers)

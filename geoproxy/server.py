@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from geoproxy import compat
 from geoproxy.app import Gateway
 from geoproxy.changes import plural
 from geoproxy.config import Config, Listener, files_fingerprint
@@ -130,6 +131,14 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+class PublicServer(web.Server):
+    """aiohttp's own low-level server, for public mode (``compat``): no fast lane, and
+    none of ``ProxyConnection``'s fixes to aiohttp's request parsing."""
+
+    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(gateway.proxy_handler(), **kwargs)
+
+
 def make_proxy_runner(gateway: Gateway) -> HeadTimeoutRunner:
     """The runner of the proxy listener: limits and drain time from the config. The
     gateway's ``lifespan()`` must be entered around it."""
@@ -141,9 +150,10 @@ def make_proxy_runner(gateway: Gateway) -> HeadTimeoutRunner:
     # Content-Encoding. aiohttp inflates it by default, and the geode then got the
     # inflated bytes under the client's Content-Length (truncated, altered); inflating
     # is also what makes a decompression bomb cost the edge, not the geode.
-    server = ProxyServer(gateway, access_log=None, handler_cancellation=True,
-                         keepalive_timeout=config.limits.keepalive_timeout,
-                         auto_decompress=False)  # fmt: skip
+    kind = ProxyServer if compat.lean() else PublicServer
+    server = kind(gateway, access_log=None, handler_cancellation=True,
+                  keepalive_timeout=config.limits.keepalive_timeout,
+                  auto_decompress=False)  # fmt: skip
     # shutdown_timeout: what is left once ``drain`` has cut off what outlived the drain.
     runner = HeadTimeoutRunner(server, config.limits.header_timeout, handle_signals=False,
                                shutdown_timeout=_CUT_WAIT)  # fmt: skip

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
+from geoproxy import compat
 from geoproxy import config as config_mod
 from geoproxy.app import Gateway
 from geoproxy.geoip import GeoLookup
@@ -292,7 +293,8 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 @pytest.fixture
 def lane() -> str:
     """The request path proxies serve from: "fast" (the default, as deployed: plain GETs
-    from callbacks, geoproxy/fastlane.py) or "coroutine" (``forwarding.fast_lane: false``).
+    from callbacks, geoproxy/fastlane.py), "coroutine" (``forwarding.fast_lane: false``)
+    or "public" (aiohttp's public API only, compat.py).
     A module whose behaviour must hold on both overrides this with a parametrised
     fixture."""
     return "fast"
@@ -300,11 +302,14 @@ def lane() -> str:
 
 @pytest.fixture
 async def proxy_factory(
-    write_config: Callable[[dict[str, Any]], Path], lane: str
+    write_config: Callable[[dict[str, Any]], Path], lane: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[ProxyFactory]:
     """Start a real proxy from a config dict (through the real YAML loader), served as
     ``geoproxy run`` serves it (server.make_proxy_runner), on the ``lane`` fixture's path
-    unless the config picks one."""
+    unless the config picks one. The "public" lane is the mode geoproxy falls back to
+    when aiohttp is outside the tested window (compat.py)."""
+    if lane == "public":
+        monkeypatch.setattr(compat, "mode", lambda: compat.PUBLIC)
     async with contextlib.AsyncExitStack() as stack:
 
         async def make(data: dict[str, Any], geoip: GeoLookup | None = None) -> Proxy:

@@ -40,7 +40,7 @@ TWO_REGIONS = {"eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["e
 TWO_COUNTRIES = {"FR": "eu-west", "US": "us-east"}
 
 
-@pytest.fixture(params=["fast", "coroutine"])
+@pytest.fixture(params=["fast", "coroutine", "public"])
 def lane(request: pytest.FixtureRequest) -> str:
     """Every test here runs on both request paths (conftest.py's ``lane``)."""
     return str(request.param)

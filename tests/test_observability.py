@@ -333,7 +333,8 @@ async def test_geode_up_is_exported_as_0_for_every_geode_before_startup_health(
     gateway = Gateway(cfg, registry=registry)  # not started: no health check ran
     for name, region in geodes:
         assert exact(registry, "geoproxy_geode_up", {"geode": name, "region": region}) == 0
-    assert exact(registry, "geoproxy_build_info", {"version": __version__}) == 1
+    assert exact(registry, "geoproxy_build_info", {"version": __version__,
+                 "aiohttp": aiohttp.__version__, "mode": "lean"}) == 1  # fmt: skip
     # The admin listener of a proxy still starting: alive, not ready, geode_up exported.
     admin = TestServer(gateway.admin_app(), host="127.0.0.1")
     await admin.start_server()
@@ -415,11 +416,12 @@ async def test_inflight_requests_is_1_during_a_slow_request_and_0_after(
     assert proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") == 4
 
 
-async def test_build_info_is_1_with_the_version_label(
+async def test_build_info_is_1_with_the_versions_and_the_mode(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory
 ) -> None:
     proxy = await start(proxy_factory, list(await three_geodes(geode_factory)))
-    assert series(proxy.registry, "geoproxy_build_info", "version") == {(__version__,): 1}
+    assert series(proxy.registry, "geoproxy_build_info", "version", "aiohttp", "mode") == {
+        (__version__, aiohttp.__version__, "lean"): 1}
 
 
 async def test_labels_stay_bounded_whatever_the_clients_send(

@@ -59,11 +59,12 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def geoproxy(*args: str, cwd: Path | None = None) -> AsyncIterator[Running]:
+async def geoproxy(*args: str, cwd: Path | None = None,
+                   env: dict[str, str] | None = None) -> AsyncIterator[Running]:  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "geoproxy", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=cwd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )  # fmt: skip
     running = Running(proc)
     try:
@@ -315,3 +316,33 @@ async def test_malformed_requests_get_400_and_one_log_line_without_traceback(
     output = "".join(proxy.output)
     assert "Traceback" not in output and "ERROR" not in output
     assert eu.hits["/echo"] == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_public_mode_serves_says_why_once_and_shows_in_build_info(
+    geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path], workers: str
+) -> None:
+    """GEOPROXY_AIOHTTP=public: what an aiohttp outside the tested window gets
+    (compat.py): aiohttp's public API only, one WARNING per process, the mode in
+    geoproxy_build_info."""
+    eu = await geode_factory("eu-1", "eu-west")
+    path = write_config(base_config([geode_entry(eu)]))
+    async with geoproxy("run", "--config", str(path), "--workers", workers,
+                        env={"GEOPROXY_AIOHTTP": "public"}) as proxy:  # fmt: skip
+        ready = r"proxying on (http://\S+?),? .*admin on (http://\S+)"
+        proxy_url, admin_url = (await proxy.wait_for(ready)).groups()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{proxy_url}/echo", data=b"x" * 1000) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["size"] == 1000
+            async with http.get(f"{admin_url}/metrics") as resp:
+                metrics = await resp.text()
+        assert 'mode="public"' in metrics.split("geoproxy_build_info{", 1)[1].split("}")[0]
+        assert await proxy.stop() == 0
+    output = "".join(proxy.output)
+    warnings = [line for line in output.splitlines()
+                if "GEOPROXY_AIOHTTP=public: serving through aiohttp's public API" in line]
+    processes = 1 if workers == "1" else 3  # the supervisor and each worker decide
+    assert len(warnings) == processes, output
+    assert all("WARNING" in line for line in warnings)
+    assert "Traceback" not in output

@@ -22,7 +22,7 @@ from conftest import GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
 WriteConfig = Callable[..., Path]
 
 
-@pytest.fixture(params=["fast", "coroutine"])
+@pytest.fixture(params=["fast", "coroutine", "public"])
 def lane(request: pytest.FixtureRequest) -> str:
     """Every test here runs on both request paths (conftest.py's ``lane``)."""
     return str(request.param)
