@@ -56,6 +56,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from geoproxy import upstream
 from geoproxy.app import Gateway
+from geoproxy.chunks import ChunkedBody
 from geoproxy.forwarder import (
     RESPONSE,
     RETRY_STATUSES,
@@ -236,7 +237,7 @@ class ProxyConnection(RequestHandler):
     """aiohttp's server protocol, serving eligible requests on the fast lane."""
 
     __slots__ = ("_auto_decompress", "_chunked", "_fast", "_gateway", "_held", "_memo",
-                 "_noted", "_remote")  # fmt: skip
+                 "_noted", "_remote", "_walk")  # fmt: skip
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -244,6 +245,7 @@ class ProxyConnection(RequestHandler):
         self._fast: _Exchange | None = None
         self._auto_decompress = bool(kwargs.get("auto_decompress", True))
         self._chunked: Any = None  # the body of the last chunked request parsed
+        self._walk: ChunkedBody | None = None  # ... while it comes in
         self._held = b""
         self._noted = False  # the head-timeout hook was told
         self._remote: str | None = None  # the peer's address, as request.remote gives it
@@ -329,6 +331,11 @@ class ProxyConnection(RequestHandler):
             if len(self._held) >= HOLD_LIMIT and not self._buffer_paused:
                 self._pause_reading_for_buffer()
             return
+        walk = self._walk
+        if walk is not None:  # a chunked body: its chunk-size lines as aiohttp takes them
+            data = walk.feed(data)
+            if walk.done:
+                self._walk = None
         waiter = self._waiter
         parser = self._parser
         if (
@@ -384,6 +391,8 @@ class ProxyConnection(RequestHandler):
                     self.close()
                     return
                 self._chunked = payload
+                if not payload.total_bytes:  # its body is all to come: walk it (chunks.py)
+                    self._walk = ChunkedBody()
 
     def _new_parser(self) -> HttpRequestParser:
         """A request parser as ``RequestHandler.__init__`` builds one."""

@@ -28,9 +28,15 @@ from geoproxy import compat, upstream
 from geoproxy.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.config import Forwarding, Geode, Limits
-from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines
+from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines, trailer_lines
 from geoproxy.resolver import Resolution, ResolutionCache, resolve
-from geoproxy.responses import json_error, relay_response, status_line, whole_response
+from geoproxy.responses import (
+    RelayResponse,
+    json_error,
+    relay_response,
+    status_line,
+    whole_response,
+)
 from geoproxy.router import ALL_FAILED, Candidate, CandidateCache
 from geoproxy.runtime import Runtime
 from geoproxy.trace import TRACE_KEY, Trace
@@ -131,7 +137,7 @@ class Reply:
     """A geode's response as the relay needs it, from either client path."""
 
     __slots__ = ("close", "content", "headers", "protocol", "raw_headers", "reason",
-                 "release", "status")  # fmt: skip
+                 "release", "status", "trailers")  # fmt: skip
 
     def __init__(
         self,
@@ -147,6 +153,8 @@ class Reply:
         self.status, self.reason, self.headers, self.content = status, reason, headers, content
         self.raw_headers = raw_headers
         self.protocol, self.release, self.close = protocol, release, close
+        #: The trailer lines of a chunked body read whole (the lean client only).
+        self.trailers: Callable[[], bytes] = _no_trailers
 
     @classmethod
     def of_response(cls, resp: aiohttp.ClientResponse) -> Reply:
@@ -157,8 +165,11 @@ class Reply:
     @classmethod
     def of_exchange(cls, ex: upstream.Exchange) -> Reply:
         msg = ex.message
-        return cls(msg.code, msg.reason, msg.headers, msg.raw_headers, ex.payload, ex.proto,
-                   ex.release, ex.close)  # fmt: skip
+        reply = cls(msg.code, msg.reason, msg.headers, msg.raw_headers, ex.payload, ex.proto,
+                    ex.release, ex.close)  # fmt: skip
+        if msg.chunked:
+            reply.trailers = ex.proto.trailers
+        return reply
 
 
 def _body_too_large(limits: Limits) -> web.Response:
@@ -529,6 +540,8 @@ class Forwarder:
                     break
                 await out.write(chunk)
                 trace.body_bytes += len(chunk)
+            if isinstance(out, RelayResponse):
+                out.trailers = trailer_lines(reply.trailers())
             await out.write_eof()
             complete = True
         except ConnectionError:
@@ -567,6 +580,10 @@ def _interim_writer(request: web.BaseRequest) -> Callable[[RawResponseMessage], 
             transport.write(line + out.kept + b"\r\n")
 
     return interim
+
+
+def _no_trailers() -> bytes:
+    return b""
 
 
 def _settled(future: asyncio.Future[None]) -> bool:

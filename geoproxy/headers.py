@@ -245,3 +245,22 @@ class ResponseHead:
 def geode_lines(name: str, region: str) -> bytes:
     """The response header lines naming the geode that answered."""
     return f"{GEODE_HEADER}: {name}\r\n{REGION_HEADER}: {region}\r\n".encode()
+
+
+#: Fields a trailer section must not carry on (RFC 9110 6.5.1: framing and routing),
+#: besides the hop-by-hop ones.
+_NOT_TRAILERS = HOP_BY_HOP | _low(("Content-Length", "Host", "Content-Encoding",
+                                   "Content-Type", "Content-Range"))  # fmt: skip
+
+
+def trailer_lines(block: bytes) -> bytes:
+    """A geode's trailer lines ("Name: value\r\n" each) as this hop passes them on:
+    as they came, less framing and hop-by-hop fields and any line with a control
+    character or no name."""
+    kept = []
+    for line in block.split(b"\r\n")[:-1]:
+        name, colon, _ = line.partition(b":")
+        if (colon and name and name == name.strip() and name.lower() not in _NOT_TRAILERS
+                and len(line.translate(None, _CONTROLS_BUT_CRLF)) == len(line)):  # fmt: skip
+            kept.append(line + b"\r\n")
+    return b"".join(kept)

@@ -122,7 +122,7 @@ class RelayResponse(web.StreamResponse):
     HTTP/1.0 one by closing the connection after it (aiohttp 3.14 left such a keep-alive
     connection open, the client waiting for an end that never came). A HEAD's or a 304's
     Content-Length describes the representation (RFC 9110 8.6) and is passed on; a 204
-    has none."""
+    has none. A chunked body ends with the geode's ``trailers``, when it had any."""
 
     def __init__(self, status: int, reason: str | None, lines: bytes, dated: bool,
                  length: int | None) -> None:  # fmt: skip
@@ -131,6 +131,7 @@ class RelayResponse(web.StreamResponse):
         self._dated = dated
         self._relay_length = length
         self._head: list[bytes] = []
+        self.trailers = b""  # trailer lines to end a chunked body with ("Name: value\r\n")
 
     async def _prepare_headers(self) -> None:
         request = self._req
@@ -168,6 +169,16 @@ class RelayResponse(web.StreamResponse):
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client connection closed")
         transport.write(b"".join(head))
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        writer = self._payload_writer
+        if self.trailers and writer is not None and getattr(writer, "chunked", False):
+            if data:
+                await self.write(data)
+            # The last chunk and the trailer section, written as they are.
+            writer.chunked = False  # type: ignore[attr-defined]
+            data = b"0\r\n" + self.trailers + b"\r\n"
+        await super().write_eof(data)
 
 
 class WholeResponse(web.StreamResponse):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import ssl
 import time
 from collections import deque
@@ -33,6 +34,9 @@ from geoproxy.config import Geode
 
 _READ_BUFSIZE = 2**16
 _NO_BODY_STATUSES = (b"204", b"304")  # as they stand in a status line, at [9:12]
+#: How many of a chunked answer's last bytes are kept for its trailers (RFC 9112 7.1.2).
+_TRAILER_ROOM = 8192
+_LAST_CHUNK = re.compile(rb"0+[ \t]*(?:;.*)?").fullmatch
 
 
 class ConnectFailed(OSError):
@@ -57,8 +61,8 @@ class Connection(ResponseHandler):
       the last ``start_timeout()``), none once the body is complete.
     """
 
-    __slots__ = ("_deadline", "_parser_reusable", "_timer_at", "_timer_handle", "received",
-                 "watcher")  # fmt: skip
+    __slots__ = ("_deadline", "_last", "_parser_reusable", "_tail_of_chunked", "_timer_at",
+                 "_timer_handle", "received", "watcher")  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -67,11 +71,17 @@ class Connection(ResponseHandler):
         self._timer_at = 0.0  # when the armed timer fires
         self._timer_handle: asyncio.TimerHandle | None = None
         self._parser_reusable = False  # the parser reads bodies (was not built for a HEAD)
+        self._last = b""  # the last bytes read
+        # The last bytes of a chunked answer being read (its trailers are in them).
+        self._tail_of_chunked: bytes | None = None
         # Called after every event (bytes, the read timeout, the connection lost) while the
         # fast lane waits for an answer from callbacks instead of a coroutine.
         self.watcher: Callable[[], None] | None = None
 
     def data_received(self, data: bytes) -> None:
+        self._last = data
+        if self._tail_of_chunked is not None:
+            self._tail_of_chunked = (self._tail_of_chunked + data)[-_TRAILER_ROOM:]
         if not self.received and (self._skip_payload or data[9:12] in _NO_BODY_STATUSES):
             # The first bytes of an answer that has no body (to a HEAD, a 204 or 304):
             # its head alone first. aiohttp's parser takes bytes after it as the start of
@@ -121,6 +131,27 @@ class Connection(ResponseHandler):
             read_timeout=read_timeout, read_bufsize=_READ_BUFSIZE,
         )  # fmt: skip
         self._parser_reusable = not head_request
+
+    def watch_trailers(self) -> None:
+        """A chunked answer's head was parsed: keep its last bytes, to read its trailers
+        from when it ends (``trailers``)."""
+        self._tail_of_chunked = self._last[-_TRAILER_ROOM:]
+
+    def trailers(self) -> bytes:
+        """The trailer lines of the chunked answer just read whole ("Name: value\r\n"
+        each), as the geode sent them; b"" when it had none, or more than fit in what
+        was kept. aiohttp's parser reads trailers but hands them to nobody (3.14), so
+        they are read here from the raw bytes: after the last chunk ("0", maybe with an
+        extension), up to the blank line."""
+        tail, self._tail_of_chunked = self._tail_of_chunked, None
+        if not tail or not tail.endswith(b"\r\n\r\n"):
+            return b""
+        lines = tail[:-4].split(b"\r\n")
+        for index in range(len(lines) - 1, -1, -1):
+            if _LAST_CHUNK(lines[index]):  # no trailer line can look like one (no ":")
+                found = lines[index + 1:]
+                return b"".join(line + b"\r\n" for line in found)
+        return b""
 
     def forget_parser(self) -> None:
         """The next response gets a fresh parser. Called after a chunked response:
@@ -411,6 +442,7 @@ async def send(
                 if not 100 <= message.code < 200:
                     if message.chunked:
                         proto.forget_parser()
+                        proto.watch_trailers()
                     if streaming is not None and not streaming.done():
                         # Answered before the whole body went out (RFC 9112 9.3 lets a
                         # server): stop sending; the connection cannot carry another
