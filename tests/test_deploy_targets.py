@@ -261,3 +261,104 @@ def test_the_compose_services_agree_on_hosts_and_ports(
     folder = provider["providers"][0]["options"]["path"]
     assert (graf_root / folder.lstrip("/") / "geoproxy.json").read_text() == \
         (DEPLOY / "grafana" / "geoproxy-dashboard.json").read_text()  # fmt: skip
+
+
+# -- Kubernetes ---------------------------------------------------------------------------
+
+KUBERNETES = DEPLOY / "kubernetes"
+#: The oldest Kubernetes release the manifests are checked against (all of their API
+#: versions are GA there), and the newest kubernetes-validate knows.
+KUBE_VERSIONS = ("1.29.0", "1.34.0")
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """Every document under deploy/kubernetes, by kind."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["kind"] not in found, doc["kind"]
+            found[doc["kind"]] = doc
+    return found
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_the_manifests_are_valid_against_the_kubernetes_schemas(version: str) -> None:
+    """kubernetes-validate ships the JSON schemas of each release: offline, strict (an
+    unknown field fails)."""
+    import kubernetes_validate
+
+    docs = manifests()
+    assert set(docs) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
+                         "HorizontalPodAutoscaler"}  # fmt: skip
+    for kind, doc in docs.items():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{kind}: {exc.path}: {exc.message}")
+
+
+def test_kubernetes_validate_would_catch_a_misplaced_field() -> None:
+    import kubernetes_validate
+
+    doc = manifests()["Deployment"]
+    doc["spec"]["template"]["spec"]["containers"][0]["readonlyRootFilesystem"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, KUBE_VERSIONS[0], strict=True)
+
+
+def test_the_config_map_holds_a_valid_config_and_the_shipped_region_map(tmp_path: Path) -> None:
+    data = manifests()["ConfigMap"]["data"]
+    assert data["region-map.yaml"] == (ROOT / "config" / "region-map.yaml").read_text()
+    for name, text in data.items():
+        (tmp_path / name).write_text(text)
+    cfg = config_mod.load(tmp_path / "geoproxy.yaml")
+    assert cfg.files == (tmp_path / "geoproxy.yaml", tmp_path / "region-map.yaml")
+
+
+def test_the_deployment_probes_drains_and_runs_locked_down(tmp_path: Path) -> None:
+    docs = manifests()
+    for name, text in docs["ConfigMap"]["data"].items():
+        (tmp_path / name).write_text(text)
+    cfg = config_mod.load(tmp_path / "geoproxy.yaml")
+    pod = docs["Deployment"]["spec"]["template"]
+    spec = pod["spec"]
+    (box,) = spec["containers"]
+    ports = {p["name"]: p["containerPort"] for p in box["ports"]}
+    assert ports == {"proxy": cfg.proxy.port, "admin": cfg.admin.port}
+    assert cfg.admin.host == "0.0.0.0"  # the kubelet probes the pod's address
+    assert box["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert box["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    pre_stop = box["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert spec["terminationGracePeriodSeconds"] > \
+        float(pre_stop[1]) + cfg.lifecycle.drain_timeout + DRAIN_MARGIN  # fmt: skip
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+    assert box["securityContext"]["readOnlyRootFilesystem"] is True
+    assert box["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {"cpu", "memory"} <= set(box["resources"]["requests"])
+    # The config is the ConfigMap, mounted as a folder (a subPath mount is never updated).
+    (mount,) = [m for m in box["volumeMounts"] if m["name"] == "config"]
+    assert "subPath" not in mount
+    assert box["args"] == ["run", "--config", f"{mount['mountPath']}/geoproxy.yaml"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    assert volume["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    notes = pod["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true"
+    assert int(notes["prometheus.io/port"]) == cfg.admin.port
+
+
+def test_the_service_budget_and_autoscaler_point_at_the_deployment() -> None:
+    docs = manifests()
+    deployment = docs["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"] == labels
+    service = docs["Service"]["spec"]
+    assert service["selector"] == labels
+    assert [p["targetPort"] for p in service["ports"]] == ["proxy"]  # never the admin port
+    assert service["externalTrafficPolicy"] == "Local"  # the client's address reaches us
+    assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == labels
+    target = docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert docs["HorizontalPodAutoscaler"]["spec"]["minReplicas"] > \
+        docs["PodDisruptionBudget"]["spec"]["minAvailable"]  # fmt: skip

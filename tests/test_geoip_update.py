@@ -41,19 +41,23 @@ def replace(new: Path, database: Path) -> None:
 
 
 class Load:
-    """A bounded loop of requests from ``CLIENT`` through the proxy, on ``clients``
-    concurrent connections (new ones each time with ``fresh``): every status and serving
-    geode, in the order they were sent."""
+    """A bounded loop of requests from ``CLIENT`` (or with ``headers``) through the proxy,
+    on ``clients`` concurrent connections (new ones each time with ``fresh``): every status
+    and serving geode, in the order they were sent."""
 
-    def __init__(self, url: str, clients: int = 6, fresh: bool = False, limit: int = 50000) -> None:
+    def __init__(
+        self, url: str, clients: int = 6, fresh: bool = False, limit: int = 50000,
+        headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.url, self.clients, self.fresh, self.limit = url, clients, fresh, limit
+        self.headers = CLIENT if headers is None else headers
         self.results: list[tuple[int, str]] = []
         self.errors: list[str] = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _client(self) -> None:
-        headers = {**CLIENT, **({"Connection": "close"} if self.fresh else {})}
+        headers = {**self.headers, **({"Connection": "close"} if self.fresh else {})}
         async with aiohttp.ClientSession() as http:
             while not self._stop.is_set() and len(self.results) < self.limit:
                 try:
