@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -367,27 +366,31 @@ def _demo_cmd(data_dir: Path | None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="geoproxy-demo-")) if data_dir is None else data_dir
 
     async def run_demo(stop: asyncio.Event, _reload: asyncio.Event) -> None:
-        live, runners = await demo.start_geodes(cfg, demo.stamp_apps(folder))
+        live, stamps = demo.write_stamp_configs(cfg, folder)
+        watcher: asyncio.Task[None] | None = None
         try:
-            peers = demo.peer_listeners(runners)
-            for g in live.geodes:
-                print(f"stamp {g.name:<18} region {g.region:<14} {g.url}  (peer listener, "
-                      f"/metrics: {peers.get(g.name, '-')})", flush=True)  # fmt: skip
-            print(f"stamp data: {folder}" + (" (removed on exit)" if temporary else ""),
+            await demo.start_stamps(stamps)
+            for s in stamps:
+                g, pid = s.geode, s.proc.pid if s.proc else "-"
+                print(f"stamp {g.name:<18} region {g.region:<14} {g.url}  pid {pid}  (peer "
+                      f"listener, /metrics: {s.peer_url})", flush=True)  # fmt: skip
+            print(f"stamp data and configs: {folder}" + (" (removed on exit)" if temporary else ""),
                   flush=True)  # fmt: skip
+            watcher = asyncio.create_task(demo.report_exits(stamps), name="demo-stamp-exits")
 
             def ready(bound: Bound) -> None:
                 print(f"\ngeoproxy demo is up (config: {path})\n"
                       f"  proxy: {bound.proxy_url}\n  admin: {bound.admin_url}\n\nTry:\n"
                       f"{demo.curl_lines(bound.proxy_url, bound.admin_url)}\n\n"
+                      f"{demo.break_lines(stamps, bound.admin_url)}\n\n"
                       "Ctrl-C stops everything.", flush=True)  # fmt: skip
 
             # No SIGHUP reload: the demo's geode ports were chosen at run time.
             await serve(live, stop, on_ready=ready, any_port_if_taken=True)
         finally:
-            for runner in runners:
-                with contextlib.suppress(Exception):
-                    await runner.cleanup()
+            if watcher is not None:
+                watcher.cancel()
+            await asyncio.gather(*(s.stop() for s in stamps))
         print("geoproxy demo stopped.", flush=True)
 
     try:

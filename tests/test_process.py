@@ -346,3 +346,56 @@ async def test_public_mode_serves_says_why_once_and_shows_in_build_info(
     assert len(warnings) == processes, output
     assert all("WARNING" in line for line in warnings)
     assert "Traceback" not in output
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie has ended
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return False
+
+
+async def _served_by(http: aiohttp.ClientSession, url: str, country: str) -> str:
+    async with http.get(url, headers={"CF-IPCountry": country}) as r:
+        assert r.status == 200
+        return r.headers["X-Geoproxy-Geode"]
+
+
+async def test_demo_stamps_are_processes_a_user_can_kill_and_start_again(tmp_path: Path) -> None:
+    async with geoproxy("demo", cwd=tmp_path) as demo:
+        await demo.wait_for(r"Ctrl-C stops everything")
+        text = "".join(demo.output)
+        pids = {m.group(1): int(m.group(2))
+                for m in re.finditer(r"^stamp (\S+) .* pid (\d+) ", text, re.M)}  # fmt: skip
+        assert set(pids) == {"demo-eu-west", "demo-us-east", "demo-ap-northeast"}
+        assert len(set(pids.values()) | {demo.proc.pid}) == 4  # each its own process
+        assert f"kill -STOP {pids['demo-eu-west']}" in text
+        # The printed curl lines show the serving geode (curl's -w with the response header).
+        assert "%header{x-geoproxy-geode}" in text
+        proxy_url = re.search(r"^\s+proxy: (http://\S+)", text, re.M).group(1)  # type: ignore[union-attr]
+        url = proxy_url + "/health"
+        async with aiohttp.ClientSession() as http:
+            assert await _served_by(http, url, "FR") == "demo-eu-west"
+            os.kill(pids["demo-eu-west"], signal.SIGTERM)
+            again = await demo.wait_for(r"^\s+(\S+python\S* -m geoproxy stamp --config \S+)$")
+            # Failover: France is served by us-east (eu-west's first fallback) meanwhile.
+            async with asyncio.timeout(15):
+                while await _served_by(http, url, "FR") != "demo-us-east":  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            # The printed command starts it again; health checks put it back in rotation.
+            restarted = await asyncio.create_subprocess_exec(
+                *again.group(1).split(), stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                async with asyncio.timeout(20):
+                    while await _served_by(http, url, "FR") != "demo-eu-west":  # noqa: ASYNC110
+                        await asyncio.sleep(0.1)
+            finally:
+                restarted.terminate()
+                await restarted.wait()
+        assert await demo.stop(signal.SIGINT) == 0
+    assert not any(_pid_alive(pid) for pid in pids.values())  # the demo stopped its stamps
