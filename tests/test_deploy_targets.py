@@ -362,3 +362,19 @@ def test_the_service_budget_and_autoscaler_point_at_the_deployment() -> None:
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert docs["HorizontalPodAutoscaler"]["spec"]["minReplicas"] > \
         docs["PodDisruptionBudget"]["spec"]["minAvailable"]  # fmt: skip
+
+
+def test_the_readme_walkthrough_names_what_the_unit_runs() -> None:
+    """README's systemd walk-through installs where the unit looks: the binary and the
+    config it names."""
+    readme = (ROOT / "README.md").read_text()
+    walk = readme[readme.index("### End to end: one Linux host with systemd"):]
+    walk = walk[:walk.index("\n### ", 10)]
+    start = service()["ExecStart"][0].split()
+    binary, config = start[0], start[start.index("--config") + 1]
+    assert binary.removesuffix("/bin/geoproxy") == "/opt/geoproxy"
+    assert "python3 -m venv /opt/geoproxy && /opt/geoproxy/bin/pip install ." in walk
+    assert f"-t {Path(config).parent}/" in walk
+    assert f"cp deploy/systemd/{UNIT.name} /etc/systemd/system/" in walk
+    assert f"curl -s 127.0.0.1:{config_mod.load(ROOT / 'config/geoproxy.yaml').admin.port}" \
+        "/readyz" in walk  # fmt: skip
