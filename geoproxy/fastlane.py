@@ -58,9 +58,7 @@ from geoproxy import upstream
 from geoproxy.app import Gateway
 from geoproxy.chunks import ChunkedBody
 from geoproxy.forwarder import (
-    RESPONSE,
-    RETRY_STATUSES,
-    SMALL_BODY,
+    Begun,
     Prelude,
     Route,
     host_for,
@@ -69,6 +67,7 @@ from geoproxy.forwarder import (
 )
 from geoproxy.headers import RawHeaders, ResponseHead, geode_lines
 from geoproxy.observe import CLIENT_CLOSED
+from geoproxy.policy import answered, fast_lane_finishes, origin_form
 from geoproxy.responses import json_error, whole_head
 from geoproxy.router import Candidate
 from geoproxy.runtime import Runtime
@@ -79,7 +78,6 @@ log = logging.getLogger("geoproxy.fastlane")
 #: Bytes held while an exchange is in flight before reading from the client pauses.
 HOLD_LIMIT = 64 * 1024
 _MAX_PIECES = 32  # aiohttp queues up to 32 pipelined requests per connection
-_NO_BODY = frozenset({204, 304})
 #: What a request aiohttp could not parse gets told (the exception's own text quotes the
 #: client's bytes).
 _BAD_REQUEST: dict[type[BaseException], str] = {
@@ -182,13 +180,10 @@ class _Exchange:
             return
         message, payload = answer
         status = message.code
-        if status < 200 or status in RETRY_STATUSES or status in _NO_BODY:
-            self.conn.hand_over(self)
-            return
         out = self.out
         if out is None:
             out = self.out = ResponseHead(message.raw_headers, message.reason)
-            if not (out.ok and out.framed) or out.length is None or out.length > SMALL_BODY:
+            if not fast_lane_finishes(status, out):
                 self.conn.hand_over(self)
                 return
         if not payload.is_eof():
@@ -218,9 +213,7 @@ class _Exchange:
             self.pool.put_clean(geode, proto)
         route.rt.board.observe(geode.name, True)
         trace = route.trace
-        trace.attempts.append((geode.name, RESPONSE))
-        trace.geode = geode
-        trace.decision = self.cand.decision
+        answered(trace, geode, self.cand.decision)
         trace.body_bytes = len(body)
         conn.answer(self, status, head, body, keep_alive)
 
@@ -436,13 +429,7 @@ class ProxyConnection(RequestHandler):
             return False
         headers = message.headers
         path = message.path
-        if (
-            "Upgrade" in headers
-            or "Expect" in headers
-            or not path.startswith("/")  # absolute-form, "*"
-            or "#" in path
-            or path.endswith("?")
-        ):
+        if "Upgrade" in headers or "Expect" in headers or not origin_form(path):
             return False
         gateway = self._gateway
         forwarder = gateway.forwarder
@@ -611,9 +598,9 @@ class ProxyConnection(RequestHandler):
         task = asyncio.current_task()
         assert task is not None
         request = factory(fast.message, EMPTY_PAYLOAD, self, StreamWriter(self, loop), task)
-        first = fast.failure if fast.failure is not None else fast.proto  # None: not sent
+        begun = Begun(fast.proto if fast.failure is None else None, fast.pooled, fast.failure)
         work = self._gateway.observer.observe(
-            request, forwarder.resume(request, fast.route, first, fast.pooled, fast.deadline),
+            request, forwarder.resume(request, fast.route, begun, fast.deadline),
             fast.start,
         )  # fmt: skip
         keep_alive = False

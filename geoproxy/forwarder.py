@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +30,7 @@ from geoproxy.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.config import Forwarding, Geode, Limits
 from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines, trailer_lines
+from geoproxy.policy import RETRY_STATUSES, answered, path_qs, read_whole
 from geoproxy.resolver import Resolution, ResolutionCache, resolve
 from geoproxy.responses import (
     RelayResponse,
@@ -45,18 +47,14 @@ from geoproxy.websocket import is_websocket, proxy_websocket
 log = logging.getLogger("geoproxy.forwarder")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-RETRY_STATUSES = frozenset({502, 503, 504})
 
 # Attempt outcomes (also the values of the `outcome` metric label).
-CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, RESPONSE, BAD_RESPONSE = (
-    "connect_error", "timeout", "reset", "retry_status", "response", "bad_response",
+CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, BAD_RESPONSE = (
+    "connect_error", "timeout", "reset", "retry_status", "bad_response",
 )  # fmt: skip
 CLIENT_BODY_TOO_LARGE = "client_body_too_large"
 CLIENT_BODY_TIMEOUT = "client_body_timeout"
 CLIENT_BODY_ERROR = "client_body_error"
-#: Responses up to this size with a Content-Length are read whole and sent in one write.
-SMALL_BODY = 64 * 1024
-_NO_BODY = frozenset({204, 304})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -181,7 +179,7 @@ def refusal(rt: Runtime, method: str, target: str) -> tuple[str, web.Response] |
     """The edge's own answer to a request that must not reach a geode (access.py), with
     its ``geoproxy_requests_denied_total`` label: a 405 for CONNECT (and TRACE unless
     forwarded), a 400 for a path no rule can judge, the denying rule's 404 or 403. None
-    lets it through. ``target``: the request target as forwarded (``_path_qs``)."""
+    lets it through. ``target``: the request target as forwarded (``policy.path_qs``)."""
     fwd = rt.topology.config.forwarding
     label = refused_method(method, fwd.forward_trace)
     if label is not None:
@@ -243,6 +241,18 @@ def host_for(fwd: Forwarding, head: RequestHead, geode: Geode) -> bytes:
     if not fwd.preserve_host or host is None:
         host = _cached_bytes(geode.url.raw_authority)
     return host
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """How far the fast lane got with a request before it handed it over: sent on
+    ``proto`` (taken from the pool when ``pooled``: a keep-alive race may send it again,
+    once, on a new connection), no connection could be opened (``failure``: the first
+    attempt's outcome), or neither (nothing was sent)."""
+
+    proto: upstream.Connection | None = None
+    pooled: bool = True
+    failure: upstream.ConnectFailed | None = None
 
 
 class Forwarder:
@@ -312,7 +322,7 @@ class Forwarder:
         rt = self.runtime  # read once: a reload swaps it whole
         trace = Trace()
         request[TRACE_KEY] = trace
-        refused = refusal(rt, request.method, _path_qs(request))
+        refused = refusal(rt, request.method, path_qs(request))
         if refused is not None:  # before anything else: it never reaches a geode
             trace.denied, answer = refused
             if request.body_exists:  # unread (or a CONNECT tunnel): not worth reading
@@ -347,22 +357,13 @@ class Forwarder:
         return await self._attempts(request, route, forwarded, body, deadline, None)
 
     async def resume(
-        self,
-        request: web.BaseRequest,
-        route: Route,
-        first: upstream.Connection | upstream.ConnectFailed | None,
-        pooled: bool,
-        deadline: float,
+        self, request: web.BaseRequest, route: Route, begun: Begun, deadline: float
     ) -> web.StreamResponse:
         """Go on with a request the fast lane began with ``route.cands[0]`` and could not
-        finish itself: ``first`` is the connection the request went out on (``pooled``:
-        taken from the pool), whose answer is awaited here, the failure to connect, or
-        None when nothing was sent.
-        Whatever it is (a failure, a 502/503/504, a body to stream) is handled as on
-        this path."""
+        finish itself (``begun``: how far it got). Whatever it is (a failure, a
+        502/503/504, a body to stream) is handled as on this path."""
         request[TRACE_KEY] = route.trace
-        return await self._attempts(request, route, route.forwarded, None, deadline,
-                                    first, pooled)  # fmt: skip
+        return await self._attempts(request, route, route.forwarded, None, deadline, begun)
 
     async def _attempts(
         self,
@@ -371,8 +372,7 @@ class Forwarder:
         forwarded: bytes,
         body: _Body | None,
         deadline: float,
-        sent: upstream.Connection | upstream.ConnectFailed | None,
-        sent_pooled: bool = True,
+        begun: Begun | None,
     ) -> web.StreamResponse:
         """Try the candidates in order, as ``may_try_next`` allows; relay the first
         answer that can be relayed."""
@@ -382,7 +382,7 @@ class Forwarder:
         limits = self.limits
         cands = route.cands
         method = request.method
-        path_qs = _path_qs(request)
+        target = path_qs(request)
         idempotent = method in IDEMPOTENT
         lean = compat.lean()
         # A body without Content-Length came chunked: it goes on chunked.
@@ -394,22 +394,24 @@ class Forwarder:
         for index, cand in enumerate(cands):
             geode = trace.trying = cand.geode
             host = host_for(fwd, head, geode)
-            first, sent = sent, None  # only the first attempt can have begun already
+            first, begun = begun, None  # only the first attempt can have begun already
             try:
-                if isinstance(first, upstream.ConnectFailed):
-                    raise first
+                if first is not None and first.failure is not None:
+                    raise first.failure
                 if lean:
-                    wire = request_wire(method, geode, path_qs, host, head, forwarded)
+                    wire = request_wire(method, geode, target, host, head, forwarded)
                     exchange = await upstream.send(
                         self.pool, geode, wire, method, fwd.connect_timeout,
-                        fwd.response_timeout, idempotent, first, sent_pooled,
+                        fwd.response_timeout, idempotent,
+                        first.proto if first is not None else None,
+                        first is None or first.pooled,
                         upstream.Body(body.chunks(), chunked) if body is not None else None,
                         interim,
                     )  # fmt: skip
                     reply = Reply.of_exchange(exchange)
                 else:  # aiohttp's public API only (compat)
                     resp = await rt.session.request(
-                        method, URL(geode.base + path_qs, encoded=True),
+                        method, URL(geode.base + target, encoded=True),
                         headers=head.as_map(forwarded, host),
                         data=body.chunks() if body is not None else None,
                         allow_redirects=False, timeout=_client_timeout(fwd),
@@ -462,13 +464,10 @@ class Forwarder:
                                 reply.headers.get(TRANSFER_ENCODING))  # fmt: skip
                     last = BAD_RESPONSE
                     break
-                trace.attempts.append((geode.name, RESPONSE))
-                trace.geode = geode
-                trace.decision = cand.decision
+                answered(trace, geode, cand.decision)
                 lines = out.tail(via, geode_lines(geode.name, geode.region))
                 length = out.length
-                if (length is not None and length <= SMALL_BODY and method != "HEAD"
-                        and status not in _NO_BODY and status >= 200):  # fmt: skip
+                if read_whole(status, method, out) and length is not None:
                     # Read it whole and send head and body in one write; if the geode
                     # breaks off, nothing reached the client yet: a clean 502.
                     try:
@@ -602,13 +601,3 @@ def _peer_text(remote: str) -> bytes:
     """The TCP peer as X-Forwarded-For names it (an IPv4-mapped address unmapped)."""
     peer = parse_ip(remote)
     return _text_bytes(str(peer) if peer is not None else remote)
-
-
-def _path_qs(request: web.BaseRequest) -> str:
-    """The request target in origin-form: as it came when it is one already."""
-    path = request.raw_path
-    if path.startswith("/") and "#" not in path and not path.endswith("?"):
-        return path
-    rel = request.rel_url  # absolute-form, a fragment, an empty query
-    path = rel.raw_path or "/"  # "GET http://host HTTP/1.1" has none
-    return path + ("?" + rel.raw_query_string if rel.raw_query_string else "")

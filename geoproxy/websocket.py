@@ -18,6 +18,7 @@ from yarl import URL
 
 from geoproxy.config import Limits
 from geoproxy.headers import GEODE_HEADER, REGION_HEADER, ResponseHead
+from geoproxy.policy import answered, path_qs
 from geoproxy.responses import json_error
 from geoproxy.router import Candidate
 from geoproxy.runtime import Runtime
@@ -55,9 +56,7 @@ async def proxy_websocket(
         headers.popall(name, None)
     protocols = tuple(p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ())
                       for p in v.split(",") if p.strip())  # fmt: skip
-    path_qs = request.rel_url.raw_path + (
-        "?" + request.rel_url.raw_query_string if request.rel_url.raw_query_string else ""
-    )
+    target = path_qs(request)
     upstream = None
     for cand in cands:
         geode = cand.geode
@@ -66,12 +65,11 @@ async def proxy_websocket(
         try:
             async with asyncio.timeout(fwd.connect_timeout + fwd.response_timeout):
                 upstream = await rt.session.ws_connect(
-                    URL(geode.base + path_qs, encoded=True), headers=headers,
+                    URL(geode.base + target, encoded=True), headers=headers,
                     protocols=protocols, autoclose=False, max_msg_size=limits.max_body_bytes,
                 )  # fmt: skip
         except aiohttp.WSServerHandshakeError as exc:
-            trace.attempts.append((geode.name, "response"))
-            trace.geode, trace.decision = geode, cand.decision
+            answered(trace, geode, cand.decision)  # its refusal goes to the client
             status = exc.status if 400 <= exc.status < 500 else 502
             why = f"the geode answered the WebSocket handshake with {exc.status}"
             return json_error(status, "websocket_refused", why)
@@ -80,8 +78,7 @@ async def proxy_websocket(
             rt.board.observe(geode.name, False)
             log.info("geode %s: WebSocket handshake failed: %r", geode.name, exc)
             continue
-        trace.attempts.append((geode.name, "response"))
-        trace.geode, trace.decision = geode, cand.decision
+        answered(trace, geode, cand.decision)
         rt.board.observe(geode.name, True)
         break
     if upstream is None:

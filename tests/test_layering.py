@@ -22,16 +22,17 @@ LAYERS: dict[str, int] = {
     "clientip": 3, "geoip": 4,
     "resolver": 5, "health": 5, "router": 5, "responses": 5,
     "runtime": 6, "explain": 6, "headers": 6, "trace": 6, "upstream": 6,
-    "websocket": 7, "status_page": 7,
-    "forwarder": 8,
-    "observe": 9, "admin": 9,
-    "app": 10,
-    "stamp": 10,  # the reference stamp package, checked on its own below
-    "fastlane": 11,
-    "server": 12, "demo": 12,
-    "worker": 13,
-    "supervisor": 14,
-    "cli": 15, "__main__": 16,
+    "policy": 7,
+    "websocket": 8, "status_page": 8,
+    "forwarder": 9,
+    "observe": 10, "admin": 10,
+    "app": 11,
+    "stamp": 11,  # the reference stamp package, checked on its own below
+    "fastlane": 12,
+    "server": 13, "demo": 13,
+    "worker": 14,
+    "supervisor": 15,
+    "cli": 16, "__main__": 17,
 }  # fmt: skip
 
 
