@@ -338,6 +338,11 @@ class Forwarder:
         head = route.head
         headers_in = request.headers
         if "Upgrade" in headers_in and is_websocket(request):
+            if request.body_exists:  # RFC 6455 4.1: a handshake is a GET without a body
+                answer = json_error(400, "bad_request",
+                                    "a WebSocket handshake carries no body")  # fmt: skip
+                answer.force_close()  # its body is not read
+                return answer
             headers = head.as_map(route.forwarded, head.host)
             return await proxy_websocket(request, rt, route.cands, headers, trace, self.limits)
         if "Expect" in headers_in:

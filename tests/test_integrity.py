@@ -466,6 +466,24 @@ async def test_websocket_handshake_passes_the_geodes_101_headers(through: Throug
     assert values(got.lines, b"cookie") == [b"c=1"]
 
 
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n\r\nhello",
+                                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+                         ids=["length", "chunked"])  # fmt: skip
+async def test_a_websocket_handshake_with_a_body_is_refused_at_the_edge(
+    through: Through, framing: bytes
+) -> None:
+    """RFC 6455 4.1: a handshake is a GET without a body. A 400 naming it, the geode
+    never asked (it used to be a 502 "no geode could be reached", counted against the
+    geode's health)."""
+    proxy, geode = await through(ws_handshake)
+    resp = await one_request(proxy, b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\nSec-WebSocket-Key: " + WS_KEY + b"\r\n"
+                             b"Sec-WebSocket-Version: 13\r\n" + framing)  # fmt: skip
+    assert resp.status == 400
+    assert b"a WebSocket handshake carries no body" in resp.payload
+    assert geode.requests == []
+
+
 @pytest.fixture
 async def ws_geode(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory
