@@ -7,6 +7,7 @@ request failing."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -76,6 +77,9 @@ async def test_a_kubelet_configmap_swap_under_load_is_reloaded_with_no_failed_re
         await load.more(200)
         moved = {**data, "geodes": [geode_entry(us)]}  # and then the config: eu-1 removed
         volume.write(config_files(moved, {"countries": {"FR": "eu-west"}}))
+        async with asyncio.timeout(10):
+            while proxy.sample("geoproxy_config_reloads_total", result="success") < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
         await load.more(200)
     assert load.failed() == []
     first_us = load.results.index((200, "us-1"))
