@@ -378,3 +378,12 @@ def test_the_readme_walkthrough_names_what_the_unit_runs() -> None:
     assert f"cp deploy/systemd/{UNIT.name} /etc/systemd/system/" in walk
     assert f"curl -s 127.0.0.1:{config_mod.load(ROOT / 'config/geoproxy.yaml').admin.port}" \
         "/readyz" in walk  # fmt: skip
+
+
+def test_the_build_context_lets_in_what_the_dockerfile_copies() -> None:
+    ignore = (CONTAINER / "Dockerfile.dockerignore").read_text().split()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert "*" in ignore
+    copied = {source.split("/")[0] for _, steps in dockerfile_stages() for op, arg in steps
+              if op == "COPY" and not arg.startswith("--from") for source in arg.split()[:-1]}
+    assert copied <= allowed, copied - allowed
