@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -119,15 +120,18 @@ def _fail(message: str, who: str = "geoproxy") -> int:
 
 def check_config(path: Path) -> int:
     """Like ``nginx -t``: exit 0 and the derived topology, or 1 and every error."""
+    note = ""
     try:
         cfg = config_mod.load(path)
         if (lookup := open_geoip(cfg)) is not None:
+            built = time.strftime("%Y-%m-%d", time.gmtime(lookup.build_epoch))
+            note = f" ({lookup.database_type}, built {built})"  # as /status shows it
             lookup.close()
     except GeoproxyError as exc:
         print(f"{path}: configuration is invalid", file=sys.stderr)
         print(str(exc), file=sys.stderr)
         return 1
-    print(describe(Topology.build(cfg)))
+    print(describe(Topology.build(cfg), note))
     for line in cfg.warnings:
         print(f"warning: {line}", file=sys.stderr)
     print(f"{path}: configuration is valid")
@@ -215,14 +219,16 @@ def _unused(source: str, value: str, cfg: config_mod.Config, res: Resolution) ->
     return None
 
 
-def describe(topology: Topology) -> str:
+def describe(topology: Topology, geoip_note: str = "") -> str:
+    """The topology as check-config prints it; ``geoip_note``: what the GeoIP database
+    is, once opened."""
     cfg = topology.config
     lines = [
         f"proxy listener: {cfg.proxy.host}:{cfg.proxy.port}",
         f"admin listener: {cfg.admin.host}:{cfg.admin.port}",
         "trusted proxies: " + (", ".join(map(str, cfg.trusted_proxies)) or "none"),
         "region sources: " + " -> ".join((*cfg.region_sources, f"default ({cfg.default_region})")),
-        f"geoip database: {cfg.geoip_database or 'none'}",
+        f"geoip database: {cfg.geoip_database or 'none'}{geoip_note}",
         "geodes:",
     ]
     for g in cfg.geodes:

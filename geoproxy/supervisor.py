@@ -348,8 +348,10 @@ class Supervisor:
 
     def _hello(self) -> dict[str, Any]:
         config = self.gateway.config
+        db = self.gateway.geoip  # the one whose descriptor the worker inherits, or newer
         return {"op": "start", "path": str(config.path), "config": encode_sources(config),
-                "health": self.gateway.board.snapshot()}  # fmt: skip
+                "health": self.gateway.board.snapshot(),
+                "geoip": None if db is None else db.identity.as_list()}  # fmt: skip
 
     async def start(self) -> None:
         """Start every worker and wait until each serves; one that fails to start fails

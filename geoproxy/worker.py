@@ -3,7 +3,7 @@
 A worker serves the listening sockets it inherited and does what its supervisor says over
 a socket pair, one JSON object per line:
 
-    supervisor -> worker  {"op": "start", "path", "config", "health"}  first, once
+    supervisor -> worker  {"op": "start", "path", "config", "health", "geoip"}  first, once
                           {"op": "health", "health": {...}}   active health, on every change
                           {"op": "passed", "geode", "url"}    a check passed (re-admits an
                                                               ejected geode, as in one process)
@@ -174,6 +174,8 @@ async def serve_worker(
             return
         stack.callback(writer.close)
         gateway.adopt_health(hello["health"])
+        if hello.get("geoip") is not None:  # swapped since this process was forked?
+            await gateway.refresh_geoip(FileIdentity(*hello["geoip"]))
         obeying = asyncio.create_task(channel.obey(), name="geoproxy-worker-control")
         stack.push_async_callback(cancel_and_wait, obeying)  # after the drain: still obeys
         stack.push_async_callback(channel.drain, runner)  # stop accepting, drain, close

@@ -13,6 +13,7 @@ import ipaddress
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -979,7 +980,8 @@ def test_check_config_accepts_a_real_geoip_database(
     result = check_config(path, REPO)
     assert (result.returncode, result.stderr) == (0, "")
     lines = result.stdout.splitlines()
-    assert f"geoip database: {database}" in lines
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    assert f"geoip database: {database} (GeoLite2-Country, built {day})" in lines
     assert "region sources: x-client-region -> cf-ipcountry -> geoip -> default (eu-west)" in lines
     assert lines[-1] == f"{path}: configuration is valid"
 

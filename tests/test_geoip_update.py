@@ -220,3 +220,17 @@ async def test_a_workers_fleet_swaps_under_load_and_restarts_from_the_validated_
         assert set(load.results) == {(200, "us-1")} and len(load.results) >= 60
         assert "exited during start-up" not in proxy.output
         assert await proxy.stop() == 0
+
+
+def test_check_config_names_the_database_type_and_build_date(
+    make_mmdb: Callable[..., Path], write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from geoproxy.cli import check_config
+
+    built = time.time() - 3 * DAY
+    geode = {"name": "eu-1", "region": "eu-west", "url": "http://127.0.0.1:9"}
+    path = write_config(geoip_config([geode], make_mmdb(built=built)))
+    assert check_config(path) == 0
+    day = time.strftime("%Y-%m-%d", time.gmtime(built))
+    assert f"test-City-v6.mmdb (GeoLite2-City, built {day})" in capsys.readouterr().out
