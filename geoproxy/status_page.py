@@ -4,13 +4,23 @@ spirit of HAProxy's stats page. Refreshes itself every few seconds.
 It tells what ``/readyz``, ``/geodes`` and ``/metrics`` tell: a geode that passive health
 ejected reads EJECTED (until when), not UP; readiness, draining and the last reload
 (a failed one included) are in the header; rates cover the last minutes.
+
+A world map (inline SVG, no external requests) colours each country by the region that
+serves it, shows each region's geodes as markers coloured by state (at the largest country
+the region serves), and gives each region's share of the traffic of the last minutes. Its
+outlines are Natural Earth's 1:110m countries (public domain): geoproxy/data/README.md.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from html import escape
+from importlib import resources
+from typing import Any
 
 from geoproxy import __version__
 from geoproxy.changes import ReloadOutcome, plural
@@ -30,7 +40,13 @@ h1{font-size:1.3em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
 table{border-collapse:collapse}th,td{padding:.3em .7em;border:1px solid #ccc;text-align:left}
 th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .up{background:#c8f0c8}.down{background:#f6c4c4}.unknown{background:#e4e4e4}
-.ejected{background:#fbdca8}.partial{background:#fbf0b0}.fallback{background:#dbe8f8}
+.ejected{background:#fbdca8}
+svg.map{width:100%;max-width:1000px;background:#eef4fb;border:1px solid #ccc}
+svg.map path{stroke:#fff;stroke-width:.4}svg.map circle{stroke:#222;stroke-width:.8}
+svg.map circle.up{fill:#2a2}svg.map circle.down{fill:#d22}svg.map circle.ejected{fill:#f90}
+svg.map circle.unknown{fill:#999}.swatch{display:inline-block;width:.9em;height:.9em;
+vertical-align:middle;border:1px solid #888;margin-right:.3em}
+.partial{background:#fbf0b0}.fallback{background:#dbe8f8}
 .bad{color:#a00;font-weight:bold}.muted{color:#777}code{font-size:12px}
 """
 
@@ -182,6 +198,76 @@ def _geoip_line(runtime: Runtime, now: float) -> str:
             f"({escape(db.database_type)}, {age})")
 
 
+#: Region colours on the map, in the order of the regions' names (then again).
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#edc948", "#76b7b2", "#ff9da7",
+           "#9c755f", "#e15759", "#bab0ac")  # fmt: skip
+_UNMAPPED = "#d8d8d8"
+
+
+@cache
+def _world() -> Mapping[str, Any]:
+    """ISO country -> name, SVG path ``d``, centre ``c`` and area ``a`` (data/README.md)."""
+    text = (resources.files("geoproxy") / "data" / "world-110m.json").read_text()
+    world: dict[str, Any] = json.loads(text)
+    return world
+
+
+def region_colours(regions: frozenset[str]) -> dict[str, str]:
+    return {r: PALETTE[i % len(PALETTE)] for i, r in enumerate(sorted(regions))}
+
+
+def _world_map(runtime: Runtime, facts: Facts) -> str:
+    """The map: countries by region, geodes by state, traffic share per region."""
+    topology = runtime.topology
+    world = _world()
+    colours = region_colours(topology.region_names)
+    paths: list[str] = []
+    anchors: dict[str, tuple[int, list[int]]] = {}  # region -> its largest country
+    for code, country in world.items():
+        region = topology.country_region.get(code)
+        fill = colours.get(region, _UNMAPPED) if region else _UNMAPPED
+        served = escape(f"{code} {country['name']} → {region or 'the default region'}")
+        paths.append(f'<path d="{country["d"]}" fill="{fill}" data-country="{code}">'
+                     f"<title>{served}</title></path>")  # fmt: skip
+        if region and country["a"] > anchors.get(region, (0, []))[0]:
+            anchors[region] = (country["a"], country["c"])
+    markers = []
+    for region, geodes in topology.geodes_by_region.items():
+        if region not in anchors:
+            continue
+        x, y = anchors[region][1]
+        for i, geode in enumerate(geodes):
+            state = runtime.board.states.get(geode.name)
+            word = "unchecked" if state is None else geode_state(state, facts.traffic)
+            markers.append(f'<circle cx="{x + 9 * i - 4.5 * (len(geodes) - 1):g}" cy="{y}" '
+                           f'r="5" class="{_CSS[word]}" data-geode="{escape(geode.name)}">'
+                           f"<title>{escape(geode.name)} ({escape(region)}): "
+                           f"{word.upper()}</title></circle>")  # fmt: skip
+    return ('<svg class="map" viewBox="0 0 720 360" role="img" aria-label="countries by '
+            f'the region that serves them">{"".join(paths)}{"".join(markers)}</svg>\n'
+            f"<div>{_legend(runtime, facts, colours)}</div>")
+
+
+def _legend(runtime: Runtime, facts: Facts, colours: Mapping[str, str]) -> str:
+    """Each region's colour and its share of the requests of the last minutes."""
+    rates = facts.rates
+    by_region: dict[str, float] = {}
+    if rates is not None:
+        for state in runtime.board.states.values():
+            g = state.geode
+            by_region[g.region] = by_region.get(g.region, 0.0) + rates.requests.get(g.name, 0.0)
+    total = sum(by_region.values())
+    items = []
+    for region, colour in colours.items():
+        share = f"{100 * by_region.get(region, 0.0) / total:.0f} %" if total else "-"
+        swatch = f'<span class=swatch style="background:{colour}"></span>'
+        items.append(f'<span data-region="{escape(region)}">{swatch}{escape(region)} '
+                     f"{share}</span>")  # fmt: skip
+    window = f"last {_ago(rates.seconds)}" if rates else "no traffic history yet"
+    return (" · ".join(items) + f' <span class=muted>(share of requests served, {window};'
+            " grey: countries no rule maps, served by the default region)</span>")
+
+
 def render_status(runtime: Runtime, facts: Facts, now: float | None = None) -> str:
     """The page."""
     now = time.time() if now is None else now
@@ -199,6 +285,8 @@ def render_status(runtime: Runtime, facts: Facts, now: float | None = None) -> s
 {serving} of {plural(len(runtime.board.states), "geode")} take traffic ·
 refreshes every {REFRESH_SECONDS} s</div>
 {_header(facts, now)}
+<h2>Map</h2>
+{_world_map(runtime, facts)}
 <h2>Geodes</h2>
 <table><tr><th>geode</th><th>region</th><th>state</th><th>since</th><th>latency</th>
 <th>checked</th><th>requests ({window})</th><th>5xx ({window})</th><th>requests (total)</th>
