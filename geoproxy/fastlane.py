@@ -57,6 +57,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from geoproxy import upstream
 from geoproxy.app import Gateway
 from geoproxy.chunks import ChunkedBody
+from geoproxy.errors import ConnectFailed
 from geoproxy.forwarder import (
     Begun,
     Prelude,
@@ -121,7 +122,7 @@ class _Exchange:
         self.proto: upstream.Connection | None = None  # the request goes out on it
         self.written = False  # ... and went out
         self.pooled = True  # proto came from the pool (a resend on the keep-alive race)
-        self.failure: upstream.ConnectFailed | None = None  # no connection could be opened
+        self.failure: ConnectFailed | None = None  # no connection could be opened
         self.connecting: asyncio.Task[None] | None = None
         self.out: ResponseHead | None = None
         self.task: asyncio.Task[None] | None = None  # the coroutine path, once handed over
@@ -137,7 +138,7 @@ class _Exchange:
         """Open a connection to the geode (no idle one in the pool), then send."""
         try:
             proto = await upstream.connect(self.cand.geode, connect_timeout)
-        except upstream.ConnectFailed as exc:
+        except ConnectFailed as exc:
             self.failure = exc
             self.conn.hand_over(self)
             return

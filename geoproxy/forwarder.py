@@ -29,6 +29,7 @@ from geoproxy import compat, upstream
 from geoproxy.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
 from geoproxy.clientip import client_ip, parse_ip
 from geoproxy.config import Forwarding, Geode, Limits
+from geoproxy.errors import BadResponse, BodyTimeout, BodyTooLarge, ConnectFailed
 from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines, trailer_lines
 from geoproxy.policy import RETRY_STATUSES, answered, path_qs, read_whole
 from geoproxy.resolver import Resolution, ResolutionCache, resolve
@@ -66,15 +67,6 @@ def may_try_next(outcome: str, method: str, body_started: bool) -> bool:
     if outcome == CONNECT_ERROR:
         return True
     return method in IDEMPOTENT and not body_started
-
-
-class BodyTooLarge(Exception):
-    """A chunked request body grew past ``limits.max_body_bytes`` while streaming."""
-
-
-class BodyTimeout(Exception):
-    """The client paused its request body past ``limits.body_timeout``, or sent it slower
-    than ``limits.body_min_rate``."""
 
 
 class _Body:
@@ -252,7 +244,7 @@ class Begun:
 
     proto: upstream.Connection | None = None
     pooled: bool = True
-    failure: upstream.ConnectFailed | None = None
+    failure: ConnectFailed | None = None
 
 
 class Forwarder:
@@ -422,11 +414,11 @@ class Forwarder:
                         allow_redirects=False, timeout=_client_timeout(fwd),
                     )  # fmt: skip
                     reply = Reply.of_response(resp)
-            except (upstream.ConnectFailed, aiohttp.ClientConnectorError,
+            except (ConnectFailed, aiohttp.ClientConnectorError,
                     aiohttp.ConnectionTimeoutError) as exc:  # fmt: skip
                 last = CONNECT_ERROR
                 log.info("geode %s: connect failed: %s", geode.name, exc)
-            except upstream.BadResponse as exc:
+            except BadResponse as exc:
                 last = BAD_RESPONSE
                 log.warning("geode %s: %s", geode.name, exc)
             except (aiohttp.ServerTimeoutError, TimeoutError):

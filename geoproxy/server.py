@@ -17,7 +17,7 @@ from geoproxy import compat
 from geoproxy.app import Gateway
 from geoproxy.changes import plural
 from geoproxy.config import Config, Listener, files_fingerprint
-from geoproxy.errors import GeoproxyError
+from geoproxy.errors import ListenError
 from geoproxy.fastlane import ProxyServer
 from geoproxy.observe import Observer
 from geoproxy.responses import HeadDeadline
@@ -29,10 +29,6 @@ log = logging.getLogger("geoproxy")
 DRAIN_MARGIN = 1.0
 _CUT_WAIT = 0.5  # of that margin: for the requests cut off to finish their bookkeeping
 _POLL = 0.02  # seconds between two looks at the in-flight count while draining
-
-
-class ListenError(GeoproxyError):
-    """A listener could not bind."""
 
 
 @dataclass(frozen=True, slots=True)

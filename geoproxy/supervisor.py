@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -32,25 +31,24 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from geoproxy import fleet
+from geoproxy import control, fleet
 from geoproxy.admin import Scrape
 from geoproxy.app import Gateway
 from geoproxy.changes import plural
 from geoproxy.config import Config, Listener
-from geoproxy.errors import GeoproxyError
+from geoproxy.errors import GeoproxyError, ListenError
 from geoproxy.health import GeodeHealth
 from geoproxy.metrics import WorkerMetrics
 from geoproxy.server import (
     DRAIN_MARGIN,
     Bound,
-    ListenError,
     cancel_and_wait,
     serve_until_stopped,
     start_site,
     unless_stopped,
     watch_config,
 )
-from geoproxy.worker import LINE_LIMIT, encode_sources, line
+from geoproxy.worker import LINE_LIMIT, encode_sources
 
 log = logging.getLogger("geoproxy")
 
@@ -148,7 +146,7 @@ class Worker:
 
     def __init__(
         self, index: int, sockets: list[socket.socket], argv: list[str],
-        hello: Callable[[], dict[str, Any]], on_metrics: Callable[[int, list[Any]], None],
+        hello: Callable[[], control.Message], on_metrics: Callable[[int, list[Any]], None],
         geoip_fd: Callable[[], int | None] = lambda: None,
     ) -> None:  # fmt: skip
         self.index = index
@@ -223,18 +221,18 @@ class Worker:
 
     def send(self, message: Mapping[str, Any]) -> None:
         if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(line(message))
+            self.writer.write(control.encode(message))
 
     def _handle(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
-        if op == "ready":
+        op = message["op"]
+        if op == control.READY:
             self.ready_at = time.monotonic()
             self.ready.set()
-        elif op == "drained":
+        elif op == control.DRAINED:
             self.drained, self.cut = int(message["drained"]), int(message["cut"])
-        elif op == "reloaded" and not message.get("ok"):
+        elif op == control.RELOADED and not message.get("ok"):
             log.error("worker %d: reload failed; it keeps its config", self.index)
-        elif op == "metrics":
+        elif op == control.METRICS:
             # Recorded as it arrives: when the worker exits, its last answer is in.
             self.on_metrics(self.index, message.get("families", []))
             future = self._pending.pop(message["id"], None)
@@ -245,7 +243,7 @@ class Worker:
         try:
             while raw := await reader.readline():
                 try:
-                    self._handle(json.loads(raw))
+                    self._handle(control.decode(raw))
                 except Exception:
                     log.exception("worker %d sent what cannot be handled: %.200r", self.index,
                                   raw)  # fmt: skip
@@ -274,7 +272,7 @@ class Worker:
         ident = self._ids
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending[ident] = future
-        self.send({"op": "metrics", "id": ident})
+        self.send(control.ask_metrics(ident))
         try:
             async with asyncio.timeout(_METRICS_TIMEOUT):
                 return await future
@@ -291,7 +289,7 @@ class Worker:
         if self.writer is None:
             self._signal(signal.SIGTERM)
         elif not self.writer.is_closing():
-            self.send({"op": "stop"})
+            self.send(control.stop())
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
@@ -339,19 +337,18 @@ class Supervisor:
         gateway.board.on_transition.append(lambda _state: self.broadcast_health())
         gateway.board.on_check.append(self._on_check)
         gateway.on_reload.append(self.broadcast_reload)
-        gateway.on_geoip.append(lambda db: self._broadcast({"op": "geoip",
-                                                            "identity": db.identity.as_list()}))
+        gateway.on_geoip.append(lambda db: self._broadcast(control.geoip(db.identity.as_list())))
 
     def _geoip_fd(self) -> int | None:
         db = self.gateway.geoip
         return None if db is None else db.fd
 
-    def _hello(self) -> dict[str, Any]:
+    def _hello(self) -> control.Message:
         config = self.gateway.config
         db = self.gateway.geoip  # the one whose descriptor the worker inherits, or newer
-        return {"op": "start", "path": str(config.path), "config": encode_sources(config),
-                "health": self.gateway.board.snapshot(),
-                "geoip": None if db is None else db.identity.as_list()}  # fmt: skip
+        return control.start(str(config.path), encode_sources(config),
+                             self.gateway.board.snapshot(),
+                             None if db is None else db.identity.as_list())
 
     async def start(self) -> None:
         """Start every worker and wait until each serves; one that fails to start fails
@@ -452,16 +449,15 @@ class Supervisor:
             worker.send(message)
 
     def broadcast_health(self) -> None:
-        self._broadcast({"op": "health", "health": self.gateway.board.snapshot()})
+        self._broadcast(control.health(self.gateway.board.snapshot()))
 
     def _on_check(self, state: GeodeHealth, ok: bool, _latency: float | None) -> None:
         if ok:  # a pass re-admits a geode a worker ejected
-            self._broadcast({"op": "passed", "geode": state.geode.name,
-                             "url": str(state.geode.url)})  # fmt: skip
+            self._broadcast(control.passed(state.geode.name, str(state.geode.url)))
 
     def broadcast_reload(self) -> None:
-        self._broadcast({"op": "reload", "config": encode_sources(self.gateway.config),
-                         "health": self.gateway.board.snapshot()})  # fmt: skip
+        self._broadcast(control.reload(encode_sources(self.gateway.config),
+                                       self.gateway.board.snapshot()))
 
     async def refresh_metrics(self) -> None:
         """Fetch every worker's counts (one round at a time across concurrent scrapes). A

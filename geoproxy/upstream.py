@@ -31,20 +31,13 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
 
 from geoproxy.config import Geode
+from geoproxy.errors import BadResponse, ConnectFailed
 
 _READ_BUFSIZE = 2**16
 _NO_BODY_STATUSES = (b"204", b"304")  # as they stand in a status line, at [9:12]
 #: How many of a chunked answer's last bytes are kept for its trailers (RFC 9112 7.1.2).
 _TRAILER_ROOM = 8192
 _LAST_CHUNK = re.compile(rb"0+[ \t]*(?:;.*)?").fullmatch
-
-
-class ConnectFailed(OSError):
-    """No connection could be opened to the geode (nothing was sent)."""
-
-
-class BadResponse(Exception):
-    """The geode's response head could not be parsed (or was a 101 nobody asked for)."""
 
 
 class Connection(ResponseHandler):

@@ -1,21 +1,7 @@
 """One worker process of ``geoproxy run --workers N`` (the supervisor is supervisor.py).
 
 A worker serves the listening sockets it inherited and does what its supervisor says over
-a socket pair, one JSON object per line:
-
-    supervisor -> worker  {"op": "start", "path", "config", "health", "geoip"}  first, once
-                          {"op": "health", "health": {...}}   active health, on every change
-                          {"op": "passed", "geode", "url"}    a check passed (re-admits an
-                                                              ejected geode, as in one process)
-                          {"op": "reload", "config", "health"}  the supervisor's new config
-                          {"op": "geoip", "identity": [...]}  the GeoIP database file
-                                                              changed: open it if it is
-                                                              still the one validated
-                          {"op": "metrics", "id": n}          send your counts
-                          {"op": "stop"}                      drain and exit
-    worker -> supervisor  {"op": "ready", "fingerprint": hex}  serving
-                          {"op": "reloaded", "ok": bool, "fingerprint": hex}
-                          {"op": "metrics", "id": n, "families": [...]}   (fleet.py)
+the control channel (control.py: every message type, both ways).
 
 ``config`` carries the exact bytes of the supervisor's config files (``Config.sources``):
 a worker never reads them from disk, so it serves the config the supervisor validated and
@@ -31,7 +17,6 @@ import asyncio
 import base64
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -43,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from geoproxy import config as config_mod
-from geoproxy import fleet
+from geoproxy import control, fleet
 from geoproxy.app import Gateway
 from geoproxy.changes import plural
 from geoproxy.config import Config
@@ -60,10 +45,6 @@ from geoproxy.server import (
 log = logging.getLogger("geoproxy")
 
 LINE_LIMIT = 64 * 1024 * 1024  # a metrics answer with many geodes is a long line
-
-
-def line(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 def encode_sources(config: Config) -> dict[str, str]:
@@ -99,16 +80,16 @@ class _Channel:
 
     def send(self, message: Mapping[str, Any]) -> None:
         if not self.writer.is_closing():
-            self.writer.write(line(message))
+            self.writer.write(control.encode(message))
 
     async def handle(self, message: dict[str, Any]) -> None:
         gateway = self.gateway
-        op = message.get("op")
-        if op == "health":
+        op = message["op"]
+        if op == control.HEALTH:
             gateway.adopt_health(message["health"])
-        elif op == "passed":
+        elif op == control.PASSED:
             gateway.board.passed(message["geode"], message["url"])
-        elif op == "reload":
+        elif op == control.RELOAD:
             ok = True
             try:
                 new = load_sent(str(gateway.config.path), message["config"])
@@ -117,14 +98,13 @@ class _Channel:
                 ok = False
                 log.error("reload failed; the running config stays:\n%s", exc)
             gateway.adopt_health(message["health"])
-            self.send({"op": "reloaded", "ok": ok,
-                       "fingerprint": gateway.config.fingerprint.hex()})  # fmt: skip
-        elif op == "geoip":
+            self.send(control.reloaded(ok, gateway.config.fingerprint.hex()))
+        elif op == control.GEOIP:
             await gateway.refresh_geoip(FileIdentity(*message["identity"]))
-        elif op == "metrics":
+        elif op == control.METRICS:
             families = fleet.snapshot(gateway.metrics.registry)
-            self.send({"op": "metrics", "id": message.get("id"), "families": families})
-        elif op == "stop":
+            self.send(control.metrics(message.get("id"), families))
+        elif op == control.STOP:
             if not self.stop.is_set():
                 log.info("the supervisor says stop: draining")
             self.stop.set()
@@ -134,7 +114,7 @@ class _Channel:
         drained, cut = await runner.drain(self.gateway)
         log.info("worker stopped: %s drained, %d cut off by shutdown.drain_timeout",
                  plural(drained, "request"), cut)  # fmt: skip
-        self.send({"op": "drained", "drained": drained, "cut": cut})
+        self.send(control.drained(drained, cut))
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
 
@@ -142,7 +122,7 @@ class _Channel:
         with contextlib.suppress(ConnectionError, ValueError):  # ValueError: line too long
             while raw := await self.reader.readline():
                 try:
-                    await self.handle(json.loads(raw))
+                    await self.handle(control.decode(raw))
                 except Exception:  # a bug here must not cut the worker off its supervisor
                     log.exception("cannot handle %.200r", raw)
         if not self.stop.is_set():
@@ -151,17 +131,17 @@ class _Channel:
 
 
 async def serve_worker(
-    sockets: list[socket.socket], control: socket.socket, stop: asyncio.Event,
+    sockets: list[socket.socket], channel_socket: socket.socket, stop: asyncio.Event,
     geoip_fd: int | None = None,
 ) -> None:  # fmt: skip
     """Serve the proxy on ``sockets`` with the config, health and reloads the supervisor
     sends, until ``stop`` (a signal, or the supervisor says so or goes away).
     ``geoip_fd``: the GeoIP database the supervisor opened (inherited)."""
-    reader, writer = await asyncio.open_unix_connection(sock=control, limit=LINE_LIMIT)
+    reader, writer = await asyncio.open_unix_connection(sock=channel_socket, limit=LINE_LIMIT)
     first = await reader.readline()
     if not first:
         return  # the supervisor went away before it said anything
-    hello = json.loads(first)
+    hello = control.decode(first)
     gateway = Gateway(load_sent(hello["path"], hello["config"]), active_health=False,
                       geoip_source=None if geoip_fd is None else fd_path(geoip_fd))  # fmt: skip
     channel = _Channel(gateway, reader, writer, stop)
@@ -183,6 +163,6 @@ async def serve_worker(
         await runner.setup()
         for sock in sockets:
             await web.SockSite(runner, sock).start()
-        channel.send({"op": "ready", "fingerprint": gateway.config.fingerprint.hex()})
+        channel.send(control.ready(gateway.config.fingerprint.hex()))
         await stop.wait()
         gateway.start_draining()

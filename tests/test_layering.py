@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "geoproxy"
 # Lower number = lower layer. Modules of one layer do not import each other.
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "countries": 0, "logs": 0, "hotmetrics": 0, "compat": 0,
-    "chunks": 0,
+    "chunks": 0, "control": 0,
     "metrics": 1,
     "schema": 1, "access": 1,
     "config": 2, "traffic": 2,

@@ -1,0 +1,98 @@
+"""The control channel between the supervisor and its workers (``--workers N``): one JSON
+object per line over a socket pair, each naming its type in ``op``. Every message type,
+both ways, is made here and only here:
+
+    supervisor -> worker  start    path, config, health,  first, once
+                                   geoip
+                          health   health                 active health, on every change
+                          passed   geode, url             a check passed (re-admits an
+                                                          ejected geode, as in one process)
+                          reload   config, health         the supervisor's new config
+                          geoip    identity               the GeoIP database file changed:
+                                                          open it if it is still the one
+                                                          validated
+                          metrics  id                     send your counts
+                          stop                            drain and exit
+    worker -> supervisor  ready    fingerprint            serving
+                          reloaded ok, fingerprint
+                          metrics  id, families           (fleet.py)
+                          drained  drained, cut           the drain's counts, last
+
+``config`` carries the exact bytes of the supervisor's config files (worker.py says why).
+Imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Message = Mapping[str, Any]
+
+# supervisor -> worker
+START, HEALTH, PASSED, RELOAD, GEOIP, METRICS, STOP = (
+    "start", "health", "passed", "reload", "geoip", "metrics", "stop",
+)  # fmt: skip
+# worker -> supervisor (and METRICS, the answer)
+READY, RELOADED, DRAINED = "ready", "reloaded", "drained"
+
+
+def encode(message: Message) -> bytes:
+    """One message as the line that carries it."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(raw: bytes) -> dict[str, Any]:
+    """One line as the message it carries; ValueError when it is none."""
+    message = json.loads(raw)
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise ValueError("not a control message (a JSON object with an 'op')")
+    return message
+
+
+def start(path: str, config: Mapping[str, str], health: object,
+          geoip: Sequence[object] | None) -> Message:  # fmt: skip
+    """``geoip``: the identity of the GeoIP database file the supervisor opened."""
+    return {"op": START, "path": path, "config": config, "health": health,
+            "geoip": None if geoip is None else list(geoip)}  # fmt: skip
+
+
+def health(snapshot: object) -> Message:
+    return {"op": HEALTH, "health": snapshot}
+
+
+def passed(geode: str, url: str) -> Message:
+    return {"op": PASSED, "geode": geode, "url": url}
+
+
+def reload(config: Mapping[str, str], snapshot: object) -> Message:
+    return {"op": RELOAD, "config": config, "health": snapshot}
+
+
+def geoip(identity: Sequence[object]) -> Message:
+    return {"op": GEOIP, "identity": list(identity)}
+
+
+def ask_metrics(ident: int) -> Message:
+    return {"op": METRICS, "id": ident}
+
+
+def stop() -> Message:
+    return {"op": STOP}
+
+
+def ready(fingerprint: str) -> Message:
+    return {"op": READY, "fingerprint": fingerprint}
+
+
+def reloaded(ok: bool, fingerprint: str) -> Message:
+    return {"op": RELOADED, "ok": ok, "fingerprint": fingerprint}
+
+
+def metrics(ident: object, families: object) -> Message:
+    return {"op": METRICS, "id": ident, "families": families}
+
+
+def drained(count: int, cut: int) -> Message:
+    return {"op": DRAINED, "drained": count, "cut": cut}
