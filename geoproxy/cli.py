@@ -370,9 +370,15 @@ def _demo_cmd(data_dir: Path | None) -> int:
         return _fail(f"shipped demo config is invalid (a packaging bug):\n{exc}")
     temporary = data_dir is None
     folder = Path(tempfile.mkdtemp(prefix="geoproxy-demo-")) if data_dir is None else data_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        demo_files = demo.write_stamp_configs(cfg, folder)
+    except OSError as exc:
+        return _fail(f"--data-dir {folder}: cannot write the stamps' files there: "
+                     f"{exc.strerror or exc}")  # fmt: skip
 
     async def run_demo(stop: asyncio.Event, _reload: asyncio.Event) -> None:
-        live, stamps = demo.write_stamp_configs(cfg, folder)
+        live, stamps = demo_files
         watcher: asyncio.Task[None] | None = None
         try:
             await demo.start_stamps(stamps)

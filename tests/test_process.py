@@ -365,7 +365,8 @@ async def _served_by(http: aiohttp.ClientSession, url: str, country: str) -> str
 
 
 async def test_demo_stamps_are_processes_a_user_can_kill_and_start_again(tmp_path: Path) -> None:
-    async with geoproxy("demo", cwd=tmp_path) as demo:
+    data = tmp_path / "new" / "data"  # made by the demo, and kept
+    async with geoproxy("demo", "--data-dir", str(data), cwd=tmp_path) as demo:
         await demo.wait_for(r"Ctrl-C stops everything")
         text = "".join(demo.output)
         pids = {m.group(1): int(m.group(2))
@@ -399,3 +400,13 @@ async def test_demo_stamps_are_processes_a_user_can_kill_and_start_again(tmp_pat
                 await restarted.wait()
         assert await demo.stop(signal.SIGINT) == 0
     assert not any(_pid_alive(pid) for pid in pids.values())  # the demo stopped its stamps
+    assert {p.name for p in data.glob("*.yaml")} == {f"{name}.yaml" for name in pids}
+
+
+async def test_demo_names_a_data_dir_it_cannot_write(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    code, out = await run_to_end("demo", "--data-dir", str(tmp_path / "a-file" / "data"))
+    assert code == 1
+    assert f"--data-dir {tmp_path / 'a-file' / 'data'}: cannot write the stamps' files " \
+        "there: Not a directory" in out  # fmt: skip
+    assert "Traceback" not in out
