@@ -40,23 +40,13 @@ import time
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http import HttpRequestParser, HttpVersion11, RawRequestMessage, StreamWriter
-from aiohttp.http_exceptions import (
-    BadHttpMessage,
-    BadHttpMethod,
-    BadStatusLine,
-    HttpProcessingError,
-    InvalidHeader,
-    InvalidURLError,
-    LineTooLong,
-    TransferEncodingError,
-)
+from aiohttp.http import HttpVersion11, RawRequestMessage, StreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from geoproxy import upstream
 from geoproxy.app import Gateway
-from geoproxy.chunks import ChunkedBody
 from geoproxy.errors import ConnectFailed
 from geoproxy.forwarder import (
     Begun,
@@ -69,7 +59,8 @@ from geoproxy.forwarder import (
 from geoproxy.headers import RawHeaders, ResponseHead, geode_lines
 from geoproxy.observe import CLIENT_CLOSED
 from geoproxy.policy import answered, fast_lane_finishes, origin_form
-from geoproxy.responses import json_error, whole_head
+from geoproxy.protocol import ServerConnection
+from geoproxy.responses import whole_head
 from geoproxy.router import Candidate
 from geoproxy.runtime import Runtime
 from geoproxy.trace import Trace
@@ -78,18 +69,6 @@ log = logging.getLogger("geoproxy.fastlane")
 
 #: Bytes held while an exchange is in flight before reading from the client pauses.
 HOLD_LIMIT = 64 * 1024
-_MAX_PIECES = 32  # aiohttp queues up to 32 pipelined requests per connection
-#: What a request aiohttp could not parse gets told (the exception's own text quotes the
-#: client's bytes).
-_BAD_REQUEST: dict[type[BaseException], str] = {
-    LineTooLong: "a request line or header line is too long",
-    InvalidHeader: "an invalid header line",
-    BadHttpMethod: "an invalid method",
-    BadStatusLine: "an invalid request line",
-    InvalidURLError: "an invalid request target",
-    TransferEncodingError: "an invalid chunked body or Transfer-Encoding",
-    BadHttpMessage: "malformed request",
-}
 
 
 class ProxyServer(web.Server):
@@ -227,19 +206,16 @@ class _Exchange:
             self.proto.close()  # never back to the pool: an answer may be on its way
 
 
-class ProxyConnection(RequestHandler):
-    """aiohttp's server protocol, serving eligible requests on the fast lane."""
+class ProxyConnection(ServerConnection):
+    """geoproxy's server protocol (``protocol.py``), serving eligible requests on the
+    fast lane."""
 
-    __slots__ = ("_auto_decompress", "_chunked", "_fast", "_gateway", "_held", "_memo",
-                 "_noted", "_remote", "_walk")  # fmt: skip
+    __slots__ = ("_fast", "_gateway", "_held", "_memo", "_noted", "_remote")
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._gateway = manager.gateway
         self._fast: _Exchange | None = None
-        self._auto_decompress = bool(kwargs.get("auto_decompress", True))
-        self._chunked: Any = None  # the body of the last chunked request parsed
-        self._walk: ChunkedBody | None = None  # ... while it comes in
         self._held = b""
         self._noted = False  # the head-timeout hook was told
         self._remote: str | None = None  # the peer's address, as request.remote gives it
@@ -253,83 +229,15 @@ class ProxyConnection(RequestHandler):
 
     # -- the client side ------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        end = data.find(b"\r\n\r\n") + 4
-        if 3 < end < len(data):  # more after a request head: pipelined requests, a body
-            self._pieces(data, end)
-            return
-        self._received(data)
-        if self._messages:
-            self._fail_body()
-
-    def _pieces(self, data: bytes, end: int) -> None:
-        """Parse ``data`` in pieces that end after a request head each (at most
-        ``_MAX_PIECES``, the rest in one). aiohttp's parser, failing on a request, raises
-        before handing back the ones it parsed before it in the same call: a bad third
-        request in a pipeline lost the first two, answered with one 400. Fed piece by
-        piece, those before it are queued, answered, and the 400 comes last."""
-        start = 0
-        for _ in range(_MAX_PIECES):
-            self._received(data[start:end])
-            start = end
-            messages = self._messages
-            if (messages and type(messages[-1][0]) is _ErrInfo) or self._close or (
-                self._force_close or self.transport is None
-            ):
-                self._fail_body()
-                return  # what follows a bad request is not parsed
-            if messages and not messages[-1][1].is_eof():
-                last = messages[-1][0]
-                if type(last) is RawRequestMessage and not last.chunked:
-                    break  # a body of known length follows: the rest in one piece
-            end = data.find(b"\r\n\r\n", start) + 4
-            if end < 4:
-                break
-        if start < len(data):
-            self._received(data[start:])
-        self._fail_body()
-
-    def _fail_body(self) -> None:
-        """After a parse error: the body of the request being handled, if unfinished,
-        fails. aiohttp drops it without a word (3.14), and the forwarder waited for the
-        rest of a body that would never come (a chunk extension aiohttp's parser
-        rejects, ``3; a=1``, hung the client and the geode until the idle timeout)."""
-        messages = self._messages
-        if not messages or type(messages[-1][0]) is not _ErrInfo:
-            return
-        if len(messages) > 1 and not messages[-2][1].is_eof():
-            # Its body broke off before the request was taken up: the 400 answers it,
-            # and no geode sees any of it.
-            del messages[-2]
-            return
-        request = self._current_request
-        if request is not None and not request.content.is_eof():
-            exc = messages[-1][0].exc
-            request.content.set_exception(
-                RequestPayloadError(_BAD_REQUEST.get(type(exc), "malformed request"))
-            )
-
     def _received(self, data: bytes) -> None:
-        chunked = self._chunked
-        if chunked is not None and chunked.is_eof():
-            # The chunked request before ended at the end of what was parsed so far (a
-            # chunked body ends with a blank line: a piece boundary): the next is parsed
-            # by a fresh parser. aiohttp's C parser (3.14) keeps the last trailer field of
-            # a chunked body pending and adds it to the headers of the next request it
-            # parses: one client (or one user of a CDN's shared connection) could set
-            # headers, X-Client-Region even, on the next request.
-            self._chunked = None
-            self._parser = self._new_parser()
         if self._fast is not None:  # answers go out in order: parse after this exchange
             self._held += data
             if len(self._held) >= HOLD_LIMIT and not self._buffer_paused:
                 self._pause_reading_for_buffer()
             return
-        walk = self._walk
-        if walk is not None:  # a chunked body: its chunk-size lines as aiohttp takes them
-            data = walk.feed(data)
-            if walk.done:
-                self._walk = None
+        super()._received(data)
+
+    def _parse(self, data: bytes) -> None:
         waiter = self._waiter
         parser = self._parser
         if (
@@ -343,10 +251,7 @@ class ProxyConnection(RequestHandler):
             or self._close
             or self._force_close
         ):
-            queued = len(self._messages)
-            super().data_received(data)
-            if len(self._messages) > queued:
-                self._note_chunked(queued)
+            super()._parse(data)
             return
         # The connection is idle: parse here as RequestHandler.data_received does, so that
         # a lone eligible request takes the fast lane without waking the connection task.
@@ -368,34 +273,6 @@ class ProxyConnection(RequestHandler):
         self._upgraded = upgraded
         if upgraded and tail:
             self._message_tail = tail
-
-    def _note_chunked(self, first: int) -> None:
-        """Note the last chunked request among those queued from ``first`` on (see
-        ``_received``). One that ended in the same piece as a request after it (more
-        blank lines in its body than ``_pieces`` splits at) may have handed that request
-        its trailer: those after it are dropped, and the connection closes once it is
-        answered; the client sends them again (RFC 9112 9.3.2)."""
-        messages = self._messages
-        for index in range(first, len(messages)):
-            message, payload = messages[index]
-            if type(message) is RawRequestMessage and message.chunked:
-                if payload.is_eof() and index + 1 < len(messages):
-                    while len(messages) > index + 1:
-                        messages.pop()
-                    self.close()
-                    return
-                self._chunked = payload
-                if not payload.total_bytes:  # its body is all to come: walk it (chunks.py)
-                    self._walk = ChunkedBody()
-
-    def _new_parser(self) -> HttpRequestParser:
-        """A request parser as ``RequestHandler.__init__`` builds one."""
-        return HttpRequestParser(
-            self, self._loop, self._read_bufsize, max_line_size=self.max_line_size,
-            max_field_size=self.max_field_size, max_headers=self.max_headers,
-            payload_exception=RequestPayloadError, auto_decompress=self._auto_decompress,
-            max_msg_queue_size=self._max_msg_queue_size,
-        )  # fmt: skip
 
     def _try_begin(self, message: Any, payload: Any) -> bool:
         try:
@@ -479,23 +356,6 @@ class ProxyConnection(RequestHandler):
         else:  # a new connection: one task, for this request only
             fast.connecting = self._loop.create_task(fast.connect(fwd.connect_timeout))
         return True
-
-    def handle_error(self, request: web.BaseRequest, status: int = 500,
-                     exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:  # fmt: skip
-        """geoproxy's JSON error for a request aiohttp could not parse (or a bug): what
-        was wrong in a few words, never the client's bytes echoed back, and one log line
-        without a traceback for a client's mistake."""
-        if status >= 500:
-            return super().handle_error(request, status, exc, message)
-        if request.writer.output_size > 0:
-            raise ConnectionError("an answer is under way: no error answer can follow")
-        what = _BAD_REQUEST.get(type(exc), "malformed request") if exc else "malformed request"
-        log.info("rejected malformed request from %s: %s (%s)", request.remote, what,
-                 message.splitlines()[0][:120] if message else type(exc).__name__)  # fmt: skip
-        resp = json_error(status, "bad_request", what)
-        resp.force_close()
-        return resp
 
     def keeps_alive(self, message: RawRequestMessage) -> bool:
         """The connection stays open after this request's answer."""

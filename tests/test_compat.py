@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 #: starts at. A new aiohttp changes some: read each change against the geoproxy code
 #: named, then update the digest (and the window in pyproject.toml and compat.TESTED).
 FINGERPRINTS = {
-    # fastlane.ProxyConnection: parses as data_received does, builds the parser as
-    # __init__ does, answers parse errors (handle_error), arms keep-alive as start() and
-    # _process_keepalive do, resumes requests through _handle_request, cancels as
-    # connection_lost does.
+    # protocol.ServerConnection and fastlane.ProxyConnection: parse as data_received
+    # does, build the parser as __init__ does, answer parse errors (handle_error), arm
+    # keep-alive as start() and _process_keepalive do, resume requests through
+    # _handle_request, cancel as connection_lost does.
     "aiohttp.web_protocol.RequestHandler.__init__": "46c577d1f419158f",
     "aiohttp.web_protocol.RequestHandler.data_received": "1ee57ebe052e6c80",
     "aiohttp.web_protocol.RequestHandler.handle_error": "94962ffef500c172",
