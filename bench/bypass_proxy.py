@@ -14,7 +14,7 @@ import uvloop
 from aiohttp import web
 
 from geoproxy import config as config_mod
-from geoproxy import forwarder
+from geoproxy import prelude
 from geoproxy.app import Gateway
 from geoproxy.resolver import Resolution
 from geoproxy.router import HOME, Candidate
@@ -25,11 +25,11 @@ def main() -> None:
     cfg = config_mod.load(sys.argv[1])
     geode = cfg.geodes[0]
     fixed = Resolution(geode.region, "default", None, None, ())
-    # Measurement only: swap the routing functions the forwarder calls for constants.
-    forwarder.resolve = lambda *args: fixed  # type: ignore[assignment]
-    forwarder.ResolutionCache.resolve = lambda *args: fixed  # type: ignore[method-assign]
+    # Measurement only: swap the routing functions prelude.py calls for constants.
+    prelude.resolve = lambda *args: fixed  # type: ignore[assignment]
+    prelude.ResolutionCache.resolve = lambda *args: fixed  # type: ignore[method-assign]
     plan = ([Candidate(geode, HOME)], HOME)
-    forwarder.CandidateCache.candidates = lambda *args: plan  # type: ignore[method-assign]
+    prelude.CandidateCache.candidates = lambda *args: plan  # type: ignore[method-assign]
 
     async def serve() -> None:
         gateway = Gateway(cfg)

@@ -27,8 +27,8 @@ from callback_proxy import Upstream  # bench/, beside this script
 
 from geoproxy import config as config_mod
 from geoproxy.app import Gateway
-from geoproxy.forwarder import _cached_bytes, _peer_text, _text_bytes
 from geoproxy.headers import RequestHead, ResponseHead, geode_lines
+from geoproxy.prelude import _cached_bytes, _peer_text, _text_bytes
 from geoproxy.router import HOME
 from geoproxy.trace import Trace
 
@@ -64,11 +64,11 @@ class Client(BaseProtocol):
         via = _cached_bytes(rt.via)
         if head.looped(via):
             raise RuntimeError("loop")
-        resolution = fwd.regions.resolve(topology, message.headers, trusted, peer,  # type: ignore[attr-defined]
+        resolution = fwd.routing.regions.resolve(topology, message.headers, trusted, peer,  # type: ignore[attr-defined]
                                          rt.geoip, remote)  # fmt: skip
         trace.resolution = resolution
         board = rt.board
-        cands, trace.decision = fwd.routes.candidates(
+        cands, trace.decision = fwd.routing.routes.candidates(
             topology, resolution.region, board.healthy, board.version,
             topology.config.forwarding.max_attempts,
         )  # fmt: skip

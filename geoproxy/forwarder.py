@@ -10,37 +10,37 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.hdrs import CONTENT_LENGTH, TRANSFER_ENCODING
-from aiohttp.http import HttpVersion11
-from aiohttp.http_parser import RawResponseMessage
+from aiohttp.hdrs import TRANSFER_ENCODING
 from aiohttp.web_protocol import RequestPayloadError
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from geoproxy import compat, upstream
-from geoproxy.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
-from geoproxy.clientip import client_ip, parse_ip
-from geoproxy.config import Forwarding, Geode, Limits
+from geoproxy.config import Forwarding, Limits
 from geoproxy.errors import BadResponse, BodyTimeout, BodyTooLarge, ConnectFailed
-from geoproxy.headers import RawHeaders, RequestHead, ResponseHead, geode_lines, trailer_lines
+from geoproxy.headers import ResponseHead, geode_lines
 from geoproxy.policy import RETRY_STATUSES, answered, path_qs, read_whole
-from geoproxy.resolver import Resolution, ResolutionCache, resolve
+from geoproxy.prelude import (
+    Prelude,
+    Route,
+    Routing,
+    body_too_large,
+    host_for,
+    refusal,
+    request_wire,
+)
+from geoproxy.relay import Reply, interim_writer, stream
 from geoproxy.responses import (
-    RelayResponse,
     json_error,
     relay_response,
-    status_line,
     whole_response,
 )
-from geoproxy.router import ALL_FAILED, Candidate, CandidateCache
+from geoproxy.router import ALL_FAILED
 from geoproxy.runtime import Runtime
 from geoproxy.trace import TRACE_KEY, Trace
 from geoproxy.websocket import is_websocket, proxy_websocket
@@ -123,118 +123,6 @@ def _body_timed_out(request: web.BaseRequest, limits: Limits) -> web.Response:
     return answer
 
 
-class Reply:
-    """A geode's response as the relay needs it, from either client path."""
-
-    __slots__ = ("close", "content", "headers", "protocol", "raw_headers", "reason",
-                 "release", "status", "trailers")  # fmt: skip
-
-    def __init__(
-        self,
-        status: int,
-        reason: str | None,
-        headers: CIMultiDictProxy[str],
-        raw_headers: RawHeaders,
-        content: aiohttp.StreamReader,
-        protocol: ResponseHandler | None,
-        release: Callable[[], None],
-        close: Callable[[], None],
-    ) -> None:
-        self.status, self.reason, self.headers, self.content = status, reason, headers, content
-        self.raw_headers = raw_headers
-        self.protocol, self.release, self.close = protocol, release, close
-        #: The trailer lines of a chunked body read whole (the lean client only).
-        self.trailers: Callable[[], bytes] = _no_trailers
-
-    @classmethod
-    def of_response(cls, resp: aiohttp.ClientResponse) -> Reply:
-        protocol = resp.connection.protocol if resp.connection is not None else None
-        return cls(resp.status, resp.reason, resp.headers, resp.raw_headers, resp.content,
-                   protocol, resp.release, resp.close)  # fmt: skip
-
-    @classmethod
-    def of_exchange(cls, ex: upstream.Exchange) -> Reply:
-        msg = ex.message
-        reply = cls(msg.code, msg.reason, msg.headers, msg.raw_headers, ex.payload, ex.proto,
-                    ex.release, ex.close)  # fmt: skip
-        if msg.chunked:
-            reply.trailers = ex.proto.trailers
-        return reply
-
-
-def _body_too_large(limits: Limits) -> web.Response:
-    return json_error(413, "body_too_large",
-                      f"request body exceeds {limits.max_body_bytes} bytes")  # fmt: skip
-
-
-def refusal(rt: Runtime, method: str, target: str) -> tuple[str, web.Response] | None:
-    """The edge's own answer to a request that must not reach a geode (access.py), with
-    its ``geoproxy_requests_denied_total`` label: a 405 for CONNECT (and TRACE unless
-    forwarded), a 400 for a path no rule can judge, the denying rule's 404 or 403. None
-    lets it through. ``target``: the request target as forwarded (``policy.path_qs``)."""
-    fwd = rt.topology.config.forwarding
-    label = refused_method(method, fwd.forward_trace)
-    if label is not None:
-        allow = ALLOWED_METHODS + (", TRACE" if fwd.forward_trace else "")
-        why = ("a reverse proxy does not tunnel" if label == CONNECT_REFUSED
-               else "not forwarded (forwarding.forward_trace)")  # fmt: skip
-        return label, json_error(405, "method_not_allowed", f"{method}: {why}",
-                                 headers={"Allow": allow})  # fmt: skip
-    decision = rt.topology.access.decide(target)
-    rule = decision.rule
-    if decision.allowed or rule is None:
-        return None
-    if rule.status == 400:
-        return rule.name, json_error(400, "bad_path", "the request path cannot be read "
-                                     "safely: an encoded '/' or '\\', a '\\', a NUL or "
-                                     "bytes that are not UTF-8")  # fmt: skip
-    if rule.status == 403:
-        return rule.name, json_error(403, "forbidden", "access to this path is denied")
-    return rule.name, json_error(404, "not_found", "no such path")
-
-
-class Prelude:
-    """What a request's headers and its peer decide, before health is consulted: the
-    head as passed on, its X-Forwarded-*/Via lines, and the client's region. The same
-    for the same header lines from the same peer under the same ``Runtime`` (the fast
-    lane keeps the last one per connection)."""
-
-    __slots__ = ("forwarded", "head", "resolution", "via")
-
-    def __init__(self, head: RequestHead, forwarded: bytes, via: bytes,
-                 resolution: Resolution) -> None:  # fmt: skip
-        self.head, self.forwarded, self.via, self.resolution = head, forwarded, via, resolution
-
-
-class Route:
-    """Where one request goes and how its head is passed on: what both lanes work out
-    first (the trusted-peer check, the header rules, region resolution, candidates)."""
-
-    __slots__ = ("cands", "forwarded", "head", "rt", "trace", "via")
-
-    def __init__(self, rt: Runtime, trace: Trace, head: RequestHead, cands: list[Candidate],
-                 forwarded: bytes, via: bytes) -> None:  # fmt: skip
-        self.rt, self.trace, self.head, self.cands = rt, trace, head, cands
-        self.forwarded = forwarded  # X-Forwarded-* and Via lines, as sent
-        self.via = via
-
-
-def request_wire(method: str, geode: Geode, path_qs: str, host: bytes, head: RequestHead,
-                 forwarded: bytes) -> bytes:  # fmt: skip
-    """A bodiless request head as it goes to a geode on the lean path."""
-    target = _text_bytes(f"{method} {geode.prefix}{path_qs} HTTP/1.1")
-    return b"".join((target, b"\r\nHost: ", host, b"\r\n", head.kept, forwarded, b"\r\n"))
-
-
-def host_for(fwd: Forwarding, head: RequestHead, geode: Geode) -> bytes:
-    """The Host a geode gets: the client's (an HTTP/1.0 client may send none), or the
-    geode's own."""
-    host = head.host
-    if not fwd.preserve_host or host is None:
-        host = _cached_bytes(geode.url.raw_authority)
-    return host
-
-
 @dataclass(frozen=True, slots=True)
 class Begun:
     """How far the fast lane got with a request before it handed it over: sent on
@@ -252,63 +140,10 @@ class Forwarder:
         self.runtime = runtime  # replaced whole by a reload
         self.limits = limits
         self.pool = pool
-        self.routes = CandidateCache()
-        self.regions = ResolutionCache()
-
-    def prelude(
-        self,
-        rt: Runtime,
-        raw_headers: RawHeaders,
-        headers_in: CIMultiDictProxy[str],
-        remote: str | None,
-        length: int | None,
-        scheme: str,
-    ) -> Prelude | web.Response:
-        """What the headers and the peer decide (see ``Prelude``), or geoproxy's own
-        answer: a loop, headers or a declared body too large."""
-        topology = rt.topology
-        limits = self.limits
-        peer, trusted = rt.trusted.peer(remote) if remote else (None, False)
-        head = RequestHead(raw_headers, trusted)
-        via = _cached_bytes(rt.via)
-        if head.looped(via):
-            return json_error(508, "loop_detected", "the request came back to this proxy: "
-                              "a geode URL points at the proxy itself")  # fmt: skip
-        if head.size > limits.max_header_bytes:
-            too_big = f"request headers exceed {limits.max_header_bytes} bytes"
-            return json_error(431, "headers_too_large", too_big)
-        if length is not None and length > limits.max_body_bytes:
-            return _body_too_large(limits)
-        forwarded_for = headers_in.getall("X-Forwarded-For", None) if trusted else None
-        if forwarded_for:
-            cip = client_ip(peer, forwarded_for, rt.trusted)
-            resolution = resolve(topology, headers_in, trusted, cip, rt.geoip)
-        else:  # the client is the peer: its resolution is memoised by its address
-            resolution = self.regions.resolve(topology, headers_in, trusted, peer, rt.geoip,
-                                              remote)  # fmt: skip
-        forwarded = head.forwarded(_peer_text(remote) if remote else b"",
-                                   _cached_bytes(scheme), via)  # fmt: skip
-        return Prelude(head, forwarded, via, resolution)
-
-    def routed(self, rt: Runtime, prelude: Prelude, trace: Trace) -> Route | web.Response:
-        """The candidates for a prelude's region as health stands now, or a 503."""
-        topology = rt.topology
-        resolution = prelude.resolution
-        trace.resolution = resolution
-        board = rt.board
-        cands, decision = self.routes.candidates(
-            topology, resolution.region, board.healthy, board.version,
-            topology.config.forwarding.max_attempts,
-        )  # fmt: skip
-        trace.decision = decision
-        if not cands:
-            retry_after = str(math.ceil(topology.config.health_check.interval))
-            return json_error(
-                503, "no_healthy_geode",
-                f"no healthy geode can serve region {resolution.region!r}",
-                headers={"Retry-After": retry_after}, region=resolution.region,
-            )  # fmt: skip
-        return Route(rt, trace, prelude.head, cands, prelude.forwarded, prelude.via)
+        self.routing = Routing(limits)
+        # What both lanes ask first (prelude.py), as the forwarder's own.
+        self.prelude = self.routing.prelude
+        self.routed = self.routing.routed
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         rt = self.runtime  # read once: a reload swaps it whole
@@ -386,7 +221,7 @@ class Forwarder:
         chunked = body is not None and not head.has_length
         if chunked and lean:
             forwarded += b"Transfer-Encoding: chunked\r\n"
-        interim = _interim_writer(request)
+        interim = interim_writer(request)
         last = CONNECT_ERROR
         for index, cand in enumerate(cands):
             geode = trace.trying = cand.geode
@@ -434,7 +269,7 @@ class Forwarder:
             except (aiohttp.ClientError, OSError, BodyTooLarge, BodyTimeout) as exc:
                 if body is not None and body.too_large:
                     trace.attempts.append((geode.name, CLIENT_BODY_TOO_LARGE))
-                    return _body_too_large(limits)
+                    return body_too_large(limits)
                 if body is not None and body.timed_out:  # aiohttp closed the geode's
                     trace.attempts.append((geode.name, CLIENT_BODY_TIMEOUT))  # connection
                     return _body_timed_out(request, limits)
@@ -483,7 +318,7 @@ class Forwarder:
                                           small)  # fmt: skip
                 relay = relay_response(status, reply.reason, out.kept + lines, out.date,
                                        length)  # fmt: skip
-                return await self._relay(request, reply, geode, relay)
+                return await stream(request, reply, geode, relay)
             trace.attempts.append((geode.name, last))
             board.observe(geode.name, False)
             if not may_try_next(last, method, bool(body and body.started)):
@@ -500,58 +335,6 @@ class Forwarder:
         return json_error(502, "bad_gateway", "no geode could be reached",
                           attempts=len(trace.attempts))  # fmt: skip
 
-    async def _relay(
-        self, request: web.BaseRequest, reply: Reply, geode: Geode, out: web.StreamResponse
-    ) -> web.StreamResponse:
-        """Stream the geode's response to the client. A geode that fails mid-body aborts
-        the client connection, so a truncated response never looks complete. Returning
-        the prepared response lets aiohttp finish (or notice the closed connection)
-        without logging a 500 for what is not a server error."""
-        trace = request[TRACE_KEY]
-        # A body that ends when the connection closes cannot tell a reset from its end by
-        # itself (aiohttp reads a reset as EOF): the connection's `closed` future can.
-        closed = None
-        delimited = CONTENT_LENGTH in reply.headers or "chunked" in reply.headers.get(
-            TRANSFER_ENCODING, ""
-        ).lower()
-        if not delimited and reply.protocol is not None:
-            closed = reply.protocol.closed
-        complete = False
-        try:
-            await out.prepare(request)
-            while True:
-                try:
-                    chunk = await reply.content.readany()
-                    lost = closed.exception() if closed is not None and _settled(closed) else None
-                    if not chunk and lost is not None:
-                        raise lost
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    log.warning("geode %s failed mid-response: %r; aborting the client "
-                                "connection", geode.name, exc)  # fmt: skip
-                    trace.aborted = True
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return out
-                if not chunk:
-                    break
-                await out.write(chunk)
-                trace.body_bytes += len(chunk)
-            if isinstance(out, RelayResponse):
-                out.trailers = trailer_lines(reply.trailers())
-            await out.write_eof()
-            complete = True
-        except ConnectionError:
-            pass  # the client went away; aiohttp notes it when it finishes the response
-        finally:
-            if closed is not None and _settled(closed):
-                closed.exception()  # retrieved: no "exception was never retrieved" noise
-            if complete:
-                reply.release()
-            else:
-                reply.close()  # never return a half-read connection to the pool
-        return out
-
-
 @functools.lru_cache(maxsize=8)
 def _client_timeout(fwd: Forwarding) -> aiohttp.ClientTimeout:
     """For the public-API path (compat); one object per forwarding config."""
@@ -559,42 +342,3 @@ def _client_timeout(fwd: Forwarding) -> aiohttp.ClientTimeout:
         total=None, connect=fwd.connect_timeout, sock_connect=fwd.connect_timeout,
         sock_read=fwd.response_timeout,
     )  # fmt: skip
-
-
-def _interim_writer(request: web.BaseRequest) -> Callable[[RawResponseMessage], None] | None:
-    """What passes a geode's 1xx responses (100, 102, 103 Early Hints) on to the client,
-    as RFC 9110 15.2 requires of a proxy: hop-by-hop headers dropped, never to an
-    HTTP/1.0 client (which cannot read them)."""
-    if request.version < HttpVersion11:
-        return None
-    transport = request.transport
-
-    def interim(message: RawResponseMessage) -> None:
-        out = ResponseHead(message.raw_headers, message.reason)
-        if out.ok and transport is not None and not transport.is_closing():
-            line = status_line(HttpVersion11, message.code, message.reason or "")
-            transport.write(line + out.kept + b"\r\n")
-
-    return interim
-
-
-def _no_trailers() -> bytes:
-    return b""
-
-
-def _settled(future: asyncio.Future[None]) -> bool:
-    return future.done() and not future.cancelled()
-
-
-def _text_bytes(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")  # what the parser decoded, as it came
-
-
-_cached_bytes = functools.lru_cache(maxsize=256)(_text_bytes)  # this hop's name, schemes, hosts
-
-
-@functools.lru_cache(maxsize=4096)
-def _peer_text(remote: str) -> bytes:
-    """The TCP peer as X-Forwarded-For names it (an IPv4-mapped address unmapped)."""
-    peer = parse_ip(remote)
-    return _text_bytes(str(peer) if peer is not None else remote)

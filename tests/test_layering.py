@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "clientip": 3, "geoip": 4,
     "resolver": 5, "health": 5, "router": 5, "responses": 5,
     "runtime": 6, "explain": 6, "headers": 6, "trace": 6, "upstream": 6,
-    "policy": 7, "protocol": 7,
+    "policy": 7, "protocol": 7, "prelude": 7, "relay": 7,
     "websocket": 8, "status_page": 8,
     "forwarder": 9,
     "observe": 10, "admin": 10,
