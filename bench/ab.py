@@ -62,6 +62,9 @@ def main() -> None:
     upstream = run.free_port()
     ports = {n: run.free_port() for n in run.PORTS}
     rps: dict[tuple[str, int], list[float]] = {}
+    # CPU time of the proxy process per request: steadier than req/s on a shared machine,
+    # where wrk and the upstream compete for the same cores.
+    cpu: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="geoproxy-ab-") as d:
         tmp = Path(d)
         run.configs(tmp, upstream, ports)
@@ -86,21 +89,25 @@ def main() -> None:
                     try:
                         run.wrk(proxy.port, "/small", 10, 1)  # warm up
                         for c in conns:
+                            cpu0 = run.cpu_seconds(proxy.proc.pid)
                             r, p50, p99, errors = run.wrk(proxy.port, "/small", c, args.duration)
+                            us = (run.cpu_seconds(proxy.proc.pid) - cpu0) / (r * args.duration)
                             rps.setdefault((proxy.name, c), []).append(r)
+                            cpu.setdefault((proxy.name, c), []).append(us * 1e6)
                             print(f"round {rnd + 1} {proxy.name:<10} c={c:<4} {r:>9.0f} req/s"
-                                  f"  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  errors {errors}",
-                                  flush=True)  # fmt: skip
+                                  f"  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  errors {errors}"
+                                  f"  {us * 1e6:5.1f} us CPU/req", flush=True)  # fmt: skip
                     finally:
                         proxy.stop()
     names = [p.name for p in contenders]
-    print("\n| proxy | conns | req/s (median) | x caddy |")
+    print("\n| proxy | conns | req/s (median) | x caddy | us CPU/req (median) |")
     for c in conns:
         for name in names:
             med = statistics.median(rps[(name, c)])
             ref = statistics.median(rps[("caddy", c)]) if "caddy" in names else None
             ratio = f"{med / ref:.2f}" if ref else "-"
-            print(f"| {name} | {c} | {med:.0f} | {ratio} |")
+            print(f"| {name} | {c} | {med:.0f} | {ratio} | "
+                  f"{statistics.median(cpu[(name, c)]):.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
