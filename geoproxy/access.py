@@ -86,9 +86,13 @@ def prefix_problem(prefix: str) -> str | None:
     """What is wrong with a rule's ``path_prefix``, or None."""
     if not prefix.startswith("/"):
         return f"must start with '/': {prefix!r}"
-    for bad, why in (("?", "a query"), ("#", "a fragment"), (";", "a ';' parameter (geodes "
-                     "may cut it off)"), ("%", "percent-encoding (write the path decoded)"),
-                     ("\\", "a backslash")):  # fmt: skip
+    for bad, why in (
+        ("?", "a query"),
+        ("#", "a fragment"),
+        (";", "a ';' parameter (geodes may cut it off)"),
+        ("%", "percent-encoding (write the path decoded)"),
+        ("\\", "a backslash"),
+    ):
         if bad in prefix:
             return f"must not contain {why}: {prefix!r}"
     if any(not c.isprintable() for c in prefix):

@@ -128,8 +128,11 @@ async def route(request: web.Request) -> web.Response:
     path = q.popone("path", None)
     if q.keys() - {"ip", "country", "region", "trusted"}:
         unknown = ", ".join(sorted(q.keys() - {"ip", "country", "region", "trusted"}))
-        return json_error(400, "bad_query", f"unknown parameter(s): {unknown} "
-                          "(known: ip, country, region, trusted, path)")  # fmt: skip
+        return json_error(
+            400,
+            "bad_query",
+            f"unknown parameter(s): {unknown} (known: ip, country, region, trusted, path)",
+        )
     headers: Mapping[str, str]
     if q:
         ip = None
@@ -175,8 +178,13 @@ async def status(request: web.Request) -> web.Response:
     history = app[HISTORY]
     history.note(now, traffic)
     draining = app[DRAINING]()
-    facts = Facts(readiness(runtime, draining), draining, app[LAST_RELOAD](), traffic,
-                  history.rates(now, traffic))  # fmt: skip
+    facts = Facts(
+        readiness(runtime, draining),
+        draining,
+        app[LAST_RELOAD](),
+        traffic,
+        history.rates(now, traffic),
+    )
     return web.Response(text=render_status(runtime, facts, now), content_type="text/html")
 
 

@@ -44,9 +44,7 @@ _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 def forwarding_session(keepalive_timeout: float) -> aiohttp.ClientSession:
     """One pooled session for all forwarding: keep-alive to the geodes, no redirects
     followed (per request), no shared cookie jar, no decompression, no hidden retries."""
-    connector = aiohttp.TCPConnector(
-        limit=0, keepalive_timeout=keepalive_timeout, ttl_dns_cache=10
-    )
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_timeout, ttl_dns_cache=10)
     session = aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -160,18 +158,25 @@ class Gateway:
             )
             loop = asyncio.get_running_loop()
             self.board._schedule = loop.call_later  # ejection timers
-            self.runtime = Runtime(Topology.build(self.config),
-                                   TrustedProxies(self.config.trusted_proxies), geoip,
-                                   self.board, session, self.via)  # fmt: skip
+            self.runtime = Runtime(
+                Topology.build(self.config),
+                TrustedProxies(self.config.trusted_proxies),
+                geoip,
+                self.board,
+                session,
+                self.via,
+            )
             pool = upstream.Pool(self.config.forwarding.keepalive_timeout)
             stack.callback(pool.close)
             self.forwarder = Forwarder(self.runtime, self.config.limits, pool)
             if self.active_health:
-                health_session = await stack.enter_async_context(aiohttp.ClientSession(
-                    cookie_jar=aiohttp.DummyCookieJar(),
-                    connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                    headers={"User-Agent": f"geoproxy-health/{__version__}"},
-                ))  # fmt: skip
+                health_session = await stack.enter_async_context(
+                    aiohttp.ClientSession(
+                        cookie_jar=aiohttp.DummyCookieJar(),
+                        connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                        headers={"User-Agent": f"geoproxy-health/{__version__}"},
+                    )
+                )
                 self.checker = HealthChecker(self.board, health_session)
                 await self.checker.check_once()
                 self._warn_failing()
@@ -186,10 +191,12 @@ class Gateway:
         """After the first health round: name every geode that failed it."""
         failing = [s for s in self.board.states.values() if not s.healthy]
         if failing:
-            log.warning("first health round: %s of %d failed: %s",
-                        plural(len(failing), "geode"), len(self.board.states),
-                        "; ".join(f"{s.geode.name} ({s.geode.region}): {s.last_error}"
-                                  for s in failing))  # fmt: skip
+            log.warning(
+                "first health round: %s of %d failed: %s",
+                plural(len(failing), "geode"),
+                len(self.board.states),
+                "; ".join(f"{s.geode.name} ({s.geode.region}): {s.last_error}" for s in failing),
+            )
 
     async def _sweep(self, pool: upstream.Pool) -> None:
         """Close pooled geode connections that idled past keepalive_timeout, or whose
@@ -229,17 +236,23 @@ class Gateway:
             if now is None or now in (current.identity, self._geoip_refused):
                 return False
             if expect is not None and now != expect:
-                log.info("%s: changed again since the supervisor opened it; waiting for its "
-                         "word", current.path)  # fmt: skip
+                log.info(
+                    "%s: changed again since the supervisor opened it; waiting for its word",
+                    current.path,
+                )
                 return False
             try:
                 new = MaxMindLookup(current.path)
             except GeoproxyError as exc:
                 self._geoip_refused = now
                 self.metrics.geoip_reloads.labels("failure").inc()
-                log.error("%s: the GeoIP database file changed but cannot be used; the one "
-                          "opened before keeps answering (built %s): %s", current.path,
-                          _date(current.build_epoch), exc)  # fmt: skip
+                log.error(
+                    "%s: the GeoIP database file changed but cannot be used; the one "
+                    "opened before keeps answering (built %s): %s",
+                    current.path,
+                    _date(current.build_epoch),
+                    exc,
+                )
                 return False
             self._geoip_refused = None
             self.runtime = dataclasses.replace(runtime, geoip=new)
@@ -248,9 +261,13 @@ class Gateway:
             current.close()  # look-ups are synchronous: none is in progress
             self._note_geoip()
             self.metrics.geoip_reloads.labels("success").inc()
-            log.info("%s: GeoIP database re-opened: %s built %s (was built %s)", new.path,
-                     new.database_type, _date(new.build_epoch),
-                     _date(current.build_epoch))  # fmt: skip
+            log.info(
+                "%s: GeoIP database re-opened: %s built %s (was built %s)",
+                new.path,
+                new.database_type,
+                _date(new.build_epoch),
+                _date(current.build_epoch),
+            )
             for hook in self.on_geoip:
                 hook(new)
             return True
@@ -285,8 +302,14 @@ class Gateway:
                     self._publish(state)
             if checker is not None:
                 await checker.check_once(added)  # before they can take traffic
-            self.runtime = Runtime(Topology.build(new), TrustedProxies(new.trusted_proxies),
-                                   geoip, self.board, runtime.session, self.via)  # fmt: skip
+            self.runtime = Runtime(
+                Topology.build(new),
+                TrustedProxies(new.trusted_proxies),
+                geoip,
+                self.board,
+                runtime.session,
+                self.via,
+            )
             assert self.forwarder is not None
             self.forwarder.runtime = self.runtime
             self.forwarder.limits = new.limits
@@ -302,8 +325,12 @@ class Gateway:
                 self._geoip_refused = None
                 self._note_geoip()
             self._update_ready()
-            log.info("%s: config reloaded (%s): %s", new.path, plural(len(new.geodes), "geode"),
-                     "; ".join(what) or "nothing that takes effect changed")  # fmt: skip
+            log.info(
+                "%s: config reloaded (%s): %s",
+                new.path,
+                plural(len(new.geodes), "geode"),
+                "; ".join(what) or "nothing that takes effect changed",
+            )
             for hook in self.on_reload:
                 hook()
             return what
@@ -318,11 +345,11 @@ class Gateway:
         except GeoproxyError as exc:
             self.metrics.reloads.labels("failure").inc()
             self.last_reload = ReloadOutcome(time.time(), reason, False, str(exc))
-            log.error("%s: reload (%s) failed; the running config stays:\n%s", path, reason,
-                      exc)  # fmt: skip
+            log.error("%s: reload (%s) failed; the running config stays:\n%s", path, reason, exc)
             return False
-        self.last_reload = ReloadOutcome(time.time(), reason, True,
-                                         "; ".join(what) or "no change in effect")  # fmt: skip
+        self.last_reload = ReloadOutcome(
+            time.time(), reason, True, "; ".join(what) or "no change in effect"
+        )
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set_to_current_time()
         for line in new.warnings:
@@ -342,8 +369,12 @@ class Gateway:
 
     def admin_app(self, scrape: Scrape | None = None) -> web.Application:
         """The admin app; ``scrape``: where its metrics come from (default: this process)."""
-        return build_admin_app(lambda: self.runtime, scrape or Scrape.local(self.metrics),
-                               lambda: self.draining, lambda: self.last_reload)  # fmt: skip
+        return build_admin_app(
+            lambda: self.runtime,
+            scrape or Scrape.local(self.metrics),
+            lambda: self.draining,
+            lambda: self.last_reload,
+        )
 
 
 def _date(epoch: float) -> str:

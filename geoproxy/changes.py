@@ -12,14 +12,24 @@ from geoproxy.model import Topology
 
 #: Config attributes by the YAML path an operator knows them by.
 _SETTINGS = {
-    "listen.proxy": "proxy", "listen.admin": "admin", "trusted_proxies": "trusted_proxies",
-    "region_sources": "region_sources", "geoip.database": "geoip_database",
-    "default_region": "default_region", "access_log": "access_log",
-}  # fmt: skip
-_SECTIONS = {"health_check": "health_check", "forwarding": "forwarding", "limits": "limits",
-             "outlier_detection": "outlier_detection"}  # fmt: skip
-_LIFECYCLE = {"reload_poll_interval": "reload.poll_interval",
-              "drain_timeout": "shutdown.drain_timeout"}  # fmt: skip
+    "listen.proxy": "proxy",
+    "listen.admin": "admin",
+    "trusted_proxies": "trusted_proxies",
+    "region_sources": "region_sources",
+    "geoip.database": "geoip_database",
+    "default_region": "default_region",
+    "access_log": "access_log",
+}
+_SECTIONS = {
+    "health_check": "health_check",
+    "forwarding": "forwarding",
+    "limits": "limits",
+    "outlier_detection": "outlier_detection",
+}
+_LIFECYCLE = {
+    "reload_poll_interval": "reload.poll_interval",
+    "drain_timeout": "shutdown.drain_timeout",
+}
 _LISTENERS = ("listen.proxy", "listen.admin")
 _SHOWN = 12  # countries named per move; the rest are counted
 
@@ -53,8 +63,11 @@ def _show(value: Any) -> str:
 
 
 def _fields_changed(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
-    return [(f.name, getattr(old, f.name), getattr(new, f.name)) for f in fields(old)
-            if getattr(old, f.name) != getattr(new, f.name)]  # fmt: skip
+    return [
+        (f.name, getattr(old, f.name), getattr(new, f.name))
+        for f in fields(old)
+        if getattr(old, f.name) != getattr(new, f.name)
+    ]
 
 
 def _geode_changes(old: Geode, new: Geode, defaults_changed: bool) -> str:
@@ -96,15 +109,15 @@ def describe(old: Config, new: Config) -> list[str]:
     added = [f"{g.name} ({g.region})" for n, g in now.items() if n not in was]
     removed = [f"{g.name} ({g.region})" for n, g in was.items() if n not in now]
     defaults = old.health_check != new.health_check
-    changed = [_geode_changes(was[n], g, defaults) for n, g in now.items()
-               if n in was and was[n] != g]  # fmt: skip
+    changed = [
+        _geode_changes(was[n], g, defaults) for n, g in now.items() if n in was and was[n] != g
+    ]
     changed = [c for c in changed if not c.endswith("()")]
     for what, items in (("added", added), ("removed", removed), ("changed", changed)):
         if items:
             out.append(f"{plural(len(items), 'geode')} {what}: {', '.join(items)}")
     if {r.name: r for r in old.regions} != {r.name: r for r in new.regions}:
-        out.append("regions: " + " ".join(
-            f"{r.name}[{','.join(r.fallback)}]" for r in new.regions))  # fmt: skip
+        out.append("regions: " + " ".join(f"{r.name}[{','.join(r.fallback)}]" for r in new.regions))
     moved = _countries_moved(old, new)
     if moved:
         out.append("countries moved: " + "; ".join(moved))

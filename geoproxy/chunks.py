@@ -44,7 +44,7 @@ class ChunkedBody:
         while at < end and not self.done:
             if self.left:
                 take = min(self.left, end - at)
-                out.append(data[at:at + take])
+                out.append(data[at : at + take])
                 at += take
                 self.left -= take
                 continue
@@ -56,7 +56,7 @@ class ChunkedBody:
                     out.append(self.line)
                     self.line, self.done = b"", True
                 break
-            line, self.line = self.line + data[at:nl + 1], b""
+            line, self.line = self.line + data[at : nl + 1], b""
             at = nl + 1
             if self.trailers:
                 out.append(line)

@@ -1,7 +1,6 @@
 """``geoproxy run | check-config | route | stamp | demo``: owns the process, logging and
 signals."""
 
-
 from __future__ import annotations
 
 import argparse
@@ -58,9 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    run.add_argument("--workers", type=_workers_arg, default=1, metavar="N",
-                     help="worker processes sharing the proxy port (SO_REUSEPORT), or "
-                     "'auto' for one per usable CPU core (default: %(default)s)")  # fmt: skip
+    run.add_argument(
+        "--workers",
+        type=_workers_arg,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the proxy port (SO_REUSEPORT), or "
+        "'auto' for one per usable CPU core (default: %(default)s)",
+    )
 
     wkr = sub.add_parser("worker")  # no help: not listed; one process of run --workers
     wkr.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
@@ -84,21 +88,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     stm = sub.add_parser("stamp", help="run one reference stamp")
     stm.add_argument("--config", required=True, help="stamp config file")
     stm.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    stm.add_argument("--allow-clock-ahead", action="store_true",
-                     help="start even though the stamp's last version is further ahead of "
-                     "this machine's clock than max_clock_skew")  # fmt: skip
+    stm.add_argument(
+        "--allow-clock-ahead",
+        action="store_true",
+        help="start even though the stamp's last version is further ahead of "
+        "this machine's clock than max_clock_skew",
+    )
 
     dem = sub.add_parser("demo", help="run the proxy in front of three local stamps")
-    dem.add_argument("--data-dir", help="where the stamps keep their SQLite files "
-                     "(default: a new temporary folder, removed on exit)")  # fmt: skip
+    dem.add_argument(
+        "--data-dir",
+        help="where the stamps keep their SQLite files "
+        "(default: a new temporary folder, removed on exit)",
+    )
     dem.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
 
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(Path(args.config))
     if args.command == "route":
-        return route_cmd(Path(args.config), args.ip, args.country, args.region, args.json,
-                         args.path)  # fmt: skip
+        return route_cmd(
+            Path(args.config), args.ip, args.country, args.region, args.json, args.path
+        )
     if args.command == "worker":
         setup_logging(args.log_level, f"worker-{args.index}")
         compat.warn_if_public()
@@ -139,7 +150,11 @@ def check_config(path: Path) -> int:
 
 
 def route_cmd(
-    path: Path, ip: str | None, country: str | None, region: str | None, as_json: bool,
+    path: Path,
+    ip: str | None,
+    country: str | None,
+    region: str | None,
+    as_json: bool,
     request_path: str | None = None,
 ) -> int:
     """Explain a routing decision from the config alone, every geode counted healthy."""
@@ -164,8 +179,11 @@ def route_cmd(
             lookup.close()
     every = {g.name for g in cfg.geodes}
     answer = explain(topology, resolution, every, None, True)
-    given = {"x-client-region": ("--region", region), "cf-ipcountry": ("--country", country),
-             "geoip": ("--ip", ip)}  # fmt: skip
+    given = {
+        "x-client-region": ("--region", region),
+        "cf-ipcountry": ("--country", country),
+        "geoip": ("--ip", ip),
+    }
     for source, (flag, value) in given.items():
         if value is not None and (why := _unused(source, value, cfg, resolution)):
             print(f"geoproxy route: {flag} {value!r} {why}", file=sys.stderr)
@@ -176,8 +194,11 @@ def route_cmd(
         return 0
     res = answer["resolution"]
     steps = ", ".join(f"{s['source']}={s['result']}" for s in res["steps"]) or "none"
-    print(f"client region: {res['region']} (source: {res['source']}"
-          + (f", country {res['country']}" if res["country"] else "") + ")")  # fmt: skip
+    print(
+        f"client region: {res['region']} (source: {res['source']}"
+        + (f", country {res['country']}" if res["country"] else "")
+        + ")"
+    )
     print(f"sources consulted: {steps}")
     print(f"try order: {' -> '.join(answer['try_order'])}")
     print(f"attempt order: {', '.join(answer['attempt_order']) or 'none'}")
@@ -201,8 +222,10 @@ def _unused(source: str, value: str, cfg: config_mod.Config, res: Resolution) ->
     result = results[source]
     if result == INVALID and source == "x-client-region":
         regions = ", ".join(r.name for r in cfg.regions)
-        return (f"is unknown: neither a region ({regions}) nor an ISO 3166-1 alpha-2 country "
-                "code; ignored")  # fmt: skip
+        return (
+            f"is unknown: neither a region ({regions}) nor an ISO 3166-1 alpha-2 country "
+            "code; ignored"
+        )
     if result == INVALID:
         return "is unknown: not an ISO 3166-1 alpha-2 country code; ignored"
     if result == UNKNOWN and source == "geoip":
@@ -232,15 +255,20 @@ def describe(topology: Topology, geoip_note: str = "") -> str:
         "geodes:",
     ]
     for g in cfg.geodes:
-        lines.append(f"  {g.name:<20} {g.region:<14} {g.url}  weight={g.weight}"
-                     f"  check={g.health.path} every {g.health.interval:g}s")  # fmt: skip
+        lines.append(
+            f"  {g.name:<20} {g.region:<14} {g.url}  weight={g.weight}"
+            f"  check={g.health.path} every {g.health.interval:g}s"
+        )
     lines.append("regions (try order; geodes per region):")
     for region, order in topology.try_orders.items():
         counts = ", ".join(f"{r}({len(topology.geodes_by_region[r])})" for r in order)
         served = sum(1 for c in topology.country_region.values() if c == region)
         lines.append(f"  {region:<14} {counts}   countries: {served}")
-    lines.append("access rules (first match per reading of the path; none: forwarded):"
-                 if cfg.access else "access rules: none (every path is forwarded)")  # fmt: skip
+    lines.append(
+        "access rules (first match per reading of the path; none: forwarded):"
+        if cfg.access
+        else "access rules: none (every path is forwarded)"
+    )
     for rule in cfg.access:
         answer = f"{rule.action} {rule.status}" if rule.action == "deny" else rule.action
         lines.append(f"  {rule.name:<20} {answer:<9} {rule.path_prefix}")
@@ -248,15 +276,19 @@ def describe(topology: Topology, geoip_note: str = "") -> str:
     lines.append(f"methods refused at the edge: CONNECT (405); TRACE: {trace}")
     unmapped = topology.unmapped_countries()
     if unmapped:
-        lines.append(f"countries with no region (go to {cfg.default_region}): "
-                     + " ".join(unmapped))  # fmt: skip
+        lines.append(
+            f"countries with no region (go to {cfg.default_region}): " + " ".join(unmapped)
+        )
     return "\n".join(lines)
 
 
 def _workers_arg(text: str) -> int:
     if text == "auto":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)  # fmt: skip
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
     try:
         count = int(text)
     except ValueError:
@@ -288,8 +320,10 @@ def _worker_cmd(args: argparse.Namespace) -> int:
     die_with_supervisor(args.supervisor_pid)
     sockets = [socket.socket(fileno=fd) for fd in args.listen_fd]
     control = socket.socket(fileno=args.control_fd)
-    return _run_main(lambda stop, _reload: serve_worker(sockets, control, stop, args.geoip_fd),
-                     f"geoproxy worker {args.index}")
+    return _run_main(
+        lambda stop, _reload: serve_worker(sockets, control, stop, args.geoip_fd),
+        f"geoproxy worker {args.index}",
+    )
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -374,8 +408,9 @@ def _demo_cmd(data_dir: Path | None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         demo_files = demo.write_stamp_configs(cfg, folder)
     except OSError as exc:
-        return _fail(f"--data-dir {folder}: cannot write the stamps' files there: "
-                     f"{exc.strerror or exc}")  # fmt: skip
+        return _fail(
+            f"--data-dir {folder}: cannot write the stamps' files there: {exc.strerror or exc}"
+        )
 
     async def run_demo(stop: asyncio.Event, _reload: asyncio.Event) -> None:
         live, stamps = demo_files
@@ -384,18 +419,26 @@ def _demo_cmd(data_dir: Path | None) -> int:
             await demo.start_stamps(stamps)
             for s in stamps:
                 g, pid = s.geode, s.proc.pid if s.proc else "-"
-                print(f"stamp {g.name:<18} region {g.region:<14} {g.url}  pid {pid}  (peer "
-                      f"listener, /metrics: {s.peer_url})", flush=True)  # fmt: skip
-            print(f"stamp data and configs: {folder}" + (" (removed on exit)" if temporary else ""),
-                  flush=True)  # fmt: skip
+                print(
+                    f"stamp {g.name:<18} region {g.region:<14} {g.url}  pid {pid}  (peer "
+                    f"listener, /metrics: {s.peer_url})",
+                    flush=True,
+                )
+            print(
+                f"stamp data and configs: {folder}" + (" (removed on exit)" if temporary else ""),
+                flush=True,
+            )
             watcher = asyncio.create_task(demo.report_exits(stamps), name="demo-stamp-exits")
 
             def ready(bound: Bound) -> None:
-                print(f"\ngeoproxy demo is up (config: {path})\n"
-                      f"  proxy: {bound.proxy_url}\n  admin: {bound.admin_url}\n\nTry:\n"
-                      f"{demo.curl_lines(bound.proxy_url, bound.admin_url)}\n\n"
-                      f"{demo.break_lines(stamps, bound.admin_url)}\n\n"
-                      "Ctrl-C stops everything.", flush=True)  # fmt: skip
+                print(
+                    f"\ngeoproxy demo is up (config: {path})\n"
+                    f"  proxy: {bound.proxy_url}\n  admin: {bound.admin_url}\n\nTry:\n"
+                    f"{demo.curl_lines(bound.proxy_url, bound.admin_url)}\n\n"
+                    f"{demo.break_lines(stamps, bound.admin_url)}\n\n"
+                    "Ctrl-C stops everything.",
+                    flush=True,
+                )
 
             # No SIGHUP reload: the demo's geode ports were chosen at run time.
             await serve(live, stop, on_ready=ready, any_port_if_taken=True)

@@ -84,13 +84,20 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _missing(module_name: str, owner: object, names: Iterable[str], init_source: str | None,
-             ) -> list[str]:  # fmt: skip
+def _missing(
+    module_name: str,
+    owner: object,
+    names: Iterable[str],
+    init_source: str | None,
+) -> list[str]:
     where = f"{module_name}.{getattr(owner, '__name__', owner)}"
     if init_source is None:
         return [f"{where}.{n}" for n in names if not hasattr(owner, n)]
-    return [f"{where}.{n}" for n in names if f"self.{n} =" not in init_source
-            and f"self.{n}: " not in init_source]  # fmt: skip
+    return [
+        f"{where}.{n}"
+        for n in names
+        if f"self.{n} =" not in init_source and f"self.{n}: " not in init_source
+    ]
 
 
 def probe(version: str | None = None) -> str | None:
@@ -118,8 +125,11 @@ def probe(version: str | None = None) -> str | None:
             missing.append(f"{module_name}.{cls_name}")
             continue
         try:  # the class and its aiohttp bases, where the attributes are assigned
-            source = "".join(inspect.getsource(c) for c in inspect.getmro(cls)
-                             if c.__module__.startswith("aiohttp."))  # fmt: skip
+            source = "".join(
+                inspect.getsource(c)
+                for c in inspect.getmro(cls)
+                if c.__module__.startswith("aiohttp.")
+            )
         except (TypeError, OSError):
             missing.append(f"{module_name}.{cls_name} (no source to check)")
             continue
@@ -137,9 +147,17 @@ def _parser_takes_queue_size() -> bool:
 
     loop = asyncio.new_event_loop()
     try:
-        HttpRequestParser(None, loop, 2**16, max_line_size=8190, max_field_size=8190,
-                          max_headers=128, payload_exception=None, auto_decompress=False,
-                          max_msg_queue_size=32)  # fmt: skip
+        HttpRequestParser(
+            None,
+            loop,
+            2**16,
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=128,
+            payload_exception=None,
+            auto_decompress=False,
+            max_msg_queue_size=32,
+        )
     except TypeError:
         return False
     finally:
@@ -170,6 +188,9 @@ def warn_if_public() -> None:
     serve call it once logging is set up)."""
     current, reason = decision()
     if current == PUBLIC:
-        log.warning("%s: serving through aiohttp's public API only (no fast lane, no lean "
-                    "upstream client; slower, and without the byte-for-byte guarantees: "
-                    "README, 'aiohttp versions')", reason)  # fmt: skip
+        log.warning(
+            "%s: serving through aiohttp's public API only (no fast lane, no lean "
+            "upstream client; slower, and without the byte-for-byte guarantees: "
+            "README, 'aiohttp versions')",
+            reason,
+        )

@@ -207,15 +207,34 @@ def load(path: str | Path, given: Mapping[str, bytes] | None = None) -> Config:
     config = _build(Node(data, "", problems), path, problems, read, given)
     if problems or config is None:
         raise ConfigError(problems.lines)
-    return dataclasses.replace(config, fingerprint=fingerprint(read), contents=tuple(read),
-                               warnings=tuple(_warnings(config)))
+    return dataclasses.replace(
+        config,
+        fingerprint=fingerprint(read),
+        contents=tuple(read),
+        warnings=tuple(_warnings(config)),
+    )
 
 
 _TOP_KEYS = (
-    "listen", "trusted_proxies", "region_sources", "geoip", "default_region", "regions",
-    "region_map", "countries", "continents", "geodes", "health_check", "forwarding",
-    "access_log", "limits", "outlier_detection", "reload", "shutdown", "access",
-)  # fmt: skip
+    "listen",
+    "trusted_proxies",
+    "region_sources",
+    "geoip",
+    "default_region",
+    "regions",
+    "region_map",
+    "countries",
+    "continents",
+    "geodes",
+    "health_check",
+    "forwarding",
+    "access_log",
+    "limits",
+    "outlier_detection",
+    "reload",
+    "shutdown",
+    "access",
+)
 
 
 def _build(
@@ -259,29 +278,58 @@ def _build(
     forwarding = _forwarding(root.get("forwarding"))
     access_log = root.get("access_log").choice(("json", "plain", "off"), optional=True)
     access = _access(root.get("access"))
-    limits = _section(root.get("limits"), Limits(), {
-        "header_timeout": _DURATION, "max_header_bytes": _SIZE, "max_body_bytes": _SIZE,
-        "keepalive_timeout": _DURATION, "body_timeout": _DURATION, "body_min_rate": _SIZE,
-    })  # fmt: skip
-    outliers = _section(root.get("outlier_detection"), OutlierDetection(), {
-        "consecutive_failures": _int(0, 1000), "base_ejection_time": _DURATION,
-        "max_ejection_time": _DURATION,
-    })  # fmt: skip
-    reload = _section(root.get("reload"), Lifecycle(), {"poll_interval": _DURATION_OR_ZERO},
-                      rename={"poll_interval": "reload_poll_interval"})  # fmt: skip
+    limits = _section(
+        root.get("limits"),
+        Limits(),
+        {
+            "header_timeout": _DURATION,
+            "max_header_bytes": _SIZE,
+            "max_body_bytes": _SIZE,
+            "keepalive_timeout": _DURATION,
+            "body_timeout": _DURATION,
+            "body_min_rate": _SIZE,
+        },
+    )
+    outliers = _section(
+        root.get("outlier_detection"),
+        OutlierDetection(),
+        {
+            "consecutive_failures": _int(0, 1000),
+            "base_ejection_time": _DURATION,
+            "max_ejection_time": _DURATION,
+        },
+    )
+    reload = _section(
+        root.get("reload"),
+        Lifecycle(),
+        {"poll_interval": _DURATION_OR_ZERO},
+        rename={"poll_interval": "reload_poll_interval"},
+    )
     lifecycle = _section(root.get("shutdown"), reload, {"drain_timeout": _DURATION})
     if problems:
         return None
     assert default_region is not None  # guarded by `problems` (internal invariant only)
     return Config(
-        path=path, proxy=proxy, admin=admin, trusted_proxies=trusted, region_sources=sources,
-        geoip_database=geoip_database, default_region=default_region, regions=regions,
-        countries=MappingProxyType(countries), continents=MappingProxyType(continents),
-        geodes=geodes, health_check=health, forwarding=forwarding,
-        access_log=access_log or "json", access=access, limits=limits,
-        outlier_detection=outliers, lifecycle=lifecycle,
+        path=path,
+        proxy=proxy,
+        admin=admin,
+        trusted_proxies=trusted,
+        region_sources=sources,
+        geoip_database=geoip_database,
+        default_region=default_region,
+        regions=regions,
+        countries=MappingProxyType(countries),
+        continents=MappingProxyType(continents),
+        geodes=geodes,
+        health_check=health,
+        forwarding=forwarding,
+        access_log=access_log or "json",
+        access=access,
+        limits=limits,
+        outlier_detection=outliers,
+        lifecycle=lifecycle,
         files=(path,) + ((base / region_map,) if region_map else ()),
-    )  # fmt: skip
+    )
 
 
 def _listener(node: Node, default: Listener) -> Listener:
@@ -398,7 +446,11 @@ def _regions(node: Node) -> tuple[Region, ...]:
 
 
 def _region_map(
-    root: Node, base: Path, known: _Known, problems: Problems, read: list[bytes],
+    root: Node,
+    base: Path,
+    known: _Known,
+    problems: Problems,
+    read: list[bytes],
     given: Mapping[str, bytes],
 ) -> tuple[dict[str, str], dict[str, str]]:
     """The region map: ``region_map`` (a file) first, then inline entries override it."""
@@ -444,9 +496,14 @@ def _region_map(
 
 
 _HEALTH_KEYS = (
-    "path", "interval", "timeout", "jitter", "healthy_threshold", "unhealthy_threshold",
+    "path",
+    "interval",
+    "timeout",
+    "jitter",
+    "healthy_threshold",
+    "unhealthy_threshold",
     "expected_statuses",
-)  # fmt: skip
+)
 
 
 def _health(node: Node, base: HealthCheck) -> HealthCheck:
@@ -516,13 +573,21 @@ def _geode_url(node: Node) -> URL | None:
 
 
 def _forwarding(node: Node) -> Forwarding:
-    return _section(node, Forwarding(), {
-        "connect_timeout": _DURATION, "response_timeout": _DURATION,
-        "failover_timeout": _DURATION, "max_attempts": _int(1, 20),
-        "when_none_healthy": lambda n: n.choice(("reject", "try_all")),
-        "preserve_host": lambda n: n.boolean(), "keepalive_timeout": _DURATION,
-        "fast_lane": lambda n: n.boolean(), "forward_trace": lambda n: n.boolean(),
-    })  # fmt: skip
+    return _section(
+        node,
+        Forwarding(),
+        {
+            "connect_timeout": _DURATION,
+            "response_timeout": _DURATION,
+            "failover_timeout": _DURATION,
+            "max_attempts": _int(1, 20),
+            "when_none_healthy": lambda n: n.choice(("reject", "try_all")),
+            "preserve_host": lambda n: n.boolean(),
+            "keepalive_timeout": _DURATION,
+            "fast_lane": lambda n: n.boolean(),
+            "forward_trace": lambda n: n.boolean(),
+        },
+    )
 
 
 def _access(node: Node) -> tuple[AccessRule, ...]:
@@ -533,8 +598,9 @@ def _access(node: Node) -> tuple[AccessRule, ...]:
             continue
         name = item.get("name").string(optional=True)
         if name is not None and not _GEODE_NAME.match(name):
-            item.get("name").problem(f"invalid rule name {name!r} (letters, digits and "
-                                     "'._-', at most 63)")  # fmt: skip
+            item.get("name").problem(
+                f"invalid rule name {name!r} (letters, digits and '._-', at most 63)"
+            )
             name = None
         elif name is not None and name in seen:
             item.get("name").problem(f"duplicate rule name {name!r} (first at {seen[name]})")
@@ -593,9 +659,12 @@ def _warnings(config: Config) -> Iterable[str]:
     where = Problems(str(config.path))
     for i, network in enumerate(config.trusted_proxies):
         if network.prefixlen == 0:
-            where.add(f"trusted_proxies[{i}]", f"{network} trusts every IPv{network.version} "
-                      "client: any client can pick its region (X-Client-Region, CF-IPCountry) "
-                      "and its address (X-Forwarded-For)")  # fmt: skip
+            where.add(
+                f"trusted_proxies[{i}]",
+                f"{network} trusts every IPv{network.version} "
+                "client: any client can pick its region (X-Client-Region, CF-IPCountry) "
+                "and its address (X-Forwarded-For)",
+            )
     first: dict[tuple[str, str | None, int | None, str], tuple[int, Geode]] = {}
     for i, geode in enumerate(config.geodes):
         url = geode.url
@@ -603,9 +672,12 @@ def _warnings(config: Config) -> Iterable[str]:
         if key not in first:
             first[key] = (i, geode)
         elif (other := first[key][1]).region != geode.region:
-            where.add(f"geodes[{i}].url", f"same URL as geodes[{first[key][0]}] "
-                      f"({other.name}, region {other.region}): one stamp would serve "
-                      f"regions {other.region} and {geode.region}")  # fmt: skip
+            where.add(
+                f"geodes[{i}].url",
+                f"same URL as geodes[{first[key][0]}] "
+                f"({other.name}, region {other.region}): one stamp would serve "
+                f"regions {other.region} and {geode.region}",
+            )
     return where.lines
 
 
@@ -618,4 +690,3 @@ def _check_servable(regions: tuple[Region, ...], geodes: tuple[Geode, ...], node
                 f"no geode can serve region {region.name!r}: it has no geode and none of its "
                 f"fallback regions ({', '.join(region.fallback) or 'none'}) has one"
             )
-

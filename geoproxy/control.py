@@ -32,8 +32,14 @@ Message = Mapping[str, Any]
 
 # supervisor -> worker
 START, HEALTH, PASSED, RELOAD, GEOIP, METRICS, STOP = (
-    "start", "health", "passed", "reload", "geoip", "metrics", "stop",
-)  # fmt: skip
+    "start",
+    "health",
+    "passed",
+    "reload",
+    "geoip",
+    "metrics",
+    "stop",
+)
 # worker -> supervisor (and METRICS, the answer)
 READY, RELOADED, DRAINED = "ready", "reloaded", "drained"
 
@@ -51,11 +57,17 @@ def decode(raw: bytes) -> dict[str, Any]:
     return message
 
 
-def start(path: str, config: Mapping[str, str], health: object,
-          geoip: Sequence[object] | None) -> Message:  # fmt: skip
+def start(
+    path: str, config: Mapping[str, str], health: object, geoip: Sequence[object] | None
+) -> Message:
     """``geoip``: the identity of the GeoIP database file the supervisor opened."""
-    return {"op": START, "path": path, "config": config, "health": health,
-            "geoip": None if geoip is None else list(geoip)}  # fmt: skip
+    return {
+        "op": START,
+        "path": path,
+        "config": config,
+        "health": health,
+        "geoip": None if geoip is None else list(geoip),
+    }
 
 
 def health(snapshot: object) -> Message:

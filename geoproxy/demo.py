@@ -71,15 +71,28 @@ def stamp_apps(data_dir: Path) -> GeodeApp:
         for g in live.values():  # every stamp's peer listener, before any stamp starts
             if g.name not in peer_socks:
                 peer_socks[g.name] = _bind_any(g.url.host or "127.0.0.1")
-        peers = tuple(Peer(g.name, _peer_url(g, peer_socks[g.name])) for g in live.values()
-                      if g.name != geode.name)  # fmt: skip
+        peers = tuple(
+            Peer(g.name, _peer_url(g, peer_socks[g.name]))
+            for g in live.values()
+            if g.name != geode.name
+        )
         host = geode.url.host or ""
-        return build_stamp_app(StampConfig(
-            path=None, name=geode.name, region=geode.region, host=host,
-            port=geode.url.port or 0, database=data_dir / f"{geode.name}.db", peers=peers,
-            replication=Replication(interval=0.5), peer_host=host,
-            peer_port=peer_socks[geode.name].getsockname()[1], secret=secret,
-        ), peer_sock=peer_socks[geode.name])  # fmt: skip
+        return build_stamp_app(
+            StampConfig(
+                path=None,
+                name=geode.name,
+                region=geode.region,
+                host=host,
+                port=geode.url.port or 0,
+                database=data_dir / f"{geode.name}.db",
+                peers=peers,
+                replication=Replication(interval=0.5),
+                peer_host=host,
+                peer_port=peer_socks[geode.name].getsockname()[1],
+                secret=secret,
+            ),
+            peer_sock=peer_socks[geode.name],
+        )
 
     return build
 
@@ -118,9 +131,7 @@ def _bind(geode: Geode) -> socket.socket:
     raise AssertionError("unreachable")
 
 
-async def start_geodes(
-    config: Config, make_app: GeodeApp
-) -> tuple[Config, list[web.AppRunner]]:
+async def start_geodes(config: Config, make_app: GeodeApp) -> tuple[Config, list[web.AppRunner]]:
     """Start every geode of ``config``; return the config pointing at where they listen."""
     socks = {g.name: _bind(g) for g in config.geodes}
     live = {
@@ -164,19 +175,21 @@ SERVED_BY = "-w '  [%{http_code} from %header{x-geoproxy-geode}]\\n'"
 def curl_lines(proxy_url: str, admin_url: str) -> str:
     curl = f"curl -s {SERVED_BY}"
     put = f"{curl} -X PUT -H 'Content-Type: application/json'"
-    return "\n".join([
-        f"  {curl} -o /dev/null -H 'CF-IPCountry: FR' {proxy_url}/health   # France -> eu-west",
-        f"  {curl} -o /dev/null -H 'CF-IPCountry: BR' {proxy_url}/health   # Brazil: sa-east "
-        "has no geode -> us-east",
-        "  # write as a French client, read back as a Japanese one (replicated in ~1 s):",
-        f"  {put} -H 'CF-IPCountry: FR' -d '{{\"greeting\": \"bonjour\"}}' "
-        f"{proxy_url}/items/hello",
-        f"  {curl} -H 'CF-IPCountry: JP' {proxy_url}/items/hello",
-        f"  {curl} -X POST -H 'CF-IPCountry: US' -d '{{\"delta\": 5}}' "
-        f"{proxy_url}/counters/visits",
-        f"  curl -s {admin_url}/geodes                             # health of every geode",
-        f"  curl -s {admin_url}/status                             # the status page",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"  {curl} -o /dev/null -H 'CF-IPCountry: FR' {proxy_url}/health   # France -> eu-west",
+            f"  {curl} -o /dev/null -H 'CF-IPCountry: BR' {proxy_url}/health   # Brazil: sa-east "
+            "has no geode -> us-east",
+            "  # write as a French client, read back as a Japanese one (replicated in ~1 s):",
+            f"  {put} -H 'CF-IPCountry: FR' -d '{{\"greeting\": \"bonjour\"}}' "
+            f"{proxy_url}/items/hello",
+            f"  {curl} -H 'CF-IPCountry: JP' {proxy_url}/items/hello",
+            f"  {curl} -X POST -H 'CF-IPCountry: US' -d '{{\"delta\": 5}}' "
+            f"{proxy_url}/counters/visits",
+            f"  curl -s {admin_url}/geodes                             # health of every geode",
+            f"  curl -s {admin_url}/status                             # the status page",
+        ]
+    )
 
 
 # -- stamps as processes ------------------------------------------------------------------
@@ -261,20 +274,24 @@ def write_stamp_configs(config: Config, data_dir: Path) -> tuple[Config, list[St
         host = g.url.host or "127.0.0.1"
         url = g.url.with_port(_free_port(host, g.url.port or 0))
         peer = str(url.with_port(_free_port(host, 0)))
-        stamps.append(StampProcess(dataclasses.replace(g, url=url), data_dir / f"{g.name}.yaml",
-                                   peer))  # fmt: skip
+        stamps.append(
+            StampProcess(dataclasses.replace(g, url=url), data_dir / f"{g.name}.yaml", peer)
+        )
     for stamp in stamps:
         g = stamp.geode
         doc = {
-            "name": g.name, "region": g.region,
-            "listen": {"host": g.url.host, "port": g.url.port,
-                       "peer": {"host": g.url.host, "port": URL(stamp.peer_url).port}},
+            "name": g.name,
+            "region": g.region,
+            "listen": {
+                "host": g.url.host,
+                "port": g.url.port,
+                "peer": {"host": g.url.host, "port": URL(stamp.peer_url).port},
+            },
             "database": f"{g.name}.db",
-            "peers": [{"name": o.geode.name, "url": o.peer_url}
-                      for o in stamps if o is not stamp],
+            "peers": [{"name": o.geode.name, "url": o.peer_url} for o in stamps if o is not stamp],
             "replication": {"interval": "500ms"},
             "peer_auth": {"secret_file": secret.name},
-        }  # fmt: skip
+        }
         head = f"# geoproxy demo: stamp {g.name}; start it again with\n#   {stamp.command_line}\n"
         stamp.config_path.write_text(head + yaml.safe_dump(doc))
     live = dataclasses.replace(config, geodes=tuple(s.geode for s in stamps))
@@ -295,16 +312,21 @@ async def _until_up(http: aiohttp.ClientSession, stamp: StampProcess) -> None:
     deadline = time.monotonic() + STAMP_START_TIMEOUT
     while time.monotonic() < deadline:
         if stamp.proc.returncode is not None:
-            raise GeoproxyError(f"stamp {stamp.geode.name} exited at start-up (exit code "
-                                f"{stamp.proc.returncode}); see its messages above")  # fmt: skip
+            raise GeoproxyError(
+                f"stamp {stamp.geode.name} exited at start-up (exit code "
+                f"{stamp.proc.returncode}); see its messages above"
+            )
         with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with http.get(stamp.geode.url / "health",
-                                timeout=aiohttp.ClientTimeout(total=1)) as resp:  # fmt: skip
+            async with http.get(
+                stamp.geode.url / "health", timeout=aiohttp.ClientTimeout(total=1)
+            ) as resp:
                 if resp.status < 500:
                     return
         await asyncio.sleep(0.1)
-    raise GeoproxyError(f"stamp {stamp.geode.name} did not answer on {stamp.geode.url} within "
-                        f"{STAMP_START_TIMEOUT:g}s")  # fmt: skip
+    raise GeoproxyError(
+        f"stamp {stamp.geode.name} did not answer on {stamp.geode.url} within "
+        f"{STAMP_START_TIMEOUT:g}s"
+    )
 
 
 async def report_exits(stamps: list[StampProcess]) -> None:
@@ -314,9 +336,12 @@ async def report_exits(stamps: list[StampProcess]) -> None:
         assert stamp.proc is not None
         code = await stamp.proc.wait()
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        print(f"\nstamp {stamp.geode.name} (pid {stamp.proc.pid}) has stopped ({how}); the "
-              "proxy fails its clients over once its health checks fail. Start it again "
-              f"with:\n  {stamp.command_line}", flush=True)  # fmt: skip
+        print(
+            f"\nstamp {stamp.geode.name} (pid {stamp.proc.pid}) has stopped ({how}); the "
+            "proxy fails its clients over once its health checks fail. Start it again "
+            f"with:\n  {stamp.command_line}",
+            flush=True,
+        )
 
     await asyncio.gather(*(watch(s) for s in stamps))
 
@@ -326,11 +351,12 @@ def break_lines(stamps: list[StampProcess], admin_url: str) -> str:
     first = stamps[0]
     pid = first.proc.pid if first.proc is not None else "PID"
     name = first.geode.name
-    return "\n".join([
-        f"Break it (and watch {admin_url}/status, /geodes and /metrics change):",
-        f"  kill -STOP {pid}   # hang {name}: requests time out, health checks fail, clients "
-        "fail over",
-        f"  kill -CONT {pid}   # and back",
-        f"  kill {pid}         # stop {name}; the demo prints the command that starts it again",
-    ])  # fmt: skip
-
+    return "\n".join(
+        [
+            f"Break it (and watch {admin_url}/status, /geodes and /metrics change):",
+            f"  kill -STOP {pid}   # hang {name}: requests time out, health checks fail, clients "
+            "fail over",
+            f"  kill -CONT {pid}   # and back",
+            f"  kill {pid}         # stop {name}; the demo prints the command that starts it again",
+        ]
+    )

@@ -103,11 +103,15 @@ def _reason(
     if decision == HOME:
         return f"{why}; a healthy geode in the home region{weighted}"
     if decision == NONE_HEALTHY:
-        return (f"{why}; no healthy geode in {', '.join(topology.try_orders[region])}: "
-                "503 (forwarding.when_none_healthy: reject)")  # fmt: skip
+        return (
+            f"{why}; no healthy geode in {', '.join(topology.try_orders[region])}: "
+            "503 (forwarding.when_none_healthy: reject)"
+        )
     if decision == PANIC:
-        return (f"{why}; no healthy geode anywhere in its try order: panic mode tries "
-                "them all (forwarding.when_none_healthy: try_all)")  # fmt: skip
+        return (
+            f"{why}; no healthy geode anywhere in its try order: panic mode tries "
+            "them all (forwarding.when_none_healthy: try_all)"
+        )
     return f"{why}; no healthy geode in {region}: nearest fallback with one is {served_region}" + (
         weighted
     )

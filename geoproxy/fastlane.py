@@ -79,13 +79,37 @@ class ProxyServer(web.Server):
 class _Exchange:
     """One request on the fast lane, from its head to the answer (or the hand-over)."""
 
-    __slots__ = ("cand", "conn", "connecting", "deadline", "failure", "message", "out",
-                 "pool", "pooled", "proto", "response_timeout", "resumed", "route", "start",
-                 "task", "wire", "written")  # fmt: skip
+    __slots__ = (
+        "cand",
+        "conn",
+        "connecting",
+        "deadline",
+        "failure",
+        "message",
+        "out",
+        "pool",
+        "pooled",
+        "proto",
+        "response_timeout",
+        "resumed",
+        "route",
+        "start",
+        "task",
+        "wire",
+        "written",
+    )
 
-    def __init__(self, conn: ProxyConnection, message: RawRequestMessage, route: Route,
-                 wire: bytes, pool: upstream.Pool, start: float, deadline: float,
-                 response_timeout: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        conn: ProxyConnection,
+        message: RawRequestMessage,
+        route: Route,
+        wire: bytes,
+        pool: upstream.Pool,
+        start: float,
+        deadline: float,
+        response_timeout: float,
+    ) -> None:
         self.conn, self.message, self.route, self.wire = conn, message, route, wire
         self.pool = pool
         self.cand: Candidate = route.cands[0]
@@ -172,8 +196,9 @@ class _Exchange:
         lines = out.kept + out.tail(route.via, geode_lines(geode.name, geode.region))
         conn = self.conn
         keep_alive = conn.keeps_alive(self.message)
-        head = whole_head(HttpVersion11, status, message.reason, lines, out.date, out.length,
-                          keep_alive)  # fmt: skip
+        head = whole_head(
+            HttpVersion11, status, message.reason, lines, out.date, out.length, keep_alive
+        )
         head.append(b"\r\n")
         # The answer is taken: from here on, nothing that can fail.
         proto.watcher = None
@@ -335,11 +360,20 @@ class ProxyConnection(ServerConnection):
             hook = gateway.on_request
             if hook is not None:
                 hook(self)
-        wire = request_wire("GET", geode, path, host_for(fwd, route.head, geode), route.head,
-                            route.forwarded)  # fmt: skip
+        wire = request_wire(
+            "GET", geode, path, host_for(fwd, route.head, geode), route.head, route.forwarded
+        )
         pool = forwarder.pool
-        fast = _Exchange(self, message, route, wire, pool, start,
-                         time.monotonic() + fwd.failover_timeout, fwd.response_timeout)  # fmt: skip
+        fast = _Exchange(
+            self,
+            message,
+            route,
+            wire,
+            pool,
+            start,
+            time.monotonic() + fwd.failover_timeout,
+            fwd.response_timeout,
+        )
         self._fast = fast
         self._request_in_progress = True  # shutdown() waits for it
         gateway.observer.inflight += 1
@@ -355,8 +389,9 @@ class ProxyConnection(ServerConnection):
         """The connection stays open after this request's answer."""
         return not (message.should_close or self._close or self._force_close)
 
-    def answer(self, fast: _Exchange, status: int, head: list[bytes], body: bytes,
-               keep_alive: bool) -> None:  # fmt: skip
+    def answer(
+        self, fast: _Exchange, status: int, head: list[bytes], body: bytes, keep_alive: bool
+    ) -> None:
         """Write the geode's answer, note the request, and go on with the connection."""
         transport = self.transport
         if transport is None:  # closed by a shutdown a moment ago; connection_lost is due
@@ -381,8 +416,15 @@ class ProxyConnection(ServerConnection):
         observer = self._gateway.observer
         observer.inflight -= 1
         trace = fast.route.trace
-        observer.note(trace, status, time.perf_counter() - fast.start, "GET",
-                      fast.message.url, self._remote, trace.body_bytes)  # fmt: skip
+        observer.note(
+            trace,
+            status,
+            time.perf_counter() - fast.start,
+            "GET",
+            fast.message.url,
+            self._remote,
+            trace.body_bytes,
+        )
 
     def _next(self, keep_alive: bool) -> None:
         """After an exchange: close, or re-arm the keep-alive timer and parse what came
@@ -404,8 +446,9 @@ class ProxyConnection(ServerConnection):
         task arms it after each request)."""
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
         if self._keepalive_handle is None:
-            self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time,
-                                                        self._process_keepalive)  # fmt: skip
+            self._keepalive_handle = self._loop.call_at(
+                self._next_keepalive_close_time, self._process_keepalive
+            )
 
     def _process_keepalive(self) -> None:
         if self._fast is not None:  # not idle: an exchange is in flight
@@ -455,9 +498,10 @@ class ProxyConnection(ServerConnection):
         request = factory(fast.message, EMPTY_PAYLOAD, self, StreamWriter(self, loop), task)
         begun = Begun(fast.proto if fast.failure is None else None, fast.pooled, fast.failure)
         work = self._gateway.observer.observe(
-            request, forwarder.resume(request, fast.route, begun, fast.deadline),
+            request,
+            forwarder.resume(request, fast.route, begun, fast.deadline),
             fast.start,
-        )  # fmt: skip
+        )
         keep_alive = False
         try:
             resp, reset = await self._handle_request(request, None, lambda _: work)

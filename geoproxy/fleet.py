@@ -38,10 +38,15 @@ Key = tuple[str, tuple[tuple[str, str], ...]]  # sample name, sorted labels
 def snapshot(registry: CollectorRegistry) -> list[Family]:
     """A worker's families, to send to the supervisor."""
     return [
-        {"name": f.name, "type": f.type, "help": f.documentation,
-         "samples": [[s.name, s.labels, s.value] for s in f.samples]}
-        for f in registry.collect() if f.name in WORKER_FAMILIES
-    ]  # fmt: skip
+        {
+            "name": f.name,
+            "type": f.type,
+            "help": f.documentation,
+            "samples": [[s.name, s.labels, s.value] for s in f.samples],
+        }
+        for f in registry.collect()
+        if f.name in WORKER_FAMILIES
+    ]
 
 
 def _key(sample: Sequence[Any]) -> Key:
@@ -102,9 +107,11 @@ class Fleet(Collector):
     def request_counts(self) -> dict[tuple[str, ...], float]:
         """``geoproxy_requests_total`` by (geode, code_class) over the fleet."""
         merged = self._merged("geoproxy_requests", [])
-        return {(dict(labels)["geode"], dict(labels)["code_class"]): v
-                for (name, labels), v in merged.items()
-                if name == "geoproxy_requests_total"}  # fmt: skip
+        return {
+            (dict(labels)["geode"], dict(labels)["code_class"]): v
+            for (name, labels), v in merged.items()
+            if name == "geoproxy_requests_total"
+        }
 
     def traffic(self) -> Traffic:
         """The fleet's counts for the status page; ejected: by any live worker."""
@@ -113,8 +120,11 @@ class Fleet(Collector):
             if name == "geoproxy_routing_decisions_total":
                 decision = dict(labels)["decision"]
                 decisions[decision] = decisions.get(decision, 0.0) + value
-        failovers = sum(value for (name, _), value in self._merged("geoproxy_failovers", []).items()
-                        if name == "geoproxy_failovers_total")  # fmt: skip
+        failovers = sum(
+            value
+            for (name, _), value in self._merged("geoproxy_failovers", []).items()
+            if name == "geoproxy_failovers_total"
+        )
         return Traffic(self.request_counts(), failovers, decisions, self.ejected())
 
     def ejected(self) -> frozenset[str]:
@@ -150,11 +160,12 @@ class Fleet(Collector):
                 out.add_sample(name, dict(labels), value)
             yield out
         per_worker = CounterMetricFamily(
-            "geoproxy_worker_requests", "Requests answered by each worker process (a "
-            "restarted worker continues its predecessor's count).", labels=["worker"],
-        )  # fmt: skip
+            "geoproxy_worker_requests",
+            "Requests answered by each worker process (a "
+            "restarted worker continues its predecessor's count).",
+            labels=["worker"],
+        )
         for worker in sorted(self.live.keys() | self.retired_requests.keys()):
             count = self._requests_in(worker, self.live.get(worker, []))
             per_worker.add_metric([str(worker)], count)
         yield per_worker
-

@@ -51,8 +51,12 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 # Attempt outcomes (also the values of the `outcome` metric label).
 CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, BAD_RESPONSE = (
-    "connect_error", "timeout", "reset", "retry_status", "bad_response",
-)  # fmt: skip
+    "connect_error",
+    "timeout",
+    "reset",
+    "retry_status",
+    "bad_response",
+)
 CLIENT_BODY_TOO_LARGE = "client_body_too_large"
 CLIENT_BODY_TIMEOUT = "client_body_timeout"
 CLIENT_BODY_ERROR = "client_body_error"
@@ -113,9 +117,13 @@ class _Body:
 def _body_timed_out(request: web.BaseRequest, limits: Limits) -> web.Response:
     """The 408 for a body that came too slowly; the connection closes once it is sent
     (aiohttp would otherwise wait up to 10 s for the rest of the body to discard it)."""
-    answer = json_error(408, "request_timeout", "request body not received in time (a "
-                        f"pause over {limits.body_timeout:g}s, or under "
-                        f"{limits.body_min_rate} bytes/s)")  # fmt: skip
+    answer = json_error(
+        408,
+        "request_timeout",
+        "request body not received in time (a "
+        f"pause over {limits.body_timeout:g}s, or under "
+        f"{limits.body_min_rate} bytes/s)",
+    )
     answer.force_close()
     task = asyncio.current_task()  # aiohttp's, which writes the answer before it ends
     if task is not None:
@@ -155,8 +163,14 @@ class Forwarder:
             if request.body_exists:  # unread (or a CONNECT tunnel): not worth reading
                 answer.force_close()
             return answer
-        prelude = self.prelude(rt, request.raw_headers, request.headers, request.remote,
-                               request.content_length, request.scheme)  # fmt: skip
+        prelude = self.prelude(
+            rt,
+            request.raw_headers,
+            request.headers,
+            request.remote,
+            request.content_length,
+            request.scheme,
+        )
         if not isinstance(prelude, Prelude):
             return prelude
         route = self.routed(rt, prelude, trace)
@@ -166,8 +180,7 @@ class Forwarder:
         headers_in = request.headers
         if "Upgrade" in headers_in and is_websocket(request):
             if request.body_exists:  # RFC 6455 4.1: a handshake is a GET without a body
-                answer = json_error(400, "bad_request",
-                                    "a WebSocket handshake carries no body")  # fmt: skip
+                answer = json_error(400, "bad_request", "a WebSocket handshake carries no body")
                 answer.force_close()  # its body is not read
                 return answer
             headers = head.as_map(route.forwarded, head.host)
@@ -233,24 +246,34 @@ class Forwarder:
                 if lean:
                     wire = request_wire(method, geode, target, host, head, forwarded)
                     exchange = await upstream.send(
-                        self.pool, geode, wire, method, fwd.connect_timeout,
-                        fwd.response_timeout, idempotent,
+                        self.pool,
+                        geode,
+                        wire,
+                        method,
+                        fwd.connect_timeout,
+                        fwd.response_timeout,
+                        idempotent,
                         first.proto if first is not None else None,
                         first is None or first.pooled,
                         upstream.Body(body.chunks(), chunked) if body is not None else None,
                         interim,
-                    )  # fmt: skip
+                    )
                     reply = Reply.of_exchange(exchange)
                 else:  # aiohttp's public API only (compat)
                     resp = await rt.session.request(
-                        method, URL(geode.base + target, encoded=True),
+                        method,
+                        URL(geode.base + target, encoded=True),
                         headers=head.as_map(forwarded, host),
                         data=body.chunks() if body is not None else None,
-                        allow_redirects=False, timeout=_client_timeout(fwd),
-                    )  # fmt: skip
+                        allow_redirects=False,
+                        timeout=_client_timeout(fwd),
+                    )
                     reply = Reply.of_response(resp)
-            except (ConnectFailed, aiohttp.ClientConnectorError,
-                    aiohttp.ConnectionTimeoutError) as exc:  # fmt: skip
+            except (
+                ConnectFailed,
+                aiohttp.ClientConnectorError,
+                aiohttp.ConnectionTimeoutError,
+            ) as exc:
                 last = CONNECT_ERROR
                 log.info("geode %s: connect failed: %s", geode.name, exc)
             except BadResponse as exc:
@@ -264,8 +287,9 @@ class Forwarder:
                 log.info("geode %s: no response within %gs", geode.name, fwd.response_timeout)
             except RequestPayloadError as exc:  # the client's body broke off or is malformed
                 trace.attempts.append((geode.name, CLIENT_BODY_ERROR))
-                return json_error(400, "bad_request_body",
-                                  f"the request body could not be read: {exc}")  # fmt: skip
+                return json_error(
+                    400, "bad_request_body", f"the request body could not be read: {exc}"
+                )
             except (aiohttp.ClientError, OSError, BodyTooLarge, BodyTimeout) as exc:
                 if body is not None and body.too_large:
                     trace.attempts.append((geode.name, CLIENT_BODY_TOO_LARGE))
@@ -291,9 +315,12 @@ class Forwarder:
                 if not (out.ok and out.framed):
                     reply.close()
                     trace.attempts.append((geode.name, BAD_RESPONSE))
-                    log.warning("geode %s: a response head that cannot be relayed: "
-                                "Transfer-Encoding %r or a control character", geode.name,
-                                reply.headers.get(TRANSFER_ENCODING))  # fmt: skip
+                    log.warning(
+                        "geode %s: a response head that cannot be relayed: "
+                        "Transfer-Encoding %r or a control character",
+                        geode.name,
+                        reply.headers.get(TRANSFER_ENCODING),
+                    )
                     last = BAD_RESPONSE
                     break
                 answered(trace, geode, cand.decision)
@@ -304,20 +331,26 @@ class Forwarder:
                     # breaks off, nothing reached the client yet: a clean 502.
                     try:
                         small = await reply.content.readexactly(length)
-                    except (aiohttp.ClientError, TimeoutError, OSError,
-                            asyncio.IncompleteReadError) as exc:  # fmt: skip
+                    except (
+                        aiohttp.ClientError,
+                        TimeoutError,
+                        OSError,
+                        asyncio.IncompleteReadError,
+                    ) as exc:
                         reply.close()
                         log.warning("geode %s failed mid-response: %r", geode.name, exc)
                         trace.attempts[-1] = (geode.name, RESET)
                         trace.geode = None
-                        return json_error(502, "bad_gateway", "the geode's response broke off",
-                                          attempts=len(trace.attempts))  # fmt: skip
+                        return json_error(
+                            502,
+                            "bad_gateway",
+                            "the geode's response broke off",
+                            attempts=len(trace.attempts),
+                        )
                     reply.release()
                     trace.body_bytes = length
-                    return whole_response(status, reply.reason, out.kept + lines, out.date,
-                                          small)  # fmt: skip
-                relay = relay_response(status, reply.reason, out.kept + lines, out.date,
-                                       length)  # fmt: skip
+                    return whole_response(status, reply.reason, out.kept + lines, out.date, small)
+                relay = relay_response(status, reply.reason, out.kept + lines, out.date, length)
                 return await stream(request, reply, geode, relay)
             trace.attempts.append((geode.name, last))
             board.observe(geode.name, False)
@@ -327,18 +360,30 @@ class Forwarder:
                 break
         trace.decision = ALL_FAILED
         if last == TIMEOUT:
-            return json_error(504, "gateway_timeout", "the geode did not answer in time",
-                              attempts=len(trace.attempts))  # fmt: skip
+            return json_error(
+                504,
+                "gateway_timeout",
+                "the geode did not answer in time",
+                attempts=len(trace.attempts),
+            )
         if last == BAD_RESPONSE:
-            return json_error(502, "bad_response", "the geode's response could not be relayed",
-                              attempts=len(trace.attempts))  # fmt: skip
-        return json_error(502, "bad_gateway", "no geode could be reached",
-                          attempts=len(trace.attempts))  # fmt: skip
+            return json_error(
+                502,
+                "bad_response",
+                "the geode's response could not be relayed",
+                attempts=len(trace.attempts),
+            )
+        return json_error(
+            502, "bad_gateway", "no geode could be reached", attempts=len(trace.attempts)
+        )
+
 
 @functools.lru_cache(maxsize=8)
 def _client_timeout(fwd: Forwarding) -> aiohttp.ClientTimeout:
     """For the public-API path (compat); one object per forwarding config."""
     return aiohttp.ClientTimeout(  # connect covers DNS too, sock_connect only TCP/TLS
-        total=None, connect=fwd.connect_timeout, sock_connect=fwd.connect_timeout,
+        total=None,
+        connect=fwd.connect_timeout,
+        sock_connect=fwd.connect_timeout,
         sock_read=fwd.response_timeout,
-    )  # fmt: skip
+    )

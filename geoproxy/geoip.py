@@ -120,8 +120,10 @@ class MaxMindLookup:
         except FileNotFoundError:
             raise GeoIPError(f"{self.path}: GeoIP database not found") from None
         except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
-            raise GeoIPError(f"{self.path}: not a readable MaxMind database: "
-                             f"{str(exc).replace(path, str(self.path))}") from None
+            raise GeoIPError(
+                f"{self.path}: not a readable MaxMind database: "
+                f"{str(exc).replace(path, str(self.path))}"
+            ) from None
         metadata = self._reader.metadata()
         kind = metadata.database_type
         #: When MaxMind built it (seconds since the epoch): its age is what goes stale.
@@ -173,11 +175,16 @@ class MaxMindLookup:
         now = self._clock()
         if self._logged_at is not None and now - self._logged_at < ERROR_LOG_INTERVAL:
             return
-        log.error("%s: GeoIP look-up failed, the database is corrupt: %s (%d failed "
-                  "look-ups since the last such message; logged at most every %gs, each "
-                  "counted as geoproxy_region_resolutions_total{source=\"geoip\","
-                  "result=\"error\"})", self.path, exc, self._unlogged,
-                  ERROR_LOG_INTERVAL)  # fmt: skip
+        log.error(
+            "%s: GeoIP look-up failed, the database is corrupt: %s (%d failed "
+            "look-ups since the last such message; logged at most every %gs, each "
+            'counted as geoproxy_region_resolutions_total{source="geoip",'
+            'result="error"})',
+            self.path,
+            exc,
+            self._unlogged,
+            ERROR_LOG_INTERVAL,
+        )
         self._logged_at = now
         self._unlogged = 0
 

@@ -29,27 +29,54 @@ def _low(names: Iterable[str]) -> frozenset[bytes]:
 
 #: RFC 9110 7.6.1 hop-by-hop headers, plus the legacy Proxy-Connection.
 HOP_BY_HOP = _low(
-    ("Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
-     "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade")
-)  # fmt: skip
+    (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
 # Request headers never passed on as they came: hop-by-hop ones, Expect (the forwarder
 # answers 100 Continue itself) and the ones this hop rewrites.
-_DROP_ALWAYS = HOP_BY_HOP | _low(("Expect", "X-Forwarded-For", "X-Forwarded-Proto",
-                                  "X-Forwarded-Host", "Via"))  # fmt: skip
+_DROP_ALWAYS = HOP_BY_HOP | _low(
+    ("Expect", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Via")
+)
 # From an untrusted peer, also every header that claims a client identity or region: a
 # geode that believes one of them could be spoofed.
 _DROP_UNTRUSTED = _DROP_ALWAYS | _low(
-    (X_CLIENT_REGION, CF_IPCOUNTRY, "Forwarded", "X-Real-IP", "True-Client-IP",
-     "CF-Connecting-IP", "X-Client-IP", "X-Cluster-Client-IP", "Fastly-Client-IP",
-     "X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Server")
-)  # fmt: skip
+    (
+        X_CLIENT_REGION,
+        CF_IPCOUNTRY,
+        "Forwarded",
+        "X-Real-IP",
+        "True-Client-IP",
+        "CF-Connecting-IP",
+        "X-Client-IP",
+        "X-Cluster-Client-IP",
+        "Fastly-Client-IP",
+        "X-Forwarded-Port",
+        "X-Forwarded-Prefix",
+        "X-Forwarded-Server",
+    )
+)
 GEODE_HEADER = "X-Geoproxy-Geode"
 REGION_HEADER = "X-Geoproxy-Region"
 _INTERNAL_PREFIX = b"x-geoproxy-"
 _HOST, _VIA, _XFF, _XFP, _XFH, _CONNECTION, _CONTENT_LENGTH, _DATE = (
-    b"host", b"via", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-    b"connection", b"content-length", b"date",
-)  # fmt: skip
+    b"host",
+    b"via",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"connection",
+    b"content-length",
+    b"date",
+)
 _TRANSFER_ENCODING = b"transfer-encoding"
 # Request headers whose values this hop reads (all but Content-Length are then dropped
 # or set anew).
@@ -229,7 +256,8 @@ class ResponseHead:
         # control character in any value passed on.
         block = self.kept
         self.ok = len(block.translate(None, _CONTROLS_BUT_CRLF)) == len(block) and not (
-            vias and CONTROL(b"".join(vias)))
+            vias and CONTROL(b"".join(vias))
+        )
         if not connection:
             return _NONE
         return _named(tuple(connection), HOP_BY_HOP | named if named else HOP_BY_HOP)
@@ -249,8 +277,9 @@ def geode_lines(name: str, region: str) -> bytes:
 
 #: Fields a trailer section must not carry on (RFC 9110 6.5.1: framing and routing),
 #: besides the hop-by-hop ones.
-_NOT_TRAILERS = HOP_BY_HOP | _low(("Content-Length", "Host", "Content-Encoding",
-                                   "Content-Type", "Content-Range"))  # fmt: skip
+_NOT_TRAILERS = HOP_BY_HOP | _low(
+    ("Content-Length", "Host", "Content-Encoding", "Content-Type", "Content-Range")
+)
 
 
 def trailer_lines(block: bytes) -> bytes:
@@ -260,7 +289,12 @@ def trailer_lines(block: bytes) -> bytes:
     kept = []
     for line in block.split(b"\r\n")[:-1]:
         name, colon, _ = line.partition(b":")
-        if (colon and name and name == name.strip() and name.lower() not in _NOT_TRAILERS
-                and len(line.translate(None, _CONTROLS_BUT_CRLF)) == len(line)):  # fmt: skip
+        if (
+            colon
+            and name
+            and name == name.strip()
+            and name.lower() not in _NOT_TRAILERS
+            and len(line.translate(None, _CONTROLS_BUT_CRLF)) == len(line)
+        ):
             kept.append(line + b"\r\n")
     return b"".join(kept)

@@ -129,10 +129,13 @@ class HealthBoard:
         self.version += 1
         if not quiet:
             log.log(
-                logging.INFO if now else logging.WARNING, "geode %s (%s) %s%s", name,
-                state.geode.region, "takes traffic" if now else "is out of rotation",
+                logging.INFO if now else logging.WARNING,
+                "geode %s (%s) %s%s",
+                name,
+                state.geode.region,
+                "takes traffic" if now else "is out of rotation",
                 f": {why}" if why else "",
-            )  # fmt: skip
+            )
         for hook in self.on_transition:
             hook(state)
 
@@ -183,14 +186,17 @@ class HealthBoard:
         if len(self.healthy) <= 1:
             return  # ejecting it would leave nothing to route to
         state.ejections += 1
-        duration = min(self.outliers.base_ejection_time * state.ejections,
-                       self.outliers.max_ejection_time)  # fmt: skip
+        duration = min(
+            self.outliers.base_ejection_time * state.ejections, self.outliers.max_ejection_time
+        )
         until = time.time() + duration
         state.ejected_until = until
         for hook in self.on_eject:
             hook(state)
-        self._update(state, f"ejected for {duration:g}s after {state.passive_failures} "
-                            "failed requests in a row")  # fmt: skip
+        self._update(
+            state,
+            f"ejected for {duration:g}s after {state.passive_failures} failed requests in a row",
+        )
         if self._schedule is not None:
             self._schedule(duration, lambda: self._readmit(name, until))
 
@@ -203,8 +209,10 @@ class HealthBoard:
 
     def snapshot(self) -> dict[str, dict[str, object]]:
         """Active-check health of every geode, to hand to workers (``adopt``)."""
-        return {name: {"url": str(s.geode.url), "checked": s.checked, "healthy": s.healthy}
-                for name, s in self.states.items()}  # fmt: skip
+        return {
+            name: {"url": str(s.geode.url), "checked": s.checked, "healthy": s.healthy}
+            for name, s in self.states.items()
+        }
 
     def adopt(self, snapshot: Mapping[str, Mapping[str, object]]) -> None:
         """Take active-check health from a process that checks for us (the supervisor of

@@ -143,8 +143,9 @@ class Observer:
                 m.failovers.inc(previous, name)
             previous = name
         if self.access_format != "off" and access_log.isEnabledFor(logging.INFO):
-            access_log.info(self.format_line(trace, status, duration, method, url.path, remote,
-                                             size))  # fmt: skip
+            access_log.info(
+                self.format_line(trace, status, duration, method, url.path, remote, size)
+            )
 
     def _cut(self, trace: Trace) -> int:
         """A request the drain cut off: counted on the geode it was on, if any."""

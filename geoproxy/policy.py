@@ -50,16 +50,20 @@ def read_whole(status: int, method: str, out: ResponseHead) -> bool:
     """The answer is read whole and sent in one write (else it streams): a final
     answer with a body of known length up to ``SMALL_BODY``."""
     length = out.length
-    return (length is not None and length <= SMALL_BODY and status >= 200
-            and status not in NO_BODY and method != "HEAD")  # fmt: skip
+    return (
+        length is not None
+        and length <= SMALL_BODY
+        and status >= 200
+        and status not in NO_BODY
+        and method != "HEAD"
+    )
 
 
 def fast_lane_finishes(status: int, out: ResponseHead) -> bool:
     """The fast lane (a GET) may finish this answer itself: one it can relay, read
     whole, and no reason to try another geode. Anything else goes to the coroutine
     path before any byte reached the client."""
-    return (status not in RETRY_STATUSES and out.ok and out.framed
-            and read_whole(status, "GET", out))  # fmt: skip
+    return status not in RETRY_STATUSES and out.ok and out.framed and read_whole(status, "GET", out)
 
 
 def answered(trace: Trace, geode: Geode, decision: str) -> None:

@@ -24,8 +24,7 @@ from geoproxy.trace import Trace
 
 
 def body_too_large(limits: Limits) -> web.Response:
-    return json_error(413, "body_too_large",
-                      f"request body exceeds {limits.max_body_bytes} bytes")  # fmt: skip
+    return json_error(413, "body_too_large", f"request body exceeds {limits.max_body_bytes} bytes")
 
 
 def refusal(rt: Runtime, method: str, target: str) -> tuple[str, web.Response] | None:
@@ -37,18 +36,26 @@ def refusal(rt: Runtime, method: str, target: str) -> tuple[str, web.Response] |
     label = refused_method(method, fwd.forward_trace)
     if label is not None:
         allow = ALLOWED_METHODS + (", TRACE" if fwd.forward_trace else "")
-        why = ("a reverse proxy does not tunnel" if label == CONNECT_REFUSED
-               else "not forwarded (forwarding.forward_trace)")  # fmt: skip
-        return label, json_error(405, "method_not_allowed", f"{method}: {why}",
-                                 headers={"Allow": allow})  # fmt: skip
+        why = (
+            "a reverse proxy does not tunnel"
+            if label == CONNECT_REFUSED
+            else "not forwarded (forwarding.forward_trace)"
+        )
+        return label, json_error(
+            405, "method_not_allowed", f"{method}: {why}", headers={"Allow": allow}
+        )
     decision = rt.topology.access.decide(target)
     rule = decision.rule
     if decision.allowed or rule is None:
         return None
     if rule.status == 400:
-        return rule.name, json_error(400, "bad_path", "the request path cannot be read "
-                                     "safely: an encoded '/' or '\\', a '\\', a NUL or "
-                                     "bytes that are not UTF-8")  # fmt: skip
+        return rule.name, json_error(
+            400,
+            "bad_path",
+            "the request path cannot be read "
+            "safely: an encoded '/' or '\\', a '\\', a NUL or "
+            "bytes that are not UTF-8",
+        )
     if rule.status == 403:
         return rule.name, json_error(403, "forbidden", "access to this path is denied")
     return rule.name, json_error(404, "not_found", "no such path")
@@ -62,8 +69,9 @@ class Prelude:
 
     __slots__ = ("forwarded", "head", "resolution", "via")
 
-    def __init__(self, head: RequestHead, forwarded: bytes, via: bytes,
-                 resolution: Resolution) -> None:  # fmt: skip
+    def __init__(
+        self, head: RequestHead, forwarded: bytes, via: bytes, resolution: Resolution
+    ) -> None:
         self.head, self.forwarded, self.via, self.resolution = head, forwarded, via, resolution
 
 
@@ -73,15 +81,23 @@ class Route:
 
     __slots__ = ("cands", "forwarded", "head", "rt", "trace", "via")
 
-    def __init__(self, rt: Runtime, trace: Trace, head: RequestHead, cands: list[Candidate],
-                 forwarded: bytes, via: bytes) -> None:  # fmt: skip
+    def __init__(
+        self,
+        rt: Runtime,
+        trace: Trace,
+        head: RequestHead,
+        cands: list[Candidate],
+        forwarded: bytes,
+        via: bytes,
+    ) -> None:
         self.rt, self.trace, self.head, self.cands = rt, trace, head, cands
         self.forwarded = forwarded  # X-Forwarded-* and Via lines, as sent
         self.via = via
 
 
-def request_wire(method: str, geode: Geode, path_qs: str, host: bytes, head: RequestHead,
-                 forwarded: bytes) -> bytes:  # fmt: skip
+def request_wire(
+    method: str, geode: Geode, path_qs: str, host: bytes, head: RequestHead, forwarded: bytes
+) -> bytes:
     """A bodiless request head as it goes to a geode on the lean path."""
     target = _text_bytes(f"{method} {geode.prefix}{path_qs} HTTP/1.1")
     return b"".join((target, b"\r\nHost: ", host, b"\r\n", head.kept, forwarded, b"\r\n"))
@@ -122,8 +138,11 @@ class Routing:
         head = RequestHead(raw_headers, trusted)
         via = _cached_bytes(rt.via)
         if head.looped(via):
-            return json_error(508, "loop_detected", "the request came back to this proxy: "
-                              "a geode URL points at the proxy itself")  # fmt: skip
+            return json_error(
+                508,
+                "loop_detected",
+                "the request came back to this proxy: a geode URL points at the proxy itself",
+            )
         if head.size > limits.max_header_bytes:
             too_big = f"request headers exceed {limits.max_header_bytes} bytes"
             return json_error(431, "headers_too_large", too_big)
@@ -134,10 +153,10 @@ class Routing:
             cip = client_ip(peer, forwarded_for, rt.trusted)
             resolution = resolve(topology, headers_in, trusted, cip, rt.geoip)
         else:  # the client is the peer: its resolution is memoised by its address
-            resolution = self.regions.resolve(topology, headers_in, trusted, peer, rt.geoip,
-                                              remote)  # fmt: skip
-        forwarded = head.forwarded(_peer_text(remote) if remote else b"",
-                                   _cached_bytes(scheme), via)  # fmt: skip
+            resolution = self.regions.resolve(topology, headers_in, trusted, peer, rt.geoip, remote)
+        forwarded = head.forwarded(
+            _peer_text(remote) if remote else b"", _cached_bytes(scheme), via
+        )
         return Prelude(head, forwarded, via, resolution)
 
     def routed(self, rt: Runtime, prelude: Prelude, trace: Trace) -> Route | web.Response:
@@ -147,17 +166,22 @@ class Routing:
         trace.resolution = resolution
         board = rt.board
         cands, decision = self.routes.candidates(
-            topology, resolution.region, board.healthy, board.version,
+            topology,
+            resolution.region,
+            board.healthy,
+            board.version,
             topology.config.forwarding.max_attempts,
-        )  # fmt: skip
+        )
         trace.decision = decision
         if not cands:
             retry_after = str(math.ceil(topology.config.health_check.interval))
             return json_error(
-                503, "no_healthy_geode",
+                503,
+                "no_healthy_geode",
                 f"no healthy geode can serve region {resolution.region!r}",
-                headers={"Retry-After": retry_after}, region=resolution.region,
-            )  # fmt: skip
+                headers={"Retry-After": retry_after},
+                region=resolution.region,
+            )
         return Route(rt, trace, prelude.head, cands, prelude.forwarded, prelude.via)
 
 

@@ -89,8 +89,10 @@ class ServerConnection(RequestHandler):
             self._received(data[start:end])
             start = end
             messages = self._messages
-            if (messages and type(messages[-1][0]) is _ErrInfo) or self._close or (
-                self._force_close or self.transport is None
+            if (
+                (messages and type(messages[-1][0]) is _ErrInfo)
+                or self._close
+                or (self._force_close or self.transport is None)
             ):
                 self._fail_body()
                 return  # what follows a bad request is not parsed
@@ -171,15 +173,24 @@ class ServerConnection(RequestHandler):
     def _new_parser(self) -> HttpRequestParser:
         """A request parser as ``RequestHandler.__init__`` builds one."""
         return HttpRequestParser(
-            self, self._loop, self._read_bufsize, max_line_size=self.max_line_size,
-            max_field_size=self.max_field_size, max_headers=self.max_headers,
-            payload_exception=RequestPayloadError, auto_decompress=self._auto_decompress,
+            self,
+            self._loop,
+            self._read_bufsize,
+            max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size,
+            max_headers=self.max_headers,
+            payload_exception=RequestPayloadError,
+            auto_decompress=self._auto_decompress,
             max_msg_queue_size=self._max_msg_queue_size,
-        )  # fmt: skip
+        )
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500,
-                     exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:  # fmt: skip
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         """geoproxy's JSON error for a request aiohttp could not parse (or a bug): what
         was wrong in a few words, never the client's bytes echoed back, and one log line
         without a traceback for a client's mistake."""
@@ -188,8 +199,12 @@ class ServerConnection(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("an answer is under way: no error answer can follow")
         what = _BAD_REQUEST.get(type(exc), "malformed request") if exc else "malformed request"
-        log.info("rejected malformed request from %s: %s (%s)", request.remote, what,
-                 message.splitlines()[0][:120] if message else type(exc).__name__)  # fmt: skip
+        log.info(
+            "rejected malformed request from %s: %s (%s)",
+            request.remote,
+            what,
+            message.splitlines()[0][:120] if message else type(exc).__name__,
+        )
         resp = json_error(status, "bad_request", what)
         resp.force_close()
         return resp

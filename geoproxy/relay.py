@@ -29,8 +29,17 @@ log = logging.getLogger("geoproxy.forwarder")
 class Reply:
     """A geode's response as the relay needs it, from either client path."""
 
-    __slots__ = ("close", "content", "headers", "protocol", "raw_headers", "reason",
-                 "release", "status", "trailers")  # fmt: skip
+    __slots__ = (
+        "close",
+        "content",
+        "headers",
+        "protocol",
+        "raw_headers",
+        "reason",
+        "release",
+        "status",
+        "trailers",
+    )
 
     def __init__(
         self,
@@ -52,14 +61,30 @@ class Reply:
     @classmethod
     def of_response(cls, resp: aiohttp.ClientResponse) -> Reply:
         protocol = resp.connection.protocol if resp.connection is not None else None
-        return cls(resp.status, resp.reason, resp.headers, resp.raw_headers, resp.content,
-                   protocol, resp.release, resp.close)  # fmt: skip
+        return cls(
+            resp.status,
+            resp.reason,
+            resp.headers,
+            resp.raw_headers,
+            resp.content,
+            protocol,
+            resp.release,
+            resp.close,
+        )
 
     @classmethod
     def of_exchange(cls, ex: upstream.Exchange) -> Reply:
         msg = ex.message
-        reply = cls(msg.code, msg.reason, msg.headers, msg.raw_headers, ex.payload, ex.proto,
-                    ex.release, ex.close)  # fmt: skip
+        reply = cls(
+            msg.code,
+            msg.reason,
+            msg.headers,
+            msg.raw_headers,
+            ex.payload,
+            ex.proto,
+            ex.release,
+            ex.close,
+        )
         if msg.chunked:
             reply.trailers = ex.proto.trailers
         return reply
@@ -76,9 +101,10 @@ async def stream(
     # A body that ends when the connection closes cannot tell a reset from its end by
     # itself (aiohttp reads a reset as EOF): the connection's `closed` future can.
     closed = None
-    delimited = CONTENT_LENGTH in reply.headers or "chunked" in reply.headers.get(
-        TRANSFER_ENCODING, ""
-    ).lower()
+    delimited = (
+        CONTENT_LENGTH in reply.headers
+        or "chunked" in reply.headers.get(TRANSFER_ENCODING, "").lower()
+    )
     if not delimited and reply.protocol is not None:
         closed = reply.protocol.closed
     complete = False
@@ -91,8 +117,11 @@ async def stream(
                 if not chunk and lost is not None:
                     raise lost
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                log.warning("geode %s failed mid-response: %r; aborting the client "
-                            "connection", geode.name, exc)  # fmt: skip
+                log.warning(
+                    "geode %s failed mid-response: %r; aborting the client connection",
+                    geode.name,
+                    exc,
+                )
                 trace.aborted = True
                 if request.transport is not None:
                     request.transport.abort()
@@ -140,5 +169,3 @@ def _no_trailers() -> bytes:
 
 def _settled(future: asyncio.Future[None]) -> bool:
     return future.done() and not future.cancelled()
-
-

@@ -141,8 +141,9 @@ class ResolutionCache:
     ) -> Resolution:
         if self._for is None or self._for[0] is not topology or self._for[1] is not lookup:
             self._for = (topology, lookup)
-            self._headers = tuple(HEADER_OF[s] for s in topology.config.region_sources
-                                  if s in HEADER_OF)  # fmt: skip
+            self._headers = tuple(
+                HEADER_OF[s] for s in topology.config.region_sources if s in HEADER_OF
+            )
             self._memo = {}
         if key is None or any(name in headers for name in self._headers):
             return resolve(topology, headers, peer_trusted, client_ip, lookup)

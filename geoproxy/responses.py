@@ -87,8 +87,15 @@ def status_line(version: HttpVersion, status: int, reason: str) -> bytes:
     return line
 
 
-def relay_head(version: HttpVersion, status: int, reason: str, lines: bytes, dated: bool,
-               framing: bytes, keep_alive: bool) -> list[bytes]:  # fmt: skip
+def relay_head(
+    version: HttpVersion,
+    status: int,
+    reason: str,
+    lines: bytes,
+    dated: bool,
+    framing: bytes,
+    keep_alive: bool,
+) -> list[bytes]:
     """The head of a relayed response, from header lines already written and checked
     ("Name: value\r\n" each, as the geode sent them), without the blank line that ends
     it: what this hop adds is only what aiohttp's own responses carry for framing:
@@ -105,12 +112,25 @@ def relay_head(version: HttpVersion, status: int, reason: str, lines: bytes, dat
     return head
 
 
-def whole_head(version: HttpVersion, status: int, reason: str, lines: bytes, dated: bool,
-               length: int, keep_alive: bool) -> list[bytes]:  # fmt: skip
+def whole_head(
+    version: HttpVersion,
+    status: int,
+    reason: str,
+    lines: bytes,
+    dated: bool,
+    length: int,
+    keep_alive: bool,
+) -> list[bytes]:
     """``relay_head`` for a whole response of ``length`` bytes."""
-    return relay_head(version, status, reason, lines, dated,
-                      b"Content-Length: " + str(length).encode() + b"\r\n",
-                      keep_alive)  # fmt: skip
+    return relay_head(
+        version,
+        status,
+        reason,
+        lines,
+        dated,
+        b"Content-Length: " + str(length).encode() + b"\r\n",
+        keep_alive,
+    )
 
 
 class RelayResponse(web.StreamResponse):
@@ -124,8 +144,9 @@ class RelayResponse(web.StreamResponse):
     Content-Length describes the representation (RFC 9110 8.6) and is passed on; a 204
     has none. A chunked body ends with the geode's ``trailers``, when it had any."""
 
-    def __init__(self, status: int, reason: str | None, lines: bytes, dated: bool,
-                 length: int | None) -> None:  # fmt: skip
+    def __init__(
+        self, status: int, reason: str | None, lines: bytes, dated: bool, length: int | None
+    ) -> None:
         super().__init__(status=status, reason=reason)
         self._lines = lines  # "Name: value\r\n" each
         self._dated = dated
@@ -155,8 +176,9 @@ class RelayResponse(web.StreamResponse):
         else:
             keep_alive = False  # the body ends when the connection closes
         self._keep_alive = keep_alive
-        self._head = relay_head(version, self._status, self._reason, self._lines,
-                                self._dated, framing, keep_alive)  # fmt: skip
+        self._head = relay_head(
+            version, self._status, self._reason, self._lines, self._dated, framing, keep_alive
+        )
 
     async def _write_headers(self) -> None:
         request = self._req
@@ -186,8 +208,9 @@ class WholeResponse(web.StreamResponse):
     handler returns, from header lines the caller already wrote and checked (no header
     map is built; ``whole_head``). Never for HEAD, 1xx, 204 or 304."""
 
-    def __init__(self, status: int, reason: str | None, lines: bytes, dated: bool,
-                 body: bytes) -> None:  # fmt: skip
+    def __init__(
+        self, status: int, reason: str | None, lines: bytes, dated: bool, body: bytes
+    ) -> None:
         super().__init__(status=status, reason=reason)
         self._lines = lines  # "Name: value\r\n" each
         self._dated = dated
@@ -205,8 +228,15 @@ class WholeResponse(web.StreamResponse):
             keep_alive = self._keep_alive = request.keep_alive
         await request._prepare_hook(self)  # on_response_prepare signals, if any
         body = self._whole
-        head = whole_head(request.version, self._status, self._reason, self._lines,
-                          self._dated, len(body), keep_alive)  # fmt: skip
+        head = whole_head(
+            request.version,
+            self._status,
+            self._reason,
+            self._lines,
+            self._dated,
+            len(body),
+            keep_alive,
+        )
         if self._headers:  # set by a signal handler
             head.append(_serialize_headers("", self._headers)[2:-2])
         head.append(b"\r\n")
@@ -225,9 +255,11 @@ _TIMEOUT_BODY = (
 )
 _REQUEST_TIMEOUT = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-    b"Connection: close\r\nContent-Length: " + str(len(_TIMEOUT_BODY)).encode()
-    + b"\r\n\r\n" + _TIMEOUT_BODY
-)  # fmt: skip
+    b"Connection: close\r\nContent-Length: "
+    + str(len(_TIMEOUT_BODY)).encode()
+    + b"\r\n\r\n"
+    + _TIMEOUT_BODY
+)
 
 
 class HeadDeadline:
@@ -269,18 +301,21 @@ class HeadDeadline:
         transport.close()
 
 
-def whole_response(status: int, reason: str | None, lines: bytes, dated: bool,
-                   body: bytes) -> web.StreamResponse:  # fmt: skip
+def whole_response(
+    status: int, reason: str | None, lines: bytes, dated: bool, body: bytes
+) -> web.StreamResponse:
     """A geode's whole answer: ``WholeResponse``, or in public mode (``compat``) a plain
     ``web.Response`` (aiohttp then adds its own Content-Type and Server headers)."""
     if compat.lean():
         return WholeResponse(status, reason, lines, dated, body)
-    return web.Response(status=status, reason=reason, body=body,
-                        headers=lines_to_map(lines, CIMultiDict()))  # fmt: skip
+    return web.Response(
+        status=status, reason=reason, body=body, headers=lines_to_map(lines, CIMultiDict())
+    )
 
 
-def relay_response(status: int, reason: str | None, lines: bytes, dated: bool,
-                   length: int | None) -> web.StreamResponse:  # fmt: skip
+def relay_response(
+    status: int, reason: str | None, lines: bytes, dated: bool, length: int | None
+) -> web.StreamResponse:
     """A geode's streamed answer: ``RelayResponse``, or in public mode a plain
     ``web.StreamResponse`` (framed by aiohttp)."""
     if compat.lean():

@@ -82,7 +82,9 @@ class CandidateCache:
             return hit[2], hit[3]
         cands, decision = candidates(topology, region, healthy, limit, rand)
         regions = {c.geode.region for c in cands}
-        if all(sum(g.name in healthy for g in topology.geodes_by_region[r]) <= 1
-               for r in regions) or decision == NONE_HEALTHY:  # fmt: skip
+        if (
+            all(sum(g.name in healthy for g in topology.geodes_by_region[r]) <= 1 for r in regions)
+            or decision == NONE_HEALTHY
+        ):
             self._memo[region] = (topology, version, cands, decision)
         return cands, decision

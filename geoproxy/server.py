@@ -60,8 +60,7 @@ async def start_site(
             log.warning("%s port %d is taken; using a free port instead", what, listener.port)
             return await start_site(runner, what, Listener(listener.host, 0), False)
         raise ListenError(
-            f"cannot listen for {what} on {listener.host}:{listener.port}: "
-            f"{exc.strerror or exc}"
+            f"cannot listen for {what} on {listener.host}:{listener.port}: {exc.strerror or exc}"
         ) from None
     host, port = runner.addresses[0][:2]  # one site per runner
     return str(host), int(port)
@@ -97,8 +96,11 @@ class HeadTimeoutRunner(web.ServerRunner):
         if inner is not None:
             inner.pre_shutdown()  # idle connections close; busy ones after their answer
             if not await _until_idle(observer, timeout):
-                log.warning("shutdown.drain_timeout (%gs) is over: cutting off %s still in "
-                            "flight", timeout, plural(observer.inflight, "request"))  # fmt: skip
+                log.warning(
+                    "shutdown.drain_timeout (%gs) is over: cutting off %s still in flight",
+                    timeout,
+                    plural(observer.inflight, "request"),
+                )
                 observer.cutting = True
                 for connection in inner.connections:
                     connection.force_close()
@@ -147,12 +149,17 @@ def make_proxy_runner(gateway: Gateway) -> HeadTimeoutRunner:
     # inflated bytes under the client's Content-Length (truncated, altered); inflating
     # is also what makes a decompression bomb cost the edge, not the geode.
     kind = ProxyServer if compat.lean() else PublicServer
-    server = kind(gateway, access_log=None, handler_cancellation=True,
-                  keepalive_timeout=config.limits.keepalive_timeout,
-                  auto_decompress=False)  # fmt: skip
+    server = kind(
+        gateway,
+        access_log=None,
+        handler_cancellation=True,
+        keepalive_timeout=config.limits.keepalive_timeout,
+        auto_decompress=False,
+    )
     # shutdown_timeout: what is left once ``drain`` has cut off what outlived the drain.
-    runner = HeadTimeoutRunner(server, config.limits.header_timeout, handle_signals=False,
-                               shutdown_timeout=_CUT_WAIT)  # fmt: skip
+    runner = HeadTimeoutRunner(
+        server, config.limits.header_timeout, handle_signals=False, shutdown_timeout=_CUT_WAIT
+    )
     gateway.on_request = runner.note_request
     return runner
 
@@ -172,10 +179,10 @@ async def serve(
     accepting, in-flight requests get ``shutdown.drain_timeout`` to finish."""
     gateway = Gateway(config)
     proxy_runner = make_proxy_runner(gateway)
-    admin_runner = web.AppRunner(gateway.admin_app(), access_log=None, handle_signals=False,
-                                 shutdown_timeout=_CUT_WAIT)  # fmt: skip
-    log.info("geoproxy starting: first health round over %s",
-             plural(len(config.geodes), "geode"))  # fmt: skip
+    admin_runner = web.AppRunner(
+        gateway.admin_app(), access_log=None, handle_signals=False, shutdown_timeout=_CUT_WAIT
+    )
+    log.info("geoproxy starting: first health round over %s", plural(len(config.geodes), "geode"))
     async with contextlib.AsyncExitStack() as stack:  # undone in reverse
         stack.push_async_callback(admin_runner.cleanup)  # last: /readyz 503 while draining
         if not await unless_stopped(stack.enter_async_context(gateway.lifespan()), stop):
@@ -188,9 +195,13 @@ async def serve(
         proxy = await start_site(proxy_runner, "proxy", config.proxy, any_port_if_taken)
         admin = await start_site(admin_runner, "admin", config.admin, any_port_if_taken)
         bound = Bound(proxy, admin)
-        log.info("geoproxy proxying on %s, admin on %s (%s, %d healthy)",
-                 bound.proxy_url, bound.admin_url, plural(len(gateway.board.states), "geode"),
-                 len(gateway.board.healthy))  # fmt: skip
+        log.info(
+            "geoproxy proxying on %s, admin on %s (%s, %d healthy)",
+            bound.proxy_url,
+            bound.admin_url,
+            plural(len(gateway.board.states), "geode"),
+            len(gateway.board.healthy),
+        )
         watcher = asyncio.create_task(
             watch_config(gateway, reload or asyncio.Event()), name="geoproxy-config-watch"
         )
@@ -201,8 +212,12 @@ async def serve(
 async def drain_and_report(runner: HeadTimeoutRunner, gateway: Gateway, who: str) -> None:
     """Stop accepting, drain, close (``HeadTimeoutRunner.drain``); log the counts."""
     drained, cut = await runner.drain(gateway)
-    log.info("%s stopped: %s drained, %d cut off by shutdown.drain_timeout", who,
-             plural(drained, "request"), cut)  # fmt: skip
+    log.info(
+        "%s stopped: %s drained, %d cut off by shutdown.drain_timeout",
+        who,
+        plural(drained, "request"),
+        cut,
+    )
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
@@ -219,8 +234,10 @@ async def serve_until_stopped(
         on_ready(bound)
     await stop.wait()
     gateway.start_draining()
-    log.info("geoproxy shutting down (in-flight requests get up to %gs)",
-             gateway.config.lifecycle.drain_timeout)  # fmt: skip
+    log.info(
+        "geoproxy shutting down (in-flight requests get up to %gs)",
+        gateway.config.lifecycle.drain_timeout,
+    )
 
 
 async def watch_config(gateway: Gateway, reload: asyncio.Event) -> None:

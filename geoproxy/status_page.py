@@ -89,8 +89,9 @@ def geode_state(state: GeodeHealth, traffic: Traffic) -> str:
 def _label(state: GeodeHealth, word: str, now: float) -> str:
     if word == "ejected":
         until = state.ejected_until
-        return "EJECTED" + (f" until {_clock(until)} ({_ago(until - now)} left)" if until
-                            else " by a worker")  # fmt: skip
+        return "EJECTED" + (
+            f" until {_clock(until)} ({_ago(until - now)} left)" if until else " by a worker"
+        )
     return word.upper()
 
 
@@ -157,29 +158,38 @@ def _region_rows(runtime: Runtime, up: set[str]) -> list[str]:
 
 
 def _header(facts: Facts, now: float) -> str:
-    ready = ("<span class=bad>not ready: " + escape(facts.not_ready) + "</span>"
-             if facts.not_ready else "ready")  # fmt: skip
+    ready = (
+        "<span class=bad>not ready: " + escape(facts.not_ready) + "</span>"
+        if facts.not_ready
+        else "ready"
+    )
     if facts.draining:
         ready += " · <span class=bad>draining (shutting down)</span>"
     reload = facts.last_reload
     if reload is None:
         reloaded = "no reload since start-up"
     elif reload.ok:
-        reloaded = (f"last reload ({escape(reload.reason)}) at {_clock(reload.at)}: ok — "
-                    f"{escape(reload.detail)}")  # fmt: skip
+        reloaded = (
+            f"last reload ({escape(reload.reason)}) at {_clock(reload.at)}: ok — "
+            f"{escape(reload.detail)}"
+        )
     else:
         first = reload.detail.splitlines()[0] if reload.detail else ""
-        reloaded = (f"<span class=bad>last reload ({escape(reload.reason)}) at "
-                    f"{_clock(reload.at)} FAILED; the running config stays: "
-                    f"{escape(first)}</span>")  # fmt: skip
+        reloaded = (
+            f"<span class=bad>last reload ({escape(reload.reason)}) at "
+            f"{_clock(reload.at)} FAILED; the running config stays: "
+            f"{escape(first)}</span>"
+        )
     rates = facts.rates
     if rates is None:
         recent = "rates: not enough history yet"
     else:
         off = "-" if rates.off_region is None else f"{100 * rates.off_region:.1f} %"
-        recent = (f"last {_ago(rates.seconds)}: {rates.decisions:.2f} requests/s routed, "
-                  f"{rates.failovers * 60:.1f} failovers/min, {off} served outside the "
-                  f"client's region")  # fmt: skip
+        recent = (
+            f"last {_ago(rates.seconds)}: {rates.decisions:.2f} requests/s routed, "
+            f"{rates.failovers * 60:.1f} failovers/min, {off} served outside the "
+            f"client's region"
+        )
     return f"<div>{ready}</div>\n<div>{reloaded}</div>\n<div>{recent}</div>"
 
 
@@ -194,13 +204,24 @@ def _geoip_line(runtime: Runtime, now: float) -> str:
     age = f"built {built}, {days:.0f} days ago"
     if days > GEOIP_STALE_DAYS:
         age = f"<span class=bad>{age}: stale, is geoipupdate running?</span>"
-    return (f"GeoIP database: <code>{escape(str(db.path))}</code> "
-            f"({escape(db.database_type)}, {age})")
+    return (
+        f"GeoIP database: <code>{escape(str(db.path))}</code> ({escape(db.database_type)}, {age})"
+    )
 
 
 #: Region colours on the map, in the order of the regions' names (then again).
-PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#edc948", "#76b7b2", "#ff9da7",
-           "#9c755f", "#e15759", "#bab0ac")  # fmt: skip
+PALETTE = (
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#b07aa1",
+    "#edc948",
+    "#76b7b2",
+    "#ff9da7",
+    "#9c755f",
+    "#e15759",
+    "#bab0ac",
+)
 _UNMAPPED = "#d8d8d8"
 
 
@@ -227,8 +248,10 @@ def _world_map(runtime: Runtime, facts: Facts) -> str:
         region = topology.country_region.get(code)
         fill = colours.get(region, _UNMAPPED) if region else _UNMAPPED
         served = escape(f"{code} {country['name']} → {region or 'the default region'}")
-        paths.append(f'<path d="{country["d"]}" fill="{fill}" data-country="{code}">'
-                     f"<title>{served}</title></path>")  # fmt: skip
+        paths.append(
+            f'<path d="{country["d"]}" fill="{fill}" data-country="{code}">'
+            f"<title>{served}</title></path>"
+        )
         if region and country["a"] > anchors.get(region, (0, []))[0]:
             anchors[region] = (country["a"], country["c"])
     markers = []
@@ -239,13 +262,17 @@ def _world_map(runtime: Runtime, facts: Facts) -> str:
         for i, geode in enumerate(geodes):
             state = runtime.board.states.get(geode.name)
             word = "unchecked" if state is None else geode_state(state, facts.traffic)
-            markers.append(f'<circle cx="{x + 9 * i - 4.5 * (len(geodes) - 1):g}" cy="{y}" '
-                           f'r="5" class="{_CSS[word]}" data-geode="{escape(geode.name)}">'
-                           f"<title>{escape(geode.name)} ({escape(region)}): "
-                           f"{word.upper()}</title></circle>")  # fmt: skip
-    return ('<svg class="map" viewBox="0 0 720 360" role="img" aria-label="countries by '
-            f'the region that serves them">{"".join(paths)}{"".join(markers)}</svg>\n'
-            f"<div>{_legend(runtime, facts, colours)}</div>")
+            markers.append(
+                f'<circle cx="{x + 9 * i - 4.5 * (len(geodes) - 1):g}" cy="{y}" '
+                f'r="5" class="{_CSS[word]}" data-geode="{escape(geode.name)}">'
+                f"<title>{escape(geode.name)} ({escape(region)}): "
+                f"{word.upper()}</title></circle>"
+            )
+    return (
+        '<svg class="map" viewBox="0 0 720 360" role="img" aria-label="countries by '
+        f'the region that serves them">{"".join(paths)}{"".join(markers)}</svg>\n'
+        f"<div>{_legend(runtime, facts, colours)}</div>"
+    )
 
 
 def _legend(runtime: Runtime, facts: Facts, colours: Mapping[str, str]) -> str:
@@ -261,19 +288,23 @@ def _legend(runtime: Runtime, facts: Facts, colours: Mapping[str, str]) -> str:
     for region, colour in colours.items():
         share = f"{100 * by_region.get(region, 0.0) / total:.0f} %" if total else "-"
         swatch = f'<span class=swatch style="background:{colour}"></span>'
-        items.append(f'<span data-region="{escape(region)}">{swatch}{escape(region)} '
-                     f"{share}</span>")  # fmt: skip
+        items.append(
+            f'<span data-region="{escape(region)}">{swatch}{escape(region)} {share}</span>'
+        )
     window = f"last {_ago(rates.seconds)}" if rates else "no traffic history yet"
-    return (" · ".join(items) + f' <span class=muted>(share of requests served, {window};'
-            " grey: countries no rule maps, served by the default region)</span>")
+    return (
+        " · ".join(items) + f" <span class=muted>(share of requests served, {window};"
+        " grey: countries no rule maps, served by the default region)</span>"
+    )
 
 
 def render_status(runtime: Runtime, facts: Facts, now: float | None = None) -> str:
     """The page."""
     now = time.time() if now is None else now
     rows, serving = _geode_rows(runtime, facts, now)
-    up = {s.geode.name for s in runtime.board.states.values()
-          if geode_state(s, facts.traffic) == "up"}  # fmt: skip
+    up = {
+        s.geode.name for s in runtime.board.states.values() if geode_state(s, facts.traffic) == "up"
+    }
     cfg = runtime.topology.config
     window = f"last {_ago(facts.rates.seconds)}" if facts.rates else "recent"
     return f"""<!doctype html>

@@ -68,8 +68,9 @@ MAX_WORKERS = 256
 
 def _addresses(listener: Listener, where: str) -> list[tuple[int, Any]]:
     try:
-        infos = socket.getaddrinfo(listener.host or None, listener.port,
-                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)  # fmt: skip
+        infos = socket.getaddrinfo(
+            listener.host or None, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
         raise ListenError(f"{where}: {exc.strerror}") from None
     return list(dict.fromkeys((info[0], info[4]) for info in infos))
@@ -145,10 +146,14 @@ class Worker:
     first message (config and health as they are at that moment)."""
 
     def __init__(
-        self, index: int, sockets: list[socket.socket], argv: list[str],
-        hello: Callable[[], control.Message], on_metrics: Callable[[int, list[Any]], None],
+        self,
+        index: int,
+        sockets: list[socket.socket],
+        argv: list[str],
+        hello: Callable[[], control.Message],
+        on_metrics: Callable[[int, list[Any]], None],
         geoip_fd: Callable[[], int | None] = lambda: None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.index = index
         self.geoip_fd = geoip_fd  # the supervisor's GeoIP database, inherited at start
         self.sockets = sockets
@@ -177,8 +182,15 @@ class Worker:
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
         fds = [s.fileno() for s in self.sockets]
-        argv = [*self.argv, "--index", str(self.index), "--control-fd", str(theirs.fileno()),
-                "--supervisor-pid", str(os.getpid())]  # fmt: skip
+        argv = [
+            *self.argv,
+            "--index",
+            str(self.index),
+            "--control-fd",
+            str(theirs.fileno()),
+            "--supervisor-pid",
+            str(os.getpid()),
+        ]
         for fd in fds:
             argv += ["--listen-fd", str(fd)]
         if (geoip := self.geoip_fd()) is not None:
@@ -245,8 +257,7 @@ class Worker:
                 try:
                     self._handle(control.decode(raw))
                 except Exception:
-                    log.exception("worker %d sent what cannot be handled: %.200r", self.index,
-                                  raw)  # fmt: skip
+                    log.exception("worker %d sent what cannot be handled: %.200r", self.index, raw)
         except (ConnectionResetError, BrokenPipeError):
             # It exited with our messages unread, or closed its end before our last write
             # (an idle worker draining on its own SIGTERM as we tell it to stop): an end
@@ -254,8 +265,7 @@ class Worker:
             pass
         except (ConnectionError, ValueError) as exc:  # ValueError: a line over the limit
             if self.running:
-                log.error("worker %d: control channel broken (%s); stopping it", self.index,
-                          exc)  # fmt: skip
+                log.error("worker %d: control channel broken (%s); stopping it", self.index, exc)
                 self.kill()
         for future in self._pending.values():
             if not future.done():
@@ -321,16 +331,23 @@ def describe_exit(code: int) -> str:
 
 class Supervisor:
     def __init__(
-        self, gateway: Gateway, sockets: list[list[socket.socket]], argv: list[str],
-        fleet_: fleet.Fleet, metrics: WorkerMetrics, ready_timeout: float = READY_TIMEOUT,
-    ) -> None:  # fmt: skip
+        self,
+        gateway: Gateway,
+        sockets: list[list[socket.socket]],
+        argv: list[str],
+        fleet_: fleet.Fleet,
+        metrics: WorkerMetrics,
+        ready_timeout: float = READY_TIMEOUT,
+    ) -> None:
         self.gateway = gateway
         self.ready_timeout = ready_timeout
         self.sockets = sockets
         self.fleet = fleet_
         self.metrics = metrics
-        self.workers = [Worker(i, s, argv, self._hello, fleet_.update, self._geoip_fd)
-                        for i, s in enumerate(sockets)]  # fmt: skip
+        self.workers = [
+            Worker(i, s, argv, self._hello, fleet_.update, self._geoip_fd)
+            for i, s in enumerate(sockets)
+        ]
         self.stopping = False
         self._watchers: list[asyncio.Task[None]] = []
         self._refresh_lock = asyncio.Lock()
@@ -346,9 +363,12 @@ class Supervisor:
     def _hello(self) -> control.Message:
         config = self.gateway.config
         db = self.gateway.geoip  # the one whose descriptor the worker inherits, or newer
-        return control.start(str(config.path), encode_sources(config),
-                             self.gateway.board.snapshot(),
-                             None if db is None else db.identity.as_list())
+        return control.start(
+            str(config.path),
+            encode_sources(config),
+            self.gateway.board.snapshot(),
+            None if db is None else db.identity.as_list(),
+        )
 
     async def start(self) -> None:
         """Start every worker and wait until each serves; one that fails to start fails
@@ -357,8 +377,9 @@ class Supervisor:
             try:
                 await worker.start()
             except OSError as exc:  # out of file descriptors or memory, say
-                raise GeoproxyError(f"cannot start worker {worker.index}: "
-                                    f"{exc.strerror or exc}") from None  # fmt: skip
+                raise GeoproxyError(
+                    f"cannot start worker {worker.index}: {exc.strerror or exc}"
+                ) from None
         pending = {asyncio.ensure_future(w.until_ready()): w for w in self.workers}
         try:
             async with asyncio.timeout(self.ready_timeout):
@@ -372,14 +393,17 @@ class Supervisor:
                                 f"({describe_exit(code)}); see its messages above"
                             )
         except TimeoutError:
-            raise GeoproxyError(f"workers did not start within {self.ready_timeout:g}s "
-                                f"({START_TIMEOUT_VAR})") from None
+            raise GeoproxyError(
+                f"workers did not start within {self.ready_timeout:g}s ({START_TIMEOUT_VAR})"
+            ) from None
         finally:
             for task in pending:
                 task.cancel()
         self._count_serving()
-        self._watchers = [asyncio.create_task(self._watch(w), name=f"watch-worker-{w.index}")
-                          for w in self.workers]  # fmt: skip
+        self._watchers = [
+            asyncio.create_task(self._watch(w), name=f"watch-worker-{w.index}")
+            for w in self.workers
+        ]
 
     async def _watch(self, worker: Worker) -> None:
         """Start the worker again whenever it exits, until the supervisor stops."""
@@ -402,9 +426,13 @@ class Supervisor:
                         return
                 self.fleet.retire(worker.index)
                 self.metrics.restarts.inc()
-                log.error("worker %d (pid %s) exited unexpectedly (%s); starting it again "
-                          "in %gs", worker.index, worker.pid, describe_exit(code),
-                          0 if clean else backoff)  # fmt: skip
+                log.error(
+                    "worker %d (pid %s) exited unexpectedly (%s); starting it again in %gs",
+                    worker.index,
+                    worker.pid,
+                    describe_exit(code),
+                    0 if clean else backoff,
+                )
                 if not clean:
                     await asyncio.sleep(backoff)
                 await self._restart(worker, backoff)
@@ -424,8 +452,12 @@ class Supervisor:
                 await worker.start()
             except OSError as exc:  # fork or exec failed: out of memory, say
                 backoff = min(backoff * 2, 10.0)
-                log.error("worker %d could not be started (%s); trying again in %gs",
-                          worker.index, exc.strerror or exc, backoff)  # fmt: skip
+                log.error(
+                    "worker %d could not be started (%s); trying again in %gs",
+                    worker.index,
+                    exc.strerror or exc,
+                    backoff,
+                )
                 await asyncio.sleep(backoff)
                 continue
             break
@@ -436,8 +468,12 @@ class Supervisor:
                 log.info("worker %d started again (pid %s)", worker.index, worker.pid)
         except TimeoutError:
             if not self.stopping:
-                log.error("worker %d (pid %s) did not start within %gs; killing it",
-                          worker.index, worker.pid, self.ready_timeout)  # fmt: skip
+                log.error(
+                    "worker %d (pid %s) did not start within %gs; killing it",
+                    worker.index,
+                    worker.pid,
+                    self.ready_timeout,
+                )
                 worker.kill()
         self._count_serving()
 
@@ -456,8 +492,9 @@ class Supervisor:
             self._broadcast(control.passed(state.geode.name, str(state.geode.url)))
 
     def broadcast_reload(self) -> None:
-        self._broadcast(control.reload(encode_sources(self.gateway.config),
-                                       self.gateway.board.snapshot()))
+        self._broadcast(
+            control.reload(encode_sources(self.gateway.config), self.gateway.board.snapshot())
+        )
 
     async def refresh_metrics(self) -> None:
         """Fetch every worker's counts (one round at a time across concurrent scrapes). A
@@ -469,8 +506,12 @@ class Supervisor:
             for worker, answered in zip(live, answers, strict=True):
                 worker.misses = 0 if answered else worker.misses + 1
                 if worker.misses >= _MISSES and worker.running and not self.stopping:
-                    log.error("worker %d (pid %s) has not answered for %d rounds; killing "
-                              "it", worker.index, worker.pid, worker.misses)  # fmt: skip
+                    log.error(
+                        "worker %d (pid %s) has not answered for %d rounds; killing it",
+                        worker.index,
+                        worker.pid,
+                        worker.misses,
+                    )
                     worker.kill()
 
     async def poll_metrics(self) -> None:
@@ -503,12 +544,19 @@ class Supervisor:
             await asyncio.wait(pending)
         for worker, waited in zip(live, waits, strict=True):
             if waited.result() != 0:  # a clean stop is exit code 0
-                log.warning("worker %d (pid %s) stopped with %s", worker.index, worker.pid,
-                            describe_exit(waited.result()))  # fmt: skip
+                log.warning(
+                    "worker %d (pid %s) stopped with %s",
+                    worker.index,
+                    worker.pid,
+                    describe_exit(waited.result()),
+                )
         self.metrics.running.set(0)
-        log.info("geoproxy stopped: %s drained, %d cut off by shutdown.drain_timeout "
-                 "(over %s)", plural(sum(w.drained for w in live), "request"),
-                 sum(w.cut for w in live), plural(len(live), "worker"))  # fmt: skip
+        log.info(
+            "geoproxy stopped: %s drained, %d cut off by shutdown.drain_timeout (over %s)",
+            plural(sum(w.drained for w in live), "request"),
+            sum(w.cut for w in live),
+            plural(len(live), "worker"),
+        )
 
 
 def start_timeout() -> float:
@@ -543,20 +591,25 @@ async def serve_workers(
     exposed = CollectorRegistry()
     exposed.register(fleet_)
     argv = [sys.executable, "-m", "geoproxy", "worker", "--log-level", log_level]
-    supervisor = Supervisor(gateway, sockets, argv, fleet_, WorkerMetrics(own),
-                            ready_timeout)  # fmt: skip
+    supervisor = Supervisor(gateway, sockets, argv, fleet_, WorkerMetrics(own), ready_timeout)
     scrape = Scrape(exposed, supervisor.refresh_metrics, fleet_.traffic)
-    admin_runner = web.AppRunner(gateway.admin_app(scrape), access_log=None,
-                                 handle_signals=False,
-                                 shutdown_timeout=config.lifecycle.drain_timeout)  # fmt: skip
+    admin_runner = web.AppRunner(
+        gateway.admin_app(scrape),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=config.lifecycle.drain_timeout,
+    )
 
     async def stop_workers() -> None:
         # Each worker exits within drain_timeout + DRAIN_MARGIN (server.py); what is
         # still running then is killed, so the supervisor keeps to the same bound.
         await supervisor.stop(gateway.config.lifecycle.drain_timeout + DRAIN_MARGIN)
 
-    log.info("geoproxy starting %d workers: first health round over %s", count,
-             plural(len(config.geodes), "geode"))  # fmt: skip
+    log.info(
+        "geoproxy starting %d workers: first health round over %s",
+        count,
+        plural(len(config.geodes), "geode"),
+    )
     async with contextlib.AsyncExitStack() as stack:  # undone in reverse
         stack.push_async_callback(admin_runner.cleanup)
         stack.callback(close_all, sockets)
@@ -572,13 +625,18 @@ async def serve_workers(
         admin = await start_site(admin_runner, "admin", config.admin, False)
         host, port = sockets[0][0].getsockname()[:2]
         bound = Bound((str(host), int(port)), admin)
-        log.info("geoproxy proxying on %s with %d workers (pids %s), admin on %s",
-                 bound.proxy_url, count, " ".join(str(w.pid) for w in supervisor.workers),
-                 bound.admin_url)  # fmt: skip
+        log.info(
+            "geoproxy proxying on %s with %d workers (pids %s), admin on %s",
+            bound.proxy_url,
+            count,
+            " ".join(str(w.pid) for w in supervisor.workers),
+            bound.admin_url,
+        )
         for task in (
-            asyncio.create_task(watch_config(gateway, reload or asyncio.Event()),
-                                name="geoproxy-config-watch"),
+            asyncio.create_task(
+                watch_config(gateway, reload or asyncio.Event()), name="geoproxy-config-watch"
+            ),
             asyncio.create_task(supervisor.poll_metrics(), name="geoproxy-worker-metrics"),
-        ):  # fmt: skip
+        ):
             stack.push_async_callback(cancel_and_wait, task)
         await serve_until_stopped(gateway, bound, stop, on_ready)

@@ -34,8 +34,12 @@ class Traffic:
         decisions: dict[str, float] = collections.defaultdict(float)
         for (_region, _geode, decision), value in metrics.decisions.values.items():
             decisions[decision] += value
-        return cls(dict(metrics.requests.values), sum(metrics.failovers.values.values()),
-                   dict(decisions), ejected)  # fmt: skip
+        return cls(
+            dict(metrics.requests.values),
+            sum(metrics.failovers.values.values()),
+            dict(decisions),
+            ejected,
+        )
 
     def by_geode(self) -> dict[str, tuple[float, float]]:
         """(requests, 5xx answers) by geode."""
@@ -90,7 +94,11 @@ class TrafficHistory:
             errors[geode] = max(0.0, bad - bad0) / seconds
         decided = sum(traffic.decisions.values()) - sum(old.decisions.values())
         fallback = traffic.decisions.get("fallback", 0.0) - old.decisions.get("fallback", 0.0)
-        return Rates(seconds, requests, errors,
-                     max(0.0, traffic.failovers - old.failovers) / seconds,
-                     max(0.0, decided) / seconds,
-                     fallback / decided if decided > 0 else None)  # fmt: skip
+        return Rates(
+            seconds,
+            requests,
+            errors,
+            max(0.0, traffic.failovers - old.failovers) / seconds,
+            max(0.0, decided) / seconds,
+            fallback / decided if decided > 0 else None,
+        )

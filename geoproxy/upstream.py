@@ -54,8 +54,16 @@ class Connection(ResponseHandler):
       the last ``start_timeout()``), none once the body is complete.
     """
 
-    __slots__ = ("_deadline", "_last", "_parser_reusable", "_tail_of_chunked", "_timer_at",
-                 "_timer_handle", "received", "watcher")  # fmt: skip
+    __slots__ = (
+        "_deadline",
+        "_last",
+        "_parser_reusable",
+        "_tail_of_chunked",
+        "_timer_at",
+        "_timer_handle",
+        "received",
+        "watcher",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -120,9 +128,12 @@ class Connection(ResponseHandler):
             self._read_timeout = read_timeout
             return
         self.set_response_params(
-            skip_payload=head_request, read_until_eof=True, auto_decompress=False,
-            read_timeout=read_timeout, read_bufsize=_READ_BUFSIZE,
-        )  # fmt: skip
+            skip_payload=head_request,
+            read_until_eof=True,
+            auto_decompress=False,
+            read_timeout=read_timeout,
+            read_bufsize=_READ_BUFSIZE,
+        )
         self._parser_reusable = not head_request
 
     def watch_trailers(self) -> None:
@@ -142,7 +153,7 @@ class Connection(ResponseHandler):
         lines = tail[:-4].split(b"\r\n")
         for index in range(len(lines) - 1, -1, -1):
             if _LAST_CHUNK(lines[index]):  # no trailer line can look like one (no ":")
-                found = lines[index + 1:]
+                found = lines[index + 1 :]
                 return b"".join(line + b"\r\n" for line in found)
         return b""
 
@@ -221,8 +232,10 @@ class Pool:
         now = time.monotonic()
         while idle:
             proto, since = idle.pop()  # most recently used first: the warmest
-            if proto.is_connected() and not proto.should_close and now - since < (
-                self.keepalive_timeout
+            if (
+                proto.is_connected()
+                and not proto.should_close
+                and now - since < (self.keepalive_timeout)
             ):
                 return proto
             proto.close()
@@ -297,8 +310,9 @@ class Exchange:
         self.proto.close()
 
 
-def write(proto: Connection, head: bytes, head_request: bool, response_timeout: float,
-          timed: bool = True) -> None:  # fmt: skip
+def write(
+    proto: Connection, head: bytes, head_request: bool, response_timeout: float, timed: bool = True
+) -> None:
     """Send a request head on an open connection; the read timer starts (unless not
     ``timed``: a body follows, and the timer starts once it is sent)."""
     proto.expect_response(head_request, response_timeout)
@@ -362,13 +376,11 @@ async def connect(geode: Geode, within: float) -> Connection:
     tls = _tls_context() if url.scheme == "https" else None
     try:
         async with asyncio.timeout(within):
-            _, proto = await loop.create_connection(lambda: Connection(loop), host, port,
-                                                    ssl=tls)  # fmt: skip
+            _, proto = await loop.create_connection(lambda: Connection(loop), host, port, ssl=tls)
     except TimeoutError:
         raise ConnectFailed(f"connect timeout ({within:g}s) to {geode.url}") from None
     except ssl.SSLError as exc:
-        raise ConnectFailed(f"TLS handshake with {geode.url} failed: "
-                            f"{exc.reason or exc}") from None  # fmt: skip
+        raise ConnectFailed(f"TLS handshake with {geode.url} failed: {exc.reason or exc}") from None
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {geode.url}: {exc.strerror or exc}") from None
     except ValueError as exc:  # a host name the resolver rejects (a label over 63 bytes)
@@ -430,8 +442,7 @@ async def send(
             while True:
                 message, payload = await proto.read()
                 if message.code == 101:
-                    raise BadResponse("101 Switching Protocols to a request that asked "
-                                      "for none")  # fmt: skip
+                    raise BadResponse("101 Switching Protocols to a request that asked for none")
                 if not 100 <= message.code < 200:
                     if message.chunked:
                         proto.forget_parser()

@@ -27,10 +27,15 @@ from geoproxy.trace import Trace
 log = logging.getLogger("geoproxy.websocket")
 
 # aiohttp's client makes its own handshake headers.
-_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
-              "Sec-WebSocket-Protocol")  # fmt: skip
-_HANDSHAKE_ANSWER = frozenset(("sec-websocket-accept", "sec-websocket-protocol",
-                               "sec-websocket-extensions", "content-length"))  # fmt: skip
+_HANDSHAKE = (
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol",
+)
+_HANDSHAKE_ANSWER = frozenset(
+    ("sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions", "content-length")
+)
 _GOING_AWAY, _INTERNAL_ERROR = 1001, 1011
 _CLOSE_WAIT = 15.0
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
@@ -38,8 +43,9 @@ WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 def is_websocket(request: web.BaseRequest) -> bool:
     upgrade = request.headers.get("Upgrade", "").strip().lower()
-    connection = {t.strip().lower() for v in request.headers.getall("Connection", ())
-                  for t in v.split(",")}  # fmt: skip
+    connection = {
+        t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")
+    }
     return request.method == "GET" and upgrade == "websocket" and "upgrade" in connection
 
 
@@ -54,8 +60,12 @@ async def proxy_websocket(
     fwd = rt.topology.config.forwarding
     for name in _HANDSHAKE:
         headers.popall(name, None)
-    protocols = tuple(p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ())
-                      for p in v.split(",") if p.strip())  # fmt: skip
+    protocols = tuple(
+        p.strip()
+        for v in request.headers.getall("Sec-WebSocket-Protocol", ())
+        for p in v.split(",")
+        if p.strip()
+    )
     target = path_qs(request)
     upstream = None
     for cand in cands:
@@ -65,9 +75,12 @@ async def proxy_websocket(
         try:
             async with asyncio.timeout(fwd.connect_timeout + fwd.response_timeout):
                 upstream = await rt.session.ws_connect(
-                    URL(geode.base + target, encoded=True), headers=headers,
-                    protocols=protocols, autoclose=False, max_msg_size=limits.max_body_bytes,
-                )  # fmt: skip
+                    URL(geode.base + target, encoded=True),
+                    headers=headers,
+                    protocols=protocols,
+                    autoclose=False,
+                    max_msg_size=limits.max_body_bytes,
+                )
         except aiohttp.WSServerHandshakeError as exc:
             answered(trace, geode, cand.decision)  # its refusal goes to the client
             status = exc.status if 400 <= exc.status < 500 else 502
@@ -82,20 +95,24 @@ async def proxy_websocket(
         rt.board.observe(geode.name, True)
         break
     if upstream is None:
-        return json_error(502, "bad_gateway", "no geode could be reached",
-                          attempts=len(trace.attempts))  # fmt: skip
+        return json_error(
+            502, "bad_gateway", "no geode could be reached", attempts=len(trace.attempts)
+        )
     assert trace.geode is not None
     downstream = web.WebSocketResponse(
-        protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False,
+        protocols=(upstream.protocol,) if upstream.protocol else (),
+        autoclose=False,
         max_msg_size=limits.max_body_bytes,
-    )  # fmt: skip
+    )
     _pass_on_101_headers(upstream, downstream)
     downstream.headers[GEODE_HEADER] = trace.geode.name
     downstream.headers[REGION_HEADER] = trace.geode.region
     try:
         await downstream.prepare(request)
-        pumps = [asyncio.create_task(_pump(upstream, downstream)),
-                 asyncio.create_task(_pump(downstream, upstream))]  # fmt: skip
+        pumps = [
+            asyncio.create_task(_pump(upstream, downstream)),
+            asyncio.create_task(_pump(downstream, upstream)),
+        ]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
             # The other pump may be passing a close on and waiting for its answer: each
@@ -113,8 +130,9 @@ async def proxy_websocket(
     return downstream
 
 
-def _pass_on_101_headers(upstream: aiohttp.ClientWebSocketResponse,
-                         downstream: web.WebSocketResponse) -> None:  # fmt: skip
+def _pass_on_101_headers(
+    upstream: aiohttp.ClientWebSocketResponse, downstream: web.WebSocketResponse
+) -> None:
     """The header lines of the geode's 101 (its Set-Cookie, its own headers) go to the
     client too, less the hop-by-hop ones and the handshake's, which each side makes for
     its own connection. The 101 is only reachable as ``_response`` (aiohttp 3.14): without

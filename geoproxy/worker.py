@@ -71,9 +71,12 @@ class _Channel:
     """The worker's end of the control channel and what it is told."""
 
     def __init__(
-        self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        self,
+        gateway: Gateway,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
         stop: asyncio.Event,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.gateway = gateway
         self.reader, self.writer = reader, writer
         self.stop = stop
@@ -112,8 +115,11 @@ class _Channel:
     async def drain(self, runner: HeadTimeoutRunner) -> None:
         """Stop accepting, drain and close; tell the supervisor the counts."""
         drained, cut = await runner.drain(self.gateway)
-        log.info("worker stopped: %s drained, %d cut off by shutdown.drain_timeout",
-                 plural(drained, "request"), cut)  # fmt: skip
+        log.info(
+            "worker stopped: %s drained, %d cut off by shutdown.drain_timeout",
+            plural(drained, "request"),
+            cut,
+        )
         self.send(control.drained(drained, cut))
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
@@ -131,9 +137,11 @@ class _Channel:
 
 
 async def serve_worker(
-    sockets: list[socket.socket], channel_socket: socket.socket, stop: asyncio.Event,
+    sockets: list[socket.socket],
+    channel_socket: socket.socket,
+    stop: asyncio.Event,
     geoip_fd: int | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Serve the proxy on ``sockets`` with the config, health and reloads the supervisor
     sends, until ``stop`` (a signal, or the supervisor says so or goes away).
     ``geoip_fd``: the GeoIP database the supervisor opened (inherited)."""
@@ -142,8 +150,11 @@ async def serve_worker(
     if not first:
         return  # the supervisor went away before it said anything
     hello = control.decode(first)
-    gateway = Gateway(load_sent(hello["path"], hello["config"]), active_health=False,
-                      geoip_source=None if geoip_fd is None else fd_path(geoip_fd))  # fmt: skip
+    gateway = Gateway(
+        load_sent(hello["path"], hello["config"]),
+        active_health=False,
+        geoip_source=None if geoip_fd is None else fd_path(geoip_fd),
+    )
     channel = _Channel(gateway, reader, writer, stop)
     runner = make_proxy_runner(gateway)
     async with contextlib.AsyncExitStack() as stack:  # undone in reverse

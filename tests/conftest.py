@@ -88,8 +88,9 @@ class FakeGeode:
     async def whoami(self, request: web.Request) -> web.Response:
         self._note(request)
         await request.read()
-        return web.json_response({"geode": self.name, "path": request.raw_path},
-                                 status=self.force_status or 200)  # fmt: skip
+        return web.json_response(
+            {"geode": self.name, "path": request.raw_path}, status=self.force_status or 200
+        )
 
     async def echo(self, request: web.Request) -> web.Response:
         self._note(request)
@@ -98,10 +99,16 @@ class FakeGeode:
         async for chunk in request.content.iter_any():
             digest.update(chunk)
             size += len(chunk)
-        return web.json_response({
-            "geode": self.name, "method": request.method, "size": size,
-            "sha256": digest.hexdigest(), "headers": self.last_headers,
-        }, status=self.force_status or 200)  # fmt: skip
+        return web.json_response(
+            {
+                "geode": self.name,
+                "method": request.method,
+                "size": size,
+                "sha256": digest.hexdigest(),
+                "headers": self.last_headers,
+            },
+            status=self.force_status or 200,
+        )
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         self._note(request)
@@ -124,8 +131,9 @@ class FakeGeode:
         self._note(request)
         size = int(request.query.get("size", "1024"))
         pattern = bytes(range(256))
-        return web.Response(body=(pattern * (size // 256 + 1))[:size],
-                            content_type="application/octet-stream")  # fmt: skip
+        return web.Response(
+            body=(pattern * (size // 256 + 1))[:size], content_type="application/octet-stream"
+        )
 
     async def status(self, request: web.Request) -> web.Response:
         self._note(request)
@@ -148,12 +156,12 @@ class FakeGeode:
         request.transport.abort()
         return resp
 
-
     async def gzip(self, request: web.Request) -> web.Response:
         self._note(request)
         body = gzip.compress(b"hello from " + self.name.encode())
-        return web.Response(body=body, headers={"Content-Encoding": "gzip",
-                                                "Content-Type": "text/plain"})  # fmt: skip
+        return web.Response(
+            body=body, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+        )
 
     async def set_cookie(self, request: web.Request) -> web.Response:
         self._note(request)
@@ -163,11 +171,17 @@ class FakeGeode:
 
     async def hop_headers(self, request: web.Request) -> web.Response:
         self._note(request)
-        return web.json_response({"geode": self.name}, headers={
-            "Keep-Alive": "timeout=5", "Proxy-Authenticate": "Basic", "Trailer": "X-Sum",
-            "Connection": "X-Private-Hop", "X-Private-Hop": "secret", "X-End-To-End": "kept",
-        })  # fmt: skip
-
+        return web.json_response(
+            {"geode": self.name},
+            headers={
+                "Keep-Alive": "timeout=5",
+                "Proxy-Authenticate": "Basic",
+                "Trailer": "X-Sum",
+                "Connection": "X-Private-Hop",
+                "X-Private-Hop": "secret",
+                "X-End-To-End": "kept",
+            },
+        )
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         """Echo; "close CODE REASON" closes with that code; reports its subprotocol."""
@@ -238,20 +252,33 @@ REGIONS = {
 def base_config(geodes: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:
     """A complete config dict for tests: three regions, loopback listeners, fast checks."""
     data: dict[str, Any] = {
-        "listen": {"proxy": {"host": "127.0.0.1", "port": 0},
-                   "admin": {"host": "127.0.0.1", "port": 0}},
+        "listen": {
+            "proxy": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
+        },
         "trusted_proxies": ["127.0.0.1/32"],
         "default_region": "eu-west",
         "regions": REGIONS,
         "countries": {"FR": "eu-west", "GB": "eu-west", "US": "us-east", "JP": "ap-northeast"},
-        "continents": {"EU": "eu-west", "NA": "us-east", "AS": "ap-northeast",
-                       "SA": "us-east", "AF": "eu-west", "OC": "ap-northeast",
-                       "AN": "us-east"},
+        "continents": {
+            "EU": "eu-west",
+            "NA": "us-east",
+            "AS": "ap-northeast",
+            "SA": "us-east",
+            "AF": "eu-west",
+            "OC": "ap-northeast",
+            "AN": "us-east",
+        },
         "geodes": geodes,
-        "health_check": {"interval": "1s", "timeout": "500ms", "jitter": "0s",
-                         "healthy_threshold": 2, "unhealthy_threshold": 2},
+        "health_check": {
+            "interval": "1s",
+            "timeout": "500ms",
+            "jitter": "0s",
+            "healthy_threshold": 2,
+            "unhealthy_threshold": 2,
+        },
         "forwarding": {"connect_timeout": "1s", "response_timeout": "2s"},
-    }  # fmt: skip
+    }
     data.update(overrides)
     return data
 
@@ -374,10 +401,12 @@ def make_mmdb(tmp_path: Path) -> Callable[..., Path]:
     from netaddr import IPSet
 
     def make(
-        edition: str = "City", ip_version: int = 6,
-        networks: dict[str, tuple[str | None, str]] | None = None, name: str | None = None,
+        edition: str = "City",
+        ip_version: int = 6,
+        networks: dict[str, tuple[str | None, str]] | None = None,
+        name: str | None = None,
         built: float | None = None,
-    ) -> Path:  # fmt: skip
+    ) -> Path:
         writer = mmdb_writer.MMDBWriter(
             ip_version=ip_version,
             ipv4_compatible=ip_version == 6,
@@ -411,8 +440,13 @@ def make_broken_mmdb(tmp_path: Path) -> Callable[..., Path]:
     from netaddr import IPSet
 
     def make(broken: Collection[str] | None = None) -> Path:
-        writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoIP2-City",
-                            languages=["en"], description="geoproxy broken test database")
+        writer = MMDBWriter(
+            ip_version=6,
+            ipv4_compatible=True,
+            database_type="GeoIP2-City",
+            languages=["en"],
+            description="geoproxy broken test database",
+        )
         latitudes = {}
         for i, (cidr, (country, continent)) in enumerate(GEO_NETWORKS.items()):
             record = _record(country, continent, True)
@@ -451,9 +485,13 @@ async def assert_promtool_accepts(exposition: bytes) -> None:
     """``promtool check metrics`` finds nothing wrong with a /metrics exposition."""
     promtool = need_binary("promtool")
     proc = await asyncio.create_subprocess_exec(
-        promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+        promtool,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     async with asyncio.timeout(60):
         report, _ = await proc.communicate(exposition)
     assert proc.returncode == 0, report.decode()

@@ -66,8 +66,14 @@ class Geode:
         async for chunk in request.content.iter_any():
             digest.update(chunk)
             size += len(chunk)
-        return web.json_response({"geode": self.name, "method": request.method,
-                                  "size": size, "sha256": digest.hexdigest()})  # fmt: skip
+        return web.json_response(
+            {
+                "geode": self.name,
+                "method": request.method,
+                "size": size,
+                "sha256": digest.hexdigest(),
+            }
+        )
 
     async def slow(self, request: web.Request) -> web.Response:
         self.hits["/slow"] += 1
@@ -85,8 +91,10 @@ class Geode:
         assert transport is not None
         part = b"y" * RESET_SENT
         if mode == "close":  # aiohttp would frame it: write the head by hand
-            transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                            b"Connection: close\r\n\r\n" + part)  # fmt: skip
+            transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                b"Connection: close\r\n\r\n" + part
+            )
             await asyncio.sleep(0.05)
             _reset(transport)
             raise asyncio.CancelledError  # nothing more to send; aiohttp drops it quietly
@@ -103,8 +111,7 @@ class Geode:
         return resp
 
     async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"slow_in_flight": self.slow_in_flight,
-                                  "hits": dict(self.hits)})  # fmt: skip
+        return web.json_response({"slow_in_flight": self.slow_in_flight, "hits": dict(self.hits)})
 
 
 def _reset(transport: asyncio.BaseTransport) -> None:

@@ -42,9 +42,12 @@ STAMP_RULES = [
 ]
 
 
-async def fenced(geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
-                 rules: list[dict[str, Any]] = STAMP_RULES,
-                 **overrides: Any) -> tuple[Proxy, FakeGeode]:  # fmt: skip
+async def fenced(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    rules: list[dict[str, Any]] = STAMP_RULES,
+    **overrides: Any,
+) -> tuple[Proxy, FakeGeode]:
     """A proxy with ``rules`` in front of one geode per region; the eu-west one returned."""
     eu = await geode_factory("eu-1", "eu-west")
     us = await geode_factory("us-1", "us-east")
@@ -114,9 +117,11 @@ BAD_PATH = (b"HTTP/1.1 400 Bad Request", "bad_path")
     ids=lambda v: v if isinstance(v, str) else None,
 )
 async def test_a_denied_path_never_reaches_the_geode_however_it_is_spelled(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, target: str,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    target: str,
     expected: tuple[bytes, str],
-) -> None:  # fmt: skip
+) -> None:
     proxy, eu = await fenced(geode_factory, proxy_factory)
     status, lines, body = await exchange(proxy, get(target))
     assert (status, json.loads(body)["error"]["code"]) == expected
@@ -127,9 +132,17 @@ async def test_a_denied_path_never_reaches_the_geode_however_it_is_spelled(
 
 @pytest.mark.parametrize(
     "target",
-    ["/items/1", "/items/1?next=/replication/changes", "/replication", "/items/%41b",
-     "/a%0Ab", "/items/caf%C3%A9", "/%7Eme/x", "http://shop.example/items/2"],
-)  # fmt: skip
+    [
+        "/items/1",
+        "/items/1?next=/replication/changes",
+        "/replication",
+        "/items/%41b",
+        "/a%0Ab",
+        "/items/caf%C3%A9",
+        "/%7Eme/x",
+        "http://shop.example/items/2",
+    ],
+)
 async def test_paths_no_rule_denies_reach_the_geode_as_sent(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, target: str
 ) -> None:
@@ -146,8 +159,10 @@ async def test_a_post_with_a_body_to_a_denied_path_is_answered_without_reading_i
     proxy, eu = await fenced(geode_factory, proxy_factory)
     reader, writer = await raw_client(proxy)
     try:
-        writer.write(b"POST /%72eplication/changes HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 10000\r\n\r\n{")
+        writer.write(
+            b"POST /%72eplication/changes HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 10000\r\n\r\n{"
+        )
         async with asyncio.timeout(5):
             status, lines, _ = await read_response(reader)  # before the body was sent
             writer.write(b" " * 9999)
@@ -181,16 +196,31 @@ async def test_a_kept_alive_connection_is_judged_per_request(
 async def test_an_allow_rule_makes_an_exception_only_for_the_path_as_geodes_read_it(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory
 ) -> None:
-    rules = [{"path_prefix": "/Public/", "action": "allow"},
-             {"name": "default-deny", "path_prefix": "/", "action": "deny", "status": 403}]
+    rules = [
+        {"path_prefix": "/Public/", "action": "allow"},
+        {"name": "default-deny", "path_prefix": "/", "action": "deny", "status": 403},
+    ]
     proxy, eu = await fenced(geode_factory, proxy_factory, rules)
     got = {}
-    for target in ("/Public/a", "/Public/%61", "/PUBLIC/a", "/Public;/../secret",
-                   "/Public//../secret", "/Public/../secret", "/secret"):  # fmt: skip
+    for target in (
+        "/Public/a",
+        "/Public/%61",
+        "/PUBLIC/a",
+        "/Public;/../secret",
+        "/Public//../secret",
+        "/Public/../secret",
+        "/secret",
+    ):
         got[target] = (await exchange(proxy, get(target)))[0].split(b" ")[1]
-    assert got == {"/Public/a": b"200", "/Public/%61": b"200", "/PUBLIC/a": b"403",
-                   "/Public;/../secret": b"403", "/Public//../secret": b"403",
-                   "/Public/../secret": b"403", "/secret": b"403"}  # fmt: skip
+    assert got == {
+        "/Public/a": b"200",
+        "/Public/%61": b"200",
+        "/PUBLIC/a": b"403",
+        "/Public;/../secret": b"403",
+        "/Public//../secret": b"403",
+        "/Public/../secret": b"403",
+        "/secret": b"403",
+    }
     assert reached(eu) == {"/Public/a"}  # /Public/%61 too: the geode decodes it
 
 
@@ -198,14 +228,16 @@ async def test_an_allow_rule_makes_an_exception_only_for_the_path_as_geodes_read
 
 
 async def test_a_denial_is_counted_by_rule_and_logged_with_it(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
     access_lines: list[str],  # noqa: F811  (the fixture)
 ) -> None:
-    rules = [{"name": "internal", "path_prefix": "/replication/", "action": "deny",
-              "status": 403}, {"path_prefix": "/events", "action": "deny"}]  # fmt: skip
+    rules = [
+        {"name": "internal", "path_prefix": "/replication/", "action": "deny", "status": 403},
+        {"path_prefix": "/events", "action": "deny"},
+    ]
     proxy, _ = await fenced(geode_factory, proxy_factory, rules)
-    for target in ("/replication/changes", "//replication/x", "/events", "/items/1",
-                   "/items\\1"):  # fmt: skip
+    for target in ("/replication/changes", "//replication/x", "/events", "/items/1", "/items\\1"):
         await exchange(proxy, get(target))
     await settled(proxy)
     denied = "geoproxy_requests_denied_total"
@@ -222,8 +254,9 @@ async def test_a_denial_is_counted_by_rule_and_logged_with_it(
         ("/items\\1", 400, "path:unsafe", None),
     ]
     _, _, body = await exchange(proxy, get("/replication/changes"))
-    assert json.loads(body) == {"error": {"status": 403, "code": "forbidden",
-                                          "message": "access to this path is denied"}}
+    assert json.loads(body) == {
+        "error": {"status": 403, "code": "forbidden", "message": "access to this path is denied"}
+    }
 
 
 async def test_access_rules_follow_a_reload(
@@ -254,8 +287,10 @@ async def test_connect_is_refused_with_405_and_never_tunnelled(
     proxy, eu = await fenced(geode_factory, proxy_factory, [])
     reader, writer = await raw_client(proxy)
     try:
-        writer.write(b"CONNECT shop.example:443 HTTP/1.1\r\nHost: shop.example:443\r\n\r\n"
-                     b"\x16\x03\x01 tunnel bytes")  # fmt: skip
+        writer.write(
+            b"CONNECT shop.example:443 HTTP/1.1\r\nHost: shop.example:443\r\n\r\n"
+            b"\x16\x03\x01 tunnel bytes"
+        )
         async with asyncio.timeout(5):
             status, lines, body = await read_response(reader)
             assert await reader.read() == b""  # closed: what follows is not HTTP
@@ -271,11 +306,14 @@ async def test_connect_is_refused_with_405_and_never_tunnelled(
 
 @pytest.mark.parametrize("forward", [False, True], ids=["default", "forward_trace"])
 async def test_trace_is_refused_unless_forwarding_it_is_configured(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
     forward: bool,
-) -> None:  # fmt: skip
-    proxy, eu = await fenced(geode_factory, proxy_factory, [],
-                             forwarding={"forward_trace": forward})  # fmt: skip
+) -> None:
+    proxy, eu = await fenced(
+        geode_factory, proxy_factory, [], forwarding={"forward_trace": forward}
+    )
     async with http.request("TRACE", f"{proxy.url}/whoami", headers={"Cookie": "s=1"}) as resp:
         if forward:
             assert resp.status == 200
@@ -297,19 +335,33 @@ async def test_shipped_configs_fence_off_the_reference_stamps_internal_paths(
     """The stamp serves its internal endpoints on its peer listener: a geode URL pointing
     there by mistake still exposes none of them through the edge."""
     rules = config_mod.load(REPO / "config" / shipped).access
-    stamp = StampConfig(path=None, name="stamp-eu", region="eu-west", host="127.0.0.1", port=0,
-                        database=tmp_path / "stamp.db", peers=(), peer_port=0)  # fmt: skip
+    stamp = StampConfig(
+        path=None,
+        name="stamp-eu",
+        region="eu-west",
+        host="127.0.0.1",
+        port=0,
+        database=tmp_path / "stamp.db",
+        peers=(),
+        peer_port=0,
+    )
     app = build_stamp_app(stamp, CollectorRegistry())
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
         url = "http://{}:{}".format(*app[STATE].peer_address)
-        proxy = await proxy_factory(base_config(
-            [{"name": n, "region": r, "url": url} for n, r in
-             (("s-eu", "eu-west"), ("s-us", "us-east"), ("s-ap", "ap-northeast"))],
-            access=[{"name": r.name, "path_prefix": r.path_prefix, "action": r.action}
-                    for r in rules],
-        ))  # fmt: skip
+        proxy = await proxy_factory(
+            base_config(
+                [
+                    {"name": n, "region": r, "url": url}
+                    for n, r in (("s-eu", "eu-west"), ("s-us", "us-east"), ("s-ap", "ap-northeast"))
+                ],
+                access=[
+                    {"name": r.name, "path_prefix": r.path_prefix, "action": r.action}
+                    for r in rules
+                ],
+            )
+        )
         for path in ("/replication/changes", "/events", "/dead-letters", "/metrics"):
             async with http.get(url + path) as resp:
                 assert resp.status != 404, path  # the stamp has it
@@ -328,37 +380,71 @@ async def test_shipped_configs_fence_off_the_reference_stamps_internal_paths(
 @pytest.mark.parametrize(
     ("rule", "message"),
     [
-        ({"path_prefix": "replication/", "action": "deny"},
-         "access[0].path_prefix: must start with '/': 'replication/'"),
-        ({"path_prefix": "/a//b", "action": "deny"},
-         "access[0].path_prefix: not a normalised path: '/a//b' (geodes read it as '/a/b')"),
-        ({"path_prefix": "/a/../b", "action": "deny"},
-         "access[0].path_prefix: not a normalised path: '/a/../b' (geodes read it as '/b')"),
-        ({"path_prefix": "/%72eplication", "action": "deny"},
-         "access[0].path_prefix: must not contain percent-encoding (write the path decoded): "
-         "'/%72eplication'"),
-        ({"path_prefix": "/a;v=1", "action": "deny"},
-         "access[0].path_prefix: must not contain a ';' parameter (geodes may cut it off): "
-         "'/a;v=1'"),
-        ({"path_prefix": "/a?b", "action": "deny"},
-         "access[0].path_prefix: must not contain a query: '/a?b'"),
-        ({"path_prefix": "/a", "action": "block"},
-         "access[0].action: unknown value 'block' (choose from: deny, allow)"),
-        ({"path_prefix": "/a", "action": "deny", "status": 401},
-         "access[0].status: must be 403 or 404, got 401"),
-        ({"path_prefix": "/a", "action": "allow", "status": 403},
-         "access[0].status: only a deny rule has a status"),
-        ({"path_prefix": "/a", "action": "deny", "name": "rule:1"},
-         "access[0].name: invalid rule name 'rule:1' (letters, digits and '._-', at most 63)"),
-        ({"path_prefix": "/a", "action": "deny", "prefix": "/b"},
-         "access[0].prefix: unknown key (did you mean 'path_prefix'?)"),
+        (
+            {"path_prefix": "replication/", "action": "deny"},
+            "access[0].path_prefix: must start with '/': 'replication/'",
+        ),
+        (
+            {"path_prefix": "/a//b", "action": "deny"},
+            "access[0].path_prefix: not a normalised path: '/a//b' (geodes read it as '/a/b')",
+        ),
+        (
+            {"path_prefix": "/a/../b", "action": "deny"},
+            "access[0].path_prefix: not a normalised path: '/a/../b' (geodes read it as '/b')",
+        ),
+        (
+            {"path_prefix": "/%72eplication", "action": "deny"},
+            "access[0].path_prefix: must not contain percent-encoding (write the path decoded): "
+            "'/%72eplication'",
+        ),
+        (
+            {"path_prefix": "/a;v=1", "action": "deny"},
+            "access[0].path_prefix: must not contain a ';' parameter (geodes may cut it off): "
+            "'/a;v=1'",
+        ),
+        (
+            {"path_prefix": "/a?b", "action": "deny"},
+            "access[0].path_prefix: must not contain a query: '/a?b'",
+        ),
+        (
+            {"path_prefix": "/a", "action": "block"},
+            "access[0].action: unknown value 'block' (choose from: deny, allow)",
+        ),
+        (
+            {"path_prefix": "/a", "action": "deny", "status": 401},
+            "access[0].status: must be 403 or 404, got 401",
+        ),
+        (
+            {"path_prefix": "/a", "action": "allow", "status": 403},
+            "access[0].status: only a deny rule has a status",
+        ),
+        (
+            {"path_prefix": "/a", "action": "deny", "name": "rule:1"},
+            "access[0].name: invalid rule name 'rule:1' (letters, digits and '._-', at most 63)",
+        ),
+        (
+            {"path_prefix": "/a", "action": "deny", "prefix": "/b"},
+            "access[0].prefix: unknown key (did you mean 'path_prefix'?)",
+        ),
         ({"action": "deny"}, "access[0].path_prefix: is required"),
         ("/a", "access[0]: must be a mapping, got '/a'"),
     ],
-    ids=["relative", "repeated-slash", "dot-segment", "encoded", "parameter", "query",
-         "bad-action", "bad-status", "status-on-allow", "bad-name", "unknown-key",
-         "missing-prefix", "not-a-mapping"],
-)  # fmt: skip
+    ids=[
+        "relative",
+        "repeated-slash",
+        "dot-segment",
+        "encoded",
+        "parameter",
+        "query",
+        "bad-action",
+        "bad-status",
+        "status-on-allow",
+        "bad-name",
+        "unknown-key",
+        "missing-prefix",
+        "not-a-mapping",
+    ],
+)
 def test_a_bad_access_rule_is_named_with_its_path_and_value(
     write_config: WriteConfig, rule: Any, message: str
 ) -> None:
@@ -371,17 +457,22 @@ def test_duplicate_rule_names_and_a_list_that_is_not_one_are_rejected(
 ) -> None:
     rule = {"name": "x", "path_prefix": "/a", "action": "deny"}
     path = write_config(edited(access=[rule, rule]))
-    assert problems_of(path) == [f"{path}: access[1].name: duplicate rule name 'x' (first at "
-                                 "access[0])"]  # fmt: skip
+    assert problems_of(path) == [
+        f"{path}: access[1].name: duplicate rule name 'x' (first at access[0])"
+    ]
     path = write_config(edited(access={"path_prefix": "/a"}))
     assert problems_of(path) == [f"{path}: access: must be a list, got {{'path_prefix': '/a'}}"]
 
 
 def test_check_config_and_route_show_the_rule_a_path_meets(tmp_path: Path) -> None:
     config = REPO / "config" / "demo.yaml"
-    done = subprocess.run([sys.executable, "-m", "geoproxy", "check-config", "--config",
-                           str(config)], capture_output=True, text=True, timeout=60,
-                          check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "geoproxy", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     lines = done.stdout.splitlines()
     at = lines.index("access rules (first match per reading of the path; none: forwarded):")
     assert [line.split() for line in lines[at + 1 : at + 6]] == [
@@ -392,24 +483,38 @@ def test_check_config_and_route_show_the_rule_a_path_meets(tmp_path: Path) -> No
         ["methods", "refused", "at", "the", "edge:", "CONNECT", "(405);", "TRACE:", "405"],
     ]
     route = [sys.executable, "-m", "geoproxy", "route", "--config", str(config), "--path"]
-    done = subprocess.run([*route, "/items/../REPLICATION/changes"], capture_output=True,
-                          text=True, timeout=60, check=True)  # fmt: skip
-    assert done.stdout.splitlines()[-1] == ("access: /items/../REPLICATION/changes -> denied "
-                                            "by rule 'stamp-replication' (/replication/): 404")
-    done = subprocess.run([*route, "/items/1", "--json"], capture_output=True, text=True,
-                          timeout=60, check=True)  # fmt: skip
+    done = subprocess.run(
+        [*route, "/items/../REPLICATION/changes"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.splitlines()[-1] == (
+        "access: /items/../REPLICATION/changes -> denied "
+        "by rule 'stamp-replication' (/replication/): 404"
+    )
+    done = subprocess.run(
+        [*route, "/items/1", "--json"], capture_output=True, text=True, timeout=60, check=True
+    )
     assert json.loads(done.stdout)["access"] == {
-        "path": "/items/1", "allowed": True, "rule": None, "status": None,
+        "path": "/items/1",
+        "allowed": True,
+        "rule": None,
+        "status": None,
         "reason": "allowed: no rule matches",
-    }  # fmt: skip
+    }
 
 
 async def test_admin_route_names_the_rule_the_proxy_applies(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     proxy, _ = await fenced(geode_factory, proxy_factory)
-    for path, rule, status in (("/%65vents", "stamp-events", 404), ("/items/1", None, None),
-                               ("/a%2Fb", "path:unsafe", 400)):  # fmt: skip
+    for path, rule, status in (
+        ("/%65vents", "stamp-events", 404),
+        ("/items/1", None, None),
+        ("/a%2Fb", "path:unsafe", 400),
+    ):
         async with http.get(f"{proxy.admin_url}/route", params={"path": path}) as resp:
             access = (await resp.json())["access"]
         assert (access["rule"], access["status"]) == (rule, status)
@@ -432,8 +537,9 @@ def test_decisions_are_remembered_per_path_but_bounded() -> None:
 async def test_a_websocket_upgrade_to_a_denied_path_is_refused(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
-    proxy, eu = await fenced(geode_factory, proxy_factory,
-                             [{"path_prefix": "/ws", "action": "deny"}])  # fmt: skip
+    proxy, eu = await fenced(
+        geode_factory, proxy_factory, [{"path_prefix": "/ws", "action": "deny"}]
+    )
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await http.ws_connect(f"{proxy.url}/%77s")
     assert info.value.status == 404
@@ -505,17 +611,23 @@ async def body_geode(
     url = await geode.start()
     us = await geode_factory("us-1", "us-east")
     ap = await geode_factory("ap-1", "ap-northeast")
-    proxy = await proxy_factory(base_config(
-        [{"name": "slow-1", "region": "eu-west", "url": url}, geode_entry(us), geode_entry(ap)],
-        limits={"body_timeout": "300ms", "body_min_rate": "1KiB"},
-        forwarding={"response_timeout": "5s"},
-    ))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config(
+            [{"name": "slow-1", "region": "eu-west", "url": url}, geode_entry(us), geode_entry(ap)],
+            limits={"body_timeout": "300ms", "body_min_rate": "1KiB"},
+            forwarding={"response_timeout": "5s"},
+        )
+    )
     yield geode, proxy
     await geode.close()
 
 
-async def request_timed_out(proxy: Proxy, head: bytes, pieces: list[bytes], pause: float,
-                            ) -> tuple[bytes, dict[str, Any], float]:  # fmt: skip
+async def request_timed_out(
+    proxy: Proxy,
+    head: bytes,
+    pieces: list[bytes],
+    pause: float,
+) -> tuple[bytes, dict[str, Any], float]:
     """Send ``head``, then each piece ``pause`` seconds apart (until the proxy answers);
     the status line, the JSON error, and seconds from the head to the answer."""
     reader, writer = await raw_client(proxy)
@@ -543,11 +655,13 @@ async def request_timed_out(proxy: Proxy, head: bytes, pieces: list[bytes], paus
 
 @pytest.mark.parametrize(
     "head",
-    [b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
-     b"PUT /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
-     b"GET /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"],
+    [
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
+        b"PUT /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
+    ],
     ids=["content-length", "chunked", "get-with-body"],
-)  # fmt: skip
+)
 async def test_a_body_that_stalls_gets_408_and_the_geode_connection_is_closed(
     body_geode: tuple[BodyGeode, Proxy], head: bytes
 ) -> None:
@@ -562,8 +676,12 @@ async def test_a_body_that_stalls_gets_408_and_the_geode_connection_is_closed(
     assert b"hello" in geode.received[0].partition(b"\r\n\r\n")[2]
     assert len(geode.received) == 1
     await settled(proxy)
-    assert proxy.sample("geoproxy_upstream_attempts_total", geode="slow-1",
-                        outcome="client_body_timeout") == 1  # fmt: skip
+    assert (
+        proxy.sample(
+            "geoproxy_upstream_attempts_total", geode="slow-1", outcome="client_body_timeout"
+        )
+        == 1
+    )
 
 
 async def test_a_body_trickled_below_the_minimum_rate_gets_408(
@@ -585,8 +703,9 @@ async def test_a_body_trickled_below_the_minimum_rate_gets_408(
 async def test_a_body_whose_pauses_stay_within_the_limits_is_forwarded_whole(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory
 ) -> None:
-    proxy, eu = await fenced(geode_factory, proxy_factory, [],
-                             limits={"body_timeout": "400ms", "body_min_rate": "1B"})
+    proxy, eu = await fenced(
+        geode_factory, proxy_factory, [], limits={"body_timeout": "400ms", "body_min_rate": "1B"}
+    )
     reader, writer = await raw_client(proxy)
     try:
         writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n")
@@ -603,8 +722,9 @@ async def test_a_body_whose_pauses_stay_within_the_limits_is_forwarded_whole(
 
 
 def test_body_limits_are_read_and_bad_values_named(write_config: WriteConfig) -> None:
-    cfg = config_mod.load(write_config(edited(limits={"body_timeout": "2s",
-                                                      "body_min_rate": "1KiB"})))  # fmt: skip
+    cfg = config_mod.load(
+        write_config(edited(limits={"body_timeout": "2s", "body_min_rate": "1KiB"}))
+    )
     assert (cfg.limits.body_timeout, cfg.limits.body_min_rate) == (2.0, 1024)
     path = write_config(edited(limits={"body_timeout": 5, "body_min_rate": "fast"}))
     assert problems_of(path) == [
@@ -613,15 +733,34 @@ def test_body_limits_are_read_and_bad_values_named(write_config: WriteConfig) ->
     ]
 
 
-@pytest.mark.parametrize("path", ["/", "/items/1", "/Items/A/", "/replication/x",
-                                  "/REPLICATION/x", "/metricsx", "/a.b/c..d", "/e/f.",
-                                  "/.well-known/x"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/items/1",
+        "/Items/A/",
+        "/replication/x",
+        "/REPLICATION/x",
+        "/metricsx",
+        "/a.b/c..d",
+        "/e/f.",
+        "/.well-known/x",
+    ],
+)
 def test_a_plain_path_is_judged_as_the_full_reading_would(path: str) -> None:
     """Paths without escapes, parameters, empty or dot segments skip the splitting: the
     verdict is the one the full reading gives."""
-    rules = AccessRules(tuple(AccessRule(n, p, a) for n, p, a in (
-        ("m", "/metrics", "deny"), ("i", "/Items/", "allow"), ("r", "/replication/", "deny"),
-        ("all", "/", "deny"))))  # fmt: skip
+    rules = AccessRules(
+        tuple(
+            AccessRule(n, p, a)
+            for n, p, a in (
+                ("m", "/metrics", "deny"),
+                ("i", "/Items/", "allow"),
+                ("r", "/replication/", "deny"),
+                ("all", "/", "deny"),
+            )
+        )
+    )
     segments = access_mod._segments(path)
     assert segments is not None
     full = [rules._first(text, folded) for text, folded in access_mod._readings(segments)]

@@ -20,16 +20,19 @@ WriteConfig = Callable[..., Path]
 
 
 def _geodes() -> list[dict[str, Any]]:
-    return [{"name": "eu-1", "region": "eu-west", "url": "http://127.0.0.1:9001"},
-            {"name": "us-1", "region": "us-east", "url": "http://127.0.0.1:9002"}]  # fmt: skip
+    return [
+        {"name": "eu-1", "region": "eu-west", "url": "http://127.0.0.1:9001"},
+        {"name": "us-1", "region": "us-east", "url": "http://127.0.0.1:9002"},
+    ]
 
 
 def _edit(data: dict[str, Any], change: str) -> None:
     if change == "nothing":
         return
     if change == "geode-added":
-        data["geodes"].append({"name": "ap-1", "region": "ap-northeast",
-                               "url": "http://127.0.0.1:9003"})  # fmt: skip
+        data["geodes"].append(
+            {"name": "ap-1", "region": "ap-northeast", "url": "http://127.0.0.1:9003"}
+        )
     elif change == "geode-removed":
         data["geodes"].pop()
     elif change == "geode-moved-and-reweighted":
@@ -49,16 +52,22 @@ def _edit(data: dict[str, Any], change: str) -> None:
         ("nothing", []),
         ("geode-added", ["1 geode added: ap-1 (ap-northeast)"]),
         ("geode-removed", ["1 geode removed: us-1 (us-east)"]),
-        ("geode-moved-and-reweighted",
-         ["1 geode changed: us-1 (region us-east -> ap-northeast, weight 1 -> 3)"]),
+        (
+            "geode-moved-and-reweighted",
+            ["1 geode changed: us-1 (region us-east -> ap-northeast, weight 1 -> 3)"],
+        ),
         ("country-moved", ["countries moved: FR eu-west -> us-east"]),
-        ("listener-and-drain",
-         ["settings: listen.admin 127.0.0.1:0 -> 127.0.0.1:9901 (takes effect after a "
-          "restart), shutdown.drain_timeout 10 -> 30"]),
+        (
+            "listener-and-drain",
+            [
+                "settings: listen.admin 127.0.0.1:0 -> 127.0.0.1:9901 (takes effect after a "
+                "restart), shutdown.drain_timeout 10 -> 30"
+            ],
+        ),
         ("health-check-default", ["settings: health_check.interval 1 -> 3"]),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
-)  # fmt: skip
+)
 def test_describe_says_what_a_reload_changed(
     write_config: WriteConfig, change: str, said: list[str]
 ) -> None:
@@ -85,8 +94,13 @@ def test_plural(count: int, said: str) -> None:
 
 
 def _help(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "geoproxy", *args, "--help"],
-                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "geoproxy", *args, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return done.stdout
 
 
@@ -101,5 +115,6 @@ def test_config_help_says_the_default_is_relative_to_the_current_directory(
     command: str,
 ) -> None:
     text = " ".join(_help(command).split())
-    assert ("config file (default: config/geoproxy.yaml, relative to the current "
-            "directory)") in text  # fmt: skip
+    assert (
+        "config file (default: config/geoproxy.yaml, relative to the current directory)"
+    ) in text

@@ -119,8 +119,10 @@ def test_a_failed_probe_runs_public_mode_with_one_warning(
         compat.decision.cache_clear()
 
 
-@pytest.mark.parametrize(("env", "expected"), [("public", "public"), ("PUBLIC", "public"),
-                                               ("", "lean"), ("lean", "lean")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [("public", "public"), ("PUBLIC", "public"), ("", "lean"), ("lean", "lean")],
+)
 def test_the_environment_can_ask_for_public_mode(
     monkeypatch: pytest.MonkeyPatch, env: str, expected: str
 ) -> None:

@@ -80,11 +80,15 @@ def test_valid_config_loads_every_section(write_config: WriteConfig) -> None:
             "trusted_proxies": ["127.0.0.1/32", "10.0.0.0/8", "::1/128", "2001:db8::/32"],
             "geodes[0].url": "https://euw-1.test/api/v1/",
             "geodes[0].weight": 5,
-            "forwarding": {"connect_timeout": "250ms", "failover_timeout": "1m",
-                           "max_attempts": 2, "when_none_healthy": "try_all",
-                           "preserve_host": False},
+            "forwarding": {
+                "connect_timeout": "250ms",
+                "failover_timeout": "1m",
+                "max_attempts": 2,
+                "when_none_healthy": "try_all",
+                "preserve_host": False,
+            },
         }
-    )  # fmt: skip
+    )
     cfg = config_mod.load(write_config(data))
 
     assert cfg.proxy == Listener("::", 8443)
@@ -106,8 +110,12 @@ def test_valid_config_loads_every_section(write_config: WriteConfig) -> None:
         ("use-1", "us-east", "http://use-1.test", 1),
         ("apne-1", "ap-northeast", "http://apne-1.test", 1),
     ]
-    assert cfg.countries == {"FR": "eu-west", "GB": "eu-west", "US": "us-east",
-                             "JP": "ap-northeast"}  # fmt: skip
+    assert cfg.countries == {
+        "FR": "eu-west",
+        "GB": "eu-west",
+        "US": "us-east",
+        "JP": "ap-northeast",
+    }
     assert cfg.continents["AN"] == "us-east"
     fwd = cfg.forwarding
     assert (fwd.connect_timeout, fwd.response_timeout, fwd.failover_timeout) == (0.25, 30.0, 60.0)
@@ -115,8 +123,9 @@ def test_valid_config_loads_every_section(write_config: WriteConfig) -> None:
 
 
 def test_omitted_sections_take_documented_defaults(write_config: WriteConfig) -> None:
-    data = edited({"listen": DELETE, "trusted_proxies": DELETE, "health_check": DELETE,
-                   "forwarding": DELETE})  # fmt: skip
+    data = edited(
+        {"listen": DELETE, "trusted_proxies": DELETE, "health_check": DELETE, "forwarding": DELETE}
+    )
     cfg = config_mod.load(write_config(data))
     assert cfg.proxy == Listener("0.0.0.0", 8080)
     assert cfg.admin == Listener("127.0.0.1", 9901)
@@ -138,14 +147,21 @@ def test_loaded_config_is_frozen(write_config: WriteConfig) -> None:
     ("overrides", "expected"),
     [
         pytest.param({}, ("x-client-region", "cf-ipcountry"), id="without-geoip-database"),
-        pytest.param({"geoip": {"database": "x.mmdb"}},
-                     ("x-client-region", "cf-ipcountry", "geoip"), id="with-geoip-database"),
-        pytest.param({"geoip": {"database": "x.mmdb"}, "region_sources": ["geoip", "cf-ipcountry"]},
-                     ("geoip", "cf-ipcountry"), id="explicit-order-kept"),
-        pytest.param({"region_sources": ["CF-IPCountry"]}, ("cf-ipcountry",),
-                     id="case-insensitive"),
+        pytest.param(
+            {"geoip": {"database": "x.mmdb"}},
+            ("x-client-region", "cf-ipcountry", "geoip"),
+            id="with-geoip-database",
+        ),
+        pytest.param(
+            {"geoip": {"database": "x.mmdb"}, "region_sources": ["geoip", "cf-ipcountry"]},
+            ("geoip", "cf-ipcountry"),
+            id="explicit-order-kept",
+        ),
+        pytest.param(
+            {"region_sources": ["CF-IPCountry"]}, ("cf-ipcountry",), id="case-insensitive"
+        ),
     ],
-)  # fmt: skip
+)
 def test_region_sources(
     write_config: WriteConfig, overrides: dict[str, Any], expected: tuple[str, ...]
 ) -> None:
@@ -171,14 +187,25 @@ def test_duration_strings_are_parsed_to_seconds(
 
 
 def test_health_check_fields_are_parsed(write_config: WriteConfig) -> None:
-    health = {"path": "/ready", "interval": "1m", "timeout": "5s", "jitter": "250ms",
-              "healthy_threshold": 1, "unhealthy_threshold": 100,
-              "expected_statuses": [200, 204, "300-302", " 404 - 404 "]}  # fmt: skip
+    health = {
+        "path": "/ready",
+        "interval": "1m",
+        "timeout": "5s",
+        "jitter": "250ms",
+        "healthy_threshold": 1,
+        "unhealthy_threshold": 100,
+        "expected_statuses": [200, 204, "300-302", " 404 - 404 "],
+    }
     cfg = config_mod.load(write_config(edited(health_check=health)))
     assert cfg.health_check == HealthCheck(
-        path="/ready", interval=60.0, timeout=5.0, jitter=0.25, healthy_threshold=1,
-        unhealthy_threshold=100, expected_statuses=frozenset({200, 204, 300, 301, 302, 404}),
-    )  # fmt: skip
+        path="/ready",
+        interval=60.0,
+        timeout=5.0,
+        jitter=0.25,
+        healthy_threshold=1,
+        unhealthy_threshold=100,
+        expected_statuses=frozenset({200, 204, 300, 301, 302, 404}),
+    )
     assert all(g.health == cfg.health_check for g in cfg.geodes)
 
 
@@ -204,11 +231,12 @@ def test_geode_health_override_inherits_other_fields_from_health_check(
     [
         pytest.param("http://euw-1.test/", "http://euw-1.test", id="root-slash"),
         pytest.param("https://euw-1.test/api/", "https://euw-1.test/api", id="base-path"),
-        pytest.param("http://euw-1.test:8080/a/b//", "http://euw-1.test:8080/a/b",
-                     id="port-and-slashes"),
+        pytest.param(
+            "http://euw-1.test:8080/a/b//", "http://euw-1.test:8080/a/b", id="port-and-slashes"
+        ),
         pytest.param("http://[::1]:8101", "http://[::1]:8101", id="ipv6-host"),
     ],
-)  # fmt: skip
+)
 def test_geode_url_base_path_loses_trailing_slash(
     write_config: WriteConfig, url: str, expected: str
 ) -> None:
@@ -228,26 +256,41 @@ def test_region_without_geode_is_served_through_its_fallback(write_config: Write
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        pytest.param({"geodez": []}, ["geodez: unknown key (did you mean 'geodes'?)"],
-                     id="top-level-typo"),
-        pytest.param({"health_check.intreval": "5s"},
-                     ["health_check.intreval: unknown key (did you mean 'interval'?)"],
-                     id="health-check-typo"),
-        pytest.param({"geodes[1].wieght": 2},
-                     ["geodes[1].wieght: unknown key (did you mean 'weight'?)"], id="geode-typo"),
-        pytest.param({"geodes[1].health": {"tiemout": "1s"}},
-                     ["geodes[1].health.tiemout: unknown key (did you mean 'timeout'?)"],
-                     id="geode-health-typo"),
-        pytest.param({"listen.proxy.bind": "0.0.0.0"},
-                     ["listen.proxy.bind: unknown key (known: host, port)"], id="no-close-match"),
-        pytest.param({"colour": "blue"},
-                     ["colour: unknown key (known: listen, trusted_proxies, region_sources, "
-                      "geoip, default_region, regions, region_map, countries, continents, "
-                      "geodes, health_check, forwarding, access_log, limits, "
-                      "outlier_detection, reload, shutdown, access)"],
-                     id="top-level-no-close-match"),
+        pytest.param(
+            {"geodez": []}, ["geodez: unknown key (did you mean 'geodes'?)"], id="top-level-typo"
+        ),
+        pytest.param(
+            {"health_check.intreval": "5s"},
+            ["health_check.intreval: unknown key (did you mean 'interval'?)"],
+            id="health-check-typo",
+        ),
+        pytest.param(
+            {"geodes[1].wieght": 2},
+            ["geodes[1].wieght: unknown key (did you mean 'weight'?)"],
+            id="geode-typo",
+        ),
+        pytest.param(
+            {"geodes[1].health": {"tiemout": "1s"}},
+            ["geodes[1].health.tiemout: unknown key (did you mean 'timeout'?)"],
+            id="geode-health-typo",
+        ),
+        pytest.param(
+            {"listen.proxy.bind": "0.0.0.0"},
+            ["listen.proxy.bind: unknown key (known: host, port)"],
+            id="no-close-match",
+        ),
+        pytest.param(
+            {"colour": "blue"},
+            [
+                "colour: unknown key (known: listen, trusted_proxies, region_sources, "
+                "geoip, default_region, regions, region_map, countries, continents, "
+                "geodes, health_check, forwarding, access_log, limits, "
+                "outlier_detection, reload, shutdown, access)"
+            ],
+            id="top-level-no-close-match",
+        ),
     ],
-)  # fmt: skip
+)
 def test_unknown_key_is_rejected(
     write_config: WriteConfig, changes: dict[str, Any], expected: list[str]
 ) -> None:
@@ -257,14 +300,18 @@ def test_unknown_key_is_rejected(
 @pytest.mark.parametrize(
     ("cidr", "expected"),
     [
-        pytest.param("10.0.0.0/33", "'10.0.0.0/33' does not appear to be an IPv4 or IPv6 network",
-                     id="prefix-too-long"),
+        pytest.param(
+            "10.0.0.0/33",
+            "'10.0.0.0/33' does not appear to be an IPv4 or IPv6 network",
+            id="prefix-too-long",
+        ),
         pytest.param("10.0.0.1/8", "10.0.0.1/8 has host bits set", id="host-bits-v4"),
         pytest.param("2001:db8::1/32", "2001:db8::1/32 has host bits set", id="host-bits-v6"),
-        pytest.param("localhost", "'localhost' does not appear to be an IPv4 or IPv6 network",
-                     id="hostname"),
+        pytest.param(
+            "localhost", "'localhost' does not appear to be an IPv4 or IPv6 network", id="hostname"
+        ),
     ],
-)  # fmt: skip
+)
 def test_invalid_trusted_cidr_is_rejected(
     write_config: WriteConfig, cidr: str, expected: str
 ) -> None:
@@ -275,30 +322,51 @@ def test_invalid_trusted_cidr_is_rejected(
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        pytest.param({"geodes[0].region": "eu-wst"},
-                     [f"geodes[0].region: unknown region 'eu-wst' {KNOWN}; "
-                      "did you mean 'eu-west'?"], id="geode-region-typo"),
-        pytest.param({"geodes[0].region": "mars"},
-                     [f"geodes[0].region: unknown region 'mars' {KNOWN}"], id="geode-region"),
-        pytest.param({"default_region": "mars"},
-                     [f"default_region: unknown region 'mars' {KNOWN}"], id="default-region"),
-        pytest.param({"default_region": "us-eats"},
-                     [f"default_region: unknown region 'us-eats' {KNOWN}; "
-                      "did you mean 'us-east'?"], id="default-region-typo"),
-        pytest.param({"regions.eu-west.fallback": ["us-east", "mars"]},
-                     [f"regions.eu-west.fallback[1]: unknown region 'mars' {KNOWN}"],
-                     id="fallback-undeclared"),
-        pytest.param({"regions.eu-west.fallback": ["eu-west"]},
-                     ["regions.eu-west.fallback[0]: region 'eu-west' cannot fall back to itself"],
-                     id="fallback-to-itself"),
-        pytest.param({"regions.eu-west.fallback": ["us-east", "us-east"]},
-                     ["regions.eu-west.fallback[1]: 'us-east' is listed twice"],
-                     id="fallback-twice"),
-        pytest.param({"regions.EU_West": {"fallback": ["eu-west"]}},
-                     ["regions.EU_West: invalid region id 'EU_West' (lowercase letters, digits "
-                      "and '-', e.g. eu-west)"], id="invalid-region-id"),
+        pytest.param(
+            {"geodes[0].region": "eu-wst"},
+            [f"geodes[0].region: unknown region 'eu-wst' {KNOWN}; did you mean 'eu-west'?"],
+            id="geode-region-typo",
+        ),
+        pytest.param(
+            {"geodes[0].region": "mars"},
+            [f"geodes[0].region: unknown region 'mars' {KNOWN}"],
+            id="geode-region",
+        ),
+        pytest.param(
+            {"default_region": "mars"},
+            [f"default_region: unknown region 'mars' {KNOWN}"],
+            id="default-region",
+        ),
+        pytest.param(
+            {"default_region": "us-eats"},
+            [f"default_region: unknown region 'us-eats' {KNOWN}; did you mean 'us-east'?"],
+            id="default-region-typo",
+        ),
+        pytest.param(
+            {"regions.eu-west.fallback": ["us-east", "mars"]},
+            [f"regions.eu-west.fallback[1]: unknown region 'mars' {KNOWN}"],
+            id="fallback-undeclared",
+        ),
+        pytest.param(
+            {"regions.eu-west.fallback": ["eu-west"]},
+            ["regions.eu-west.fallback[0]: region 'eu-west' cannot fall back to itself"],
+            id="fallback-to-itself",
+        ),
+        pytest.param(
+            {"regions.eu-west.fallback": ["us-east", "us-east"]},
+            ["regions.eu-west.fallback[1]: 'us-east' is listed twice"],
+            id="fallback-twice",
+        ),
+        pytest.param(
+            {"regions.EU_West": {"fallback": ["eu-west"]}},
+            [
+                "regions.EU_West: invalid region id 'EU_West' (lowercase letters, digits "
+                "and '-', e.g. eu-west)"
+            ],
+            id="invalid-region-id",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_region_reference_is_rejected(
     write_config: WriteConfig, changes: dict[str, Any], expected: list[str]
 ) -> None:
@@ -307,25 +375,37 @@ def test_bad_region_reference_is_rejected(
 
 def test_duplicate_geode_name_names_first_occurrence(write_config: WriteConfig) -> None:
     data = edited({"geodes[2].name": "use-1"})
-    check_errors(write_config, data,
-                 ["geodes[2].name: duplicate geode name 'use-1' (first at geodes[1])"])  # fmt: skip
+    check_errors(
+        write_config, data, ["geodes[2].name: duplicate geode name 'use-1' (first at geodes[1])"]
+    )
 
 
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        pytest.param({"regions.sa-east": None},
-                     ["regions.sa-east: no geode can serve region 'sa-east': it has no geode and "
-                      "none of its fallback regions (none) has one"], id="no-geode-no-fallback"),
-        pytest.param({"regions.sa-east": {"fallback": ["sa-west"]},
-                      "regions.sa-west": {"fallback": ["sa-east"]}},
-                     ["regions.sa-east: no geode can serve region 'sa-east': it has no geode and "
-                      "none of its fallback regions (sa-west) has one",
-                      "regions.sa-west: no geode can serve region 'sa-west': it has no geode and "
-                      "none of its fallback regions (sa-east) has one"],
-                     id="fallbacks-without-geodes"),
+        pytest.param(
+            {"regions.sa-east": None},
+            [
+                "regions.sa-east: no geode can serve region 'sa-east': it has no geode and "
+                "none of its fallback regions (none) has one"
+            ],
+            id="no-geode-no-fallback",
+        ),
+        pytest.param(
+            {
+                "regions.sa-east": {"fallback": ["sa-west"]},
+                "regions.sa-west": {"fallback": ["sa-east"]},
+            },
+            [
+                "regions.sa-east: no geode can serve region 'sa-east': it has no geode and "
+                "none of its fallback regions (sa-west) has one",
+                "regions.sa-west: no geode can serve region 'sa-west': it has no geode and "
+                "none of its fallback regions (sa-east) has one",
+            ],
+            id="fallbacks-without-geodes",
+        ),
     ],
-)  # fmt: skip
+)
 def test_region_no_geode_can_serve_is_rejected(
     write_config: WriteConfig, changes: dict[str, Any], expected: list[str]
 ) -> None:
@@ -335,30 +415,43 @@ def test_region_no_geode_can_serve_is_rejected(
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        pytest.param("euw-1.test", "URL scheme must be http or https: 'euw-1.test'",
-                     id="no-scheme"),
-        pytest.param("ftp://euw-1.test", "URL scheme must be http or https: 'ftp://euw-1.test'",
-                     id="ftp"),
+        pytest.param(
+            "euw-1.test", "URL scheme must be http or https: 'euw-1.test'", id="no-scheme"
+        ),
+        pytest.param(
+            "ftp://euw-1.test", "URL scheme must be http or https: 'ftp://euw-1.test'", id="ftp"
+        ),
         pytest.param("http://", "URL has no host: 'http://'", id="no-host"),
-        pytest.param("http://user:secret@euw-1.test",
-                     "URL must not carry credentials: 'http://user:secret@euw-1.test'",
-                     id="credentials"),
-        pytest.param("http://euw-1.test/?region=eu",
-                     "URL must not have a query or fragment: 'http://euw-1.test/?region=eu'",
-                     id="query"),
-        pytest.param("http://euw-1.test/#top",
-                     "URL must not have a query or fragment: 'http://euw-1.test/#top'",
-                     id="fragment"),
-        pytest.param("http://euw-1.test:99999",
-                     "malformed URL 'http://euw-1.test:99999': Port out of range 0-65535",
-                     id="port-out-of-range"),
-        pytest.param("http://euw-1.test:web",
-                     "malformed URL 'http://euw-1.test:web': Invalid URL: port can't be "
-                     "converted to integer", id="port-not-a-number"),
+        pytest.param(
+            "http://user:secret@euw-1.test",
+            "URL must not carry credentials: 'http://user:secret@euw-1.test'",
+            id="credentials",
+        ),
+        pytest.param(
+            "http://euw-1.test/?region=eu",
+            "URL must not have a query or fragment: 'http://euw-1.test/?region=eu'",
+            id="query",
+        ),
+        pytest.param(
+            "http://euw-1.test/#top",
+            "URL must not have a query or fragment: 'http://euw-1.test/#top'",
+            id="fragment",
+        ),
+        pytest.param(
+            "http://euw-1.test:99999",
+            "malformed URL 'http://euw-1.test:99999': Port out of range 0-65535",
+            id="port-out-of-range",
+        ),
+        pytest.param(
+            "http://euw-1.test:web",
+            "malformed URL 'http://euw-1.test:web': Invalid URL: port can't be "
+            "converted to integer",
+            id="port-not-a-number",
+        ),
         pytest.param(8080, "must be a non-empty string, got 8080", id="not-a-string"),
         pytest.param("  ", "must be a non-empty string, got '  '", id="blank"),
     ],
-)  # fmt: skip
+)
 def test_malformed_geode_url_is_rejected(
     write_config: WriteConfig, url: object, message: str
 ) -> None:
@@ -372,16 +465,20 @@ LONG_NAME = ("a" * 63 + ".") * 4 + "test"  # 260 bytes
 @pytest.mark.parametrize(
     ("url", "why"),
     [
-        pytest.param(f"http://{LONG_LABEL}.test", "a label of 64 bytes, at most 63",
-                     id="label-over-63-bytes"),
-        pytest.param("http://euw-1..test", "an empty label: '..' or a leading dot",
-                     id="empty-label"),
-        pytest.param("https://.euw-1.test:8443", "an empty label: '..' or a leading dot",
-                     id="leading-dot"),
-        pytest.param(f"http://{LONG_NAME}/api", "a name of 260 bytes, at most 253",
-                     id="name-over-253-bytes"),
+        pytest.param(
+            f"http://{LONG_LABEL}.test", "a label of 64 bytes, at most 63", id="label-over-63-bytes"
+        ),
+        pytest.param(
+            "http://euw-1..test", "an empty label: '..' or a leading dot", id="empty-label"
+        ),
+        pytest.param(
+            "https://.euw-1.test:8443", "an empty label: '..' or a leading dot", id="leading-dot"
+        ),
+        pytest.param(
+            f"http://{LONG_NAME}/api", "a name of 260 bytes, at most 253", id="name-over-253-bytes"
+        ),
     ],
-)  # fmt: skip
+)
 def test_geode_host_that_can_never_resolve_is_rejected(
     write_config: WriteConfig, url: str, why: str
 ) -> None:
@@ -402,38 +499,63 @@ def test_geode_host_at_the_dns_limits_is_accepted(write_config: WriteConfig, hos
 @pytest.mark.parametrize(
     ("proxy", "admin", "why"),
     [
-        pytest.param("127.0.0.1", "127.0.0.1", "both bind port 8080 on 127.0.0.1",
-                     id="same-address"),
-        pytest.param("0.0.0.0", "127.0.0.1", "0.0.0.0 binds port 8080 on every IPv4 address",
-                     id="any-ipv4-and-loopback"),
-        pytest.param("10.1.2.3", "0.0.0.0", "0.0.0.0 binds port 8080 on every IPv4 address",
-                     id="address-and-any-ipv4"),
+        pytest.param(
+            "127.0.0.1", "127.0.0.1", "both bind port 8080 on 127.0.0.1", id="same-address"
+        ),
+        pytest.param(
+            "0.0.0.0",
+            "127.0.0.1",
+            "0.0.0.0 binds port 8080 on every IPv4 address",
+            id="any-ipv4-and-loopback",
+        ),
+        pytest.param(
+            "10.1.2.3",
+            "0.0.0.0",
+            "0.0.0.0 binds port 8080 on every IPv4 address",
+            id="address-and-any-ipv4",
+        ),
         pytest.param("::", "::1", ":: binds port 8080 on every IPv6 address", id="any-ipv6"),
         pytest.param("::1", "localhost", "both bind port 8080 on ::1", id="localhost"),
     ],
-)  # fmt: skip
+)
 def test_proxy_and_admin_listeners_that_collide_are_rejected(
     write_config: WriteConfig, proxy: str, admin: str, why: str
 ) -> None:
-    data = edited({"listen.proxy": {"host": proxy, "port": 8080},
-                   "listen.admin": {"host": admin, "port": 8080}})  # fmt: skip
-    check_errors(write_config, data, [
-        f"listen.admin: {admin}:8080 collides with the proxy listener {proxy}:8080 ({why}); "
-        "give them different ports"
-    ])  # fmt: skip
+    data = edited(
+        {
+            "listen.proxy": {"host": proxy, "port": 8080},
+            "listen.admin": {"host": admin, "port": 8080},
+        }
+    )
+    check_errors(
+        write_config,
+        data,
+        [
+            f"listen.admin: {admin}:8080 collides with the proxy listener {proxy}:8080 ({why}); "
+            "give them different ports"
+        ],
+    )
 
 
 @pytest.mark.parametrize(
     ("proxy", "admin"),
-    [(("127.0.0.1", 8080), ("127.0.0.1", 9901)), (("127.0.0.1", 0), ("127.0.0.1", 0)),
-     (("0.0.0.0", 8080), ("::1", 8080)), (("::", 8080), ("127.0.0.1", 8080))],
+    [
+        (("127.0.0.1", 8080), ("127.0.0.1", 9901)),
+        (("127.0.0.1", 0), ("127.0.0.1", 0)),
+        (("0.0.0.0", 8080), ("::1", 8080)),
+        (("::", 8080), ("127.0.0.1", 8080)),
+    ],
     ids=["other-port", "both-any-free-port", "ipv4-any-and-ipv6", "ipv6-any-and-ipv4"],
-)  # fmt: skip
+)
 def test_listeners_that_do_not_collide_are_accepted(
     write_config: WriteConfig, proxy: tuple[str, int], admin: tuple[str, int]
 ) -> None:
-    data = edited({"listen.proxy": {"host": proxy[0], "port": proxy[1]},
-                   "listen.admin": {"host": admin[0], "port": admin[1]}})  # fmt: skip
+    data = edited(
+        {
+            "listen.proxy": {"host": proxy[0], "port": proxy[1]},
+            "listen.admin": {"host": admin[0], "port": admin[1]},
+        }
+    )
     cfg = config_mod.load(write_config(data))
     assert (cfg.proxy, cfg.admin) == (Listener(*proxy), Listener(*admin))
 
@@ -458,20 +580,37 @@ LONG_REGION = "r" * 64
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        pytest.param({f"regions.{LONG_REGION}": {"fallback": ["eu-west"]}},
-                     [f"regions.{LONG_REGION}: invalid region id '{LONG_REGION}' (64 characters, "
-                      "at most 63)"], id="over-the-length-limit"),
-        pytest.param({"regions.eu-wést": {"fallback": ["eu-west"]}},
-                     ["regions.eu-wést: invalid region id 'eu-wést' (not ASCII: lowercase ASCII "
-                      "letters, digits and '-', e.g. eu-west)"], id="not-ascii"),
-        pytest.param({"regions.EU_West": {"fallback": ["eu-west"]}, "geodes[0].region": "mars",
-                      "geodes[1].region": "EU_West"},
-                     ["regions.EU_West: invalid region id 'EU_West' (lowercase letters, digits "
-                      "and '-', e.g. eu-west)",
-                      f"geodes[0].region: unknown region 'mars' {KNOWN}"],
-                     id="known-lists-only-valid-ids"),
+        pytest.param(
+            {f"regions.{LONG_REGION}": {"fallback": ["eu-west"]}},
+            [
+                f"regions.{LONG_REGION}: invalid region id '{LONG_REGION}' (64 characters, "
+                "at most 63)"
+            ],
+            id="over-the-length-limit",
+        ),
+        pytest.param(
+            {"regions.eu-wést": {"fallback": ["eu-west"]}},
+            [
+                "regions.eu-wést: invalid region id 'eu-wést' (not ASCII: lowercase ASCII "
+                "letters, digits and '-', e.g. eu-west)"
+            ],
+            id="not-ascii",
+        ),
+        pytest.param(
+            {
+                "regions.EU_West": {"fallback": ["eu-west"]},
+                "geodes[0].region": "mars",
+                "geodes[1].region": "EU_West",
+            },
+            [
+                "regions.EU_West: invalid region id 'EU_West' (lowercase letters, digits "
+                "and '-', e.g. eu-west)",
+                f"geodes[0].region: unknown region 'mars' {KNOWN}",
+            ],
+            id="known-lists-only-valid-ids",
+        ),
     ],
-)  # fmt: skip
+)
 def test_invalid_region_id_message_names_the_rule_it_breaks(
     write_config: WriteConfig, changes: dict[str, Any], expected: list[str]
 ) -> None:
@@ -481,8 +620,12 @@ def test_invalid_region_id_message_names_the_rule_it_breaks(
 def test_trusting_every_address_or_one_stamp_in_two_regions_is_a_warning_not_an_error(
     write_config: WriteConfig,
 ) -> None:
-    data = edited({"trusted_proxies": ["10.0.0.0/8", "0.0.0.0/0", "::/0"],
-                   "geodes[2].url": "HTTP://use-1.test:80/"})  # fmt: skip
+    data = edited(
+        {
+            "trusted_proxies": ["10.0.0.0/8", "0.0.0.0/0", "::/0"],
+            "geodes[2].url": "HTTP://use-1.test:80/",
+        }
+    )
     path = write_config(data)
     cfg = config_mod.load(path)
     assert cfg.warnings == (
@@ -497,11 +640,15 @@ def test_trusting_every_address_or_one_stamp_in_two_regions_is_a_warning_not_an_
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"geodes[2].url": "http://use-1.test:8080"}, {"geodes[2].url": "https://use-1.test"},
-     {"geodes[2].url": "http://use-1.test/other"},
-     {"geodes[2].url": "http://use-1.test", "geodes[2].region": "us-east"}],
+    [
+        {},
+        {"geodes[2].url": "http://use-1.test:8080"},
+        {"geodes[2].url": "https://use-1.test"},
+        {"geodes[2].url": "http://use-1.test/other"},
+        {"geodes[2].url": "http://use-1.test", "geodes[2].region": "us-east"},
+    ],
     ids=["base", "other-port", "other-scheme", "other-base-path", "same-region"],
-)  # fmt: skip
+)
 def test_config_without_doubtful_settings_has_no_warnings(
     write_config: WriteConfig, changes: dict[str, Any]
 ) -> None:
@@ -511,41 +658,63 @@ def test_config_without_doubtful_settings_has_no_warnings(
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        pytest.param({"health_check.timeout": "1s"},
-                     ["health_check.timeout: timeout (1s) must be shorter than interval (1s)"],
-                     id="timeout-equals-interval"),
-        pytest.param({"health_check.timeout": "2s"},
-                     ["health_check.timeout: timeout (2s) must be shorter than interval (1s)"],
-                     id="timeout-above-interval"),
-        pytest.param({"geodes[0].health": {"timeout": "1500ms"}},
-                     ["geodes[0].health.timeout: timeout (1.5s) must be shorter than interval "
-                      "(1s)"], id="geode-override-vs-inherited-interval"),
-        pytest.param({"health_check.interval": 5},
-                     ["health_check.interval: a duration needs a unit: 5 (e.g. '5s' or '5ms')"],
-                     id="number-without-unit"),
-        pytest.param({"health_check.interval": "5"},
-                     ["health_check.interval: not a duration: '5' (e.g. 250ms, 5s, 1m)"],
-                     id="string-without-unit"),
-        pytest.param({"forwarding.connect_timeout": "2 seconds"},
-                     ["forwarding.connect_timeout: not a duration: '2 seconds' "
-                      "(e.g. 250ms, 5s, 1m)"], id="spelled-unit"),
-        pytest.param({"forwarding.connect_timeout": "-1s"},
-                     ["forwarding.connect_timeout: not a duration: '-1s' (e.g. 250ms, 5s, 1m)"],
-                     id="negative"),
-        pytest.param({"forwarding.connect_timeout": "1d"},
-                     ["forwarding.connect_timeout: not a duration: '1d' (e.g. 250ms, 5s, 1m)"],
-                     id="unknown-unit"),
-        pytest.param({"forwarding.response_timeout": "0s"},
-                     ["forwarding.response_timeout: must be longer than zero, got '0s'"],
-                     id="zero"),
-        pytest.param({"forwarding.failover_timeout": "25h"},
-                     ["forwarding.failover_timeout: must be at most 24h, got '25h'"],
-                     id="over-a-day"),
-        pytest.param({"health_check.jitter": None},
-                     ["health_check.jitter: not a duration: null (e.g. 250ms, 5s, 1m)"],
-                     id="null"),
+        pytest.param(
+            {"health_check.timeout": "1s"},
+            ["health_check.timeout: timeout (1s) must be shorter than interval (1s)"],
+            id="timeout-equals-interval",
+        ),
+        pytest.param(
+            {"health_check.timeout": "2s"},
+            ["health_check.timeout: timeout (2s) must be shorter than interval (1s)"],
+            id="timeout-above-interval",
+        ),
+        pytest.param(
+            {"geodes[0].health": {"timeout": "1500ms"}},
+            ["geodes[0].health.timeout: timeout (1.5s) must be shorter than interval (1s)"],
+            id="geode-override-vs-inherited-interval",
+        ),
+        pytest.param(
+            {"health_check.interval": 5},
+            ["health_check.interval: a duration needs a unit: 5 (e.g. '5s' or '5ms')"],
+            id="number-without-unit",
+        ),
+        pytest.param(
+            {"health_check.interval": "5"},
+            ["health_check.interval: not a duration: '5' (e.g. 250ms, 5s, 1m)"],
+            id="string-without-unit",
+        ),
+        pytest.param(
+            {"forwarding.connect_timeout": "2 seconds"},
+            ["forwarding.connect_timeout: not a duration: '2 seconds' (e.g. 250ms, 5s, 1m)"],
+            id="spelled-unit",
+        ),
+        pytest.param(
+            {"forwarding.connect_timeout": "-1s"},
+            ["forwarding.connect_timeout: not a duration: '-1s' (e.g. 250ms, 5s, 1m)"],
+            id="negative",
+        ),
+        pytest.param(
+            {"forwarding.connect_timeout": "1d"},
+            ["forwarding.connect_timeout: not a duration: '1d' (e.g. 250ms, 5s, 1m)"],
+            id="unknown-unit",
+        ),
+        pytest.param(
+            {"forwarding.response_timeout": "0s"},
+            ["forwarding.response_timeout: must be longer than zero, got '0s'"],
+            id="zero",
+        ),
+        pytest.param(
+            {"forwarding.failover_timeout": "25h"},
+            ["forwarding.failover_timeout: must be at most 24h, got '25h'"],
+            id="over-a-day",
+        ),
+        pytest.param(
+            {"health_check.jitter": None},
+            ["health_check.jitter: not a duration: null (e.g. 250ms, 5s, 1m)"],
+            id="null",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_duration_is_rejected(
     write_config: WriteConfig, changes: dict[str, Any], expected: list[str]
 ) -> None:
@@ -555,36 +724,58 @@ def test_bad_duration_is_rejected(
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        pytest.param({"health_check.healthy_threshold": 0},
-                     ["health_check.healthy_threshold: must be from 1 to 100, got 0"],
-                     id="healthy-threshold-zero"),
-        pytest.param({"health_check.unhealthy_threshold": 101},
-                     ["health_check.unhealthy_threshold: must be from 1 to 100, got 101"],
-                     id="unhealthy-threshold-too-high"),
-        pytest.param({"health_check.healthy_threshold": "2"},
-                     ["health_check.healthy_threshold: must be a whole number from 1 to 100, "
-                      "got '2'"], id="threshold-string"),
-        pytest.param({"health_check.healthy_threshold": True},
-                     ["health_check.healthy_threshold: must be a whole number from 1 to 100, "
-                      "got True"], id="threshold-boolean"),
-        pytest.param({"listen.proxy.port": 65536},
-                     ["listen.proxy.port: must be from 0 to 65535, got 65536"],
-                     id="port-too-high"),
-        pytest.param({"listen.admin.port": -1},
-                     ["listen.admin.port: must be from 0 to 65535, got -1"], id="port-negative"),
-        pytest.param({"listen.admin.port": 80.5},
-                     ["listen.admin.port: must be a whole number from 0 to 65535, got 80.5"],
-                     id="port-fraction"),
-        pytest.param({"geodes[0].weight": 0},
-                     ["geodes[0].weight: must be from 1 to 1000, got 0"], id="weight-zero"),
-        pytest.param({"geodes[0].weight": 1001},
-                     ["geodes[0].weight: must be from 1 to 1000, got 1001"],
-                     id="weight-too-high"),
-        pytest.param({"forwarding.max_attempts": 0},
-                     ["forwarding.max_attempts: must be from 1 to 20, got 0"],
-                     id="max-attempts-zero"),
+        pytest.param(
+            {"health_check.healthy_threshold": 0},
+            ["health_check.healthy_threshold: must be from 1 to 100, got 0"],
+            id="healthy-threshold-zero",
+        ),
+        pytest.param(
+            {"health_check.unhealthy_threshold": 101},
+            ["health_check.unhealthy_threshold: must be from 1 to 100, got 101"],
+            id="unhealthy-threshold-too-high",
+        ),
+        pytest.param(
+            {"health_check.healthy_threshold": "2"},
+            ["health_check.healthy_threshold: must be a whole number from 1 to 100, got '2'"],
+            id="threshold-string",
+        ),
+        pytest.param(
+            {"health_check.healthy_threshold": True},
+            ["health_check.healthy_threshold: must be a whole number from 1 to 100, got True"],
+            id="threshold-boolean",
+        ),
+        pytest.param(
+            {"listen.proxy.port": 65536},
+            ["listen.proxy.port: must be from 0 to 65535, got 65536"],
+            id="port-too-high",
+        ),
+        pytest.param(
+            {"listen.admin.port": -1},
+            ["listen.admin.port: must be from 0 to 65535, got -1"],
+            id="port-negative",
+        ),
+        pytest.param(
+            {"listen.admin.port": 80.5},
+            ["listen.admin.port: must be a whole number from 0 to 65535, got 80.5"],
+            id="port-fraction",
+        ),
+        pytest.param(
+            {"geodes[0].weight": 0},
+            ["geodes[0].weight: must be from 1 to 1000, got 0"],
+            id="weight-zero",
+        ),
+        pytest.param(
+            {"geodes[0].weight": 1001},
+            ["geodes[0].weight: must be from 1 to 1000, got 1001"],
+            id="weight-too-high",
+        ),
+        pytest.param(
+            {"forwarding.max_attempts": 0},
+            ["forwarding.max_attempts: must be from 1 to 20, got 0"],
+            id="max-attempts-zero",
+        ),
     ],
-)  # fmt: skip
+)
 def test_out_of_range_number_is_rejected(
     write_config: WriteConfig, changes: dict[str, Any], expected: list[str]
 ) -> None:
@@ -594,18 +785,28 @@ def test_out_of_range_number_is_rejected(
 @pytest.mark.parametrize(
     ("statuses", "expected"),
     [
-        pytest.param(["300-200"], ["[0]: not an HTTP status or range: '300-200' "
-                                   "(e.g. 200 or '200-299')"], id="reversed-range"),
-        pytest.param([200, "2xx"], ["[1]: not an HTTP status or range: '2xx' "
-                                    "(e.g. 200 or '200-299')"], id="wildcard"),
-        pytest.param([99], ["[0]: not an HTTP status or range: 99 (e.g. 200 or '200-299')"],
-                     id="below-100"),
-        pytest.param(["500-600"], ["[0]: not an HTTP status or range: '500-600' "
-                                   "(e.g. 200 or '200-299')"], id="above-599"),
+        pytest.param(
+            ["300-200"],
+            ["[0]: not an HTTP status or range: '300-200' (e.g. 200 or '200-299')"],
+            id="reversed-range",
+        ),
+        pytest.param(
+            [200, "2xx"],
+            ["[1]: not an HTTP status or range: '2xx' (e.g. 200 or '200-299')"],
+            id="wildcard",
+        ),
+        pytest.param(
+            [99], ["[0]: not an HTTP status or range: 99 (e.g. 200 or '200-299')"], id="below-100"
+        ),
+        pytest.param(
+            ["500-600"],
+            ["[0]: not an HTTP status or range: '500-600' (e.g. 200 or '200-299')"],
+            id="above-599",
+        ),
         pytest.param([], [": must list at least one status"], id="empty"),
         pytest.param("200-299", [": must be a list, got '200-299'"], id="not-a-list"),
     ],
-)  # fmt: skip
+)
 def test_bad_expected_statuses_are_rejected(
     write_config: WriteConfig, statuses: object, expected: list[str]
 ) -> None:
@@ -616,22 +817,36 @@ def test_bad_expected_statuses_are_rejected(
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        pytest.param({"health_check.path": "health"},
-                     ["health_check.path: must start with '/': 'health'"], id="check-path"),
-        pytest.param({"listen.admin.host": "admin.example.com"},
-                     ["listen.admin.host: not an IP address: 'admin.example.com' "
-                      "(e.g. 127.0.0.1, ::)"], id="listener-hostname"),
-        pytest.param({"forwarding.when_none_healthy": "panic"},
-                     ["forwarding.when_none_healthy: unknown value 'panic' "
-                      "(choose from: reject, try_all)"], id="when-none-healthy"),
-        pytest.param({"forwarding.preserve_host": "yes"},
-                     ["forwarding.preserve_host: must be true or false, got 'yes'"],
-                     id="boolean-as-string"),
-        pytest.param({"geodes[0].name": "eu west"},
-                     ["geodes[0].name: invalid geode name 'eu west' (letters, digits, '.', '_', "
-                      "'-'; up to 63)"], id="geode-name"),
+        pytest.param(
+            {"health_check.path": "health"},
+            ["health_check.path: must start with '/': 'health'"],
+            id="check-path",
+        ),
+        pytest.param(
+            {"listen.admin.host": "admin.example.com"},
+            ["listen.admin.host: not an IP address: 'admin.example.com' (e.g. 127.0.0.1, ::)"],
+            id="listener-hostname",
+        ),
+        pytest.param(
+            {"forwarding.when_none_healthy": "panic"},
+            ["forwarding.when_none_healthy: unknown value 'panic' (choose from: reject, try_all)"],
+            id="when-none-healthy",
+        ),
+        pytest.param(
+            {"forwarding.preserve_host": "yes"},
+            ["forwarding.preserve_host: must be true or false, got 'yes'"],
+            id="boolean-as-string",
+        ),
+        pytest.param(
+            {"geodes[0].name": "eu west"},
+            [
+                "geodes[0].name: invalid geode name 'eu west' (letters, digits, '.', '_', "
+                "'-'; up to 63)"
+            ],
+            id="geode-name",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_scalar_value_is_rejected(
     write_config: WriteConfig, changes: dict[str, Any], expected: list[str]
 ) -> None:
@@ -641,21 +856,36 @@ def test_bad_scalar_value_is_rejected(
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        pytest.param({"region_sources": ["x-client-region", "maxmind"]},
-                     ["region_sources[1]: unknown value 'maxmind' "
-                      "(choose from: x-client-region, cf-ipcountry, geoip)"], id="unknown"),
-        pytest.param({"region_sources": ["cf-ipcountry", "geoip"]},
-                     ["region_sources[1]: 'geoip' is listed but geoip.database is not set"],
-                     id="geoip-without-database"),
-        pytest.param({"region_sources": ["geoip"], "geoip": {}},
-                     ["region_sources[0]: 'geoip' is listed but geoip.database is not set"],
-                     id="geoip-with-empty-section"),
-        pytest.param({"region_sources": ["cf-ipcountry", "cf-ipcountry"]},
-                     ["region_sources[1]: 'cf-ipcountry' is listed twice"], id="twice"),
-        pytest.param({"region_sources": "cf-ipcountry"},
-                     ["region_sources: must be a list, got 'cf-ipcountry'"], id="not-a-list"),
+        pytest.param(
+            {"region_sources": ["x-client-region", "maxmind"]},
+            [
+                "region_sources[1]: unknown value 'maxmind' "
+                "(choose from: x-client-region, cf-ipcountry, geoip)"
+            ],
+            id="unknown",
+        ),
+        pytest.param(
+            {"region_sources": ["cf-ipcountry", "geoip"]},
+            ["region_sources[1]: 'geoip' is listed but geoip.database is not set"],
+            id="geoip-without-database",
+        ),
+        pytest.param(
+            {"region_sources": ["geoip"], "geoip": {}},
+            ["region_sources[0]: 'geoip' is listed but geoip.database is not set"],
+            id="geoip-with-empty-section",
+        ),
+        pytest.param(
+            {"region_sources": ["cf-ipcountry", "cf-ipcountry"]},
+            ["region_sources[1]: 'cf-ipcountry' is listed twice"],
+            id="twice",
+        ),
+        pytest.param(
+            {"region_sources": "cf-ipcountry"},
+            ["region_sources: must be a list, got 'cf-ipcountry'"],
+            id="not-a-list",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_region_sources_are_rejected(
     write_config: WriteConfig, overrides: dict[str, Any], expected: list[str]
 ) -> None:
@@ -665,22 +895,31 @@ def test_bad_region_sources_are_rejected(
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        pytest.param({"countries.ZZ": "eu-west"},
-                     ["countries.ZZ: unknown country code 'ZZ' (ISO 3166-1 alpha-2, e.g. FR)"],
-                     id="unknown-country"),
-        pytest.param({"countries.FRA": "eu-west"},
-                     ["countries.FRA: unknown country code 'FRA' (ISO 3166-1 alpha-2, e.g. FR)"],
-                     id="alpha-3-country"),
-        pytest.param({"continents.EA": "eu-west"},
-                     ["continents.EA: unknown continent code 'EA' "
-                      "(known: AF, AN, AS, EU, NA, OC, SA)"], id="unknown-continent"),
-        pytest.param({"countries.DE": "eu-wst"},
-                     [f"countries.DE: unknown region 'eu-wst' {KNOWN}; did you mean 'eu-west'?"],
-                     id="unknown-region"),
-        pytest.param({"countries": ["FR"]}, ["countries: must be a mapping, got ['FR']"],
-                     id="not-a-mapping"),
+        pytest.param(
+            {"countries.ZZ": "eu-west"},
+            ["countries.ZZ: unknown country code 'ZZ' (ISO 3166-1 alpha-2, e.g. FR)"],
+            id="unknown-country",
+        ),
+        pytest.param(
+            {"countries.FRA": "eu-west"},
+            ["countries.FRA: unknown country code 'FRA' (ISO 3166-1 alpha-2, e.g. FR)"],
+            id="alpha-3-country",
+        ),
+        pytest.param(
+            {"continents.EA": "eu-west"},
+            ["continents.EA: unknown continent code 'EA' (known: AF, AN, AS, EU, NA, OC, SA)"],
+            id="unknown-continent",
+        ),
+        pytest.param(
+            {"countries.DE": "eu-wst"},
+            [f"countries.DE: unknown region 'eu-wst' {KNOWN}; did you mean 'eu-west'?"],
+            id="unknown-region",
+        ),
+        pytest.param(
+            {"countries": ["FR"]}, ["countries: must be a mapping, got ['FR']"], id="not-a-mapping"
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_region_map_entry_is_rejected(
     write_config: WriteConfig, changes: dict[str, Any], expected: list[str]
 ) -> None:
@@ -688,8 +927,9 @@ def test_bad_region_map_entry_is_rejected(
 
 
 def test_country_codes_are_case_insensitive(write_config: WriteConfig) -> None:
-    cfg = config_mod.load(write_config(edited({"countries.de": "us-east", "continents.oc":
-                                               "eu-west"})))  # fmt: skip
+    cfg = config_mod.load(
+        write_config(edited({"countries.de": "us-east", "continents.oc": "eu-west"}))
+    )
     assert (cfg.countries["DE"], cfg.continents["OC"]) == ("us-east", "eu-west")
 
 
@@ -698,22 +938,36 @@ def test_country_codes_are_case_insensitive(write_config: WriteConfig) -> None:
     [
         pytest.param({"geodes": []}, ["geodes: at least one geode is required"], id="no-geodes"),
         pytest.param({"geodes": DELETE}, ["geodes: is required"], id="geodes-missing"),
-        pytest.param({"default_region": DELETE}, ["default_region: is required"],
-                     id="default-region-missing"),
-        pytest.param({"geodes": {"name": "euw-1"}},
-                     ["geodes: must be a list, got {'name': 'euw-1'}"], id="geodes-not-a-list"),
-        pytest.param({"geodes[0]": "euw-1"}, ["geodes[0]: must be a mapping, got 'euw-1'"],
-                     id="geode-not-a-mapping"),
-        pytest.param({"geodes[0].name": DELETE, "geodes[0].url": DELETE},
-                     ["geodes[0].name: is required", "geodes[0].url: is required"],
-                     id="geode-keys-missing"),
-        pytest.param({"health_check": "fast"},
-                     ["health_check: must be a mapping, got 'fast'"], id="section-not-a-mapping"),
-        pytest.param({"regions.eu-west": {"fallback": "us-east"}},
-                     ["regions.eu-west.fallback: must be a list, got 'us-east'"],
-                     id="fallback-not-a-list"),
+        pytest.param(
+            {"default_region": DELETE}, ["default_region: is required"], id="default-region-missing"
+        ),
+        pytest.param(
+            {"geodes": {"name": "euw-1"}},
+            ["geodes: must be a list, got {'name': 'euw-1'}"],
+            id="geodes-not-a-list",
+        ),
+        pytest.param(
+            {"geodes[0]": "euw-1"},
+            ["geodes[0]: must be a mapping, got 'euw-1'"],
+            id="geode-not-a-mapping",
+        ),
+        pytest.param(
+            {"geodes[0].name": DELETE, "geodes[0].url": DELETE},
+            ["geodes[0].name: is required", "geodes[0].url: is required"],
+            id="geode-keys-missing",
+        ),
+        pytest.param(
+            {"health_check": "fast"},
+            ["health_check: must be a mapping, got 'fast'"],
+            id="section-not-a-mapping",
+        ),
+        pytest.param(
+            {"regions.eu-west": {"fallback": "us-east"}},
+            ["regions.eu-west.fallback: must be a list, got 'us-east'"],
+            id="fallback-not-a-list",
+        ),
     ],
-)  # fmt: skip
+)
 def test_missing_or_misshapen_section_is_rejected(
     write_config: WriteConfig, changes: dict[str, Any], expected: list[str]
 ) -> None:
@@ -728,23 +982,31 @@ def test_empty_mapping_reports_every_required_key(write_config: WriteConfig) -> 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        pytest.param("- regions\n- geodes\n", "must be a mapping, got ['regions', 'geodes']",
-                     id="list"),
+        pytest.param(
+            "- regions\n- geodes\n", "must be a mapping, got ['regions', 'geodes']", id="list"
+        ),
         pytest.param("just text\n", "must be a mapping, got 'just text'", id="scalar"),
         pytest.param("", "must be a mapping, got null", id="empty-file"),
-        pytest.param("regions: {eu-west: null\ngeodes: []\n",
-                     "line 2, column 7: invalid YAML: expected ',' or '}', but got ':'",
-                     id="unclosed-flow-mapping"),
-        pytest.param("default_region: eu-west\n  regions: {}\n",
-                     "line 2, column 10: invalid YAML: mapping values are not allowed here",
-                     id="bad-indentation"),
-        pytest.param("geodes:\n\t- {}\n",
-                     "line 2, column 1: invalid YAML: found character '\\t' that cannot start "
-                     "any token", id="tab"),
+        pytest.param(
+            "regions: {eu-west: null\ngeodes: []\n",
+            "line 2, column 7: invalid YAML: expected ',' or '}', but got ':'",
+            id="unclosed-flow-mapping",
+        ),
+        pytest.param(
+            "default_region: eu-west\n  regions: {}\n",
+            "line 2, column 10: invalid YAML: mapping values are not allowed here",
+            id="bad-indentation",
+        ),
+        pytest.param(
+            "geodes:\n\t- {}\n",
+            "line 2, column 1: invalid YAML: found character '\\t' that cannot start any token",
+            id="tab",
+        ),
     ],
-)  # fmt: skip
-def test_unusable_file_is_one_error_naming_the_file(tmp_path: Path, text: str,
-                                                    expected: str) -> None:  # fmt: skip
+)
+def test_unusable_file_is_one_error_naming_the_file(
+    tmp_path: Path, text: str, expected: str
+) -> None:
     path = tmp_path / "geoproxy.yaml"
     path.write_text(text)
     assert problems_of(path) == [f"{path}: {expected}"]
@@ -775,15 +1037,19 @@ def test_several_errors_are_reported_together_in_file_order(write_config: WriteC
             "forwarding.connect_timeout": "5",
         }
     )
-    check_errors(write_config, data, [
-        "geodez: unknown key (did you mean 'geodes'?)",
-        "trusted_proxies[0]: invalid CIDR '10.0.0.1/8': 10.0.0.1/8 has host bits set",
-        f"default_region: unknown region 'mars' {KNOWN}",
-        "health_check.intreval: unknown key (did you mean 'interval'?)",
-        f"geodes[0].region: unknown region 'eu-wst' {KNOWN}; did you mean 'eu-west'?",
-        "geodes[1].url: URL scheme must be http or https: 'ftp://use-1.test'",
-        "forwarding.connect_timeout: not a duration: '5' (e.g. 250ms, 5s, 1m)",
-    ])  # fmt: skip
+    check_errors(
+        write_config,
+        data,
+        [
+            "geodez: unknown key (did you mean 'geodes'?)",
+            "trusted_proxies[0]: invalid CIDR '10.0.0.1/8': 10.0.0.1/8 has host bits set",
+            f"default_region: unknown region 'mars' {KNOWN}",
+            "health_check.intreval: unknown key (did you mean 'interval'?)",
+            f"geodes[0].region: unknown region 'eu-wst' {KNOWN}; did you mean 'eu-west'?",
+            "geodes[1].url: URL scheme must be http or https: 'ftp://use-1.test'",
+            "forwarding.connect_timeout: not a duration: '5' (e.g. 250ms, 5s, 1m)",
+        ],
+    )
 
 
 # --- relative paths and the region map file --------------------------------------------------
@@ -807,8 +1073,11 @@ def test_region_map_resolves_against_config_folder_not_cwd(
     (etc / "maps" / "regions.yaml").write_text(
         "continents: {EU: us-east, OC: us-east}\ncountries: {FR: us-east, DE: us-east}\n"
     )
-    data = edited(region_map="maps/regions.yaml", countries={"DE": "eu-west"},
-                  continents={"EU": "ap-northeast"})  # fmt: skip
+    data = edited(
+        region_map="maps/regions.yaml",
+        countries={"DE": "eu-west"},
+        continents={"EU": "ap-northeast"},
+    )
     cfg = config_mod.load(write_config(data, "etc/geoproxy.yaml"))
     assert cfg.countries == {"FR": "us-east", "DE": "eu-west"}  # inline DE wins over the file
     assert cfg.continents == {"EU": "ap-northeast", "OC": "us-east"}
@@ -835,8 +1104,9 @@ def test_config_rebuilt_from_its_sources_equals_it_whatever_the_files_now_say(
 def test_geoip_database_resolves_against_config_folder(
     write_config: WriteConfig, etc: Path
 ) -> None:
-    cfg = config_mod.load(write_config(edited(geoip={"database": "data/x.mmdb"}),
-                                       "etc/geoproxy.yaml"))  # fmt: skip
+    cfg = config_mod.load(
+        write_config(edited(geoip={"database": "data/x.mmdb"}), "etc/geoproxy.yaml")
+    )
     assert cfg.geoip_database == etc / "data" / "x.mmdb"
 
 
@@ -849,20 +1119,29 @@ def test_absolute_geoip_database_path_is_kept(write_config: WriteConfig, tmp_pat
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        pytest.param("countries: {ZZ: eu-west}\n",
-                     "countries.ZZ: unknown country code 'ZZ' (ISO 3166-1 alpha-2, e.g. FR)",
-                     id="unknown-country"),
-        pytest.param("continents: {EU: eu-wst}\n",
-                     f"continents.EU: unknown region 'eu-wst' {KNOWN}; did you mean 'eu-west'?",
-                     id="unknown-region"),
-        pytest.param("countriez: {FR: eu-west}\n",
-                     "countriez: unknown key (did you mean 'countries'?)", id="unknown-key"),
+        pytest.param(
+            "countries: {ZZ: eu-west}\n",
+            "countries.ZZ: unknown country code 'ZZ' (ISO 3166-1 alpha-2, e.g. FR)",
+            id="unknown-country",
+        ),
+        pytest.param(
+            "continents: {EU: eu-wst}\n",
+            f"continents.EU: unknown region 'eu-wst' {KNOWN}; did you mean 'eu-west'?",
+            id="unknown-region",
+        ),
+        pytest.param(
+            "countriez: {FR: eu-west}\n",
+            "countriez: unknown key (did you mean 'countries'?)",
+            id="unknown-key",
+        ),
         pytest.param("- FR\n", "must be a mapping, got ['FR']", id="not-a-mapping"),
-        pytest.param("countries: [\n",
-                     "line 2, column 1: invalid YAML: expected the node content, but found "
-                     "'<stream end>'", id="invalid-yaml"),
+        pytest.param(
+            "countries: [\n",
+            "line 2, column 1: invalid YAML: expected the node content, but found '<stream end>'",
+            id="invalid-yaml",
+        ),
     ],
-)  # fmt: skip
+)
 def test_error_in_region_map_file_names_map_file_and_path_inside_it(
     write_config: WriteConfig, etc: Path, text: str, expected: str
 ) -> None:
@@ -884,8 +1163,9 @@ def test_missing_region_map_file_names_resolved_path(write_config: WriteConfig, 
 
 def test_bare_no_in_region_map_file_is_norway(write_config: WriteConfig, etc: Path) -> None:
     (etc / "maps" / "regions.yaml").write_text("countries:\n  NO: eu-west\n  SE: us-east\n")
-    cfg = config_mod.load(write_config(edited(region_map="maps/regions.yaml", countries={}),
-                                       "etc/geoproxy.yaml"))  # fmt: skip
+    cfg = config_mod.load(
+        write_config(edited(region_map="maps/regions.yaml", countries={}), "etc/geoproxy.yaml")
+    )
     assert cfg.countries == {"NO": "eu-west", "SE": "us-east"}
 
 
@@ -923,8 +1203,9 @@ def test_shipped_config_loads(name: str) -> None:
 def test_shipped_example_overrides_one_geode_health_check() -> None:
     cfg = config_mod.load(REPO / "config" / "geoproxy.yaml")
     by_name = {g.name: g for g in cfg.geodes}
-    assert by_name["apne1-a"].health == dataclasses.replace(cfg.health_check, path="/ready",
-                                                            timeout=1.0)  # fmt: skip
+    assert by_name["apne1-a"].health == dataclasses.replace(
+        cfg.health_check, path="/ready", timeout=1.0
+    )
     assert by_name["euw1-a"].health == cfg.health_check
 
 
@@ -942,15 +1223,22 @@ def test_shipped_region_map_gives_every_iso_country_a_region(name: str) -> None:
 def check_config(path: Path | str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "geoproxy", "check-config", "--config", str(path)],
-        capture_output=True, text=True, timeout=60, cwd=cwd, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        check=False,
+    )
 
 
 def test_check_config_prints_topology_and_exits_0_on_valid_file(
     write_config: WriteConfig, tmp_path: Path
 ) -> None:
-    data = edited({"geodes[2].region": "us-east", "geodes[1].weight": 3},
-                  countries={"FR": "eu-west", "US": "us-east"}, continents={})  # fmt: skip
+    data = edited(
+        {"geodes[2].region": "us-east", "geodes[1].weight": 3},
+        countries={"FR": "eu-west", "US": "us-east"},
+        continents={},
+    )
     path = write_config(data)
     result = check_config(path, tmp_path)
 
@@ -989,8 +1277,9 @@ def test_check_config_accepts_a_real_geoip_database(
 def test_check_config_reports_every_error_and_exits_1_on_invalid_file(
     write_config: WriteConfig, tmp_path: Path
 ) -> None:
-    data = edited({"geodes[0].region": "eu-wst", "health_check.intreval": "5s",
-                   "listen.admin.port": 70000})  # fmt: skip
+    data = edited(
+        {"geodes[0].region": "eu-wst", "health_check.intreval": "5s", "listen.admin.port": 70000}
+    )
     path = write_config(data)
     result = check_config(path, tmp_path)
 
@@ -1065,8 +1354,9 @@ def test_check_config_on_file_that_is_not_mmdb_exits_1_with_clear_message(
     assert (result.returncode, result.stdout) == (1, "")
     lines = result.stderr.splitlines()
     assert lines[0] == f"{path}: configuration is invalid"
-    assert lines[1].startswith(f"{path}: geoip.database: {database}: not a readable MaxMind "
-                               "database: ")
+    assert lines[1].startswith(
+        f"{path}: geoip.database: {database}: not a readable MaxMind database: "
+    )
     assert len(lines) == 2
     assert "Traceback" not in result.stderr
 
@@ -1099,12 +1389,21 @@ def test_broken_regions_do_not_flood_every_reference_with_unknown_region(
 
 
 def test_limits_outlier_detection_reload_and_shutdown_sections(write_config: WriteConfig) -> None:
-    cfg = config_mod.load(write_config(base_config(
-        [{"name": "a", "region": "eu-west", "url": "http://127.0.0.1:1"}],
-        limits={"header_timeout": "5s", "max_header_bytes": "16KiB", "max_body_bytes": "2GiB"},
-        outlier_detection={"consecutive_failures": 0},
-        reload={"poll_interval": "0s"}, shutdown={"drain_timeout": "30s"},
-    )))  # fmt: skip
+    cfg = config_mod.load(
+        write_config(
+            base_config(
+                [{"name": "a", "region": "eu-west", "url": "http://127.0.0.1:1"}],
+                limits={
+                    "header_timeout": "5s",
+                    "max_header_bytes": "16KiB",
+                    "max_body_bytes": "2GiB",
+                },
+                outlier_detection={"consecutive_failures": 0},
+                reload={"poll_interval": "0s"},
+                shutdown={"drain_timeout": "30s"},
+            )
+        )
+    )
     assert cfg.limits.header_timeout == 5.0
     assert cfg.limits.max_header_bytes == 16 * 1024
     assert cfg.limits.max_body_bytes == 2 * 1024**3
@@ -1118,24 +1417,38 @@ def test_limits_outlier_detection_reload_and_shutdown_sections(write_config: Wri
 @pytest.mark.parametrize(
     ("section", "value", "message"),
     [
-        ("limits", {"max_body_bytes": "10MB"},
-         "limits.max_body_bytes: not a size: '10MB' (e.g. 64KiB, 100MiB, 2GiB)"),
-        ("limits", {"max_header_bytes": "0KiB"},
-         "limits.max_header_bytes: must be larger than zero, got '0KiB'"),
-        ("outlier_detection", {"consecutive_failure": 3},
-         "outlier_detection.consecutive_failure: unknown key (did you mean "
-         "'consecutive_failures'?)"),
-        ("shutdown", {"drain_timeout": 10},
-         "shutdown.drain_timeout: a duration needs a unit: 10 (e.g. '10s' or '10ms')"),
+        (
+            "limits",
+            {"max_body_bytes": "10MB"},
+            "limits.max_body_bytes: not a size: '10MB' (e.g. 64KiB, 100MiB, 2GiB)",
+        ),
+        (
+            "limits",
+            {"max_header_bytes": "0KiB"},
+            "limits.max_header_bytes: must be larger than zero, got '0KiB'",
+        ),
+        (
+            "outlier_detection",
+            {"consecutive_failure": 3},
+            "outlier_detection.consecutive_failure: unknown key (did you mean "
+            "'consecutive_failures'?)",
+        ),
+        (
+            "shutdown",
+            {"drain_timeout": 10},
+            "shutdown.drain_timeout: a duration needs a unit: 10 (e.g. '10s' or '10ms')",
+        ),
     ],
     ids=["size-unit", "zero-size", "typo", "duration-unit"],
-)  # fmt: skip
+)
 def test_new_section_errors_name_path_and_value(
     write_config: WriteConfig, section: str, value: dict[str, Any], message: str
 ) -> None:
-    path = write_config(base_config(
-        [{"name": "a", "region": "eu-west", "url": "http://127.0.0.1:1"}], **{section: value}
-    ))  # fmt: skip
+    path = write_config(
+        base_config(
+            [{"name": "a", "region": "eu-west", "url": "http://127.0.0.1:1"}], **{section: value}
+        )
+    )
     with pytest.raises(ConfigError) as err:
         config_mod.load(path)
     assert err.value.problems == [f"{path}: {message}"]

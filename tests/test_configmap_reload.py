@@ -51,25 +51,35 @@ class ConfigMapVolume:
 
 
 def config_files(data: dict[str, Any], region_map: dict[str, Any]) -> dict[str, str]:
-    return {"geoproxy.yaml": yaml.safe_dump({**data, "region_map": "region-map.yaml"}),
-            "region-map.yaml": yaml.safe_dump(region_map)}  # fmt: skip
+    return {
+        "geoproxy.yaml": yaml.safe_dump({**data, "region_map": "region-map.yaml"}),
+        "region-map.yaml": yaml.safe_dump(region_map),
+    }
 
 
 async def test_a_kubelet_configmap_swap_under_load_is_reloaded_with_no_failed_request(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, tmp_path: Path,
-) -> None:  # fmt: skip
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     us = await geode_factory("us-1", "us-east")
-    data = base_config([geode_entry(eu), geode_entry(us)], countries={},
-                       region_sources=["cf-ipcountry"], reload={"poll_interval": "100ms"},
-                       access_log="off")  # fmt: skip
+    data = base_config(
+        [geode_entry(eu), geode_entry(us)],
+        countries={},
+        region_sources=["cf-ipcountry"],
+        reload={"poll_interval": "100ms"},
+        access_log="off",
+    )
     volume = ConfigMapVolume(tmp_path / "geoproxy")
     volume.write(config_files(data, {"countries": {"FR": "eu-west"}}))
     proxy = await proxy_factory(data)
     # From now on the proxy runs from the volume, as the Deployment's --config names it.
     await proxy.gateway.reload(config_mod.load(volume.root / "geoproxy.yaml"))
-    assert proxy.gateway.config.files == (volume.root / "geoproxy.yaml",
-                                          volume.root / "region-map.yaml")  # fmt: skip
+    assert proxy.gateway.config.files == (
+        volume.root / "geoproxy.yaml",
+        volume.root / "region-map.yaml",
+    )
     async with watching(proxy), Load(f"{proxy.url}/whoami", headers=FRENCH) as load:
         await load.until("eu-1")
         volume.write(config_files(data, {"countries": {"FR": "us-east"}}))  # the map
@@ -83,7 +93,7 @@ async def test_a_kubelet_configmap_swap_under_load_is_reloaded_with_no_failed_re
         await load.more(200)
     assert load.failed() == []
     first_us = load.results.index((200, "us-1"))
-    assert set(load.results[first_us + load.clients:]) == {(200, "us-1")}
+    assert set(load.results[first_us + load.clients :]) == {(200, "us-1")}
     assert proxy.sample("geoproxy_config_reloads_total", result="success") == 2
     assert [g.name for g in proxy.gateway.config.geodes] == ["us-1"]
     assert proxy.sample("geoproxy_config_reloads_total", result="failure") == 0

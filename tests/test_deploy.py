@@ -34,8 +34,9 @@ PROMETHEUS_OWN = {"up"}
 async def exported_names(proxy_factory: ProxyFactory, geode_factory: GeodeFactory) -> set[str]:
     """What one process exports, and what a ``--workers`` supervisor adds."""
     geode = await geode_factory("eu-1", "eu-west")
-    proxy = await proxy_factory(base_config([geode_entry(geode)], regions={"eu-west": None},
-                                            countries={}, continents={}))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config([geode_entry(geode)], regions={"eu-west": None}, countries={}, continents={})
+    )
     own = CollectorRegistry()
     Metrics(own)
     WorkerMetrics(own)
@@ -59,21 +60,28 @@ def alert_exprs() -> list[str]:
 def test_prometheus_config_passes_promtool() -> None:
     promtool = need_binary("promtool")
     path = DEPLOY / "prometheus" / "prometheus.yml"
-    out = subprocess.run([promtool, "check", "config", str(path)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_alert_rules_pass_promtool_and_cover_the_required_alerts() -> None:
     promtool = need_binary("promtool")
     path = DEPLOY / "prometheus" / "alerts.yml"
-    out = subprocess.run([promtool, "check", "rules", str(path)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     rules = [r for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
     names = {r["alert"] for r in rules}
-    assert {"GeodeDown", "RegionWithoutHealthyGeode", "HighFailoverRate", "HighOffRegionRatio",
-            "ProxyNotReady"} <= names  # fmt: skip
+    assert {
+        "GeodeDown",
+        "RegionWithoutHealthyGeode",
+        "HighFailoverRate",
+        "HighOffRegionRatio",
+        "ProxyNotReady",
+    } <= names
     for rule in rules:
         assert rule["annotations"]["summary"], rule["alert"]
         assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
@@ -90,9 +98,13 @@ async def test_dashboard_and_alerts_only_name_exported_metrics(
     assert named - exported == set()
     # And the metrics the issue asks the dashboard to show are on it.
     on_dashboard = {m for e in dashboard_exprs() for m in METRIC.findall(e)}
-    assert {"geoproxy_routing_decisions_total", "geoproxy_geode_up",
-            "geoproxy_request_duration_seconds_bucket", "geoproxy_failovers_total",
-            "geoproxy_region_resolutions_total"} <= on_dashboard  # fmt: skip
+    assert {
+        "geoproxy_routing_decisions_total",
+        "geoproxy_geode_up",
+        "geoproxy_request_duration_seconds_bucket",
+        "geoproxy_failovers_total",
+        "geoproxy_region_resolutions_total",
+    } <= on_dashboard
 
 
 async def test_real_exposition_passes_promtool_check_metrics(
@@ -112,5 +124,3 @@ async def test_real_exposition_passes_promtool_check_metrics(
             text = await r.text()
     await assert_promtool_accepts(text.encode())
     assert 'geoproxy_failovers_total{from_geode="eu-1",to_geode="us-1"}' in text
-
-

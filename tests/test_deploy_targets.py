@@ -81,10 +81,14 @@ def test_the_unit_kill_mode_is_the_one_the_workers_supervisor_handles() -> None:
 def test_the_unit_is_hardened() -> None:
     svc = service()
     assert svc.get("DynamicUser") == ["yes"] or svc.get("User", ["root"]) != ["root"]
-    for key, want in {"ProtectSystem": "strict", "NoNewPrivileges": "yes",
-                      "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
-                      "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
-                      "ProtectHome": "yes", "PrivateTmp": "yes"}.items():  # fmt: skip
+    for key, want in {
+        "ProtectSystem": "strict",
+        "NoNewPrivileges": "yes",
+        "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
+        "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+    }.items():
         assert svc.get(key) == [want], key
     families = set(svc["RestrictAddressFamilies"][0].split())
     # AF_UNIX: the supervisor's control channel to its workers is a socket pair.
@@ -102,8 +106,9 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     text = UNIT.read_text()
     assert text.count("/opt/geoproxy/bin/geoproxy ") == 2  # ExecStartPre, ExecStart
     (tmp_path / UNIT.name).write_text(text.replace("/opt/geoproxy/bin/geoproxy", str(installed)))
-    out = subprocess.run([analyze, "verify", str(tmp_path / UNIT.name)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [analyze, "verify", str(tmp_path / UNIT.name)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     # Unknown keys are only warned about (exit code 0): none is allowed.
     assert out.stdout + out.stderr == "", out.stdout + out.stderr
@@ -114,8 +119,7 @@ def test_systemd_analyze_verify_would_catch_a_misspelt_directive(tmp_path: Path)
     analyze = need_binary("systemd-analyze", package="systemd")
     bad = tmp_path / "geoproxy.service"
     bad.write_text("[Service]\nExecStart=/bin/true\nProtectSytem=strict\n")
-    out = subprocess.run([analyze, "verify", str(bad)], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+    out = subprocess.run([analyze, "verify", str(bad)], capture_output=True, text=True, timeout=60)
     assert "ProtectSytem" in out.stdout + out.stderr
 
 
@@ -199,16 +203,23 @@ def materialise(service: dict[str, Any], root: Path) -> Path:
 def test_every_file_the_compose_file_names_exists_and_named_volumes_are_declared() -> None:
     data = compose()
     build = data["services"]["geoproxy"]["build"]
-    assert (CONTAINER / build["context"] / build["dockerfile"]).resolve() == \
-        CONTAINER / "Dockerfile"  # fmt: skip
+    assert (
+        CONTAINER / build["context"] / build["dockerfile"]
+    ).resolve() == CONTAINER / "Dockerfile"
     for name, service in data["services"].items():
         for source, _target in mounts(service):
             if source.startswith("."):
                 assert (CONTAINER / source).exists(), (name, source)
             else:
                 assert source in data["volumes"], (name, source)
-    assert {"geoproxy", "stamp-eu-west", "stamp-us-east", "stamp-ap-northeast", "prometheus",
-            "grafana"} <= set(data["services"])  # fmt: skip
+    assert {
+        "geoproxy",
+        "stamp-eu-west",
+        "stamp-us-east",
+        "stamp-ap-northeast",
+        "prometheus",
+        "grafana",
+    } <= set(data["services"])
 
 
 def test_the_compose_services_agree_on_hosts_and_ports(
@@ -220,8 +231,10 @@ def test_the_compose_services_agree_on_hosts_and_ports(
     cfg = config_mod.load(proxy_root / "etc/geoproxy/geoproxy.yaml")  # as mounted, map included
     published = {p.split(":")[1] for p in services["geoproxy"]["ports"]}
     assert published == {str(cfg.proxy.port)}  # the admin listener is not published
-    assert seconds(services["geoproxy"]["stop_grace_period"]) > \
-        cfg.lifecycle.drain_timeout + DRAIN_MARGIN  # fmt: skip
+    assert (
+        seconds(services["geoproxy"]["stop_grace_period"])
+        > cfg.lifecycle.drain_timeout + DRAIN_MARGIN
+    )
     # Each geode is a stamp service, at the port its config listens on; the stamps' peers
     # are each other's peer listeners; their health checks ask their own port.
     monkeypatch.setenv("GEOPROXY_FLEET_SECRET", "0" * 64)
@@ -232,11 +245,13 @@ def test_the_compose_services_agree_on_hosts_and_ports(
             stamps[name] = stamp_config.load(root / service["command"][-1].lstrip("/"))
             assert stamps[name].name == name
             assert f"127.0.0.1:{stamps[name].port}/health" in " ".join(
-                service["healthcheck"]["test"])
+                service["healthcheck"]["test"]
+            )
             assert "GEOPROXY_FLEET_SECRET" in service["environment"]
     assert len(stamps) == 3
-    assert {(g.name, g.url.host, g.url.port) for g in cfg.geodes} == \
-        {(n, n, s.port) for n, s in stamps.items()}  # fmt: skip
+    assert {(g.name, g.url.host, g.url.port) for g in cfg.geodes} == {
+        (n, n, s.port) for n, s in stamps.items()
+    }
     for name, stamp in stamps.items():
         want = {(o, f"http://{o}:{s.peer_port}") for o, s in stamps.items() if o != name}
         assert {(p.name, str(p.url)) for p in stamp.peers} == want
@@ -244,23 +259,30 @@ def test_the_compose_services_agree_on_hosts_and_ports(
     # loads the shipped rules where they are mounted; Grafana reads that Prometheus.
     prom_root = materialise(services["prometheus"], tmp_path / "prometheus")
     prom = yaml.safe_load((prom_root / "etc/prometheus/prometheus.yml").read_text())
-    targets = {job["job_name"]: set(job["static_configs"][0]["targets"])
-               for job in prom["scrape_configs"]}  # fmt: skip
+    targets = {
+        job["job_name"]: set(job["static_configs"][0]["targets"]) for job in prom["scrape_configs"]
+    }
     assert targets["geoproxy"] == {f"geoproxy:{cfg.admin.port}"}
     assert targets["stamps"] == {f"{n}:{s.peer_port}" for n, s in stamps.items()}
     for rules in prom["rule_files"]:
-        assert (prom_root / rules.lstrip("/")).read_text() == \
-            (DEPLOY / "prometheus" / "alerts.yml").read_text()  # fmt: skip
+        assert (prom_root / rules.lstrip("/")).read_text() == (
+            DEPLOY / "prometheus" / "alerts.yml"
+        ).read_text()
     graf_root = materialise(services["grafana"], tmp_path / "grafana")
     sources = yaml.safe_load(
-        (graf_root / "etc/grafana/provisioning/datasources/prometheus.yml").read_text())
-    assert sources["datasources"][0]["url"] == \
-        f"http://prometheus:{services['prometheus']['ports'][0].split(':')[1]}"  # fmt: skip
+        (graf_root / "etc/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    assert (
+        sources["datasources"][0]["url"]
+        == f"http://prometheus:{services['prometheus']['ports'][0].split(':')[1]}"
+    )
     provider = yaml.safe_load(
-        (graf_root / "etc/grafana/provisioning/dashboards/geoproxy.yml").read_text())
+        (graf_root / "etc/grafana/provisioning/dashboards/geoproxy.yml").read_text()
+    )
     folder = provider["providers"][0]["options"]["path"]
-    assert (graf_root / folder.lstrip("/") / "geoproxy.json").read_text() == \
-        (DEPLOY / "grafana" / "geoproxy-dashboard.json").read_text()  # fmt: skip
+    assert (graf_root / folder.lstrip("/") / "geoproxy.json").read_text() == (
+        DEPLOY / "grafana" / "geoproxy-dashboard.json"
+    ).read_text()
 
 
 # -- Kubernetes ---------------------------------------------------------------------------
@@ -288,8 +310,13 @@ def test_the_manifests_are_valid_against_the_kubernetes_schemas(version: str) ->
     import kubernetes_validate
 
     docs = manifests()
-    assert set(docs) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
-                         "HorizontalPodAutoscaler"}  # fmt: skip
+    assert set(docs) == {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+    }
     for kind, doc in docs.items():
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -330,8 +357,10 @@ def test_the_deployment_probes_drains_and_runs_locked_down(tmp_path: Path) -> No
     assert box["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     pre_stop = box["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    assert spec["terminationGracePeriodSeconds"] > \
-        float(pre_stop[1]) + cfg.lifecycle.drain_timeout + DRAIN_MARGIN  # fmt: skip
+    assert (
+        spec["terminationGracePeriodSeconds"]
+        > float(pre_stop[1]) + cfg.lifecycle.drain_timeout + DRAIN_MARGIN
+    )
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] != 0
     assert box["securityContext"]["readOnlyRootFilesystem"] is True
@@ -360,30 +389,39 @@ def test_the_service_budget_and_autoscaler_point_at_the_deployment() -> None:
     assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == labels
     target = docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
-    assert docs["HorizontalPodAutoscaler"]["spec"]["minReplicas"] > \
-        docs["PodDisruptionBudget"]["spec"]["minAvailable"]  # fmt: skip
+    assert (
+        docs["HorizontalPodAutoscaler"]["spec"]["minReplicas"]
+        > docs["PodDisruptionBudget"]["spec"]["minAvailable"]
+    )
 
 
 def test_the_readme_walkthrough_names_what_the_unit_runs() -> None:
     """README's systemd walk-through installs where the unit looks: the binary and the
     config it names."""
     readme = (ROOT / "README.md").read_text()
-    walk = readme[readme.index("### End to end: one Linux host with systemd"):]
-    walk = walk[:walk.index("\n### ", 10)]
+    walk = readme[readme.index("### End to end: one Linux host with systemd") :]
+    walk = walk[: walk.index("\n### ", 10)]
     start = service()["ExecStart"][0].split()
     binary, config = start[0], start[start.index("--config") + 1]
     assert binary.removesuffix("/bin/geoproxy") == "/opt/geoproxy"
     assert "python3 -m venv /opt/geoproxy && /opt/geoproxy/bin/pip install ." in walk
     assert f"-t {Path(config).parent}/" in walk
     assert f"cp deploy/systemd/{UNIT.name} /etc/systemd/system/" in walk
-    assert f"curl -s 127.0.0.1:{config_mod.load(ROOT / 'config/geoproxy.yaml').admin.port}" \
-        "/readyz" in walk  # fmt: skip
+    assert (
+        f"curl -s 127.0.0.1:{config_mod.load(ROOT / 'config/geoproxy.yaml').admin.port}"
+        "/readyz" in walk
+    )
 
 
 def test_the_build_context_lets_in_what_the_dockerfile_copies() -> None:
     ignore = (CONTAINER / "Dockerfile.dockerignore").read_text().split()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "*" in ignore
-    copied = {source.split("/")[0] for _, steps in dockerfile_stages() for op, arg in steps
-              if op == "COPY" and not arg.startswith("--from") for source in arg.split()[:-1]}
+    copied = {
+        source.split("/")[0]
+        for _, steps in dockerfile_stages()
+        for op, arg in steps
+        if op == "COPY" and not arg.startswith("--from")
+        for source in arg.split()[:-1]
+    }
     assert copied <= allowed, copied - allowed

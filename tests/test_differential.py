@@ -53,17 +53,30 @@ BY_DESIGN = """What geoproxy changes on purpose (geoproxy/headers.py, README):
   too: only the status is compared.
 """
 
-HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-              b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
-              b"upgrade"}  # fmt: skip
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+}
 SET_ON_REQUESTS = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"}
 SET_ON_ANSWERS = {b"via", b"x-geoproxy-geode", b"x-geoproxy-region"}
 _BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
 
 
 def _named_in_connection(pairs: list[tuple[bytes, bytes]]) -> set[bytes]:
-    return {t.strip().lower() for n, v in pairs if n.lower() == b"connection"
-            for t in v.split(b",") if t.strip()}  # fmt: skip
+    return {
+        t.strip().lower()
+        for n, v in pairs
+        if n.lower() == b"connection"
+        for t in v.split(b",")
+        if t.strip()
+    }
 
 
 def request_view(req: Received, direct: Received | None) -> tuple[object, ...]:
@@ -106,10 +119,18 @@ def response_view(resp: Response, direct: Response | None) -> tuple[object, ...]
             drop.add(b"content-length")
         if not resp.values(b"x-geoproxy-geode"):  # geoproxy's own answer
             return ("geoproxy's own", resp.status)
-    interim = tuple((h.split(b"\r\n", 1)[0][9:], _head_view(h.split(b"\r\n")[1:-2], drop))
-                    for h in resp.interim)  # fmt: skip
-    return (resp.status, resp.reason, _head_view(resp.lines, drop), interim,
-            len(resp.payload), sha(resp.payload), tuple(resp.trailers))  # fmt: skip
+    interim = tuple(
+        (h.split(b"\r\n", 1)[0][9:], _head_view(h.split(b"\r\n")[1:-2], drop)) for h in resp.interim
+    )
+    return (
+        resp.status,
+        resp.reason,
+        _head_view(resp.lines, drop),
+        interim,
+        len(resp.payload),
+        sha(resp.payload),
+        tuple(resp.trailers),
+    )
 
 
 def own_view(resp: Response) -> tuple[object, ...]:
@@ -160,7 +181,8 @@ def answer(req: Received) -> bytes | None:
         framing = b"close"
     elif kind == b"interim":
         interim = (b"HTTP/1.1 102 Processing\r\n\r\n" if n % 2 else b"") + (
-            b"HTTP/1.1 103 Early Hints\r\nLink: </s%d.css>; rel=preload\r\n\r\n" % n)
+            b"HTTP/1.1 103 Early Hints\r\nLink: </s%d.css>; rel=preload\r\n\r\n" % n
+        )
     elif kind == b"latin1":
         status = b"200 Tr\xe8s bien"
         lines.append(b"X-Obs: caf\xe9 \xff%d" % n)
@@ -194,11 +216,22 @@ class Case:
     pipelined: bool = False
 
 
-HEADER_POOL = [b"Accept: */*", b"Accept-Language: fr-CH, fr;q=0.9, en;q=0.8",
-               b"User-Agent: differential/1.0", b"Cache-Control: no-cache",
-               b"Authorization: Bearer t0k3n", b"X-Request-Id: %d", b"If-None-Match: \"v%d\"",
-               b"Cookie: a=%d", b"Cookie: b=2", b"X-Empty:", b"X-Tab: a\tb",
-               b"x-lower: %d", b"X-UPPER: %d", b"Accept-Encoding: gzip, br"]  # fmt: skip
+HEADER_POOL = [
+    b"Accept: */*",
+    b"Accept-Language: fr-CH, fr;q=0.9, en;q=0.8",
+    b"User-Agent: differential/1.0",
+    b"Cache-Control: no-cache",
+    b"Authorization: Bearer t0k3n",
+    b"X-Request-Id: %d",
+    b'If-None-Match: "v%d"',
+    b"Cookie: a=%d",
+    b"Cookie: b=2",
+    b"X-Empty:",
+    b"X-Tab: a\tb",
+    b"x-lower: %d",
+    b"X-UPPER: %d",
+    b"Accept-Encoding: gzip, br",
+]
 KINDS = [b"len", b"len", b"chunked", b"big", b"empty", b"204", b"304", b"close"]
 TARGET_TAILS = [b"", b"?q=1", b"?a=%2F&b=%20", b"/x;p=1", b"/~u/a.b", b"?" + b"z" * 40]
 
@@ -216,20 +249,29 @@ class Gen:
         return b"/d/%s/%d%s" % (kind, self.n, self.rng.choice(TARGET_TAILS))
 
     def headers(self, count: int | None = None) -> list[bytes]:
-        picked = self.rng.sample(HEADER_POOL, count if count is not None else
-                                 self.rng.randint(0, 6))  # fmt: skip
+        picked = self.rng.sample(
+            HEADER_POOL, count if count is not None else self.rng.randint(0, 6)
+        )
         return [h % self.n if b"%d" in h else h for h in picked]
 
-    def body(self, chunked_body: bool, ext: bytes = b"",
-             trailers: bytes = b"") -> tuple[list[bytes], bytes]:  # fmt: skip
+    def body(
+        self, chunked_body: bool, ext: bytes = b"", trailers: bytes = b""
+    ) -> tuple[list[bytes], bytes]:
         payload = self.rng.randbytes(self.rng.choice([0, 1, 86, 700, 5000, 70000]))
         if chunked_body:
             size = self.rng.choice([1, 100, 4096])
             return [b"Transfer-Encoding: chunked"], chunked(payload, size, ext, trailers)
         return [b"Content-Length: %d" % len(payload)], payload
 
-    def request(self, method: bytes, target: bytes, lines: list[bytes], body: bytes = b"",
-                version: bytes = b"HTTP/1.1", host: bool = True) -> bytes:  # fmt: skip
+    def request(
+        self,
+        method: bytes,
+        target: bytes,
+        lines: list[bytes],
+        body: bytes = b"",
+        version: bytes = b"HTTP/1.1",
+        host: bool = True,
+    ) -> bytes:
         host_line = [b"Host: shop.example:8080"] if host else []
         lines = host_line + lines
         if lines and self.rng.random() < 0.3:  # Host is not always first
@@ -237,8 +279,7 @@ class Gen:
         head = b"%s %s %s\r\n" % (method, target, version)
         return head + b"".join(line + b"\r\n" for line in lines) + b"\r\n" + body
 
-    def case(self, requests: list[bytes], methods: list[bytes],
-             pipelined: bool = False) -> Case:  # fmt: skip
+    def case(self, requests: list[bytes], methods: list[bytes], pipelined: bool = False) -> Case:
         return Case(self.family, tuple(requests), tuple(methods), pipelined)
 
 
@@ -280,14 +321,24 @@ def _alone(g: Gen, i: int, lines: list[bytes], kind: bytes, method: bytes) -> Ca
 
 def family_case_varied(g: Gen) -> list[Case]:
     """Repeated header names that differ only in case, with and without a body."""
-    return [_alone(g, i, [b"Cookie: a=%d" % i, b"X-Dup: 1", b"cookie: b=2", b"X-DUP: 2",
-                          b"x-dup: 3"], b"len", b"POST") for i in range(10)]  # fmt: skip
+    return [
+        _alone(
+            g,
+            i,
+            [b"Cookie: a=%d" % i, b"X-Dup: 1", b"cookie: b=2", b"X-DUP: 2", b"x-dup: 3"],
+            b"len",
+            b"POST",
+        )
+        for i in range(10)
+    ]
 
 
 def family_latin1(g: Gen) -> list[Case]:
     """Header values and reason phrases with bytes that are not UTF-8, both ways."""
-    return [_alone(g, i, [b"X-Obs: caf\xe9", b"X-Name: J\xfcrgen \xff%d" % i], b"latin1", b"PUT")
-            for i in range(8)]  # fmt: skip
+    return [
+        _alone(g, i, [b"X-Obs: caf\xe9", b"X-Name: J\xfcrgen \xff%d" % i], b"latin1", b"PUT")
+        for i in range(8)
+    ]
 
 
 def family_chunk_extensions(g: Gen) -> list[Case]:
@@ -306,13 +357,11 @@ def family_trailers(g: Gen) -> list[Case]:
     by other answers (on the pooled geode connection, to other clients)."""
     out = []
     for i in range(8):
-        _, body = g.body(True, trailers=b"X-Last-Trailer: t%d\r\nX-Client-Region: us-east\r\n"
-                         % i)  # fmt: skip
+        _, body = g.body(True, trailers=b"X-Last-Trailer: t%d\r\nX-Client-Region: us-east\r\n" % i)
         up = g.request(b"POST", g.target(b"len"), [b"Transfer-Encoding: chunked"], body)
         nxt = g.request(b"GET", g.target(b"len"), g.headers(1))
         out.append(g.case([up, nxt], [b"POST", b"GET"], pipelined=True))
-        out.append(g.case([g.request(b"GET", g.target(b"trailer"), [b"TE: trailers"])],
-                          [b"GET"]))  # fmt: skip
+        out.append(g.case([g.request(b"GET", g.target(b"trailer"), [b"TE: trailers"])], [b"GET"]))
         out.append(g.case([g.request(b"GET", g.target(b"len"), [])], [b"GET"]))
     return out
 
@@ -342,8 +391,9 @@ def family_http10(g: Gen) -> list[Case]:
         lines = g.headers(2) + ([b"Connection: keep-alive"] if keep else [])
         req = g.request(b"GET", g.target(kind), lines, version=b"HTTP/1.0", host=i % 3 != 0)
         if keep:
-            again = g.request(b"GET", g.target(b"len"), [b"Connection: keep-alive"],
-                              version=b"HTTP/1.0")  # fmt: skip
+            again = g.request(
+                b"GET", g.target(b"len"), [b"Connection: keep-alive"], version=b"HTTP/1.0"
+            )
             out.append(g.case([req, again], [b"GET", b"GET"]))
         else:
             out.append(g.case([req], [b"GET"]))
@@ -354,11 +404,19 @@ def family_h2c(g: Gen) -> list[Case]:
     """``Upgrade: h2c`` (refused: hop-by-hop) with requests pipelined after it."""
     out = []
     for _ in range(6):
-        up = g.request(b"GET", g.target(b"len"), [
-            b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c",
-            b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA", *g.headers(2)])  # fmt: skip
-        rest = [g.request(b"GET", g.target(b"len"), g.headers(1))
-                for _ in range(g.rng.randint(1, 3))]  # fmt: skip
+        up = g.request(
+            b"GET",
+            g.target(b"len"),
+            [
+                b"Connection: Upgrade, HTTP2-Settings",
+                b"Upgrade: h2c",
+                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+                *g.headers(2),
+            ],
+        )
+        rest = [
+            g.request(b"GET", g.target(b"len"), g.headers(1)) for _ in range(g.rng.randint(1, 3))
+        ]
         out.append(g.case([up, *rest], [b"GET"] * (1 + len(rest)), pipelined=True))
     return out
 
@@ -367,8 +425,9 @@ def family_bad_mid_pipeline(g: Gen) -> list[Case]:
     """Valid requests, then one with a 9,000-byte header line (both sides refuse it)."""
     out = []
     for _ in range(6):
-        valid = [g.request(b"GET", g.target(b"len"), g.headers(2))
-                 for _ in range(g.rng.randint(1, 3))]  # fmt: skip
+        valid = [
+            g.request(b"GET", g.target(b"len"), g.headers(2)) for _ in range(g.rng.randint(1, 3))
+        ]
         bad = g.request(b"GET", g.target(b"len"), [b"X-Big: " + b"a" * 9000])
         out.append(g.case([*valid, bad], [b"GET"] * (len(valid) + 1), pipelined=True))
     return out
@@ -386,8 +445,9 @@ def family_close_then_bytes(g: Gen) -> list[Case]:
 
 def family_interim(g: Gen) -> list[Case]:
     """Answers that 102 Processing and 103 Early Hints come before."""
-    return [g.case([g.request(b"GET", g.target(b"interim"), g.headers(1))], [b"GET"])
-            for _ in range(6)]  # fmt: skip
+    return [
+        g.case([g.request(b"GET", g.target(b"interim"), g.headers(1))], [b"GET"]) for _ in range(6)
+    ]
 
 
 def family_bodiless_answers(g: Gen) -> list[Case]:
@@ -407,8 +467,10 @@ def family_compressed(g: Gen) -> list[Case]:
     out = []
     for i in range(8):
         payload = g.rng.randbytes(200).hex().encode() * (1 + i * 40)
-        coding, body = [(b"gzip", gzip.compress(payload, mtime=0)),
-                        (b"deflate", zlib.compress(payload))][i % 2]  # fmt: skip
+        coding, body = [
+            (b"gzip", gzip.compress(payload, mtime=0)),
+            (b"deflate", zlib.compress(payload)),
+        ][i % 2]
         lines = [b"Content-Encoding: " + coding]
         if i % 4 < 2:
             lines.append(b"Content-Length: %d" % len(body))
@@ -434,7 +496,7 @@ FAMILIES: dict[str, tuple[Callable[[Gen], list[Case]], list[pytest.MarkDecorator
     "interim": (family_interim, []),
     "bodiless-answers": (family_bodiless_answers, []),
     "compressed": (family_compressed, []),
-}  # fmt: skip
+}
 
 
 def generated() -> list[Case]:
@@ -474,21 +536,26 @@ async def play(url: str, case: Case, geode: RecordingGeode) -> Seen:
 def _first_difference(what: str, case: Case, got: list[object], want: list[object]) -> str:
     """Where two lists of views part, both sides shown, with the case's requests."""
     sent = "\n".join(f"  {r[:240]!r}" for r in case.requests)
-    at = next((i for i, (g, w) in enumerate(zip(got, want, strict=False)) if g != w),
-              min(len(got), len(want)))  # fmt: skip
+    at = next(
+        (i for i, (g, w) in enumerate(zip(got, want, strict=False)) if g != w),
+        min(len(got), len(want)),
+    )
     mine = got[at] if at < len(got) else "(nothing)"
     theirs = want[at] if at < len(want) else "(nothing)"
-    return (f"{what} differs at #{at} (family {case.family}; the differences by design, "
-            f"which are left out, are BY_DESIGN in this file)\n"
-            f"through geoproxy: {mine!r}\nstraight:         {theirs!r}\nrequests:\n{sent}")
+    return (
+        f"{what} differs at #{at} (family {case.family}; the differences by design, "
+        f"which are left out, are BY_DESIGN in this file)\n"
+        f"through geoproxy: {mine!r}\nstraight:         {theirs!r}\nrequests:\n{sent}"
+    )
 
 
 def compare(case: Case, direct: Seen, proxied: Seen) -> None:
     """What the geode received, then what the client got, through geoproxy and
     straight, as seen once the differences by design are left out."""
     want: list[object] = [request_view(r, None) for r in direct.received]
-    got: list[object] = [request_view(p, d) for p, d in
-                         zip(proxied.received, direct.received, strict=False)]  # fmt: skip
+    got: list[object] = [
+        request_view(p, d) for p, d in zip(proxied.received, direct.received, strict=False)
+    ]
     got += ["(an extra request)"] * (len(proxied.received) - len(direct.received))
     assert got == want, _first_difference("what the geode received", case, got, want)
     want, got = [], []
@@ -496,7 +563,7 @@ def compare(case: Case, direct: Seen, proxied: Seen) -> None:
         view = response_view(p, d)
         got.append(view)
         want.append(own_view(d) if view[0] == "geoproxy's own" else response_view(d, None))
-    want += [response_view(d, None) for d in direct.responses[len(got):]]
+    want += [response_view(d, None) for d in direct.responses[len(got) :]]
     got += ["(an extra answer)"] * (len(proxied.responses) - len(direct.responses))
     assert got == want, _first_difference("what the client got", case, got, want)
 
@@ -535,4 +602,3 @@ def test_the_generated_requests_are_the_same_every_run_and_bounded() -> None:
     first, again = generated(), generated()
     assert first == again
     assert 200 <= sum(len(c.requests) for c in first) <= 400
-

@@ -34,8 +34,11 @@ def prose(path: Path) -> list[str]:
 
 def anchors(path: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    slugs = [re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
-             for line in prose(path) if (m := HEADING.fullmatch(line))]  # fmt: skip
+    slugs = [
+        re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        for line in prose(path)
+        if (m := HEADING.fullmatch(line))
+    ]
     return set(slugs)
 
 
@@ -108,8 +111,11 @@ def test_the_config_table_documents_every_config_key_and_no_other() -> None:
     assert sections | {""} <= set(known), "documented as a section, but no mapping of keys"
     for section, keys in known.items():
         prefix = f"{section}." if section else ""
-        documented = {k[len(prefix):].split(".")[0].split("[")[0] for k in table
-                      if k.startswith(prefix) and k != section}  # fmt: skip
+        documented = {
+            k[len(prefix) :].split(".")[0].split("[")[0]
+            for k in table
+            if k.startswith(prefix) and k != section
+        }
         if section.endswith("[]"):  # a list: its fields are named in the row's meaning
             documented = set(re.findall(r"`([a-z_]+)`", table[section]))
             assert keys <= documented, (section, keys - documented)

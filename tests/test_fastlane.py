@@ -34,8 +34,9 @@ def lane_count(proxy: Proxy, outcome: str) -> float:
     return proxy.sample(FAST, outcome=outcome)
 
 
-async def start(proxy_factory: ProxyFactory, geodes: list[dict[str, Any]],
-                **overrides: Any) -> Proxy:  # fmt: skip
+async def start(
+    proxy_factory: ProxyFactory, geodes: list[dict[str, Any]], **overrides: Any
+) -> Proxy:
     return await proxy_factory(base_config(geodes, **overrides))
 
 
@@ -151,9 +152,11 @@ async def test_a_plain_get_is_answered_on_the_fast_lane_with_the_bytes_the_corou
     ids=["http-1.0", "head", "post", "get-with-body", "expect", "upgrade", "absolute-form"],
 )
 async def test_requests_the_fast_lane_leaves_to_the_coroutine_path(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw],
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
     request_bytes: bytes,
-) -> None:  # fmt: skip
+) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     proxy = await start(proxy_factory, [geode_entry(eu)])
     conn = await connect(raw, proxy.url)
@@ -161,8 +164,11 @@ async def test_requests_the_fast_lane_leaves_to_the_coroutine_path(
     status, _, _ = await conn.response(head_only=request_bytes.startswith(b"HEAD"))
     assert status.split()[1] in ("200", "417")
     assert lane_count(proxy, "answered") == lane_count(proxy, "handed_over") == 0
-    assert proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") + (
-        proxy.sample("geoproxy_requests_total", geode="none", code_class="4xx")) == 1
+    assert (
+        proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx")
+        + (proxy.sample("geoproxy_requests_total", geode="none", code_class="4xx"))
+        == 1
+    )
 
 
 async def test_geoproxys_own_answers_are_left_to_the_coroutine_path(
@@ -222,9 +228,12 @@ async def test_a_geode_that_refuses_the_connection_is_handed_over_and_failed_ove
     ids=["chunked", "larger-than-64k"],
 )
 async def test_a_body_to_stream_is_handed_over_and_arrives_whole(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], path: str,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
+    path: str,
     size: int,
-) -> None:  # fmt: skip
+) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     proxy = await start(proxy_factory, [geode_entry(eu)])
     conn = await connect(raw, proxy.url)
@@ -243,8 +252,7 @@ async def test_a_geode_that_stays_silent_gets_a_504_after_the_hand_over(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
-    proxy = await start(proxy_factory, [geode_entry(eu)],
-                        forwarding={"response_timeout": "300ms"})  # fmt: skip
+    proxy = await start(proxy_factory, [geode_entry(eu)], forwarding={"response_timeout": "300ms"})
     conn = await connect(raw, proxy.url)
     begun = time.monotonic()
     conn.send(get("/slow?delay=2"))
@@ -271,7 +279,10 @@ async def test_requests_sent_while_one_is_in_flight_are_answered_in_order(
     assert b'"geode": "eu-1"' in first[2] and b"path" not in first[2]
     paths = [(await conn.response())[2] for _ in range(3)]
     assert [re.search(rb'"path": "([^"]+)"', p).group(1) for p in paths] == [  # type: ignore[union-attr]
-        b"/whoami?n=2", b"/whoami?n=3", b"/whoami?n=4"]
+        b"/whoami?n=2",
+        b"/whoami?n=3",
+        b"/whoami?n=4",
+    ]
     # The first on the fast lane; what came meanwhile was held, then parsed one request
     # at a time (ProxyConnection._pieces): each in turn on the fast lane.
     assert lane_count(proxy, "answered") == 4
@@ -371,9 +382,13 @@ async def test_fast_lane_off_in_the_config_serves_every_request_on_the_coroutine
 
 @pytest.mark.parametrize("broken", ["request_wire", "_Exchange.send", "ResponseHead"])
 async def test_an_unexpected_error_in_the_fast_lane_leaves_the_request_to_the_coroutine_path(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw],
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, broken: str,
-) -> None:  # fmt: skip
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    broken: str,
+) -> None:
     """Fault injection into geoproxy's own code (not the HTTP layer): a bug while the
     request is prepared, sent (on a new connection, then on a pooled one) or answered
     must never leave the client without an answer, nor reach the geode twice."""
@@ -401,13 +416,19 @@ async def test_an_unexpected_error_in_the_fast_lane_leaves_the_request_to_the_co
 
 @pytest.mark.parametrize(
     "reply",
-    [b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\nok", b"garbage\r\n\r\n",
-     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"],
+    [
+        b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    ],
     ids=["bad-status", "garbage", "two-lengths"],
 )
 async def test_an_answer_the_parser_rejects_is_handed_over_and_failed_over(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], reply: bytes,
-) -> None:  # fmt: skip
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
+    reply: bytes,
+) -> None:
     home = RawGeode(reply)
     try:
         proxy = await start_with_raw_home(proxy_factory, geode_factory, home)
@@ -423,12 +444,17 @@ async def test_an_answer_the_parser_rejects_is_handed_over_and_failed_over(
     assert proxy.sample(attempts, geode="raw-1", outcome="bad_response") == 1
 
 
-@pytest.mark.parametrize(("size", "outcome"), [(0, "answered"), (5000, "answered"),
-                                               (65536, "answered"), (65537, "handed_over")])
+@pytest.mark.parametrize(
+    ("size", "outcome"),
+    [(0, "answered"), (5000, "answered"), (65536, "answered"), (65537, "handed_over")],
+)
 async def test_answers_up_to_64_kib_go_out_whole_from_the_fast_lane(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], size: int,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
+    size: int,
     outcome: str,
-) -> None:  # fmt: skip
+) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     proxy = await start(proxy_factory, [geode_entry(eu)])
     conn = await connect(raw, proxy.url)
@@ -479,10 +505,14 @@ async def test_a_geode_connection_answered_in_pieces_is_pooled_without_a_read_de
 
     geode = TwoPieces(answer)
     try:
-        forwarding = {"response_timeout": "500ms", "keepalive_timeout": "4s",
-                      "fast_lane": fast_lane}  # fmt: skip
-        proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, await geode.start(),
-                                         forwarding=forwarding)  # fmt: skip
+        forwarding = {
+            "response_timeout": "500ms",
+            "keepalive_timeout": "4s",
+            "fast_lane": fast_lane,
+        }
+        proxy, _ = await two_geode_proxy(
+            proxy_factory, geode_factory, await geode.start(), forwarding=forwarding
+        )
         conn = await connect(raw, proxy.url)
         for path in ("/a", "/b"):
             conn.send(get(path))
@@ -497,7 +527,10 @@ async def test_a_geode_connection_answered_in_pieces_is_pooled_without_a_read_de
 
 @pytest.mark.parametrize("fast_lane", [True, False], ids=["fast", "coroutine"])
 async def test_a_geode_host_name_the_resolver_rejects_is_a_connect_failure(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw], fast_lane: bool,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
+    fast_lane: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from geoproxy import schema
@@ -523,9 +556,12 @@ async def test_a_geode_host_name_the_resolver_rejects_is_a_connect_failure(
 
 @pytest.mark.parametrize("broken", ["geode_lines", "whole_head"])
 async def test_an_unexpected_error_while_the_answer_is_made_still_answers(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw],
-    monkeypatch: pytest.MonkeyPatch, broken: str,
-) -> None:  # fmt: skip
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
+    monkeypatch: pytest.MonkeyPatch,
+    broken: str,
+) -> None:
     """Fault injection as above, in the last steps before the answer is written: the
     answer is still on the geode connection, and the coroutine path relays it."""
     from geoproxy import fastlane
@@ -543,8 +579,7 @@ async def test_an_unexpected_error_while_the_answer_is_made_still_answers(
     assert (status, headers["x-geoproxy-geode"]) == ("HTTP/1.1 200 OK", "eu-1")
     assert eu.hits["/whoami"] == 1
     assert lane_count(proxy, "handed_over") == 1
-    assert proxy.sample("geoproxy_upstream_attempts_total", geode="eu-1",
-                        outcome="response") == 1  # fmt: skip
+    assert proxy.sample("geoproxy_upstream_attempts_total", geode="eu-1", outcome="response") == 1
 
 
 async def test_a_client_that_leaves_as_the_exchange_is_handed_over_is_counted_once(
@@ -563,8 +598,9 @@ async def test_a_client_that_leaves_as_the_exchange_is_handed_over_is_counted_on
         # then the geode's 503 (which the fast lane hands over).
         assert conn.writer.transport.can_write_eof()
         conn.writer.transport.write_eof()
-        geode.writers_held[0].write(b"HTTP/1.1 503 Service Unavailable\r\n"
-                                    b"Content-Length: 0\r\n\r\n")  # fmt: skip
+        geode.writers_held[0].write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+        )
         time.sleep(0.05)  # noqa: ASYNC251 -- both must be on the wire before the next poll
         await asyncio.sleep(0.3)
         assert sum(proxy.gateway.metrics.fast_lane.values.values()) == 1
@@ -574,14 +610,19 @@ async def test_a_client_that_leaves_as_the_exchange_is_handed_over_is_counted_on
 
 
 async def test_a_connection_that_changes_its_headers_or_outlives_a_reload_is_routed_anew(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw],
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
     write_config: Callable[[dict[str, Any]], Any],
-) -> None:  # fmt: skip
+) -> None:
     """The fast lane keeps what the last request's headers decided, per connection: a
     request with other headers, or the same headers under a reloaded config, is routed
     from scratch."""
-    geodes = [await geode_factory("eu-1", "eu-west"), await geode_factory("us-1", "us-east"),
-              await geode_factory("ap-1", "ap-northeast")]  # fmt: skip
+    geodes = [
+        await geode_factory("eu-1", "eu-west"),
+        await geode_factory("us-1", "us-east"),
+        await geode_factory("ap-1", "ap-northeast"),
+    ]
     data = base_config([geode_entry(g) for g in geodes])
     proxy = await proxy_factory(data)
     conn = await connect(raw, proxy.url)
@@ -593,7 +634,12 @@ async def test_a_connection_that_changes_its_headers_or_outlives_a_reload_is_rou
         return headers["x-geoproxy-geode"]
 
     assert [await served(c) for c in ("FR", "FR", "JP", "FR", "US")] == [
-        "eu-1", "eu-1", "ap-1", "eu-1", "us-1"]
+        "eu-1",
+        "eu-1",
+        "ap-1",
+        "eu-1",
+        "us-1",
+    ]
     data["countries"] = {**data["countries"], "US": "ap-northeast"}
     data["forwarding"] = {**data.get("forwarding", {}), "fast_lane": True}
     assert write_config(data) == proxy.gateway.config.path

@@ -34,8 +34,13 @@ GEODE_READY = r"geode \S+ ready on (http://\S+)"
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 #: Fast active health checks: a dead geode is noticed after two failed checks (~0.2-0.6 s).
-FAST_HEALTH = {"interval": "200ms", "timeout": "150ms", "jitter": "0s",
-               "healthy_threshold": 2, "unhealthy_threshold": 2}  # fmt: skip
+FAST_HEALTH = {
+    "interval": "200ms",
+    "timeout": "150ms",
+    "jitter": "0s",
+    "healthy_threshold": 2,
+    "unhealthy_threshold": 2,
+}
 TWO_REGIONS = {"eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["eu-west"]}}
 TWO_COUNTRIES = {"FR": "eu-west", "US": "us-east"}
 
@@ -164,9 +169,12 @@ class Rig:
 
     async def _spawn(self, name: str, *args: str) -> Child:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, *args, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+            sys.executable,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         child = Child(name, proc)
         self.children.append(child)
         return child
@@ -210,8 +218,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """The load client: no pool limit (the load bounds concurrency itself)."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=CLIENT_TIMEOUT) as session:  # fmt: skip
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=CLIENT_TIMEOUT
+    ) as session:
         yield session
 
 
@@ -223,8 +232,10 @@ def proxy_config(
 ) -> dict[str, Any]:
     regions = TWO_REGIONS if regions is None else regions
     data: dict[str, Any] = {
-        "listen": {"proxy": {"host": "127.0.0.1", "port": 0},
-                   "admin": {"host": "127.0.0.1", "port": 0}},
+        "listen": {
+            "proxy": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
+        },
         "trusted_proxies": ["127.0.0.1/32"],
         "region_sources": ["cf-ipcountry"],
         "default_region": next(iter(regions)),
@@ -234,7 +245,7 @@ def proxy_config(
         "health_check": FAST_HEALTH,
         "forwarding": {"connect_timeout": "500ms", "response_timeout": "2s"},
         "access_log": "off",
-    }  # fmt: skip
+    }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -279,9 +290,13 @@ class Result:
 
 
 async def fetch(
-    http: aiohttp.ClientSession, kind: str, method: str, url: str,
-    headers: dict[str, str] | None = None, data: bytes | None = None,
-) -> Result:  # fmt: skip
+    http: aiohttp.ClientSession,
+    kind: str,
+    method: str,
+    url: str,
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+) -> Result:
     start = now()
     status = geode = error = None
     body = b""
@@ -297,14 +312,14 @@ async def fetch(
     return Result(kind, start, now(), status, geode, error, body, got)
 
 
-def get_whoami(proxy: ProxyProc, *countries: str) -> Callable[[aiohttp.ClientSession, int],
-                                                              Awaitable[Result]]:
+def get_whoami(
+    proxy: ProxyProc, *countries: str
+) -> Callable[[aiohttp.ClientSession, int], Awaitable[Result]]:
     """GET /whoami as a client from each of ``countries`` in turn."""
 
     def send(http: aiohttp.ClientSession, i: int) -> Awaitable[Result]:
         country = countries[i % len(countries)]
-        return fetch(http, country, "GET", proxy.url + "/whoami",
-                     headers={"CF-IPCountry": country})  # fmt: skip
+        return fetch(http, country, "GET", proxy.url + "/whoami", headers={"CF-IPCountry": country})
 
     return send
 
@@ -314,10 +329,14 @@ class Load:
     and none started after ``seconds``; ``stop()`` ends it early."""
 
     def __init__(
-        self, http: aiohttp.ClientSession,
+        self,
+        http: aiohttp.ClientSession,
         send: Callable[[aiohttp.ClientSession, int], Awaitable[Result]],
-        rate: float, limit: int, seconds: float, concurrency: int = 20,
-    ) -> None:  # fmt: skip
+        rate: float,
+        limit: int,
+        seconds: float,
+        concurrency: int = 20,
+    ) -> None:
         self.http, self.send = http, send
         self.rate, self.limit, self.seconds, self.concurrency = rate, limit, seconds, concurrency
         self.results: list[Result] = []
@@ -395,8 +414,14 @@ async def test_get_never_fails_and_no_post_reaches_two_geodes_when_a_geode_is_ki
     proxy = await rig.proxy(proxy_config([eu, us]))
 
     def post(session: aiohttp.ClientSession, i: int) -> Awaitable[Result]:
-        return fetch(session, f"post-{i}", "POST", f"{proxy.url}/echo?id=p{i}",
-                     headers={"CF-IPCountry": "FR"}, data=b"x" * 512)  # fmt: skip
+        return fetch(
+            session,
+            f"post-{i}",
+            "POST",
+            f"{proxy.url}/echo?id=p{i}",
+            headers={"CF-IPCountry": "FR"},
+            data=b"x" * 512,
+        )
 
     gets = Load(http, get_whoami(proxy, "FR"), rate=250, limit=1000, seconds=6).start()
     posts = Load(http, post, rate=50, limit=200, seconds=6, concurrency=5).start()
@@ -416,15 +441,22 @@ async def test_get_never_fails_and_no_post_reaches_two_geodes_when_a_geode_is_ki
     post_failed = [r for r in post_results if not r.ok]
     eu_ids, us_ids = eu.post_ids(), us.post_ids()
     twice = set(eu_ids) & set(us_ids)
-    failovers = await proxy.metric(http, "geoproxy_failovers_total", from_geode="eu-1",
-                                   to_geode="us-1")  # fmt: skip
-    figures("geode_killed", sent=len(get_results) + len(post_results),
-            get_sent=len(get_results), get_failed=len(get_failed),
-            failovers_to_us_1=int(failovers),
-            post_sent=len(post_results), post_failed=len(post_failed),
-            post_outcomes=by_outcome(post_results),
-            out_of_rotation_after=ms(out_of_rotation), unhealthy_after=ms(unhealthy),
-            post_ids_on_two_geodes=len(twice))  # fmt: skip
+    failovers = await proxy.metric(
+        http, "geoproxy_failovers_total", from_geode="eu-1", to_geode="us-1"
+    )
+    figures(
+        "geode_killed",
+        sent=len(get_results) + len(post_results),
+        get_sent=len(get_results),
+        get_failed=len(get_failed),
+        failovers_to_us_1=int(failovers),
+        post_sent=len(post_results),
+        post_failed=len(post_failed),
+        post_outcomes=by_outcome(post_results),
+        out_of_rotation_after=ms(out_of_rotation),
+        unhealthy_after=ms(unhealthy),
+        post_ids_on_two_geodes=len(twice),
+    )
 
     assert get_failed == [], by_outcome(get_failed)
     assert {r.geode for r in get_results if r.start > killed + out_of_rotation} == {"us-1"}
@@ -453,10 +485,12 @@ async def test_hung_geode_gets_504_within_the_response_timeout_and_other_regions
     and passive ejection is off here, so every request meets the hang (rather than the 503
     that health would soon give)."""
     response_timeout = 0.5
-    eu, us, ap = await rig.geodes(("eu-1", "eu-west"), ("us-1", "us-east"),
-                                  ("ap-1", "ap-northeast"))  # fmt: skip
+    eu, us, ap = await rig.geodes(
+        ("eu-1", "eu-west"), ("us-1", "us-east"), ("ap-1", "ap-northeast")
+    )
     data = proxy_config(
-        [eu, us, ap], regions={**TWO_REGIONS, "ap-northeast": None},
+        [eu, us, ap],
+        regions={**TWO_REGIONS, "ap-northeast": None},
         countries={**TWO_COUNTRIES, "JP": "ap-northeast"},
         forwarding={"response_timeout": f"{response_timeout * 1000:.0f}ms"},
         outlier_detection={"consecutive_failures": 0},
@@ -465,8 +499,9 @@ async def test_hung_geode_gets_504_within_the_response_timeout_and_other_regions
     proxy = await rig.proxy(data)
 
     others = Load(http, get_whoami(proxy, "FR", "US"), rate=250, limit=1000, seconds=5).start()
-    hung = Load(http, get_whoami(proxy, "JP"), rate=40, limit=160, seconds=4,
-                concurrency=40).start()  # fmt: skip
+    hung = Load(
+        http, get_whoami(proxy, "JP"), rate=40, limit=160, seconds=4, concurrency=40
+    ).start()
     await run_until(others.t0 + 1.0)
     stopped = now()
     ap.child.send(signal.SIGSTOP)
@@ -477,19 +512,25 @@ async def test_hung_geode_gets_504_within_the_response_timeout_and_other_regions
 
     # JP requests sent while ap-1 was stopped (and not answered before it resumed). The
     # 0.25 s margin: a starved proxy's timer may fire late, when ap-1 answers again.
-    during = [r for r in jp_results
-              if stopped + 0.05 < r.start < resumed - response_timeout - 0.25]  # fmt: skip
+    during = [r for r in jp_results if stopped + 0.05 < r.start < resumed - response_timeout - 0.25]
     after = [r for r in jp_results if r.start > resumed + 0.3]
     base = [r.latency for r in other_results if r.start < stopped]
     hang = [r.latency for r in other_results if stopped <= r.start <= resumed]
     other_failed = [r for r in other_results if not r.ok]
     latencies = [r.latency for r in during]
-    figures("geode_hangs", sent=len(other_results) + len(jp_results),
-            other_sent=len(other_results), other_failed=len(other_failed),
-            other_p99_before=ms(percentile(base, 99)), other_p99_during=ms(percentile(hang, 99)),
-            hung_region_sent_during_hang=len(during), hung_outcomes=by_outcome(during),
-            hung_latency_min=ms(min(latencies)), hung_latency_max=ms(max(latencies)),
-            hung_region_after_resume=by_outcome(after))  # fmt: skip
+    figures(
+        "geode_hangs",
+        sent=len(other_results) + len(jp_results),
+        other_sent=len(other_results),
+        other_failed=len(other_failed),
+        other_p99_before=ms(percentile(base, 99)),
+        other_p99_during=ms(percentile(hang, 99)),
+        hung_region_sent_during_hang=len(during),
+        hung_outcomes=by_outcome(during),
+        hung_latency_min=ms(min(latencies)),
+        hung_latency_max=ms(max(latencies)),
+        hung_region_after_resume=by_outcome(after),
+    )
 
     assert other_failed == [], by_outcome(other_failed)
     assert len(hang) > 100 and percentile(hang, 99) < 1.0
@@ -514,8 +555,9 @@ async def test_geode_reset_mid_body_reaches_the_client_as_an_aborted_response(
 
     def reset(session: aiohttp.ClientSession, i: int) -> Awaitable[Result]:
         mode = modes[i % len(modes)]
-        return fetch(session, mode, "GET", f"{proxy.url}/reset?mode={mode}",
-                     headers={"CF-IPCountry": "FR"})  # fmt: skip
+        return fetch(
+            session, mode, "GET", f"{proxy.url}/reset?mode={mode}", headers={"CF-IPCountry": "FR"}
+        )
 
     normal = Load(http, get_whoami(proxy, "FR", "US"), rate=200, limit=800, seconds=5).start()
     resets = Load(http, reset, rate=75, limit=300, seconds=5).start()
@@ -523,9 +565,13 @@ async def test_geode_reset_mid_body_reaches_the_client_as_an_aborted_response(
 
     normal_failed = [r for r in normal_results if not r.ok]
     per_mode = {m: by_outcome(r for r in reset_results if r.kind == m) for m in modes}
-    figures("geode_resets_mid_body", sent=len(normal_results) + len(reset_results),
-            normal_failed=len(normal_failed), resets_sent=len(reset_results),
-            reset_outcomes=per_mode)  # fmt: skip
+    figures(
+        "geode_resets_mid_body",
+        sent=len(normal_results) + len(reset_results),
+        normal_failed=len(normal_failed),
+        resets_sent=len(reset_results),
+        reset_outcomes=per_mode,
+    )
 
     assert normal_failed == [], by_outcome(normal_failed)
     assert len(reset_results) == 300
@@ -571,12 +617,18 @@ async def test_all_geodes_down_gives_503_json_with_retry_after_and_recovers_when
     transition = [r for r in results if killed <= r.end and r.start <= first_503.end]
     down = [r for r in results if first_503.end < r.start < back]
     recovered = [r for r in results if r.start > first_200.end]
-    figures("all_geodes_down", sent=len(results),
-            failed=sum(1 for r in results if not r.ok),
-            before_kill=by_outcome(before), until_health_noticed=by_outcome(transition),
-            while_down=by_outcome(down), after_recovery=by_outcome(recovered),
-            detection=ms(first_503.end - killed), restart=ms(back - restarting),
-            recovery=ms(first_200.end - back))  # fmt: skip
+    figures(
+        "all_geodes_down",
+        sent=len(results),
+        failed=sum(1 for r in results if not r.ok),
+        before_kill=by_outcome(before),
+        until_health_noticed=by_outcome(transition),
+        while_down=by_outcome(down),
+        after_recovery=by_outcome(recovered),
+        detection=ms(first_503.end - killed),
+        restart=ms(back - restarting),
+        recovery=ms(first_200.end - back),
+    )
 
     assert before and all(r.ok for r in before)
     assert {r.outcome for r in transition} <= {"200", "502", "503"}
@@ -614,8 +666,11 @@ async def test_broken_config_reload_under_load_keeps_routing_and_counts_failures
     write_atomically(proxy.config, "regions: {eu-west: [\ngeodes: }\n")
     await eventually(lambda: reaches("failure", 1), 5, 0.05)
     invalid_yaml = now() - started
-    await proxy.child.wait_for(rf"{re.escape(str(proxy.config))}: reload \(config file "
-                               r"changed\) failed", 5)  # fmt: skip
+    await proxy.child.wait_for(
+        rf"{re.escape(str(proxy.config))}: reload \(config file "
+        r"changed\) failed",
+        5,
+    )
     started = now()
     write_atomically(proxy.config, {**good, "countries": {"FR": "moon-base", "US": "us-east"}})
     await eventually(lambda: reaches("failure", 2), 5, 0.05)
@@ -629,10 +684,16 @@ async def test_broken_config_reload_under_load_keeps_routing_and_counts_failures
 
     failed = [r for r in results if not r.ok]
     routes = Counter((r.kind, r.geode) for r in results)
-    figures("broken_config_reload", sent=len(results), failed=len(failed),
-            routes=dict(routes), failed_reloads=int(await count("failure")),
-            good_reloads=int(await count("success")), invalid_yaml_noticed=ms(invalid_yaml),
-            unknown_region_noticed=ms(unknown_region))  # fmt: skip
+    figures(
+        "broken_config_reload",
+        sent=len(results),
+        failed=len(failed),
+        routes=dict(routes),
+        failed_reloads=int(await count("failure")),
+        good_reloads=int(await count("success")),
+        invalid_yaml_noticed=ms(invalid_yaml),
+        unknown_region_noticed=ms(unknown_region),
+    )
 
     assert failed == [], by_outcome(failed)
     assert set(routes) == {("FR", "eu-1"), ("US", "us-1")}  # routing never changed
@@ -651,8 +712,11 @@ async def test_reload_moving_a_country_under_load_routes_it_to_the_new_region_wi
     eu, us = await rig.geodes(("eu-1", "eu-west"), ("us-1", "us-east"))
     first = proxy_config([eu, us], reload={"poll_interval": "200ms"})
     proxy = await rig.proxy(first)
-    moved = {**first, "countries": {"FR": "us-east", "US": "us-east"},
-             "reload": {"poll_interval": "0s"}}  # fmt: skip
+    moved = {
+        **first,
+        "countries": {"FR": "us-east", "US": "us-east"},
+        "reload": {"poll_interval": "0s"},
+    }
     back = {**moved, "countries": TWO_COUNTRIES}
 
     async def reloaded(n: int) -> bool:
@@ -683,15 +747,22 @@ async def test_reload_moving_a_country_under_load_routes_it_to_the_new_region_wi
         "after_sighup": [r for r in fr if r.start > applied_hup],
     }
     routes = {name: dict(Counter(r.geode for r in rs)) for name, rs in phases.items()}
-    figures("reload_moves_country", sent=len(results), failed=len(failed),
-            fr_routes=routes, file_swap_applied_after=ms(applied - swapped),
-            sighup_applied_after=ms(applied_hup - hup))  # fmt: skip
+    figures(
+        "reload_moves_country",
+        sent=len(results),
+        failed=len(failed),
+        fr_routes=routes,
+        file_swap_applied_after=ms(applied - swapped),
+        sighup_applied_after=ms(applied_hup - hup),
+    )
 
     assert failed == [], by_outcome(failed)
     assert all(len(rs) > 30 for rs in phases.values()), {k: len(v) for k, v in phases.items()}
-    assert routes == {"before": {"eu-1": len(phases["before"])},
-                      "moved": {"us-1": len(phases["moved"])},
-                      "after_sighup": {"eu-1": len(phases["after_sighup"])}}  # fmt: skip
+    assert routes == {
+        "before": {"eu-1": len(phases["before"])},
+        "moved": {"us-1": len(phases["moved"])},
+        "after_sighup": {"eu-1": len(phases["after_sighup"])},
+    }
     assert {r.geode for r in results if r.kind == "US"} == {"us-1"}
     assert "Traceback" not in proxy.child.output
 
@@ -703,10 +774,15 @@ async def test_sigterm_drains_in_flight_requests_refuses_new_connections_and_exi
     connections are refused, all 20 complete with 200, and the process exits 0 without
     waiting out the drain timeout."""
     (eu,) = await rig.geodes(("eu-1", "eu-west"))
-    proxy = await rig.proxy(proxy_config(
-        [eu], regions={"eu-west": None}, countries={"FR": "eu-west"},
-        forwarding={"response_timeout": "5s"}, shutdown={"drain_timeout": "5s"},
-    ))  # fmt: skip
+    proxy = await rig.proxy(
+        proxy_config(
+            [eu],
+            regions={"eu-west": None},
+            countries={"FR": "eu-west"},
+            forwarding={"response_timeout": "5s"},
+            shutdown={"drain_timeout": "5s"},
+        )
+    )
     async with http.get(proxy.admin_url + "/readyz") as resp:
         assert resp.status == 200
 
@@ -738,10 +814,16 @@ async def test_sigterm_drains_in_flight_requests_refuses_new_connections_and_exi
     code = await proxy.child.wait(10)
     exited = now() - term
 
-    figures("sigterm_drain", sent=len(results), failed=sum(1 for r in results if not r.ok),
-            readyz_503_after=ms(not_ready), new_connections_refused_after=ms(refusing),
-            in_flight_done_after=ms(max(r.end for r in results) - term),
-            exit_code=code, exited_after=ms(exited))  # fmt: skip
+    figures(
+        "sigterm_drain",
+        sent=len(results),
+        failed=sum(1 for r in results if not r.ok),
+        readyz_503_after=ms(not_ready),
+        new_connections_refused_after=ms(refusing),
+        in_flight_done_after=ms(max(r.end for r in results) - term),
+        exit_code=code,
+        exited_after=ms(exited),
+    )
 
     assert [r.outcome for r in results] == ["200"] * 20
     assert all(r.geode == "eu-1" for r in results)

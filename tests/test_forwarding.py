@@ -37,9 +37,7 @@ async def three_geodes(geode_factory: GeodeFactory) -> tuple[FakeGeode, FakeGeod
     return eu, us, ap
 
 
-async def start(
-    proxy_factory: ProxyFactory, geodes: list[FakeGeode], **overrides: Any
-) -> Proxy:
+async def start(proxy_factory: ProxyFactory, geodes: list[FakeGeode], **overrides: Any) -> Proxy:
     return await proxy_factory(base_config([geode_entry(g) for g in geodes], **overrides))
 
 
@@ -105,8 +103,12 @@ async def test_trusted_peer_forwarded_for_is_appended(
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
     proxy = await start(proxy_factory, [eu, us, ap])
-    headers = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https",
-               "Host": "shop.example.com", "Via": "1.1 cdn"}  # fmt: skip
+    headers = {
+        "X-Forwarded-For": "203.0.113.9",
+        "X-Forwarded-Proto": "https",
+        "Host": "shop.example.com",
+        "Via": "1.1 cdn",
+    }
     async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
         seen = (await resp.json())["headers"]
         assert resp.headers["Via"] == f"1.1 {proxy.gateway.via}"
@@ -121,8 +123,7 @@ async def test_host_is_the_geodes_when_preserve_host_is_off(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
-    proxy = await start(proxy_factory, [eu, us, ap],
-                        forwarding={"preserve_host": False})  # fmt: skip
+    proxy = await start(proxy_factory, [eu, us, ap], forwarding={"preserve_host": False})
     async with http.get(f"{proxy.url}/echo", headers={"Host": "shop.example.com"}) as resp:
         seen = (await resp.json())["headers"]
     assert seen["host"] == [eu.url.removeprefix("http://")]
@@ -135,15 +136,29 @@ async def test_hop_by_hop_headers_are_removed_both_ways(
     eu, us, ap = await three_geodes(geode_factory)
     proxy = await start(proxy_factory, [eu, us, ap])
     headers = {
-        "Connection": "keep-alive, X-Hop-Secret", "X-Hop-Secret": "1", "Keep-Alive": "300",
-        "TE": "trailers", "Proxy-Authorization": "Basic Zm9vOmJhcg==", "Trailer": "X-Sum",
-        "Upgrade": "h2c", "Proxy-Connection": "keep-alive", "X-Geoproxy-Geode": "forged",
+        "Connection": "keep-alive, X-Hop-Secret",
+        "X-Hop-Secret": "1",
+        "Keep-Alive": "300",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+        "Trailer": "X-Sum",
+        "Upgrade": "h2c",
+        "Proxy-Connection": "keep-alive",
+        "X-Geoproxy-Geode": "forged",
         "X-End-To-End": "kept",
-    }  # fmt: skip
+    }
     async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
         seen = (await resp.json())["headers"]
-    for name in ("x-hop-secret", "keep-alive", "te", "proxy-authorization", "trailer",
-                 "upgrade", "proxy-connection", "x-geoproxy-geode"):  # fmt: skip
+    for name in (
+        "x-hop-secret",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "x-geoproxy-geode",
+    ):
         assert name not in seen, name
     assert seen["x-end-to-end"] == ["kept"]
 
@@ -169,11 +184,17 @@ async def test_geode_base_path_is_prefixed(
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     us = await geode_factory("us-1", "us-east")
-    proxy = await proxy_factory(base_config([
-        geode_entry(eu, url=eu.url + "/api/"),
-        geode_entry(us),
-    ], regions={"eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["eu-west"]}},
-       countries={}, continents={}))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config(
+            [
+                geode_entry(eu, url=eu.url + "/api/"),
+                geode_entry(us),
+            ],
+            regions={"eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["eu-west"]}},
+            countries={},
+            continents={},
+        )
+    )
     async with http.get(f"{proxy.url}/items?id=1") as resp:
         assert (await resp.json())["path"] == "/api/items?id=1"
 
@@ -200,8 +221,7 @@ async def test_fails_over_to_fallback_region_when_home_geode_refuses_connections
     assert eu.server is not None
     await eu.server.close()  # still healthy on the board: the forwarder meets the refusal
     payload = b"order-42" * 1000
-    async with http.post(f"{proxy.url}/echo", data=payload,
-                         headers={"CF-IPCountry": "FR"}) as resp:  # fmt: skip
+    async with http.post(f"{proxy.url}/echo", data=payload, headers={"CF-IPCountry": "FR"}) as resp:
         body = await resp.json()
     # A refused connect sent no byte, so even a POST moves on, with its body intact.
     assert resp.status == 200 and body["geode"] == "us-1"
@@ -218,8 +238,9 @@ async def test_get_moves_on_after_503_but_post_is_not_retried_after_body_sent(
         assert resp.status == 200 and (await resp.json())["geode"] == "us-1"
     assert eu.hits["/whoami"] == 1
 
-    async with http.post(f"{proxy.url}/echo", data=b"pay once" * 4096,
-                         headers={"CF-IPCountry": "FR"}) as resp:  # fmt: skip
+    async with http.post(
+        f"{proxy.url}/echo", data=b"pay once" * 4096, headers={"CF-IPCountry": "FR"}
+    ) as resp:
         assert resp.status == 503  # the geode's own answer, passed through
         assert (await resp.json())["geode"] == "eu-1"
     assert us.hits["/echo"] == 0 and ap.hits["/echo"] == 0
@@ -233,8 +254,9 @@ async def test_put_with_a_body_answered_503_is_not_retried_after_the_body_was_se
     eu, us, ap = await three_geodes(geode_factory)
     proxy = await start(proxy_factory, [eu, us, ap])
     eu.force_status = 503  # /echo reads the whole body, then answers 503
-    async with http.put(f"{proxy.url}/echo", data=b"put once" * 4096,
-                        headers={"CF-IPCountry": "FR"}) as resp:  # fmt: skip
+    async with http.put(
+        f"{proxy.url}/echo", data=b"put once" * 4096, headers={"CF-IPCountry": "FR"}
+    ) as resp:
         assert resp.status == 503
         assert (await resp.json())["geode"] == "eu-1"
     assert (eu.hits["/echo"], us.hits["/echo"], ap.hits["/echo"]) == (1, 0, 0)
@@ -254,10 +276,14 @@ async def test_503_with_json_and_retry_after_when_no_geode_is_healthy(
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
         assert resp.content_type == "application/json"
-        assert await resp.json() == {"error": {
-            "status": 503, "code": "no_healthy_geode", "region": "ap-northeast",
-            "message": "no healthy geode can serve region 'ap-northeast'",
-        }}  # fmt: skip
+        assert await resp.json() == {
+            "error": {
+                "status": 503,
+                "code": "no_healthy_geode",
+                "region": "ap-northeast",
+                "message": "no healthy geode can serve region 'ap-northeast'",
+            }
+        }
     assert eu.hits["/whoami"] == us.hits["/whoami"] == ap.hits["/whoami"] == 0
 
 
@@ -265,8 +291,7 @@ async def test_panic_mode_tries_geodes_even_when_none_is_healthy(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
-    proxy = await start(proxy_factory, [eu, us, ap],
-                        forwarding={"when_none_healthy": "try_all"})  # fmt: skip
+    proxy = await start(proxy_factory, [eu, us, ap], forwarding={"when_none_healthy": "try_all"})
     await mark_unhealthy(proxy, eu, us, ap)
     async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": "JP"}) as resp:
         assert resp.status == 200 and (await resp.json())["geode"] == "ap-1"
@@ -282,10 +307,14 @@ async def test_502_json_when_every_candidate_refuses(
         await g.server.close()
     async with http.get(f"{proxy.url}/whoami") as resp:
         assert resp.status == 502
-        assert await resp.json() == {"error": {
-            "status": 502, "code": "bad_gateway", "message": "no geode could be reached",
-            "attempts": 3,
-        }}  # fmt: skip
+        assert await resp.json() == {
+            "error": {
+                "status": 502,
+                "code": "bad_gateway",
+                "message": "no geode could be reached",
+                "attempts": 3,
+            }
+        }
 
 
 async def test_max_attempts_caps_the_geodes_tried(
@@ -306,8 +335,9 @@ async def test_504_when_geodes_do_not_answer_in_time(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
-    proxy = await start(proxy_factory, [eu, us, ap],
-                        forwarding={"response_timeout": "200ms", "max_attempts": 2})  # fmt: skip
+    proxy = await start(
+        proxy_factory, [eu, us, ap], forwarding={"response_timeout": "200ms", "max_attempts": 2}
+    )
     async with http.get(f"{proxy.url}/slow?delay=2", headers={"CF-IPCountry": "FR"}) as resp:
         assert resp.status == 504
         assert (await resp.json())["error"]["code"] == "gateway_timeout"
@@ -318,10 +348,10 @@ async def test_post_is_not_retried_after_response_timeout(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
-    proxy = await start(proxy_factory, [eu, us, ap],
-                        forwarding={"response_timeout": "200ms"})  # fmt: skip
-    async with http.post(f"{proxy.url}/slow?delay=2", data=b"x",
-                         headers={"CF-IPCountry": "FR"}) as resp:  # fmt: skip
+    proxy = await start(proxy_factory, [eu, us, ap], forwarding={"response_timeout": "200ms"})
+    async with http.post(
+        f"{proxy.url}/slow?delay=2", data=b"x", headers={"CF-IPCountry": "FR"}
+    ) as resp:
         assert resp.status == 504
     assert eu.hits["/slow"] == 1 and us.hits["/slow"] == 0
 
@@ -427,8 +457,7 @@ async def test_geoip_of_the_real_client_ip_picks_the_region(
     geodes = await three_geodes(geode_factory)
     database = make_mmdb(edition, 6)
     proxy = await start(proxy_factory, list(geodes), geoip={"database": str(database)})
-    async with http.get(f"{proxy.url}/whoami",
-                        headers={"X-Forwarded-For": forwarded_for}) as resp:  # fmt: skip
+    async with http.get(f"{proxy.url}/whoami", headers={"X-Forwarded-For": forwarded_for}) as resp:
         assert (await resp.json())["geode"] == expected
 
 
@@ -439,11 +468,14 @@ async def test_geoip_ignores_forwarded_for_from_an_untrusted_peer(
     make_mmdb: Any,
 ) -> None:
     geodes = await three_geodes(geode_factory)
-    proxy = await start(proxy_factory, list(geodes), trusted_proxies=[],
-                        geoip={"database": str(make_mmdb("City", 6))})  # fmt: skip
+    proxy = await start(
+        proxy_factory,
+        list(geodes),
+        trusted_proxies=[],
+        geoip={"database": str(make_mmdb("City", 6))},
+    )
     # The peer (127.0.0.1, private) is the client; a forged XFF cannot pick Japan.
-    async with http.get(f"{proxy.url}/whoami",
-                        headers={"X-Forwarded-For": "2001:218::1"}) as resp:  # fmt: skip
+    async with http.get(f"{proxy.url}/whoami", headers={"X-Forwarded-For": "2001:218::1"}) as resp:
         assert (await resp.json())["geode"] == "eu-1"
 
 
@@ -465,16 +497,18 @@ async def test_expect_100_continue_is_answered_before_the_body_and_others_get_41
     proxy = await start(proxy_factory, [eu, us, ap])
     port = int(proxy.url.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                 b"Expect: 100-continue\r\n\r\n")  # fmt: skip
+    writer.write(
+        b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
     async with asyncio.timeout(5):
         assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
         writer.write(b"hello")
         assert (await reader.readline()).startswith(b"HTTP/1.1 200")
     writer.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                 b"Expect: something-else\r\n\r\n")  # fmt: skip
+    writer.write(
+        b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: something-else\r\n\r\n"
+    )
     async with asyncio.timeout(5):
         assert (await reader.readline()).startswith(b"HTTP/1.1 417")
     writer.close()
@@ -516,8 +550,7 @@ class RawGeode:
             head = await reader.readuntil(b"\r\n\r\n")
             line = head.split(b"\r\n", 1)[0].decode()
             if " /health " in line:
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
-                             b"Connection: close\r\n\r\nok")  # fmt: skip
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
                 await writer.drain()
                 return
             self.requests.append(line)
@@ -559,10 +592,12 @@ async def start_with_raw_home(
     url = await raw.start()
     us = await geode_factory("us-1", "us-east")
     ap = await geode_factory("ap-1", "ap-northeast")
-    return await proxy_factory(base_config(
-        [{"name": "raw-1", "region": "eu-west", "url": url}, geode_entry(us), geode_entry(ap)],
-        **overrides,
-    ))  # fmt: skip
+    return await proxy_factory(
+        base_config(
+            [{"name": "raw-1", "region": "eu-west", "url": url}, geode_entry(us), geode_entry(ap)],
+            **overrides,
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -657,8 +692,13 @@ async def test_client_identity_headers_pass_only_from_trusted_peers(
     eu, us, ap = await three_geodes(geode_factory)
     cidrs = ["127.0.0.1/32"] if trusted else ["10.0.0.0/8"]
     proxy = await start(proxy_factory, [eu, us, ap], trusted_proxies=cidrs)
-    claims = {"Forwarded": "for=6.6.6.6", "X-Real-IP": "6.6.6.6", "True-Client-IP": "6.6.6.6",
-              "X-Forwarded-Port": "443", "CF-Connecting-IP": "6.6.6.6"}  # fmt: skip
+    claims = {
+        "Forwarded": "for=6.6.6.6",
+        "X-Real-IP": "6.6.6.6",
+        "True-Client-IP": "6.6.6.6",
+        "X-Forwarded-Port": "443",
+        "CF-Connecting-IP": "6.6.6.6",
+    }
     async with http.get(f"{proxy.url}/echo", headers=claims) as resp:
         seen = (await resp.json())["headers"]
     for name in claims:
@@ -670,9 +710,15 @@ async def test_every_via_and_forwarded_value_is_kept(
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
     proxy = await start(proxy_factory, [eu, us, ap])
-    headers = CIMultiDict([("Via", "1.0 a"), ("Via", "1.1 b"), ("X-Forwarded-Proto", "https"),
-                           ("X-Forwarded-For", "203.0.113.1"),
-                           ("X-Forwarded-For", "198.51.100.2")])  # fmt: skip
+    headers = CIMultiDict(
+        [
+            ("Via", "1.0 a"),
+            ("Via", "1.1 b"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-For", "203.0.113.1"),
+            ("X-Forwarded-For", "198.51.100.2"),
+        ]
+    )
     async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
         seen = (await resp.json())["headers"]
     assert seen["via"] == [f"1.0 a, 1.1 b, 1.1 {proxy.gateway.via}"]
@@ -692,7 +738,7 @@ def test_aiohttp_is_recent_and_runs_its_c_parser() -> None:
 @pytest.mark.parametrize(
     ("head", "status"),
     [
-        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: \"v1\"\r\n\r\n", 304),
+        (b'HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: "v1"\r\n\r\n', 304),
         (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", 204),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 200),
     ],
@@ -720,8 +766,9 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, list[bytes
     Content-Length, else to the end of the connection)."""
     head = await reader.readuntil(b"\r\n\r\n")
     status, *lines = head[:-4].split(b"\r\n")
-    length = [int(v) for n, _, v in (h.partition(b": ") for h in lines)
-              if n.lower() == b"content-length"]  # fmt: skip
+    length = [
+        int(v) for n, _, v in (h.partition(b": ") for h in lines) if n.lower() == b"content-length"
+    ]
     body = await reader.readexactly(length[0]) if length else await reader.read()
     return status, lines, body
 
@@ -755,7 +802,7 @@ async def test_request_head_keeps_duplicates_in_order_and_drops_what_connection_
         b"X-Dup: 2\r\nKeep-Alive: 300\r\nX-Forwarded-For: 203.0.113.9\r\n"
         b"X-Forwarded-For: 198.51.100.2\r\nX-Obs: caf\xe9\r\nCF-IPCountry: FR\r\n"
         b"X-Geoproxy-Region: forged\r\nVia: 1.0 cdn\r\n\r\n"
-    )  # fmt: skip
+    )
     async with asyncio.timeout(5):
         status, _, body = await read_response(reader)
     writer.close()
@@ -786,10 +833,11 @@ async def test_response_head_keeps_duplicates_and_drops_what_connection_names(
     date = b"Date: Tue, 01 Jan 2030 00:00:00 GMT\r\n" if dated else b""
     raw = RawGeode(
         b"HTTP/1.1 201 Made Here\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\n"
-        b"Set-Cookie: a=1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: b=2\r\n" + date +
-        b"Via: 1.1 origin\r\nX-Geoproxy-Geode: forged\r\nX-Obs: caf\xe9\r\n"
+        b"Set-Cookie: a=1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: b=2\r\n"
+        + date
+        + b"Via: 1.1 origin\r\nX-Geoproxy-Geode: forged\r\nX-Obs: caf\xe9\r\n"
         b"Content-Length: 5\r\n\r\nhello"
-    )  # fmt: skip
+    )
     raw_geodes.append(raw)
     proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
     reader, writer = await raw_client(proxy)
@@ -818,12 +866,11 @@ async def test_response_head_keeps_duplicates_and_drops_what_connection_names(
     [
         (b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n", [], False),
         (b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [b"close"], True),
-        (b"GET /x HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
-         [b"keep-alive"], False),
+        (b"GET /x HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", [b"keep-alive"], False),
         (b"GET /x HTTP/1.0\r\nHost: x\r\n\r\n", [], True),
     ],
     ids=["http11", "http11-close", "http10-keep-alive", "http10"],
-)  # fmt: skip
+)
 async def test_whole_responses_follow_the_clients_keep_alive_and_version(
     geode_factory: GeodeFactory,
     proxy_factory: ProxyFactory,
@@ -865,8 +912,11 @@ async def test_a_control_character_in_a_geode_response_head_is_a_502(
 
 
 async def through_raw_home(
-    proxy_factory: ProxyFactory, geode_factory: GeodeFactory, raw_geodes: list[RawGeode],
-    reply: bytes, request: bytes,
+    proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    raw_geodes: list[RawGeode],
+    reply: bytes,
+    request: bytes,
 ) -> tuple[bytes, list[bytes], bytes]:
     """One request from a raw client through a proxy whose home geode answers ``reply``."""
     raw = RawGeode(reply)
@@ -894,13 +944,19 @@ def dechunk(body: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("reply", "chunked"),
     [
-        (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
-         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabcde", False),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-         b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", True),
+        (
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabcde",
+            False,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            True,
+        ),
     ],
     ids=["interim-then-final", "chunked-streamed"],
-)  # fmt: skip
+)
 async def test_interim_responses_are_passed_on_before_the_final_one_with_its_framing(
     geode_factory: GeodeFactory,
     proxy_factory: ProxyFactory,

@@ -31,8 +31,13 @@ DAY = 86400.0
 
 
 def geoip_config(geodes: list[dict[str, Any]], database: Path) -> dict[str, Any]:
-    return base_config(geodes, geoip={"database": str(database)}, region_sources=["geoip"],
-                       reload={"poll_interval": POLL}, access_log="off")  # fmt: skip
+    return base_config(
+        geodes,
+        geoip={"database": str(database)},
+        region_sources=["geoip"],
+        reload={"poll_interval": POLL},
+        access_log="off",
+    )
 
 
 def replace(new: Path, database: Path) -> None:
@@ -46,9 +51,13 @@ class Load:
     and serving geode, in the order they were sent."""
 
     def __init__(
-        self, url: str, clients: int = 6, fresh: bool = False, limit: int = 50000,
+        self,
+        url: str,
+        clients: int = 6,
+        fresh: bool = False,
+        limit: int = 50000,
         headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.url, self.clients, self.fresh, self.limit = url, clients, fresh, limit
         self.headers = CLIENT if headers is None else headers
         self.results: list[tuple[int, str]] = []
@@ -116,8 +125,10 @@ async def two_regions(geode_factory: GeodeFactory) -> list[dict[str, Any]]:
 
 
 async def test_a_geoipupdate_swap_under_load_fails_no_request_and_the_new_database_decides(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, make_mmdb: Callable[..., Path],
-) -> None:  # fmt: skip
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    make_mmdb: Callable[..., Path],
+) -> None:
     old_build = time.time() - 40 * DAY
     database = make_mmdb(built=old_build)
     proxy = await proxy_factory(geoip_config(await two_regions(geode_factory), database))
@@ -132,15 +143,19 @@ async def test_a_geoipupdate_swap_under_load_fails_no_request_and_the_new_databa
     first_us = load.results.index((200, "us-1"))
     # Once the new database decides, it alone does (requests overlap the swap by at most
     # one per connection).
-    assert set(load.results[first_us + load.clients:]) == {(200, "us-1")}
+    assert set(load.results[first_us + load.clients :]) == {(200, "us-1")}
     assert proxy.sample("geoproxy_geoip_reloads_total", result="success") == 1
     assert abs(proxy.sample(built, database_type="GeoLite2-City") - time.time()) < 60
 
 
 async def test_a_broken_new_file_keeps_the_old_database_logged_once_and_counted(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, make_mmdb: Callable[..., Path],
-    make_broken_mmdb: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    make_mmdb: Callable[..., Path],
+    make_broken_mmdb: Callable[..., Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     database = make_mmdb()
     proxy = await proxy_factory(geoip_config(await two_regions(geode_factory), database))
     failures = "geoproxy_geoip_reloads_total"
@@ -167,9 +182,11 @@ async def test_a_broken_new_file_keeps_the_old_database_logged_once_and_counted(
 
 
 async def test_status_shows_the_build_date_and_a_stale_database(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, make_mmdb: Callable[..., Path],
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    make_mmdb: Callable[..., Path],
     http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+) -> None:
     old = time.time() - 45 * DAY
     database = make_mmdb(built=old)
     proxy = await proxy_factory(geoip_config(await two_regions(geode_factory), database))
@@ -189,9 +206,11 @@ async def test_status_shows_the_build_date_and_a_stale_database(
 
 
 async def test_a_workers_fleet_swaps_under_load_and_restarts_from_the_validated_file(
-    geode_factory: GeodeFactory, write_config: Callable[..., Path],
-    make_mmdb: Callable[..., Path], tmp_path: Path,
-) -> None:  # fmt: skip
+    geode_factory: GeodeFactory,
+    write_config: Callable[..., Path],
+    make_mmdb: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
     database = make_mmdb()
     path = write_config(geoip_config(await two_regions(geode_factory), database))
     async with supervised(path, workers=2) as proxy, aiohttp.ClientSession() as http:
@@ -223,9 +242,10 @@ async def test_a_workers_fleet_swaps_under_load_and_restarts_from_the_validated_
 
 
 def test_check_config_names_the_database_type_and_build_date(
-    make_mmdb: Callable[..., Path], write_config: Callable[..., Path],
+    make_mmdb: Callable[..., Path],
+    write_config: Callable[..., Path],
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     from geoproxy.cli import check_config
 
     built = time.time() - 3 * DAY

@@ -136,8 +136,14 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 def load_geodes(
     write_config: WriteConfig, entries: list[dict[str, Any]], **health: Any
 ) -> tuple[Geode, ...]:
-    check = {"interval": "1s", "timeout": "500ms", "jitter": "0s", "healthy_threshold": 2,
-             "unhealthy_threshold": 2, **health}  # fmt: skip
+    check = {
+        "interval": "1s",
+        "timeout": "500ms",
+        "jitter": "0s",
+        "healthy_threshold": 2,
+        "unhealthy_threshold": 2,
+        **health,
+    }
     return config_mod.load(write_config(base_config(entries, health_check=check))).geodes
 
 
@@ -273,10 +279,23 @@ async def self_signed_geode(tmp_path: Path) -> AsyncIterator[str]:
     openssl = need_binary("openssl")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     proc = await asyncio.create_subprocess_exec(
-        openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+        openssl,
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     assert await proc.wait() == 0
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -317,8 +336,10 @@ async def test_check_once_fails_a_geode_slower_than_the_timeout(
     elapsed = loop.time() - start
     state = board.states["g1"]
     assert (state.healthy, state.last_error, state.last_latency) == (
-        False, "timeout after 0.2s", None,
-    )  # fmt: skip
+        False,
+        "timeout after 0.2s",
+        None,
+    )
     assert 0.2 <= elapsed < 2
     assert len(held.user_agents) == 1  # it did reach the geode
 
@@ -393,8 +414,10 @@ async def test_check_once_checks_geodes_concurrently(
         app.router.add_get("/health", health)
         return app
 
-    servers = [TestServer(app_for("a", "b"), host="127.0.0.1"),
-               TestServer(app_for("b", "a"), host="127.0.0.1")]  # fmt: skip
+    servers = [
+        TestServer(app_for("a", "b"), host="127.0.0.1"),
+        TestServer(app_for("b", "a"), host="127.0.0.1"),
+    ]
     for server in servers:
         await server.start_server()
     try:
@@ -481,8 +504,10 @@ async def test_a_hanging_geode_does_not_delay_the_checks_of_others(
 ) -> None:
     fast = await geode_factory("fast", "eu-west")
     held.delay = None  # /health never answers: every check runs into its 2 s timeout
-    entries = [entry(fast, "fast"),
-               entry(held.url, "hang", health={"interval": "3s", "timeout": "2s"})]  # fmt: skip
+    entries = [
+        entry(fast, "fast"),
+        entry(held.url, "hang", health={"interval": "3s", "timeout": "2s"}),
+    ]
     board = WatchedBoard(load_geodes(write_config, entries, **FAST))
     checker = HealthChecker(board, session)
     # Start-up round over fast only: the hanging geode is due at once when run() starts.

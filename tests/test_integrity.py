@@ -143,8 +143,10 @@ def need_coding(coding: str) -> None:
     if coding in _NEEDS:
         module, package = _NEEDS[coding]
         if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{coding}: the {package} package is not installed (nothing to "
-                        f"make a real {coding} body with)")  # fmt: skip
+            pytest.skip(
+                f"{coding}: the {package} package is not installed (nothing to "
+                f"make a real {coding} body with)"
+            )
 
 
 def body_cases() -> list[object]:
@@ -152,8 +154,9 @@ def body_cases() -> list[object]:
     for coding in CODINGS:
         for size_id, size in SIZES.items():
             for framing in ("length", "chunked"):
-                cases.append(pytest.param(coding, size, framing,
-                                          id=f"{coding}-{size_id}-{framing}"))  # fmt: skip
+                cases.append(
+                    pytest.param(coding, size, framing, id=f"{coding}-{size_id}-{framing}")
+                )
     return cases
 
 
@@ -182,9 +185,12 @@ async def test_request_and_response_bodies_pass_byte_for_byte_whatever_their_cod
     content_encoding = CODINGS[coding][0]
     body = wire_body(coding, size)
     proxy, geode = await through(echo_same_way)
-    sent_lines = [b"Content-Type: application/octet-stream", b"X-Order: 1",
-                  *([b"Content-Encoding: " + content_encoding] if content_encoding else []),
-                  b"X-Order: 2"]  # fmt: skip
+    sent_lines = [
+        b"Content-Type: application/octet-stream",
+        b"X-Order: 1",
+        *([b"Content-Encoding: " + content_encoding] if content_encoding else []),
+        b"X-Order: 2",
+    ]
     head = b"POST /upload?n=1 HTTP/1.1\r\nHost: shop.example\r\n" + b"".join(
         line + b"\r\n" for line in sent_lines
     )
@@ -197,8 +203,11 @@ async def test_request_and_response_bodies_pass_byte_for_byte_whatever_their_cod
     (got,) = await geode.seen(1)
     assert got.line == b"POST /upload?n=1 HTTP/1.1"
     # What the client sent arrived, header lines in order, body byte for byte.
-    kept = [line for line in got.lines if line.split(b":")[0].lower() in
-            {b"content-type", b"x-order", b"content-encoding"}]  # fmt: skip
+    kept = [
+        line
+        for line in got.lines
+        if line.split(b":")[0].lower() in {b"content-type", b"x-order", b"content-encoding"}
+    ]
     assert kept == sent_lines
     assert (len(got.payload), sha(got.payload)) == (len(body), sha(body))
     if framing == "length" and body:
@@ -219,17 +228,25 @@ async def test_a_compressed_body_moved_on_to_a_fallback_geode_arrives_byte_for_b
     body goes to the fallback region's geode as it came."""
     home, fallback = RecordingGeode(echo_same_way), RecordingGeode(echo_same_way)
     try:
-        proxy = await proxy_factory(base_config(
-            [{"name": "home-1", "region": "eu-west", "url": await home.start()},
-             {"name": "fallback-1", "region": "us-east", "url": await fallback.start()}],
-            regions={"eu-west": {"fallback": ["us-east"]}, "us-east": None},
-            countries={}, continents={},
-        ))  # fmt: skip
+        proxy = await proxy_factory(
+            base_config(
+                [
+                    {"name": "home-1", "region": "eu-west", "url": await home.start()},
+                    {"name": "fallback-1", "region": "us-east", "url": await fallback.start()},
+                ],
+                regions={"eu-west": {"fallback": ["us-east"]}, "us-east": None},
+                countries={},
+                continents={},
+            )
+        )
         await home.close()  # still healthy on the board: the forwarder meets the refusal
         body = wire_body("gzip", 64 * KiB)
-        resp = await one_request(proxy, b"POST /upload HTTP/1.1\r\nHost: x\r\n"
-                                 b"Content-Encoding: gzip\r\n" + frame(body, framing),
-                                 b"POST")  # fmt: skip
+        resp = await one_request(
+            proxy,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Encoding: gzip\r\n" + frame(body, framing),
+            b"POST",
+        )
         (got,) = await fallback.seen(1)
     finally:
         await fallback.close()
@@ -262,39 +279,49 @@ async def test_repeated_request_headers_arrive_in_order_with_their_case(
     through: Through, shape: str
 ) -> None:
     proxy, geode = await through(lambda r: ok())
-    sent = [b"Cookie: a=1", b"X-Dup: 1", b"cookie: b=2", b"Accept: */*", b"X-DUP: 2",
-            b"x-dup: 3"]  # fmt: skip
+    sent = [b"Cookie: a=1", b"X-Dup: 1", b"cookie: b=2", b"Accept: */*", b"X-DUP: 2", b"x-dup: 3"]
     head = b"%s /x HTTP/1.1\r\nHost: shop.example\r\n" % method_for(shape)
-    resp = await one_request(proxy, head + b"".join(s + b"\r\n" for s in sent) + BODIES[shape],
-                             method_for(shape))  # fmt: skip
+    resp = await one_request(
+        proxy, head + b"".join(s + b"\r\n" for s in sent) + BODIES[shape], method_for(shape)
+    )
     assert resp.status == 200
     (got,) = await geode.seen(1)
-    assert [line for line in got.lines if line.lower().startswith((b"cookie", b"x-dup",
-                                                                   b"accept"))] == sent
+    assert [
+        line for line in got.lines if line.lower().startswith((b"cookie", b"x-dup", b"accept"))
+    ] == sent
     assert got.payload == (b"" if shape == "no-body" else b"hello")
 
 
 RESPONSE_SHAPES = {
     "whole": lambda lines: b"HTTP/1.1 200 OK\r\n%sContent-Length: 5\r\n\r\nhello" % lines,
-    "chunked": lambda lines: b"HTTP/1.1 200 OK\r\n%sTransfer-Encoding: chunked\r\n\r\n%s" % (
-        lines, chunked(b"hello")),
-    "streamed-length": lambda lines: b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (
-        lines, 100 * KiB, b"h" * 100 * KiB),
-}  # fmt: skip
+    "chunked": lambda lines: (
+        b"HTTP/1.1 200 OK\r\n%sTransfer-Encoding: chunked\r\n\r\n%s" % (lines, chunked(b"hello"))
+    ),
+    "streamed-length": lambda lines: (
+        b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (lines, 100 * KiB, b"h" * 100 * KiB)
+    ),
+}
 
 
 @pytest.mark.parametrize("shape", list(RESPONSE_SHAPES))
 async def test_set_cookie_lines_and_repeated_response_headers_pass_in_order(
     through: Through, shape: str
 ) -> None:
-    sent = [b"Set-Cookie: a=1; Path=/", b"X-Dup: 1", b"set-cookie: b=2; HttpOnly",
-            b"Set-Cookie: c=3", b"x-dup: 2", b"X-DUP: 3"]  # fmt: skip
+    sent = [
+        b"Set-Cookie: a=1; Path=/",
+        b"X-Dup: 1",
+        b"set-cookie: b=2; HttpOnly",
+        b"Set-Cookie: c=3",
+        b"x-dup: 2",
+        b"X-DUP: 3",
+    ]
     reply = RESPONSE_SHAPES[shape](b"".join(s + b"\r\n" for s in sent))
     proxy, _ = await through(lambda r: reply)
     resp = await one_request(proxy, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
     assert resp.status == 200
-    assert [line for line in resp.lines if line.lower().startswith((b"set-cookie",
-                                                                    b"x-dup"))] == sent
+    assert [
+        line for line in resp.lines if line.lower().startswith((b"set-cookie", b"x-dup"))
+    ] == sent
     assert resp.payload == (b"hello" if shape == "chunked" else reply.split(b"\r\n\r\n", 1)[1])
 
 
@@ -304,7 +331,8 @@ async def test_request_header_bytes_that_are_not_utf8_pass_as_they_came(
 ) -> None:
     proxy, geode = await through(lambda r: ok())
     head = b"%s /x HTTP/1.1\r\nHost: x\r\nX-Obs: caf\xe9\r\nX-Mix: \xc3\xa9t\xe9 \xff\r\n" % (
-        method_for(shape))  # fmt: skip
+        method_for(shape)
+    )
     resp = await one_request(proxy, head + BODIES[shape], method_for(shape))
     assert resp.status == 200
     (got,) = await geode.seen(1)
@@ -350,7 +378,7 @@ async def test_head_answer_keeps_its_content_length_and_the_connection_stays_in_
 ) -> None:
     def reply(request: Received) -> bytes:
         if request.method == b"HEAD":
-            return b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nETag: \"v1\"\r\n\r\n"
+            return b'HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nETag: "v1"\r\n\r\n'
         return ok(b"after")
 
     proxy, _ = await through(reply)
@@ -370,20 +398,25 @@ async def test_head_answer_keeps_its_content_length_and_the_connection_stays_in_
 @pytest.mark.parametrize(
     ("answer", "length"),
     [
-        pytest.param(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: \"v1\"\r\n\r\n",
-                     [b"1234"], id="304-length"),
-        pytest.param(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n", [], id="304"),
-        pytest.param(b"HTTP/1.1 204 No Content\r\nETag: \"v1\"\r\n\r\n", [], id="204"),
+        pytest.param(
+            b'HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: "v1"\r\n\r\n',
+            [b"1234"],
+            id="304-length",
+        ),
+        pytest.param(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n', [], id="304"),
+        pytest.param(b'HTTP/1.1 204 No Content\r\nETag: "v1"\r\n\r\n', [], id="204"),
     ],
-)  # fmt: skip
+)
 async def test_204_and_304_pass_with_their_headers_and_no_body(
     through: Through, answer: bytes, length: list[bytes]
 ) -> None:
     proxy, _ = await through(lambda r: answer if r.target == b"/x" else ok(b"after"))
     client = await RawClient.open(proxy.url)
     try:
-        client.send(b"GET /x HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"v1\"\r\n\r\n"
-                    b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")  # fmt: skip
+        client.send(
+            b'GET /x HTTP/1.1\r\nHost: x\r\nIf-None-Match: "v1"\r\n\r\n'
+            b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
         first = await client.response()
         after = await client.response()
     finally:
@@ -399,9 +432,9 @@ INTERIM = {
     "102": b"HTTP/1.1 102 Processing\r\n\r\n",
     "103": b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
     "102-103-103": b"HTTP/1.1 102 Processing\r\n\r\n"
-                   b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
-                   b"HTTP/1.1 103 Early Hints\r\nLink: </b.js>; rel=preload\r\n\r\n",
-}  # fmt: skip
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    b"HTTP/1.1 103 Early Hints\r\nLink: </b.js>; rel=preload\r\n\r\n",
+}
 
 
 @pytest.mark.parametrize("final", ["whole", "chunked"])
@@ -414,9 +447,14 @@ async def test_interim_answers_are_forwarded_before_the_final_one(
     resp = await one_request(proxy, b"GET /page HTTP/1.1\r\nHost: x\r\n\r\n")
     sent = INTERIM[interim].split(b"\r\n\r\n")[:-1]
     # (this hop may add its Via and X-Geoproxy-* lines to an interim answer too)
-    assert [b"\r\n".join(line for line in h.removesuffix(b"\r\n\r\n").split(b"\r\n")
-                          if not line.lower().startswith((b"via:", b"x-geoproxy-")))
-            for h in resp.interim] == sent  # fmt: skip
+    assert [
+        b"\r\n".join(
+            line
+            for line in h.removesuffix(b"\r\n\r\n").split(b"\r\n")
+            if not line.lower().startswith((b"via:", b"x-geoproxy-"))
+        )
+        for h in resp.interim
+    ] == sent
     assert resp.status == 200 and resp.payload == b"hello"
 
 
@@ -441,19 +479,23 @@ def ws_accept(key: bytes) -> bytes:
 def ws_handshake(request: Received) -> bytes:
     """A geode's 101 with headers of its own, hop-by-hop ones among them."""
     (key,) = values(request.lines, b"sec-websocket-key")
-    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + ws_accept(key) + b"\r\n"
-            b"Set-Cookie: ws-session=abc; Path=/\r\nSet-Cookie: ws-pref=dark\r\n"
-            b"X-Stamp-Build: 2026.12\r\nKeep-Alive: timeout=5\r\n\r\n")  # fmt: skip
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + ws_accept(key) + b"\r\n"
+        b"Set-Cookie: ws-session=abc; Path=/\r\nSet-Cookie: ws-pref=dark\r\n"
+        b"X-Stamp-Build: 2026.12\r\nKeep-Alive: timeout=5\r\n\r\n"
+    )
 
 
 async def test_websocket_handshake_passes_the_geodes_101_headers(through: Through) -> None:
     proxy, geode = await through(ws_handshake)
     client = await RawClient.open(proxy.url)
     try:
-        client.send(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\nSec-WebSocket-Key: " + WS_KEY + b"\r\n"
-                    b"Sec-WebSocket-Version: 13\r\nCookie: c=1\r\n\r\n")  # fmt: skip
+        client.send(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: " + WS_KEY + b"\r\n"
+            b"Sec-WebSocket-Version: 13\r\nCookie: c=1\r\n\r\n"
+        )
         resp = await client.response()
     finally:
         await client.close()
@@ -466,9 +508,14 @@ async def test_websocket_handshake_passes_the_geodes_101_headers(through: Throug
     assert values(got.lines, b"cookie") == [b"c=1"]
 
 
-@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n\r\nhello",
-                                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
-                         ids=["length", "chunked"])  # fmt: skip
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\n\r\nhello",
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["length", "chunked"],
+)
 async def test_a_websocket_handshake_with_a_body_is_refused_at_the_edge(
     through: Through, framing: bytes
 ) -> None:
@@ -476,9 +523,12 @@ async def test_a_websocket_handshake_with_a_body_is_refused_at_the_edge(
     never asked (it used to be a 502 "no geode could be reached", counted against the
     geode's health)."""
     proxy, geode = await through(ws_handshake)
-    resp = await one_request(proxy, b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                             b"Connection: Upgrade\r\nSec-WebSocket-Key: " + WS_KEY + b"\r\n"
-                             b"Sec-WebSocket-Version: 13\r\n" + framing)  # fmt: skip
+    resp = await one_request(
+        proxy,
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + WS_KEY + b"\r\n"
+        b"Sec-WebSocket-Version: 13\r\n" + framing,
+    )
     assert resp.status == 400
     assert b"a WebSocket handshake carries no body" in resp.payload
     assert geode.requests == []
@@ -550,8 +600,9 @@ async def test_a_response_trailer_never_becomes_a_header_of_another_clients_answ
 ) -> None:
     def reply(request: Received) -> bytes:
         if request.target == b"/a":
-            return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                    + chunked(b"hello", trailers=b"X-Checksum: 2955903335\r\n"))  # fmt: skip
+            return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(
+                b"hello", trailers=b"X-Checksum: 2955903335\r\n"
+            )
         return ok(b"plain")
 
     proxy, geode = await through(reply)
@@ -568,11 +619,15 @@ async def test_a_request_trailer_never_becomes_a_header_of_the_next_pipelined_re
     through: Through,
 ) -> None:
     proxy, geode = await through(lambda r: ok())
-    resps = await exchange(proxy.url, (
-        b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + chunked(b"data", trailers=b"X-Last-Trailer: leaked\r\nX-Client-Region: us-east\r\n")
-        + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
-    ), [b"POST", b"GET"])  # fmt: skip
+    resps = await exchange(
+        proxy.url,
+        (
+            b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunked(b"data", trailers=b"X-Last-Trailer: leaked\r\nX-Client-Region: us-east\r\n")
+            + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+        ),
+        [b"POST", b"GET"],
+    )
     assert [r.status for r in resps] == [200, 200]
     up, nxt = await geode.seen(2)
     assert up.payload == b"data"
@@ -591,14 +646,21 @@ async def test_a_bad_request_in_a_pipeline_answers_the_ones_before_it_then_a_400
     through: Through,
 ) -> None:
     proxy, geode = await through(lambda r: ok(r.target))
-    resps, closed = await exchange_to_the_end(proxy.url, (
-        b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
-        b"GET /3 HTTP/1.1\r\nHost: x\r\n" + BIG_HEADER + b"\r\n"
-    ), [b"GET"] * 3)  # fmt: skip
+    resps, closed = await exchange_to_the_end(
+        proxy.url,
+        (
+            b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /3 HTTP/1.1\r\nHost: x\r\n" + BIG_HEADER + b"\r\n"
+        ),
+        [b"GET"] * 3,
+    )
     assert closed
     assert [r.payload for r in resps[:2]] == [b"/1", b"/2"]
-    assert [r.status_line[:12] for r in resps] == [b"HTTP/1.1 200", b"HTTP/1.1 200",
-                                                   b"HTTP/1.1 400"]  # fmt: skip
+    assert [r.status_line[:12] for r in resps] == [
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 400",
+    ]
     assert [r.target for r in geode.requests] == [b"/1", b"/2"]
 
 
@@ -606,16 +668,18 @@ async def test_a_request_asking_to_close_is_answered_though_bytes_follow_it(
     through: Through,
 ) -> None:
     proxy, geode = await through(lambda r: ok(r.target))
-    (resp,), closed = await exchange_to_the_end(proxy.url, (
-        b"GET /1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
-    ), [b"GET"])  # fmt: skip
+    (resp,), closed = await exchange_to_the_end(
+        proxy.url,
+        (
+            b"GET /1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
+        ),
+        [b"GET"],
+    )
     assert closed
     assert (resp.status, resp.payload) == (200, b"/1")
     assert resp.values(b"connection") == [b"close"]
     assert [r.target for r in geode.requests] == [b"/1"]
-
-
 
 
 @pytest.mark.parametrize(
@@ -624,9 +688,9 @@ async def test_a_request_asking_to_close_is_answered_though_bytes_follow_it(
         pytest.param(b"3\r\nabc\r\n", b"3; sp=1\r\ndef\r\n0\r\n\r\n", id="later-chunk"),
         pytest.param(b"", b"3\r\nabc\r\n3; sp=1\r\ndef\r\n0\r\n\r\n", id="later-chunk-at-once"),
         pytest.param(b"", b"3; sp=1\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n", id="first-chunk"),
-        pytest.param(b"", b"3;a=1;b=\"q s\"\r\nabc\r\n3;x\r\ndef\r\n0\r\n\r\n", id="no-space"),
+        pytest.param(b"", b'3;a=1;b="q s"\r\nabc\r\n3;x\r\ndef\r\n0\r\n\r\n', id="no-space"),
     ],
-)  # fmt: skip
+)
 async def test_chunk_extensions_are_accepted_and_the_body_forwarded(
     through: Through, first: bytes, rest: bytes
 ) -> None:
@@ -676,11 +740,16 @@ async def test_a_request_pipelined_after_an_h2c_upgrade_request_is_answered(
     through: Through,
 ) -> None:
     proxy, geode = await through(lambda r: ok(r.target))
-    resps = await exchange(proxy.url, (
-        b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
-        b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
-    ), [b"GET", b"GET"], within=3)  # fmt: skip
+    resps = await exchange(
+        proxy.url,
+        (
+            b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+        ),
+        [b"GET", b"GET"],
+        within=3,
+    )
     assert [(r.status, r.payload) for r in resps] == [(200, b"/a"), (200, b"/b")]
     assert [r.target for r in geode.requests] == [b"/a", b"/b"]
     assert b"upgrade" not in names(geode.requests[0].lines)
@@ -692,8 +761,9 @@ async def test_a_request_pipelined_after_an_h2c_upgrade_request_is_answered(
 
 async def test_options_asterisk_with_a_body_is_forwarded(through: Through) -> None:
     proxy, geode = await through(lambda r: ok(b"opts"))
-    resp = await one_request(proxy, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                             b"\r\nhello", b"OPTIONS")  # fmt: skip
+    resp = await one_request(
+        proxy, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", b"OPTIONS"
+    )
     assert (resp.status, resp.payload) == (200, b"opts")
     (got,) = await geode.seen(1)
     assert (got.line, got.payload) == (b"OPTIONS * HTTP/1.1", b"hello")
@@ -704,9 +774,12 @@ async def test_a_204_or_304_with_stray_body_bytes_is_relayed_without_them(
     through: Through, status: bytes
 ) -> None:
     proxy, _ = await through(
-        lambda r: b"HTTP/1.1 %s\r\nETag: \"v1\"\r\n\r\nstray bytes" % status
-        if r.target == b"/x" else ok(b"after")
-    )  # fmt: skip
+        lambda r: (
+            b'HTTP/1.1 %s\r\nETag: "v1"\r\n\r\nstray bytes' % status
+            if r.target == b"/x"
+            else ok(b"after")
+        )
+    )
     first = await one_request(proxy, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
     assert first.status_line == b"HTTP/1.1 " + status
     assert first.values(b"etag") == [b'"v1"']
@@ -718,8 +791,8 @@ BAD_REQUESTS = {
     "header-too-long": b"GET /x HTTP/1.1\r\nHost: x\r\n" + BIG_HEADER + b"\r\n",
     "control-character": b"GET /x HTTP/1.1\r\nHost: x\r\nX-Secret-Token: s3cr\x01t\r\n\r\n",
     "bad-chunk-size": b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      b"zz-secret\r\n",
-}  # fmt: skip
+    b"zz-secret\r\n",
+}
 
 
 @pytest.mark.parametrize("request_bytes", list(BAD_REQUESTS.values()), ids=list(BAD_REQUESTS))
@@ -729,8 +802,9 @@ async def test_geoproxys_own_400_names_no_software_and_echoes_nothing(
     proxy, geode = await through(lambda r: ok())
     resp = await one_request(proxy, request_bytes)
     assert resp.status == 400  # (that it says HTTP/1.1: §2.5's test)
-    assert not any(b"python" in v.lower() or b"aiohttp" in v.lower()
-                   for v in resp.values(b"server"))  # fmt: skip
+    assert not any(
+        b"python" in v.lower() or b"aiohttp" in v.lower() for v in resp.values(b"server")
+    )
     for secret in (b"aaaaaaaaaa", b"s3cr", b"X-Secret-Token", b"zz-secret"):
         assert secret not in resp.body
     assert geode.requests == []
@@ -738,10 +812,14 @@ async def test_geoproxys_own_400_names_no_software_and_echoes_nothing(
 
 # -- the chunked-body walk (geoproxy/chunks.py) ----------------------------------------------
 
-WALKED = (b"3\r\nabc\r\n3; sp=1\r\ndef\r\n3 ;\ta = \"q s\"\r\nghi\r\n10\r\n0123456789\r\n\r\n\r\n"
-          b"0\r\nX-T: 1\r\n\r\nGET /next HTTP/1.1\r\n")  # fmt: skip
-TIDIED = (b"3\r\nabc\r\n3;sp=1\r\ndef\r\n3;a=\"q s\"\r\nghi\r\n10\r\n0123456789\r\n\r\n\r\n"
-          b"0\r\nX-T: 1\r\n\r\nGET /next HTTP/1.1\r\n")  # fmt: skip
+WALKED = (
+    b'3\r\nabc\r\n3; sp=1\r\ndef\r\n3 ;\ta = "q s"\r\nghi\r\n10\r\n0123456789\r\n\r\n\r\n'
+    b"0\r\nX-T: 1\r\n\r\nGET /next HTTP/1.1\r\n"
+)
+TIDIED = (
+    b'3\r\nabc\r\n3;sp=1\r\ndef\r\n3;a="q s"\r\nghi\r\n10\r\n0123456789\r\n\r\n\r\n'
+    b"0\r\nX-T: 1\r\n\r\nGET /next HTTP/1.1\r\n"
+)
 
 
 @pytest.mark.parametrize("step", [1, 2, 3, 5, 8, 13, len(WALKED)])
@@ -750,13 +828,14 @@ def test_the_walk_tidies_only_chunk_size_lines_however_the_body_is_cut(step: int
     extension value with a space, the trailer section and what follows the body pass
     as they came; only whitespace around ';' and '=' goes."""
     walk = ChunkedBody()
-    out = b"".join(walk.feed(WALKED[at:at + step]) for at in range(0, len(WALKED), step))
+    out = b"".join(walk.feed(WALKED[at : at + step]) for at in range(0, len(WALKED), step))
     assert out == TIDIED
     assert walk.done
 
 
 @pytest.mark.parametrize(
-    "body", [b"zz\r\nabc\r\n", b"+3\r\nabc\r\n", b"0x3\r\nabc\r\n", b"3" + b" " * 5000],
+    "body",
+    [b"zz\r\nabc\r\n", b"+3\r\nabc\r\n", b"0x3\r\nabc\r\n", b"3" + b" " * 5000],
     ids=["not-hex", "sign", "0x", "endless-line"],
 )
 def test_the_walk_leaves_a_malformed_body_to_the_parser(body: bytes) -> None:

@@ -11,29 +11,52 @@ PACKAGE = Path(__file__).resolve().parent.parent / "geoproxy"
 
 # Lower number = lower layer. Modules of one layer do not import each other.
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "countries": 0, "logs": 0, "hotmetrics": 0, "compat": 0,
-    "chunks": 0, "control": 0,
+    "__init__": 0,
+    "errors": 0,
+    "countries": 0,
+    "logs": 0,
+    "hotmetrics": 0,
+    "compat": 0,
+    "chunks": 0,
+    "control": 0,
     "metrics": 1,
-    "schema": 1, "access": 1,
-    "config": 2, "traffic": 2,
+    "schema": 1,
+    "access": 1,
+    "config": 2,
+    "traffic": 2,
     "fleet": 3,
     "model": 3,
     "changes": 4,
-    "clientip": 3, "geoip": 4,
-    "resolver": 5, "health": 5, "router": 5, "responses": 5,
-    "runtime": 6, "explain": 6, "headers": 6, "trace": 6, "upstream": 6,
-    "policy": 7, "protocol": 7, "prelude": 7, "relay": 7,
-    "websocket": 8, "status_page": 8,
+    "clientip": 3,
+    "geoip": 4,
+    "resolver": 5,
+    "health": 5,
+    "router": 5,
+    "responses": 5,
+    "runtime": 6,
+    "explain": 6,
+    "headers": 6,
+    "trace": 6,
+    "upstream": 6,
+    "policy": 7,
+    "protocol": 7,
+    "prelude": 7,
+    "relay": 7,
+    "websocket": 8,
+    "status_page": 8,
     "forwarder": 9,
-    "observe": 10, "admin": 10,
+    "observe": 10,
+    "admin": 10,
     "app": 11,
     "stamp": 11,  # the reference stamp package, checked on its own below
     "fastlane": 12,
-    "server": 13, "demo": 13,
+    "server": 13,
+    "demo": 13,
     "worker": 14,
     "supervisor": 15,
-    "cli": 16, "__main__": 17,
-}  # fmt: skip
+    "cli": 16,
+    "__main__": 17,
+}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -46,8 +69,7 @@ def imports_of(path: Path) -> set[str]:
             else:  # `from geoproxy import x`
                 found.update(a.name for a in node.names)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names
-                         if a.name.startswith("geoproxy."))  # fmt: skip
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("geoproxy."))
     return found
 
 

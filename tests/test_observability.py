@@ -61,8 +61,10 @@ async def settled(proxy: Proxy) -> None:
     """Wait until no request is in flight. The middleware decrements the gauge and records
     metrics and the access-log line in one synchronous step, so once the gauge is back to 0
     after the client got its response, that request is fully accounted for."""
-    await eventually(lambda: proxy.sample("geoproxy_inflight_requests") == 0,
-                     "geoproxy_inflight_requests to return to 0")  # fmt: skip
+    await eventually(
+        lambda: proxy.sample("geoproxy_inflight_requests") == 0,
+        "geoproxy_inflight_requests to return to 0",
+    )
 
 
 def series(registry: CollectorRegistry, sample: str, *labels: str) -> dict[tuple[str, ...], float]:
@@ -167,12 +169,24 @@ async def _all_refuse(proxy: Proxy, geodes: tuple[FakeGeode, FakeGeode, FakeGeod
         (_home_unhealthy, {}, "FR", 200, "us-1", "eu-west", "fallback"),
         (_all_unhealthy, {}, "FR", 503, "none", "eu-west", "none_healthy"),
         (_all_refuse, {}, "JP", 502, "none", "ap-northeast", "all_failed"),
-        (_all_unhealthy, {"forwarding": {"when_none_healthy": "try_all"}}, "JP", 200, "ap-1",
-         "ap-northeast", "panic"),
+        (
+            _all_unhealthy,
+            {"forwarding": {"when_none_healthy": "try_all"}},
+            "JP",
+            200,
+            "ap-1",
+            "ap-northeast",
+            "panic",
+        ),
     ],
-    ids=["home", "fallback-when-home-unhealthy", "none-healthy-503", "all-refuse-502",
-         "panic-when-none-healthy"],
-)  # fmt: skip
+    ids=[
+        "home",
+        "fallback-when-home-unhealthy",
+        "none-healthy-503",
+        "all-refuse-502",
+        "panic-when-none-healthy",
+    ],
+)
 async def test_request_counts_its_routing_decision_geode_and_status_class(
     geode_factory: GeodeFactory,
     proxy_factory: ProxyFactory,
@@ -193,8 +207,9 @@ async def test_request_counts_its_routing_decision_geode_and_status_class(
         assert resp.headers.get("X-Geoproxy-Geode", "none") == geode
     await settled(proxy)
     reg = proxy.registry
-    assert series(reg, "geoproxy_routing_decisions_total", "client_region", "geode",
-                  "decision") == {(region, geode, decision): 1}  # fmt: skip
+    assert series(
+        reg, "geoproxy_routing_decisions_total", "client_region", "geode", "decision"
+    ) == {(region, geode, decision): 1}
     assert series(reg, "geoproxy_requests_total", "geode", "code_class") == {
         (geode, f"{status // 100}xx"): 1
     }
@@ -207,19 +222,33 @@ async def test_request_counts_its_routing_decision_geode_and_status_class(
         ({"CF-IPCountry": "FR"}, {}, {("cf-ipcountry", "ok"): 1}),
         ({"X-Client-Region": "us-east"}, {}, {("x-client-region", "ok"): 1}),
         ({"CF-IPCountry": "XX"}, {}, {("cf-ipcountry", "unknown"): 1, ("default", "ok"): 1}),
-        ({"CF-IPCountry": "garbage!"}, {},
-         {("cf-ipcountry", "invalid"): 1, ("default", "ok"): 1}),
-        ({"X-Client-Region": "ZZ", "CF-IPCountry": "JP"}, {},
-         {("x-client-region", "invalid"): 1, ("cf-ipcountry", "ok"): 1}),
-        ({"CF-IPCountry": "FR", "X-Client-Region": "us-east"},
-         {"trusted_proxies": ["10.0.0.0/8"]},
-         {("x-client-region", "untrusted"): 1, ("cf-ipcountry", "untrusted"): 1,
-          ("default", "ok"): 1}),
+        ({"CF-IPCountry": "garbage!"}, {}, {("cf-ipcountry", "invalid"): 1, ("default", "ok"): 1}),
+        (
+            {"X-Client-Region": "ZZ", "CF-IPCountry": "JP"},
+            {},
+            {("x-client-region", "invalid"): 1, ("cf-ipcountry", "ok"): 1},
+        ),
+        (
+            {"CF-IPCountry": "FR", "X-Client-Region": "us-east"},
+            {"trusted_proxies": ["10.0.0.0/8"]},
+            {
+                ("x-client-region", "untrusted"): 1,
+                ("cf-ipcountry", "untrusted"): 1,
+                ("default", "ok"): 1,
+            },
+        ),
         ({}, {}, {("default", "ok"): 1}),
     ],
-    ids=["cf-ok", "xcr-ok", "cf-xx-unknown", "cf-garbage-invalid", "xcr-invalid-then-cf",
-         "untrusted-peer", "no-source-default"],
-)  # fmt: skip
+    ids=[
+        "cf-ok",
+        "xcr-ok",
+        "cf-xx-unknown",
+        "cf-garbage-invalid",
+        "xcr-invalid-then-cf",
+        "untrusted-peer",
+        "no-source-default",
+    ],
+)
 async def test_region_resolution_results_are_counted_per_source(
     geode_factory: GeodeFactory,
     proxy_factory: ProxyFactory,
@@ -233,8 +262,9 @@ async def test_region_resolution_results_are_counted_per_source(
     async with http.get(f"{proxy.url}/whoami", headers=headers) as resp:
         assert resp.status == 200
     await settled(proxy)
-    assert series(proxy.registry, "geoproxy_region_resolutions_total", "source",
-                  "result") == expected  # fmt: skip
+    assert (
+        series(proxy.registry, "geoproxy_region_resolutions_total", "source", "result") == expected
+    )
 
 
 @pytest.mark.parametrize(
@@ -258,8 +288,9 @@ async def test_geoip_resolution_results_are_counted(
     async with http.get(f"{proxy.url}/whoami", headers={"X-Forwarded-For": forwarded_for}) as resp:
         assert resp.status == 200
     await settled(proxy)
-    assert series(proxy.registry, "geoproxy_region_resolutions_total", "source",
-                  "result") == expected  # fmt: skip
+    assert (
+        series(proxy.registry, "geoproxy_region_resolutions_total", "source", "result") == expected
+    )
 
 
 async def test_geoip_lookup_that_fails_is_counted_as_error_not_unknown(
@@ -277,8 +308,10 @@ async def test_geoip_lookup_that_fails_is_counted_as_error_not_unknown(
             assert resp.headers["X-Geoproxy-Geode"] == "eu-1"
     await settled(proxy)
     assert series(proxy.registry, "geoproxy_region_resolutions_total", "source", "result") == {
-        ("geoip", "error"): 1, ("geoip", "unknown"): 1, ("default", "ok"): 2,
-    }  # fmt: skip
+        ("geoip", "error"): 1,
+        ("geoip", "unknown"): 1,
+        ("default", "ok"): 2,
+    }
 
 
 async def _home_refuses(proxy: Proxy, geodes: tuple[FakeGeode, FakeGeode, FakeGeode]) -> None:
@@ -293,13 +326,19 @@ async def _home_answers_503(proxy: Proxy, geodes: tuple[FakeGeode, FakeGeode, Fa
     ("setup", "attempts", "failovers"),
     [
         (_healthy, {("eu-1", "response"): 1}, {}),
-        (_home_refuses, {("eu-1", "connect_error"): 1, ("us-1", "response"): 1},
-         {("eu-1", "us-1"): 1}),
-        (_home_answers_503, {("eu-1", "retry_status"): 1, ("us-1", "response"): 1},
-         {("eu-1", "us-1"): 1}),
+        (
+            _home_refuses,
+            {("eu-1", "connect_error"): 1, ("us-1", "response"): 1},
+            {("eu-1", "us-1"): 1},
+        ),
+        (
+            _home_answers_503,
+            {("eu-1", "retry_status"): 1, ("us-1", "response"): 1},
+            {("eu-1", "us-1"): 1},
+        ),
     ],
     ids=["home-answers", "home-refuses-connections", "home-answers-503-to-get"],
-)  # fmt: skip
+)
 async def test_upstream_attempts_and_failovers_are_counted(
     geode_factory: GeodeFactory,
     proxy_factory: ProxyFactory,
@@ -324,17 +363,27 @@ async def test_upstream_attempts_and_failovers_are_counted(
 async def test_geode_up_is_exported_as_0_for_every_geode_before_startup_health(
     write_config: WriteConfig, dead_url: str, http: aiohttp.ClientSession
 ) -> None:
-    geodes = [("eu-1", "eu-west"), ("eu-2", "eu-west"), ("us-1", "us-east"),
-              ("ap-1", "ap-northeast")]  # fmt: skip
-    cfg = config_mod.load(write_config(base_config(
-        [{"name": n, "region": r, "url": dead_url} for n, r in geodes]
-    )))  # fmt: skip
+    geodes = [
+        ("eu-1", "eu-west"),
+        ("eu-2", "eu-west"),
+        ("us-1", "us-east"),
+        ("ap-1", "ap-northeast"),
+    ]
+    cfg = config_mod.load(
+        write_config(base_config([{"name": n, "region": r, "url": dead_url} for n, r in geodes]))
+    )
     registry = CollectorRegistry()
     gateway = Gateway(cfg, registry=registry)  # not started: no health check ran
     for name, region in geodes:
         assert exact(registry, "geoproxy_geode_up", {"geode": name, "region": region}) == 0
-    assert exact(registry, "geoproxy_build_info", {"version": __version__,
-                 "aiohttp": aiohttp.__version__, "mode": "lean"}) == 1  # fmt: skip
+    assert (
+        exact(
+            registry,
+            "geoproxy_build_info",
+            {"version": __version__, "aiohttp": aiohttp.__version__, "mode": "lean"},
+        )
+        == 1
+    )
     # The admin listener of a proxy still starting: alive, not ready, geode_up exported.
     admin = TestServer(gateway.admin_app(), host="127.0.0.1")
     await admin.start_server()
@@ -401,8 +450,9 @@ async def test_inflight_requests_is_1_during_a_slow_request_and_0_after(
 
     task = asyncio.create_task(slow())
     try:
-        await eventually(lambda: geodes[0].hits["/slow"] == 1,
-                         "the geode to receive the slow request")  # fmt: skip
+        await eventually(
+            lambda: geodes[0].hits["/slow"] == 1, "the geode to receive the slow request"
+        )
         assert not task.done()  # the geode is still sleeping on it
         assert proxy.sample("geoproxy_inflight_requests") == 1
     finally:
@@ -421,7 +471,8 @@ async def test_build_info_is_1_with_the_versions_and_the_mode(
 ) -> None:
     proxy = await start(proxy_factory, list(await three_geodes(geode_factory)))
     assert series(proxy.registry, "geoproxy_build_info", "version", "aiohttp", "mode") == {
-        (__version__, aiohttp.__version__, "lean"): 1}
+        (__version__, aiohttp.__version__, "lean"): 1
+    }
 
 
 async def test_labels_stay_bounded_whatever_the_clients_send(
@@ -433,8 +484,12 @@ async def test_labels_stay_bounded_whatever_the_clients_send(
     secrets: list[str] = []
     for _ in range(20):
         path, query, junk = (uuid.uuid4().hex for _ in range(3))
-        octets = (rng.randrange(1, 223), rng.randrange(256), rng.randrange(256),
-                  rng.randrange(1, 255))  # fmt: skip
+        octets = (
+            rng.randrange(1, 223),
+            rng.randrange(256),
+            rng.randrange(256),
+            rng.randrange(1, 255),
+        )
         ip = ".".join(map(str, octets))
         secrets += [path, query, junk, ip]
         headers = {
@@ -458,8 +513,10 @@ async def test_labels_stay_bounded_whatever_the_clients_send(
     assert "eu-1" in values  # the traffic is in the exposition...
     leaked = {secret for secret in secrets for value in values if secret in value}
     assert leaked == set()  # ...but nothing the clients chose
-    assert proxy.sample("geoproxy_region_resolutions_total", source="cf-ipcountry",
-                        result="invalid") == 20  # fmt: skip
+    assert (
+        proxy.sample("geoproxy_region_resolutions_total", source="cf-ipcountry", result="invalid")
+        == 20
+    )
 
 
 # --- admin endpoints over real sockets ---------------------------------------------------
@@ -529,8 +586,11 @@ async def test_metrics_endpoint_serves_parsable_prometheus_text(
     }
     key = (("client_region", "ap-northeast"), ("decision", "home"), ("geode", "ap-1"))
     assert decisions == {key: 1.0}
-    buckets = [float(s.labels["le"]) for s in families["geoproxy_request_duration_seconds"].samples
-               if s.name.endswith("_bucket")]  # fmt: skip
+    buckets = [
+        float(s.labels["le"])
+        for s in families["geoproxy_request_duration_seconds"].samples
+        if s.name.endswith("_bucket")
+    ]
     assert min(buckets) <= 0.001 and max(b for b in buckets if b != float("inf")) >= 30
 
 
@@ -545,11 +605,26 @@ async def test_geodes_endpoint_lists_every_geode_with_its_health(
     assert status == 200
     by_name = {g["name"]: g for g in body["geodes"]}
     assert list(by_name) == ["eu-1", "us-1", "ap-1"]
-    fields = {"name", "region", "url", "weight", "healthy", "checked",
-              "consecutive_passes", "consecutive_failures", "last_check",
-              "last_latency_seconds", "last_error", "takes_traffic", "ejected",
-              "ejected_until", "ejections", "consecutive_passive_failures", "state",
-              "since"}  # fmt: skip
+    fields = {
+        "name",
+        "region",
+        "url",
+        "weight",
+        "healthy",
+        "checked",
+        "consecutive_passes",
+        "consecutive_failures",
+        "last_check",
+        "last_latency_seconds",
+        "last_error",
+        "takes_traffic",
+        "ejected",
+        "ejected_until",
+        "ejections",
+        "consecutive_passive_failures",
+        "state",
+        "since",
+    }
     for fake in (eu, us, ap):
         g = by_name[fake.name]
         assert set(g) == fields
@@ -611,10 +686,15 @@ async def test_status_page_shows_one_row_per_geode_and_escapes_error_text(
     us = await geode_factory("us-1", "us-east")
     # ap-1 answers its health check with garbage that aiohttp quotes in its error message.
     async with raw_geode(SCRIPT + b"\r\n\r\n") as ap_url:
-        proxy = await proxy_factory(base_config([
-            geode_entry(eu), geode_entry(us),
-            {"name": "ap-1", "region": "ap-northeast", "url": ap_url},
-        ]))  # fmt: skip
+        proxy = await proxy_factory(
+            base_config(
+                [
+                    geode_entry(eu),
+                    geode_entry(us),
+                    {"name": "ap-1", "region": "ap-northeast", "url": ap_url},
+                ]
+            )
+        )
         last_error = proxy.gateway.board.states["ap-1"].last_error
         assert last_error is not None and SCRIPT.decode() in last_error  # the precondition
         for _ in range(2):
@@ -651,17 +731,27 @@ async def test_status_page_shows_one_row_per_geode_and_escapes_error_text(
 
 
 async def test_start_up_names_the_geodes_that_failed_the_first_round_at_warning(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, dead_url: str,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    dead_url: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     caplog.set_level(logging.INFO, logger="geoproxy")
-    await proxy_factory(base_config([
-        geode_entry(eu), {"name": "us-1", "region": "us-east", "url": dead_url},
-        {"name": "ap-1", "region": "ap-northeast", "url": "http://no-such-geode.invalid"},
-    ]))  # fmt: skip
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-                and r.getMessage().startswith("first health round")]  # fmt: skip
+    await proxy_factory(
+        base_config(
+            [
+                geode_entry(eu),
+                {"name": "us-1", "region": "us-east", "url": dead_url},
+                {"name": "ap-1", "region": "ap-northeast", "url": "http://no-such-geode.invalid"},
+            ]
+        )
+    )
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.getMessage().startswith("first health round")
+    ]
     assert warnings == [
         "first health round: 2 geodes of 3 failed: us-1 (us-east): connect failed: "
         "Connection refused; ap-1 (ap-northeast): cannot resolve host no-such-geode.invalid: "
@@ -686,11 +776,12 @@ async def test_status_geodes_and_metrics_agree_on_an_ejected_a_down_and_an_up_ge
     /metrics' counts."""
     eu, us, ap = await three_geodes(geode_factory)
     proxy = await start(
-        proxy_factory, [eu, us, ap],
+        proxy_factory,
+        [eu, us, ap],
         outlier_detection={"consecutive_failures": 2, "base_ejection_time": "1h"},
         # No active check during the test: a pass would re-admit the ejected geode.
         health_check={"interval": "1h", "timeout": "500ms", "unhealthy_threshold": 2},
-    )  # fmt: skip
+    )
     await mark_unhealthy(proxy, ap)
     eu.force_status = 503  # its /health still passes
     for _ in range(2):
@@ -702,11 +793,15 @@ async def test_status_geodes_and_metrics_agree_on_an_ejected_a_down_and_an_up_ge
     status_word = {name: cells[2].split()[0].lower() for name, (_, cells) in rows.items()}
     assert status_word == {"eu-1": "ejected", "us-1": "up", "ap-1": "down"}
     assert {name: css for name, (css, _) in rows.items()} == {
-        "eu-1": "ejected", "us-1": "up", "ap-1": "down"}  # fmt: skip
+        "eu-1": "ejected",
+        "us-1": "up",
+        "ap-1": "down",
+    }
     until = proxy.gateway.board.states["eu-1"].ejected_until
     assert until is not None
     assert rows["eu-1"][1][2].startswith(
-        "EJECTED until " + time.strftime("%H:%M:%S", time.localtime(until)))  # fmt: skip
+        "EJECTED until " + time.strftime("%H:%M:%S", time.localtime(until))
+    )
     assert rows["ap-1"][1][3].startswith("down since ")
     assert "1 of 3 geodes take traffic" in html
     _, listed = await get_json(http, f"{proxy.admin_url}/geodes")
@@ -715,21 +810,28 @@ async def test_status_geodes_and_metrics_agree_on_an_ejected_a_down_and_an_up_ge
         families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
 
     def sample(family: str, sample: str, **labels: str) -> float:
-        return sum(s.value for s in families[family].samples
-                   if s.name == sample and labels.items() <= s.labels.items())  # fmt: skip
+        return sum(
+            s.value
+            for s in families[family].samples
+            if s.name == sample and labels.items() <= s.labels.items()
+        )
 
     for name, word in status_word.items():
         assert states[name]["state"] == word
         assert sample("geoproxy_geode_up", "geoproxy_geode_up", geode=name) == (word == "up")
         assert sample("geoproxy_geode_ejected", "geoproxy_geode_ejected", geode=name) == (
-            word == "ejected")  # fmt: skip
-        assert float(rows[name][1][8]) == sample("geoproxy_requests",
-                                                 "geoproxy_requests_total", geode=name)
+            word == "ejected"
+        )
+        assert float(rows[name][1][8]) == sample(
+            "geoproxy_requests", "geoproxy_requests_total", geode=name
+        )
     assert states["eu-1"]["ejected_until"] == until
 
 
 async def test_status_page_shows_readiness_draining_and_a_failed_reload(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
     write_config: WriteConfig,
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
@@ -741,29 +843,43 @@ async def test_status_page_shows_readiness_draining_and_a_failed_reload(
     path.write_text("regions: [unclosed\n")
     assert not await proxy.gateway.reload_from_file("SIGHUP")
     html, _ = await _status_tables(http, proxy)
-    assert re.search(r"last reload \(SIGHUP\) at [\d:]+ FAILED; the running config stays: "
-                     + re.escape(str(path)), html), html  # fmt: skip
+    assert re.search(
+        r"last reload \(SIGHUP\) at [\d:]+ FAILED; the running config stays: "
+        + re.escape(str(path)),
+        html,
+    ), html
     data["countries"] = {**data["countries"], "FR": "us-east"}
     write_config(data)
     assert await proxy.gateway.reload_from_file("config file changed")
     html, _ = await _status_tables(http, proxy)
-    assert re.search(r"last reload \(config file changed\) at [\d:]+: ok — countries moved: "
-                     r"FR eu-west -&gt; us-east", html), html  # fmt: skip
+    assert re.search(
+        r"last reload \(config file changed\) at [\d:]+: ok — countries moved: "
+        r"FR eu-west -&gt; us-east",
+        html,
+    ), html
     proxy.gateway.start_draining()
     html, _ = await _status_tables(http, proxy)
     assert "not ready: shutting down" in html and "draining (shutting down)" in html
 
 
 async def test_status_page_shows_recent_rates_and_tells_a_region_without_geodes_from_one_all_down(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     """ap-northeast has no geodes (served through its fallback by design); us-east has one,
     down. Half the requests come from Japan: served outside their region."""
     eu = await geode_factory("eu-1", "eu-west")
     us = await geode_factory("us-1", "us-east")
-    proxy = await start(proxy_factory, [eu, us], regions={
-        "eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["eu-west"]},
-        "ap-northeast": {"fallback": ["eu-west"]}})  # fmt: skip
+    proxy = await start(
+        proxy_factory,
+        [eu, us],
+        regions={
+            "eu-west": {"fallback": ["us-east"]},
+            "us-east": {"fallback": ["eu-west"]},
+            "ap-northeast": {"fallback": ["eu-west"]},
+        },
+    )
     await mark_unhealthy(proxy, us)
     await asyncio.sleep(1.1)  # the rates need a second of history since the admin started
     for country in ("FR", "JP") * 3:
@@ -777,8 +893,11 @@ async def test_status_page_shows_recent_rates_and_tells_a_region_without_geodes_
         "us-east": ("down", "ALL DOWN: served by its fallback"),
         "ap-northeast": ("fallback", "no geodes by design: served through its fallback"),
     }
-    assert re.search(r"last \d+ s: \d+\.\d\d requests/s routed, 0\.0 failovers/min, 50\.0 % "
-                     "served outside the client's region", html), html  # fmt: skip
+    assert re.search(
+        r"last \d+ s: \d+\.\d\d requests/s routed, 0\.0 failovers/min, 50\.0 % "
+        "served outside the client's region",
+        html,
+    ), html
     rows = {cells[0]: cells for _, cells in tables.tables[0] if cells}
     assert re.fullmatch(r"\d+\.\d\d/s", rows["eu-1"][6]) and rows["eu-1"][6] != "0.00/s"
     assert (rows["us-1"][6], rows["eu-1"][7]) == ("0.00/s", "0.0 %")
@@ -787,14 +906,16 @@ async def test_status_page_shows_recent_rates_and_tells_a_region_without_geodes_
 @pytest.mark.parametrize(
     ("query", "message"),
     [
-        ("country=FR&client=1", "unknown parameter(s): client (known: ip, country, region, "
-                                "trusted, path)"),
+        (
+            "country=FR&client=1",
+            "unknown parameter(s): client (known: ip, country, region, trusted, path)",
+        ),
         ("ip=not-an-ip", "ip: not an IP address: 'not-an-ip'"),
         ("ip=999.1.1.1", "ip: not an IP address: '999.1.1.1'"),
         ("country=FR&trusted=maybe", "trusted: must be true or false"),
     ],
     ids=["unknown-parameter", "ip-not-an-address", "ip-out-of-range", "trusted-not-bool"],
-)  # fmt: skip
+)
 async def test_route_rejects_a_bad_query_with_a_400_json_error(
     geode_factory: GeodeFactory,
     proxy_factory: ProxyFactory,
@@ -803,9 +924,16 @@ async def test_route_rejects_a_bad_query_with_a_400_json_error(
     message: str,
 ) -> None:
     proxy = await start(proxy_factory, list(await three_geodes(geode_factory)))
-    assert await get_json(http, f"{proxy.admin_url}/route?{query}") == (400, {"error": {
-        "status": 400, "code": "bad_query", "message": message,
-    }})  # fmt: skip
+    assert await get_json(http, f"{proxy.admin_url}/route?{query}") == (
+        400,
+        {
+            "error": {
+                "status": 400,
+                "code": "bad_query",
+                "message": message,
+            }
+        },
+    )
 
 
 # --- /route agrees with what the proxy does ----------------------------------------------
@@ -818,21 +946,41 @@ async def test_route_rejects_a_bad_query_with_a_400_json_error(
         ({"country": "JP"}, {"CF-IPCountry": "JP"}, None, "ap-1"),
         ({"country": "US"}, {"CF-IPCountry": "US"}, None, "us-1"),
         ({"country": "jp"}, {"cf-ipcountry": "jp"}, None, "ap-1"),
-        ({"country": "JP"}, CIMultiDict([("CF-IPCountry", "JP"), ("CF-IPCountry", "US")]),
-         None, "ap-1"),
+        (
+            {"country": "JP"},
+            CIMultiDict([("CF-IPCountry", "JP"), ("CF-IPCountry", "US")]),
+            None,
+            "ap-1",
+        ),
         ({"region": "ap-northeast"}, {"X-Client-Region": "ap-northeast"}, None, "ap-1"),
-        ({"region": "US", "country": "FR"}, {"X-Client-Region": "US", "CF-IPCountry": "FR"},
-         None, "us-1"),
+        (
+            {"region": "US", "country": "FR"},
+            {"X-Client-Region": "US", "CF-IPCountry": "FR"},
+            None,
+            "us-1",
+        ),
         ({"ip": "216.160.83.56"}, {"X-Forwarded-For": "216.160.83.56"}, None, "us-1"),
         ({"ip": "2001:218::1"}, {"X-Forwarded-For": "203.0.113.9, 2001:218::1"}, None, "ap-1"),
-        ({"ip": "127.0.0.1", "country": "JP", "region": "us-east", "trusted": "false"},
-         {"CF-IPCountry": "JP", "X-Client-Region": "us-east", "X-Forwarded-For": "2001:218::1"},
-         ["10.0.0.0/8"], "eu-1"),
+        (
+            {"ip": "127.0.0.1", "country": "JP", "region": "us-east", "trusted": "false"},
+            {"CF-IPCountry": "JP", "X-Client-Region": "us-east", "X-Forwarded-For": "2001:218::1"},
+            ["10.0.0.0/8"],
+            "eu-1",
+        ),
     ],
-    ids=["cf-fr", "cf-jp", "cf-us", "cf-lowercase-header-name", "cf-header-twice-first-wins",
-         "x-client-region", "x-client-region-before-cf", "geoip-v4-us", "geoip-v6-jp-rightmost",
-         "untrusted-peer"],
-)  # fmt: skip
+    ids=[
+        "cf-fr",
+        "cf-jp",
+        "cf-us",
+        "cf-lowercase-header-name",
+        "cf-header-twice-first-wins",
+        "x-client-region",
+        "x-client-region-before-cf",
+        "geoip-v4-us",
+        "geoip-v6-jp-rightmost",
+        "untrusted-peer",
+    ],
+)
 async def test_route_explanation_names_the_geode_that_really_serves(
     geode_factory: GeodeFactory,
     proxy_factory: ProxyFactory,
@@ -864,8 +1012,9 @@ async def test_route_explanation_names_the_geode_that_really_serves(
     assert served[0] == expected
     for key in ("region", "source", "country"):
         assert by_query["resolution"][key] == by_headers["resolution"][key], key
-    decided = series(proxy.registry, "geoproxy_routing_decisions_total", "client_region",
-                     "geode", "decision")  # fmt: skip
+    decided = series(
+        proxy.registry, "geoproxy_routing_decisions_total", "client_region", "geode", "decision"
+    )
     assert decided == {(by_headers["resolution"]["region"], served[0], "home"): 1}
     assert by_headers["client"]["peer"] == "127.0.0.1"
     assert by_headers["client"]["peer_trusted"] is (trusted is None)
@@ -905,15 +1054,28 @@ async def test_route_explanation_follows_health_like_the_proxy(
         health = {c["geode"]: c["healthy"] for c in answer["candidates"]}
         assert health == {g.name: g.name not in unhealthy for g in geodes}
         assert [c["geode"] for c in answer["candidates"]] == ["eu-1", "us-1", "ap-1"]
-    decided = series(proxy.registry, "geoproxy_routing_decisions_total", "client_region",
-                     "geode", "decision")  # fmt: skip
+    decided = series(
+        proxy.registry, "geoproxy_routing_decisions_total", "client_region", "geode", "decision"
+    )
     assert decided == {("eu-west", chosen or "none", decision): 1}
 
 
 # --- access log --------------------------------------------------------------------------
 
-ACCESS_FIELDS = {"time", "method", "path", "status", "duration_ms", "bytes", "client_ip",
-                 "client_region", "region_source", "geode", "decision", "attempts"}  # fmt: skip
+ACCESS_FIELDS = {
+    "time",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "bytes",
+    "client_ip",
+    "client_region",
+    "region_source",
+    "geode",
+    "decision",
+    "attempts",
+}
 
 
 async def test_access_log_writes_one_json_line_per_request(
@@ -945,16 +1107,29 @@ async def test_access_log_writes_one_json_line_per_request(
     assert isinstance(duration, float | int) and 0 <= duration < 10_000
     assert served.pop("bytes") == served_bytes > 0
     assert served == {
-        "method": "GET", "path": "/whoami", "status": 200,
-        "client_ip": "203.0.113.9", "client_region": "ap-northeast",
-        "region_source": "cf-ipcountry", "geode": "ap-1", "decision": "home", "attempts": 1,
-    }  # fmt: skip
+        "method": "GET",
+        "path": "/whoami",
+        "status": 200,
+        "client_ip": "203.0.113.9",
+        "client_region": "ap-northeast",
+        "region_source": "cf-ipcountry",
+        "geode": "ap-1",
+        "decision": "home",
+        "attempts": 1,
+    }
     del rejected["time"], rejected["duration_ms"]
     assert rejected == {
-        "method": "POST", "path": "/orders", "status": 503, "bytes": error_bytes,
-        "client_ip": "127.0.0.1", "client_region": "eu-west", "region_source": "default",
-        "geode": None, "decision": "none_healthy", "attempts": 0,
-    }  # fmt: skip
+        "method": "POST",
+        "path": "/orders",
+        "status": 503,
+        "bytes": error_bytes,
+        "client_ip": "127.0.0.1",
+        "client_region": "eu-west",
+        "region_source": "default",
+        "geode": None,
+        "decision": "none_healthy",
+        "attempts": 0,
+    }
 
 
 async def test_access_log_bytes_is_the_body_size_for_relayed_and_own_answers(
@@ -998,8 +1173,7 @@ async def test_plain_access_log_is_key_value_and_one_line_whatever_the_path(
     http: aiohttp.ClientSession,
     access_lines: list[str],
 ) -> None:
-    proxy = await start(proxy_factory, list(await three_geodes(geode_factory)),
-                        access_log="plain")  # fmt: skip
+    proxy = await start(proxy_factory, list(await three_geodes(geode_factory)), access_log="plain")
     async with http.get(f"{proxy.url}/whoami?q=1", headers={"CF-IPCountry": "US"}) as resp:
         assert resp.status == 200
     # Paths that decode to spaces, quotes and a newline followed by fake fields must
@@ -1036,8 +1210,7 @@ async def test_access_log_off_logs_nothing(
     http: aiohttp.ClientSession,
     access_lines: list[str],
 ) -> None:
-    proxy = await start(proxy_factory, list(await three_geodes(geode_factory)),
-                        access_log="off")  # fmt: skip
+    proxy = await start(proxy_factory, list(await three_geodes(geode_factory)), access_log="off")
     for path in ("/whoami", "/status/500", "/nothing?x=1"):
         async with http.get(f"{proxy.url}{path}") as resp:
             await resp.read()
@@ -1054,16 +1227,21 @@ async def test_access_log_off_logs_nothing(
 def run_route(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "geoproxy", "route", *args],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture
 def route_config(write_config: WriteConfig, make_mmdb: MakeMmdb, dead_url: str) -> Path:
     """A config whose geodes need not run: ``route`` never connects to them."""
-    geodes = [{"name": "eu-1", "region": "eu-west", "url": dead_url},
-              {"name": "us-1", "region": "us-east", "url": dead_url},
-              {"name": "ap-1", "region": "ap-northeast", "url": dead_url}]  # fmt: skip
+    geodes = [
+        {"name": "eu-1", "region": "eu-west", "url": dead_url},
+        {"name": "us-1", "region": "us-east", "url": dead_url},
+        {"name": "ap-1", "region": "ap-northeast", "url": dead_url},
+    ]
     return write_config(base_config(geodes, geoip={"database": str(make_mmdb())}))
 
 
@@ -1116,21 +1294,38 @@ def test_route_cli_picks_by_geoip_of_the_given_ip(
 @pytest.mark.parametrize(
     ("args", "note"),
     [
-        (["--region", "mars"], "--region 'mars' is unknown: neither a region (eu-west, us-east, "
-         "ap-northeast) nor an ISO 3166-1 alpha-2 country code; ignored"),
-        (["--country", "ZZ"],
-         "--country 'ZZ' is unknown: not an ISO 3166-1 alpha-2 country code; ignored"),
-        (["--country", "XX"], "--country 'XX' means an unknown country (Cloudflare's XX or T1); "
-         "ignored"),
+        (
+            ["--region", "mars"],
+            "--region 'mars' is unknown: neither a region (eu-west, us-east, "
+            "ap-northeast) nor an ISO 3166-1 alpha-2 country code; ignored",
+        ),
+        (
+            ["--country", "ZZ"],
+            "--country 'ZZ' is unknown: not an ISO 3166-1 alpha-2 country code; ignored",
+        ),
+        (
+            ["--country", "XX"],
+            "--country 'XX' means an unknown country (Cloudflare's XX or T1); ignored",
+        ),
         (["--ip", "10.0.0.7"], "--ip '10.0.0.7' was not looked up: a private or reserved address"),
-        (["--ip", "8.8.8.8"],
-         "--ip '8.8.8.8' is not in the GeoIP database, or has no country or continent there"),
-        (["--region", "eu-west", "--ip", "216.160.83.56"],
-         "--ip '216.160.83.56' was not consulted: x-client-region decided first"),
+        (
+            ["--ip", "8.8.8.8"],
+            "--ip '8.8.8.8' is not in the GeoIP database, or has no country or continent there",
+        ),
+        (
+            ["--region", "eu-west", "--ip", "216.160.83.56"],
+            "--ip '216.160.83.56' was not consulted: x-client-region decided first",
+        ),
     ],
-    ids=["unknown-region", "unknown-country", "unknown-by-design", "private-ip",
-         "ip-not-in-database", "ip-after-a-deciding-header"],
-)  # fmt: skip
+    ids=[
+        "unknown-region",
+        "unknown-country",
+        "unknown-by-design",
+        "private-ip",
+        "ip-not-in-database",
+        "ip-after-a-deciding-header",
+    ],
+)
 def test_route_cli_says_which_input_did_not_decide_and_why(
     route_config: Path, args: list[str], note: str
 ) -> None:
@@ -1143,8 +1338,14 @@ def test_route_cli_says_which_input_did_not_decide_and_why(
 def test_route_cli_says_an_ip_is_ignored_without_a_geoip_database(
     write_config: WriteConfig, dead_url: str
 ) -> None:
-    path = write_config(base_config([{"name": "eu-1", "region": "eu-west", "url": dead_url}],
-                                    regions={"eu-west": None}, countries={}, continents={}))
+    path = write_config(
+        base_config(
+            [{"name": "eu-1", "region": "eu-west", "url": dead_url}],
+            regions={"eu-west": None},
+            countries={},
+            continents={},
+        )
+    )
     done = run_route("--config", str(path), "--ip", "216.160.83.56", "--json")
     assert done.returncode == 0
     assert json.loads(done.stdout)["resolution"]["source"] == "default"
@@ -1163,18 +1364,24 @@ def test_route_cli_rejects_a_bad_ip_with_a_clear_message(route_config: Path) -> 
 @pytest.mark.parametrize(
     ("mutate", "error"),
     [
-        (lambda d: d["geodes"][0].update(region="eu-wst"),
-         "geodes[0].region: unknown region 'eu-wst'"),
+        (
+            lambda d: d["geodes"][0].update(region="eu-wst"),
+            "geodes[0].region: unknown region 'eu-wst'",
+        ),
         (lambda d: d.update(default_regon="eu-west"), "default_regon: unknown key"),
     ],
     ids=["unknown-region", "unknown-key"],
-)  # fmt: skip
+)
 def test_route_cli_exits_1_on_an_invalid_config(
     write_config: WriteConfig, dead_url: str, mutate: Callable[[dict[str, Any]], None], error: str
 ) -> None:
-    data = base_config([{"name": "eu-1", "region": "eu-west", "url": dead_url},
-                        {"name": "us-1", "region": "us-east", "url": dead_url},
-                        {"name": "ap-1", "region": "ap-northeast", "url": dead_url}])  # fmt: skip
+    data = base_config(
+        [
+            {"name": "eu-1", "region": "eu-west", "url": dead_url},
+            {"name": "us-1", "region": "us-east", "url": dead_url},
+            {"name": "ap-1", "region": "ap-northeast", "url": dead_url},
+        ]
+    )
     mutate(data)
     path = write_config(data)
     done = run_route("--config", str(path), "--country", "JP")

@@ -59,13 +59,19 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def geoproxy(*args: str, cwd: Path | None = None,
-                   env: dict[str, str] | None = None) -> AsyncIterator[Running]:  # fmt: skip
+async def geoproxy(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> AsyncIterator[Running]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "geoproxy", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=cwd,
+        sys.executable,
+        "-m",
+        "geoproxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=cwd,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )  # fmt: skip
+    )
     running = Running(proc)
     try:
         yield running
@@ -96,9 +102,13 @@ async def test_run_streams_large_bodies_both_ways_with_bounded_memory(
     # The geode (in this test's process) hashes 256 MiB while the client sends them: on
     # a loaded machine it can stop taking the upload for longer than the 2 s the other
     # tests allow a geode to stay silent.
-    path = write_config(base_config([geode_entry(g) for g in (eu, us, ap)],
-                                    limits={"max_body_bytes": "1GiB"},
-                                    forwarding={"response_timeout": "15s"}))  # fmt: skip
+    path = write_config(
+        base_config(
+            [geode_entry(g) for g in (eu, us, ap)],
+            limits={"max_body_bytes": "1GiB"},
+            forwarding={"response_timeout": "15s"},
+        )
+    )
     async with geoproxy("run", "--config", str(path)) as proxy:
         proxy_url = (await proxy.wait_for(READY)).group(1)
         async with aiohttp.ClientSession() as http:
@@ -148,13 +158,20 @@ async def test_run_names_a_missing_geoip_database(
     geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path]
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
-    data = base_config([geode_entry(eu)], geoip={"database": "GeoLite2-City.mmdb"},
-                       regions={"eu-west": None}, countries={}, continents={})  # fmt: skip
+    data = base_config(
+        [geode_entry(eu)],
+        geoip={"database": "GeoLite2-City.mmdb"},
+        regions={"eu-west": None},
+        countries={},
+        continents={},
+    )
     path = write_config(data)
     code, out = await run_to_end("run", "--config", str(path))
     assert code == 1
-    assert (f"geoproxy: {path}: geoip.database: {path.parent / 'GeoLite2-City.mmdb'}: GeoIP "
-            "database not found\n") in out
+    assert (
+        f"geoproxy: {path}: geoip.database: {path.parent / 'GeoLite2-City.mmdb'}: GeoIP "
+        "database not found\n"
+    ) in out
     assert "Traceback" not in out
 
 
@@ -162,16 +179,18 @@ async def test_run_logs_config_warnings_at_start_up(
     geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path]
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
-    data = base_config([geode_entry(eu), {**geode_entry(eu), "name": "us-1",
-                                          "region": "us-east"}])  # fmt: skip
+    data = base_config([geode_entry(eu), {**geode_entry(eu), "name": "us-1", "region": "us-east"}])
     path = write_config(data)
     async with geoproxy("run", "--config", str(path)) as proxy:
         await proxy.wait_for(READY)
         assert await proxy.stop() == 0
-    warnings = [line.split(" ", 2)[2] for line in "".join(proxy.output).splitlines()
-                if " WARNING " in line]  # fmt: skip
-    assert warnings == [f"WARNING geoproxy: {path}: geodes[1].url: same URL as geodes[0] (eu-1, "
-                        "region eu-west): one stamp would serve regions eu-west and us-east"]
+    warnings = [
+        line.split(" ", 2)[2] for line in "".join(proxy.output).splitlines() if " WARNING " in line
+    ]
+    assert warnings == [
+        f"WARNING geoproxy: {path}: geodes[1].url: same URL as geodes[0] (eu-1, "
+        "region eu-west): one stamp would serve regions eu-west and us-east"
+    ]
 
 
 def _occupy(port: int) -> socket.socket | None:
@@ -199,24 +218,33 @@ async def test_demo_starts_from_any_directory_routes_and_stops_cleanly(
                 assert proxy_url != "http://127.0.0.1:8080"
                 assert any("is taken" in line for line in demo.output)
             async with aiohttp.ClientSession() as http:
-                for country, geode in [("FR", "demo-eu-west"), ("JP", "demo-ap-northeast"),
-                                       ("BR", "demo-us-east"), ("DE", "demo-eu-west")]:
-                    async with http.get(proxy_url + "/health",
-                                        headers={"CF-IPCountry": country}) as r:
+                for country, geode in [
+                    ("FR", "demo-eu-west"),
+                    ("JP", "demo-ap-northeast"),
+                    ("BR", "demo-us-east"),
+                    ("DE", "demo-eu-west"),
+                ]:
+                    async with http.get(
+                        proxy_url + "/health", headers={"CF-IPCountry": country}
+                    ) as r:
                         assert r.status == 200
                         body = await r.json()
                         assert body["name"] == geode, country
                         assert r.headers["X-Geoproxy-Geode"] == geode
                 # Write as a French client, read back as a Japanese one once replicated.
-                async with http.put(proxy_url + "/items/hello", json={"greeting": "bonjour"},
-                                    headers={"CF-IPCountry": "FR"}) as r:
+                async with http.put(
+                    proxy_url + "/items/hello",
+                    json={"greeting": "bonjour"},
+                    headers={"CF-IPCountry": "FR"},
+                ) as r:
                     assert r.status == 201
                     assert r.headers["X-Geoproxy-Geode"] == "demo-eu-west"
                     version = (await r.json())["version"]
                 async with asyncio.timeout(10):
                     while True:
-                        async with http.get(proxy_url + "/items/hello",
-                                            headers={"CF-IPCountry": "JP"}) as r:
+                        async with http.get(
+                            proxy_url + "/items/hello", headers={"CF-IPCountry": "JP"}
+                        ) as r:
                             assert r.headers["X-Geoproxy-Geode"] == "demo-ap-northeast"
                             if r.status == 200:
                                 item = await r.json()
@@ -231,7 +259,10 @@ async def test_demo_starts_from_any_directory_routes_and_stops_cleanly(
                 async with http.get(admin_url + "/geodes") as r:
                     states = (await r.json())["geodes"]
                     assert sorted(s["name"] for s in states) == [
-                        "demo-ap-northeast", "demo-eu-west", "demo-us-east"]
+                        "demo-ap-northeast",
+                        "demo-eu-west",
+                        "demo-us-east",
+                    ]
                     assert all(s["healthy"] for s in states)
             assert await demo.stop(signal.SIGINT) == 0
             assert "geoproxy demo stopped." in "".join(demo.output)
@@ -254,9 +285,12 @@ async def test_sigterm_during_start_up_exits_without_opening_the_listeners(
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     # The first health round waits 4 s on this geode: start-up is still running at SIGTERM.
-    data = base_config([geode_entry(eu, health={"path": "/slow?delay=10", "timeout": "4s",
-                                                "interval": "5s"})],
-                       regions={"eu-west": None}, countries={}, continents={})  # fmt: skip
+    data = base_config(
+        [geode_entry(eu, health={"path": "/slow?delay=10", "timeout": "4s", "interval": "5s"})],
+        regions={"eu-west": None},
+        countries={},
+        continents={},
+    )
     path = write_config(data)
     async with geoproxy("run", "--config", str(path)) as proxy:
         await proxy.wait_for("first health round")
@@ -272,8 +306,13 @@ async def test_second_signal_stops_at_once_while_a_request_is_in_flight(
     geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path]
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
-    data = base_config([geode_entry(eu)], regions={"eu-west": None}, countries={},
-                       continents={}, forwarding={"response_timeout": "60s"})  # fmt: skip
+    data = base_config(
+        [geode_entry(eu)],
+        regions={"eu-west": None},
+        countries={},
+        continents={},
+        forwarding={"response_timeout": "60s"},
+    )
     path = write_config(data)
     async with geoproxy("run", "--config", str(path)) as proxy:
         proxy_url = (await proxy.wait_for(READY)).group(1)
@@ -297,10 +336,13 @@ async def test_malformed_requests_get_400_and_one_log_line_without_traceback(
     geode_factory: GeodeFactory, write_config: Callable[[dict[str, Any]], Path]
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
-    path = write_config(base_config([geode_entry(eu)], regions={"eu-west": None},
-                                    countries={}, continents={}))  # fmt: skip
-    smuggle = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
-               b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")  # fmt: skip
+    path = write_config(
+        base_config([geode_entry(eu)], regions={"eu-west": None}, countries={}, continents={})
+    )
+    smuggle = (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
     async with geoproxy("run", "--config", str(path)) as proxy:
         m = await proxy.wait_for(READY)
         host, port = m.group(1).removeprefix("http://").split(":")
@@ -327,8 +369,9 @@ async def test_public_mode_serves_says_why_once_and_shows_in_build_info(
     geoproxy_build_info."""
     eu = await geode_factory("eu-1", "eu-west")
     path = write_config(base_config([geode_entry(eu)]))
-    async with geoproxy("run", "--config", str(path), "--workers", workers,
-                        env={"GEOPROXY_AIOHTTP": "public"}) as proxy:  # fmt: skip
+    async with geoproxy(
+        "run", "--config", str(path), "--workers", workers, env={"GEOPROXY_AIOHTTP": "public"}
+    ) as proxy:
         ready = r"proxying on (http://\S+?),? .*admin on (http://\S+)"
         proxy_url, admin_url = (await proxy.wait_for(ready)).groups()
         async with aiohttp.ClientSession() as http:
@@ -340,8 +383,11 @@ async def test_public_mode_serves_says_why_once_and_shows_in_build_info(
         assert 'mode="public"' in metrics.split("geoproxy_build_info{", 1)[1].split("}")[0]
         assert await proxy.stop() == 0
     output = "".join(proxy.output)
-    warnings = [line for line in output.splitlines()
-                if "GEOPROXY_AIOHTTP=public: serving through aiohttp's public API" in line]
+    warnings = [
+        line
+        for line in output.splitlines()
+        if "GEOPROXY_AIOHTTP=public: serving through aiohttp's public API" in line
+    ]
     processes = 1 if workers == "1" else 3  # the supervisor and each worker decide
     assert len(warnings) == processes, output
     assert all("WARNING" in line for line in warnings)
@@ -369,8 +415,10 @@ async def test_demo_stamps_are_processes_a_user_can_kill_and_start_again(tmp_pat
     async with geoproxy("demo", "--data-dir", str(data), cwd=tmp_path) as demo:
         await demo.wait_for(r"Ctrl-C stops everything")
         text = "".join(demo.output)
-        pids = {m.group(1): int(m.group(2))
-                for m in re.finditer(r"^stamp (\S+) .* pid (\d+) ", text, re.M)}  # fmt: skip
+        pids = {
+            m.group(1): int(m.group(2))
+            for m in re.finditer(r"^stamp (\S+) .* pid (\d+) ", text, re.M)
+        }
         assert set(pids) == {"demo-eu-west", "demo-us-east", "demo-ap-northeast"}
         assert len(set(pids.values()) | {demo.proc.pid}) == 4  # each its own process
         assert f"kill -STOP {pids['demo-eu-west']}" in text
@@ -388,9 +436,10 @@ async def test_demo_stamps_are_processes_a_user_can_kill_and_start_again(tmp_pat
                     await asyncio.sleep(0.1)
             # The printed command starts it again; health checks put it back in rotation.
             restarted = await asyncio.create_subprocess_exec(
-                *again.group(1).split(), stdout=asyncio.subprocess.DEVNULL,
+                *again.group(1).split(),
+                stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
+            )
             try:
                 async with asyncio.timeout(20):
                     while await _served_by(http, url, "FR") != "demo-eu-west":  # noqa: ASYNC110
@@ -407,6 +456,8 @@ async def test_demo_names_a_data_dir_it_cannot_write(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     code, out = await run_to_end("demo", "--data-dir", str(tmp_path / "a-file" / "data"))
     assert code == 1
-    assert f"--data-dir {tmp_path / 'a-file' / 'data'}: cannot write the stamps' files " \
-        "there: Not a directory" in out  # fmt: skip
+    assert (
+        f"--data-dir {tmp_path / 'a-file' / 'data'}: cannot write the stamps' files "
+        "there: Not a directory" in out
+    )
     assert "Traceback" not in out

@@ -31,10 +31,14 @@ async def prometheus(tmp_path: Path, target: str) -> AsyncIterator[str]:
     )
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http, asyncio.timeout(30):
@@ -72,8 +76,13 @@ async def test_prometheus_sees_requests_decisions_failovers_and_geode_up(
     us = await geode_factory("us-1", "us-east")
     ap = await geode_factory("ap-1", "ap-northeast")
     data = base_config([geode_entry(g) for g in (eu, us, ap)])
-    data["health_check"] = {"interval": "200ms", "timeout": "150ms", "jitter": "0s",
-                            "healthy_threshold": 2, "unhealthy_threshold": 2}  # fmt: skip
+    data["health_check"] = {
+        "interval": "200ms",
+        "timeout": "150ms",
+        "jitter": "0s",
+        "healthy_threshold": 2,
+        "unhealthy_threshold": 2,
+    }
     proxy = await proxy_factory(data)
     admin = proxy.admin_url.removeprefix("http://")
 
@@ -82,8 +91,9 @@ async def test_prometheus_sees_requests_decisions_failovers_and_geode_up(
         async def send(country: str, count: int) -> list[str]:
             served = []
             for _ in range(count):
-                async with http.get(f"{proxy.url}/whoami",
-                                    headers={"CF-IPCountry": country}) as resp:  # fmt: skip
+                async with http.get(
+                    f"{proxy.url}/whoami", headers={"CF-IPCountry": country}
+                ) as resp:
                     assert resp.status == 200
                     served.append(resp.headers["X-Geoproxy-Geode"])
             return served

@@ -46,7 +46,9 @@ async def reload_with(proxy: Proxy, write_config: WriteConfig, data: dict[str, A
 
 
 async def test_reload_moves_a_country_and_keeps_health_state(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
     write_config: WriteConfig,
 ) -> None:
     geodes = await three_geodes(geode_factory)
@@ -64,8 +66,11 @@ async def test_reload_moves_a_country_and_keeps_health_state(
 
 
 async def test_a_reload_logs_what_changed(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, write_config: WriteConfig,
-    caplog: pytest.LogCaptureFixture, lane: str,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    write_config: WriteConfig,
+    caplog: pytest.LogCaptureFixture,
+    lane: str,
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
     data = base_config([geode_entry(eu), geode_entry(us)])
@@ -77,17 +82,23 @@ async def test_a_reload_logs_what_changed(
     data["limits"] = {"header_timeout": "5s"}
     await reload_with(proxy, write_config, data)
     path = proxy.gateway.config.path
-    assert (f"{path}: config reloaded (2 geodes): 1 geode added: ap-1 (ap-northeast); "
-            "1 geode removed: us-1 (us-east); countries moved: GB eu-west -> us-east; "
-            "settings: limits.header_timeout 10 -> 5") in caplog.messages  # fmt: skip
+    assert (
+        f"{path}: config reloaded (2 geodes): 1 geode added: ap-1 (ap-northeast); "
+        "1 geode removed: us-1 (us-east); countries moved: GB eu-west -> us-east; "
+        "settings: limits.header_timeout 10 -> 5"
+    ) in caplog.messages
     await reload_with(proxy, write_config, data)
-    assert caplog.messages[-1] == (f"{path}: config reloaded (2 geodes): nothing that takes "
-                                   "effect changed")  # fmt: skip
+    assert caplog.messages[-1] == (
+        f"{path}: config reloaded (2 geodes): nothing that takes effect changed"
+    )
 
 
 async def test_broken_reload_changes_nothing_and_is_counted(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
-    write_config: WriteConfig, caplog: pytest.LogCaptureFixture,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    write_config: WriteConfig,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     geodes = await three_geodes(geode_factory)
     data = base_config([geode_entry(g) for g in geodes])
@@ -107,7 +118,9 @@ async def test_broken_reload_changes_nothing_and_is_counted(
 
 
 async def test_reload_logs_the_warnings_of_the_new_config(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, write_config: WriteConfig,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    write_config: WriteConfig,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     geodes = await three_geodes(geode_factory)
@@ -116,14 +129,22 @@ async def test_reload_logs_the_warnings_of_the_new_config(
     data["trusted_proxies"] = ["0.0.0.0/0"]
     await reload_with(proxy, write_config, data)
     path = proxy.gateway.config.path
-    assert [(r.levelname, r.getMessage()) for r in caplog.records if "trusted" in r.getMessage()
-            ] == [("WARNING", f"{path}: trusted_proxies[0]: 0.0.0.0/0 trusts every IPv4 client: "
-                   "any client can pick its region (X-Client-Region, CF-IPCountry) and its "
-                   "address (X-Forwarded-For)")]  # fmt: skip
+    assert [
+        (r.levelname, r.getMessage()) for r in caplog.records if "trusted" in r.getMessage()
+    ] == [
+        (
+            "WARNING",
+            f"{path}: trusted_proxies[0]: 0.0.0.0/0 trusts every IPv4 client: "
+            "any client can pick its region (X-Client-Region, CF-IPCountry) and its "
+            "address (X-Forwarded-For)",
+        )
+    ]
 
 
 async def test_new_geode_is_checked_before_it_takes_traffic(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
     write_config: WriteConfig,
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
@@ -140,7 +161,9 @@ async def test_new_geode_is_checked_before_it_takes_traffic(
 
 
 async def test_a_reload_moving_a_geode_to_another_region_moves_its_series(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
     write_config: WriteConfig,
 ) -> None:
     """Same name and URL, another region: health carries over, and geode_up and
@@ -153,22 +176,31 @@ async def test_a_reload_moving_a_geode_to_another_region_moves_its_series(
     await reload_with(proxy, write_config, data)
     assert await served_by(http, proxy, "US") in ("us-1", "ap-1")
     for family in ("geoproxy_geode_up", "geoproxy_geode_ejected"):
-        assert proxy.registry.get_sample_value(
-            family, {"geode": "ap-1", "region": "ap-northeast"}) is None  # fmt: skip
+        assert (
+            proxy.registry.get_sample_value(family, {"geode": "ap-1", "region": "ap-northeast"})
+            is None
+        )
     assert proxy.sample("geoproxy_geode_up", geode="ap-1", region="us-east") == 1
-    assert proxy.registry.get_sample_value(
-        "geoproxy_geode_ejected", {"geode": "ap-1", "region": "us-east"}) == 0  # fmt: skip
+    assert (
+        proxy.registry.get_sample_value(
+            "geoproxy_geode_ejected", {"geode": "ap-1", "region": "us-east"}
+        )
+        == 0
+    )
 
 
 async def test_removed_geode_finishes_in_flight_requests_and_takes_no_new_ones(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
     write_config: WriteConfig,
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
     data = base_config([geode_entry(g) for g in (eu, us, ap)])
     proxy = await proxy_factory(data)
-    slow = asyncio.create_task(http.get(f"{proxy.url}/slow?delay=0.5",
-                                        headers={"CF-IPCountry": "FR"}))  # fmt: skip
+    slow = asyncio.create_task(
+        http.get(f"{proxy.url}/slow?delay=0.5", headers={"CF-IPCountry": "FR"})
+    )
     async with asyncio.timeout(5):
         while eu.hits["/slow"] == 0:  # noqa: ASYNC110 -- a bounded poll of a counter
             await asyncio.sleep(0.01)
@@ -178,12 +210,16 @@ async def test_removed_geode_finishes_in_flight_requests_and_takes_no_new_ones(
     assert resp.status == 200 and resp.headers["X-Geoproxy-Geode"] == "eu-1"
     resp.release()
     assert await served_by(http, proxy, "FR") == "us-1"  # eu-west's fallback
-    assert proxy.registry.get_sample_value(
-        "geoproxy_geode_up", {"geode": "eu-1", "region": "eu-west"}) is None  # fmt: skip
+    assert (
+        proxy.registry.get_sample_value("geoproxy_geode_up", {"geode": "eu-1", "region": "eu-west"})
+        is None
+    )
 
 
 async def test_websocket_survives_a_reload(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, write_config: WriteConfig,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    write_config: WriteConfig,
 ) -> None:
     geodes = await three_geodes(geode_factory)
     data = base_config([geode_entry(g) for g in geodes])
@@ -200,13 +236,17 @@ async def test_websocket_survives_a_reload(
 
 
 async def test_geode_failing_live_traffic_is_ejected_then_readmitted(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
-    proxy = await proxy_factory(base_config(
-        [geode_entry(g) for g in (eu, us, ap)],
-        outlier_detection={"consecutive_failures": 3, "base_ejection_time": "300ms"},
-    ))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config(
+            [geode_entry(g) for g in (eu, us, ap)],
+            outlier_detection={"consecutive_failures": 3, "base_ejection_time": "300ms"},
+        )
+    )
     eu.force_status = 503  # /health still passes: only live traffic shows the trouble
     for _ in range(3):
         assert await served_by(http, proxy, "FR") == "us-1"  # each GET moved on
@@ -228,16 +268,20 @@ async def test_geode_failing_live_traffic_is_ejected_then_readmitted(
 
 
 async def test_ejection_time_alone_readmits_a_geode_when_no_active_check_comes(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     """The ejection timer, not an active pass: checks come every hour, the ejection lasts
     300 ms."""
     eu, us, ap = await three_geodes(geode_factory)
-    proxy = await proxy_factory(base_config(
-        [geode_entry(g) for g in (eu, us, ap)],
-        health_check={"interval": "1h", "timeout": "500ms", "jitter": "0s"},
-        outlier_detection={"consecutive_failures": 2, "base_ejection_time": "300ms"},
-    ))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config(
+            [geode_entry(g) for g in (eu, us, ap)],
+            health_check={"interval": "1h", "timeout": "500ms", "jitter": "0s"},
+            outlier_detection={"consecutive_failures": 2, "base_ejection_time": "300ms"},
+        )
+    )
     checks = eu.hits["/health"]
     eu.force_status = 503
     for _ in range(2):
@@ -252,15 +296,19 @@ async def test_ejection_time_alone_readmits_a_geode_when_no_active_check_comes(
 
 
 async def test_geode_up_follows_takes_traffic_through_ejection_and_readmission(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     """geoproxy_geode_up is 1 only for a geode that takes traffic: an ejected geode passes
     its active checks yet reads 0, and 1 again once re-admitted."""
     eu, us, ap = await three_geodes(geode_factory)
-    proxy = await proxy_factory(base_config(
-        [geode_entry(g) for g in (eu, us, ap)],
-        outlier_detection={"consecutive_failures": 2, "base_ejection_time": "1h"},
-    ))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config(
+            [geode_entry(g) for g in (eu, us, ap)],
+            outlier_detection={"consecutive_failures": 2, "base_ejection_time": "1h"},
+        )
+    )
 
     def up() -> float:
         return proxy.sample("geoproxy_geode_up", geode="eu-1", region="eu-west")
@@ -281,16 +329,21 @@ async def test_geode_up_follows_takes_traffic_through_ejection_and_readmission(
 
 
 async def test_active_pass_readmits_and_last_geode_is_never_ejected(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     us = await geode_factory("us-1", "us-east")
-    proxy = await proxy_factory(base_config(
-        [geode_entry(eu), geode_entry(us)],
-        regions={"eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["eu-west"]}},
-        countries={}, continents={},
-        outlier_detection={"consecutive_failures": 2, "base_ejection_time": "1h"},
-    ))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config(
+            [geode_entry(eu), geode_entry(us)],
+            regions={"eu-west": {"fallback": ["us-east"]}, "us-east": {"fallback": ["eu-west"]}},
+            countries={},
+            continents={},
+            outlier_detection={"consecutive_failures": 2, "base_ejection_time": "1h"},
+        )
+    )
     eu.force_status = 503
     for _ in range(2):
         await served_by(http, proxy, "FR")
@@ -312,13 +365,17 @@ async def test_active_pass_readmits_and_last_geode_is_never_ejected(
 
 
 async def test_websocket_frames_flow_both_ways_with_subprotocol(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     geodes = await three_geodes(geode_factory)
     proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
-    async with aiohttp.ClientSession() as http, http.ws_connect(
-        f"{proxy.url}/ws", protocols=("chat.v1",), headers={"CF-IPCountry": "JP"}
-    ) as ws:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
+            f"{proxy.url}/ws", protocols=("chat.v1",), headers={"CF-IPCountry": "JP"}
+        ) as ws,
+    ):
         assert ws.protocol == "chat.v1"
         assert await ws.receive_json() == {"geode": "ap-1", "protocol": "chat.v1"}
         await ws.send_str("hello")
@@ -328,7 +385,8 @@ async def test_websocket_frames_flow_both_ways_with_subprotocol(
 
 
 async def test_websocket_close_codes_pass_through_both_ways(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     geodes = await three_geodes(geode_factory)
     eu = geodes[0]
@@ -349,12 +407,17 @@ async def test_websocket_close_codes_pass_through_both_ways(
 
 
 async def test_other_upgrades_are_refused_and_forwarded_as_plain_requests(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     geodes = await three_geodes(geode_factory)
     proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
-    headers = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
-               "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"}  # fmt: skip
+    headers = {
+        "Connection": "Upgrade, HTTP2-Settings",
+        "Upgrade": "h2c",
+        "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+    }
     async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
         assert resp.status == 200  # not 101
         seen = (await resp.json())["headers"]
@@ -362,7 +425,9 @@ async def test_other_upgrades_are_refused_and_forwarded_as_plain_requests(
 
 
 async def test_server_sent_events_flush_as_they_arrive(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     geodes = await three_geodes(geode_factory)
     eu = geodes[0]
@@ -379,11 +444,14 @@ async def test_server_sent_events_flush_as_they_arrive(
 
 
 async def test_oversized_headers_get_431(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     geodes = await three_geodes(geode_factory)
-    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
-                                            limits={"max_header_bytes": "16KiB"}))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config([geode_entry(g) for g in geodes], limits={"max_header_bytes": "16KiB"})
+    )
     headers = {f"X-Pad-{i}": "p" * 4000 for i in range(5)}  # each line fine, 20 KB in all
     async with http.get(f"{proxy.url}/whoami", headers=headers) as resp:
         assert resp.status == 431
@@ -399,19 +467,22 @@ def upload(size: int, chunked: bool) -> Any:
 
     async def stream() -> AsyncIterator[bytes]:
         for i in range(0, size, 8192):
-            yield payload[i:i + 8192]
+            yield payload[i : i + 8192]
 
     return stream()
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_oversized_body_gets_413(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
     chunked: bool,
 ) -> None:
     geodes = await three_geodes(geode_factory)
-    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
-                                            limits={"max_body_bytes": "64KiB"}))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config([geode_entry(g) for g in geodes], limits={"max_body_bytes": "64KiB"})
+    )
     async with http.post(f"{proxy.url}/echo", data=upload(200 * 1024, chunked)) as resp:
         assert resp.status == 413
         assert (await resp.json())["error"]["code"] == "body_too_large"
@@ -423,12 +494,15 @@ async def test_oversized_body_gets_413(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_body_of_exactly_max_body_bytes_passes_and_one_byte_more_gets_413(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
     chunked: bool,
 ) -> None:
     geodes = await three_geodes(geode_factory)
-    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
-                                            limits={"max_body_bytes": "64KiB"}))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config([geode_entry(g) for g in geodes], limits={"max_body_bytes": "64KiB"})
+    )
     async with http.post(f"{proxy.url}/echo", data=upload(64 * 1024, chunked)) as resp:
         assert resp.status == 200
         assert (await resp.json())["size"] == 64 * 1024
@@ -438,11 +512,13 @@ async def test_body_of_exactly_max_body_bytes_passes_and_one_byte_more_gets_413(
 
 
 async def test_slow_request_head_gets_408_and_the_connection_closes(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     geodes = await three_geodes(geode_factory)
-    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
-                                            limits={"header_timeout": "300ms"}))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config([geode_entry(g) for g in geodes], limits={"header_timeout": "300ms"})
+    )
     port = int(proxy.url.rsplit(":", 1)[1])
     # A complete request is served...
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -474,25 +550,31 @@ async def raw_exchange(proxy: Proxy, request: bytes) -> bytes:
 
 
 async def test_absolute_form_and_host_tricks_only_ever_reach_configured_geodes(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     geodes = await three_geodes(geode_factory)
     eu = geodes[0]
     proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
-    head = await raw_exchange(proxy, b"GET http://169.254.169.254/latest/meta-data HTTP/1.1\r\n"
-                                     b"Host: 169.254.169.254\r\n\r\n")  # fmt: skip
+    head = await raw_exchange(
+        proxy,
+        b"GET http://169.254.169.254/latest/meta-data HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n",
+    )
     assert b" 200 " in head.split(b"\r\n")[0] and b"X-Geoproxy-Geode: eu-1" in head
     assert eu.hits["/latest/meta-data"] == 1  # the configured geode got it, nobody else
     head = await raw_exchange(proxy, b"GET /whoami HTTP/1.1\r\nHost: evil.example:6379\r\n\r\n")
     assert b"X-Geoproxy-Geode: eu-1" in head
-    head = await raw_exchange(proxy, b"CONNECT evil.example:443 HTTP/1.1\r\n"
-                                     b"Host: evil.example:443\r\n\r\n")  # fmt: skip
+    head = await raw_exchange(
+        proxy, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n"
+    )
     status = int(head.split(b" ", 2)[1])
     assert status >= 400 and b"200 Connection established" not in head
 
 
 async def test_a_geode_url_pointing_back_at_the_proxy_is_answered_508(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
     write_config: WriteConfig,
 ) -> None:
     eu, us, ap = await three_geodes(geode_factory)
@@ -501,14 +583,18 @@ async def test_a_geode_url_pointing_back_at_the_proxy_is_answered_508(
     # Point eu-west's geode at the proxy itself (health still passes: /health is proxied).
     data["geodes"][0]["url"] = proxy.url
     await reload_with(proxy, write_config, data)
-    async with asyncio.timeout(5), http.get(f"{proxy.url}/whoami",
-                                            headers={"CF-IPCountry": "FR"}) as resp:  # fmt: skip
+    async with (
+        asyncio.timeout(5),
+        http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": "FR"}) as resp,
+    ):
         assert resp.status == 508
         assert (await resp.json())["error"]["code"] == "loop_detected"
 
 
 async def test_readyz_turns_503_when_draining(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     geodes = await three_geodes(geode_factory)
     proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
@@ -521,10 +607,10 @@ async def test_readyz_turns_503_when_draining(
     assert proxy.sample("geoproxy_ready") == 0
 
 
-
-
 async def test_a_change_made_while_starting_up_is_picked_up(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
     write_config: WriteConfig,
 ) -> None:
     from geoproxy.server import watch_config
@@ -555,13 +641,14 @@ async def test_a_change_made_while_starting_up_is_picked_up(
         b"zz\r\nabc\r\n0\r\n\r\n",
         b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
-        b"0\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
     ],
     ids=["duplicate-content-length", "invalid-chunk-size", "cl-and-te", "te-not-chunked-last"],
 )
 async def test_ambiguous_framing_is_rejected_before_any_geode_sees_it(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, request_bytes: bytes,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    request_bytes: bytes,
 ) -> None:
     geodes = await three_geodes(geode_factory)
     proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes]))
@@ -571,7 +658,9 @@ async def test_ambiguous_framing_is_rejected_before_any_geode_sees_it(
 
 
 async def test_a_geode_that_never_accepts_the_connection_times_out_and_fails_over(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     import socket
 
@@ -590,13 +679,19 @@ async def test_a_geode_that_never_accepts_the_connection_times_out_and_fails_ove
     await asyncio.sleep(0.1)
     us = await geode_factory("us-1", "us-east")
     try:
-        proxy = await proxy_factory(base_config(
-            [{"name": "eu-1", "region": "eu-west", "url": f"http://127.0.0.1:{port}"},
-             geode_entry(us)],
-            regions={"eu-west": {"fallback": ["us-east"]}, "us-east": None},
-            countries={}, continents={}, forwarding={"connect_timeout": "300ms"},
-            health_check={"interval": "1h", "timeout": "200ms"},
-        ))  # fmt: skip
+        proxy = await proxy_factory(
+            base_config(
+                [
+                    {"name": "eu-1", "region": "eu-west", "url": f"http://127.0.0.1:{port}"},
+                    geode_entry(us),
+                ],
+                regions={"eu-west": {"fallback": ["us-east"]}, "us-east": None},
+                countries={},
+                continents={},
+                forwarding={"connect_timeout": "300ms"},
+                health_check={"interval": "1h", "timeout": "200ms"},
+            )
+        )
         # Start-up health saw the black hole as down; force it in to meet it on a request.
         proxy.gateway.board.healthy.add("eu-1")
         proxy.gateway.board.version += 1
@@ -605,8 +700,10 @@ async def test_a_geode_that_never_accepts_the_connection_times_out_and_fails_ove
         async with http.get(f"{proxy.url}/whoami") as resp:
             assert resp.status == 200 and resp.headers["X-Geoproxy-Geode"] == "us-1"
         assert 0.25 < loop.time() - started < 2.0
-        assert proxy.sample("geoproxy_upstream_attempts_total", geode="eu-1",
-                            outcome="connect_error") == 1  # fmt: skip
+        assert (
+            proxy.sample("geoproxy_upstream_attempts_total", geode="eu-1", outcome="connect_error")
+            == 1
+        )
     finally:
         for s in fillers:
             s.close()
@@ -614,11 +711,13 @@ async def test_a_geode_that_never_accepts_the_connection_times_out_and_fails_ove
 
 
 async def test_idle_client_connections_are_closed_after_the_keepalive_timeout(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     geodes = await three_geodes(geode_factory)
-    proxy = await proxy_factory(base_config([geode_entry(g) for g in geodes],
-                                            limits={"keepalive_timeout": "300ms"}))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config([geode_entry(g) for g in geodes], limits={"keepalive_timeout": "300ms"})
+    )
     reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
     writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
     async with asyncio.timeout(5):

@@ -31,8 +31,13 @@ GEODES = [
     {"name": "ap-1", "region": "ap-northeast", "url": "http://127.0.0.1:9103"},
 ]
 # South America and Antarctica are left unmapped, so BR and AQ resolve to no region.
-CONTINENTS = {"EU": "eu-west", "NA": "us-east", "AS": "ap-northeast", "AF": "eu-west",
-              "OC": "ap-northeast"}  # fmt: skip
+CONTINENTS = {
+    "EU": "eu-west",
+    "NA": "us-east",
+    "AS": "ap-northeast",
+    "AF": "eu-west",
+    "OC": "ap-northeast",
+}
 CLIENT = ip_address("198.51.100.7")
 
 XCR, CF, GEO = "x-client-region", "cf-ipcountry", "geoip"
@@ -284,9 +289,12 @@ NO_HEADERS = ((XCR, "absent"), (CF, "absent"))
     ],
 )
 def test_geoip_decides_region_for_ipv4_client(
-    geoip_topology: Topology, lookup: RecordingLookup, address: str, region: str,
+    geoip_topology: Topology,
+    lookup: RecordingLookup,
+    address: str,
+    region: str,
     country: str | None,
-) -> None:  # fmt: skip
+) -> None:
     ip = ip_address(address)
     got = resolve(geoip_topology, CIMultiDict(), True, ip, lookup)
     assert got == Resolution(region, GEO, country, ip, (*NO_HEADERS, (GEO, "ok")))
@@ -300,9 +308,13 @@ def test_geoip_decides_region_for_ipv4_client(
     ids=["jp", "fr"],
 )
 def test_geoip_decides_region_for_ipv6_client_in_ipv6_database(
-    write_config: WriteConfig, make_mmdb: MakeMmdb, edition: str, address: str, region: str,
+    write_config: WriteConfig,
+    make_mmdb: MakeMmdb,
+    edition: str,
+    address: str,
+    region: str,
     country: str,
-) -> None:  # fmt: skip
+) -> None:
     path = make_mmdb(edition, 6)
     topology = topology_of(write_config, geoip={"database": str(path)}, default_region="us-east")
     reader = MaxMindLookup(path)
@@ -341,11 +353,29 @@ def test_address_missing_from_database_falls_to_default(
 
 @pytest.mark.parametrize(
     "address",
-    ["10.1.2.3", "127.0.0.1", "::1", "192.168.0.9", "100.64.0.1", "fe80::1", "fd00::5",
-     "192.0.2.1", "2001:db8::1"],
-    ids=["rfc1918", "loopback-v4", "loopback-v6", "rfc1918-192", "cgnat", "link-local-v6",
-         "unique-local-v6", "documentation-v4", "documentation-v6"],
-)  # fmt: skip
+    [
+        "10.1.2.3",
+        "127.0.0.1",
+        "::1",
+        "192.168.0.9",
+        "100.64.0.1",
+        "fe80::1",
+        "fd00::5",
+        "192.0.2.1",
+        "2001:db8::1",
+    ],
+    ids=[
+        "rfc1918",
+        "loopback-v4",
+        "loopback-v6",
+        "rfc1918-192",
+        "cgnat",
+        "link-local-v6",
+        "unique-local-v6",
+        "documentation-v4",
+        "documentation-v6",
+    ],
+)
 def test_non_global_client_falls_through_without_a_lookup(
     geoip_topology: Topology, lookup: RecordingLookup, address: str
 ) -> None:
@@ -356,9 +386,10 @@ def test_non_global_client_falls_through_without_a_lookup(
 
 
 @pytest.mark.parametrize(
-    ("client", "with_lookup"), [(None, True), ("81.2.69.160", False)],
+    ("client", "with_lookup"),
+    [(None, True), ("81.2.69.160", False)],
     ids=["no-client-ip", "no-lookup"],
-)  # fmt: skip
+)
 def test_geoip_step_is_absent_without_client_ip_or_lookup(
     geoip_topology: Topology, lookup: RecordingLookup, client: str | None, with_lookup: bool
 ) -> None:
@@ -403,8 +434,7 @@ def test_geoip_first_in_region_sources_beats_headers(
     write_config: WriteConfig, make_mmdb: MakeMmdb
 ) -> None:
     path = make_mmdb("City", 6)
-    topology = topology_of(write_config, geoip={"database": str(path)},
-                           region_sources=[GEO, XCR])  # fmt: skip
+    topology = topology_of(write_config, geoip={"database": str(path)}, region_sources=[GEO, XCR])
     reader = MaxMindLookup(path)
     try:
         ip = ip_address("216.160.83.56")
@@ -474,8 +504,12 @@ def test_directory_instead_of_database_raises_geoip_error(tmp_path: Path) -> Non
 
 
 def test_database_without_country_data_raises_geoip_error(tmp_path: Path) -> None:
-    writer = MMDBWriter(ip_version=4, database_type="GeoLite2-ASN", languages=["en"],
-                        description="geoproxy test ASN database")  # fmt: skip
+    writer = MMDBWriter(
+        ip_version=4,
+        database_type="GeoLite2-ASN",
+        languages=["en"],
+        description="geoproxy test ASN database",
+    )
     writer.insert_network(
         IPSet(["81.2.69.0/24"]),
         {"autonomous_system_number": 20712, "autonomous_system_organization": "Andrews & Arnold"},
@@ -547,8 +581,9 @@ def test_failed_lookups_are_logged_at_most_once_a_minute_with_their_count(
             partly_broken(broken)
     assert partly_broken(ip_address("8.8.8.8")) is None  # not in the database: not logged
     lines = [r.getMessage() for r in caplog.records]
-    detail = ("The MaxMind DB file's data section contains bad data (unknown data type or "
-              "corrupt data)")  # fmt: skip
+    detail = (
+        "The MaxMind DB file's data section contains bad data (unknown data type or corrupt data)"
+    )
     assert lines == [
         f"{partly_broken.path}: GeoIP look-up failed, the database is corrupt: Error while "
         f"looking up data for 2a02:cf40::1. {detail} ({count} failed look-ups since the last "

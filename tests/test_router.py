@@ -56,12 +56,27 @@ def panic_topology(write_config: WriteConfig) -> Topology:
 # (region, healthy, limit, per position: (names allowed there, decision), overall decision)
 Expected = list[tuple[set[str], str]]
 CASES: list[tuple[str, frozenset[str], int, Expected, str]] = [
-    ("eu-west", ALL, 10,
-     [(EU, HOME), (EU, HOME), (US, FALLBACK), (AP, FALLBACK), (AP, FALLBACK)], HOME),
-    ("us-east", ALL, 10,
-     [(US, HOME), (EU, FALLBACK), (EU, FALLBACK), (AP, FALLBACK), (AP, FALLBACK)], HOME),
-    ("ap-northeast", ALL, 10,
-     [(AP, HOME), (AP, HOME), (US, FALLBACK), (EU, FALLBACK), (EU, FALLBACK)], HOME),
+    (
+        "eu-west",
+        ALL,
+        10,
+        [(EU, HOME), (EU, HOME), (US, FALLBACK), (AP, FALLBACK), (AP, FALLBACK)],
+        HOME,
+    ),
+    (
+        "us-east",
+        ALL,
+        10,
+        [(US, HOME), (EU, FALLBACK), (EU, FALLBACK), (AP, FALLBACK), (AP, FALLBACK)],
+        HOME,
+    ),
+    (
+        "ap-northeast",
+        ALL,
+        10,
+        [(AP, HOME), (AP, HOME), (US, FALLBACK), (EU, FALLBACK), (EU, FALLBACK)],
+        HOME,
+    ),
     ("eu-west", ALL, 3, [(EU, HOME), (EU, HOME), (US, FALLBACK)], HOME),
     ("eu-west", ALL, 1, [(EU, HOME)], HOME),
     ("eu-west", ALL - {"eu-1"}, 3, [({"eu-2"}, HOME), (US, FALLBACK), (AP, FALLBACK)], HOME),
@@ -71,7 +86,7 @@ CASES: list[tuple[str, frozenset[str], int, Expected, str]] = [
     ("us-east", ALL - US - {"eu-2"}, 2, [({"eu-1"}, FALLBACK), (AP, FALLBACK)], FALLBACK),
     ("eu-west", frozenset(), 3, [], NONE_HEALTHY),
     ("eu-west", frozenset({"not-a-geode"}), 3, [], NONE_HEALTHY),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -173,8 +188,7 @@ def test_candidate_lists_never_repeat_a_geode_and_hold_only_healthy_unless_panic
 
 
 def geode(name: str, weight: int) -> Geode:
-    return Geode(name, "eu-west", URL(f"http://{name}.test"), weight,
-                 HealthCheck())  # fmt: skip
+    return Geode(name, "eu-west", URL(f"http://{name}.test"), weight, HealthCheck())
 
 
 DRAWS = 4000
@@ -201,8 +215,9 @@ def test_candidates_put_heavier_home_geode_first_about_three_quarters_of_the_tim
     topology: Topology,
 ) -> None:
     rand = random.Random(99).random
-    firsts = Counter(candidates(topology, "eu-west", ALL, 3, rand)[0][0].geode.name
-                     for _ in range(DRAWS))  # fmt: skip
+    firsts = Counter(
+        candidates(topology, "eu-west", ALL, 3, rand)[0][0].geode.name for _ in range(DRAWS)
+    )
     assert firsts.keys() == EU
     assert firsts["eu-1"] / DRAWS == pytest.approx(0.75, abs=0.03)
 
@@ -239,6 +254,8 @@ def test_candidate_cache_memoises_only_deterministic_answers_until_health_change
     assert [c.geode.name for c in cands] == ["eu-1", "ap-1"] and decision == FALLBACK
     # Two healthy geodes in a region: a weighted draw per request, never memoised.
     both = {"eu-1", "eu-2"}
-    draws = {cache.candidates(topology, "eu-west", both, 3, 3, random.Random(i).random)[0][0]
-             .geode.name for i in range(50)}  # fmt: skip
+    draws = {
+        cache.candidates(topology, "eu-west", both, 3, 3, random.Random(i).random)[0][0].geode.name
+        for i in range(50)
+    }
     assert draws == {"eu-1", "eu-2"}

@@ -137,9 +137,12 @@ async def mesh(tmp_path: Path) -> AsyncIterator[MeshFactory]:
     made: list[Stamp] = []
 
     async def make(
-        n: int = 3, replication: Replication = FAST, start: bool = True,
-        also: tuple[str, ...] = (), **settings: Any,
-    ) -> list[Stamp]:  # fmt: skip
+        n: int = 3,
+        replication: Replication = FAST,
+        start: bool = True,
+        also: tuple[str, ...] = (),
+        **settings: Any,
+    ) -> list[Stamp]:
         """``also``: more peer names each stamp takes signed pushes from (a test plays
         them; their URLs refuse connections). ``settings``: more StampConfig fields."""
         socks = [bound_socket() for _ in range(n)]
@@ -149,14 +152,23 @@ async def mesh(tmp_path: Path) -> AsyncIterator[MeshFactory]:
         names = [f"stamp-{REGIONS[i % 3]}-{len(made) + i}" for i in range(n)]
         stamps = []
         for i, sock in enumerate(socks):
-            peers = tuple(Peer(names[j], URL(f"http://127.0.0.1:{peer_ports[j]}"))
-                          for j in range(n) if j != i)  # fmt: skip
+            peers = tuple(
+                Peer(names[j], URL(f"http://127.0.0.1:{peer_ports[j]}")) for j in range(n) if j != i
+            )
             peers += tuple(Peer(name, URL("http://127.0.0.1:1")) for name in also)
             config = StampConfig(
-                path=None, name=names[i], region=REGIONS[i % 3], host="127.0.0.1",
-                port=ports[i], database=tmp_path / f"{names[i]}.db", peers=peers,
-                replication=replication, peer_port=peer_ports[i], secret=SECRET, **settings,
-            )  # fmt: skip
+                path=None,
+                name=names[i],
+                region=REGIONS[i % 3],
+                host="127.0.0.1",
+                port=ports[i],
+                database=tmp_path / f"{names[i]}.db",
+                peers=peers,
+                replication=replication,
+                peer_port=peer_ports[i],
+                secret=SECRET,
+                **settings,
+            )
             stamps.append(Stamp(config, sock, peer_socks[i]))
         made.extend(stamps)
         if start:
@@ -192,13 +204,23 @@ async def call(
 
 
 async def signed(
-    http: aiohttp.ClientSession, method: str, url: str, sender: str, body: bytes = b"",
-    secret: bytes = SECRET, now: float | None = None,
-) -> tuple[int, Any, CIMultiDictProxy[str]]:  # fmt: skip
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    sender: str,
+    body: bytes = b"",
+    secret: bytes = SECRET,
+    now: float | None = None,
+) -> tuple[int, Any, CIMultiDictProxy[str]]:
     """One request to a peer listener, signed as peer ``sender``."""
     headers = auth.sign(secret, sender, method, URL(url).raw_path_qs, body, now=now)
-    return await call(http, method, url, data=io.BytesIO(body),
-                      headers={**headers, "Content-Type": "application/json"})  # fmt: skip
+    return await call(
+        http,
+        method,
+        url,
+        data=io.BytesIO(body),
+        headers={**headers, "Content-Type": "application/json"},
+    )
 
 
 async def push_as(
@@ -256,8 +278,9 @@ def assert_json_error(status: int, body: Any, expect_status: int, code: str) -> 
     assert isinstance(error["message"], str) and error["message"], body
 
 
-def converged_on(http: aiohttp.ClientSession, stamps: list[Stamp], id: str,
-                 expected: Any) -> Callable[[], Awaitable[bool]]:  # fmt: skip
+def converged_on(
+    http: aiohttp.ClientSession, stamps: list[Stamp], id: str, expected: Any
+) -> Callable[[], Awaitable[bool]]:
     """A condition: every stamp has ``id`` with ``expected`` as value (None: absent)."""
 
     async def check() -> bool:
@@ -277,8 +300,9 @@ async def test_put_creates_with_201_then_replaces_with_200_and_items_carry_versi
     mesh: MeshFactory, http: aiohttp.ClientSession
 ) -> None:
     (eu,) = await mesh(1)
-    status, created, headers = await call(http, "PUT", f"{eu.url}/items/cart-1",
-                                          json={"lines": [1, 2]})  # fmt: skip
+    status, created, headers = await call(
+        http, "PUT", f"{eu.url}/items/cart-1", json={"lines": [1, 2]}
+    )
     assert status == 201
     assert created["id"] == "cart-1" and created["value"] == {"lines": [1, 2]}
     assert created["origin"] == {"stamp": eu.name, "region": "eu-west"}
@@ -304,17 +328,20 @@ async def test_get_answers_304_when_if_none_match_carries_the_current_etag(
     (eu,) = await mesh(1)
     first = await put(http, eu, "profile", {"name": "Ada"})
     etag = f'"{first["version"]}"'
-    status, body, headers = await call(http, "GET", f"{eu.url}/items/profile",
-                                       headers={"If-None-Match": etag})  # fmt: skip
+    status, body, headers = await call(
+        http, "GET", f"{eu.url}/items/profile", headers={"If-None-Match": etag}
+    )
     assert (status, body, headers["ETag"]) == (304, None, etag)
     for header in (f'"0000000000000-000000-old", {etag}', f"W/{etag}", "*"):
-        status, _, _ = await call(http, "GET", f"{eu.url}/items/profile",
-                                  headers={"If-None-Match": header})  # fmt: skip
+        status, _, _ = await call(
+            http, "GET", f"{eu.url}/items/profile", headers={"If-None-Match": header}
+        )
         assert status == 304, header
 
     await put(http, eu, "profile", {"name": "Grace"}, expect=200)
-    status, body, headers = await call(http, "GET", f"{eu.url}/items/profile",
-                                       headers={"If-None-Match": etag})  # fmt: skip
+    status, body, headers = await call(
+        http, "GET", f"{eu.url}/items/profile", headers={"If-None-Match": etag}
+    )
     assert status == 200 and body["value"] == {"name": "Grace"}
     assert headers["ETag"] != etag
 
@@ -339,7 +366,8 @@ async def test_delete_leaves_a_tombstone_then_get_and_a_second_delete_answer_404
 
     log = await events(http, eu)
     assert [(e["id"], e["deleted"], e["value"]) for e in log] == [
-        ("doomed", False, 1), ("doomed", True, None)
+        ("doomed", False, 1),
+        ("doomed", True, None),
     ]  # the tombstone is a change like any other
     status, listing, _ = await call(http, "GET", f"{eu.url}/items")
     assert listing["items"] == []
@@ -421,8 +449,9 @@ async def test_metrics_expose_items_backlog_lag_conflicts_and_apply_errors(
     await put(http, eu, "a", 1)
     await put(http, eu, "b", 2)
     await eventually(lambda: all_backlogs_empty(http, [eu]), "a and b reach us")
-    status, _, _ = await signed(http, "POST", f"{us.peer_url}/replication/changes", eu.name,
-                                b'{"x": 1}')  # fmt: skip
+    status, _, _ = await signed(
+        http, "POST", f"{us.peer_url}/replication/changes", eu.name, b'{"x": 1}'
+    )
     assert status == 400
 
     async with http.get(f"{us.peer_url}/metrics") as resp:
@@ -439,8 +468,10 @@ async def test_metrics_expose_items_backlog_lag_conflicts_and_apply_errors(
     await put(http, eu, "c", 3)
 
     async def lagging() -> bool:
-        return (eu.sample("stamp_replication_backlog", peer=us.name) == 1
-                and eu.sample("stamp_replication_lag_seconds", peer=us.name) > 0)  # fmt: skip
+        return (
+            eu.sample("stamp_replication_backlog", peer=us.name) == 1
+            and eu.sample("stamp_replication_lag_seconds", peer=us.name) > 0
+        )
 
     await eventually(lagging, "eu shows a backlog of 1 and some lag towards stopped us")
     assert eu.sample("stamp_items") == 3
@@ -461,44 +492,77 @@ BAD_REQUESTS = [
     pytest.param("PUT", "/items/a%20b", b"1", {}, 400, "bad_id", id="id-with-space"),
     pytest.param("PUT", "/items/%C3%A9t%C3%A9", b"1", {}, 400, "bad_id", id="non-ascii-id"),
     pytest.param("PUT", "/items/a%22b", b"1", {}, 400, "bad_id", id="id-with-quote"),
-    pytest.param("PUT", "/items/k", json.dumps("x" * MiB).encode(), {}, 413, "too_large",
-                 id="value-over-1MiB"),
-    pytest.param("PUT", "/items/k?consistency=eventual", b"1", {}, 400, "bad_consistency",
-                 id="bad-consistency-query"),
-    pytest.param("PUT", "/items/k", b"1", {"X-Consistency": "strong"}, 400, "bad_consistency",
-                 id="bad-consistency-header"),
-    pytest.param("DELETE", "/items/seed?consistency=maybe", b"", {}, 400, "bad_consistency",
-                 id="delete-bad-consistency"),
+    pytest.param(
+        "PUT",
+        "/items/k",
+        json.dumps("x" * MiB).encode(),
+        {},
+        413,
+        "too_large",
+        id="value-over-1MiB",
+    ),
+    pytest.param(
+        "PUT",
+        "/items/k?consistency=eventual",
+        b"1",
+        {},
+        400,
+        "bad_consistency",
+        id="bad-consistency-query",
+    ),
+    pytest.param(
+        "PUT",
+        "/items/k",
+        b"1",
+        {"X-Consistency": "strong"},
+        400,
+        "bad_consistency",
+        id="bad-consistency-header",
+    ),
+    pytest.param(
+        "DELETE",
+        "/items/seed?consistency=maybe",
+        b"",
+        {},
+        400,
+        "bad_consistency",
+        id="delete-bad-consistency",
+    ),
     pytest.param("DELETE", "/items/" + "x" * 1000, b"", {}, 400, "bad_id", id="delete-huge-id"),
     pytest.param("GET", "/items?limit=abc", b"", {}, 400, "bad_query", id="limit-abc"),
     pytest.param("GET", "/items?limit=0", b"", {}, 400, "bad_query", id="limit-0"),
     pytest.param("GET", "/items?limit=1001", b"", {}, 400, "bad_query", id="limit-1001"),
-    pytest.param("GET", "/items?prefix=" + "p" * 201, b"", {}, 400, "bad_query",
-                 id="prefix-too-long"),
-    pytest.param("POST", "/counters/c", b'{"delta": "1"}', {}, 400, "bad_delta",
-                 id="delta-string"),
-    pytest.param("POST", "/counters/c", b'{"delta": true}', {}, 400, "bad_delta",
-                 id="delta-bool"),
-    pytest.param("POST", "/counters/c", b'{"delta": 1.5}', {}, 400, "bad_delta",
-                 id="delta-float"),
-    pytest.param("POST", "/counters/c", b'{"delta": null}', {}, 400, "bad_delta",
-                 id="delta-null"),
+    pytest.param(
+        "GET", "/items?prefix=" + "p" * 201, b"", {}, 400, "bad_query", id="prefix-too-long"
+    ),
+    pytest.param("POST", "/counters/c", b'{"delta": "1"}', {}, 400, "bad_delta", id="delta-string"),
+    pytest.param("POST", "/counters/c", b'{"delta": true}', {}, 400, "bad_delta", id="delta-bool"),
+    pytest.param("POST", "/counters/c", b'{"delta": 1.5}', {}, 400, "bad_delta", id="delta-float"),
+    pytest.param("POST", "/counters/c", b'{"delta": null}', {}, 400, "bad_delta", id="delta-null"),
     pytest.param("POST", "/counters/c", b"{}", {}, 400, "bad_delta", id="delta-missing"),
     pytest.param("POST", "/counters/c", b"[1]", {}, 400, "bad_delta", id="delta-not-object"),
-    pytest.param("POST", "/counters/c", b'{"delta": 1000000000001}', {}, 400, "bad_delta",
-                 id="delta-too-big"),
+    pytest.param(
+        "POST", "/counters/c", b'{"delta": 1000000000001}', {}, 400, "bad_delta", id="delta-too-big"
+    ),
     pytest.param("POST", "/counters/c", b"{", {}, 400, "bad_json", id="counter-invalid-json"),
-    pytest.param("POST", "/counters/" + "c" * 1000, b'{"delta": 1}', {}, 400, "bad_id",
-                 id="counter-huge-id"),
+    pytest.param(
+        "POST", "/counters/" + "c" * 1000, b'{"delta": 1}', {}, 400, "bad_id", id="counter-huge-id"
+    ),
     pytest.param("POST", "/items/k", b"1", {}, 405, "method_not_allowed", id="wrong-method"),
 ]
 
 
 @pytest.mark.parametrize(("method", "path", "data", "headers", "status", "code"), BAD_REQUESTS)
 async def test_bad_input_gets_a_4xx_json_error_and_changes_nothing(
-    mesh: MeshFactory, http: aiohttp.ClientSession,
-    method: str, path: str, data: bytes, headers: dict[str, str], status: int, code: str,
-) -> None:  # fmt: skip
+    mesh: MeshFactory,
+    http: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    data: bytes,
+    headers: dict[str, str],
+    status: int,
+    code: str,
+) -> None:
     eu, us = await mesh(2)
     await put(http, eu, "seed", {"v": 1})
     status_, _, _ = await call(http, "POST", f"{eu.url}/counters/c", json={"delta": 5})
@@ -507,8 +571,13 @@ async def test_bad_input_gets_a_4xx_json_error_and_changes_nothing(
     before = (await events(http, eu), await events(http, us))
     assert len(before[1]) == 2
 
-    got, body, _ = await call(http, method, eu.url + path, data=io.BytesIO(data),
-                              headers={"Content-Type": "application/json", **headers})  # fmt: skip
+    got, body, _ = await call(
+        http,
+        method,
+        eu.url + path,
+        data=io.BytesIO(data),
+        headers={"Content-Type": "application/json", **headers},
+    )
     assert_json_error(got, body, status, code)
 
     assert await value_of(http, eu, "seed") == {"v": 1}
@@ -527,10 +596,17 @@ async def _backlog_empty(http: aiohttp.ClientSession, stamp: Stamp) -> bool:
     return all(p["backlog"] == 0 for p in body["replication"].values())
 
 
-def wire_change(id: str, value: Any, version: str, region: str = "us-east",
-                kind: str = "item") -> dict[str, Any]:  # fmt: skip
-    return {"kind": kind, "id": id, "value": value, "deleted": value is None and kind == "item",
-            "version": version, "region": region}  # fmt: skip
+def wire_change(
+    id: str, value: Any, version: str, region: str = "us-east", kind: str = "item"
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "id": id,
+        "value": value,
+        "deleted": value is None and kind == "item",
+        "version": version,
+        "region": region,
+    }
 
 
 def version(wall: int, logical: int = 0, origin: str = "stamp-far") -> str:
@@ -580,8 +656,7 @@ async def test_a_malformed_change_is_quarantined_and_the_rest_of_its_batch_appli
         assert await value_of(http, eu, f"ok-{i}") == i
     assert await item(http, eu, "bad") is None
     assert [e["id"] for e in await events(http, eu)] == [f"ok-{i}" for i in range(4)]
-    assert eu.sample("stamp_quarantined_changes_total", direction="received",
-                     reason="invalid") == 1  # fmt: skip
+    assert eu.sample("stamp_quarantined_changes_total", direction="received", reason="invalid") == 1
     _, letters, _ = await call(http, "GET", f"{eu.peer_url}/dead-letters")
     (letter,) = letters["dead_letters"]
     assert letter["direction"] == "received" and letter["peer"] == "stamp-far"
@@ -589,18 +664,22 @@ async def test_a_malformed_change_is_quarantined_and_the_rest_of_its_batch_appli
     assert json.loads(letter["change"]) == broken
 
 
-@pytest.mark.parametrize("body", [
-    pytest.param(b"{", id="invalid-json"),
-    pytest.param(b"[]", id="not-an-object"),
-    pytest.param(b'{"from": "x"}', id="no-changes"),
-    pytest.param(b'{"from": "x", "changes": {"a": 1}}', id="changes-not-a-list"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"{", id="invalid-json"),
+        pytest.param(b"[]", id="not-an-object"),
+        pytest.param(b'{"from": "x"}', id="no-changes"),
+        pytest.param(b'{"from": "x", "changes": {"a": 1}}', id="changes-not-a-list"),
+    ],
+)
 async def test_a_malformed_batch_body_gets_400_and_counts_an_apply_error(
     mesh: MeshFactory, http: aiohttp.ClientSession, body: bytes
 ) -> None:
     (eu,) = await mesh(1, also=("stamp-far",))
-    status, answer, _ = await signed(http, "POST", f"{eu.peer_url}/replication/changes",
-                                     "stamp-far", body)  # fmt: skip
+    status, answer, _ = await signed(
+        http, "POST", f"{eu.peer_url}/replication/changes", "stamp-far", body
+    )
     assert status == 400 and answer["error"]["code"] in ("bad_json", "bad_batch")
     assert eu.sample("stamp_apply_errors_total") == 1
     assert await events(http, eu) == []
@@ -647,9 +726,9 @@ async def test_concurrent_conflicting_writes_converge_to_the_highest_version_eve
     stamps = await mesh(3)
     for round in range(5):
         id = f"contested-{round}"
-        answers = await asyncio.gather(*(
-            call(http, "PUT", f"{s.url}/items/{id}", json={"by": s.name}) for s in stamps
-        ))  # fmt: skip
+        answers = await asyncio.gather(
+            *(call(http, "PUT", f"{s.url}/items/{id}", json={"by": s.name}) for s in stamps)
+        )
         assert all(status in (200, 201) for status, _, _ in answers), answers
         winner = max((body for _, body, _ in answers), key=lambda b: b["version"])
 
@@ -723,7 +802,7 @@ async def test_duplicate_delivery_of_a_batch_is_ignored_the_second_time(
         wire_change("b", {"x": [1, 2]}, version(GOOD_WALL + 1)),
         wire_change("a", None, version(GOOD_WALL + 2)),
         wire_change("c", {"p": 3, "n": 1}, version(GOOD_WALL + 3), kind="counter"),
-    ]  # fmt: skip
+    ]
     status, first, _ = await push_as(http, eu, "stamp-far", batch)
     assert status == 200
     assert first == {"applied": 4, "ignored": 0, "conflicts": 0, "quarantined": 0}
@@ -781,9 +860,12 @@ async def test_events_is_the_ordered_change_log_with_a_cursor(
     rest = await call(http, "GET", f"{eu.peer_url}/events?since={body['next_since']}")
     log = body["events"] + rest[1]["events"]
     assert [(e["kind"], e["id"], e["value"], e["deleted"]) for e in log] == [
-        ("item", "x", 1, False), ("item", "x", 2, False), ("counter", "hits", {"p": 3, "n": 0},
-        False), ("item", "x", None, True), ("item", "y", "from us", False),
-    ]  # fmt: skip
+        ("item", "x", 1, False),
+        ("item", "x", 2, False),
+        ("counter", "hits", {"p": 3, "n": 0}, False),
+        ("item", "x", None, True),
+        ("item", "y", "from us", False),
+    ]
     assert [e["seq"] for e in log] == sorted(e["seq"] for e in log)
     own = [e["version"] for e in log if e["version"].endswith(eu.name)]
     assert own == sorted(own)  # this stamp's versions only grow
@@ -884,7 +966,8 @@ async def test_a_stopped_stamp_catches_up_with_every_write_when_restarted_on_its
     await eventually(caught_up, "us holds all 80 writes")
     _, body, _ = await call(http, "GET", f"{us.url}/items?limit=1000")
     assert {i["id"]: i["value"] for i in body["items"]} == {
-        **{f"eu-{i}": i for i in range(writes)}, **{f"ap-{i}": i for i in range(writes)}
+        **{f"eu-{i}": i for i in range(writes)},
+        **{f"ap-{i}": i for i in range(writes)},
     }
     assert await item(http, us, "before") is None
     await eventually(lambda: all_backlogs_empty(http, [eu, us, ap]), "every backlog is 0")
@@ -896,20 +979,34 @@ async def test_a_write_acknowledged_just_before_sigkill_replicates_after_restart
     (peer,) = await mesh(1, start=False, also=("stamp-killed",))  # nothing listens there yet
     config = tmp_path / "killed.yaml"
     (tmp_path / "fleet.secret").write_bytes(SECRET + b"\n")
-    config.write_text(yaml.safe_dump({
-        "name": "stamp-killed", "region": "us-east",
-        "listen": {"host": "127.0.0.1", "port": 0, "peer": {"host": "127.0.0.1", "port": 0}},
-        "database": "killed.db",
-        "peers": [{"name": peer.name, "url": peer.peer_url}],
-        "peer_auth": {"secret_file": "fleet.secret"},
-        "replication": {"interval": "100ms", "min_backoff": "50ms", "max_backoff": "500ms",
-                        "timeout": "2s"},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "stamp-killed",
+                "region": "us-east",
+                "listen": {
+                    "host": "127.0.0.1",
+                    "port": 0,
+                    "peer": {"host": "127.0.0.1", "port": 0},
+                },
+                "database": "killed.db",
+                "peers": [{"name": peer.name, "url": peer.peer_url}],
+                "peer_auth": {"secret_file": "fleet.secret"},
+                "replication": {
+                    "interval": "100ms",
+                    "min_backoff": "50ms",
+                    "max_backoff": "500ms",
+                    "timeout": "2s",
+                },
+            }
+        )
+    )
 
     async with stamp_process(config) as first:
         url = await first.listening()
-        status, body, _ = await call(http, "PUT", f"{url}/items/last-words",
-                                     json={"said": "before the kill"})  # fmt: skip
+        status, body, _ = await call(
+            http, "PUT", f"{url}/items/last-words", json={"said": "before the kill"}
+        )
         first.proc.send_signal(signal.SIGKILL)  # right after the acknowledgement
         assert status == 201, body
         assert await first.proc.wait() == -signal.SIGKILL
@@ -919,8 +1016,10 @@ async def test_a_write_acknowledged_just_before_sigkill_replicates_after_restart
     assert await item(http, peer, "last-words") is None  # it could not have replicated
     async with stamp_process(config) as second:
         await second.listening()
-        await eventually(converged_on(http, [peer], "last-words", {"said": "before the kill"}),
-                         "the killed stamp's acknowledged write reaches its peer")  # fmt: skip
+        await eventually(
+            converged_on(http, [peer], "last-words", {"said": "before the kill"}),
+            "the killed stamp's acknowledged write reaches its peer",
+        )
         got = await item(http, peer, "last-words")
         assert got is not None and got["origin"] == {"stamp": "stamp-killed", "region": "us-east"}
         assert got["version"] == body["version"]
@@ -949,10 +1048,17 @@ class StampProcess:
 @contextlib.asynccontextmanager
 async def stamp_process(config: Path, *more: str) -> AsyncIterator[StampProcess]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "geoproxy", "stamp", "--config", str(config), *more,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "geoproxy",
+        "stamp",
+        "--config",
+        str(config),
+        *more,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
     try:
         yield StampProcess(proc)
     finally:
@@ -964,10 +1070,13 @@ async def stamp_process(config: Path, *more: str) -> AsyncIterator[StampProcess]
 # -- sync writes -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", [
-    pytest.param({"params": {"consistency": "sync"}}, id="query"),
-    pytest.param({"headers": {"X-Consistency": "sync"}}, id="header"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param({"params": {"consistency": "sync"}}, id="query"),
+        pytest.param({"headers": {"X-Consistency": "sync"}}, id="header"),
+    ],
+)
 async def test_a_sync_write_answers_once_every_peer_has_it(
     mesh: MeshFactory, http: aiohttp.ClientSession, how: dict[str, Any]
 ) -> None:
@@ -989,8 +1098,9 @@ async def test_a_sync_write_with_a_peer_down_answers_503_naming_it_and_replicate
 ) -> None:
     eu, us, ap = await mesh(3)
     await ap.stop()
-    status, body, _ = await call(http, "PUT", f"{eu.url}/items/must-confirm",
-                                 params={"consistency": "sync"}, json="v")  # fmt: skip
+    status, body, _ = await call(
+        http, "PUT", f"{eu.url}/items/must-confirm", params={"consistency": "sync"}, json="v"
+    )
     assert_json_error(status, body, 503, "sync_not_confirmed")
     failed = re.search(r"\(([^()]*) failed\)", body["error"]["message"])
     assert failed is not None and failed.group(1) == ap.name, body
@@ -1006,12 +1116,14 @@ async def test_a_sync_write_with_a_peer_down_answers_503_naming_it_and_replicate
 async def test_a_sync_write_with_quorum_one_succeeds_with_one_of_two_peers_down(
     mesh: MeshFactory, http: aiohttp.ClientSession
 ) -> None:
-    quorum = Replication(interval=0.1, min_backoff=0.05, max_backoff=0.5, timeout=2.0,
-                         sync_quorum=1)  # fmt: skip
+    quorum = Replication(
+        interval=0.1, min_backoff=0.05, max_backoff=0.5, timeout=2.0, sync_quorum=1
+    )
     eu, us, ap = await mesh(3, replication=quorum)
     await ap.stop()
-    status, body, _ = await call(http, "PUT", f"{eu.url}/items/q", json=1,
-                                 headers={"X-Consistency": "sync"})  # fmt: skip
+    status, body, _ = await call(
+        http, "PUT", f"{eu.url}/items/q", json=1, headers={"X-Consistency": "sync"}
+    )
     assert status == 201, body
     assert await item(http, us, "q") == body
     await ap.start()
@@ -1028,8 +1140,9 @@ async def test_concurrent_counter_updates_on_every_stamp_converge_to_the_exact_t
     deltas = {s.name: [1] * 20 + [-2] * 3 + [7] for s in stamps}
 
     async def bump(stamp: Stamp, delta: int) -> None:
-        status, body, _ = await call(http, "POST", f"{stamp.url}/counters/likes",
-                                     json={"delta": delta})  # fmt: skip
+        status, body, _ = await call(
+            http, "POST", f"{stamp.url}/counters/likes", json={"delta": delta}
+        )
         assert status == 200, body
 
     await asyncio.gather(*(bump(s, d) for s in stamps for d in deltas[s.name]))
@@ -1067,38 +1180,55 @@ def deep_text(levels: int) -> str:
     return "[" * levels + "0" + "]" * levels
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("POST", "/replication/changes"), ("GET", "/replication/changes?since=0"),
-    ("GET", "/events?since=0"), ("GET", "/metrics"), ("GET", "/dead-letters"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/replication/changes"),
+        ("GET", "/replication/changes?since=0"),
+        ("GET", "/events?since=0"),
+        ("GET", "/metrics"),
+        ("GET", "/dead-letters"),
+    ],
+)
 async def test_the_public_listener_serves_no_replication_change_log_or_metrics(
     mesh: MeshFactory, http: aiohttp.ClientSession, method: str, path: str
 ) -> None:
     """Finding 1: the public API handed out the whole log and took pushes from anyone."""
     eu, us = await mesh(2)
     await put(http, eu, "secret-ish", {"v": 1})
-    body = json.dumps({"from": us.name, "changes": [
-        wire_change("secret-ish", None, version(GOOD_WALL * 2, 0, eu.name), "eu-west"),
-    ]}).encode()  # fmt: skip
-    status, answer, _ = await call(http, method, eu.url + path, data=body,
-                                   headers={"Content-Type": "application/json"})  # fmt: skip
+    body = json.dumps(
+        {
+            "from": us.name,
+            "changes": [
+                wire_change("secret-ish", None, version(GOOD_WALL * 2, 0, eu.name), "eu-west"),
+            ],
+        }
+    ).encode()
+    status, answer, _ = await call(
+        http, method, eu.url + path, data=body, headers={"Content-Type": "application/json"}
+    )
     assert_json_error(status, answer, 404, "not_found")
     assert await value_of(http, eu, "secret-ish") == {"v": 1}
 
 
-@pytest.mark.parametrize("forgery", [
-    pytest.param({"headers": {}}, id="unsigned"),
-    pytest.param({"secret": b"not-the-fleet-secret-" * 3}, id="wrong-secret"),
-    pytest.param({"sender": "stamp-stranger"}, id="unknown-peer"),
-    pytest.param({"age": 120}, id="replayed-after-the-window"),
-    pytest.param({"age": -120}, id="from-the-future"),
-    pytest.param({"tamper": True}, id="body-changed-after-signing"),
-    pytest.param({"path": "/replication/changes?since=0"}, id="signed-for-another-path"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        pytest.param({"headers": {}}, id="unsigned"),
+        pytest.param({"secret": b"not-the-fleet-secret-" * 3}, id="wrong-secret"),
+        pytest.param({"sender": "stamp-stranger"}, id="unknown-peer"),
+        pytest.param({"age": 120}, id="replayed-after-the-window"),
+        pytest.param({"age": -120}, id="from-the-future"),
+        pytest.param({"tamper": True}, id="body-changed-after-signing"),
+        pytest.param({"path": "/replication/changes?since=0"}, id="signed-for-another-path"),
+    ],
+)
 async def test_a_push_not_signed_by_a_peer_now_is_refused_401_counted_and_logged_without_secret(
-    mesh: MeshFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+    mesh: MeshFactory,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
     forgery: dict[str, Any],
-) -> None:  # fmt: skip
+) -> None:
     """Finding 1: a forged change (claiming the receiver itself as origin) was applied and
     re-replicated everywhere."""
     eu, us, ap = await mesh(3)
@@ -1108,17 +1238,27 @@ async def test_a_push_not_signed_by_a_peer_now_is_refused_401_counted_and_logged
     forged = [wire_change("k", "forged", version(GOOD_WALL * 2, 0, sender), "us-east")]
     body = json.dumps({"from": sender, "changes": forged}).encode()
     url = f"{eu.peer_url}/replication/changes"
-    headers = auth.sign(forgery.get("secret", SECRET), sender, "POST",
-                        forgery.get("path", "/replication/changes"), body,
-                        now=time.time() - forgery.get("age", 0))  # fmt: skip
+    headers = auth.sign(
+        forgery.get("secret", SECRET),
+        sender,
+        "POST",
+        forgery.get("path", "/replication/changes"),
+        body,
+        now=time.time() - forgery.get("age", 0),
+    )
     if "headers" in forgery:
         headers = forgery["headers"]
     if forgery.get("tamper"):
         body = body.replace(b"forged", b"FORGED")
     status, answer, _ = await call(http, "POST", url, data=body, headers=headers)
     assert_json_error(status, answer, 401, "unauthenticated")
-    assert sum(eu.sample("stamp_peer_auth_failures_total", reason=r) for r in (
-        "unsigned", "unknown_peer", "bad_signature", "expired", "bad_digest")) == 1
+    assert (
+        sum(
+            eu.sample("stamp_peer_auth_failures_total", reason=r)
+            for r in ("unsigned", "unknown_peer", "bad_signature", "expired", "bad_digest")
+        )
+        == 1
+    )
     assert [r for r in caplog.records if "not an authenticated peer" in r.getMessage()]
     assert SECRET.decode() not in caplog.text and SECRET.decode() not in json.dumps(answer)
     await asyncio.sleep(0.3)  # time enough to replicate, had it been applied
@@ -1145,8 +1285,10 @@ async def test_a_peer_cannot_push_changes_of_another_origin_forged_tombstones_in
     status, body, _ = await push_as(http, us, ap.name, forged)
     assert status == 200, body
     assert body["applied"] == 1 and body["quarantined"] == 2  # only ap's own change
-    assert us.sample("stamp_quarantined_changes_total", direction="received",
-                     reason="wrong_origin") == 2  # fmt: skip
+    assert (
+        us.sample("stamp_quarantined_changes_total", direction="received", reason="wrong_origin")
+        == 2
+    )
     await asyncio.sleep(0.3)
     for stamp in (eu, us, ap):
         assert await value_of(http, stamp, "precious") == {"keep": True}
@@ -1167,8 +1309,9 @@ async def test_a_far_future_version_is_refused_and_later_writes_reads_and_restar
     last = f"9999999999999-999999-{us.name}"
     status, body, _ = await push_as(http, eu, us.name, [wire_change("doom", "x", last)])
     assert status == 200 and body["quarantined"] == 1, body
-    assert eu.sample("stamp_quarantined_changes_total", direction="received",
-                     reason="clock_skew") == 1  # fmt: skip
+    assert (
+        eu.sample("stamp_quarantined_changes_total", direction="received", reason="clock_skew") == 1
+    )
     written = await put(http, eu, "doom", "after")
     assert written["version"].startswith(str(int(time.time()))[:8])  # today, not year 2286
     assert await value_of(http, eu, "doom") == "after"
@@ -1186,8 +1329,13 @@ async def test_an_item_holding_the_largest_version_answers_409_to_a_write_never_
     """Finding 2, however the largest version got into the store: the write that cannot
     follow it is refused, and every read still works."""
     (eu,) = await mesh(1)
-    eu.store.apply([Change(ITEM, "end", '"of time"', False,
-                           Version(MAX_WALL, MAX_LOGICAL, "stamp-far"), "far")])  # fmt: skip
+    eu.store.apply(
+        [
+            Change(
+                ITEM, "end", '"of time"', False, Version(MAX_WALL, MAX_LOGICAL, "stamp-far"), "far"
+            )
+        ]
+    )
     status, body, _ = await call(http, "PUT", f"{eu.url}/items/end", json="more")
     assert_json_error(status, body, 409, "version_exhausted")
     status, _, _ = await call(http, "DELETE", f"{eu.url}/items/end")
@@ -1205,8 +1353,13 @@ async def test_a_value_nesting_deeper_than_32_levels_is_refused_400_and_nothing_
     """Finding 3: a 1,965-byte PUT nesting 982 deep answered 201, then broke replication
     for every later write; at 983+ the PUT answered 500 but was committed."""
     eu, us = await mesh(2)
-    status, body, _ = await call(http, "PUT", f"{eu.url}/items/deep", data=deep_text(levels),
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    status, body, _ = await call(
+        http,
+        "PUT",
+        f"{eu.url}/items/deep",
+        data=deep_text(levels),
+        headers={"Content-Type": "application/json"},
+    )
     assert_json_error(status, body, 400, "too_deep")
     assert "32" in body["error"]["message"]
     assert await item(http, eu, "deep") is None and await events(http, eu) == []
@@ -1227,8 +1380,9 @@ async def test_nan_and_infinity_are_refused_400(
     mesh: MeshFactory, http: aiohttp.ClientSession, text: str
 ) -> None:
     (eu,) = await mesh(1)
-    status, body, _ = await call(http, "PUT", f"{eu.url}/items/n", data=text,
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    status, body, _ = await call(
+        http, "PUT", f"{eu.url}/items/n", data=text, headers={"Content-Type": "application/json"}
+    )
     assert status == 400, body
     assert body["error"]["code"] in ("bad_json", "bad_number")
     assert re.search(r"NaN|Infinity|finite", body["error"]["message"]), body
@@ -1253,10 +1407,8 @@ async def test_poison_changes_are_parked_by_sender_and_receiver_and_the_rest_flo
     assert await value_of(http, us, "before") == 1
     assert await item(http, us, "too-deep") is None and await item(http, us, "unencodable") is None
     await eventually(lambda: all_backlogs_empty(http, [eu]), "eu's backlog drains")
-    assert us.sample("stamp_quarantined_changes_total", direction="received",
-                     reason="invalid") == 1  # fmt: skip
-    assert eu.sample("stamp_quarantined_changes_total", direction="sent",
-                     reason="refused") == 1  # fmt: skip
+    assert us.sample("stamp_quarantined_changes_total", direction="received", reason="invalid") == 1
+    assert eu.sample("stamp_quarantined_changes_total", direction="sent", reason="refused") == 1
     _, sent, _ = await call(http, "GET", f"{eu.peer_url}/dead-letters")
     (letter,) = sent["dead_letters"]
     assert letter["direction"] == "sent" and letter["peer"] == us.name
@@ -1268,10 +1420,14 @@ async def test_a_push_body_too_deep_to_parse_is_400_never_500(
 ) -> None:
     (eu,) = await mesh(1, also=("stamp-far",))
     change = wire_change("x", "VALUE", version(GOOD_WALL))
-    body = json.dumps({"from": "stamp-far", "changes": [change]}).replace(
-        '"VALUE"', deep_text(5000)).encode()  # fmt: skip
-    status, answer, _ = await signed(http, "POST", f"{eu.peer_url}/replication/changes",
-                                     "stamp-far", body)  # fmt: skip
+    body = (
+        json.dumps({"from": "stamp-far", "changes": [change]})
+        .replace('"VALUE"', deep_text(5000))
+        .encode()
+    )
+    status, answer, _ = await signed(
+        http, "POST", f"{eu.peer_url}/replication/changes", "stamp-far", body
+    )
     assert_json_error(status, answer, 400, "too_deep")
     assert eu.sample("stamp_apply_errors_total") == 1
 
@@ -1283,17 +1439,28 @@ async def test_counter_slots_stay_within_int64_increments_past_it_are_400_never_
     answer 500; a slot past int64 was taken from any peer."""
     eu, us = await mesh(2)
     now = int(time.time() * 1000)
-    eu.store.apply([Change(COUNTER, "big", json.dumps({"p": 2**63 - 1, "n": 0}), False,
-                           Version(now, 0, eu.name), "eu-west")])  # fmt: skip
+    eu.store.apply(
+        [
+            Change(
+                COUNTER,
+                "big",
+                json.dumps({"p": 2**63 - 1, "n": 0}),
+                False,
+                Version(now, 0, eu.name),
+                "eu-west",
+            )
+        ]
+    )
     status, body, _ = await call(http, "POST", f"{eu.url}/counters/big", json={"delta": 1})
     assert_json_error(status, body, 400, "counter_overflow")
     assert str(2**63 - 1) in body["error"]["message"]
     status, body, _ = await call(http, "POST", f"{eu.url}/counters/big", json={"delta": -5})
     assert status == 200 and body["value"] == 2**63 - 1 - 5
 
-    over = [wire_change("big2", {"p": 2**63, "n": 0}, version(now, 0, us.name), kind="counter"),
-            wire_change("ok", {"p": 2**63 - 1, "n": 0}, version(now, 1, us.name),
-                        kind="counter")]  # fmt: skip
+    over = [
+        wire_change("big2", {"p": 2**63, "n": 0}, version(now, 0, us.name), kind="counter"),
+        wire_change("ok", {"p": 2**63 - 1, "n": 0}, version(now, 1, us.name), kind="counter"),
+    ]
     status, body, _ = await push_as(http, eu, us.name, over)
     assert status == 200 and (body["applied"], body["quarantined"]) == (1, 1), body
     status, _, _ = await call(http, "GET", f"{eu.url}/counters/big2")
@@ -1306,8 +1473,10 @@ async def test_a_change_ahead_by_more_than_max_clock_skew_is_quarantined_within_
     """Finding 4: a far-future version stayed forever (later legitimate writes lost)."""
     eu, us = await mesh(2, max_clock_skew=60.0)
     now = int(time.time() * 1000)
-    changes = [wire_change("ahead", "a", version(now + 120_000, 0, us.name)),
-               wire_change("near", "n", version(now + 20_000, 0, us.name))]  # fmt: skip
+    changes = [
+        wire_change("ahead", "a", version(now + 120_000, 0, us.name)),
+        wire_change("near", "n", version(now + 20_000, 0, us.name)),
+    ]
     status, body, _ = await push_as(http, eu, us.name, changes)
     assert status == 200 and (body["applied"], body["quarantined"]) == (1, 1), body
     assert await item(http, eu, "ahead") is None and await value_of(http, eu, "near") == "n"
@@ -1341,9 +1510,16 @@ async def test_the_stamp_command_refuses_a_clock_far_ahead_and_names_the_overrid
     tmp_path: Path,
 ) -> None:
     config = tmp_path / "ahead.yaml"
-    config.write_text(yaml.safe_dump({"name": "stamp-ahead", "region": "eu-west",
-                                      "listen": {"port": 0, "peer": {"port": 0}},
-                                      "database": "ahead.db"}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "stamp-ahead",
+                "region": "eu-west",
+                "listen": {"port": 0, "peer": {"port": 0}},
+                "database": "ahead.db",
+            }
+        )
+    )
     store = Store(tmp_path / "ahead.db", "stamp-ahead", "eu-west")
     store.clock = HybridClock("stamp-ahead", clock=lambda: time.time() + 7200)
     store.put("a", "1")
@@ -1408,10 +1584,12 @@ async def test_errors_name_no_sqlite_or_exception_text(
     """Finding 7: error bodies echoed SQLite and exception text."""
     (eu,) = await mesh(1)
     eu.store.close()
-    answers = [await call(http, "GET", f"{eu.url}/health"),
-               await call(http, "PUT", f"{eu.url}/items/k", json=1),
-               await call(http, "GET", f"{eu.url}/items"),
-               await call(http, "GET", f"{eu.peer_url}/events")]  # fmt: skip
+    answers = [
+        await call(http, "GET", f"{eu.url}/health"),
+        await call(http, "PUT", f"{eu.url}/items/k", json=1),
+        await call(http, "GET", f"{eu.url}/items"),
+        await call(http, "GET", f"{eu.peer_url}/events"),
+    ]
     for status, body, _ in answers:
         assert status == 503, body
         assert "database" not in json.dumps(body).lower(), body
@@ -1448,8 +1626,9 @@ async def test_lists_events_and_pulls_are_cut_by_bytes_and_page_through_everythi
     assert 3 * MiB < len(raw) < 4.5 * MiB and len(json.loads(raw)["events"]) < 12
     assert [e["id"] for e in await events(http, eu)] == seen  # the helper pages to the end
 
-    status, body, _ = await signed(http, "GET", f"{eu.peer_url}/replication/changes"
-                                   "?since=0&limit=10000", us.name)  # fmt: skip
+    status, body, _ = await signed(
+        http, "GET", f"{eu.peer_url}/replication/changes?since=0&limit=10000", us.name
+    )
     assert status == 200 and 0 < len(body["changes"]) < 12
     await eventually(converged_on(http, [us], "big-11", value), "every big value replicates")
 
@@ -1515,9 +1694,11 @@ async def test_a_forged_push_through_the_demo_proxy_or_to_a_stamp_is_refused(
     the proxy port, to a stamp's public port, and unsigned to its peer listener."""
     cfg = config_mod.load(demo.demo_config_path())
     cfg = dataclasses.replace(
-        cfg, proxy=Listener("127.0.0.1", 0), admin=Listener("127.0.0.1", 0),
+        cfg,
+        proxy=Listener("127.0.0.1", 0),
+        admin=Listener("127.0.0.1", 0),
         geodes=tuple(dataclasses.replace(g, url=g.url.with_port(0)) for g in cfg.geodes),
-    )  # fmt: skip
+    )
     live, runners = await demo.start_geodes(cfg, demo.stamp_apps(tmp_path))
     stop = asyncio.Event()
     ready: asyncio.Future[Bound] = asyncio.get_running_loop().create_future()
@@ -1532,13 +1713,25 @@ async def test_a_forged_push_through_the_demo_proxy_or_to_a_stamp_is_refused(
         assert sorted(peer_listeners) == sorted(g.name for g in live.geodes)
         async with http.get(f"{peer_listeners[eu.name]}/metrics") as r:
             assert r.status == 200 and "stamp_items" in await r.text()
-        forged = json.dumps({"from": eu.name, "changes": [wire_change(
-            "hello", None, version(int(time.time() * 1000), 5, eu.name), "eu-west")]})
-        targets = [f"{proxy}/replication/changes", f"{eu.url}/replication/changes",
-                   f"{peer_listeners[eu.name]}/replication/changes"]
+        forged = json.dumps(
+            {
+                "from": eu.name,
+                "changes": [
+                    wire_change(
+                        "hello", None, version(int(time.time() * 1000), 5, eu.name), "eu-west"
+                    )
+                ],
+            }
+        )
+        targets = [
+            f"{proxy}/replication/changes",
+            f"{eu.url}/replication/changes",
+            f"{peer_listeners[eu.name]}/replication/changes",
+        ]
         for url in targets:
-            async with http.post(url, data=forged, headers={
-                **fr, "Content-Type": "application/json"}) as r:  # fmt: skip
+            async with http.post(
+                url, data=forged, headers={**fr, "Content-Type": "application/json"}
+            ) as r:
                 assert r.status in (401, 403, 404), (url, r.status)
         await asyncio.sleep(1.0)  # the demo replicates every 0.5 s
         for region in ("FR", "JP", "US"):
@@ -1562,11 +1755,17 @@ async def test_the_stamp_alert_rules_name_only_metrics_a_stamp_exports(
         text = await resp.text()
     exported = set(re.findall(r"^# TYPE (\S+) (\S+)", text, re.M))
     names = {n for n, _ in exported} | {f"{n}_total" for n, t in exported if t == "counter"}
-    rules = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy" / "prometheus" /
-                            "alerts.yml").read_text())  # fmt: skip
+    rules = yaml.safe_load(
+        (
+            Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
+        ).read_text()
+    )
     stamp_rules = [r for g in rules["groups"] for r in g["rules"] if "stamp_" in r["expr"]]
     assert {r["alert"] for r in stamp_rules} >= {
-        "StampReplicationLagging", "StampChangesQuarantined", "StampPeerAuthFailures"}
+        "StampReplicationLagging",
+        "StampChangesQuarantined",
+        "StampPeerAuthFailures",
+    }
     for rule in stamp_rules:
         used = set(re.findall(r"\bstamp_[a-z_]+\b", rule["expr"]))
         assert used <= names, (rule["alert"], used - names)
@@ -1575,33 +1774,54 @@ async def test_the_stamp_alert_rules_name_only_metrics_a_stamp_exports(
 # -- the secret: from a file or the environment, never inline ------------------------------
 
 
-@pytest.mark.parametrize(("auth_node", "error"), [
-    pytest.param(None, "peer_auth: required with peers", id="missing"),
-    pytest.param({"secret": "x" * 64}, "peer_auth.secret: never inline", id="inline"),
-    pytest.param({"secret_file": "fleet.secret", "secret_env": "GP_TEST_SECRET"},
-                 "peer_auth: give exactly one of secret_file and secret_env", id="both"),
-    pytest.param({"secret_file": "absent.secret"},
-                 "peer_auth.secret_file: cannot read the secret file 'absent.secret'",
-                 id="file-missing"),
-    pytest.param({"secret_env": "GP_TEST_UNSET"},
-                 "peer_auth.secret_env: environment variable 'GP_TEST_UNSET' is not set",
-                 id="env-unset"),
-    pytest.param({"secret_file": "short.secret"},
-                 "peer_auth.secret_file: the secret must be at least 32 bytes, got 5",
-                 id="too-short"),
-    pytest.param({"secret_file": "fleet.secret", "window": "soon"},
-                 "peer_auth.window: not a duration", id="bad-window"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("auth_node", "error"),
+    [
+        pytest.param(None, "peer_auth: required with peers", id="missing"),
+        pytest.param({"secret": "x" * 64}, "peer_auth.secret: never inline", id="inline"),
+        pytest.param(
+            {"secret_file": "fleet.secret", "secret_env": "GP_TEST_SECRET"},
+            "peer_auth: give exactly one of secret_file and secret_env",
+            id="both",
+        ),
+        pytest.param(
+            {"secret_file": "absent.secret"},
+            "peer_auth.secret_file: cannot read the secret file 'absent.secret'",
+            id="file-missing",
+        ),
+        pytest.param(
+            {"secret_env": "GP_TEST_UNSET"},
+            "peer_auth.secret_env: environment variable 'GP_TEST_UNSET' is not set",
+            id="env-unset",
+        ),
+        pytest.param(
+            {"secret_file": "short.secret"},
+            "peer_auth.secret_file: the secret must be at least 32 bytes, got 5",
+            id="too-short",
+        ),
+        pytest.param(
+            {"secret_file": "fleet.secret", "window": "soon"},
+            "peer_auth.window: not a duration",
+            id="bad-window",
+        ),
+    ],
+)
 def test_the_peer_secret_comes_from_a_file_or_the_environment_and_errors_name_the_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, auth_node: dict[str, str] | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    auth_node: dict[str, str] | None,
     error: str,
-) -> None:  # fmt: skip
+) -> None:
     (tmp_path / "fleet.secret").write_bytes(SECRET + b"\n")
     (tmp_path / "short.secret").write_text("short\n")
     monkeypatch.setenv("GP_TEST_SECRET", SECRET.decode())
     monkeypatch.delenv("GP_TEST_UNSET", raising=False)
-    data: dict[str, Any] = {"name": "stamp-a", "region": "eu-west", "database": "a.db",
-                            "peers": [{"name": "stamp-b", "url": "http://127.0.0.1:9102"}]}
+    data: dict[str, Any] = {
+        "name": "stamp-a",
+        "region": "eu-west",
+        "database": "a.db",
+        "peers": [{"name": "stamp-b", "url": "http://127.0.0.1:9102"}],
+    }
     if auth_node is not None:
         data["peer_auth"] = auth_node
     path = tmp_path / "a.yaml"
@@ -1619,14 +1839,22 @@ def test_a_secret_from_a_file_or_env_loads_and_never_shows_in_the_config_repr(
     (tmp_path / "fleet.secret").write_bytes(SECRET + b"\n")
     monkeypatch.setenv("GP_TEST_SECRET", SECRET.decode())
     path = tmp_path / "a.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "stamp-a", "region": "eu-west", "database": "a.db",
-        "listen": {"peer": {"host": "10.0.0.5", "port": 9201}},
-        "peers": [{"name": "stamp-b", "url": "http://10.0.0.6:9201"}],
-        "peer_auth": {"secret_file": "fleet.secret"} if source == "file"
-        else {"secret_env": "GP_TEST_SECRET"},
-        "max_clock_skew": "30s", "health": {"max_replication_lag": "2m"},
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "stamp-a",
+                "region": "eu-west",
+                "database": "a.db",
+                "listen": {"peer": {"host": "10.0.0.5", "port": 9201}},
+                "peers": [{"name": "stamp-b", "url": "http://10.0.0.6:9201"}],
+                "peer_auth": {"secret_file": "fleet.secret"}
+                if source == "file"
+                else {"secret_env": "GP_TEST_SECRET"},
+                "max_clock_skew": "30s",
+                "health": {"max_replication_lag": "2m"},
+            }
+        )
+    )
     config = stamp_config.load(path)
     assert config.secret == SECRET
     assert (config.peer_host, config.peer_port) == ("10.0.0.5", 9201)
@@ -1635,9 +1863,16 @@ def test_a_secret_from_a_file_or_env_loads_and_never_shows_in_the_config_repr(
 
 
 async def test_a_stamp_with_peers_but_no_secret_refuses_to_start(tmp_path: Path) -> None:
-    config = StampConfig(path=None, name="stamp-a", region="eu-west", host="127.0.0.1", port=0,
-                         database=tmp_path / "a.db", peer_port=0,
-                         peers=(Peer("stamp-b", URL("http://127.0.0.1:1")),))  # fmt: skip
+    config = StampConfig(
+        path=None,
+        name="stamp-a",
+        region="eu-west",
+        host="127.0.0.1",
+        port=0,
+        database=tmp_path / "a.db",
+        peer_port=0,
+        peers=(Peer("stamp-b", URL("http://127.0.0.1:1")),),
+    )
     runner = stamp_runner(build_stamp_app(config))
     with pytest.raises(StartError, match="peers need the fleet's shared secret"):
         await runner.setup()

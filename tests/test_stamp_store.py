@@ -261,15 +261,25 @@ def test_put_then_get_returns_the_value_with_its_version_and_region(store: Store
     item = store.get("fr/paris")
     assert item is not None
     assert (item.id, item.value, item.deleted, item.version, item.region) == (
-        "fr/paris", '{"pop":2102650}', False, change.version, "europe"
-    )  # fmt: skip
+        "fr/paris",
+        '{"pop":2102650}',
+        False,
+        change.version,
+        "europe",
+    )
     assert (change.kind, change.id, change.value, change.deleted) == (
-        ITEM, "fr/paris", '{"pop":2102650}', False
-    )  # fmt: skip
+        ITEM,
+        "fr/paris",
+        '{"pop":2102650}',
+        False,
+    )
     assert item.as_dict() == {
-        "id": "fr/paris", "value": {"pop": 2102650}, "version": change.version.encode(),
-        "origin": {"stamp": EU, "region": "europe"}, "timestamp": change.version.wall / 1000,
-    }  # fmt: skip
+        "id": "fr/paris",
+        "value": {"pop": 2102650},
+        "version": change.version.encode(),
+        "origin": {"stamp": EU, "region": "europe"},
+        "timestamp": change.version.wall / 1000,
+    }
 
 
 def test_get_of_an_unknown_id_is_none(store: Store) -> None:
@@ -322,8 +332,13 @@ def listed(store: Store) -> Store:
 @pytest.mark.parametrize(
     ("prefix", "limit", "after", "expected"),
     [
-        pytest.param("", 100, "", ["a%y", "a/1", "a/2", "a/4", "a_x", "ab", "b/1", "é/1"],
-                     id="everything-in-id-order"),
+        pytest.param(
+            "",
+            100,
+            "",
+            ["a%y", "a/1", "a/2", "a/4", "a_x", "ab", "b/1", "é/1"],
+            id="everything-in-id-order",
+        ),
         pytest.param("a/", 100, "", ["a/1", "a/2", "a/4"], id="prefix"),
         pytest.param("a/", 2, "", ["a/1", "a/2"], id="first-page"),
         pytest.param("a/", 2, "a/2", ["a/4"], id="next-page-skips-tombstone"),
@@ -335,7 +350,7 @@ def listed(store: Store) -> Store:
         pytest.param("a/3", 100, "", [], id="only-a-tombstone"),
         pytest.param("c", 100, "", [], id="no-match"),
     ],
-)  # fmt: skip
+)
 def test_items_lists_live_items_by_prefix_with_limit_and_after(
     listed: Store, prefix: str, limit: int, after: str, expected: list[str]
 ) -> None:
@@ -400,11 +415,14 @@ def _poison_change_log(path: Path, id: str) -> None:
         pytest.param(lambda s: s.put("bad", '"new"'), id="put"),
         pytest.param(lambda s: s.put("bad", None), id="delete"),
         pytest.param(lambda s: s.increment("bad", 5), id="increment"),
-        pytest.param(lambda s: s.apply([item_change("ok", T0 + 9, 0, US, 1),
-                                        item_change("bad", T0 + 9, 0, US, 2)]),
-                     id="apply-batch"),
+        pytest.param(
+            lambda s: s.apply(
+                [item_change("ok", T0 + 9, 0, US, 1), item_change("bad", T0 + 9, 0, US, 2)]
+            ),
+            id="apply-batch",
+        ),
     ],
-)  # fmt: skip
+)
 def test_write_whose_change_cannot_be_logged_leaves_no_trace(tmp_path: Path, write: Any) -> None:
     path = tmp_path / "eu.db"
     store = fresh_store(path, EU, FakeClock())
@@ -432,34 +450,85 @@ def _state(store: Store, id: str) -> tuple[str | None, bool, Version] | None:
     ("held", "incoming", "wins", "conflicts"),
     [
         pytest.param(None, item_change("k", T0, 0, US, "us"), True, 0, id="new-id"),
-        pytest.param(item_change("k", T0, 0, US, "old"), item_change("k", T0 + 1, 0, US, "new"),
-                     True, 0, id="newer-same-origin"),
-        pytest.param(item_change("k", T0, 5, US, "us"), item_change("k", T0, 6, AP, "ap"),
-                     True, 1, id="newer-logical-other-origin"),
-        pytest.param(item_change("k", T0 + 1, 0, US, "us"), item_change("k", T0, 9, AP, "ap"),
-                     False, 1, id="older-other-origin"),
-        pytest.param(item_change("k", T0, 1, US, "new"), item_change("k", T0, 0, US, "old"),
-                     False, 0, id="older-same-origin"),
-        pytest.param(item_change("k", T0, 0, AP, "ap"), item_change("k", T0, 0, US, "us"),
-                     True, 1, id="exact-tie-higher-origin-wins"),
-        pytest.param(item_change("k", T0, 0, US, "us"), item_change("k", T0, 0, AP, "ap"),
-                     False, 1, id="exact-tie-lower-origin-loses"),
-        pytest.param(item_change("k", T0, 0, US, "us"), item_change("k", T0, 0, US, "us"),
-                     False, 0, id="duplicate"),
-        pytest.param(item_change("k", T0, 0, US, "us"),
-                     item_change("k", T0 + 1, 0, AP, deleted=True),
-                     True, 1, id="tombstone-beats-older-write"),
-        pytest.param(item_change("k", T0 + 1, 0, US, "us"),
-                     item_change("k", T0, 0, AP, deleted=True),
-                     False, 1, id="tombstone-loses-to-newer-write"),
-        pytest.param(item_change("k", T0, 0, AP, deleted=True),
-                     item_change("k", T0 + 1, 0, US, "back"),
-                     True, 1, id="newer-write-revives-tombstone"),
-        pytest.param(item_change("k", T0 + 1, 0, AP, deleted=True),
-                     item_change("k", T0, 0, US, "stale"),
-                     False, 1, id="older-write-stays-deleted"),
+        pytest.param(
+            item_change("k", T0, 0, US, "old"),
+            item_change("k", T0 + 1, 0, US, "new"),
+            True,
+            0,
+            id="newer-same-origin",
+        ),
+        pytest.param(
+            item_change("k", T0, 5, US, "us"),
+            item_change("k", T0, 6, AP, "ap"),
+            True,
+            1,
+            id="newer-logical-other-origin",
+        ),
+        pytest.param(
+            item_change("k", T0 + 1, 0, US, "us"),
+            item_change("k", T0, 9, AP, "ap"),
+            False,
+            1,
+            id="older-other-origin",
+        ),
+        pytest.param(
+            item_change("k", T0, 1, US, "new"),
+            item_change("k", T0, 0, US, "old"),
+            False,
+            0,
+            id="older-same-origin",
+        ),
+        pytest.param(
+            item_change("k", T0, 0, AP, "ap"),
+            item_change("k", T0, 0, US, "us"),
+            True,
+            1,
+            id="exact-tie-higher-origin-wins",
+        ),
+        pytest.param(
+            item_change("k", T0, 0, US, "us"),
+            item_change("k", T0, 0, AP, "ap"),
+            False,
+            1,
+            id="exact-tie-lower-origin-loses",
+        ),
+        pytest.param(
+            item_change("k", T0, 0, US, "us"),
+            item_change("k", T0, 0, US, "us"),
+            False,
+            0,
+            id="duplicate",
+        ),
+        pytest.param(
+            item_change("k", T0, 0, US, "us"),
+            item_change("k", T0 + 1, 0, AP, deleted=True),
+            True,
+            1,
+            id="tombstone-beats-older-write",
+        ),
+        pytest.param(
+            item_change("k", T0 + 1, 0, US, "us"),
+            item_change("k", T0, 0, AP, deleted=True),
+            False,
+            1,
+            id="tombstone-loses-to-newer-write",
+        ),
+        pytest.param(
+            item_change("k", T0, 0, AP, deleted=True),
+            item_change("k", T0 + 1, 0, US, "back"),
+            True,
+            1,
+            id="newer-write-revives-tombstone",
+        ),
+        pytest.param(
+            item_change("k", T0 + 1, 0, AP, deleted=True),
+            item_change("k", T0, 0, US, "stale"),
+            False,
+            1,
+            id="older-write-stays-deleted",
+        ),
     ],
-)  # fmt: skip
+)
 def test_apply_keeps_the_highest_version(
     store: Store, held: Change | None, incoming: Change, wins: bool, conflicts: int
 ) -> None:
@@ -470,8 +539,11 @@ def test_apply_keeps_the_highest_version(
     winner = incoming if wins else held
     assert winner is not None
     assert _state(store, "k") == (winner.value, winner.deleted, winner.version)
-    assert (result.applied, result.ignored, result.conflicts) == (int(wins), int(not wins),
-                                                                  conflicts)  # fmt: skip
+    assert (result.applied, result.ignored, result.conflicts) == (
+        int(wins),
+        int(not wins),
+        conflicts,
+    )
     # Only a change that altered state joins the log (the event log), exactly as received.
     new_log = [c for _, c in store.changes_since(0, 100)][len(log_before) :]
     assert new_log == ([incoming] if wins else [])
@@ -545,14 +617,19 @@ def test_own_increments_accumulate_in_this_stamps_slot(store: Store) -> None:
     assert store.counter("hits") is None
     changes = [store.increment("hits", d) for d in (3, 2, -4, 0, -1)]
     assert [json.loads(c.value or "") for c in changes] == [
-        {"p": 3, "n": 0}, {"p": 5, "n": 0}, {"p": 5, "n": 4}, {"p": 5, "n": 4}, {"p": 5, "n": 5},
-    ]  # fmt: skip
+        {"p": 3, "n": 0},
+        {"p": 5, "n": 0},
+        {"p": 5, "n": 4},
+        {"p": 5, "n": 4},
+        {"p": 5, "n": 5},
+    ]
     assert all(c.kind == COUNTER and not c.deleted for c in changes)
     assert all(a.version < b.version for a, b in itertools.pairwise(changes))
     assert store.counter("hits") == {
-        "id": "hits", "value": 0,
+        "id": "hits",
+        "value": 0,
         "slots": [{"stamp": EU, "region": "europe", "increments": 5, "decrements": 5}],
-    }  # fmt: skip
+    }
     assert store.counter("other") is None
 
 
@@ -573,8 +650,7 @@ def test_merging_a_slot_state_never_lowers_it(
     store.increment("hits", 10)
     store.apply([counter_change("hits", T0 + 5, 0, US, 5, 2)])
     result = store.apply([counter_change("hits", T0 + 1, 0, US, *later)])
-    assert (result.applied, result.ignored, result.conflicts) == (int(applied), int(not applied),
-                                                                  0)  # fmt: skip
+    assert (result.applied, result.ignored, result.conflicts) == (int(applied), int(not applied), 0)
     counter = store.counter("hits")
     assert counter is not None
     assert counter["slots"] == [
@@ -665,33 +741,53 @@ def _ids(changes: Iterable[Change]) -> tuple[list[str], list[str]]:
 
 SMALL_SETS = [
     pytest.param(
-        [item_change("k", T0, 0, EU, "eu"), item_change("k", T0, 0, US, "us"),
-         item_change("k", T0, 0, AP, "ap"), item_change("k", T0 - 1, 9, US, "older")],
-        {"k": ('"us"', False)}, {},
+        [
+            item_change("k", T0, 0, EU, "eu"),
+            item_change("k", T0, 0, US, "us"),
+            item_change("k", T0, 0, AP, "ap"),
+            item_change("k", T0 - 1, 9, US, "older"),
+        ],
+        {"k": ('"us"', False)},
+        {},
         id="exact-wall-clock-tie-broken-by-origin",
     ),
     pytest.param(
-        [item_change("k", T0, 0, EU, "eu"), item_change("k", T0, 1, AP, deleted=True),
-         item_change("k", T0, 1, EU, "eu-again"), item_change("j", T0, 0, AP, deleted=True),
-         item_change("j", T0 - 1, 0, US, "us")],
-        {"k": ('"eu-again"', False), "j": (None, True)}, {},
+        [
+            item_change("k", T0, 0, EU, "eu"),
+            item_change("k", T0, 1, AP, deleted=True),
+            item_change("k", T0, 1, EU, "eu-again"),
+            item_change("j", T0, 0, AP, deleted=True),
+            item_change("j", T0 - 1, 0, US, "us"),
+        ],
+        {"k": ('"eu-again"', False), "j": (None, True)},
+        {},
         id="deletes-against-writes",
     ),
     pytest.param(
-        [counter_change("c", T0, 0, EU, 1, 0), counter_change("c", T0, 1, EU, 1, 2),
-         counter_change("c", T0, 0, US, 5, 0), counter_change("c", T0 + 1, 0, US, 7, 1),
-         counter_change("c", T0, 0, AP, 0, 3)],
-        {}, {"c": 1 + 7 - 2 - 1 - 3},
+        [
+            counter_change("c", T0, 0, EU, 1, 0),
+            counter_change("c", T0, 1, EU, 1, 2),
+            counter_change("c", T0, 0, US, 5, 0),
+            counter_change("c", T0 + 1, 0, US, 7, 1),
+            counter_change("c", T0, 0, AP, 0, 3),
+        ],
+        {},
+        {"c": 1 + 7 - 2 - 1 - 3},
         id="counter-slots",
     ),
     pytest.param(
-        [item_change("k", T0 + 2, 0, AP, "ap"), item_change("k", T0 + 2, 0, EU, deleted=True),
-         counter_change("k", T0 + 2, 0, US, 2, 0), counter_change("k", T0 + 3, 0, US, 3, 0),
-         item_change("m", T0 + 2, 0, US, "us")],
-        {"k": (None, True), "m": ('"us"', False)}, {"k": 3},
+        [
+            item_change("k", T0 + 2, 0, AP, "ap"),
+            item_change("k", T0 + 2, 0, EU, deleted=True),
+            counter_change("k", T0 + 2, 0, US, 2, 0),
+            counter_change("k", T0 + 3, 0, US, 3, 0),
+            item_change("m", T0 + 2, 0, US, "us"),
+        ],
+        {"k": (None, True), "m": ('"us"', False)},
+        {"k": 3},
         id="items-and-counters-sharing-an-id",
     ),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("changes", "winners", "totals"), SMALL_SETS)
@@ -723,10 +819,14 @@ def _history(tmp_path: Path, seed: int, steps: int) -> tuple[list[Change], dict[
     skewed = FakeClock()
     names = [EU, US, AP]
     stamps = {
-        name: fresh_store(tmp_path / f"history-{seed}" / f"{name}.db", name,
-                          skewed if name == AP else wall, durable=False)
+        name: fresh_store(
+            tmp_path / f"history-{seed}" / f"{name}.db",
+            name,
+            skewed if name == AP else wall,
+            durable=False,
+        )
         for name in names
-    }  # fmt: skip
+    }
     sums: dict[str, int] = {}
     stamps[EU].put("k1", '"eu first"')  # an exact tie: both clocks read the same
     stamps[US].put("k1", '"us first"')
@@ -782,10 +882,12 @@ def test_shuffled_duplicated_delivery_converges_on_the_highest_version(
     assert {id: total for id, (total, _) in expected[1].items()} == sums
     assert len({c.version for c in changes}) == len(changes)  # no stamp reused a version
     assert any(  # the history has exact wall-clock ties between stamps on one id
-        a.kind == b.kind == ITEM and a.id == b.id and a.version.origin != b.version.origin
+        a.kind == b.kind == ITEM
+        and a.id == b.id
+        and a.version.origin != b.version.origin
         and (a.version.wall, a.version.logical) == (b.version.wall, b.version.logical)
         for a, b in itertools.combinations(changes, 2)
-    )  # fmt: skip
+    )
     rng = random.Random(seed * 1000)
     shuffles = 200 if seed == 1 else 40
     for n in range(shuffles):
@@ -833,8 +935,9 @@ def test_stamps_exchanging_their_logs_converge_with_fresh_replicas(tmp_path: Pat
 # -- durability, cursors, backlog --------------------------------------------------------
 
 
-@pytest.mark.parametrize("closed", [pytest.param(True, id="closed"),
-                                    pytest.param(False, id="abandoned-open")])  # fmt: skip
+@pytest.mark.parametrize(
+    "closed", [pytest.param(True, id="closed"), pytest.param(False, id="abandoned-open")]
+)
 def test_acknowledged_write_survives_a_new_store_on_the_same_file(
     tmp_path: Path, closed: bool
 ) -> None:
@@ -850,9 +953,10 @@ def test_acknowledged_write_survives_a_new_store_on_the_same_file(
     assert _state(again, "k") == ('"kept"', False, put.version)
     assert _state(again, "d") == (None, True, gone.version)
     assert again.counter("c") == {
-        "id": "c", "value": 4,
+        "id": "c",
+        "value": 4,
         "slots": [{"stamp": EU, "region": "europe", "increments": 4, "decrements": 0}],
-    }  # fmt: skip
+    }
     # Still in the outbox: a peer that never got it receives it after the restart.
     assert log_of(again, origin=EU) == [put, gone, inc]
     assert [c.id for c in log_of(again)] == ["k", "d", "c", "r"]
@@ -939,8 +1043,7 @@ def _sample_versions(rng: random.Random, n: int) -> Iterator[Version]:
     for _ in range(n):
         wall = rng.choice(walls) if rng.random() < 0.3 else rng.randrange(MAX_WALL + 1)
         logical = rng.choice(logicals) if rng.random() < 0.3 else rng.randrange(MAX_LOGICAL + 1)
-        origin = rng.choice("aZ9") + "".join(rng.choice(alphabet)
-                                             for _ in range(rng.randrange(63)))  # fmt: skip
+        origin = rng.choice("aZ9") + "".join(rng.choice(alphabet) for _ in range(rng.randrange(63)))
         yield Version(wall, logical, origin)
 
 
@@ -961,14 +1064,17 @@ def test_every_version_there_is_round_trips_and_sorts_like_its_text() -> None:
     assert sorted(versions, key=Version.encode) == sorted(versions)
 
 
-@pytest.mark.parametrize("parts", [
-    pytest.param((MAX_WALL + 1, 0, EU), id="wall-past-13-digits"),
-    pytest.param((-1, 0, EU), id="negative-wall"),
-    pytest.param((T0, MAX_LOGICAL + 1, EU), id="logical-past-6-digits"),
-    pytest.param((T0, -1, EU), id="negative-logical"),
-    pytest.param((T0, 0, "eu west"), id="origin-not-a-name"),
-    pytest.param((T0, 0, ""), id="empty-origin"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "parts",
+    [
+        pytest.param((MAX_WALL + 1, 0, EU), id="wall-past-13-digits"),
+        pytest.param((-1, 0, EU), id="negative-wall"),
+        pytest.param((T0, MAX_LOGICAL + 1, EU), id="logical-past-6-digits"),
+        pytest.param((T0, -1, EU), id="negative-logical"),
+        pytest.param((T0, 0, "eu west"), id="origin-not-a-name"),
+        pytest.param((T0, 0, ""), id="empty-origin"),
+    ],
+)
 def test_a_version_that_could_not_be_encoded_cannot_be_made(parts: tuple[int, int, str]) -> None:
     with pytest.raises(ValueError, match=r"out of range|not a stamp name"):
         Version(*parts)
@@ -1021,7 +1127,11 @@ def test_dead_letters_keep_the_reason_whole_and_the_raw_change_cut_at_64_kib(sto
     store.quarantine("received", US, [('{"id": "a"}', "why a"), ("x" * 100_000, "why b")])
     first, second = store.dead_letters()
     assert (first.direction, first.peer, first.change, first.reason) == (
-        "received", US, '{"id": "a"}', "why a")  # fmt: skip
+        "received",
+        US,
+        '{"id": "a"}',
+        "why a",
+    )
     assert second.change.startswith("x" * 65_536) and "(100000 characters in all)" in second.change
     assert second.reason == "why b" and second.seq > first.seq
     assert store.dead_letters(since=first.seq) == [second]

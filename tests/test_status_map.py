@@ -34,12 +34,18 @@ async def map_of(http: aiohttp.ClientSession, admin_url: str) -> tuple[ET.Elemen
 
 
 async def test_the_map_colours_countries_by_region_and_geodes_by_state(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     us = await geode_factory("us-1", "us-east")
-    proxy = await start(proxy_factory, [eu, us], countries={"FR": "eu-west", "JP": "us-east"},
-                        continents={"EU": "eu-west", "NA": "us-east"})  # fmt: skip
+    proxy = await start(
+        proxy_factory,
+        [eu, us],
+        countries={"FR": "eu-west", "JP": "us-east"},
+        continents={"EU": "eu-west", "NA": "us-east"},
+    )
     await mark_unhealthy(proxy, us)
     svg, page = await map_of(http, proxy.admin_url)
     assert svg.get("viewBox") == "0 0 720 360"
@@ -65,8 +71,10 @@ async def test_the_map_colours_countries_by_region_and_geodes_by_state(
 
 
 async def test_the_legend_gives_each_region_its_share_of_recent_requests(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     us = await geode_factory("us-1", "us-east")
     proxy = await start(proxy_factory, [eu, us], countries={"FR": "eu-west", "US": "us-east"})
@@ -76,6 +84,11 @@ async def test_the_legend_gives_each_region_its_share_of_recent_requests(
         async with http.get(f"{proxy.url}/whoami", headers={"CF-IPCountry": country}) as resp:
             assert resp.status == 200
     _, page = await map_of(http, proxy.admin_url)
-    shares = dict(re.findall(r'data-region="([\w-]+)"><span class=swatch[^>]*></span>'
-                             r"[\w-]+ (\d+ %|-)</span>", page))  # fmt: skip
+    shares = dict(
+        re.findall(
+            r'data-region="([\w-]+)"><span class=swatch[^>]*></span>'
+            r"[\w-]+ (\d+ %|-)</span>",
+            page,
+        )
+    )
     assert shares == {"eu-west": "75 %", "us-east": "25 %", "ap-northeast": "0 %"}

@@ -26,8 +26,9 @@ async def test_keep_alive_connections_to_a_geode_are_reused(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
-    proxy = await proxy_factory(base_config([geode_entry(eu)], regions={"eu-west": None},
-                                            countries={}, continents={}))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config([geode_entry(eu)], regions={"eu-west": None}, countries={}, continents={})
+    )
     async with aiohttp.ClientSession() as http:
         for _ in range(50):
             async with http.get(f"{proxy.url}/whoami") as resp:
@@ -44,11 +45,14 @@ async def test_keep_alive_race_resends_an_idempotent_request_once_on_a_fresh_con
     url = await geode.start()
     us = await geode_factory("us-1", "us-east")
     try:
-        proxy = await proxy_factory(base_config(
-            [{"name": "eu-1", "region": "eu-west", "url": url}, geode_entry(us)],
-            regions={"eu-west": {"fallback": ["us-east"]}, "us-east": None},
-            countries={}, continents={},
-        ))  # fmt: skip
+        proxy = await proxy_factory(
+            base_config(
+                [{"name": "eu-1", "region": "eu-west", "url": url}, geode_entry(us)],
+                regions={"eu-west": {"fallback": ["us-east"]}, "us-east": None},
+                countries={},
+                continents={},
+            )
+        )
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{proxy.url}/a") as resp:  # opens and pools a connection
                 assert resp.headers["X-Geoproxy-Geode"] == "eu-1"
@@ -129,11 +133,15 @@ async def two_geode_proxy(
     proxy_factory: ProxyFactory, geode_factory: GeodeFactory, url: str, **overrides: Any
 ) -> Any:
     us = await geode_factory("us-1", "us-east")
-    proxy = await proxy_factory(base_config(
-        [{"name": "eu-1", "region": "eu-west", "url": url}, geode_entry(us)],
-        regions={"eu-west": {"fallback": ["us-east"]}, "us-east": None},
-        countries={}, continents={}, **overrides,
-    ))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config(
+            [{"name": "eu-1", "region": "eu-west", "url": url}, geode_entry(us)],
+            regions={"eu-west": {"fallback": ["us-east"]}, "us-east": None},
+            countries={},
+            continents={},
+            **overrides,
+        )
+    )
     return proxy, us
 
 
@@ -142,21 +150,28 @@ async def quick_timeout_proxy(
 ) -> Any:
     """A proxy whose geodes may stay silent 300 ms, trying one geode per request."""
     proxy, _ = await two_geode_proxy(
-        proxy_factory, geode_factory, url,
+        proxy_factory,
+        geode_factory,
+        url,
         forwarding={"response_timeout": "300ms", "max_attempts": 1},
-    )  # fmt: skip
+    )
     return proxy
 
 
 @pytest.mark.parametrize(
     "answer",
-    [b"FOO BAR\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
-     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"],
+    [
+        b"FOO BAR\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+    ],
     ids=["garbage-status-line", "bad-content-length", "unasked-101"],
-)  # fmt: skip
+)
 async def test_a_malformed_geode_response_is_a_failover_not_a_500(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
-    caplog: pytest.LogCaptureFixture, answer: bytes,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    caplog: pytest.LogCaptureFixture,
+    answer: bytes,
 ) -> None:
     geode = ScriptedGeode(lambda n, line: answer)
     proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, await geode.start())
@@ -167,17 +182,21 @@ async def test_a_malformed_geode_response_is_a_failover_not_a_500(
             assert resp.status == 502  # a POST does not move on
             assert (await resp.json())["error"]["code"] == "bad_response"
         assert "Traceback" not in caplog.text
-        assert proxy.sample("geoproxy_upstream_attempts_total", geode="eu-1",
-                            outcome="bad_response") == 2  # fmt: skip
+        assert (
+            proxy.sample("geoproxy_upstream_attempts_total", geode="eu-1", outcome="bad_response")
+            == 2
+        )
     finally:
         await geode.close()
 
 
 async def test_an_interim_response_does_not_switch_the_response_timeout_off(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
-    geode = ScriptedGeode(lambda n, line: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
-                          hang=True)  # fmt: skip
+    geode = ScriptedGeode(
+        lambda n, line: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", hang=True
+    )
     proxy = await quick_timeout_proxy(proxy_factory, geode_factory, await geode.start())
     try:
         loop = asyncio.get_running_loop()
@@ -190,7 +209,8 @@ async def test_an_interim_response_does_not_switch_the_response_timeout_off(
 
 
 async def test_a_client_without_host_gets_each_geodes_own_host_on_failover(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     geode = ScriptedGeode(lambda n, line: b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
     url = await geode.start()
@@ -210,7 +230,8 @@ async def test_a_client_without_host_gets_each_geodes_own_host_on_failover(
 
 
 async def test_a_reset_pooled_connection_is_resent_once_on_a_fresh_one(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     geode = ScriptedGeode(one_shot, reset=True)  # an RST, not a FIN, on the second request
     url = await geode.start()
@@ -229,10 +250,15 @@ async def test_idle_pooled_connections_are_swept_after_the_keepalive_timeout(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
-    proxy = await proxy_factory(base_config(
-        [geode_entry(eu)], regions={"eu-west": None}, countries={}, continents={},
-        forwarding={"keepalive_timeout": "300ms"},
-    ))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config(
+            [geode_entry(eu)],
+            regions={"eu-west": None},
+            countries={},
+            continents={},
+            forwarding={"keepalive_timeout": "300ms"},
+        )
+    )
     async with aiohttp.ClientSession() as http:
         await asyncio.gather(*(http.get(f"{proxy.url}/slow?delay=0.1") for _ in range(5)))
     assert proxy.gateway.forwarder is not None
@@ -247,8 +273,9 @@ async def test_a_bodiless_post_carries_content_length_zero(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
-    proxy = await proxy_factory(base_config([geode_entry(eu)], regions={"eu-west": None},
-                                            countries={}, continents={}))  # fmt: skip
+    proxy = await proxy_factory(
+        base_config([geode_entry(eu)], regions={"eu-west": None}, countries={}, continents={})
+    )
     host, port = proxy.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -261,21 +288,35 @@ async def test_a_bodiless_post_carries_content_length_zero(
 
 SEQUENCE = [  # (method, the geode's answer, status and body the client gets)
     ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none", 200, b"one"),
-    ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ntwo\r\n0\r\n\r\n",
-     200, b"two"),
+    (
+        "GET",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ntwo\r\n0\r\n\r\n",
+        200,
+        b"two",
+    ),
     ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", 204, b""),
     ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", 200, b""),
-    ("GET", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
-            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfour", 200, b"four"),
+    (
+        "GET",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfour",
+        200,
+        b"four",
+    ),
     ("GET", b'HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\nETag: "x"\r\n\r\n', 304, b""),
-    ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-            b"HTTP/1.1 500 Oops\r\nX-Leftover: ", 200, b"ok"),
+    (
+        "GET",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 500 Oops\r\nX-Leftover: ",
+        200,
+        b"ok",
+    ),
     ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast", 200, b"last"),
-]  # fmt: skip
+]
 
 
 async def test_a_reused_connection_parses_each_following_response_right(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     """One connection carries every kind of response in turn, including a HEAD's and bytes
     the geode sent unasked after a response (left behind, not read as the next one's);
@@ -313,7 +354,8 @@ class TricklingGeode(ScriptedGeode):
 
 
 async def test_a_body_trickling_within_the_response_timeout_is_not_cut_off(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     """The response timeout is the longest silence, not a bound on the whole response:
     each chunk moves it on, twice over (the second time on a pooled connection)."""
@@ -329,7 +371,8 @@ async def test_a_body_trickling_within_the_response_timeout_is_not_cut_off(
 
 
 async def test_a_geode_falling_silent_mid_body_is_cut_off_after_the_response_timeout(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     geode = TricklingGeode(chunks=6, gap=0.05, stall_after=2)
     proxy = await quick_timeout_proxy(proxy_factory, geode_factory, await geode.start())
@@ -346,7 +389,8 @@ async def test_a_geode_falling_silent_mid_body_is_cut_off_after_the_response_tim
 
 
 async def test_the_response_timeout_fires_on_a_pooled_connection_after_a_1xx(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
 ) -> None:
     """A connection that served a response before (with the timer armed for that one)
     still times out the next one, silence after a 103 included."""

@@ -91,9 +91,11 @@ class Supervised:
         async with http.get(f"{self.admin_url}/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()
-        return {(s.name, frozenset(s.labels.items())): s.value
-                for family in text_string_to_metric_families(text)
-                for s in family.samples}  # fmt: skip
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
 
 def total(samples: dict[tuple[str, frozenset[Any]], float], name: str, **labels: str) -> float:
@@ -123,11 +125,18 @@ async def supervised(
     config: Path, workers: int = 2, env: dict[str, str] | None = None
 ) -> AsyncIterator[Supervised]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "geoproxy", "run", "--config", str(config),
-        "--workers", str(workers),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "geoproxy",
+        "run",
+        "--config",
+        str(config),
+        "--workers",
+        str(workers),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )  # fmt: skip
+    )
     running = Supervised(proc)
     try:
         await running.started()
@@ -148,9 +157,17 @@ async def spawned(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     """``geoproxy run --workers 2`` that is expected to end by itself: killed (and with it
     its workers, PR_SET_PDEATHSIG) if the test leaves before it does."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "geoproxy", "run", "--config", str(config), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "geoproxy",
+        "run",
+        "--config",
+        str(config),
+        "--workers",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     try:
         yield proc
     finally:
@@ -215,8 +232,13 @@ async def until_workers_serve(proxy: Supervised, http: aiohttp.ClientSession, n:
 
 
 def one_region(geodes: list[FakeGeode], **overrides: Any) -> dict[str, Any]:
-    data = base_config([geode_entry(g) for g in geodes], regions={"eu-west": None},
-                       countries={}, continents={}, access_log="off")  # fmt: skip
+    data = base_config(
+        [geode_entry(g) for g in geodes],
+        regions={"eu-west": None},
+        countries={},
+        continents={},
+        access_log="off",
+    )
     data.update(overrides)
     return data
 
@@ -259,10 +281,18 @@ async def run(path: Path, workers: int) -> AsyncIterator[tuple[Supervised, str, 
     """``geoproxy run --workers N`` (N = 1: one process): the process, proxy and admin
     URLs; killed with its workers if the test leaves before it ends."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "geoproxy", "run", "--config", str(path),
-        "--workers", str(workers), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "geoproxy",
+        "run",
+        "--config",
+        str(path),
+        "--workers",
+        str(workers),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     running = Supervised(proc)
     try:
         found = await running.wait_for(r"proxying on (http://[\d.:]+).* admin on (\S+)")
@@ -299,8 +329,11 @@ async def test_a_fleet_exposes_every_family_one_process_exposes(
     fleet_only = {n for n in exposed[2] if n.startswith(("geoproxy_worker_", "geoproxy_workers"))}
     assert "geoproxy_fast_lane_requests" in exposed[1]
     assert sorted(exposed[2] - fleet_only) == sorted(exposed[1])
-    assert fleet_only >= {"geoproxy_workers", "geoproxy_worker_restarts",
-                          "geoproxy_worker_requests"}  # fmt: skip
+    assert fleet_only >= {
+        "geoproxy_workers",
+        "geoproxy_worker_restarts",
+        "geoproxy_worker_requests",
+    }
 
 
 async def test_geodes_are_health_checked_by_the_supervisor_only(
@@ -308,8 +341,7 @@ async def test_geodes_are_health_checked_by_the_supervisor_only(
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     # A long interval: only the first round runs while the test looks.
-    data = one_region([eu], health_check={"interval": "60s", "timeout": "500ms",
-                                          "jitter": "0s"})  # fmt: skip
+    data = one_region([eu], health_check={"interval": "60s", "timeout": "500ms", "jitter": "0s"})
     async with supervised(write_config(data), workers=3) as proxy:
         assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 30) == [(200, "eu-1")] * 30
         # No wait needed: a process's first round is part of its start-up, and the
@@ -324,8 +356,15 @@ async def test_a_geode_failing_its_checks_leaves_every_workers_rotation(
 ) -> None:
     a = await geode_factory("eu-a", "eu-west")
     b = await geode_factory("eu-b", "eu-west")
-    data = one_region([a, b], health_check={"interval": "200ms", "timeout": "150ms",
-                                            "jitter": "0s", "unhealthy_threshold": 1})  # fmt: skip
+    data = one_region(
+        [a, b],
+        health_check={
+            "interval": "200ms",
+            "timeout": "150ms",
+            "jitter": "0s",
+            "unhealthy_threshold": 1,
+        },
+    )
     async with supervised(write_config(data), workers=2) as proxy:
         served = {geode for _, geode in await get_fresh(http, f"{proxy.proxy_url}/whoami", 40)}
         assert served == {"eu-a", "eu-b"}
@@ -405,8 +444,14 @@ async def test_sigterm_exits_within_the_drain_timeout_and_logs_the_requests_it_c
     on their geode), and the process exits within drain_timeout + DRAIN_MARGIN of the
     SIGTERM (aiohttp's own shutdown took 4 s)."""
     eu = await geode_factory("eu-1", "eu-west")
-    path = write_config(one_region([eu], access_log="json", shutdown={"drain_timeout": "2s"},
-                                   forwarding={"response_timeout": "60s"}))  # fmt: skip
+    path = write_config(
+        one_region(
+            [eu],
+            access_log="json",
+            shutdown={"drain_timeout": "2s"},
+            forwarding={"response_timeout": "60s"},
+        )
+    )
 
     async def get(url: str) -> int | str:
         try:
@@ -430,14 +475,21 @@ async def test_sigterm_exits_within_the_drain_timeout_and_logs_the_requests_it_c
         assert await asyncio.gather(*requests) == [200, "cut", "cut", "cut"]
     assert 2.0 <= took < 2.0 + DRAIN_MARGIN, f"exited {took:.2f}s after SIGTERM"
     out = proxy.output
-    cut = [json.loads(line[line.index("{"):]) for line in proxy.lines if '"cut":' in line]
+    cut = [json.loads(line[line.index("{") :]) for line in proxy.lines if '"cut":' in line]
     assert [(c["status"], c["geode"], c["attempts"], c["cut"]) for c in cut] == [
-        (503, "eu-1", 1, "drain_timeout")] * 3  # fmt: skip
-    warned = re.findall(r"WARNING.*shutdown.drain_timeout \(2s\) is over: cutting off (\d+) "
-                        r"requests? still in flight", out)  # fmt: skip
+        (503, "eu-1", 1, "drain_timeout")
+    ] * 3
+    warned = re.findall(
+        r"WARNING.*shutdown.drain_timeout \(2s\) is over: cutting off (\d+) "
+        r"requests? still in flight",
+        out,
+    )
     assert sum(map(int, warned)) == 3
-    assert re.search(r"geoproxy: geoproxy stopped: 1 request drained, 3 cut off by "
-                     r"shutdown.drain_timeout", out), out  # fmt: skip
+    assert re.search(
+        r"geoproxy: geoproxy stopped: 1 request drained, 3 cut off by "
+        r"shutdown.drain_timeout",
+        out,
+    ), out
     assert '"status":499' not in out and "Traceback" not in out
     assert "first health round over 1 geode\n" in out  # not "1 geodes"
 
@@ -459,13 +511,21 @@ async def test_a_bad_workers_value_is_rejected_with_the_choices(
     value: str, write_config: Callable[..., Path]
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "geoproxy", "run", "--config", "x.yaml", f"--workers={value}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "geoproxy",
+        "run",
+        "--config",
+        "x.yaml",
+        f"--workers={value}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await proc.communicate()
     assert proc.returncode == 2
-    assert (f"argument --workers: expected a whole number from 1 to 256, or 'auto'; "
-            f"got '{value}'") in out.decode()  # fmt: skip
+    assert (
+        f"argument --workers: expected a whole number from 1 to 256, or 'auto'; got '{value}'"
+    ) in out.decode()
 
 
 async def test_a_taken_port_fails_start_up_with_the_address(
@@ -517,17 +577,26 @@ def _own() -> CollectorRegistry:
     up.add_metric(["eu-1", "eu-west"], 1)
     ej = GaugeMetricFamily("geoproxy_geode_ejected", "e", labels=["geode", "region"])
     ej.add_metric(["eu-1", "eu-west"], 0)
-    own.register(_Families([
-        up, ej, CounterMetricFamily("geoproxy_requests", "r", labels=["geode", "code_class"]),
-        HistogramMetricFamily("geoproxy_request_duration_seconds", "d", labels=["geode"]),
-        GaugeMetricFamily("geoproxy_inflight_requests", "i", value=0),
-    ]))  # fmt: skip
+    own.register(
+        _Families(
+            [
+                up,
+                ej,
+                CounterMetricFamily("geoproxy_requests", "r", labels=["geode", "code_class"]),
+                HistogramMetricFamily("geoproxy_request_duration_seconds", "d", labels=["geode"]),
+                GaugeMetricFamily("geoproxy_inflight_requests", "i", value=0),
+            ]
+        )
+    )
     return own
 
 
 def _exposed(merged: fleet.Fleet) -> dict[tuple[str, frozenset[Any]], float]:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in merged.collect() for s in family.samples}  # fmt: skip
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in merged.collect()
+        for s in family.samples
+    }
 
 
 def test_fleet_sums_counters_and_histograms_and_takes_the_max_of_ejection() -> None:
@@ -563,7 +632,8 @@ def test_fleet_keeps_what_an_exited_worker_counted_but_not_its_gauges() -> None:
 
 
 async def test_a_worker_failing_at_start_up_fails_the_start_with_its_reason(
-    geode_factory: GeodeFactory, write_config: Callable[..., Path],
+    geode_factory: GeodeFactory,
+    write_config: Callable[..., Path],
     make_mmdb: Callable[..., Path],
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
@@ -571,9 +641,11 @@ async def test_a_worker_failing_at_start_up_fails_the_start_with_its_reason(
     # The supervisor opens the GeoIP database, then runs a first health round of 1 s: time
     # to spoil the database before the workers (which open the supervisor's file, not the
     # path) start. Written over in place, not replaced: the file they inherit is empty.
-    data = one_region([eu], geoip={"database": str(mmdb)},
-                      health_check={"path": "/slow?delay=1", "timeout": "3s",
-                                    "interval": "5s"})  # fmt: skip
+    data = one_region(
+        [eu],
+        geoip={"database": str(mmdb)},
+        health_check={"path": "/slow?delay=1", "timeout": "3s", "interval": "5s"},
+    )
     path = write_config(data)
     async with spawned(path) as proc, asyncio.timeout(20):
         assert proc.stdout is not None
@@ -637,9 +709,11 @@ async def test_sigterm_to_every_process_still_drains(
 
 @pytest.mark.parametrize("change", ["broken", "other geode"])
 async def test_a_restarted_worker_serves_the_supervisors_config_not_the_files(
-    change: str, geode_factory: GeodeFactory, write_config: Callable[..., Path],
+    change: str,
+    geode_factory: GeodeFactory,
+    write_config: Callable[..., Path],
     http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+) -> None:
     old = await geode_factory("eu-old", "eu-west")
     other = await geode_factory("eu-other", "eu-west")
     no_polling = {"poll_interval": "0s"}  # only SIGHUP reloads: the file just sits there
@@ -661,10 +735,11 @@ async def test_an_active_pass_readmits_a_geode_a_worker_ejected(
 ) -> None:
     a = await geode_factory("eu-a", "eu-west")
     b = await geode_factory("eu-b", "eu-west")
-    data = one_region([a, b], health_check={"interval": "200ms", "timeout": "150ms",
-                                            "jitter": "0s"},
-                      outlier_detection={"consecutive_failures": 1,
-                                         "base_ejection_time": "60s"})  # fmt: skip
+    data = one_region(
+        [a, b],
+        health_check={"interval": "200ms", "timeout": "150ms", "jitter": "0s"},
+        outlier_detection={"consecutive_failures": 1, "base_ejection_time": "60s"},
+    )
     async with supervised(write_config(data), workers=2) as proxy:
         a.force_status = 503  # live traffic fails on eu-a while its /health passes
         assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 40) == [(200, "eu-b")] * 40
@@ -683,9 +758,11 @@ async def test_status_geodes_and_metrics_agree_on_a_geode_a_worker_ejected(
     and geode_up take it from the workers' counts, as one process would show it."""
     a = await geode_factory("eu-a", "eu-west")
     b = await geode_factory("eu-b", "eu-west")
-    data = one_region([a, b], health_check={"interval": "1h", "timeout": "500ms"},
-                      outlier_detection={"consecutive_failures": 1,
-                                         "base_ejection_time": "60s"})  # fmt: skip
+    data = one_region(
+        [a, b],
+        health_check={"interval": "1h", "timeout": "500ms"},
+        outlier_detection={"consecutive_failures": 1, "base_ejection_time": "60s"},
+    )
     async with supervised(write_config(data), workers=2) as proxy:
         a.force_status = 503  # live traffic fails on eu-a; no active check re-admits it
         assert await get_fresh(http, f"{proxy.proxy_url}/whoami", 40) == [(200, "eu-b")] * 40
@@ -699,8 +776,11 @@ async def test_status_geodes_and_metrics_agree_on_a_geode_a_worker_ejected(
         assert listed["eu-b"]["state"] == "up"
         async with http.get(f"{proxy.admin_url}/status") as resp:
             page = await resp.text()
-        assert re.search(r"<tr class=ejected><td>eu-a</td><td>eu-west</td><td>EJECTED by a "
-                         r"worker</td><td>-</td>", page), page  # fmt: skip
+        assert re.search(
+            r"<tr class=ejected><td>eu-a</td><td>eu-west</td><td>EJECTED by a "
+            r"worker</td><td>-</td>",
+            page,
+        ), page
         assert "1 of 2 geodes take traffic" in page
 
 
@@ -796,6 +876,7 @@ async def test_a_restarted_worker_that_never_gets_ready_is_killed_and_started_ag
     env = {"GEOPROXY_WORKER_START_TIMEOUT": "5"}  # the first start too: not too short
     async with supervised(write_config(one_region([eu])), workers=2, env=env) as proxy:
         os.kill(proxy.pids[0], signal.SIGKILL)
+
         def replacement() -> list[int]:
             return [p for p in children(proxy.proc.pid) if p not in proxy.pids and is_worker(p)]
 

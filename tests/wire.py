@@ -55,8 +55,10 @@ def names(lines: list[bytes]) -> list[bytes]:
 def chunked(payload: bytes, size: int = 8192, ext: bytes = b"", trailers: bytes = b"") -> bytes:
     """``payload`` in the chunked coding: chunks of ``size`` bytes (each with ``ext`` after
     its size), the last chunk, ``trailers`` ("Name: value\\r\\n" lines) and the blank line."""
-    out = [b"%x%s\r\n%s\r\n" % (len(payload[i : i + size]), ext, payload[i : i + size])
-           for i in range(0, len(payload), size)]  # fmt: skip
+    out = [
+        b"%x%s\r\n%s\r\n" % (len(payload[i : i + size]), ext, payload[i : i + size])
+        for i in range(0, len(payload), size)
+    ]
     return b"".join(out) + b"0\r\n" + trailers + b"\r\n"
 
 
@@ -135,8 +137,10 @@ def _closes_after(request: Received, reply: bytes) -> bool:
     final = reply
     while final[9:10] == b"1" and b"\r\n\r\n" in final:  # skip interim 1xx heads
         final = final.split(b"\r\n\r\n", 1)[1]
-    answer = [v.lower() for v in values(header_lines(final.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"),
-                                        b"connection")]  # fmt: skip
+    answer = [
+        v.lower()
+        for v in values(header_lines(final.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"), b"connection")
+    ]
     asked = b",".join(values(request.lines, b"connection")).lower()
     if b"close" in answer or b"close" in asked:
         return True
@@ -197,8 +201,10 @@ class RecordingGeode:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 if any(len(line) > self.max_line for line in head.split(b"\r\n")):
-                    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")  # fmt: skip
+                    writer.write(
+                        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
+                    )
                     return
                 lines = header_lines(head)
                 if not head.startswith(b"GET /health "):
@@ -223,8 +229,12 @@ class RecordingGeode:
                 await writer.drain()
                 if _closes_after(request, answer):
                     return
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
-                ValueError):  # fmt: skip
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ValueError,
+        ):
             pass
         finally:
             writer.close()
@@ -334,20 +344,23 @@ class RawClient:
             await self.writer.wait_closed()
 
 
-async def exchange(url: str, data: bytes, methods: list[bytes],
-                   within: float = WAIT) -> list[Response]:  # fmt: skip
+async def exchange(
+    url: str, data: bytes, methods: list[bytes], within: float = WAIT
+) -> list[Response]:
     """Open a connection, send ``data``, read the responses, close."""
     return (await _exchange(url, data, methods, within, False))[0]
 
 
-async def exchange_to_the_end(url: str, data: bytes, methods: list[bytes],
-                              within: float = WAIT) -> tuple[list[Response], bool]:  # fmt: skip
+async def exchange_to_the_end(
+    url: str, data: bytes, methods: list[bytes], within: float = WAIT
+) -> tuple[list[Response], bool]:
     """``exchange``, and whether the other side then closed the connection."""
     return await _exchange(url, data, methods, within, True)
 
 
-async def _exchange(url: str, data: bytes, methods: list[bytes], within: float,
-                    wait_close: bool) -> tuple[list[Response], bool]:  # fmt: skip
+async def _exchange(
+    url: str, data: bytes, methods: list[bytes], within: float, wait_close: bool
+) -> tuple[list[Response], bool]:
     client = await RawClient.open(url)
     try:
         client.send(data)
@@ -360,7 +373,12 @@ async def _exchange(url: str, data: bytes, methods: list[bytes], within: float,
 async def proxy_to(proxy_factory: ProxyFactory, url: str, **overrides: Any) -> Proxy:
     """A proxy with one geode, ``rec-1`` in eu-west, at ``url``: every request goes there
     and nowhere else (no fallback)."""
-    return await proxy_factory(base_config(
-        [{"name": "rec-1", "region": "eu-west", "url": url}],
-        regions={"eu-west": None}, countries={}, continents={}, **overrides,
-    ))  # fmt: skip
+    return await proxy_factory(
+        base_config(
+            [{"name": "rec-1", "region": "eu-west", "url": url}],
+            regions={"eu-west": None},
+            countries={},
+            continents={},
+            **overrides,
+        )
+    )

@@ -84,10 +84,11 @@ async def health(request: web.Request) -> web.Response:
         backlog = {p.name: st.store.backlog(p.name) for p in st.config.peers}
     except Exception as exc:  # the store is unusable: the proxy must stop sending here
         log.error("health: the store is unusable: %s", exc)
-        return web.json_response({**body, "status": "unavailable", "store": "unusable"},
-                                 status=503)  # fmt: skip
-    replication = {name: {"backlog": count, "lag_seconds": age or 0.0}
-                   for name, (count, age) in backlog.items()}  # fmt: skip
+        return web.json_response({**body, "status": "unavailable", "store": "unusable"}, status=503)
+    replication = {
+        name: {"backlog": count, "lag_seconds": age or 0.0}
+        for name, (count, age) in backlog.items()
+    }
     body.update(status="ok", store="ok", replication=replication)
     bound = st.config.max_replication_lag
     lagging = sorted(n for n, r in replication.items() if bound and r["lag_seconds"] > bound)
@@ -129,8 +130,11 @@ def _put(store: Store, id: str, value: str | None) -> Change:
     try:
         return store.put(id, value)
     except VersionOverflow:  # only a version at the very end of time is ahead of this one
-        raise BadRequest(409, "version_exhausted", f"item {id!r} holds the largest version "
-                         "there is: no write can follow it") from None  # fmt: skip
+        raise BadRequest(
+            409,
+            "version_exhausted",
+            f"item {id!r} holds the largest version there is: no write can follow it",
+        ) from None
 
 
 def _none_match(header: str | None, etag: str) -> bool:
@@ -154,8 +158,9 @@ async def delete_item(request: web.Request) -> web.Response:
     replicator.notify()
     if sync:
         await _confirm(request, change)
-    return _with_etag({"id": id, "deleted": True, "version": change.version.encode()},
-                      change.version)  # fmt: skip
+    return _with_etag(
+        {"id": id, "deleted": True, "version": change.version.encode()}, change.version
+    )
 
 
 async def list_items(request: web.Request) -> web.Response:
@@ -218,20 +223,28 @@ async def _confirm(request: web.Request, change: Change) -> None:
         metrics.sync_writes.labels("confirmed").inc()
         return
     metrics.sync_writes.labels("unconfirmed").inc()
-    raise BadRequest(503, "sync_not_confirmed", (
-        f"written locally (version {change.version.encode()}) but confirmed by "
-        f"{len(acked)} of the {need} peers required ({', '.join(sorted(failed))} failed); "
-        "the write is kept and will replicate asynchronously"
-    ))  # fmt: skip
+    raise BadRequest(
+        503,
+        "sync_not_confirmed",
+        (
+            f"written locally (version {change.version.encode()}) but confirmed by "
+            f"{len(acked)} of the {need} peers required ({', '.join(sorted(failed))} failed); "
+            "the write is kept and will replicate asynchronously"
+        ),
+    )
 
 
 def stamp_runner(app: web.Application, shutdown_timeout: float = 10.0) -> web.AppRunner:
     """A runner for one of the stamp's apps, with its listener limits: a connection's
     first request head must arrive within ``header_timeout`` (else 408, closed), an idle
     connection closes after ``keepalive_timeout``."""
-    return _LimitedRunner(app, access_log=None, handle_signals=False,
-                          keepalive_timeout=app[STATE].config.keepalive_timeout,
-                          shutdown_timeout=shutdown_timeout)  # fmt: skip
+    return _LimitedRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=app[STATE].config.keepalive_timeout,
+        shutdown_timeout=shutdown_timeout,
+    )
 
 
 class _LimitedRunner(web.AppRunner):
@@ -258,12 +271,19 @@ def build_stamp_app(
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             if config.peers and not config.secret:
-                raise StartError(f"stamp {config.name}: peers need the fleet's shared secret "
-                                 "(peer_auth) to sign replication")  # fmt: skip
+                raise StartError(
+                    f"stamp {config.name}: peers need the fleet's shared secret "
+                    "(peer_auth) to sign replication"
+                )
             try:
-                store = Store(config.database, config.name, config.region,
-                              durable=config.durable, max_clock_skew=config.max_clock_skew,
-                              allow_clock_ahead=config.allow_clock_ahead)  # fmt: skip
+                store = Store(
+                    config.database,
+                    config.name,
+                    config.region,
+                    durable=config.durable,
+                    max_clock_skew=config.max_clock_skew,
+                    allow_clock_ahead=config.allow_clock_ahead,
+                )
             except ClockAhead as exc:
                 raise StartError(str(exc)) from None
             stack.callback(store.close)
@@ -272,9 +292,12 @@ def build_stamp_app(
             state.metrics = StampMetrics(state.registry, store, config)
             metrics = state.metrics
             state.replicator = Replicator(
-                store, config, session, on_push=lambda p, r: metrics.pushes.labels(p, r).inc(),
+                store,
+                config,
+                session,
+                on_push=lambda p, r: metrics.pushes.labels(p, r).inc(),
                 on_park=lambda p: metrics.quarantined.labels("sent", "refused").inc(),
-            )  # fmt: skip
+            )
             runner = stamp_runner(peer_app)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
@@ -287,9 +310,14 @@ def build_stamp_app(
                     await task
 
             stack.push_async_callback(stop)
-            log.info("stamp %s (%s) serving from %s, %d peers; peer listener on http://%s:%d",
-                     config.name, config.region, config.database, len(config.peers),
-                     *state.peer_address)  # fmt: skip
+            log.info(
+                "stamp %s (%s) serving from %s, %d peers; peer listener on http://%s:%d",
+                config.name,
+                config.region,
+                config.database,
+                len(config.peers),
+                *state.peer_address,
+            )
             yield
 
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_VALUE_BYTES)
@@ -316,7 +344,9 @@ async def _start_peer_site(
     try:
         await site.start()
     except OSError as exc:
-        raise StartError(f"cannot listen for peers on {config.peer_host}:{config.peer_port}: "
-                         f"{exc.strerror or exc}") from None  # fmt: skip
+        raise StartError(
+            f"cannot listen for peers on {config.peer_host}:{config.peer_port}: "
+            f"{exc.strerror or exc}"
+        ) from None
     host, port = runner.addresses[0][:2]
     return str(host), int(port)

@@ -50,8 +50,12 @@ def sign(
     raw path and query)."""
     timestamp = str(int(time.time() if now is None else now))
     digest = body_digest(body)
-    return {PEER: peer, TIMESTAMP: timestamp, DIGEST: digest,
-            SIGNATURE: _mac(secret, method, path_qs, timestamp, peer, digest)}  # fmt: skip
+    return {
+        PEER: peer,
+        TIMESTAMP: timestamp,
+        DIGEST: digest,
+        SIGNATURE: _mac(secret, method, path_qs, timestamp, peer, digest),
+    }
 
 
 def verify(
@@ -70,8 +74,10 @@ def verify(
     peer, timestamp = headers.get(PEER), headers.get(TIMESTAMP)
     digest, signature = headers.get(DIGEST), headers.get(SIGNATURE)
     if peer is None or timestamp is None or digest is None or signature is None:
-        raise AuthError("unsigned", f"a peer request needs {PEER}, {TIMESTAMP}, {DIGEST} and "
-                        f"{SIGNATURE} headers")  # fmt: skip
+        raise AuthError(
+            "unsigned",
+            f"a peer request needs {PEER}, {TIMESTAMP}, {DIGEST} and {SIGNATURE} headers",
+        )
     if peer not in peers:
         raise AuthError("unknown_peer", f"{peer[:64]!r} is not a peer of this stamp")
     if not _TIME.match(timestamp) or not _HEX64.match(digest):
@@ -81,8 +87,11 @@ def verify(
         raise AuthError("bad_signature", "the signature does not match")
     skew = (time.time() if now is None else now) - int(timestamp)
     if abs(skew) > window:
-        raise AuthError("expired", f"signed {skew:.0f}s from now, outside the {window:g}s "
-                        "window (replayed, or the clocks are apart)")  # fmt: skip
+        raise AuthError(
+            "expired",
+            f"signed {skew:.0f}s from now, outside the {window:g}s "
+            "window (replayed, or the clocks are apart)",
+        )
     return peer, digest
 
 

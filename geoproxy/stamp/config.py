@@ -73,8 +73,18 @@ def load(path: str | Path) -> StampConfig:
 
 
 def _build(root: Node, path: Path) -> StampConfig | None:
-    keys = ("name", "region", "listen", "database", "peers", "replication", "durability",
-            "peer_auth", "max_clock_skew", "health")  # fmt: skip
+    keys = (
+        "name",
+        "region",
+        "listen",
+        "database",
+        "peers",
+        "replication",
+        "durability",
+        "peer_auth",
+        "max_clock_skew",
+        "health",
+    )
     if not root.expect_mapping(keys, required=("name", "region", "database")):
         return None
     name = _name(root.get("name"))
@@ -113,12 +123,22 @@ def _build(root: Node, path: Path) -> StampConfig | None:
     if not (name and region and database):
         return None
     return StampConfig(
-        path=path, name=name, region=region, host=host, port=8101 if port is None else port,
-        database=path.parent / database, peers=tuple(peers), replication=replication,
-        durable=durability == "full", peer_host=peer_host,
-        peer_port=9101 if peer_port is None else peer_port, secret=secret,
-        auth_window=window, max_clock_skew=skew, max_replication_lag=lag,
-    )  # fmt: skip
+        path=path,
+        name=name,
+        region=region,
+        host=host,
+        port=8101 if port is None else port,
+        database=path.parent / database,
+        peers=tuple(peers),
+        replication=replication,
+        durable=durability == "full",
+        peer_host=peer_host,
+        peer_port=9101 if peer_port is None else peer_port,
+        secret=secret,
+        auth_window=window,
+        max_clock_skew=skew,
+        max_replication_lag=lag,
+    )
 
 
 def _duration(node: Node, default: float) -> float:
@@ -130,13 +150,17 @@ def _secret(node: Node, path: Path, needed: bool) -> bytes | None:
     environment variable ``secret_env``: exactly one of them."""
     if node.missing:
         if needed:
-            node.problem("required with peers: the fleet's shared secret, as secret_file "
-                         "or secret_env (never inline)")  # fmt: skip
+            node.problem(
+                "required with peers: the fleet's shared secret, as secret_file "
+                "or secret_env (never inline)"
+            )
         return None
     if isinstance(node.value, dict) and "secret" in node.value:
-        node.get("secret").problem("never inline (the YAML is read by many): put the secret "
-                                   "in secret_file, or name an environment variable in "
-                                   "secret_env")  # fmt: skip
+        node.get("secret").problem(
+            "never inline (the YAML is read by many): put the secret "
+            "in secret_file, or name an environment variable in "
+            "secret_env"
+        )
         return None
     if not node.expect_mapping(("secret_file", "secret_env", "window")):
         return None
@@ -165,8 +189,10 @@ def _secret(node: Node, path: Path, needed: bool) -> bytes | None:
         raw, where = text.encode(), env_node
     secret = raw.strip()
     if len(secret) < MIN_SECRET_BYTES:
-        where.problem(f"the secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)} "
-                      "(e.g. openssl rand -hex 32)")  # fmt: skip
+        where.problem(
+            f"the secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)} "
+            "(e.g. openssl rand -hex 32)"
+        )
         return None
     return secret
 

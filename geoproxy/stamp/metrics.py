@@ -28,16 +28,20 @@ class _StoreCollector(Collector):
             return  # the store is unusable (/health says so): export the other metrics
 
     def _collect(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily("stamp_items", "Live items in the local store.",
-                                value=self.store.count())  # fmt: skip
+        yield GaugeMetricFamily(
+            "stamp_items", "Live items in the local store.", value=self.store.count()
+        )
         backlog = GaugeMetricFamily(
-            "stamp_replication_backlog", "This stamp's changes a peer has not acknowledged.",
+            "stamp_replication_backlog",
+            "This stamp's changes a peer has not acknowledged.",
             labels=["peer"],
-        )  # fmt: skip
+        )
         lag = GaugeMetricFamily(
-            "stamp_replication_lag_seconds", "Age of the oldest change a peer has not "
-            "acknowledged: the oldest unsent change (0 when none).", labels=["peer"],
-        )  # fmt: skip
+            "stamp_replication_lag_seconds",
+            "Age of the oldest change a peer has not "
+            "acknowledged: the oldest unsent change (0 when none).",
+            labels=["peer"],
+        )
         for peer in self.config.peers:
             count, age = self.store.backlog(peer.name)
             backlog.add_metric([peer.name], count)
@@ -51,29 +55,49 @@ class StampMetrics:
         self.registry = registry
         r = registry
         registry.register(_StoreCollector(store, config))
-        self.writes = Counter("stamp_writes", "Local writes, by kind (put, delete, counter).",
-                              ["kind"], registry=r)  # fmt: skip
-        self.applied = Counter("stamp_changes_applied", "Peers' changes applied here, by "
-                               "result (applied, ignored: older or duplicate).", ["result"],
-                               registry=r)  # fmt: skip
-        self.conflicts = Counter(
-            "stamp_conflicts_resolved", "Concurrent writes from different stamps settled by "
-            "last-write-wins.", registry=r,
-        )  # fmt: skip
-        self.apply_errors = Counter("stamp_apply_errors", "Replication batches refused as "
-                                    "invalid or failed to apply.", registry=r)  # fmt: skip
-        self.pushes = Counter("stamp_replication_pushes", "Pushes to peers, by result.",
-                              ["peer", "result"], registry=r)  # fmt: skip
-        self.quarantined = Counter(
-            "stamp_quarantined_changes", "Changes put in the dead-letter table, by direction "
-            "(received: a peer's change refused here; sent: ours a peer refused for good) and "
-            "reason (invalid, wrong_origin, clock_skew, refused).", ["direction", "reason"],
+        self.writes = Counter(
+            "stamp_writes", "Local writes, by kind (put, delete, counter).", ["kind"], registry=r
+        )
+        self.applied = Counter(
+            "stamp_changes_applied",
+            "Peers' changes applied here, by result (applied, ignored: older or duplicate).",
+            ["result"],
             registry=r,
-        )  # fmt: skip
+        )
+        self.conflicts = Counter(
+            "stamp_conflicts_resolved",
+            "Concurrent writes from different stamps settled by last-write-wins.",
+            registry=r,
+        )
+        self.apply_errors = Counter(
+            "stamp_apply_errors",
+            "Replication batches refused as invalid or failed to apply.",
+            registry=r,
+        )
+        self.pushes = Counter(
+            "stamp_replication_pushes",
+            "Pushes to peers, by result.",
+            ["peer", "result"],
+            registry=r,
+        )
+        self.quarantined = Counter(
+            "stamp_quarantined_changes",
+            "Changes put in the dead-letter table, by direction "
+            "(received: a peer's change refused here; sent: ours a peer refused for good) and "
+            "reason (invalid, wrong_origin, clock_skew, refused).",
+            ["direction", "reason"],
+            registry=r,
+        )
         self.auth_failures = Counter(
-            "stamp_peer_auth_failures", "Requests to the replication endpoints refused as "
-            "not from an authenticated peer (401), by reason.", ["reason"], registry=r,
-        )  # fmt: skip
-        self.sync_writes = Counter("stamp_sync_writes", "Writes asked to be confirmed by "
-                                   "peers, by result (confirmed, unconfirmed).", ["result"],
-                                   registry=r)  # fmt: skip
+            "stamp_peer_auth_failures",
+            "Requests to the replication endpoints refused as "
+            "not from an authenticated peer (401), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.sync_writes = Counter(
+            "stamp_sync_writes",
+            "Writes asked to be confirmed by peers, by result (confirmed, unconfirmed).",
+            ["result"],
+            registry=r,
+        )

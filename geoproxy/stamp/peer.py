@@ -49,9 +49,14 @@ def authenticate(request: web.Request) -> tuple[str, str]:
     with the secret) otherwise."""
     st = request.app[STATE]
     try:
-        return auth.verify(st.config.secret, {p.name for p in st.config.peers},
-                           st.config.auth_window, request.method, request.rel_url.raw_path_qs,
-                           request.headers)  # fmt: skip
+        return auth.verify(
+            st.config.secret,
+            {p.name for p in st.config.peers},
+            st.config.auth_window,
+            request.method,
+            request.rel_url.raw_path_qs,
+            request.headers,
+        )
     except auth.AuthError as exc:
         raise _unauthenticated(request, exc) from None
 
@@ -59,8 +64,14 @@ def authenticate(request: web.Request) -> tuple[str, str]:
 def _unauthenticated(request: web.Request, exc: auth.AuthError) -> BadRequest:
     _, metrics, _ = parts(request)
     metrics.auth_failures.labels(exc.reason).inc()
-    log.warning("refused %s %s from %s: not an authenticated peer (%s: %s)", request.method,
-                request.path, request.remote, exc.reason, exc.message)  # fmt: skip
+    log.warning(
+        "refused %s %s from %s: not an authenticated peer (%s: %s)",
+        request.method,
+        request.path,
+        request.remote,
+        exc.reason,
+        exc.message,
+    )
     return BadRequest(401, "unauthenticated", f"not an authenticated peer: {exc.message}")
 
 
@@ -93,19 +104,28 @@ async def push_changes(request: web.Request) -> web.Response:
     except Exception:
         metrics.apply_errors.inc()
         log.exception("applying a batch from %s failed", peer)
-        return json_error(500, "apply_failed", "batch not (wholly) applied (this stamp's log "
-                          "says why); the sender sends it again")  # fmt: skip
+        return json_error(
+            500,
+            "apply_failed",
+            "batch not (wholly) applied (this stamp's log says why); the sender sends it again",
+        )
     if bad:
         store.quarantine("received", peer, [(text, reason) for text, _, reason in bad])
         for _, code, _ in bad:
             metrics.quarantined.labels("received", code).inc()
-        log.warning("quarantined %d of %d changes from %s (GET /dead-letters); the first: %s",
-                    len(bad), len(bad) + len(good), peer, bad[0][2])  # fmt: skip
+        log.warning(
+            "quarantined %d of %d changes from %s (GET /dead-letters); the first: %s",
+            len(bad),
+            len(bad) + len(good),
+            peer,
+            bad[0][2],
+        )
     metrics.applied.labels("applied").inc(applied)
     metrics.applied.labels("ignored").inc(ignored)
     metrics.conflicts.inc(conflicts)
-    return web.json_response({"applied": applied, "ignored": ignored, "conflicts": conflicts,
-                              "quarantined": len(bad)})  # fmt: skip
+    return web.json_response(
+        {"applied": applied, "ignored": ignored, "conflicts": conflicts, "quarantined": len(bad)}
+    )
 
 
 def _slices(changes: list[Change]) -> Iterator[list[Change]]:
@@ -169,20 +189,32 @@ def _change(c: Any, peer: str, now_ms: int, skew_ms: int) -> Change:
     if not isinstance(deleted, bool) or not isinstance(region, str) or not region:
         raise _Refused("invalid", "invalid change (deleted or region)")
     if version.origin != peer:
-        raise _Refused("wrong_origin", f"origin {version.origin!r} is not the sending peer "
-                       f"{peer!r} (a stamp sends only its own changes)")  # fmt: skip
+        raise _Refused(
+            "wrong_origin",
+            f"origin {version.origin!r} is not the sending peer "
+            f"{peer!r} (a stamp sends only its own changes)",
+        )
     if version.wall > now_ms + skew_ms:
-        raise _Refused("clock_skew", f"version {version.encode()} is "
-                       f"{(version.wall - now_ms) / 1000:.0f}s ahead of this stamp's clock, "
-                       f"more than max_clock_skew ({skew_ms / 1000:g}s)")  # fmt: skip
+        raise _Refused(
+            "clock_skew",
+            f"version {version.encode()} is "
+            f"{(version.wall - now_ms) / 1000:.0f}s ahead of this stamp's clock, "
+            f"more than max_clock_skew ({skew_ms / 1000:g}s)",
+        )
     if kind == COUNTER:
-        ok = isinstance(value, dict) and set(value) == {"p", "n"} and all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT64_MAX
-            for v in value.values()
-        )  # fmt: skip
+        ok = (
+            isinstance(value, dict)
+            and set(value) == {"p", "n"}
+            and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT64_MAX
+                for v in value.values()
+            )
+        )
         if not ok or deleted:
-            raise _Refused("invalid", f'invalid change (counter value: {{"p": n, "n": n}}, '
-                           f"0 <= n <= {INT64_MAX})")  # fmt: skip
+            raise _Refused(
+                "invalid",
+                f'invalid change (counter value: {{"p": n, "n": n}}, 0 <= n <= {INT64_MAX})',
+            )
     if deleted and value is not None:  # a live item's value may be JSON null
         raise _Refused("invalid", "invalid change (a delete carries a value)")
     try:
@@ -211,38 +243,49 @@ async def pull_changes(request: web.Request) -> web.Response:
     origin = request.query.get("origin") or None
     batch = store.changes_since(since, limit, origin=origin, max_bytes=PAGE_BYTES)
     log.debug("%s pulled %d changes after %d", peer, len(batch), since)
-    return web.json_response({
-        "changes": [c.as_dict() for _, c in batch],
-        "next_since": batch[-1][0] if batch else since,
-    })  # fmt: skip
+    return web.json_response(
+        {
+            "changes": [c.as_dict() for _, c in batch],
+            "next_since": batch[-1][0] if batch else since,
+        }
+    )
 
 
 def _log_page(request: web.Request, key: str, fetch: Any) -> web.Response:
     """One page of a log after ``?since=`` (``fetch(since, limit)`` -> [(seq, entry)])."""
     since = int_query(request, "since", 0, 0, 2**62)
     page = fetch(since, int_query(request, "limit", 100, 1, 1000))
-    return web.json_response({key: [entry for _, entry in page],
-                              "next_since": page[-1][0] if page else since})  # fmt: skip
+    return web.json_response(
+        {key: [entry for _, entry in page], "next_since": page[-1][0] if page else since}
+    )
 
 
 async def events(request: web.Request) -> web.Response:
     store, _, _ = parts(request)
-    return _log_page(request, "events", lambda since, limit: [
-        (seq, {"seq": seq, **c.as_dict()})
-        for seq, c in store.changes_since(since, limit, max_bytes=PAGE_BYTES)
-    ])  # fmt: skip
+    return _log_page(
+        request,
+        "events",
+        lambda since, limit: [
+            (seq, {"seq": seq, **c.as_dict()})
+            for seq, c in store.changes_since(since, limit, max_bytes=PAGE_BYTES)
+        ],
+    )
 
 
 async def dead_letters(request: web.Request) -> web.Response:
     store, _, _ = parts(request)
-    return _log_page(request, "dead_letters", lambda since, limit: [
-        (d.seq, d.as_dict()) for d in store.dead_letters(since, limit)
-    ])  # fmt: skip
+    return _log_page(
+        request,
+        "dead_letters",
+        lambda since, limit: [(d.seq, d.as_dict()) for d in store.dead_letters(since, limit)],
+    )
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(request.app[STATE].registry),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})  # fmt: skip
+    return web.Response(
+        body=generate_latest(request.app[STATE].registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )
 
 
 def add_routes(app: web.Application) -> None:

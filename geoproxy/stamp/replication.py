@@ -69,11 +69,14 @@ class Replicator:
         self._client = RetryClient(
             client_session=session,
             retry_options=JitterRetry(
-                attempts=3, start_timeout=rep.min_backoff, max_timeout=rep.max_backoff,
-                methods={"POST"}, exceptions={aiohttp.ClientError, TimeoutError},
+                attempts=3,
+                start_timeout=rep.min_backoff,
+                max_timeout=rep.max_backoff,
+                methods={"POST"},
+                exceptions={aiohttp.ClientError, TimeoutError},
                 random_interval_size=rep.min_backoff,
             ),
-        )  # fmt: skip
+        )
 
     def notify(self) -> None:
         """A local write happened: push it now rather than at the next interval."""
@@ -92,11 +95,11 @@ class Replicator:
         data = BytesIOPayload(io.BytesIO(raw), content_type="application/json")
         timeout = aiohttp.ClientTimeout(total=self.config.replication.timeout)
         url = peer.url.with_path(PUSH_PATH)
-        headers = auth.sign(self.config.secret or b"", self.config.name, "POST",
-                            url.raw_path_qs, raw)  # fmt: skip
+        headers = auth.sign(
+            self.config.secret or b"", self.config.name, "POST", url.raw_path_qs, raw
+        )
         try:
-            async with self._client.post(url, data=data, timeout=timeout,
-                                         headers=headers) as resp:  # fmt: skip
+            async with self._client.post(url, data=data, timeout=timeout, headers=headers) as resp:
                 if resp.status != 200:
                     text = (await resp.text())[:200]
                     error = Refused if resp.status in PERMANENT else PushError
@@ -128,9 +131,11 @@ class Replicator:
     async def push_once(self, peer: Peer) -> int:
         """One batch from the cursor to a peer; the number of changes it acknowledged."""
         batch = self.store.changes_since(
-            self.store.cursor(peer.name), self.config.replication.batch_size,
-            origin=self.config.name, max_bytes=MAX_PUSH_BYTES,
-        )  # fmt: skip
+            self.store.cursor(peer.name),
+            self.config.replication.batch_size,
+            origin=self.config.name,
+            max_bytes=MAX_PUSH_BYTES,
+        )
         if not batch:
             return 0
         try:
@@ -139,8 +144,12 @@ class Replicator:
             if len(batch) == 1:
                 self._park(peer, batch[0][1], str(exc))
             else:  # find the change it cannot take: each on its own
-                log.warning("%s refused a batch of %d changes (%s); sending them one at a "
-                            "time", peer.name, len(batch), exc)  # fmt: skip
+                log.warning(
+                    "%s refused a batch of %d changes (%s); sending them one at a time",
+                    peer.name,
+                    len(batch),
+                    exc,
+                )
                 for seq, change in batch:
                     try:
                         await self.push(peer, [change])
@@ -152,9 +161,15 @@ class Replicator:
 
     def _park(self, peer: Peer, change: Change, reason: str) -> None:
         """A change the peer will never take: into the dead-letter table, and move on."""
-        log.error("replication to %s: %s refused change %s of %r for good (%s); parked in "
-                  "the dead-letter table", peer.name, peer.name, change.version.encode(),
-                  change.id, reason)  # fmt: skip
+        log.error(
+            "replication to %s: %s refused change %s of %r for good (%s); parked in "
+            "the dead-letter table",
+            peer.name,
+            peer.name,
+            change.version.encode(),
+            change.id,
+            reason,
+        )
         self.store.quarantine("sent", peer.name, [(_raw(change), reason)])
         self._on_park(peer.name)
 
@@ -169,8 +184,7 @@ class Replicator:
             except PushError as exc:
                 self._on_push(peer.name, "error")
                 delay = backoff * (0.5 + self._rand())  # jitter: 0.5x to 1.5x
-                log.info("replication to %s failed (%s); retrying in %.2fs", peer.name, exc,
-                         delay)  # fmt: skip
+                log.info("replication to %s failed (%s); retrying in %.2fs", peer.name, exc, delay)
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, rep.max_backoff)
                 continue
@@ -191,6 +205,13 @@ class Replicator:
 
 def _raw(change: Change) -> str:
     """A change as JSON text, its value spliced in as stored (it may be past parsing)."""
-    head = json.dumps({"kind": change.kind, "id": change.id, "deleted": change.deleted,
-                       "version": change.version.encode(), "region": change.region})  # fmt: skip
+    head = json.dumps(
+        {
+            "kind": change.kind,
+            "id": change.id,
+            "deleted": change.deleted,
+            "version": change.version.encode(),
+            "region": change.region,
+        }
+    )
     return f'{head[:-1]}, "value": {change.value or "null"}}}'

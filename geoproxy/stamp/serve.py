@@ -27,8 +27,7 @@ async def serve_stamp(config: StampConfig, stop: asyncio.Event) -> None:
                 f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
             ) from None
         host, port = runner.addresses[0][:2]
-        log.info("stamp %s (%s) listening on http://%s:%d", config.name, config.region, host,
-                 port)  # fmt: skip
+        log.info("stamp %s (%s) listening on http://%s:%d", config.name, config.region, host, port)
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -58,15 +58,17 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         if exc.status < 400:
             raise
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason,
-                          headers=allow)  # fmt: skip
+        return json_error(
+            exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, headers=allow
+        )
     except sqlite3.Error as exc:  # the store is unusable: nothing was changed
         log.error("store error on %s %s: %s", request.method, request.path, exc)
         return json_error(503, "store_unavailable", "the local store is unusable")
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
-        return json_error(500, "internal_error", "the stamp failed to handle this request "
-                          "(its log says why)")  # fmt: skip
+        return json_error(
+            500, "internal_error", "the stamp failed to handle this request (its log says why)"
+        )
 
 
 def parts(request: web.Request) -> tuple[Store, StampMetrics, Replicator]:

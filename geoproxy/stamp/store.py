@@ -70,9 +70,14 @@ class DeadLetter:
     recorded_at: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "direction": self.direction, "peer": self.peer,
-                "change": self.change, "reason": self.reason,
-                "recorded_at": self.recorded_at}  # fmt: skip
+        return {
+            "seq": self.seq,
+            "direction": self.direction,
+            "peer": self.peer,
+            "change": self.change,
+            "reason": self.reason,
+            "recorded_at": self.recorded_at,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +93,13 @@ class Change:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "id": self.id,
+            "kind": self.kind,
+            "id": self.id,
             "value": None if self.value is None else json.loads(self.value),
-            "deleted": self.deleted, "version": self.version.encode(), "region": self.region,
-        }  # fmt: skip
+            "deleted": self.deleted,
+            "version": self.version.encode(),
+            "region": self.region,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +156,9 @@ class Store:
             last = Version.decode(row[0]) if row else None
         except ValueError as exc:
             self._db.close()
-            raise ClockAhead(f"{path}: the last version this stamp issued is unreadable "
-                             f"({exc})") from None  # fmt: skip
+            raise ClockAhead(
+                f"{path}: the last version this stamp issued is unreadable ({exc})"
+            ) from None
         self.clock = HybridClock(stamp, last=last, max_drift_ms=skew_ms)
         ahead = self.clock.ahead_ms()
         if last is not None and ahead > skew_ms and not allow_clock_ahead:
@@ -159,7 +168,7 @@ class Store:
                 f"{ahead / 1000:.0f}s ahead of this machine's clock, more than max_clock_skew "
                 f"({max_clock_skew:g}s): fix the clock, or start once with "
                 "--allow-clock-ahead to keep issuing versions after that one"
-            )  # fmt: skip
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -232,10 +241,13 @@ class Store:
             p, n = row if row else (0, 0)
             p, n = (p + delta, n) if delta >= 0 else (p, n - delta)
             if max(p, n) > INT64_MAX:
-                raise CounterOverflow(f"counter {id!r}: this stamp's slot would pass "
-                                      f"{INT64_MAX} (a signed 64-bit integer)")  # fmt: skip
-            change = Change(COUNTER, id, json.dumps({"p": p, "n": n}), False, self.clock.now(),
-                            self.region)  # fmt: skip
+                raise CounterOverflow(
+                    f"counter {id!r}: this stamp's slot would pass "
+                    f"{INT64_MAX} (a signed 64-bit integer)"
+                )
+            change = Change(
+                COUNTER, id, json.dumps({"p": p, "n": n}), False, self.clock.now(), self.region
+            )
             _upsert_counter(db, change)
             _log(db, change)
         return change
@@ -262,8 +274,9 @@ class Store:
                     changed = _merge_counter(db, change)
                     conflict = False
                 else:
-                    row = db.execute("SELECT version FROM items WHERE id = ?",
-                                     (change.id,)).fetchone()  # fmt: skip
+                    row = db.execute(
+                        "SELECT version FROM items WHERE id = ?", (change.id,)
+                    ).fetchone()
                     current = Version.decode(row[0]) if row else None
                     changed = current is None or change.version > current
                     conflict = (
@@ -287,13 +300,14 @@ class Store:
         """Logged changes after ``seq`` in local order (only ``origin``'s, if given), cut
         at about ``max_bytes`` of values (never empty when there is one)."""
         where = "seq > ? AND origin = ?" if origin else "seq > ?"
-        sql = ("SELECT seq, value, kind, id, deleted, version, region FROM changes "
-               f"WHERE {where} ORDER BY seq LIMIT ?")  # fmt: skip
+        sql = (
+            "SELECT seq, value, kind, id, deleted, version, region FROM changes "
+            f"WHERE {where} ORDER BY seq LIMIT ?"
+        )
         args: tuple[Any, ...] = (seq, origin, limit) if origin else (seq, limit)
         page, _ = _budgeted(self._db.execute(sql, args), limit, max_bytes, value_at=1)
         return [
-            (s, Change(k, i, v, bool(d), Version.decode(ver), r))
-            for s, v, k, i, d, ver, r in page
+            (s, Change(k, i, v, bool(d), Version.decode(ver), r)) for s, v, k, i, d, ver, r in page
         ]
 
     # -- dead letters ----------------------------------------------------------------
@@ -304,14 +318,18 @@ class Store:
         now = time.time()
         rows = [(direction, peer, _cut(raw), reason, now) for raw, reason in letters]
         with self._tx() as db:
-            db.executemany("INSERT INTO dead_letters (direction, peer, change, reason, "
-                           "recorded_at) VALUES (?, ?, ?, ?, ?)", rows)  # fmt: skip
+            db.executemany(
+                "INSERT INTO dead_letters (direction, peer, change, reason, "
+                "recorded_at) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
 
     def dead_letters(self, since: int = 0, limit: int = 100) -> list[DeadLetter]:
         rows = self._db.execute(
             "SELECT seq, direction, peer, change, reason, recorded_at FROM dead_letters "
-            "WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit),
-        ).fetchall()  # fmt: skip
+            "WHERE seq > ? ORDER BY seq LIMIT ?",
+            (since, limit),
+        ).fetchall()
         return [DeadLetter(*row) for row in rows]
 
     def cursor(self, peer: str) -> int:
@@ -320,8 +338,11 @@ class Store:
 
     def set_cursor(self, peer: str, seq: int) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO peer_cursors (peer, seq) VALUES (?, ?) ON CONFLICT(peer) "
-                       "DO UPDATE SET seq = max(seq, excluded.seq)", (peer, seq))  # fmt: skip
+            db.execute(
+                "INSERT INTO peer_cursors (peer, seq) VALUES (?, ?) ON CONFLICT(peer) "
+                "DO UPDATE SET seq = max(seq, excluded.seq)",
+                (peer, seq),
+            )
 
     def backlog(self, peer: str) -> tuple[int, float | None]:
         """This stamp's changes a peer has not acknowledged: (count, age of the oldest)."""
@@ -371,9 +392,17 @@ def _log(db: sqlite3.Connection, change: Change) -> None:
     db.execute(
         "INSERT INTO changes (kind, id, value, deleted, version, origin, region, recorded_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (change.kind, change.id, change.value, int(change.deleted), change.version.encode(),
-         change.version.origin, change.region, time.time()),
-    )  # fmt: skip
+        (
+            change.kind,
+            change.id,
+            change.value,
+            int(change.deleted),
+            change.version.encode(),
+            change.version.origin,
+            change.region,
+            time.time(),
+        ),
+    )
 
 
 def _upsert_item(db: sqlite3.Connection, change: Change) -> None:
@@ -381,9 +410,15 @@ def _upsert_item(db: sqlite3.Connection, change: Change) -> None:
         "INSERT INTO items (id, value, deleted, version, origin, region) VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT(id) DO UPDATE SET value = excluded.value, deleted = excluded.deleted, "
         "version = excluded.version, origin = excluded.origin, region = excluded.region",
-        (change.id, change.value, int(change.deleted), change.version.encode(),
-         change.version.origin, change.region),
-    )  # fmt: skip
+        (
+            change.id,
+            change.value,
+            int(change.deleted),
+            change.version.encode(),
+            change.version.origin,
+            change.region,
+        ),
+    )
 
 
 def _counter_slot(change: Change) -> tuple[int, int]:
@@ -398,13 +433,14 @@ def _upsert_counter(db: sqlite3.Connection, change: Change) -> None:
         "ON CONFLICT(id, stamp) DO UPDATE SET p = max(p, excluded.p), n = max(n, excluded.n), "
         "version = max(version, excluded.version)",
         (change.id, change.version.origin, change.region, p, n, change.version.encode()),
-    )  # fmt: skip
+    )
 
 
 def _merge_counter(db: sqlite3.Connection, change: Change) -> bool:
     """Merge one stamp's slot (per-slot maximum: the PN-counter join). True if it grew."""
-    row = db.execute("SELECT p, n FROM counters WHERE id = ? AND stamp = ?",
-                     (change.id, change.version.origin)).fetchone()  # fmt: skip
+    row = db.execute(
+        "SELECT p, n FROM counters WHERE id = ? AND stamp = ?", (change.id, change.version.origin)
+    ).fetchone()
     p, n = _counter_slot(change)
     if row is not None and p <= row[0] and n <= row[1]:
         return False

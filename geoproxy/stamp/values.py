@@ -45,10 +45,13 @@ def check(value: Any, what: str = "value") -> None:
         item, depth = stack.pop()
         if isinstance(item, dict | list):
             if depth >= MAX_DEPTH:
-                raise BadValue("too_deep", f"{what} nests deeper than {MAX_DEPTH} levels "
-                               f"(the limit is {MAX_DEPTH})")  # fmt: skip
+                raise BadValue(
+                    "too_deep",
+                    f"{what} nests deeper than {MAX_DEPTH} levels (the limit is {MAX_DEPTH})",
+                )
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
         elif isinstance(item, float) and not math.isfinite(item):
-            raise BadValue("bad_number", f"{what} holds a number out of range ({item}): "
-                           "numbers must be finite")  # fmt: skip
+            raise BadValue(
+                "bad_number", f"{what} holds a number out of range ({item}): numbers must be finite"
+            )
