@@ -18,17 +18,35 @@ both ways, is made here and only here:
                           metrics  id, families           (fleet.py)
                           drained  drained, cut           the drain's counts, last
 
-``config`` carries the exact bytes of the supervisor's config files (worker.py says why).
-Imports nothing of ours.
+``config`` carries the exact bytes of the supervisor's config files (worker.py says why):
+``encode_sources`` and ``load_sent`` are the two ends of it.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from geoproxy import config as config_mod
+from geoproxy.config import Config
+
 Message = Mapping[str, Any]
+
+#: The longest line either end reads: a metrics answer with many geodes is a long one.
+LINE_LIMIT = 64 * 1024 * 1024
+
+
+def encode_sources(config: Config) -> dict[str, str]:
+    return {path: base64.b64encode(raw).decode() for path, raw in config.sources().items()}
+
+
+def load_sent(path: str, sources: Mapping[str, str]) -> Config:
+    """The config the supervisor sent (raises ConfigError like ``config.load``)."""
+    given = {name: base64.b64decode(text) for name, text in sources.items()}
+    return config_mod.load(path, given)
+
 
 # supervisor -> worker
 START, HEALTH, PASSED, RELOAD, GEOIP, METRICS, STOP = (

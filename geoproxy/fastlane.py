@@ -50,14 +50,13 @@ from geoproxy.app import Gateway
 from geoproxy.errors import ConnectFailed
 from geoproxy.forwarder import Begun
 from geoproxy.headers import RawHeaders, ResponseHead, geode_lines
-from geoproxy.observe import CLIENT_CLOSED
 from geoproxy.policy import answered, fast_lane_finishes, origin_form
 from geoproxy.prelude import Prelude, Route, host_for, refusal, request_wire
 from geoproxy.protocol import ServerConnection
 from geoproxy.responses import whole_head
 from geoproxy.router import Candidate
 from geoproxy.runtime import Runtime
-from geoproxy.trace import Trace
+from geoproxy.trace import CLIENT_CLOSED, Trace
 
 log = logging.getLogger("geoproxy.fastlane")
 

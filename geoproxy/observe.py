@@ -18,12 +18,11 @@ from yarl import URL
 
 from geoproxy.metrics import NO_GEODE, Metrics, code_class
 from geoproxy.resolver import ABSENT
-from geoproxy.trace import TRACE_KEY, Trace
+from geoproxy.trace import CLIENT_CLOSED, TRACE_KEY, Trace
 
 access_log = logging.getLogger("geoproxy.access")
 
 #: nginx's status for a request the client abandoned before the answer.
-CLIENT_CLOSED = 499
 #: The status logged and counted for a request the drain cut off at shutdown: geoproxy
 #: failed it (the client saw its connection closed, no answer).
 DRAIN_CUT = 503

@@ -48,7 +48,6 @@ from geoproxy.server import (
     unless_stopped,
     watch_config,
 )
-from geoproxy.worker import LINE_LIMIT, encode_sources
 
 log = logging.getLogger("geoproxy")
 
@@ -211,7 +210,9 @@ class Worker:
             theirs.close()
         self.started = time.monotonic()
         try:
-            reader, self.writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
+            reader, self.writer = await asyncio.open_unix_connection(
+                sock=ours, limit=control.LINE_LIMIT
+            )
         except BaseException:  # cancelled by a stop, say: the process gets a SIGTERM
             ours.close()
             raise
@@ -365,7 +366,7 @@ class Supervisor:
         db = self.gateway.geoip  # the one whose descriptor the worker inherits, or newer
         return control.start(
             str(config.path),
-            encode_sources(config),
+            control.encode_sources(config),
             self.gateway.board.snapshot(),
             None if db is None else db.identity.as_list(),
         )
@@ -493,7 +494,9 @@ class Supervisor:
 
     def broadcast_reload(self) -> None:
         self._broadcast(
-            control.reload(encode_sources(self.gateway.config), self.gateway.board.snapshot())
+            control.reload(
+                control.encode_sources(self.gateway.config), self.gateway.board.snapshot()
+            )
         )
 
     async def refresh_metrics(self) -> None:

@@ -9,6 +9,10 @@ from aiohttp import web
 from geoproxy.config import Geode
 from geoproxy.resolver import Resolution
 
+#: The status a request is logged and counted with when its client went away before the
+#: answer (as nginx does): both request paths note it.
+CLIENT_CLOSED = 499
+
 
 @dataclass(slots=True)
 class Trace:

@@ -14,7 +14,6 @@ supervisor opened and probed (same device, inode, mtime and size).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ctypes
 import logging
@@ -27,11 +26,9 @@ from typing import Any
 
 from aiohttp import web
 
-from geoproxy import config as config_mod
 from geoproxy import control, fleet
 from geoproxy.app import Gateway
 from geoproxy.changes import plural
-from geoproxy.config import Config
 from geoproxy.errors import GeoproxyError
 from geoproxy.geoip import FileIdentity, fd_path
 from geoproxy.server import (
@@ -43,18 +40,6 @@ from geoproxy.server import (
 )
 
 log = logging.getLogger("geoproxy")
-
-LINE_LIMIT = 64 * 1024 * 1024  # a metrics answer with many geodes is a long line
-
-
-def encode_sources(config: Config) -> dict[str, str]:
-    return {path: base64.b64encode(raw).decode() for path, raw in config.sources().items()}
-
-
-def load_sent(path: str, sources: Mapping[str, str]) -> Config:
-    """The config the supervisor sent (raises ConfigError like ``config.load``)."""
-    given = {name: base64.b64decode(text) for name, text in sources.items()}
-    return config_mod.load(path, given)
 
 
 def die_with_supervisor(supervisor_pid: int) -> None:
@@ -95,7 +80,7 @@ class _Channel:
         elif op == control.RELOAD:
             ok = True
             try:
-                new = load_sent(str(gateway.config.path), message["config"])
+                new = control.load_sent(str(gateway.config.path), message["config"])
                 await gateway.reload(new)
             except GeoproxyError as exc:  # the supervisor loaded it: rare
                 ok = False
@@ -145,13 +130,15 @@ async def serve_worker(
     """Serve the proxy on ``sockets`` with the config, health and reloads the supervisor
     sends, until ``stop`` (a signal, or the supervisor says so or goes away).
     ``geoip_fd``: the GeoIP database the supervisor opened (inherited)."""
-    reader, writer = await asyncio.open_unix_connection(sock=channel_socket, limit=LINE_LIMIT)
+    reader, writer = await asyncio.open_unix_connection(
+        sock=channel_socket, limit=control.LINE_LIMIT
+    )
     first = await reader.readline()
     if not first:
         return  # the supervisor went away before it said anything
     hello = control.decode(first)
     gateway = Gateway(
-        load_sent(hello["path"], hello["config"]),
+        control.load_sent(hello["path"], hello["config"]),
         active_health=False,
         geoip_source=None if geoip_fd is None else fd_path(geoip_fd),
     )

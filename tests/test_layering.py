@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "hotmetrics": 0,
     "compat": 0,
     "chunks": 0,
-    "control": 0,
+    "control": 3,
     "metrics": 1,
     "schema": 1,
     "access": 1,
