@@ -19,6 +19,8 @@ LAYERS: dict[str, int] = {
     "compat": 0,
     "chunks": 0,
     "control": 3,
+    "sockets": 3,
+    "worker_handle": 4,
     "metrics": 1,
     "schema": 1,
     "access": 1,
