@@ -168,7 +168,7 @@ class Gateway:
             )
             pool = upstream.Pool(self.config.forwarding.keepalive_timeout)
             stack.callback(pool.close)
-            self.forwarder = Forwarder(self.runtime, self.config.limits, pool)
+            self.forwarder = Forwarder(self.runtime, pool)
             if self.active_health:
                 health_session = await stack.enter_async_context(
                     aiohttp.ClientSession(
@@ -311,10 +311,7 @@ class Gateway:
                 self.via,
             )
             assert self.forwarder is not None
-            self.forwarder.runtime = self.runtime
-            self.forwarder.limits = new.limits
-            self.forwarder.pool.keepalive_timeout = new.forwarding.keepalive_timeout
-            self.forwarder.pool.close(removed)
+            self.forwarder.adopt(self.runtime, removed)
             if checker is not None:
                 checker.sync(removed)
             self.observer.access_format = new.access_log

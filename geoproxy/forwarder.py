@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -21,7 +21,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from yarl import URL
 
 from geoproxy import compat, upstream
-from geoproxy.config import Forwarding, Limits
+from geoproxy.config import Forwarding, Geode, Limits
 from geoproxy.errors import BadResponse, BodyTimeout, BodyTooLarge, ConnectFailed
 from geoproxy.headers import ResponseHead, geode_lines
 from geoproxy.policy import RETRY_STATUSES, answered, path_qs, read_whole
@@ -144,14 +144,23 @@ class Begun:
 
 
 class Forwarder:
-    def __init__(self, runtime: Runtime, limits: Limits, pool: upstream.Pool) -> None:
-        self.runtime = runtime  # replaced whole by a reload
-        self.limits = limits
+    """The coroutine path, from a ``Runtime`` (the config, health and GeoIP in force:
+    limits and timeouts are read from it per request, so a reload is one swap)."""
+
+    def __init__(self, runtime: Runtime, pool: upstream.Pool) -> None:
+        self.runtime = runtime  # replaced whole by a reload (adopt)
         self.pool = pool
-        self.routing = Routing(limits)
+        self.routing = Routing()
         # What both lanes ask first (prelude.py), as the forwarder's own.
         self.prelude = self.routing.prelude
         self.routed = self.routing.routed
+
+    def adopt(self, runtime: Runtime, removed: Iterable[Geode]) -> None:
+        """A reload's runtime; the pool follows its keep-alive and lets the connections
+        to removed geodes go."""
+        self.runtime = runtime
+        self.pool.keepalive_timeout = runtime.topology.config.forwarding.keepalive_timeout
+        self.pool.close(removed)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         rt = self.runtime  # read once: a reload swaps it whole
@@ -184,7 +193,9 @@ class Forwarder:
                 answer.force_close()  # its body is not read
                 return answer
             headers = head.as_map(route.forwarded, head.host)
-            return await proxy_websocket(request, rt, route.cands, headers, trace, self.limits)
+            return await proxy_websocket(
+                request, rt, route.cands, headers, trace, rt.topology.config.limits
+            )
         if "Expect" in headers_in:
             # RFC 9110 10.1.1: the client waits for this before it sends the body; only
             # now, with a geode to send it to (a 503 or 413 goes out without it).
@@ -194,7 +205,7 @@ class Forwarder:
             if request.body_exists:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 request.writer.output_size = 0
-        body = _Body(request.content, self.limits) if request.body_exists else None
+        body = _Body(request.content, rt.topology.config.limits) if request.body_exists else None
         forwarded = route.forwarded
         if body is None and request.method in _BODY_METHODS and not head.has_length:
             forwarded += b"Content-Length: 0\r\n"  # some servers answer 411 without it
@@ -224,7 +235,7 @@ class Forwarder:
         rt, trace, head, via = route.rt, route.trace, route.head, route.via
         fwd = rt.topology.config.forwarding
         board = rt.board
-        limits = self.limits
+        limits = rt.topology.config.limits
         cands = route.cands
         method = request.method
         target = path_qs(request)

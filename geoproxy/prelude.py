@@ -116,8 +116,7 @@ class Routing:
     """The prelude and the candidates, with the memos that make them cheap: a resolution
     per client address, a try order per region and health version."""
 
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
+    def __init__(self) -> None:
         self.routes = CandidateCache()
         self.regions = ResolutionCache()
 
@@ -133,7 +132,7 @@ class Routing:
         """What the headers and the peer decide (see ``Prelude``), or geoproxy's own
         answer: a loop, headers or a declared body too large."""
         topology = rt.topology
-        limits = self.limits
+        limits = topology.config.limits  # as the config in force says (a reload swaps rt)
         peer, trusted = rt.trusted.peer(remote) if remote else (None, False)
         head = RequestHead(raw_headers, trusted)
         via = _cached_bytes(rt.via)

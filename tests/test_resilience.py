@@ -754,3 +754,27 @@ async def test_serve_freezes_the_start_up_heap_before_it_accepts_requests(
     finally:
         gc.unfreeze()  # the rest of the test session collects as usual
     assert frozen_when_ready and frozen_when_ready[0] > 10_000
+
+
+async def test_a_reload_of_the_limits_takes_effect_on_both_request_paths(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    write_config: WriteConfig,
+) -> None:
+    """limits.max_header_bytes and max_body_bytes as reloaded, not as at start-up: the
+    routing prelude reads them from the config in force."""
+    eu, us, ap = await three_geodes(geode_factory)
+    data = base_config([geode_entry(g) for g in (eu, us, ap)])
+    proxy = await proxy_factory(data)
+    big = {"X-Big": "b" * 3000}
+    async with http.get(proxy.url + "/whoami", headers=big) as resp:
+        assert resp.status == 200
+    async with http.post(proxy.url + "/echo", data=b"x" * 5000) as resp:
+        assert resp.status == 200
+    data["limits"] = {"max_header_bytes": "2KiB", "max_body_bytes": "4KiB"}
+    await reload_with(proxy, write_config, data)
+    async with http.get(proxy.url + "/whoami", headers=big) as resp:
+        assert resp.status == 431
+    async with http.post(proxy.url + "/echo", data=b"x" * 5000) as resp:
+        assert resp.status == 413
