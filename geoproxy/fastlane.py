@@ -37,18 +37,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11, RawRequestMessage, StreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from yarl import URL
 
 from geoproxy import upstream
-from geoproxy.app import Gateway
 from geoproxy.errors import ConnectFailed
-from geoproxy.forwarder import Begun
+from geoproxy.forwarder import Begun, Forwarder
 from geoproxy.headers import RawHeaders, ResponseHead, geode_lines
 from geoproxy.policy import answered, fast_lane_finishes, origin_form
 from geoproxy.prelude import Prelude, Route, host_for, refusal, request_wire
@@ -64,10 +65,59 @@ log = logging.getLogger("geoproxy.fastlane")
 HOLD_LIMIT = 64 * 1024
 
 
+class _Counter(Protocol):
+    def inc(self, *labels: str, amount: float = 1.0) -> None: ...
+
+
+class _Metrics(Protocol):
+    @property
+    def fast_lane(self) -> _Counter: ...
+
+
+class _Observer(Protocol):
+    inflight: int
+
+    def observe(
+        self, request: web.BaseRequest, work: Awaitable[web.StreamResponse], start: float
+    ) -> Awaitable[web.StreamResponse]: ...
+
+    def note(
+        self,
+        trace: Trace,
+        status: int,
+        duration: float,
+        method: str,
+        url: URL,
+        remote: str | None,
+        size: int,
+    ) -> None: ...
+
+
+class Host(Protocol):
+    """What the fast lane needs of the process that serves it (``app.Gateway``): the
+    forwarder, the head-timeout hook, the observer (metrics and the access log) and the
+    fast lane's own counter. A protocol, so that the proxy stage imports nothing of the
+    surfaces or the process."""
+
+    @property
+    def forwarder(self) -> Forwarder | None: ...
+
+    @property
+    def on_request(self) -> Callable[[object], None] | None: ...
+
+    @property
+    def observer(self) -> _Observer: ...
+
+    @property
+    def metrics(self) -> _Metrics: ...
+
+    def proxy_handler(self) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]: ...
+
+
 class ProxyServer(web.Server):
     """aiohttp's low-level server, whose connections take the fast lane."""
 
-    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+    def __init__(self, gateway: Host, **kwargs: Any) -> None:
         super().__init__(gateway.proxy_handler(), **kwargs)
         self.gateway = gateway
 
