@@ -19,7 +19,7 @@ from yarl import URL
 from geoproxy.config import Limits
 from geoproxy.headers import GEODE_HEADER, REGION_HEADER, ResponseHead
 from geoproxy.policy import answered, path_qs
-from geoproxy.responses import json_error
+from geoproxy.responses import json_error, lines_to_map
 from geoproxy.router import Candidate
 from geoproxy.runtime import Runtime
 from geoproxy.trace import Trace
@@ -141,12 +141,10 @@ def _pass_on_101_headers(
     raw = getattr(response, "raw_headers", None)
     if not raw:
         return
-    out = ResponseHead(raw, None)
-    for line in out.kept.split(b"\r\n")[:-1]:
-        name, _, value = line.partition(b": ")
-        text = name.decode("utf-8", "surrogateescape")
-        if text.lower() not in _HANDSHAKE_ANSWER:
-            downstream.headers.add(text, value.decode("utf-8", "surrogateescape"))
+    lines = lines_to_map(ResponseHead(raw, None).kept, CIMultiDict())
+    for name in _HANDSHAKE_ANSWER:
+        lines.popall(name, None)
+    downstream.headers.extend(lines)
 
 
 async def _pump(source: WebSocket, sink: WebSocket) -> None:
