@@ -46,8 +46,12 @@ class TreeProxy(run.Proxy):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--python", action="append", default=[],
-                    help="name=interpreter: this tree under another Python")
+    ap.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        help="name=interpreter: this tree under another Python",
+    )
     ap.add_argument("--tree", action="append", default=[],
                     help="name=path, or name=path=script.py to run a bench script (given "
                          "the config) from that tree instead of geoproxy itself")  # fmt: skip

@@ -13,12 +13,12 @@ import sys
 import uvloop
 from aiohttp import web
 
-from geoproxy import config as config_mod
-from geoproxy import prelude
-from geoproxy.app import Gateway
-from geoproxy.resolver import Resolution
-from geoproxy.router import HOME, Candidate
-from geoproxy.server import freeze_startup_heap, make_proxy_runner
+from geoproxy.config import loader as config_mod
+from geoproxy.process.app import Gateway
+from geoproxy.process.server import freeze_startup_heap, make_proxy_runner
+from geoproxy.proxy import prelude
+from geoproxy.routing.resolver import Resolution
+from geoproxy.routing.router import HOME, Candidate
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A sketch, for measurement only: bench/callback_proxy.py's callback style with
-geoproxy's own per-request work on top: geoproxy's fast lane (geoproxy/fastlane.py)
+geoproxy's own per-request work on top: geoproxy's fast lane (geoproxy/proxy/fastlane.py)
 without its bookkeeping, a bound on what it could reach.
 
 Per request, as geoproxy does it: trusted-peer check, region resolution (memoised),
@@ -25,12 +25,12 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_parser import HttpRequestParser, RawResponseMessage
 from callback_proxy import Upstream  # bench/, beside this script
 
-from geoproxy import config as config_mod
-from geoproxy.app import Gateway
-from geoproxy.headers import RequestHead, ResponseHead, geode_lines
-from geoproxy.prelude import _cached_bytes, _peer_text, _text_bytes
-from geoproxy.router import HOME
-from geoproxy.trace import Trace
+from geoproxy.config import loader as config_mod
+from geoproxy.process.app import Gateway
+from geoproxy.proxy.headers import RequestHead, ResponseHead, geode_lines
+from geoproxy.proxy.prelude import _cached_bytes, _peer_text, _text_bytes
+from geoproxy.proxy.trace import Trace
+from geoproxy.routing.router import HOME
 
 
 class Client(BaseProtocol):
@@ -94,8 +94,9 @@ class Client(BaseProtocol):
             trace.geode = geode
             trace.decision = HOME
             trace.body_bytes = len(body)
-            gateway.observer.note(trace, status, time.perf_counter() - start, "GET",
-                                  message.url, remote, len(body))  # type: ignore[attr-defined]
+            gateway.observer.note(
+                trace, status, time.perf_counter() - start, "GET", message.url, remote, len(body)
+            )  # type: ignore[attr-defined]
 
         Upstream.send(self.loop, self.pool, wire, reply,
                       (geode.url.host or "", geode.url.port or 80))  # fmt: skip

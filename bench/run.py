@@ -46,11 +46,19 @@ def free_port() -> int:
 
 
 TOOLS = ("nginx", "haproxy", "caddy", "wrk", "taskset")
-PORTS = ("nginx", "haproxy", "caddy", "geoproxy", "plain", "bypass", "alone", "sketch",
-         "fastlane")
+PORTS = ("nginx", "haproxy", "caddy", "geoproxy", "plain", "bypass", "alone", "sketch", "fastlane")
 #: The proxies in table order; the first three are the references.
-NAMES = ("nginx", "haproxy", "caddy", "geoproxy", "aiohttp-plain", "geoproxy-bypass",
-         "aiohttp-alone", "callback-sketch", "fastlane-sketch")
+NAMES = (
+    "nginx",
+    "haproxy",
+    "caddy",
+    "geoproxy",
+    "aiohttp-plain",
+    "geoproxy-bypass",
+    "aiohttp-alone",
+    "callback-sketch",
+    "fastlane-sketch",
+)
 
 
 def ensure_tools() -> None:
@@ -63,8 +71,10 @@ def ensure_tools() -> None:
                        check=True, env=env, stdout=subprocess.DEVNULL)  # fmt: skip
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        sys.exit(f"bench: missing {', '.join(missing)} (as root: apt-get install nginx haproxy "
-                 "caddy wrk)")
+        sys.exit(
+            f"bench: missing {', '.join(missing)} (as root: apt-get install nginx haproxy "
+            "caddy wrk)"
+        )
     try:
         import uvloop  # noqa: F401
     except ImportError:
@@ -167,7 +177,8 @@ def configs(tmp: Path, upstream: int, ports: dict[str, int]) -> None:
     for path in (tmp, tmp / "www"):  # nginx workers run as an unprivileged user
         path.chmod(0o755)
     (tmp / "www" / "16k").chmod(0o644)
-    (tmp / "upstream.conf").write_text(textwrap.dedent(f"""
+    (tmp / "upstream.conf").write_text(
+        textwrap.dedent(f"""
         worker_processes 1; daemon off; pid {tmp}/upstream.pid; error_log /dev/null crit;
         events {{ worker_connections 4096; }}
         http {{ access_log off; keepalive_requests 1000000;
@@ -175,17 +186,21 @@ def configs(tmp: Path, upstream: int, ports: dict[str, int]) -> None:
             location = /health {{ return 200 "ok"; }}
             location = /small {{ return 200 "ok"; }}
             location = /16k {{ }} }} }}
-    """))
-    (tmp / "nginx-proxy.conf").write_text(textwrap.dedent(f"""
+    """)
+    )
+    (tmp / "nginx-proxy.conf").write_text(
+        textwrap.dedent(f"""
         worker_processes 1; daemon off; pid {tmp}/proxy.pid; error_log /dev/null crit;
         events {{ worker_connections 4096; }}
         http {{ access_log off; keepalive_requests 1000000;
           upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
-          server {{ listen 127.0.0.1:{ports['nginx']};
+          server {{ listen 127.0.0.1:{ports["nginx"]};
             location / {{ proxy_pass http://up; proxy_http_version 1.1;
               proxy_set_header Connection ""; }} }} }}
-    """))
-    (tmp / "haproxy.cfg").write_text(textwrap.dedent(f"""
+    """)
+    )
+    (tmp / "haproxy.cfg").write_text(
+        textwrap.dedent(f"""
         global
           nbthread 1
           maxconn 4096
@@ -196,26 +211,30 @@ def configs(tmp: Path, upstream: int, ports: dict[str, int]) -> None:
           timeout server 30s
           http-reuse always
         frontend bench
-          bind 127.0.0.1:{ports['haproxy']}
+          bind 127.0.0.1:{ports["haproxy"]}
           default_backend up
         backend up
           server up1 127.0.0.1:{upstream}
-    """))
-    (tmp / "Caddyfile").write_text(textwrap.dedent(f"""
+    """)
+    )
+    (tmp / "Caddyfile").write_text(
+        textwrap.dedent(f"""
         {{
           admin off
           auto_https off
         }}
-        http://127.0.0.1:{ports['caddy']} {{
+        http://127.0.0.1:{ports["caddy"]} {{
           reverse_proxy 127.0.0.1:{upstream}
         }}
-    """))
+    """)
+    )
     for name in ("geoproxy", "bypass", "fastlane"):
         write_geoproxy_config(tmp / f"{name}.yaml", ports[name], upstream)
 
 
 def write_geoproxy_config(path: Path, port: int, upstream: int) -> None:
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         listen: {{proxy: {{host: 127.0.0.1, port: {port}}},
                   admin: {{host: 127.0.0.1, port: {free_port()}}}}}
         trusted_proxies: [127.0.0.0/8]
@@ -226,27 +245,64 @@ def write_geoproxy_config(path: Path, port: int, upstream: int) -> None:
         geodes: [{{name: bench-1, region: eu-west, url: "http://127.0.0.1:{upstream}"}}]
         access_log: "off"
         reload: {{poll_interval: 0s}}
-    """))
+    """)
+    )
 
 
 def proxies(tmp: Path, upstream: int, ports: dict[str, int], only: set[str]) -> list[Proxy]:
     all_ = [
         Proxy("nginx", ["nginx", "-c", str(tmp / "nginx-proxy.conf")], ports["nginx"]),
         Proxy("haproxy", ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")], ports["haproxy"]),
-        Proxy("caddy", ["caddy", "run", "--config", str(tmp / "Caddyfile"), "--adapter",
-                        "caddyfile"], ports["caddy"], env={"GOMAXPROCS": "1"}),
-        Proxy("geoproxy", [PY, "-m", "geoproxy", "run", "--config", str(tmp / "geoproxy.yaml"),
-                           "--log-level", "warning"], ports["geoproxy"]),
-        Proxy("aiohttp-plain", [PY, str(ROOT / "bench" / "plain_proxy.py"), str(ports["plain"]),
-                                f"http://127.0.0.1:{upstream}"], ports["plain"]),
-        Proxy("geoproxy-bypass", [PY, str(ROOT / "bench" / "bypass_proxy.py"),
-                                  str(tmp / "bypass.yaml")], ports["bypass"]),
-        Proxy("aiohttp-alone", [PY, str(ROOT / "bench" / "aiohttp_alone.py"),
-                                str(ports["alone"])], ports["alone"]),
-        Proxy("callback-sketch", [PY, str(ROOT / "bench" / "callback_proxy.py"),
-                                  str(ports["sketch"]), str(upstream)], ports["sketch"]),
-        Proxy("fastlane-sketch", [PY, str(ROOT / "bench" / "fastlane_sketch.py"),
-                                  str(tmp / "fastlane.yaml")], ports["fastlane"]),
+        Proxy(
+            "caddy",
+            ["caddy", "run", "--config", str(tmp / "Caddyfile"), "--adapter", "caddyfile"],
+            ports["caddy"],
+            env={"GOMAXPROCS": "1"},
+        ),
+        Proxy(
+            "geoproxy",
+            [
+                PY,
+                "-m",
+                "geoproxy",
+                "run",
+                "--config",
+                str(tmp / "geoproxy.yaml"),
+                "--log-level",
+                "warning",
+            ],
+            ports["geoproxy"],
+        ),
+        Proxy(
+            "aiohttp-plain",
+            [
+                PY,
+                str(ROOT / "bench" / "plain_proxy.py"),
+                str(ports["plain"]),
+                f"http://127.0.0.1:{upstream}",
+            ],
+            ports["plain"],
+        ),
+        Proxy(
+            "geoproxy-bypass",
+            [PY, str(ROOT / "bench" / "bypass_proxy.py"), str(tmp / "bypass.yaml")],
+            ports["bypass"],
+        ),
+        Proxy(
+            "aiohttp-alone",
+            [PY, str(ROOT / "bench" / "aiohttp_alone.py"), str(ports["alone"])],
+            ports["alone"],
+        ),
+        Proxy(
+            "callback-sketch",
+            [PY, str(ROOT / "bench" / "callback_proxy.py"), str(ports["sketch"]), str(upstream)],
+            ports["sketch"],
+        ),
+        Proxy(
+            "fastlane-sketch",
+            [PY, str(ROOT / "bench" / "fastlane_sketch.py"), str(tmp / "fastlane.yaml")],
+            ports["fastlane"],
+        ),
     ]
     return [p for p in all_ if p.name in only]
 
@@ -270,12 +326,25 @@ def main() -> None:
     ap.add_argument("--conns", default="10,50,200")
     ap.add_argument("--sizes", default="small,16k", help="small (2 bytes) and/or 16k")
     ap.add_argument("--proxies", default=",".join(NAMES))
-    ap.add_argument("--openloop", type=int, default=0, help="also: this many req/s, open "
-                    "loop, direct to the upstream and through geoproxy (p99 overhead)")
-    ap.add_argument("--soak", type=int, default=0, help="also: seconds of c=200 on geoproxy, "
-                    "sampling its RSS (idle first)")
-    ap.add_argument("--scaling", action="store_true", help="only: geoproxy --workers 1 on "
-                    "one core against --workers 2 on both cores (small body, --conns)")
+    ap.add_argument(
+        "--openloop",
+        type=int,
+        default=0,
+        help="also: this many req/s, open "
+        "loop, direct to the upstream and through geoproxy (p99 overhead)",
+    )
+    ap.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        help="also: seconds of c=200 on geoproxy, sampling its RSS (idle first)",
+    )
+    ap.add_argument(
+        "--scaling",
+        action="store_true",
+        help="only: geoproxy --workers 1 on "
+        "one core against --workers 2 on both cores (small body, --conns)",
+    )
     args = ap.parse_args()
     ensure_tools()
     conns = [int(c) for c in args.conns.split(",")]
@@ -302,7 +371,8 @@ def main() -> None:
                                                             args.duration)  # fmt: skip
                                 rss = rss_kib(proxy.proc.pid)
                                 results.setdefault((proxy.name, size, c), []).append(
-                                    Result(rps, p50, p99, errors, rss))
+                                    Result(rps, p50, p99, errors, rss)
+                                )
                                 print(f"round {rnd + 1} {proxy.name:<14} {size:>5} c={c:<4}"
                                       f" {rps:>9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:7.2f}"
                                       f" ms  errors {errors}  rss {rss / 1024:.0f} MiB",
@@ -335,8 +405,10 @@ def scaling(
     throughput ratio understates scaling; CPU seconds per request tell the efficiency."""
     config = str(tmp / "geoproxy.yaml")
     base = [PY, "-m", "geoproxy", "run", "--config", config, "--log-level", "warning"]
-    setups = [Proxy("1 worker", [*base, "--workers", "1"], ports["geoproxy"], cores="0"),
-              Proxy("2 workers", [*base, "--workers", "2"], ports["geoproxy"], cores="0,1")]
+    setups = [
+        Proxy("1 worker", [*base, "--workers", "1"], ports["geoproxy"], cores="0"),
+        Proxy("2 workers", [*base, "--workers", "2"], ports["geoproxy"], cores="0,1"),
+    ]
     rows: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     for _ in range(rounds):
         for proxy in setups:
@@ -354,9 +426,12 @@ def scaling(
                     other = (cpu_seconds(upstream_pid) - other0 + load1.ru_utime
                              + load1.ru_stime - load0.ru_utime - load0.ru_stime)  # fmt: skip
                     rows.setdefault((proxy.name, c), []).append((rps, cpu, other, p99))
-                    print(f"{proxy.name:<10} c={c:<4} {rps:>8.0f} req/s  p99 {p99:6.2f} ms  "
-                          f"geoproxy CPU {cpu / seconds:.2f} cores  wrk+upstream "
-                          f"{other / seconds:.2f} cores  errors {errors}", flush=True)
+                    print(
+                        f"{proxy.name:<10} c={c:<4} {rps:>8.0f} req/s  p99 {p99:6.2f} ms  "
+                        f"geoproxy CPU {cpu / seconds:.2f} cores  wrk+upstream "
+                        f"{other / seconds:.2f} cores  errors {errors}",
+                        flush=True,
+                    )
             finally:
                 proxy.stop()
     print("\n| conns | 1 worker req/s | 2 workers req/s | ratio | us CPU/req 1w | 2w |"
@@ -370,8 +445,10 @@ def scaling(
 
         per1 = statistics.median(r[1] / (r[0] * seconds) * 1e6 for r in one)
         per2 = statistics.median(r[1] / (r[0] * seconds) * 1e6 for r in two)
-        print(f"| {c} | {med(one, 0):.0f} | {med(two, 0):.0f} | {med(two, 0) / med(one, 0):.2f}"
-              f" | {per1:.1f} | {per2:.1f} | {med(two, 2) / seconds:.2f} |")
+        print(
+            f"| {c} | {med(one, 0):.0f} | {med(two, 0):.0f} | {med(two, 0) / med(one, 0):.2f}"
+            f" | {per1:.1f} | {per2:.1f} | {med(two, 2) / seconds:.2f} |"
+        )
 
 
 def openloop(
@@ -397,8 +474,10 @@ def openloop(
     d, g = med["direct"], med["geoproxy"]
     print(f"\nopen loop, {rate} req/s for {seconds}s x {rounds} (median of rounds):")
     for name, v in (("direct", d), ("geoproxy", g)):
-        print(f"  {name:<8} p50 {v[0]:.2f} ms  p99 {v[1]:.2f} ms  p99.9 {v[2]:.2f} ms  "
-              f"errors {v[3]:.0f}")
+        print(
+            f"  {name:<8} p50 {v[0]:.2f} ms  p99 {v[1]:.2f} ms  p99.9 {v[2]:.2f} ms  "
+            f"errors {v[3]:.0f}"
+        )
     print(f"  geoproxy adds: p50 {g[0] - d[0]:+.2f} ms, p99 {g[1] - d[1]:+.2f} ms")
 
 
@@ -426,7 +505,9 @@ def soak(tmp: Path, upstream: int, ports: dict[str, int], seconds: int) -> None:
 
 
 def print_table(
-    results: dict[tuple[str, str, int], list[Result]], sizes: list[str], conns: list[int],
+    results: dict[tuple[str, str, int], list[Result]],
+    sizes: list[str],
+    conns: list[int],
     only: set[str],
 ) -> None:
     def med(name: str, size: str, c: int, attr: str) -> float:
@@ -446,14 +527,20 @@ def print_table(
                 rss = max(r.rss_kib for r in results[(name, size, c)]) / 1024
                 vs = [f"{rps / med(ref, size, c, 'rps'):.2f}" if ref in only else "-"
                       for ref in NAMES[:3]]  # fmt: skip
-                print(f"| {name} | {size} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} |"
-                      f" {p99 / p50:.1f} | {rss:.0f} | {errors} | {' | '.join(vs)} |")
-    others = (("aiohttp-plain", "plain aiohttp proxy"),
-              ("geoproxy-bypass", "geoproxy with routing and metrics bypassed"),
-              ("aiohttp-alone", "aiohttp's web server alone, no upstream (a ceiling)"),
-              ("callback-sketch", "a callback-style proxy sketch (bench/callback_proxy.py)"),
-              ("fastlane-sketch", "the same with geoproxy's routing, header rules and "
-                                  "metrics (bench/fastlane_sketch.py)"))
+                print(
+                    f"| {name} | {size} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} |"
+                    f" {p99 / p50:.1f} | {rss:.0f} | {errors} | {' | '.join(vs)} |"
+                )
+    others = (
+        ("aiohttp-plain", "plain aiohttp proxy"),
+        ("geoproxy-bypass", "geoproxy with routing and metrics bypassed"),
+        ("aiohttp-alone", "aiohttp's web server alone, no upstream (a ceiling)"),
+        ("callback-sketch", "a callback-style proxy sketch (bench/callback_proxy.py)"),
+        (
+            "fastlane-sketch",
+            "the same with geoproxy's routing, header rules and metrics (bench/fastlane_sketch.py)",
+        ),
+    )
     for other, what in others:
         if {"geoproxy", other} <= only:
             ratios = [med("geoproxy", s, c, "rps") / med(other, s, c, "rps")

@@ -1,3 +1,3 @@
-from geoproxy.cli import main
+from geoproxy.process.cli import main
 
 raise SystemExit(main())

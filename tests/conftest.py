@@ -20,11 +20,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from geoproxy import compat
-from geoproxy import config as config_mod
-from geoproxy.app import Gateway
-from geoproxy.geoip import GeoLookup
-from geoproxy.server import make_proxy_runner
+from geoproxy.config import loader as config_mod
+from geoproxy.process.app import Gateway
+from geoproxy.process.server import make_proxy_runner
+from geoproxy.proxy import compat
+from geoproxy.routing.geoip import GeoLookup
 
 
 class FakeGeode:
@@ -320,7 +320,7 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 @pytest.fixture
 def lane() -> str:
     """The request path proxies serve from: "fast" (the default, as deployed: plain GETs
-    from callbacks, geoproxy/fastlane.py), "coroutine" (``forwarding.fast_lane: false``)
+    from callbacks, geoproxy/proxy/fastlane.py), "coroutine" (``forwarding.fast_lane: false``)
     or "public" (aiohttp's public API only, compat.py).
     A module whose behaviour must hold on both overrides this with a parametrised
     fixture."""

@@ -1,4 +1,4 @@
-"""Edge access control (geoproxy/access.py): CONNECT and TRACE stop at the edge, access
+"""Edge access control (geoproxy/config/access.py): CONNECT and TRACE stop at the edge, access
 rules fence paths off, on both request paths, against real geodes that record what
 reached them."""
 
@@ -22,9 +22,9 @@ from test_forwarding import lane, raw_client, read_response  # noqa: F401  (lane
 from test_observability import access_lines, settled  # noqa: F401  (a fixture)
 from test_workers import get_fresh, one_region, supervised, total
 
-from geoproxy import access as access_mod
-from geoproxy import config as config_mod
-from geoproxy.access import AccessRule, AccessRules
+from geoproxy.config import access as access_mod
+from geoproxy.config import loader as config_mod
+from geoproxy.config.access import AccessRule, AccessRules
 from geoproxy.stamp.app import STATE, build_stamp_app
 from geoproxy.stamp.config import StampConfig
 

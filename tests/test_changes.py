@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from geoproxy import changes
-from geoproxy import config as config_mod
+from geoproxy.config import changes
+from geoproxy.config import loader as config_mod
 
 from conftest import base_config
 

@@ -6,7 +6,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 import pytest
 
-from geoproxy.clientip import TrustedProxies, client_ip, parse_ip
+from geoproxy.routing.clientip import TrustedProxies, client_ip, parse_ip
 
 # --- parse_ip -----------------------------------------------------------------------------
 

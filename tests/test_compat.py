@@ -1,4 +1,4 @@
-"""The aiohttp version window (geoproxy/compat.py): the probe, the public mode it falls
+"""The aiohttp version window (geoproxy/proxy/compat.py): the probe, the public mode it falls
 back to, and a fingerprint of every aiohttp function geoproxy copies or overrides."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp.web_protocol import RequestHandler
 
-from geoproxy import compat
+from geoproxy.proxy import compat
 
 REPO = Path(__file__).resolve().parent.parent
 

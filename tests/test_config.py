@@ -22,11 +22,11 @@ import pytest
 import yaml
 from yarl import URL
 
-from geoproxy import config as config_mod
-from geoproxy.config import HealthCheck, Listener, Region
-from geoproxy.countries import COUNTRY_CONTINENT
+from geoproxy.config import loader as config_mod
+from geoproxy.config.countries import COUNTRY_CONTINENT
+from geoproxy.config.model import Topology
+from geoproxy.config.values import Forwarding, HealthCheck, Listener, Region
 from geoproxy.errors import ConfigError
-from geoproxy.model import Topology
 
 from conftest import base_config
 
@@ -132,7 +132,7 @@ def test_omitted_sections_take_documented_defaults(write_config: WriteConfig) ->
     assert cfg.trusted_proxies == ()
     assert cfg.health_check == HealthCheck()
     assert cfg.health_check.expected_statuses == frozenset(range(200, 300))
-    assert cfg.forwarding == config_mod.Forwarding()
+    assert cfg.forwarding == Forwarding()
 
 
 def test_loaded_config_is_frozen(write_config: WriteConfig) -> None:

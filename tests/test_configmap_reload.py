@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from test_geoip_update import Load, watching
 
-from geoproxy import config as config_mod
+from geoproxy.config import loader as config_mod
 
 from conftest import GeodeFactory, ProxyFactory, base_config, geode_entry
 

@@ -12,8 +12,8 @@ import aiohttp
 import yaml
 from prometheus_client import CollectorRegistry
 
-from geoproxy.fleet import Fleet
-from geoproxy.metrics import Metrics, WorkerMetrics
+from geoproxy.process.fleet import Fleet
+from geoproxy.surfaces.metrics import Metrics, WorkerMetrics
 
 from conftest import (
     GeodeFactory,

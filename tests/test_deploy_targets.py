@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from geoproxy import config as config_mod
-from geoproxy.config import Lifecycle
-from geoproxy.server import DRAIN_MARGIN
+from geoproxy.config import loader as config_mod
+from geoproxy.config.values import Lifecycle
+from geoproxy.process.server import DRAIN_MARGIN
 from geoproxy.stamp import config as stamp_config
 
 from conftest import need_binary

@@ -35,7 +35,7 @@ from wire import (
 SEED = 20261205
 WAIT = 3.0  # seconds for the answers to one case
 
-BY_DESIGN = """What geoproxy changes on purpose (geoproxy/headers.py, README):
+BY_DESIGN = """What geoproxy changes on purpose (geoproxy/proxy/headers.py, README):
 - hop-by-hop headers (Connection, Keep-Alive, Proxy-Connection, Proxy-Authenticate,
   Proxy-Authorization, TE, Trailer, Transfer-Encoding, Upgrade) and every header named
   in Connection are not passed on, either way; Expect is answered by geoproxy itself;

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from geoproxy import config
+from geoproxy.config import loader as config
 from geoproxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""The fast lane (geoproxy/fastlane.py): which requests take it, that what reaches the
+"""The fast lane (geoproxy/proxy/fastlane.py): which requests take it, that what reaches the
 client is what the coroutine path sends, and that everything it cannot finish (failures,
 retry statuses, streamed bodies) is handed over without a second request to the geode.
 Also pins the aiohttp internals it leans on: the keep-alive timer, the head timeout,
@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry
 from test_forwarding import RawGeode, start_with_raw_home
 from test_upstream import ScriptedGeode, two_geode_proxy
 
-from geoproxy import config as config_mod
-from geoproxy.app import Gateway
-from geoproxy.server import make_proxy_runner
+from geoproxy.config import loader as config_mod
+from geoproxy.process.app import Gateway
+from geoproxy.process.server import make_proxy_runner
 
 from conftest import FakeGeode, GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
 
@@ -392,7 +392,7 @@ async def test_an_unexpected_error_in_the_fast_lane_leaves_the_request_to_the_co
     """Fault injection into geoproxy's own code (not the HTTP layer): a bug while the
     request is prepared, sent (on a new connection, then on a pooled one) or answered
     must never leave the client without an answer, nor reach the geode twice."""
-    from geoproxy import fastlane
+    from geoproxy.proxy import fastlane
 
     eu = await geode_factory("eu-1", "eu-west")
     proxy = await start(proxy_factory, [geode_entry(eu)])
@@ -533,7 +533,7 @@ async def test_a_geode_host_name_the_resolver_rejects_is_a_connect_failure(
     fast_lane: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from geoproxy import schema
+    from geoproxy.config import schema
 
     us = await geode_factory("us-1", "us-east")
     bad = "http://" + "a" * 64 + ".test:8080"  # a DNS label over 63 bytes: UnicodeError
@@ -564,7 +564,7 @@ async def test_an_unexpected_error_while_the_answer_is_made_still_answers(
 ) -> None:
     """Fault injection as above, in the last steps before the answer is written: the
     answer is still on the geode connection, and the coroutine path relays it."""
-    from geoproxy import fastlane
+    from geoproxy.proxy import fastlane
 
     eu = await geode_factory("eu-1", "eu-west")
     proxy = await start(proxy_factory, [geode_entry(eu)])

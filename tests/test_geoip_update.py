@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from test_workers import supervised, total, until_workers_serve
 
-from geoproxy.server import watch_config
+from geoproxy.process.server import watch_config
 
 from conftest import GEO_NETWORKS, GeodeFactory, ProxyFactory, base_config, geode_entry
 
@@ -246,7 +246,7 @@ def test_check_config_names_the_database_type_and_build_date(
     write_config: Callable[..., Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from geoproxy.cli import check_config
+    from geoproxy.process.cli import check_config
 
     built = time.time() - 3 * DAY
     geode = {"name": "eu-1", "region": "eu-west", "url": "http://127.0.0.1:9"}

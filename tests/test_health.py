@@ -17,9 +17,10 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from geoproxy import __version__
-from geoproxy import config as config_mod
-from geoproxy.config import Geode, HealthCheck
-from geoproxy.health import GeodeHealth, HealthBoard, HealthChecker
+from geoproxy.config import loader as config_mod
+from geoproxy.config.values import Geode, HealthCheck
+from geoproxy.health.board import GeodeHealth, HealthBoard
+from geoproxy.health.checker import HealthChecker
 
 from conftest import FakeGeode, GeodeFactory, base_config, need_binary
 

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from geoproxy.chunks import ChunkedBody
+from geoproxy.proxy.chunks import ChunkedBody
 
 from conftest import FakeGeode, GeodeFactory, Proxy, ProxyFactory, base_config
 from wire import (
@@ -810,7 +810,7 @@ async def test_geoproxys_own_400_names_no_software_and_echoes_nothing(
     assert geode.requests == []
 
 
-# -- the chunked-body walk (geoproxy/chunks.py) ----------------------------------------------
+# -- the chunked-body walk (geoproxy/proxy/chunks.py) ----------------------------------------------
 
 WALKED = (
     b'3\r\nabc\r\n3; sp=1\r\ndef\r\n3 ;\ta = "q s"\r\nghi\r\n10\r\n0123456789\r\n\r\n\r\n'

@@ -34,8 +34,8 @@ from test_forwarding import mark_unhealthy, start, three_geodes
 from yarl import URL
 
 from geoproxy import __version__
-from geoproxy import config as config_mod
-from geoproxy.app import Gateway
+from geoproxy.config import loader as config_mod
+from geoproxy.process.app import Gateway
 
 from conftest import FakeGeode, GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
 

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import yaml
 
-from geoproxy.countries import CONTINENTS, COUNTRY_CONTINENT
+from geoproxy.config.countries import CONTINENTS, COUNTRY_CONTINENT
 
 REGION_MAP_PATH = Path(__file__).resolve().parent.parent / "config" / "region-map.yaml"
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from test_forwarding import three_geodes
 
-from geoproxy import config as config_mod
+from geoproxy.config import loader as config_mod
 
 from conftest import GeodeFactory, Proxy, ProxyFactory, base_config, geode_entry
 
@@ -613,7 +613,7 @@ async def test_a_change_made_while_starting_up_is_picked_up(
     http: aiohttp.ClientSession,
     write_config: WriteConfig,
 ) -> None:
-    from geoproxy.server import watch_config
+    from geoproxy.process.server import watch_config
 
     geodes = await three_geodes(geode_factory)
     data = base_config([geode_entry(g) for g in geodes], reload={"poll_interval": "50ms"})
@@ -736,7 +736,7 @@ async def test_serve_freezes_the_start_up_heap_before_it_accepts_requests(
     latency tail under load otherwise, see bench/ab.py figures in server.py)."""
     import gc
 
-    from geoproxy.server import Bound, serve
+    from geoproxy.process.server import Bound, serve
 
     geodes = await three_geodes(geode_factory)
     cfg = config_mod.load(write_config(base_config([geode_entry(g) for g in geodes])))

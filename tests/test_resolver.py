@@ -13,12 +13,12 @@ from mmdb_writer import MMDBWriter
 from multidict import CIMultiDict
 from netaddr import IPSet
 
-from geoproxy import config as config_mod
-from geoproxy.clientip import IPAddress
+from geoproxy.config import loader as config_mod
+from geoproxy.config.model import Topology
 from geoproxy.errors import GeoIPError, GeoIPLookupError
-from geoproxy.geoip import GeoAnswer, MaxMindLookup
-from geoproxy.model import Topology
-from geoproxy.resolver import Resolution, resolve
+from geoproxy.routing.clientip import IPAddress
+from geoproxy.routing.geoip import GeoAnswer, MaxMindLookup
+from geoproxy.routing.resolver import Resolution, resolve
 
 from conftest import base_config
 

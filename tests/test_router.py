@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from geoproxy import config as config_mod
-from geoproxy.config import Geode, HealthCheck
-from geoproxy.model import Topology
-from geoproxy.router import FALLBACK, HOME, NONE_HEALTHY, PANIC, candidates, weighted_order
+from geoproxy.config import loader as config_mod
+from geoproxy.config.model import Topology
+from geoproxy.config.values import Geode, HealthCheck
+from geoproxy.routing.router import FALLBACK, HOME, NONE_HEALTHY, PANIC, candidates, weighted_order
 
 from conftest import base_config
 
@@ -242,7 +242,7 @@ def test_weighted_order_of_fewer_than_two_geodes_draws_nothing(count: int) -> No
 def test_candidate_cache_memoises_only_deterministic_answers_until_health_changes(
     topology: Topology,
 ) -> None:
-    from geoproxy.router import CandidateCache
+    from geoproxy.routing.router import CandidateCache
 
     cache = CandidateCache()
     healthy = {"eu-1", "us-1", "ap-1"}  # one healthy geode per region: no random draw

@@ -29,11 +29,11 @@ from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from geoproxy import config as config_mod
-from geoproxy import demo
-from geoproxy.config import Listener
+from geoproxy.config import loader as config_mod
+from geoproxy.config.values import Listener
 from geoproxy.errors import ConfigError
-from geoproxy.server import Bound, serve
+from geoproxy.process import demo
+from geoproxy.process.server import Bound, serve
 from geoproxy.stamp import auth
 from geoproxy.stamp import config as stamp_config
 from geoproxy.stamp import peer as peer_module

@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 import aiohttp
 from test_forwarding import mark_unhealthy, start
 
-from geoproxy.status_page import PALETTE, region_colours
+from geoproxy.surfaces.status_page import PALETTE, region_colours
 
 from conftest import GeodeFactory, ProxyFactory
 

@@ -23,8 +23,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from geoproxy import fleet
-from geoproxy.server import DRAIN_MARGIN
+from geoproxy.process import fleet
+from geoproxy.process.server import DRAIN_MARGIN
 
 from conftest import (
     FakeGeode,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from yarl import URL
 
+from geoproxy.config.schema import Node, Problems, parse_duration, parse_http_url, read_yaml
 from geoproxy.errors import ConfigError
-from geoproxy.schema import Node, Problems, parse_duration, parse_http_url, read_yaml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 #: The shortest shared secret accepted (bytes): 128 bits as 32 hex digits.

@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from geoproxy.responses import json_error
+from geoproxy.proxy.responses import json_error
 from geoproxy.stamp import auth, values
 from geoproxy.stamp.hlc import Version
 from geoproxy.stamp.state import STATE, BadRequest, int_query, parts, read_body

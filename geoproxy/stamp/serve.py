@@ -5,14 +5,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from aiohttp import web
 
 from geoproxy.errors import GeoproxyError
-from geoproxy.stamp.app import build_stamp_app, stamp_runner
+from geoproxy.stamp.app import STATE, build_stamp_app, stamp_runner
 from geoproxy.stamp.config import StampConfig
 
 log = logging.getLogger("geoproxy.stamp")
+
+# What the process stage (the CLI, ``geoproxy demo``) uses of the stamp: this module and
+# ``config``; the rest of the package is the stamp's own.
+
+
+def stamp_app(config: StampConfig, peer_sock: socket.socket | None = None) -> web.Application:
+    """One stamp's public app; its peer listener starts and stops with it (on
+    ``peer_sock`` when given, already bound)."""
+    return build_stamp_app(config, peer_sock=peer_sock)
+
+
+def runner_for(app: web.Application) -> web.AppRunner:
+    """A stamp's runner carries its listener limits (head timeout, idle keep-alive); any
+    other app gets a plain one."""
+    return stamp_runner(app) if STATE in app else web.AppRunner(app, access_log=None)
+
+
+def peer_listener(app: web.Application) -> tuple[str, str] | None:
+    """(stamp name, URL of its peer listener) once started; None for another app."""
+    state = app.get(STATE)
+    if state is None or state.peer_address is None:
+        return None
+    host, port = state.peer_address
+    return state.config.name, f"http://{host}:{port}"
 
 
 async def serve_stamp(config: StampConfig, stop: asyncio.Event) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from geoproxy.responses import HeadDeadline, json_error
+from geoproxy.proxy.responses import HeadDeadline, json_error
 from geoproxy.stamp import values
 from geoproxy.stamp.config import StampConfig
 from geoproxy.stamp.metrics import StampMetrics

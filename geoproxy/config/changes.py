@@ -1,0 +1,137 @@
+"""What a reload changed, in words for the log and the ``/status`` page, and how the last
+reload went."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from typing import Any
+
+from geoproxy.config.model import Topology
+from geoproxy.config.values import Config, Geode
+
+#: Config attributes by the YAML path an operator knows them by.
+_SETTINGS = {
+    "listen.proxy": "proxy",
+    "listen.admin": "admin",
+    "trusted_proxies": "trusted_proxies",
+    "region_sources": "region_sources",
+    "geoip.database": "geoip_database",
+    "default_region": "default_region",
+    "access_log": "access_log",
+}
+_SECTIONS = {
+    "health_check": "health_check",
+    "forwarding": "forwarding",
+    "limits": "limits",
+    "outlier_detection": "outlier_detection",
+}
+_LIFECYCLE = {
+    "reload_poll_interval": "reload.poll_interval",
+    "drain_timeout": "shutdown.drain_timeout",
+}
+_LISTENERS = ("listen.proxy", "listen.admin")
+_SHOWN = 12  # countries named per move; the rest are counted
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    """The last reload: when, why, whether the new config took over, and what changed
+    (or the error that kept the running config)."""
+
+    at: float  # wall-clock time
+    reason: str  # SIGHUP, config file changed, ...
+    ok: bool
+    detail: str
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 geode``, ``2 geodes``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _show(value: Any) -> str:
+    if hasattr(value, "host") and hasattr(value, "port"):  # a Listener
+        return f"{value.host}:{value.port}"
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value)) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, frozenset):
+        return ",".join(map(str, sorted(value)))
+    return "none" if value is None else str(value)
+
+
+def _fields_changed(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    return [
+        (f.name, getattr(old, f.name), getattr(new, f.name))
+        for f in fields(old)
+        if getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
+def _geode_changes(old: Geode, new: Geode, defaults_changed: bool) -> str:
+    parts = []
+    for name, before, after in _fields_changed(old, new):
+        if name == "health" and defaults_changed:
+            continue  # told once, as the health_check section's change
+        if name == "health":
+            for sub, b, a in _fields_changed(before, after):
+                parts.append(f"health_check.{sub} {_show(b)} -> {_show(a)}")
+        elif name not in ("base", "prefix"):
+            parts.append(f"{name} {_show(before)} -> {_show(after)}")
+    return f"{new.name} ({', '.join(parts)})"
+
+
+def _countries_moved(old: Config, new: Config) -> list[str]:
+    before = Topology.build(old).country_region
+    after = Topology.build(new).country_region
+    moves: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for country in sorted(before.keys() | after.keys()):
+        was = before.get(country, f"{old.default_region} (default)")
+        now = after.get(country, f"{new.default_region} (default)")
+        if was != now:
+            moves[(was, now)].append(country)
+    out = []
+    for (was, now), countries in sorted(moves.items()):
+        shown = " ".join(countries[:_SHOWN])
+        if len(countries) > _SHOWN:
+            shown += f" (+{len(countries) - _SHOWN} more)"
+        out.append(f"{shown} {was} -> {now}")
+    return out
+
+
+def describe(old: Config, new: Config) -> list[str]:
+    """What differs from ``old`` to ``new``, one item per kind of change."""
+    out: list[str] = []
+    was = {g.name: g for g in old.geodes}
+    now = {g.name: g for g in new.geodes}
+    added = [f"{g.name} ({g.region})" for n, g in now.items() if n not in was]
+    removed = [f"{g.name} ({g.region})" for n, g in was.items() if n not in now]
+    defaults = old.health_check != new.health_check
+    changed = [
+        _geode_changes(was[n], g, defaults) for n, g in now.items() if n in was and was[n] != g
+    ]
+    changed = [c for c in changed if not c.endswith("()")]
+    for what, items in (("added", added), ("removed", removed), ("changed", changed)):
+        if items:
+            out.append(f"{plural(len(items), 'geode')} {what}: {', '.join(items)}")
+    if {r.name: r for r in old.regions} != {r.name: r for r in new.regions}:
+        out.append("regions: " + " ".join(f"{r.name}[{','.join(r.fallback)}]" for r in new.regions))
+    moved = _countries_moved(old, new)
+    if moved:
+        out.append("countries moved: " + "; ".join(moved))
+    settings = []
+    for path, attr in _SETTINGS.items():
+        before, after = getattr(old, attr), getattr(new, attr)
+        if before != after:
+            later = " (takes effect after a restart)" if path in _LISTENERS else ""
+            settings.append(f"{path} {_show(before)} -> {_show(after)}{later}")
+    for path, attr in _SECTIONS.items():
+        for name, before, after in _fields_changed(getattr(old, attr), getattr(new, attr)):
+            settings.append(f"{path}.{name} {_show(before)} -> {_show(after)}")
+    for name, before, after in _fields_changed(old.lifecycle, new.lifecycle):
+        settings.append(f"{_LIFECYCLE.get(name, name)} {_show(before)} -> {_show(after)}")
+    if settings:
+        out.append("settings: " + ", ".join(settings))
+    return out

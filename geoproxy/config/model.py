@@ -1,0 +1,54 @@
+"""The routing topology derived once from a ``Config``: per-region try orders, the geodes
+of each region, and a country index that already folds in the continent defaults, so that a
+request does dictionary look-ups only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from geoproxy.config.access import AccessRules
+from geoproxy.config.countries import COUNTRY_CONTINENT
+from geoproxy.config.values import Config, Geode
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    config: Config
+    region_names: frozenset[str]
+    try_orders: Mapping[str, tuple[str, ...]]  # region -> (itself, *fallback)
+    geodes_by_region: Mapping[str, tuple[Geode, ...]]
+    country_region: Mapping[str, str]  # ISO country -> region, continent defaults applied
+    continent_region: Mapping[str, str]
+    access: AccessRules  # the config's access rules, with the verdicts of recent paths
+
+    @classmethod
+    def build(cls, config: Config) -> Topology:
+        by_region: dict[str, list[Geode]] = {r.name: [] for r in config.regions}
+        for geode in config.geodes:
+            by_region[geode.region].append(geode)
+        countries = {
+            code: region
+            for code, continent in COUNTRY_CONTINENT.items()
+            if (region := config.countries.get(code) or config.continents.get(continent))
+        }
+        return cls(
+            config=config,
+            region_names=frozenset(r.name for r in config.regions),
+            try_orders=MappingProxyType({r.name: (r.name, *r.fallback) for r in config.regions}),
+            geodes_by_region=MappingProxyType({k: tuple(v) for k, v in by_region.items()}),
+            country_region=MappingProxyType(countries),
+            continent_region=config.continents,
+            access=AccessRules(config.access),
+        )
+
+    def region_of(self, country: str | None, continent: str | None = None) -> str | None:
+        """The region for a country (overrides, then its continent), else for a continent."""
+        if country and (region := self.country_region.get(country)):
+            return region
+        return self.continent_region.get(continent) if continent else None
+
+    def unmapped_countries(self) -> list[str]:
+        """ISO countries that resolve to no region (they fall to the default region)."""
+        return sorted(set(COUNTRY_CONTINENT) - set(self.country_region))

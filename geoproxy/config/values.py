@@ -1,0 +1,154 @@
+"""The configuration as values: frozen dataclasses, built once by ``loader.py`` and
+then only read. Nothing here reads YAML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from yarl import URL
+
+from geoproxy.config.access import AccessRule
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Region sources a config may list in ``region_sources``, in their default order.
+SOURCES = ("x-client-region", "cf-ipcountry", "geoip")
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int  # 0 picks a free port (tests); the bound port is logged.
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health check of one geode. Set once under ``health_check``; a geode's own
+    ``health`` block overrides single fields."""
+
+    path: str = "/health"  # GET this path on the geode's URL.
+    interval: float = 5.0  # seconds between checks of one geode, plus jitter.
+    timeout: float = 2.0  # seconds for one check; must be < interval.
+    jitter: float = 0.5  # up to this many seconds added at random to each interval.
+    healthy_threshold: int = 2  # consecutive passes to turn healthy (the first check at
+    # start-up needs only one pass, as in Envoy, so a fresh proxy can serve at once).
+    unhealthy_threshold: int = 3  # consecutive failures to turn unhealthy.
+    expected_statuses: frozenset[int] = frozenset(range(200, 300))
+
+
+@dataclass(frozen=True, slots=True)
+class Geode:
+    name: str
+    region: str
+    url: URL  # scheme://host[:port][/base-path]; the request path is appended.
+    weight: int  # relative share among healthy geodes of one region, >= 1.
+    health: HealthCheck
+    base: str = field(init=False, repr=False, compare=False)  # url without a trailing "/"
+    prefix: str = field(init=False, repr=False, compare=False)  # its path, without "/" at
+    # the end: what goes before the request's path (usually "")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base", str(self.url).rstrip("/"))
+        object.__setattr__(self, "prefix", self.url.raw_path.rstrip("/"))
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    name: str
+    fallback: tuple[str, ...]  # other regions to try, nearest first.
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    connect_timeout: float = 2.0  # seconds to open a connection to a geode; a failure
+    # here is always safe to retry on the next candidate (no byte was sent).
+    response_timeout: float = 30.0  # seconds the geode may stay silent once the request
+    # is sent: before its response head (-> 504) and between body chunks (-> abort).
+    failover_timeout: float = 10.0  # no new attempt starts this long after the first.
+    max_attempts: int = 3  # geodes tried for one request, across regions.
+    when_none_healthy: str = "reject"  # reject: 503 + Retry-After; try_all: panic mode,
+    # try every geode of the region's try order regardless of health.
+    preserve_host: bool = True  # forward the client's Host; false: the geode's host.
+    keepalive_timeout: float = 4.0  # idle pooled connections to geodes close after this;
+    # keep it below the geodes' own idle timeout (often 5 s), or a request may meet a
+    # connection the geode just closed (a POST then gets 502: it cannot be replayed).
+    fast_lane: bool = True  # serve plain GETs with small answers from callbacks (about
+    # twice the requests per core; see geoproxy/proxy/fastlane.py); false: every request takes
+    # the coroutine path. Both behave the same; this is a switch for diagnosis.
+    forward_trace: bool = False  # TRACE is refused at the edge (405: cross-site tracing,
+    # and it would echo what the proxy added); true forwards it. CONNECT is always 405.
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a client may send. Defaults are safe for an internet-facing edge."""
+
+    header_timeout: float = 10.0  # seconds to send a complete request head; else 408 and
+    # the connection closes (slowloris: plain aiohttp keeps such connections ~an hour).
+    max_header_bytes: int = 64 * 1024  # all request header lines together; else 431.
+    max_body_bytes: int = 100 * 1024**2  # a request body; else 413 before forwarding (or
+    # the upload is cut when a chunked body grows past it).
+    keepalive_timeout: float = 60.0  # an idle client connection closes after this.
+    body_timeout: float = 30.0  # seconds a client may pause while its request body is
+    # read, before the first piece too (nginx client_body_timeout); else 408, the client
+    # connection closes and the request to the geode is aborted (its connection closed,
+    # never pooled). A geode slow to take the body does not count against the client.
+    body_min_rate: int = 500  # bytes/s a request body must average once the time spent
+    # waiting for it passes body_timeout (Apache mod_reqtimeout's MinRate: a trickle of a
+    # byte a second is cut); else 408 likewise. 1B turns it off in effect.
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Passive health: live traffic judges geodes too (Envoy's outlier detection)."""
+
+    consecutive_failures: int = 5  # connect failures or 502/503/504 in a row to eject a
+    # geode; 0 turns passive health off.
+    base_ejection_time: float = 30.0  # the n-th ejection lasts n times this...
+    max_ejection_time: float = 300.0  # ...up to this. A passing active check re-admits.
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    reload_poll_interval: float = 2.0  # how often the config file's content hash is
+    # compared (works for ConfigMap symlink swaps and bind mounts); 0s: only on SIGHUP.
+    drain_timeout: float = 10.0  # on SIGTERM, in-flight requests get this long to finish.
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path  # the file it came from, as given (for messages).
+    proxy: Listener
+    admin: Listener
+    trusted_proxies: tuple[IPNetwork, ...]
+    region_sources: tuple[str, ...]
+    geoip_database: Path | None
+    default_region: str
+    regions: tuple[Region, ...]
+    countries: Mapping[str, str]  # ISO alpha-2 -> region (the region map's overrides).
+    continents: Mapping[str, str]  # continent code -> region.
+    geodes: tuple[Geode, ...]
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+    forwarding: Forwarding = field(default_factory=Forwarding)
+    access_log: str = "json"  # json: one JSON line per request on stdout | plain | off
+    access: tuple[AccessRule, ...] = ()  # the proxy listener's access rules, in order
+    # (geoproxy/config/access.py): a denied request never reaches a geode.
+    limits: Limits = field(default_factory=Limits)
+    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    files: tuple[Path, ...] = ()  # every file read (this one, the region map): a change
+    # to any of them triggers a reload.
+    fingerprint: bytes = b""  # of the exact bytes this config was read from
+    contents: tuple[bytes, ...] = ()  # those bytes, one per file in ``files``
+    warnings: tuple[str, ...] = ()  # ``FILE: PATH: MESSAGE`` lines for what is valid but
+    # likely wrong; check-config prints them, start-up and reloads log them.
+
+    def sources(self) -> dict[str, bytes]:
+        """The bytes this config was read from, by file: ``load(path, given=...)`` builds
+        the very same config from them (a worker of ``--workers`` does)."""
+        return {str(f): c for f, c in zip(self.files, self.contents, strict=True)}

@@ -1,0 +1,74 @@
+"""The decisions every request path shares, each written once: the fast lane
+(``fastlane.py``), the coroutine path (``forwarder.py``) and the WebSocket path
+(``websocket.py``) ask here.
+
+- which request targets pass on as they came (origin-form), and the target a geode gets;
+- how a geode's answer goes to the client: read whole and sent in one write, or
+  streamed; and so which answers the fast lane may finish itself;
+- what a successful attempt notes in the trace.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from geoproxy.proxy.headers import ResponseHead
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from geoproxy.config.values import Geode
+    from geoproxy.proxy.trace import Trace
+
+#: Answers a geode gives when it cannot serve: another geode may be tried.
+RETRY_STATUSES = frozenset({502, 503, 504})
+#: Answers with a Content-Length up to this are read whole and sent in one write.
+SMALL_BODY = 64 * 1024
+#: Statuses that never have a body, whatever their framing headers say.
+NO_BODY = frozenset({204, 304})
+#: The outcome label of an attempt that got an answer to relay.
+RESPONSE = "response"
+
+
+def origin_form(target: str) -> bool:
+    """The request target can go to a geode as it came: origin-form (``/path?query``),
+    no fragment, no empty query."""
+    return target.startswith("/") and "#" not in target and not target.endswith("?")
+
+
+def path_qs(request: web.BaseRequest) -> str:
+    """The target a geode gets: the request's as it came when ``origin_form``, else
+    rebuilt in origin-form (absolute-form, a fragment, an empty query)."""
+    target = request.raw_path
+    if origin_form(target):
+        return target
+    rel = request.rel_url
+    return (rel.raw_path or "/") + ("?" + rel.raw_query_string if rel.raw_query_string else "")
+
+
+def read_whole(status: int, method: str, out: ResponseHead) -> bool:
+    """The answer is read whole and sent in one write (else it streams): a final
+    answer with a body of known length up to ``SMALL_BODY``."""
+    length = out.length
+    return (
+        length is not None
+        and length <= SMALL_BODY
+        and status >= 200
+        and status not in NO_BODY
+        and method != "HEAD"
+    )
+
+
+def fast_lane_finishes(status: int, out: ResponseHead) -> bool:
+    """The fast lane (a GET) may finish this answer itself: one it can relay, read
+    whole, and no reason to try another geode. Anything else goes to the coroutine
+    path before any byte reached the client."""
+    return status not in RETRY_STATUSES and out.ok and out.framed and read_whole(status, "GET", out)
+
+
+def answered(trace: Trace, geode: Geode, decision: str) -> None:
+    """A geode answered, and its answer goes to the client: the trace names the geode
+    and the routing decision (what the access log and the metrics read)."""
+    trace.attempts.append((geode.name, RESPONSE))
+    trace.geode = geode
+    trace.decision = decision

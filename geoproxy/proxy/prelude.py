@@ -1,0 +1,198 @@
+"""What both request paths work out before any geode is asked: the edge's own refusals
+(methods, access rules), the routing prelude (the trusted-peer check, the header rules,
+the client's region) and the candidates as health stands. The fast lane and the
+coroutine path (``forwarder.py``) ask the same ``Routing``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from geoproxy.config.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
+from geoproxy.config.values import Forwarding, Geode, Limits
+from geoproxy.proxy.headers import RawHeaders, RequestHead
+from geoproxy.proxy.responses import json_error
+from geoproxy.proxy.trace import Trace
+from geoproxy.routing.clientip import client_ip, parse_ip
+from geoproxy.routing.resolver import Resolution, ResolutionCache, resolve
+from geoproxy.routing.router import Candidate, CandidateCache
+from geoproxy.routing.runtime import Runtime
+
+
+def body_too_large(limits: Limits) -> web.Response:
+    return json_error(413, "body_too_large", f"request body exceeds {limits.max_body_bytes} bytes")
+
+
+def refusal(rt: Runtime, method: str, target: str) -> tuple[str, web.Response] | None:
+    """The edge's own answer to a request that must not reach a geode (access.py), with
+    its ``geoproxy_requests_denied_total`` label: a 405 for CONNECT (and TRACE unless
+    forwarded), a 400 for a path no rule can judge, the denying rule's 404 or 403. None
+    lets it through. ``target``: the request target as forwarded (``policy.path_qs``)."""
+    fwd = rt.topology.config.forwarding
+    label = refused_method(method, fwd.forward_trace)
+    if label is not None:
+        allow = ALLOWED_METHODS + (", TRACE" if fwd.forward_trace else "")
+        why = (
+            "a reverse proxy does not tunnel"
+            if label == CONNECT_REFUSED
+            else "not forwarded (forwarding.forward_trace)"
+        )
+        return label, json_error(
+            405, "method_not_allowed", f"{method}: {why}", headers={"Allow": allow}
+        )
+    decision = rt.topology.access.decide(target)
+    rule = decision.rule
+    if decision.allowed or rule is None:
+        return None
+    if rule.status == 400:
+        return rule.name, json_error(
+            400,
+            "bad_path",
+            "the request path cannot be read "
+            "safely: an encoded '/' or '\\', a '\\', a NUL or "
+            "bytes that are not UTF-8",
+        )
+    if rule.status == 403:
+        return rule.name, json_error(403, "forbidden", "access to this path is denied")
+    return rule.name, json_error(404, "not_found", "no such path")
+
+
+class Prelude:
+    """What a request's headers and its peer decide, before health is consulted: the
+    head as passed on, its X-Forwarded-*/Via lines, and the client's region. The same
+    for the same header lines from the same peer under the same ``Runtime`` (the fast
+    lane keeps the last one per connection)."""
+
+    __slots__ = ("forwarded", "head", "resolution", "via")
+
+    def __init__(
+        self, head: RequestHead, forwarded: bytes, via: bytes, resolution: Resolution
+    ) -> None:
+        self.head, self.forwarded, self.via, self.resolution = head, forwarded, via, resolution
+
+
+class Route:
+    """Where one request goes and how its head is passed on: what both lanes work out
+    first (the trusted-peer check, the header rules, region resolution, candidates)."""
+
+    __slots__ = ("cands", "forwarded", "head", "rt", "trace", "via")
+
+    def __init__(
+        self,
+        rt: Runtime,
+        trace: Trace,
+        head: RequestHead,
+        cands: list[Candidate],
+        forwarded: bytes,
+        via: bytes,
+    ) -> None:
+        self.rt, self.trace, self.head, self.cands = rt, trace, head, cands
+        self.forwarded = forwarded  # X-Forwarded-* and Via lines, as sent
+        self.via = via
+
+
+def request_wire(
+    method: str, geode: Geode, path_qs: str, host: bytes, head: RequestHead, forwarded: bytes
+) -> bytes:
+    """A bodiless request head as it goes to a geode on the lean path."""
+    target = _text_bytes(f"{method} {geode.prefix}{path_qs} HTTP/1.1")
+    return b"".join((target, b"\r\nHost: ", host, b"\r\n", head.kept, forwarded, b"\r\n"))
+
+
+def host_for(fwd: Forwarding, head: RequestHead, geode: Geode) -> bytes:
+    """The Host a geode gets: the client's (an HTTP/1.0 client may send none), or the
+    geode's own."""
+    host = head.host
+    if not fwd.preserve_host or host is None:
+        host = _cached_bytes(geode.url.raw_authority)
+    return host
+
+
+class Routing:
+    """The prelude and the candidates, with the memos that make them cheap: a resolution
+    per client address, a try order per region and health version."""
+
+    def __init__(self) -> None:
+        self.routes = CandidateCache()
+        self.regions = ResolutionCache()
+
+    def prelude(
+        self,
+        rt: Runtime,
+        raw_headers: RawHeaders,
+        headers_in: CIMultiDictProxy[str],
+        remote: str | None,
+        length: int | None,
+        scheme: str,
+    ) -> Prelude | web.Response:
+        """What the headers and the peer decide (see ``Prelude``), or geoproxy's own
+        answer: a loop, headers or a declared body too large."""
+        topology = rt.topology
+        limits = topology.config.limits  # as the config in force says (a reload swaps rt)
+        peer, trusted = rt.trusted.peer(remote) if remote else (None, False)
+        head = RequestHead(raw_headers, trusted)
+        via = _cached_bytes(rt.via)
+        if head.looped(via):
+            return json_error(
+                508,
+                "loop_detected",
+                "the request came back to this proxy: a geode URL points at the proxy itself",
+            )
+        if head.size > limits.max_header_bytes:
+            too_big = f"request headers exceed {limits.max_header_bytes} bytes"
+            return json_error(431, "headers_too_large", too_big)
+        if length is not None and length > limits.max_body_bytes:
+            return body_too_large(limits)
+        forwarded_for = headers_in.getall("X-Forwarded-For", None) if trusted else None
+        if forwarded_for:
+            cip = client_ip(peer, forwarded_for, rt.trusted)
+            resolution = resolve(topology, headers_in, trusted, cip, rt.geoip)
+        else:  # the client is the peer: its resolution is memoised by its address
+            resolution = self.regions.resolve(topology, headers_in, trusted, peer, rt.geoip, remote)
+        forwarded = head.forwarded(
+            _peer_text(remote) if remote else b"", _cached_bytes(scheme), via
+        )
+        return Prelude(head, forwarded, via, resolution)
+
+    def routed(self, rt: Runtime, prelude: Prelude, trace: Trace) -> Route | web.Response:
+        """The candidates for a prelude's region as health stands now, or a 503."""
+        topology = rt.topology
+        resolution = prelude.resolution
+        trace.resolution = resolution
+        board = rt.board
+        cands, decision = self.routes.candidates(
+            topology,
+            resolution.region,
+            board.healthy,
+            board.version,
+            topology.config.forwarding.max_attempts,
+        )
+        trace.decision = decision
+        if not cands:
+            retry_after = str(math.ceil(topology.config.health_check.interval))
+            return json_error(
+                503,
+                "no_healthy_geode",
+                f"no healthy geode can serve region {resolution.region!r}",
+                headers={"Retry-After": retry_after},
+                region=resolution.region,
+            )
+        return Route(rt, trace, prelude.head, cands, prelude.forwarded, prelude.via)
+
+
+def _text_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")  # what the parser decoded, as it came
+
+
+_cached_bytes = functools.lru_cache(maxsize=256)(_text_bytes)  # this hop's name, schemes, hosts
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_text(remote: str) -> bytes:
+    """The TCP peer as X-Forwarded-For names it (an IPv4-mapped address unmapped)."""
+    peer = parse_ip(remote)
+    return _text_bytes(str(peer) if peer is not None else remote)

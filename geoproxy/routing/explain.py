@@ -1,0 +1,117 @@
+"""Route explanation: the decision the proxy would take for a client, and why.
+
+Built from the same pure functions the forwarder calls (client IP, resolver, router), so
+the answer cannot drift from what the proxy does. Used by the admin ``/route`` endpoint and
+by ``geoproxy route`` (offline, where every geode counts as healthy); ``explain_access``
+answers which access rule a path meets, from the same ``AccessRules.decide``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Container
+from typing import Any
+
+from geoproxy.config.model import Topology
+from geoproxy.routing.clientip import IPAddress
+from geoproxy.routing.resolver import Resolution
+from geoproxy.routing.router import HOME, NONE_HEALTHY, PANIC, candidates
+
+
+def explain(
+    topology: Topology,
+    resolution: Resolution,
+    healthy: Container[str],
+    peer: IPAddress | None,
+    peer_trusted: bool,
+    rand: Callable[[], float] = random.random,
+) -> dict[str, Any]:
+    """A JSON-able account of one routing decision."""
+    fwd = topology.config.forwarding
+    region = resolution.region
+    order = topology.try_orders[region]
+    cands, decision = candidates(topology, region, healthy, fwd.max_attempts, rand)
+    listing = [
+        {
+            "geode": g.name,
+            "region": other,
+            "role": "home" if other == region else "fallback",
+            "healthy": g.name in healthy,
+            "weight": g.weight,
+        }
+        for other in order
+        for g in topology.geodes_by_region[other]
+    ]
+    chosen = cands[0].geode if cands else None
+    # The geodes the first pick was drawn from (weighted random when more than one).
+    pool = [c.geode.name for c in cands if chosen and c.geode.region == chosen.region]
+    return {
+        "client": {
+            "peer": str(peer) if peer is not None else None,
+            "peer_trusted": peer_trusted,
+            "ip": str(resolution.client_ip) if resolution.client_ip is not None else None,
+        },
+        "resolution": {
+            "region": region,
+            "source": resolution.source,
+            "country": resolution.country,
+            "steps": [{"source": s, "result": r} for s, r in resolution.steps],
+        },
+        "try_order": list(order),
+        "candidates": listing,
+        "attempt_order": [c.geode.name for c in cands],
+        "decision": decision,
+        "chosen": chosen.name if chosen else None,
+        "chosen_region": chosen.region if chosen else None,
+        "reason": _reason(topology, resolution, decision, chosen.region if chosen else None, pool),
+    }
+
+
+def explain_access(topology: Topology, path: str) -> dict[str, Any]:
+    """A JSON-able account of what the access rules do with a request path."""
+    decision = topology.access.decide(path)
+    rule = decision.rule
+    if rule is None:
+        why = "allowed: no rule matches"
+    elif decision.allowed:
+        why = f"allowed by rule {rule.name!r} ({rule.path_prefix})"
+    elif rule.status == 400:
+        why = "400: the path cannot be read safely (an encoded '/' or '\\', a NUL, not UTF-8)"
+    else:
+        why = f"denied by rule {rule.name!r} ({rule.path_prefix}): {rule.status}"
+    return {
+        "path": path,
+        "allowed": decision.allowed,
+        "rule": rule.name if rule is not None else None,
+        "status": None if decision.allowed or rule is None else rule.status,
+        "reason": why,
+    }
+
+
+def _reason(
+    topology: Topology,
+    resolution: Resolution,
+    decision: str,
+    served_region: str | None,
+    pool: list[str],
+) -> str:
+    region = resolution.region
+    why = f"client region {region} from {resolution.source}"
+    if resolution.country:
+        why += f" (country {resolution.country})"
+    weighted = f", picked by weight among {', '.join(pool)}" if len(pool) > 1 else ""
+    if decision == HOME:
+        return f"{why}; a healthy geode in the home region{weighted}"
+    if decision == NONE_HEALTHY:
+        return (
+            f"{why}; no healthy geode in {', '.join(topology.try_orders[region])}: "
+            "503 (forwarding.when_none_healthy: reject)"
+        )
+    if decision == PANIC:
+        return (
+            f"{why}; no healthy geode anywhere in its try order: panic mode tries "
+            "them all (forwarding.when_none_healthy: try_all)"
+        )
+    return f"{why}; no healthy geode in {region}: nearest fallback with one is {served_region}" + (
+        weighted
+    )

@@ -1,0 +1,156 @@
+"""Which region a client belongs to, and why. Pure: headers, the client IP, the trust
+decision and a GeoIP look-up in; a ``Resolution`` out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from geoproxy.config.countries import COUNTRY_CONTINENT
+from geoproxy.config.model import Topology
+from geoproxy.errors import GeoIPLookupError
+from geoproxy.routing.clientip import IPAddress
+from geoproxy.routing.geoip import GeoLookup
+
+X_CLIENT_REGION = "X-Client-Region"
+CF_IPCOUNTRY = "CF-IPCountry"
+HEADER_OF = {"x-client-region": X_CLIENT_REGION, "cf-ipcountry": CF_IPCOUNTRY}
+#: Cloudflare's "unknown" (XX) and "Tor exit" (T1) pseudo-countries.
+CF_UNKNOWN = frozenset({"XX", "T1"})
+_MAX_HEADER_VALUE = 64
+
+# Step results, also the values of the `result` metric label (a bounded set).
+OK, ABSENT, UNKNOWN, INVALID, UNTRUSTED = "ok", "absent", "unknown", "invalid", "untrusted"
+ERROR = "error"  # the GeoIP look-up itself failed (a corrupt record), unlike UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    region: str
+    source: str  # x-client-region | cf-ipcountry | geoip | default
+    country: str | None  # the country that decided, when one did
+    client_ip: IPAddress | None
+    steps: tuple[tuple[str, str], ...]  # (source, result) for every source consulted
+
+
+def _clean(value: str | None) -> str | None:
+    """Normalise a header value; ``None`` for anything that is not short printable ASCII."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or len(value) > _MAX_HEADER_VALUE:
+        return None
+    if not value.isascii() or not value.isprintable():
+        return None
+    return value
+
+
+def from_client_region(value: str, topology: Topology) -> tuple[str | None, str | None, str]:
+    """``X-Client-Region``: a declared region id, or an ISO country code."""
+    low = value.lower()
+    if low in topology.region_names:
+        return low, None, OK
+    code = value.upper()
+    if code in COUNTRY_CONTINENT:
+        region = topology.country_region.get(code)
+        return region, code, OK if region else UNKNOWN
+    return None, None, INVALID
+
+
+def from_country(value: str, topology: Topology) -> tuple[str | None, str | None, str]:
+    """``CF-IPCountry``: ISO alpha-2; XX and T1 mean unknown."""
+    code = value.upper()
+    if code in CF_UNKNOWN:
+        return None, None, UNKNOWN
+    if code not in COUNTRY_CONTINENT:
+        return None, None, INVALID
+    region = topology.country_region.get(code)
+    return region, code, OK if region else UNKNOWN
+
+
+_PARSERS = {"x-client-region": from_client_region, "cf-ipcountry": from_country}
+
+
+def resolve(
+    topology: Topology,
+    headers: Mapping[str, str],
+    peer_trusted: bool,
+    client_ip: IPAddress | None,
+    lookup: GeoLookup | None,
+) -> Resolution:
+    steps: list[tuple[str, str]] = []
+    for source in topology.config.region_sources:
+        if source == "geoip":
+            region, country, result = _from_geoip(client_ip, lookup, topology)
+        else:
+            raw = headers.get(HEADER_OF[source])
+            if raw is None:
+                steps.append((source, ABSENT))
+                continue
+            if not peer_trusted:
+                steps.append((source, UNTRUSTED))
+                continue
+            value = _clean(raw)
+            if value is None:
+                region, country, result = None, None, INVALID
+            else:
+                region, country, result = _PARSERS[source](value, topology)
+        steps.append((source, result))
+        if region is not None:
+            return Resolution(region, source, country, client_ip, tuple(steps))
+    return Resolution(topology.config.default_region, "default", None, client_ip, tuple(steps))
+
+
+def _from_geoip(
+    ip: IPAddress | None, lookup: GeoLookup | None, topology: Topology
+) -> tuple[str | None, str | None, str]:
+    if ip is None or lookup is None:
+        return None, None, ABSENT
+    if not ip.is_global:
+        return None, None, UNKNOWN  # private, loopback, link-local, documentation ranges
+    try:
+        answer = lookup(ip)
+    except GeoIPLookupError:
+        return None, None, ERROR  # counted and logged (rate-limited) by the look-up
+    if answer is None:
+        return None, None, UNKNOWN
+    region = topology.region_of(answer.country, answer.continent)
+    return region, answer.country, OK if region else UNKNOWN
+
+
+class ResolutionCache:
+    """Memoises ``resolve`` for requests that carry none of the region headers the
+    topology consults: their answer depends only on the client IP, so one (frozen)
+    Resolution serves every request from that client while the topology and the GeoIP
+    look-up stay the same. ``key`` names the client IP (the caller's cheap text for it)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._for: tuple[Topology, GeoLookup | None] | None = None
+        self._headers: tuple[str, ...] = ()
+        self._memo: dict[str, Resolution] = {}
+
+    def resolve(
+        self,
+        topology: Topology,
+        headers: Mapping[str, str],
+        peer_trusted: bool,
+        client_ip: IPAddress | None,
+        lookup: GeoLookup | None,
+        key: str | None,
+    ) -> Resolution:
+        if self._for is None or self._for[0] is not topology or self._for[1] is not lookup:
+            self._for = (topology, lookup)
+            self._headers = tuple(
+                HEADER_OF[s] for s in topology.config.region_sources if s in HEADER_OF
+            )
+            self._memo = {}
+        if key is None or any(name in headers for name in self._headers):
+            return resolve(topology, headers, peer_trusted, client_ip, lookup)
+        hit = self._memo.get(key)
+        if hit is None or hit.client_ip != client_ip:
+            hit = resolve(topology, headers, peer_trusted, client_ip, lookup)
+            if len(self._memo) >= self.size:
+                self._memo.clear()  # bounded: many clients just resolve afresh
+            self._memo[key] = hit
+        return hit

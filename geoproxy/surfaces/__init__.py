@@ -1,0 +1,1 @@
+"""The operator surfaces: metrics, the access log, the admin listener and ``/status``."""

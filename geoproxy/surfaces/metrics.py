@@ -1,0 +1,246 @@
+"""Every metric geoproxy exports: names, labels and help text in one place.
+
+Declared on an injected ``CollectorRegistry`` (tests use a fresh one each). Labels are
+bounded sets — regions, geode names, sources, outcomes — never client IPs, paths or raw
+header values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import aiohttp
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from geoproxy import __version__
+from geoproxy.proxy import compat
+from geoproxy.surfaces import hotmetrics
+from geoproxy.surfaces.hotmetrics import HotCounter, HotHistogram
+
+#: Buckets fit for a proxy: 1 ms to 30 s.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+#: The ``geode`` label when no geode served (geoproxy answered itself).
+NO_GEODE = "none"
+
+
+def code_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"  # 499 is a 4xx
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, process_metrics: bool = True) -> None:
+        self.registry = registry
+        r = registry
+        # The per-request families: lock-free (hotmetrics.py), one collector.
+        self.requests = HotCounter(
+            "geoproxy_requests",
+            "Requests answered, by the geode that served them ('none' "
+            "when geoproxy answered itself) and status class.",
+            ["geode", "code_class"],
+        )
+        self.request_duration = HotHistogram(
+            "geoproxy_request_duration_seconds",
+            "Time from request head to the last byte of the response, by geode.",
+            ["geode"],
+            LATENCY_BUCKETS,
+        )
+        self.decisions = HotCounter(
+            "geoproxy_routing_decisions",
+            "Routing decisions: home (the client's own "
+            "region), fallback (another region), panic (health ignored), none_healthy "
+            "(503), all_failed (every attempt failed).",
+            ["client_region", "geode", "decision"],
+        )
+        self.resolutions = HotCounter(
+            "geoproxy_region_resolutions",
+            "Region sources consulted, by result: ok, "
+            "unknown, invalid, untrusted (a header from an untrusted peer, ignored), error "
+            "(a GeoIP look-up failed: a corrupt database).",
+            ["source", "result"],
+        )
+        self.attempts = HotCounter(
+            "geoproxy_upstream_attempts",
+            "Attempts to forward to a geode, by outcome: "
+            "response, retry_status (502/503/504, tried elsewhere), connect_error, "
+            "timeout, reset, cut_by_drain (still waiting when the shutdown drain ended).",
+            ["geode", "outcome"],
+        )
+        self.failovers = HotCounter(
+            "geoproxy_failovers",
+            "A request moved from one geode to the next after a failed attempt.",
+            ["from_geode", "to_geode"],
+        )
+        self.fast_lane = HotCounter(
+            "geoproxy_fast_lane_requests",
+            "Requests that took the fast lane, by how they "
+            "ended: answered (from callbacks), handed_over (finished on the coroutine path: "
+            "a failure, a retry status, a body to stream), client_closed.",
+            ["outcome"],
+        )
+        self.denied = HotCounter(
+            "geoproxy_requests_denied",
+            "Requests refused at the edge, never forwarded, by "
+            "the access rule that denied them (its name, else access[N]), or method:CONNECT, "
+            "method:TRACE (405), path:unsafe (400: a path no rule can judge).",
+            ["rule"],
+        )
+        hot = (
+            self.requests,
+            self.request_duration,
+            self.decisions,
+            self.resolutions,
+            self.attempts,
+            self.failovers,
+            self.fast_lane,
+            self.denied,
+        )
+        hotmetrics.register(r, *hot)
+        self.geode_up = Gauge(
+            "geoproxy_geode_up",
+            "1 when the geode is healthy and takes traffic, else 0. "
+            "Emitted for every configured geode from start-up.",
+            ["geode", "region"],
+            registry=r,
+        )
+        self.health_checks = Counter(
+            "geoproxy_health_checks",
+            "Active health checks, by result (pass, fail).",
+            ["geode", "result"],
+            registry=r,
+        )
+        self.health_check_duration = Histogram(
+            "geoproxy_health_check_duration_seconds",
+            "Duration of active health checks that got an answer.",
+            ["geode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.transitions = Counter(
+            "geoproxy_geode_transitions",
+            "Health state changes of a geode, by the state it moved to.",
+            ["geode", "to"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "geoproxy_ready",
+            "1 when the proxy is ready (first health round done and at "
+            "least one geode healthy), as /readyz answers; else 0.",
+            registry=r,
+        )
+        self.reloads = Counter(
+            "geoproxy_config_reloads",
+            "Config reloads (SIGHUP or a changed file), by result "
+            "(success, failure: the old config keeps serving).",
+            ["result"],
+            registry=r,
+        )
+        self.last_reload = Gauge(
+            "geoproxy_config_last_reload_success_timestamp_seconds",
+            "When the config in force was loaded (start-up or the last good reload).",
+            registry=r,
+        )
+        self.geoip_built = Gauge(
+            "geoproxy_geoip_database_build_timestamp_seconds",
+            "When the GeoIP database "
+            "in use was built (its metadata's build_epoch), by its type (GeoLite2-City, say); "
+            "absent without geoip.database.",
+            ["database_type"],
+            registry=r,
+        )
+        self.geoip_reloads = Counter(
+            "geoproxy_geoip_reloads",
+            "GeoIP database files that changed on disk, by result "
+            "(success: re-opened and in use; failure: unreadable or corrupt, the old "
+            "database keeps answering).",
+            ["result"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "geoproxy_geode_ejections",
+            "Geodes ejected by passive health (consecutive failures of live traffic).",
+            ["geode"],
+            registry=r,
+        )
+        self.ejected = Gauge(
+            "geoproxy_geode_ejected",
+            "1 while a geode is ejected by passive health.",
+            ["geode", "region"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "geoproxy_inflight_requests", "Requests being handled right now.", registry=r
+        )
+        self.build_info = Gauge(
+            "geoproxy_build_info",
+            "Always 1; geoproxy's and aiohttp's versions, and the mode: lean, or public "
+            "(aiohttp's public API only: an aiohttp outside the tested window).",
+            ["version", "aiohttp", "mode"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, aiohttp.__version__, compat.mode()).set(1)
+        #: Families each worker of ``--workers`` counts for itself and the supervisor sums
+        #: (fleet.py): every per-request family, passive health (each worker sees its own
+        #: traffic) and in-flight requests. The rest is the supervisor's own: active
+        #: health, reloads, readiness, build and process.
+        self.worker_families = frozenset(
+            {f.name for f in hot}
+            | {m.name for c in (self.ejections, self.ejected, self.inflight) for m in c.describe()}
+        )
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+
+    def declare_geodes(self, geodes: Iterable[tuple[str, str]]) -> None:
+        """Emit ``geoproxy_geode_up`` (0) for every (geode, region) before any check."""
+        for name, region in geodes:
+            self.geode_up.labels(name, region).set(0)
+            self.ejected.labels(name, region).set(0)
+
+    def forget_geodes(self, geodes: Iterable[tuple[str, str]]) -> None:
+        """Drop the per-geode gauges of geodes a reload removed."""
+        for name, region in geodes:
+            for gauge in (self.geode_up, self.ejected):
+                with contextlib.suppress(KeyError):  # never declared: nothing to drop
+                    gauge.remove(name, region)
+
+
+def worker_families() -> frozenset[str]:
+    """``Metrics.worker_families``, as ``Metric.name`` (counters without ``_total``)."""
+    return Metrics(CollectorRegistry(), process_metrics=False).worker_families
+
+
+class WorkerMetrics:
+    """The supervisor's metrics about its worker processes (``geoproxy run --workers``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.running = Gauge(
+            "geoproxy_workers", "Worker processes serving the proxy listener.", registry=registry
+        )
+        self.restarts = Counter(
+            "geoproxy_worker_restarts",
+            "Worker processes that exited unexpectedly and were started again.",
+            registry=registry,
+        )
