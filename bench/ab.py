@@ -5,6 +5,7 @@ measured minutes apart on the same noisy machine.
 
     python bench/ab.py --tree base=/tmp/geoproxy-base --tree new=. --conns 10,50,200
     python bench/ab.py --tree py311=. --python py313=/opt/py313/bin/python
+    python bench/ab.py --tree base=../geoproxy-base --tree new=. --scenario browser
 
 Each tree is run as ``python -m geoproxy`` with the tree as working directory (so its own
 ``geoproxy`` package is imported); ``--python`` runs this tree under another interpreter
@@ -59,6 +60,12 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--conns", default="10,50,200")
     ap.add_argument("--no-caddy", action="store_true")
+    ap.add_argument(
+        "--scenario",
+        default="repeated",
+        choices=list(run.SCENARIOS),
+        help="wrk's own repeated header lines, or browser-like ones (bench/browser.lua)",
+    )
     args = ap.parse_args()
     run.ensure_tools()
     trees = [t.split("=", 2) for t in args.tree]
@@ -66,6 +73,7 @@ def main() -> None:
     upstream = run.free_port()
     ports = {n: run.free_port() for n in run.PORTS}
     rps: dict[tuple[str, int], list[float]] = {}
+    p99s: dict[tuple[str, int], list[float]] = {}
     # CPU time of the proxy process per request: steadier than req/s on a shared machine,
     # where wrk and the upstream compete for the same cores.
     cpu: dict[tuple[str, int], list[float]] = {}
@@ -94,9 +102,12 @@ def main() -> None:
                         run.wrk(proxy.port, "/small", 10, 1)  # warm up
                         for c in conns:
                             cpu0 = run.cpu_seconds(proxy.proc.pid)
-                            r, p50, p99, errors = run.wrk(proxy.port, "/small", c, args.duration)
+                            r, p50, p99, errors = run.wrk(
+                                proxy.port, "/small", c, args.duration, args.scenario
+                            )
                             us = (run.cpu_seconds(proxy.proc.pid) - cpu0) / (r * args.duration)
                             rps.setdefault((proxy.name, c), []).append(r)
+                            p99s.setdefault((proxy.name, c), []).append(p99)
                             cpu.setdefault((proxy.name, c), []).append(us * 1e6)
                             print(f"round {rnd + 1} {proxy.name:<10} c={c:<4} {r:>9.0f} req/s"
                                   f"  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  errors {errors}"
@@ -104,14 +115,16 @@ def main() -> None:
                     finally:
                         proxy.stop()
     names = [p.name for p in contenders]
-    print("\n| proxy | conns | req/s (median) | x caddy | us CPU/req (median) |")
+    print(f"\n{args.scenario} scenario")
+    print("| proxy | conns | req/s (median) | x caddy | us CPU/req (median) | p99 ms (median) |")
     for c in conns:
         for name in names:
             med = statistics.median(rps[(name, c)])
             ref = statistics.median(rps[("caddy", c)]) if "caddy" in names else None
             ratio = f"{med / ref:.2f}" if ref else "-"
             print(f"| {name} | {c} | {med:.0f} | {ratio} | "
-                  f"{statistics.median(cpu[(name, c)]):.1f} |")  # fmt: skip
+                  f"{statistics.median(cpu[(name, c)]):.1f} |"
+                  f" {statistics.median(p99s[(name, c)]):.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

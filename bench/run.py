@@ -10,6 +10,16 @@ HAProxy, GOMAXPROCS=1 for Caddy); the upstream nginx and wrk share the other cor
 are interleaved (A B C ... A B C ...) so that drift on a shared machine hits every proxy
 alike, and the table shows the median of the rounds with ratios to nginx, HAProxy and
 Caddy from this same run.
+Every peer is configured as its documentation recommends for many short requests over
+kept-alive connections (``configs``): nginx keeps a pool of idle upstream connections
+(``keepalive``), HAProxy reuses server connections (``http-reuse always``), and Caddy
+speaks HTTP/1.1 only (``servers { protocols h1 }``) with an idle upstream pool large enough
+for c=200 (``keepalive_idle_conns``; its default keeps 32 per host).
+
+Two scenarios (``--scenarios``): ``repeated``, wrk's default of the same header lines on
+every request, and ``browser`` (bench/browser.lua), about 450 bytes of Firefox-like
+header lines with a Cookie and an X-Request-Id of their own on every request and a
+CF-IPCountry from a small mix.
 Everything listens on 127.0.0.1 only; every run is bounded by --duration.
 
     python3 bench/run.py --scaling --conns 50,200   # geoproxy --workers 1 against 2
@@ -30,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +48,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+#: wrk's request scripts by scenario name: None sends wrk's own repeated header lines.
+SCENARIOS: dict[str, Path | None] = {
+    "repeated": None,
+    "browser": ROOT / "bench" / "browser.lua",
+}
 
 
 def free_port() -> int:
@@ -144,14 +160,20 @@ class Result:
     p99_ms: float
     errors: int
     rss_kib: int
+    cpu_us: float = 0.0  # the proxy's CPU time (all its processes) per request, in µs
 
 
 _UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(port: int, path: str, conns: int, duration: int) -> tuple[float, float, float, int]:
+def wrk(
+    port: int, path: str, conns: int, duration: int, scenario: str = "repeated"
+) -> tuple[float, float, float, int]:
+    """req/s, p50 ms, p99 ms and errors of one wrk run (``scenario``: see SCENARIOS)."""
+    script = SCENARIOS[scenario]
+    lua = ["-s", str(script)] if script is not None else []
     out = subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency",
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", *lua,
          f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, timeout=duration + 30,
     ).stdout  # fmt: skip
@@ -193,7 +215,8 @@ def configs(tmp: Path, upstream: int, ports: dict[str, int]) -> None:
         worker_processes 1; daemon off; pid {tmp}/proxy.pid; error_log /dev/null crit;
         events {{ worker_connections 4096; }}
         http {{ access_log off; keepalive_requests 1000000;
-          upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+          upstream up {{ server 127.0.0.1:{upstream};
+            keepalive 512; keepalive_requests 1000000; keepalive_timeout 120s; }}
           server {{ listen 127.0.0.1:{ports["nginx"]};
             location / {{ proxy_pass http://up; proxy_http_version 1.1;
               proxy_set_header Connection ""; }} }} }}
@@ -222,9 +245,18 @@ def configs(tmp: Path, upstream: int, ports: dict[str, int]) -> None:
         {{
           admin off
           auto_https off
+          servers {{
+            protocols h1
+          }}
         }}
         http://127.0.0.1:{ports["caddy"]} {{
-          reverse_proxy 127.0.0.1:{upstream}
+          reverse_proxy 127.0.0.1:{upstream} {{
+            transport http {{
+              keepalive 120s
+              keepalive_idle_conns 512
+              keepalive_idle_conns_per_host 512
+            }}
+          }}
         }}
     """)
     )
@@ -325,6 +357,11 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     ap.add_argument("--conns", default="10,50,200")
     ap.add_argument("--sizes", default="small,16k", help="small (2 bytes) and/or 16k")
+    ap.add_argument(
+        "--scenarios",
+        default="repeated,browser",
+        help="repeated (wrk's own header lines) and/or browser (bench/browser.lua)",
+    )
     ap.add_argument("--proxies", default=",".join(NAMES))
     ap.add_argument(
         "--openloop",
@@ -342,13 +379,19 @@ def main() -> None:
     ap.add_argument(
         "--scaling",
         action="store_true",
-        help="only: geoproxy --workers 1 on "
-        "one core against --workers 2 on both cores (small body, --conns)",
+        help="only: geoproxy --workers 1 on one core against --workers 2 on both cores "
+        "(small body, --conns, the first of --scenarios)",
     )
     args = ap.parse_args()
     ensure_tools()
     conns = [int(c) for c in args.conns.split(",")]
-    sizes = args.sizes.split(",")
+    scenarios = args.scenarios.split(",")
+    unknown = [sc for sc in scenarios if sc not in SCENARIOS]
+    if unknown:
+        sys.exit(f"bench: unknown scenario {unknown[0]!r} (known: {', '.join(SCENARIOS)})")
+    # A workload is a scenario and a body size, labelled "browser small" in the table.
+    workloads = [(sc, size) for sc in scenarios for size in args.sizes.split(",")]
+    labels = [f"{sc} {size}" for sc, size in workloads]
     only = set(args.proxies.split(","))
     upstream = free_port()
     ports = {n: free_port() for n in PORTS}
@@ -358,32 +401,35 @@ def main() -> None:
         configs(tmp, upstream, ports)
         with upstream_nginx(tmp, upstream) as upstream_pid:
             if args.scaling:
-                return scaling(tmp, ports, conns, args.duration, args.rounds, upstream_pid)
+                return scaling(tmp, ports, conns, args.duration, args.rounds, upstream_pid,
+                               scenarios[0])  # fmt: skip
             for rnd in range(args.rounds):
                 for proxy in proxies(tmp, upstream, ports, only):
                     proxy.start()
                     try:
                         assert proxy.proc is not None
                         wrk(proxy.port, "/small", 10, 1)  # warm up (pools, caches)
-                        for size in sizes:
+                        for (sc, size), label in zip(workloads, labels, strict=True):
                             for c in conns:
+                                cpu0 = cpu_seconds(proxy.proc.pid)
                                 rps, p50, p99, errors = wrk(proxy.port, f"/{size}", c,
-                                                            args.duration)  # fmt: skip
+                                                            args.duration, sc)  # fmt: skip
+                                us = (cpu_seconds(proxy.proc.pid) - cpu0) / (rps * args.duration)
                                 rss = rss_kib(proxy.proc.pid)
-                                results.setdefault((proxy.name, size, c), []).append(
-                                    Result(rps, p50, p99, errors, rss)
+                                results.setdefault((proxy.name, label, c), []).append(
+                                    Result(rps, p50, p99, errors, rss, us * 1e6)
                                 )
-                                print(f"round {rnd + 1} {proxy.name:<14} {size:>5} c={c:<4}"
+                                print(f"round {rnd + 1} {proxy.name:<14} {label:>14} c={c:<4}"
                                       f" {rps:>9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:7.2f}"
-                                      f" ms  errors {errors}  rss {rss / 1024:.0f} MiB",
-                                      flush=True)  # fmt: skip
+                                      f" ms  errors {errors}  rss {rss / 1024:.0f} MiB"
+                                      f"  {us * 1e6:5.1f} us CPU/req", flush=True)  # fmt: skip
                     finally:
                         proxy.stop()
             if args.soak:
                 soak(tmp, upstream, ports, args.soak)
             if args.openloop:
                 openloop(tmp, upstream, ports, args.openloop, args.duration, args.rounds)
-    print_table(results, sizes, conns, only)
+    print_table(results, labels, conns, only)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -396,13 +442,35 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def connections_per_process(pids: list[int], port: int) -> list[int]:
+    """Established TCP connections on local ``port`` that each process holds (how
+    SO_REUSEPORT spread a load's connections over the workers)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] == "01" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{cols[9]}]")
+    counts = []
+    for pid in pids:
+        held = 0
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    held += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
+        counts.append(held)
+    return counts
+
+
 def scaling(
     tmp: Path, ports: dict[str, int], conns: list[int], seconds: int, rounds: int,
-    upstream_pid: int,
+    upstream_pid: int, scenario: str = "repeated",
 ) -> None:  # fmt: skip
     """geoproxy --workers 1 pinned to core 0 against --workers 2 on cores 0-1, interleaved.
     On a 2-core machine the upstream and wrk share core 1 with the second worker, so the
-    throughput ratio understates scaling; CPU seconds per request tell the efficiency."""
+    throughput ratio understates scaling; CPU seconds per request tell the efficiency,
+    and the connections each worker holds mid-run tell the SO_REUSEPORT balance."""
     config = str(tmp / "geoproxy.yaml")
     base = [PY, "-m", "geoproxy", "run", "--config", config, "--log-level", "warning"]
     setups = [
@@ -410,6 +478,7 @@ def scaling(
         Proxy("2 workers", [*base, "--workers", "2"], ports["geoproxy"], cores="0,1"),
     ]
     rows: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
+    shares: dict[int, list[float]] = {}  # the busier worker's share of connections, 2 workers
     for _ in range(rounds):
         for proxy in setups:
             proxy.start()
@@ -420,8 +489,19 @@ def scaling(
                 for c in conns:
                     cpu0, other0 = cpu_seconds(proxy.proc.pid), cpu_seconds(upstream_pid)
                     load0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    rps, _p50, p99, errors = wrk(proxy.port, "/small", c, seconds)
+                    held: list[int] = []
+                    workers = children(proxy.proc.pid)
+                    probe = threading.Timer(
+                        seconds / 2,
+                        lambda out, pids, port: out.extend(connections_per_process(pids, port)),
+                        (held, workers, proxy.port),
+                    )
+                    probe.start()
+                    rps, _p50, p99, errors = wrk(proxy.port, "/small", c, seconds, scenario)
+                    probe.join()
                     load1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    if len(held) == 2 and sum(held):
+                        shares.setdefault(c, []).append(max(held) / sum(held))
                     cpu = cpu_seconds(proxy.proc.pid) - cpu0
                     other = (cpu_seconds(upstream_pid) - other0 + load1.ru_utime
                              + load1.ru_stime - load0.ru_utime - load0.ru_stime)  # fmt: skip
@@ -429,14 +509,16 @@ def scaling(
                     print(
                         f"{proxy.name:<10} c={c:<4} {rps:>8.0f} req/s  p99 {p99:6.2f} ms  "
                         f"geoproxy CPU {cpu / seconds:.2f} cores  wrk+upstream "
-                        f"{other / seconds:.2f} cores  errors {errors}",
+                        f"{other / seconds:.2f} cores  errors {errors}  connections per "
+                        f"worker {held}",
                         flush=True,
                     )
             finally:
                 proxy.stop()
-    print("\n| conns | 1 worker req/s | 2 workers req/s | ratio | us CPU/req 1w | 2w |"
-          " wrk+upstream cores (2w) |")  # fmt: skip
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\n{scenario} scenario")
+    print("| conns | 1 worker req/s | 2 workers req/s | ratio | us CPU/req 1w | 2w |"
+          " wrk+upstream cores (2w) | busier worker's connections |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in conns:
         one, two = rows[("1 worker", c)], rows[("2 workers", c)]
 
@@ -448,6 +530,7 @@ def scaling(
         print(
             f"| {c} | {med(one, 0):.0f} | {med(two, 0):.0f} | {med(two, 0) / med(one, 0):.2f}"
             f" | {per1:.1f} | {per2:.1f} | {med(two, 2) / seconds:.2f} |"
+            f" {statistics.median(shares.get(c, [0.0])):.0%} |"
         )
 
 
@@ -510,12 +593,15 @@ def print_table(
     conns: list[int],
     only: set[str],
 ) -> None:
+    """The medians of the rounds per proxy, workload (``sizes``: "scenario body" labels)
+    and concurrency, with ratios to the references from the same run."""
+
     def med(name: str, size: str, c: int, attr: str) -> float:
         return float(statistics.median(getattr(r, attr) for r in results[(name, size, c)]))
 
-    print("\n| proxy | body | conns | req/s | p50 ms | p99 ms | p99/p50 | RSS MiB | errors |"
-          " x nginx | x haproxy | x caddy |")  # fmt: skip
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| proxy | scenario, body | conns | req/s | p50 ms | p99 ms | p99/p50 | RSS MiB |"
+          " errors | us CPU/req | x nginx | x haproxy | x caddy |")  # fmt: skip
+    print("| --- | --- |" + " ---: |" * 11)
     for size in sizes:
         for c in conns:
             for name in NAMES:
@@ -529,7 +615,8 @@ def print_table(
                       for ref in NAMES[:3]]  # fmt: skip
                 print(
                     f"| {name} | {size} | {c} | {rps:.0f} | {p50:.2f} | {p99:.2f} |"
-                    f" {p99 / p50:.1f} | {rss:.0f} | {errors} | {' | '.join(vs)} |"
+                    f" {p99 / p50:.1f} | {rss:.0f} | {errors} | {med(name, size, c, 'cpu_us'):.1f}"
+                    f" | {' | '.join(vs)} |"
                 )
     others = (
         ("aiohttp-plain", "plain aiohttp proxy"),
