@@ -34,7 +34,7 @@ FINGERPRINTS = {
     "aiohttp.web_protocol.RequestHandler.connection_lost": "df2fe6e95fd04c7c",
     "aiohttp.web_protocol.RequestHandler._handle_request": "a88a34ee65a2714c",
     "aiohttp.web_protocol.RequestHandler.start": "2e565fd40c8e04fb",
-    # upstream.Connection: its read timer, parser reuse and the split of a bodiless
+    # connection.Connection: its read timer, parser reuse and the split of a bodiless
     # answer's head.
     "aiohttp.client_proto.ResponseHandler.data_received": "9bf7ecf8e50516cd",
     "aiohttp.client_proto.ResponseHandler.resume_reading": "ad1141ce3718aca7",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -380,7 +381,10 @@ async def test_fast_lane_off_in_the_config_serves_every_request_on_the_coroutine
     assert proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") == 3
 
 
-@pytest.mark.parametrize("broken", ["request_wire", "_Exchange.send", "ResponseHead"])
+@pytest.mark.parametrize(
+    "broken",
+    ["fastlane.request_wire", "fastexchange.FastExchange.send", "fastexchange.ResponseHead"],
+)
 async def test_an_unexpected_error_in_the_fast_lane_leaves_the_request_to_the_coroutine_path(
     geode_factory: GeodeFactory,
     proxy_factory: ProxyFactory,
@@ -392,8 +396,6 @@ async def test_an_unexpected_error_in_the_fast_lane_leaves_the_request_to_the_co
     """Fault injection into geoproxy's own code (not the HTTP layer): a bug while the
     request is prepared, sent (on a new connection, then on a pooled one) or answered
     must never leave the client without an answer, nor reach the geode twice."""
-    from geoproxy.proxy import fastlane
-
     eu = await geode_factory("eu-1", "eu-west")
     proxy = await start(proxy_factory, [geode_entry(eu)])
     conn = await connect(raw, proxy.url)
@@ -401,8 +403,11 @@ async def test_an_unexpected_error_in_the_fast_lane_leaves_the_request_to_the_co
     def fail(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("injected")
 
-    owner, _, name = broken.rpartition(".")
-    monkeypatch.setattr(getattr(fastlane, owner) if owner else fastlane, name, fail)
+    module, *owners, name = broken.split(".")
+    target: Any = importlib.import_module(f"geoproxy.proxy.{module}")
+    for owner in owners:
+        target = getattr(target, owner)
+    monkeypatch.setattr(target, name, fail)
     for n in (1, 2):  # the pool is empty, then holds the first request's connection
         conn.send(get(f"/whoami?n={n}"))
         status, headers, _ = await conn.response()
@@ -564,7 +569,7 @@ async def test_an_unexpected_error_while_the_answer_is_made_still_answers(
 ) -> None:
     """Fault injection as above, in the last steps before the answer is written: the
     answer is still on the geode connection, and the coroutine path relays it."""
-    from geoproxy.proxy import fastlane
+    from geoproxy.proxy import fastexchange
 
     eu = await geode_factory("eu-1", "eu-west")
     proxy = await start(proxy_factory, [geode_entry(eu)])
@@ -572,7 +577,7 @@ async def test_an_unexpected_error_while_the_answer_is_made_still_answers(
     def fail(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(fastlane, broken, fail)
+    monkeypatch.setattr(fastexchange, broken, fail)
     conn = await connect(raw, proxy.url)
     conn.send(get("/whoami"))
     status, headers, _ = await conn.response()

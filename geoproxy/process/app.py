@@ -28,7 +28,7 @@ from geoproxy.config.values import Config
 from geoproxy.errors import GeoproxyError
 from geoproxy.health.board import GeodeHealth, HealthBoard
 from geoproxy.health.checker import HealthChecker
-from geoproxy.proxy import upstream
+from geoproxy.proxy.connection import Pool
 from geoproxy.proxy.forwarder import Forwarder
 from geoproxy.proxy.headers import via_name
 from geoproxy.routing.clientip import TrustedProxies
@@ -169,7 +169,7 @@ class Gateway:
                 session,
                 self.via,
             )
-            pool = upstream.Pool(self.config.forwarding.keepalive_timeout)
+            pool = Pool(self.config.forwarding.keepalive_timeout)
             stack.callback(pool.close)
             self.forwarder = Forwarder(self.runtime, pool)
             if self.active_health:
@@ -201,7 +201,7 @@ class Gateway:
                 "; ".join(f"{s.geode.name} ({s.geode.region}): {s.last_error}" for s in failing),
             )
 
-    async def _sweep(self, pool: upstream.Pool) -> None:
+    async def _sweep(self, pool: Pool) -> None:
         """Close pooled geode connections that idled past keepalive_timeout, or whose
         geode a reload removed."""
         while True:

@@ -1,14 +1,14 @@
 """aiohttp's private names geoproxy leans on, and what runs when they are not there.
 
-The fast lane (``fastlane.py``), the lean upstream client (``upstream.py``) and the
-response writers (``responses.py``) use private aiohttp API for speed and to pass bytes
-as they came. They are tested against the aiohttp releases in ``TESTED`` (the window
-``pyproject.toml`` pins). ``probe()`` checks, once per process, that the aiohttp
-installed is in that window and has every private name with the shape used; when it is
-not, geoproxy runs in **public** mode: aiohttp's own server protocol, its
-``ClientSession`` for every request, plain ``web.Response`` objects. Slower, and without
-the byte-for-byte guarantees the lean mode adds (README, "aiohttp versions"), but serving;
-``warn_if_public()`` says why, once logging is set up.
+The fast lane (``fastlane.py``), the lean upstream client (``upstream.py``,
+``connection.py``) and the response writers (``responses.py``) use private aiohttp API
+for speed and to pass bytes as they came. They are tested against the aiohttp releases
+in ``TESTED`` (the window ``pyproject.toml`` pins). ``probe()`` checks, once per
+process, that the aiohttp installed is in that window and has every private name with
+the shape used; when it is not, geoproxy runs in **public** mode: aiohttp's own server
+protocol, its ``ClientSession`` for every request, plain ``web.Response`` objects.
+Slower, and without the byte-for-byte guarantees the lean mode adds (README, "aiohttp
+versions"), but serving; ``warn_if_public()`` says why, once logging is set up.
 ``GEOPROXY_AIOHTTP=public`` picks public mode on purpose (a way out should a release
 inside the window misbehave); ``geoproxy_build_info{mode}`` says which mode runs.
 

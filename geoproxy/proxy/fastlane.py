@@ -4,7 +4,7 @@ On the coroutine path aiohttp wakes the connection's task, starts a handler task
 the handler suspends on the geode and resumes through its frames: about six loop
 callbacks per request where a callback proxy needs two (bench/callback_proxy.py). Here
 the client connection's ``data_received`` sends the request head on a geode
-connection, and that connection's events (``upstream.Connection.watcher``) write the
+connection, and that connection's events (``connection.Connection.watcher``) write the
 answer to the client.
 
 A request takes the fast lane when ``forwarding.fast_lane`` is on and it is a GET over
@@ -47,16 +47,13 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from yarl import URL
 
-from geoproxy.errors import ConnectFailed
-from geoproxy.proxy import upstream
+from geoproxy.proxy.fastexchange import FastExchange
 from geoproxy.proxy.forwarder import Begun, Forwarder
-from geoproxy.proxy.headers import RawHeaders, ResponseHead, geode_lines
-from geoproxy.proxy.policy import answered, fast_lane_finishes, origin_form
+from geoproxy.proxy.headers import RawHeaders
+from geoproxy.proxy.policy import origin_form
 from geoproxy.proxy.prelude import Prelude, Route, host_for, refusal, request_wire
 from geoproxy.proxy.protocol import ServerConnection
-from geoproxy.proxy.responses import whole_head
 from geoproxy.proxy.trace import CLIENT_CLOSED, Trace
-from geoproxy.routing.router import Candidate
 from geoproxy.routing.runtime import Runtime
 
 log = logging.getLogger("geoproxy.fastlane")
@@ -125,155 +122,6 @@ class ProxyServer(web.Server):
         return ProxyConnection(self, loop=self._loop, **self._kwargs)
 
 
-class _Exchange:
-    """One request on the fast lane, from its head to the answer (or the hand-over)."""
-
-    __slots__ = (
-        "cand",
-        "conn",
-        "connecting",
-        "deadline",
-        "failure",
-        "message",
-        "out",
-        "pool",
-        "pooled",
-        "proto",
-        "response_timeout",
-        "resumed",
-        "route",
-        "start",
-        "task",
-        "wire",
-        "written",
-    )
-
-    def __init__(
-        self,
-        conn: ProxyConnection,
-        message: RawRequestMessage,
-        route: Route,
-        wire: bytes,
-        pool: upstream.Pool,
-        start: float,
-        deadline: float,
-        response_timeout: float,
-    ) -> None:
-        self.conn, self.message, self.route, self.wire = conn, message, route, wire
-        self.pool = pool
-        self.cand: Candidate = route.cands[0]
-        self.start = start  # time.perf_counter(), for the duration metric
-        self.deadline = deadline  # time.monotonic(): no new attempt after it
-        self.response_timeout = response_timeout
-        self.proto: upstream.Connection | None = None  # the request goes out on it
-        self.written = False  # ... and went out
-        self.pooled = True  # proto came from the pool (a resend on the keep-alive race)
-        self.failure: ConnectFailed | None = None  # no connection could be opened
-        self.connecting: asyncio.Task[None] | None = None
-        self.out: ResponseHead | None = None
-        self.task: asyncio.Task[None] | None = None  # the coroutine path, once handed over
-        self.resumed = False  # ... and once that task made the request its own
-
-    def send(self, proto: upstream.Connection, pooled: bool) -> None:
-        self.proto, self.pooled = proto, pooled
-        upstream.write(proto, self.wire, False, self.response_timeout)
-        self.written = True
-        proto.watcher = self.on_geode
-
-    async def connect(self, connect_timeout: float) -> None:
-        """Open a connection to the geode (no idle one in the pool), then send."""
-        try:
-            proto = await upstream.connect(self.cand.geode, connect_timeout)
-        except ConnectFailed as exc:
-            self.failure = exc
-            self.conn.hand_over(self)
-            return
-        except Exception:  # a bug: the coroutine path connects and answers itself
-            log.exception("fast lane: unexpected error; the coroutine path takes over")
-            self.conn.hand_over(self)
-            return
-        finally:
-            self.connecting = None
-        if self.conn._fast is not self:  # the client went away meanwhile
-            proto.close()
-            return
-        try:
-            self.send(proto, pooled=False)
-        except Exception:  # a bug: the coroutine path goes on (sends, or awaits the answer)
-            log.exception("fast lane: unexpected error; the coroutine path takes over")
-            if not self.written:  # it sends the request itself, on a connection of its own
-                proto.close()
-                self.proto = None
-            self.conn.hand_over(self)
-
-    def on_geode(self) -> None:
-        """An event on the geode connection: finish, hand over, or wait for more.
-        Everything that could fail runs before the answer is taken from the connection:
-        until then the coroutine path can take over the exchange as it stands."""
-        try:
-            self._on_geode()
-        except Exception:  # a bug: never leave the client waiting for nothing
-            log.exception("fast lane: unexpected error; the coroutine path takes over")
-            if self.conn._fast is self and self.task is None:
-                self.conn.hand_over(self)
-
-    def _on_geode(self) -> None:
-        proto = self.proto
-        assert proto is not None  # watched only once sent
-        answer = proto.answer()
-        if answer is None:
-            if proto.failed or proto.transport is None:
-                self.conn.hand_over(self)
-            return
-        message, payload = answer
-        status = message.code
-        out = self.out
-        if out is None:
-            out = self.out = ResponseHead(message.raw_headers, message.reason)
-            if not fast_lane_finishes(status, out):
-                self.conn.hand_over(self)
-                return
-        if not payload.is_eof():
-            if proto.failed:
-                self.conn.hand_over(self)
-            return
-        if payload.exception() is not None or payload.total_bytes != out.length:
-            self.conn.hand_over(self)
-            return
-        geode = self.cand.geode
-        route = self.route
-        lines = out.kept + out.tail(route.via, geode_lines(geode.name, geode.region))
-        conn = self.conn
-        keep_alive = conn.keeps_alive(self.message)
-        head = whole_head(
-            HttpVersion11, status, message.reason, lines, out.date, out.length, keep_alive
-        )
-        head.append(b"\r\n")
-        # The answer is taken: from here on, nothing that can fail.
-        proto.watcher = None
-        proto.take_answer()
-        # The whole body, as read_nowait() would join it, without its per-read work (a
-        # timer check, resuming a transport that is not paused).
-        body = b"".join(payload._buffer) if out.length else b""
-        if message.should_close:
-            proto.close()
-        else:  # the body is complete: the connection stands clean between two messages
-            self.pool.put_clean(geode, proto)
-        route.rt.board.observe(geode.name, True)
-        trace = route.trace
-        answered(trace, geode, self.cand.decision)
-        trace.body_bytes = len(body)
-        conn.answer(self, status, head, body, keep_alive)
-
-    def abandon(self) -> None:
-        """The client went away first: the geode's answer is of no use to anybody."""
-        if self.connecting is not None:
-            self.connecting.cancel()
-        if self.proto is not None:
-            self.proto.watcher = None
-            self.proto.close()  # never back to the pool: an answer may be on its way
-
-
 class ProxyConnection(ServerConnection):
     """geoproxy's server protocol (``protocol.py``), serving eligible requests on the
     fast lane."""
@@ -283,7 +131,7 @@ class ProxyConnection(ServerConnection):
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._gateway = manager.gateway
-        self._fast: _Exchange | None = None
+        self._fast: FastExchange | None = None
         self._held = b""
         self._noted = False  # the head-timeout hook was told
         self._remote: str | None = None  # the peer's address, as request.remote gives it
@@ -413,7 +261,7 @@ class ProxyConnection(ServerConnection):
             "GET", geode, path, host_for(fwd, route.head, geode), route.head, route.forwarded
         )
         pool = forwarder.pool
-        fast = _Exchange(
+        fast = FastExchange(
             self,
             message,
             route,
@@ -434,12 +282,15 @@ class ProxyConnection(ServerConnection):
             fast.connecting = self._loop.create_task(fast.connect(fwd.connect_timeout))
         return True
 
+    def serving(self, fast: FastExchange) -> bool:
+        return self._fast is fast
+
     def keeps_alive(self, message: RawRequestMessage) -> bool:
         """The connection stays open after this request's answer."""
         return not (message.should_close or self._close or self._force_close)
 
     def answer(
-        self, fast: _Exchange, status: int, head: list[bytes], body: bytes, keep_alive: bool
+        self, fast: FastExchange, status: int, head: list[bytes], body: bytes, keep_alive: bool
     ) -> None:
         """Write the geode's answer, note the request, and go on with the connection."""
         transport = self.transport
@@ -457,7 +308,7 @@ class ProxyConnection(ServerConnection):
         self._done(fast, status)
         self._next(keep_alive)
 
-    def _done(self, fast: _Exchange, status: int) -> None:
+    def _done(self, fast: FastExchange, status: int) -> None:
         self._fast = None
         self._request_in_progress = False
         if self._handler_waiter is not None and not self._handler_waiter.done():
@@ -527,7 +378,7 @@ class ProxyConnection(ServerConnection):
 
     # -- the hand-over --------------------------------------------------------------------
 
-    def hand_over(self, fast: _Exchange) -> None:
+    def hand_over(self, fast: FastExchange) -> None:
         """The coroutine path takes the exchange over: ``Forwarder.resume``, run as the
         connection task runs a request (``_handle_request``), in a task of its own."""
         if fast.proto is not None:
@@ -536,7 +387,7 @@ class ProxyConnection(ServerConnection):
         self._gateway.observer.inflight -= 1  # counted again by Observer.observe
         fast.task = self._loop.create_task(self._resume(fast))
 
-    async def _resume(self, fast: _Exchange) -> None:
+    async def _resume(self, fast: FastExchange) -> None:
         forwarder = self._gateway.forwarder
         factory = self._request_factory
         assert factory is not None and forwarder is not None  # else connection_lost ran

@@ -23,6 +23,7 @@ from yarl import URL
 from geoproxy.config.values import Forwarding, Geode, Limits
 from geoproxy.errors import BadResponse, BodyTimeout, BodyTooLarge, ConnectFailed
 from geoproxy.proxy import compat, upstream
+from geoproxy.proxy.connection import Connection, Pool
 from geoproxy.proxy.headers import ResponseHead, geode_lines
 from geoproxy.proxy.policy import RETRY_STATUSES, answered, path_qs, read_whole
 from geoproxy.proxy.prelude import (
@@ -134,7 +135,7 @@ class Begun:
     once, on a new connection), no connection could be opened (``failure``: the first
     attempt's outcome), or neither (nothing was sent)."""
 
-    proto: upstream.Connection | None = None
+    proto: Connection | None = None
     pooled: bool = True
     failure: ConnectFailed | None = None
 
@@ -143,7 +144,7 @@ class Forwarder:
     """The coroutine path, from a ``Runtime`` (the config, health and GeoIP in force:
     limits and timeouts are read from it per request, so a reload is one swap)."""
 
-    def __init__(self, runtime: Runtime, pool: upstream.Pool) -> None:
+    def __init__(self, runtime: Runtime, pool: Pool) -> None:
         self.runtime = runtime  # replaced whole by a reload (adopt)
         self.pool = pool
         self.routing = Routing()

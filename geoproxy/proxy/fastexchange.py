@@ -1,0 +1,190 @@
+"""The geode side of a fast-lane request: the head sent on a pooled (or new)
+connection, and the answer taken from that connection's callbacks (``Connection.watcher``)
+when the fast lane may finish it, or the exchange handed to the coroutine path as it
+stands. The client side is ``fastlane.ProxyConnection``; this module knows it only as a
+``Client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from aiohttp.http import HttpVersion11, RawRequestMessage
+
+from geoproxy.errors import ConnectFailed
+from geoproxy.proxy import upstream
+from geoproxy.proxy.connection import Connection, Pool
+from geoproxy.proxy.headers import ResponseHead, geode_lines
+from geoproxy.proxy.policy import answered, fast_lane_finishes
+from geoproxy.proxy.prelude import Route
+from geoproxy.proxy.responses import whole_head
+from geoproxy.routing.router import Candidate
+
+log = logging.getLogger("geoproxy.fastlane")
+
+
+class Client(Protocol):
+    """What a fast exchange needs of the client connection it serves."""
+
+    def serving(self, fast: FastExchange) -> bool:
+        """``fast`` is still the connection's exchange (the client did not go away)."""
+        ...
+
+    def keeps_alive(self, message: RawRequestMessage) -> bool: ...
+
+    def answer(
+        self, fast: FastExchange, status: int, head: list[bytes], body: bytes, keep_alive: bool
+    ) -> None: ...
+
+    def hand_over(self, fast: FastExchange) -> None: ...
+
+
+class FastExchange:
+    """One request on the fast lane, from its head to the answer (or the hand-over)."""
+
+    __slots__ = (
+        "cand",
+        "conn",
+        "connecting",
+        "deadline",
+        "failure",
+        "message",
+        "out",
+        "pool",
+        "pooled",
+        "proto",
+        "response_timeout",
+        "resumed",
+        "route",
+        "start",
+        "task",
+        "wire",
+        "written",
+    )
+
+    def __init__(
+        self,
+        conn: Client,
+        message: RawRequestMessage,
+        route: Route,
+        wire: bytes,
+        pool: Pool,
+        start: float,
+        deadline: float,
+        response_timeout: float,
+    ) -> None:
+        self.conn, self.message, self.route, self.wire = conn, message, route, wire
+        self.pool = pool
+        self.cand: Candidate = route.cands[0]
+        self.start = start  # time.perf_counter(), for the duration metric
+        self.deadline = deadline  # time.monotonic(): no new attempt after it
+        self.response_timeout = response_timeout
+        self.proto: Connection | None = None  # the request goes out on it
+        self.written = False  # ... and went out
+        self.pooled = True  # proto came from the pool (a resend on the keep-alive race)
+        self.failure: ConnectFailed | None = None  # no connection could be opened
+        self.connecting: asyncio.Task[None] | None = None
+        self.out: ResponseHead | None = None
+        self.task: asyncio.Task[None] | None = None  # the coroutine path, once handed over
+        self.resumed = False  # ... and once that task made the request its own
+
+    def send(self, proto: Connection, pooled: bool) -> None:
+        self.proto, self.pooled = proto, pooled
+        upstream.write(proto, self.wire, False, self.response_timeout)
+        self.written = True
+        proto.watcher = self.on_geode
+
+    async def connect(self, connect_timeout: float) -> None:
+        """Open a connection to the geode (no idle one in the pool), then send."""
+        try:
+            proto = await upstream.connect(self.cand.geode, connect_timeout)
+        except ConnectFailed as exc:
+            self.failure = exc
+            self.conn.hand_over(self)
+            return
+        except Exception:  # a bug: the coroutine path connects and answers itself
+            log.exception("fast lane: unexpected error; the coroutine path takes over")
+            self.conn.hand_over(self)
+            return
+        finally:
+            self.connecting = None
+        if not self.conn.serving(self):  # the client went away meanwhile
+            proto.close()
+            return
+        try:
+            self.send(proto, pooled=False)
+        except Exception:  # a bug: the coroutine path goes on (sends, or awaits the answer)
+            log.exception("fast lane: unexpected error; the coroutine path takes over")
+            if not self.written:  # it sends the request itself, on a connection of its own
+                proto.close()
+                self.proto = None
+            self.conn.hand_over(self)
+
+    def on_geode(self) -> None:
+        """An event on the geode connection: finish, hand over, or wait for more.
+        Everything that could fail runs before the answer is taken from the connection:
+        until then the coroutine path can take over the exchange as it stands."""
+        try:
+            self._on_geode()
+        except Exception:  # a bug: never leave the client waiting for nothing
+            log.exception("fast lane: unexpected error; the coroutine path takes over")
+            if self.conn.serving(self) and self.task is None:
+                self.conn.hand_over(self)
+
+    def _on_geode(self) -> None:
+        proto = self.proto
+        assert proto is not None  # watched only once sent
+        answer = proto.answer()
+        if answer is None:
+            if proto.failed or proto.transport is None:
+                self.conn.hand_over(self)
+            return
+        message, payload = answer
+        status = message.code
+        out = self.out
+        if out is None:
+            out = self.out = ResponseHead(message.raw_headers, message.reason)
+            if not fast_lane_finishes(status, out):
+                self.conn.hand_over(self)
+                return
+        if not payload.is_eof():
+            if proto.failed:
+                self.conn.hand_over(self)
+            return
+        if payload.exception() is not None or payload.total_bytes != out.length:
+            self.conn.hand_over(self)
+            return
+        geode = self.cand.geode
+        route = self.route
+        lines = out.kept + out.tail(route.via, geode_lines(geode.name, geode.region))
+        conn = self.conn
+        keep_alive = conn.keeps_alive(self.message)
+        head = whole_head(
+            HttpVersion11, status, message.reason, lines, out.date, out.length, keep_alive
+        )
+        head.append(b"\r\n")
+        # The answer is taken: from here on, nothing that can fail.
+        proto.watcher = None
+        proto.take_answer()
+        # The whole body, as read_nowait() would join it, without its per-read work (a
+        # timer check, resuming a transport that is not paused).
+        body = b"".join(payload._buffer) if out.length else b""
+        if message.should_close:
+            proto.close()
+        else:  # the body is complete: the connection stands clean between two messages
+            self.pool.put_clean(geode, proto)
+        route.rt.board.observe(geode.name, True)
+        trace = route.trace
+        answered(trace, geode, self.cand.decision)
+        trace.body_bytes = len(body)
+        conn.answer(self, status, head, body, keep_alive)
+
+    def abandon(self) -> None:
+        """The client went away first: the geode's answer is of no use to anybody."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.proto is not None:
+            self.proto.watcher = None
+            self.proto.close()  # never back to the pool: an answer may be on its way
