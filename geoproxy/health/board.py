@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from geoproxy.config.values import Geode, OutlierDetection
@@ -200,30 +200,23 @@ class HealthBoard:
         state.readmit()
         self._update(state, "ejection time over")
 
-    def snapshot(self) -> dict[str, dict[str, object]]:
-        """Active-check health of every geode, to hand to workers (``adopt``)."""
-        return {
-            name: {"url": str(s.geode.url), "checked": s.checked, "healthy": s.healthy}
-            for name, s in self.states.items()
-        }
-
-    def adopt(self, snapshot: Mapping[str, Mapping[str, object]]) -> None:
-        """Take active-check health from a process that checks for us (the supervisor of
-        ``--workers``). Entries for a geode this board does not have, or has at another
-        URL (a reload not applied here yet), are ignored; passive ejection stays local.
-        Not logged: the supervisor logs each transition once."""
-        for name, entry in snapshot.items():
+    def take_checks(self, results: Iterable[tuple[str, str, bool, bool]]) -> None:
+        """Active-check results from a process that checks for us (the supervisor of
+        ``--workers``): ``(geode name, URL, checked, healthy)`` for every geode it has.
+        A result for a geode this board does not have, or has at another URL (a reload
+        not applied here yet), is ignored; passive ejection stays local. Not logged: the
+        supervisor logs each transition once."""
+        for name, url, checked, healthy in results:
             state = self.states.get(name)
-            if state is None or str(state.geode.url) != entry.get("url"):
+            if state is None or str(state.geode.url) != url:
                 continue
-            if entry.get("checked") and not state.checked:
+            if checked and not state.checked:
                 state.since = time.time()
-            state.checked = bool(entry.get("checked"))
-            state.healthy = bool(entry.get("healthy"))
+            state.checked, state.healthy = checked, healthy
             self._update(state, None, quiet=True)
         self.first_round_done = True
 
-    def passed(self, name: str, url: str) -> None:
+    def check_passed(self, name: str, url: str) -> None:
         """An active check of this geode passed in the process that checks for us: as
         with our own checks, that re-admits a geode passive health ejected."""
         state = self.states.get(name)
@@ -232,10 +225,13 @@ class HealthBoard:
         state.readmit()
         self._update(state, "an active check passed")
 
-    def sync(self, geodes: Iterable[Geode]) -> tuple[list[Geode], list[Geode]]:
-        """Adopt a reloaded geode list: state carries over for a geode whose name and URL
-        are unchanged; a new (or moved) geode starts unchecked and takes no traffic until
-        it passes a check. Returns (added, removed)."""
+    def sync(
+        self, geodes: Iterable[Geode], outliers: OutlierDetection
+    ) -> tuple[list[Geode], list[Geode]]:
+        """Adopt a reloaded geode list and outlier settings: state carries over for a
+        geode whose name and URL are unchanged; a new (or moved) geode starts unchecked
+        and takes no traffic until it passes a check. Returns (added, removed)."""
+        self.outliers = outliers
         new = {g.name: g for g in geodes}
         added, removed = [], []
         self.version += 1

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -113,9 +113,10 @@ class Gateway:
     def _update_ready(self) -> None:
         self.metrics.ready.set(1 if self.ready else 0)
 
-    def adopt_health(self, snapshot: Mapping[str, Mapping[str, object]]) -> None:
-        """Active health from the supervisor (a worker of ``--workers``)."""
-        self.board.adopt(snapshot)
+    def adopt_health(self, results: Iterable[tuple[str, str, bool, bool]]) -> None:
+        """Active health from the supervisor (a worker of ``--workers``):
+        ``HealthBoard.take_checks``."""
+        self.board.take_checks(results)
         self._update_ready()
 
     def start_draining(self) -> None:
@@ -294,8 +295,7 @@ class Gateway:
                 opened = open_geoip(new)
                 geoip = opened
             regions = {name: s.geode.region for name, s in self.board.states.items()}
-            added, removed = self.board.sync(new.geodes)
-            self.board.outliers = new.outlier_detection
+            added, removed = self.board.sync(new.geodes, new.outlier_detection)
             self.metrics.forget_geodes((g.name, g.region) for g in removed)
             self.metrics.declare_geodes((g.name, g.region) for g in added)
             # A geode kept (same name and URL) in another region: its series move with it.
@@ -317,7 +317,7 @@ class Gateway:
             self.forwarder.adopt(self.runtime, removed)
             if checker is not None:
                 checker.sync(removed)
-            self.observer.access_format = new.access_log
+            self.observer.use_format(new.access_log)
             self.config = new
             if geoip is not runtime.geoip:
                 self._close_geoip()  # look-ups are synchronous: none is in progress

@@ -31,6 +31,7 @@ from typing import Any
 
 from geoproxy.config import loader as config_mod
 from geoproxy.config.values import Config
+from geoproxy.health.board import HealthBoard
 
 Message = Mapping[str, Any]
 
@@ -86,6 +87,24 @@ def start(
         "health": health,
         "geoip": None if geoip is None else list(geoip),
     }
+
+
+def health_snapshot(board: HealthBoard) -> dict[str, dict[str, object]]:
+    """The supervisor's active-check health of every geode, as sent to workers."""
+    return {
+        name: {"url": str(s.geode.url), "checked": s.checked, "healthy": s.healthy}
+        for name, s in board.states.items()
+    }
+
+
+def health_results(
+    snapshot: Mapping[str, Mapping[str, object]],
+) -> list[tuple[str, str, bool, bool]]:
+    """A sent snapshot as ``HealthBoard.take_checks`` reads it."""
+    return [
+        (name, str(entry.get("url")), bool(entry.get("checked")), bool(entry.get("healthy")))
+        for name, entry in snapshot.items()
+    ]
 
 
 def health(snapshot: object) -> Message:

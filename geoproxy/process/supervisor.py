@@ -101,7 +101,7 @@ class Supervisor:
         return control.start(
             str(config.path),
             control.encode_sources(config),
-            self.gateway.board.snapshot(),
+            control.health_snapshot(self.gateway.board),
             None if db is None else db.identity.as_list(),
         )
 
@@ -220,7 +220,7 @@ class Supervisor:
             worker.send(message)
 
     def broadcast_health(self) -> None:
-        self._broadcast(control.health(self.gateway.board.snapshot()))
+        self._broadcast(control.health(control.health_snapshot(self.gateway.board)))
 
     def _on_check(self, state: GeodeHealth, ok: bool, _latency: float | None) -> None:
         if ok:  # a pass re-admits a geode a worker ejected
@@ -229,7 +229,8 @@ class Supervisor:
     def broadcast_reload(self) -> None:
         self._broadcast(
             control.reload(
-                control.encode_sources(self.gateway.config), self.gateway.board.snapshot()
+                control.encode_sources(self.gateway.config),
+                control.health_snapshot(self.gateway.board),
             )
         )
 

@@ -74,9 +74,9 @@ class _Channel:
         gateway = self.gateway
         op = message["op"]
         if op == control.HEALTH:
-            gateway.adopt_health(message["health"])
+            gateway.adopt_health(control.health_results(message["health"]))
         elif op == control.PASSED:
-            gateway.board.passed(message["geode"], message["url"])
+            gateway.board.check_passed(message["geode"], message["url"])
         elif op == control.RELOAD:
             ok = True
             try:
@@ -85,7 +85,7 @@ class _Channel:
             except GeoproxyError as exc:  # the supervisor loaded it: rare
                 ok = False
                 log.error("reload failed; the running config stays:\n%s", exc)
-            gateway.adopt_health(message["health"])
+            gateway.adopt_health(control.health_results(message["health"]))
             self.send(control.reloaded(ok, gateway.config.fingerprint.hex()))
         elif op == control.GEOIP:
             await gateway.refresh_geoip(FileIdentity(*message["identity"]))
@@ -151,7 +151,7 @@ async def serve_worker(
         if not started:
             return
         stack.callback(writer.close)
-        gateway.adopt_health(hello["health"])
+        gateway.adopt_health(control.health_results(hello["health"]))
         if hello.get("geoip") is not None:  # swapped since this process was forked?
             await gateway.refresh_geoip(FileIdentity(*hello["geoip"]))
         obeying = asyncio.create_task(channel.obey(), name="geoproxy-worker-control")

@@ -43,6 +43,10 @@ class Observer:
         self.drained = 0
         self.cut = 0
 
+    def use_format(self, access_format: str) -> None:
+        """The access-log format of a reloaded config (json, plain or off)."""
+        self.access_format = access_format
+
     def wrap(
         self,
         handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
