@@ -246,7 +246,7 @@ def test_check_config_names_the_database_type_and_build_date(
     write_config: Callable[..., Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from geoproxy.process.cli import check_config
+    from geoproxy.process.offline import check_config
 
     built = time.time() - 3 * DAY
     geode = {"name": "eu-1", "region": "eu-west", "url": "http://127.0.0.1:9"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -14,33 +13,18 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from geoproxy import __version__
 from geoproxy.config import loader as config_mod
-from geoproxy.config.model import Topology
-from geoproxy.config.values import Config
 from geoproxy.errors import GeoproxyError
 from geoproxy.process import demo
+from geoproxy.process.offline import check_config, route_cmd
 from geoproxy.process.server import Bound, serve
 from geoproxy.process.supervisor import MAX_WORKERS, serve_workers
 from geoproxy.process.worker import die_with_supervisor, serve_worker
 from geoproxy.proxy import compat
-from geoproxy.routing.clientip import parse_ip
-from geoproxy.routing.explain import explain, explain_access
-from geoproxy.routing.geoip import open_geoip
-from geoproxy.routing.resolver import (
-    CF_IPCOUNTRY,
-    CF_UNKNOWN,
-    ERROR,
-    INVALID,
-    UNKNOWN,
-    X_CLIENT_REGION,
-    Resolution,
-    resolve,
-)
 from geoproxy.stamp import config as stamp_config
 from geoproxy.stamp.serve import serve_stamp
 from geoproxy.surfaces.logs import setup_logging
@@ -130,159 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(message: str, who: str = "geoproxy") -> int:
     print(f"{who}: {message}", file=sys.stderr)
     return 1
-
-
-def check_config(path: Path) -> int:
-    """Like ``nginx -t``: exit 0 and the derived topology, or 1 and every error."""
-    note = ""
-    try:
-        cfg = config_mod.load(path)
-        if (lookup := open_geoip(cfg)) is not None:
-            built = time.strftime("%Y-%m-%d", time.gmtime(lookup.build_epoch))
-            note = f" ({lookup.database_type}, built {built})"  # as /status shows it
-            lookup.close()
-    except GeoproxyError as exc:
-        print(f"{path}: configuration is invalid", file=sys.stderr)
-        print(str(exc), file=sys.stderr)
-        return 1
-    print(describe(Topology.build(cfg), note))
-    for line in cfg.warnings:
-        print(f"warning: {line}", file=sys.stderr)
-    print(f"{path}: configuration is valid")
-    return 0
-
-
-def route_cmd(
-    path: Path,
-    ip: str | None,
-    country: str | None,
-    region: str | None,
-    as_json: bool,
-    request_path: str | None = None,
-) -> int:
-    """Explain a routing decision from the config alone, every geode counted healthy."""
-    try:
-        cfg = config_mod.load(path)
-        lookup = open_geoip(cfg)
-    except GeoproxyError as exc:
-        return _fail(f"{path}: configuration is invalid\n{exc}")
-    client = parse_ip(ip) if ip else None
-    if ip and client is None:
-        return _fail(f"--ip: not an IP address: {ip!r}")
-    headers = {}
-    if country:
-        headers[CF_IPCOUNTRY] = country
-    if region:
-        headers[X_CLIENT_REGION] = region
-    topology = Topology.build(cfg)
-    try:
-        resolution = resolve(topology, headers, True, client, lookup)
-    finally:
-        if lookup is not None:
-            lookup.close()
-    every = {g.name for g in cfg.geodes}
-    answer = explain(topology, resolution, every, None, True)
-    given = {
-        "x-client-region": ("--region", region),
-        "cf-ipcountry": ("--country", country),
-        "geoip": ("--ip", ip),
-    }
-    for source, (flag, value) in given.items():
-        if value is not None and (why := _unused(source, value, cfg, resolution)):
-            print(f"geoproxy route: {flag} {value!r} {why}", file=sys.stderr)
-    if request_path is not None:
-        answer["access"] = explain_access(topology, request_path)
-    if as_json:
-        print(json.dumps(answer, indent=2))
-        return 0
-    res = answer["resolution"]
-    steps = ", ".join(f"{s['source']}={s['result']}" for s in res["steps"]) or "none"
-    print(
-        f"client region: {res['region']} (source: {res['source']}"
-        + (f", country {res['country']}" if res["country"] else "")
-        + ")"
-    )
-    print(f"sources consulted: {steps}")
-    print(f"try order: {' -> '.join(answer['try_order'])}")
-    print(f"attempt order: {', '.join(answer['attempt_order']) or 'none'}")
-    print(f"chosen geode: {answer['chosen']} ({answer['decision']})")
-    print(f"why: {answer['reason']}")
-    print("health: not known offline; every geode counted healthy")
-    if request_path is not None:
-        print(f"access: {request_path} -> {answer['access']['reason']}")
-    return 0
-
-
-def _unused(source: str, value: str, cfg: Config, res: Resolution) -> str | None:
-    """Why an input of ``route`` did not decide the region, or ``None`` when it did."""
-    results = dict(res.steps)
-    if source == "geoip" and cfg.geoip_database is None:
-        return "was ignored: the config sets no geoip.database"
-    if source not in cfg.region_sources:
-        return f"was ignored: {source!r} is not in region_sources"
-    if source not in results:
-        return f"was not consulted: {res.source} decided first"
-    result = results[source]
-    if result == INVALID and source == "x-client-region":
-        regions = ", ".join(r.name for r in cfg.regions)
-        return (
-            f"is unknown: neither a region ({regions}) nor an ISO 3166-1 alpha-2 country "
-            "code; ignored"
-        )
-    if result == INVALID:
-        return "is unknown: not an ISO 3166-1 alpha-2 country code; ignored"
-    if result == UNKNOWN and source == "geoip":
-        client = parse_ip(value)
-        if client is not None and not client.is_global:
-            return "was not looked up: a private or reserved address"
-        return "is not in the GeoIP database, or has no country or continent there"
-    if result == UNKNOWN and value.strip().upper() in CF_UNKNOWN:
-        return "means an unknown country (Cloudflare's XX or T1); ignored"
-    if result == UNKNOWN:
-        return "is a country the region map gives no region; ignored"
-    if result == ERROR:
-        return "could not be looked up: the GeoIP database is corrupt"
-    return None
-
-
-def describe(topology: Topology, geoip_note: str = "") -> str:
-    """The topology as check-config prints it; ``geoip_note``: what the GeoIP database
-    is, once opened."""
-    cfg = topology.config
-    lines = [
-        f"proxy listener: {cfg.proxy.host}:{cfg.proxy.port}",
-        f"admin listener: {cfg.admin.host}:{cfg.admin.port}",
-        "trusted proxies: " + (", ".join(map(str, cfg.trusted_proxies)) or "none"),
-        "region sources: " + " -> ".join((*cfg.region_sources, f"default ({cfg.default_region})")),
-        f"geoip database: {cfg.geoip_database or 'none'}{geoip_note}",
-        "geodes:",
-    ]
-    for g in cfg.geodes:
-        lines.append(
-            f"  {g.name:<20} {g.region:<14} {g.url}  weight={g.weight}"
-            f"  check={g.health.path} every {g.health.interval:g}s"
-        )
-    lines.append("regions (try order; geodes per region):")
-    for region, order in topology.try_orders.items():
-        counts = ", ".join(f"{r}({len(topology.geodes_by_region[r])})" for r in order)
-        served = sum(1 for c in topology.country_region.values() if c == region)
-        lines.append(f"  {region:<14} {counts}   countries: {served}")
-    lines.append(
-        "access rules (first match per reading of the path; none: forwarded):"
-        if cfg.access
-        else "access rules: none (every path is forwarded)"
-    )
-    for rule in cfg.access:
-        answer = f"{rule.action} {rule.status}" if rule.action == "deny" else rule.action
-        lines.append(f"  {rule.name:<20} {answer:<9} {rule.path_prefix}")
-    trace = "forwarded" if cfg.forwarding.forward_trace else "405"
-    lines.append(f"methods refused at the edge: CONNECT (405); TRACE: {trace}")
-    unmapped = topology.unmapped_countries()
-    if unmapped:
-        lines.append(
-            f"countries with no region (go to {cfg.default_region}): " + " ".join(unmapped)
-        )
-    return "\n".join(lines)
 
 
 def _workers_arg(text: str) -> int:
