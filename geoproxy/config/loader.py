@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from geoproxy.config import sections
+from geoproxy.config.countries import COUNTRY_CONTINENT
 from geoproxy.config.schema import (
     Node,
     Problems,
@@ -23,6 +24,7 @@ from geoproxy.config.schema import (
 )
 from geoproxy.config.values import (
     Config,
+    Fence,
     Geode,
     HealthCheck,
     Lifecycle,
@@ -90,6 +92,7 @@ _TOP_KEYS = (
     "reload",
     "shutdown",
     "access",
+    "fences",
 )
 
 
@@ -124,6 +127,9 @@ def _build(
     countries, continents = sections.region_map(root, base, (known, quiet), problems, read, given)
     region_map = root.get("region_map").string(optional=True)
 
+    fences = sections.fences(root.get("fences"), (known, quiet))
+    if fences and not problems:
+        _check_fences(fences, regions, countries, continents, problems)
     health = sections.health_check(root.get("health_check"), HealthCheck())
     before = len(problems.lines)
     geodes = sections.geodes(root.get("geodes"), (known, quiet), health)
@@ -185,6 +191,7 @@ def _build(
         outlier_detection=outliers,
         lifecycle=lifecycle,
         files=(path,) + ((base / region_map,) if region_map else ()),
+        fences=fences,
     )
 
 
@@ -214,6 +221,43 @@ def _warnings(config: Config) -> Iterable[str]:
                 f"regions {other.region} and {geode.region}",
             )
     return where.lines
+
+
+def _check_fences(
+    fences: tuple[Fence, ...],
+    regions: tuple[Region, ...],
+    countries: Mapping[str, str],
+    continents: Mapping[str, str],
+    problems: Problems,
+) -> None:
+    """A fence's regions fall back only inside it, and the region map sends none of its
+    countries outside it: what the config says and what the proxy does stay the same."""
+    fallbacks = {r.name: r.fallback for r in regions}
+    for fence in fences:
+        inside = ", ".join(fence.regions)
+        for region in fence.regions:
+            for i, other in enumerate(fallbacks[region]):
+                if other not in fence.members:
+                    problems.add(
+                        f"regions.{region}.fallback[{i}]",
+                        f"{other!r} leaves fence {fence.name!r} (its regions: {inside}): "
+                        "its clients are never sent there; move the region into the fence "
+                        "or out of this list",
+                    )
+        outside: dict[str, list[str]] = {}
+        for code, continent in COUNTRY_CONTINENT.items():
+            if code in fence.countries or (
+                continent in fence.continents and not any(code in f.countries for f in fences)
+            ):
+                mapped = countries.get(code) or continents.get(continent)
+                if mapped is not None and mapped not in fence.members:
+                    outside.setdefault(mapped, []).append(code)
+        for mapped, codes in sorted(outside.items()):
+            problems.add(
+                f"fences.{fence.name}",
+                f"the region map sends its countries {' '.join(sorted(codes))} to {mapped!r}, "
+                f"outside the fence (its regions: {inside}); map them to a region inside it",
+            )
 
 
 def _check_servable(regions: tuple[Region, ...], geodes: tuple[Geode, ...], node: Node) -> None:

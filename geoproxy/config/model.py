@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 from geoproxy.config.access import AccessRules
 from geoproxy.config.countries import COUNTRY_CONTINENT
-from geoproxy.config.values import Config, Geode
+from geoproxy.config.values import Config, Fence, Geode
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,8 @@ class Topology:
     country_region: Mapping[str, str]  # ISO country -> region, continent defaults applied
     continent_region: Mapping[str, str]
     access: AccessRules  # the config's access rules, with the verdicts of recent paths
+    country_fence: Mapping[str, Fence]  # ISO country -> its residency fence, if any
+    continent_fence: Mapping[str, Fence]  # for a client whose country is not known
 
     @classmethod
     def build(cls, config: Config) -> Topology:
@@ -33,6 +35,13 @@ class Topology:
             for code, continent in COUNTRY_CONTINENT.items()
             if (region := config.countries.get(code) or config.continents.get(continent))
         }
+        listed = {code: f for f in config.fences for code in f.countries}
+        by_continent = {code: f for f in config.fences for code in f.continents}
+        fenced = {
+            code: fence
+            for code, continent in COUNTRY_CONTINENT.items()
+            if (fence := listed.get(code) or by_continent.get(continent)) is not None
+        }
         return cls(
             config=config,
             region_names=frozenset(r.name for r in config.regions),
@@ -41,6 +50,8 @@ class Topology:
             country_region=MappingProxyType(countries),
             continent_region=config.continents,
             access=AccessRules(config.access),
+            country_fence=MappingProxyType(fenced),
+            continent_fence=MappingProxyType(by_continent),
         )
 
     def region_of(self, country: str | None, continent: str | None = None) -> str | None:
@@ -48,6 +59,12 @@ class Topology:
         if country and (region := self.country_region.get(country)):
             return region
         return self.continent_region.get(continent) if continent else None
+
+    def fence_of(self, country: str | None, continent: str | None = None) -> Fence | None:
+        """The residency fence of a client from this country (else continent), if any."""
+        if country is not None:
+            return self.country_fence.get(country)
+        return self.continent_fence.get(continent) if continent else None
 
     def unmapped_countries(self) -> list[str]:
         """ISO countries that resolve to no region (they fall to the default region)."""

@@ -27,7 +27,10 @@ from geoproxy.config.schema import (
     read_yaml_bytes,
 )
 from geoproxy.config.values import (
+    REJECT,
     SOURCES,
+    TRY_ALL,
+    Fence,
     Forwarding,
     Geode,
     HealthCheck,
@@ -204,6 +207,72 @@ def region_map(
     for line in sub.lines:  # only now: the loop above records the map's entry problems
         problems.add("region_map", line)
     return countries, continents
+
+
+def fences(node: Node, known: _Known) -> tuple[Fence, ...]:
+    """``fences``: name -> {regions, countries and/or continents, on_exhausted, status}.
+    A country (or continent) belongs to one fence at most."""
+    if node.missing or node.value is None or not node.expect_mapping(None):
+        return ()
+    out: list[Fence] = []
+    owner: dict[tuple[str, str], str] = {}  # (kind, code) -> the fence that lists it
+    names = node.keys()
+    for name in names:
+        entry = node.get(name)
+        if (why := region_id_problem(name)) is not None:
+            entry.problem(f"invalid fence name {name!r} ({why})")
+            continue
+        if not entry.expect_mapping(
+            ("regions", "countries", "continents", "on_exhausted", "status"), ("regions",)
+        ):
+            continue
+        regions: list[str] = []
+        for item in entry.get("regions").items():
+            region = item.region(*known)
+            if region in regions:
+                item.problem(f"{region!r} is listed twice")
+            elif region is not None:
+                regions.append(region)
+        if entry.get("regions").value == []:
+            entry.get("regions").problem("a fence needs at least one region")
+        codes: dict[str, set[str]] = {"countries": set(), "continents": set()}
+        for kind, word, table in (
+            ("countries", "country", COUNTRY_CONTINENT),
+            ("continents", "continent", CONTINENTS),
+        ):
+            for item in entry.get(kind).items(optional=True):
+                text = item.string()
+                code = text.strip().upper() if text else None
+                if code is None:
+                    continue
+                if code not in table:
+                    example = (
+                        "ISO 3166-1 alpha-2, e.g. FR"
+                        if kind == "countries"
+                        else ("known: " + ", ".join(sorted(CONTINENTS)))
+                    )
+                    item.problem(f"unknown {word} code {text!r} ({example})")
+                elif (other := owner.get((kind, code))) is not None:
+                    item.problem(f"{code} is already in fence {other!r}: a client has one fence")
+                else:
+                    owner[(kind, code)] = name
+                    codes[kind].add(code)
+        if entry.get("countries").missing and entry.get("continents").missing:
+            entry.problem("a fence needs countries or continents (whose clients it holds)")
+        on_exhausted = entry.get("on_exhausted").choice((REJECT, TRY_ALL), optional=True)
+        status = entry.get("status").integer(400, 599, optional=True)
+        if regions:
+            out.append(
+                Fence(
+                    name,
+                    tuple(regions),
+                    frozenset(codes["countries"]),
+                    frozenset(codes["continents"]),
+                    on_exhausted or REJECT,
+                    503 if status is None else status,
+                )
+            )
+    return tuple(out)
 
 
 _HEALTH_KEYS = (

@@ -63,6 +63,38 @@ class Region:
     fallback: tuple[str, ...]  # other regions to try, nearest first.
 
 
+#: What a fence does when none of its geodes is healthy.
+REJECT, TRY_ALL = "reject", "try_all"
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A residency fence: its clients (by country, or by continent) are only ever routed
+    to its regions — not by fallbacks, not by panic mode, not by any other preference."""
+
+    name: str
+    regions: tuple[str, ...]  # the regions its clients may reach. A client whose own
+    # region lies outside them (a header, the default region) tries these, in this order.
+    countries: frozenset[str]  # ISO alpha-2 codes of its clients...
+    continents: frozenset[str]  # ...and continent codes (a country listed in another
+    # fence's ``countries`` belongs to that fence, not to the one of its continent).
+    on_exhausted: str = REJECT  # no healthy geode inside: reject (``status``, a JSON
+    # body naming the fence) | try_all (panic mode inside the fence only). Either way
+    # ``forwarding.when_none_healthy`` never takes a fenced client outside it.
+    status: int = 503  # the status of that refusal (400-599; 503 adds Retry-After).
+    members: frozenset[str] = field(init=False, repr=False, compare=False)  # ``regions``
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", frozenset(self.regions))
+
+    def try_order(self, region: str, order: tuple[str, ...]) -> tuple[str, ...]:
+        """``order`` (``region``'s try order) kept to the fence; the fence's own regions
+        when ``region`` is outside it."""
+        if region not in self.members:
+            return self.regions
+        return tuple(r for r in order if r in self.members)
+
+
 @dataclass(frozen=True, slots=True)
 class Forwarding:
     connect_timeout: float = 2.0  # seconds to open a connection to a geode; a failure
@@ -145,6 +177,7 @@ class Config:
     # to any of them triggers a reload.
     fingerprint: bytes = b""  # of the exact bytes this config was read from
     contents: tuple[bytes, ...] = ()  # those bytes, one per file in ``files``
+    fences: tuple[Fence, ...] = ()  # residency fences (see ``Fence``), in config order.
     warnings: tuple[str, ...] = ()  # ``FILE: PATH: MESSAGE`` lines for what is valid but
     # likely wrong; check-config prints them, start-up and reloads log them.
 

@@ -105,6 +105,9 @@ def route_cmd(
         + ")"
     )
     print(f"sources consulted: {steps}")
+    if (fence := answer["fence"]) is not None:
+        kept = f"; keeps out {', '.join(fence['kept_out'])}" if fence["kept_out"] else ""
+        print(f"residency fence: {fence['name']} ({', '.join(fence['regions'])}{kept})")
     print(f"try order: {' -> '.join(answer['try_order'])}")
     print(f"attempt order: {', '.join(answer['attempt_order']) or 'none'}")
     print(f"chosen geode: {answer['chosen']} ({answer['decision']})")
@@ -177,6 +180,17 @@ def describe(topology: Topology, geoip_note: str = "") -> str:
     for rule in cfg.access:
         answer = f"{rule.action} {rule.status}" if rule.action == "deny" else rule.action
         lines.append(f"  {rule.name:<20} {answer:<9} {rule.path_prefix}")
+    for fence in cfg.fences:
+        held = " ".join(sorted(fence.continents)) + " " + " ".join(sorted(fence.countries))
+        refusal = (
+            f"{fence.on_exhausted} ({fence.status})"
+            if fence.on_exhausted == "reject"
+            else fence.on_exhausted
+        )
+        lines.append(
+            f"residency fence {fence.name}: {held.strip()} -> only {', '.join(fence.regions)}"
+            f"; none healthy: {refusal}"
+        )
     trace = "forwarded" if cfg.forwarding.forward_trace else "405"
     lines.append(f"methods refused at the edge: CONNECT (405); TRACE: {trace}")
     unmapped = topology.unmapped_countries()

@@ -19,7 +19,7 @@ from geoproxy.proxy.responses import json_error
 from geoproxy.proxy.trace import Trace
 from geoproxy.routing.clientip import client_ip, parse_ip
 from geoproxy.routing.resolver import Resolution, ResolutionCache, resolve
-from geoproxy.routing.router import Candidate, CandidateCache
+from geoproxy.routing.router import FENCED, Candidate, CandidateCache
 from geoproxy.routing.runtime import Runtime
 
 
@@ -170,10 +170,22 @@ class Routing:
             board.healthy,
             board.version,
             topology.config.forwarding.max_attempts,
+            fence=resolution.fence,
         )
         trace.decision = decision
         if not cands:
             retry_after = str(math.ceil(topology.config.health_check.interval))
+            if decision == FENCED and (fence := resolution.fence) is not None:
+                return json_error(
+                    fence.status,
+                    "fenced",
+                    f"no healthy geode inside residency fence {fence.name!r} "
+                    f"({', '.join(fence.regions)}) can serve this client, and it is never "
+                    "sent outside the fence",
+                    headers={"Retry-After": retry_after} if fence.status == 503 else None,
+                    fence=fence.name,
+                    region=resolution.region,
+                )
             return json_error(
                 503,
                 "no_healthy_geode",

@@ -15,7 +15,7 @@ from typing import Any
 from geoproxy.config.model import Topology
 from geoproxy.routing.clientip import IPAddress
 from geoproxy.routing.resolver import Resolution
-from geoproxy.routing.router import HOME, NONE_HEALTHY, PANIC, candidates
+from geoproxy.routing.router import FENCED, HOME, NONE_HEALTHY, PANIC, candidates, try_order
 
 
 def explain(
@@ -29,8 +29,9 @@ def explain(
     """A JSON-able account of one routing decision."""
     fwd = topology.config.forwarding
     region = resolution.region
-    order = topology.try_orders[region]
-    cands, decision = candidates(topology, region, healthy, fwd.max_attempts, rand)
+    fence = resolution.fence
+    order = try_order(topology, region, fence)
+    cands, decision = candidates(topology, region, healthy, fwd.max_attempts, rand, fence)
     listing = [
         {
             "geode": g.name,
@@ -56,6 +57,15 @@ def explain(
             "source": resolution.source,
             "country": resolution.country,
             "steps": [{"source": s, "result": r} for s, r in resolution.steps],
+        },
+        "fence": None
+        if fence is None
+        else {
+            "name": fence.name,
+            "regions": list(fence.regions),
+            "on_exhausted": fence.on_exhausted,
+            "status": fence.status,
+            "kept_out": [r for r in topology.try_orders[region] if r not in fence.members],
         },
         "try_order": list(order),
         "candidates": listing,
@@ -99,6 +109,14 @@ def _reason(
     why = f"client region {region} from {resolution.source}"
     if resolution.country:
         why += f" (country {resolution.country})"
+    fence = resolution.fence
+    if fence is not None:
+        why += f"; held by residency fence {fence.name} ({', '.join(fence.regions)})"
+    if decision == FENCED and fence is not None:
+        return (
+            f"{why}; no healthy geode inside the fence: {fence.status} "
+            f"(fences.{fence.name}.on_exhausted: {fence.on_exhausted}), never sent outside it"
+        )
     weighted = f", picked by weight among {', '.join(pool)}" if len(pool) > 1 else ""
     if decision == HOME:
         return f"{why}; a healthy geode in the home region{weighted}"
@@ -108,9 +126,16 @@ def _reason(
             "503 (forwarding.when_none_healthy: reject)"
         )
     if decision == PANIC:
+        setting = (
+            "forwarding.when_none_healthy" if fence is None else f"fences.{fence.name}.on_exhausted"
+        )
         return (
             f"{why}; no healthy geode anywhere in its try order: panic mode tries "
-            "them all (forwarding.when_none_healthy: try_all)"
+            f"them all ({setting}: try_all)"
+        )
+    if fence is not None and region not in fence.members:
+        return f"{why}; {region} is outside the fence: the first region inside it with a " + (
+            f"healthy geode is {served_region}{weighted}"
         )
     return f"{why}; no healthy geode in {region}: nearest fallback with one is {served_region}" + (
         weighted

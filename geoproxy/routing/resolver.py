@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from geoproxy.config.countries import COUNTRY_CONTINENT
 from geoproxy.config.model import Topology
+from geoproxy.config.values import Fence
 from geoproxy.errors import GeoIPLookupError
 from geoproxy.routing.clientip import IPAddress
-from geoproxy.routing.geoip import GeoLookup
+from geoproxy.routing.geoip import GeoAnswer, GeoLookup
 
 X_CLIENT_REGION = "X-Client-Region"
 CF_IPCOUNTRY = "CF-IPCountry"
@@ -31,6 +32,8 @@ class Resolution:
     country: str | None  # the country that decided, when one did
     client_ip: IPAddress | None
     steps: tuple[tuple[str, str], ...]  # (source, result) for every source consulted
+    fence: Fence | None = None  # the client's residency fence: by the first country (or
+    # continent) any source named; a region id alone names none, so GeoIP is asked then.
 
 
 def _clean(value: str | None) -> str | None:
@@ -79,9 +82,13 @@ def resolve(
     lookup: GeoLookup | None,
 ) -> Resolution:
     steps: list[tuple[str, str]] = []
+    seen: tuple[str | None, str | None] = (None, None)  # the first country, continent named
     for source in topology.config.region_sources:
         if source == "geoip":
-            region, country, result = _from_geoip(client_ip, lookup, topology)
+            region, answer, result = _from_geoip(client_ip, lookup, topology)
+            country = answer.country if answer is not None else None
+            if answer is not None and seen == (None, None):
+                seen = (country, answer.continent)
         else:
             raw = headers.get(HEADER_OF[source])
             if raw is None:
@@ -96,14 +103,38 @@ def resolve(
             else:
                 region, country, result = _PARSERS[source](value, topology)
         steps.append((source, result))
+        if country is not None and seen == (None, None):
+            seen = (country, None)
         if region is not None:
-            return Resolution(region, source, country, client_ip, tuple(steps))
-    return Resolution(topology.config.default_region, "default", None, client_ip, tuple(steps))
+            fence = _fence(topology, seen, steps, client_ip, lookup)
+            return Resolution(region, source, country, client_ip, tuple(steps), fence)
+    fence = _fence(topology, seen, steps, client_ip, lookup)
+    region = topology.config.default_region
+    return Resolution(region, "default", None, client_ip, tuple(steps), fence)
+
+
+def _fence(
+    topology: Topology,
+    seen: tuple[str | None, str | None],
+    steps: list[tuple[str, str]],
+    ip: IPAddress | None,
+    lookup: GeoLookup | None,
+) -> Fence | None:
+    """The client's fence by what the sources named; when they named no country (a
+    region id, or GeoIP not reached yet), by a GeoIP look-up of the client, if any."""
+    if not topology.config.fences:
+        return None
+    consulted = any(source == "geoip" for source, _ in steps)
+    if seen == (None, None) and "geoip" in topology.config.region_sources and not consulted:
+        _region, answer, _result = _from_geoip(ip, lookup, topology)
+        if answer is not None:
+            seen = (answer.country, answer.continent)
+    return topology.fence_of(*seen)
 
 
 def _from_geoip(
     ip: IPAddress | None, lookup: GeoLookup | None, topology: Topology
-) -> tuple[str | None, str | None, str]:
+) -> tuple[str | None, GeoAnswer | None, str]:
     if ip is None or lookup is None:
         return None, None, ABSENT
     if not ip.is_global:
@@ -115,7 +146,7 @@ def _from_geoip(
     if answer is None:
         return None, None, UNKNOWN
     region = topology.region_of(answer.country, answer.continent)
-    return region, answer.country, OK if region else UNKNOWN
+    return region, answer, OK if region else UNKNOWN
 
 
 class ResolutionCache:

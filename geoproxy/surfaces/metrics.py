@@ -71,7 +71,8 @@ class Metrics:
             "geoproxy_routing_decisions",
             "Routing decisions: home (the client's own "
             "region), fallback (another region), panic (health ignored), none_healthy "
-            "(503), all_failed (every attempt failed).",
+            "(503), fenced (refused by a residency fence: no healthy geode inside it), "
+            "all_failed (every attempt failed).",
             ["client_region", "geode", "decision"],
         )
         self.resolutions = HotCounter(
@@ -107,6 +108,13 @@ class Metrics:
             "method:TRACE (405), path:unsafe (400: a path no rule can judge).",
             ["rule"],
         )
+        self.fence_refusals = HotCounter(
+            "geoproxy_fence_refusals",
+            "Requests a residency fence refused (the fence's "
+            "status, 503 by default): no healthy geode inside it, and its clients are never "
+            "sent outside it. By fence and client region.",
+            ["fence", "client_region"],
+        )
         hot = (
             self.requests,
             self.request_duration,
@@ -116,6 +124,7 @@ class Metrics:
             self.failovers,
             self.fast_lane,
             self.denied,
+            self.fence_refusals,
         )
         hotmetrics.register(r, *hot)
         self.geode_up = Gauge(

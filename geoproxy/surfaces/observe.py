@@ -18,6 +18,7 @@ from yarl import URL
 
 from geoproxy.proxy.trace import CLIENT_CLOSED, TRACE_KEY, Trace
 from geoproxy.routing.resolver import ABSENT
+from geoproxy.routing.router import FENCED
 from geoproxy.surfaces.metrics import NO_GEODE, Metrics, code_class
 
 access_log = logging.getLogger("geoproxy.access")
@@ -137,6 +138,8 @@ class Observer:
                 m.resolutions.inc("default", "ok")
             if trace.decision is not None:
                 m.decisions.inc(resolution.region, geode, trace.decision)
+                if trace.decision == FENCED and resolution.fence is not None:
+                    m.fence_refusals.inc(resolution.fence.name, resolution.region)
         if trace.denied is not None:
             m.denied.inc(trace.denied)
         previous = None
@@ -184,6 +187,8 @@ class Observer:
             "decision": trace.decision,
             "attempts": len(trace.attempts),
         }
+        if res is not None and res.fence is not None:
+            fields["fence"] = res.fence.name
         if trace.aborted:
             fields["aborted"] = True
         if trace.denied is not None:
