@@ -40,6 +40,7 @@ class FakeGeode:
     /gzip              a gzip-encoded body (must pass through undecoded)
     /set-cookie        sets a cookie
     /hop-headers       a response carrying hop-by-hop headers
+    /hsts              a response with its own Strict-Transport-Security (max-age=60)
     ``force_status``   when set, /whoami and /echo answer with it (after reading the body)
     """
 
@@ -63,6 +64,7 @@ class FakeGeode:
         self.app.router.add_get("/gzip", self.gzip)
         self.app.router.add_get("/set-cookie", self.set_cookie)
         self.app.router.add_get("/hop-headers", self.hop_headers)
+        self.app.router.add_get("/hsts", self.hsts)
         self.app.router.add_get("/ws", self.websocket)
         self.app.router.add_get("/sse", self.sse)
         self.sse_gate = asyncio.Event()  # /sse sends its second event once this is set
@@ -168,6 +170,12 @@ class FakeGeode:
         resp = web.json_response({"geode": self.name})
         resp.set_cookie("session", "secret-of-client-a")
         return resp
+
+    async def hsts(self, request: web.Request) -> web.Response:
+        self._note(request)
+        return web.json_response(
+            {"geode": self.name}, headers={"Strict-Transport-Security": "max-age=60"}
+        )
 
     async def hop_headers(self, request: web.Request) -> web.Response:
         self._note(request)
@@ -349,12 +357,14 @@ async def proxy_factory(
             runner = make_proxy_runner(gateway)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            front = None if gateway.tls is None else gateway.tls.front
+            await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=front).start()
             host, port = runner.addresses[0][:2]
             admin = TestServer(gateway.admin_app(), host="127.0.0.1")
             await admin.start_server()
             stack.push_async_callback(admin.close)
-            return Proxy(gateway, f"http://{host}:{port}", admin)
+            scheme = "http" if front is None else "https"
+            return Proxy(gateway, f"{scheme}://{host}:{port}", admin)
 
         yield make
 

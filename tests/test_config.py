@@ -276,7 +276,7 @@ def test_region_without_geode_is_served_through_its_fallback(write_config: Write
         ),
         pytest.param(
             {"listen.proxy.bind": "0.0.0.0"},
-            ["listen.proxy.bind: unknown key (known: host, port)"],
+            ["listen.proxy.bind: unknown key (known: host, port, tls, hsts)"],
             id="no-close-match",
         ),
         pytest.param(

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -57,8 +58,10 @@ class Load:
         fresh: bool = False,
         limit: int = 50000,
         headers: dict[str, str] | None = None,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.url, self.clients, self.fresh, self.limit = url, clients, fresh, limit
+        self.ssl = ssl  # what an https:// URL's certificate is verified with
         self.headers = CLIENT if headers is None else headers
         self.results: list[tuple[int, str]] = []
         self.errors: list[str] = []
@@ -67,7 +70,8 @@ class Load:
 
     async def _client(self) -> None:
         headers = {**self.headers, **({"Connection": "close"} if self.fresh else {})}
-        async with aiohttp.ClientSession() as http:
+        connector = aiohttp.TCPConnector(ssl=self.ssl) if self.ssl else None
+        async with aiohttp.ClientSession(connector=connector) as http:
             while not self._stop.is_set() and len(self.results) < self.limit:
                 try:
                     async with http.get(self.url, headers=headers) as resp:

@@ -34,7 +34,7 @@ from conftest import (
     geode_entry,
 )
 
-READY = r"proxying on (http://\S+) with (\d+) workers \(pids ([\d ]+)\), admin on (http://\S+)"
+READY = r"proxying on (https?://\S+) with (\d+) workers \(pids ([\d ]+)\), admin on (http://\S+)"
 
 
 class Supervised:

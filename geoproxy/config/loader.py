@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from geoproxy.config import sections
+from geoproxy.config import sections, tls
 from geoproxy.config.countries import COUNTRY_CONTINENT
+from geoproxy.config.pem import expiry_warning
 from geoproxy.config.schema import (
     Node,
     Problems,
@@ -104,14 +106,11 @@ def _build(
         return None
     base = path.parent
     listen = root.get("listen")
-    listen.expect_mapping(("proxy", "admin"), allow_missing=True)
-    proxy = sections.listener(listen.get("proxy"), Listener("0.0.0.0", 8080))
+    listen.expect_mapping(("proxy", "admin", "redirect"), allow_missing=True)
+    proxy_node = listen.get("proxy")
+    proxy = sections.listener(proxy_node, Listener("0.0.0.0", 8080), extra=("tls", "hsts"))
     admin = sections.listener(listen.get("admin"), Listener("127.0.0.1", 9901))
-    if (shared := sections.shared_address(proxy, admin)) is not None:
-        listen.get("admin").problem(
-            f"{admin.host}:{admin.port} collides with the proxy listener "
-            f"{proxy.host}:{proxy.port} ({shared}); give them different ports"
-        )
+    _check_apart(listen, "admin", admin, [("the proxy listener", proxy)])
 
     trusted = tuple(sections.cidrs(root.get("trusted_proxies")))
     geoip = root.get("geoip")
@@ -126,6 +125,18 @@ def _build(
     default_region = root.get("default_region").region(known, quiet)
     countries, continents = sections.region_map(root, base, (known, quiet), problems, read, given)
     region_map = root.get("region_map").string(optional=True)
+    # After the region map: the files are fingerprinted in the order they were read.
+    reads = tls.Reads(given)
+    https = tls.listener_tls(proxy_node.get("tls"), base, reads)
+    hsts = tls.hsts(proxy_node.get("hsts"))
+    if hsts is not None and https is None and proxy_node.get("tls").missing:
+        proxy_node.get("hsts").problem("HSTS is sent over HTTPS only: set listen.proxy.tls")
+    proxy = dataclasses.replace(proxy, tls=https, hsts=hsts)
+    redirect = tls.redirect(listen.get("redirect"), https, proxy_node.get("tls"))
+    if redirect is not None:
+        plain = Listener(redirect.host, redirect.port)
+        _check_apart(listen, "redirect", plain, [("the proxy listener", proxy), ("admin", admin)])
+    read.extend(reads.contents)
 
     fences = sections.fences(root.get("fences"), (known, quiet))
     if fences and not problems:
@@ -190,7 +201,8 @@ def _build(
         limits=limits,
         outlier_detection=outliers,
         lifecycle=lifecycle,
-        files=(path,) + ((base / region_map,) if region_map else ()),
+        redirect=redirect,
+        files=(path,) + ((base / region_map,) if region_map else ()) + tuple(reads.files),
         fences=fences,
     )
 
@@ -207,6 +219,9 @@ def _warnings(config: Config) -> Iterable[str]:
                 "client: any client can pick its region (X-Client-Region, CF-IPCountry) "
                 "and its address (X-Forwarded-For)",
             )
+    for certificate in config.proxy.tls.certificates if config.proxy.tls else ():
+        if (soon := expiry_warning(certificate.info, time.time())) is not None:
+            where.add(f"{certificate.where}.cert", f"{certificate.cert}: {soon}")
     first: dict[tuple[str, str | None, int | None, str], tuple[int, Geode]] = {}
     for i, geode in enumerate(config.geodes):
         url = geode.url
@@ -257,6 +272,18 @@ def _check_fences(
                 f"fences.{fence.name}",
                 f"the region map sends its countries {' '.join(sorted(codes))} to {mapped!r}, "
                 f"outside the fence (its regions: {inside}); map them to a region inside it",
+            )
+
+
+def _check_apart(
+    listen: Node, key: str, listener: Listener, others: list[tuple[str, Listener]]
+) -> None:
+    """``listen.KEY`` must bind nothing that one of ``others`` binds."""
+    for what, other in others:
+        if (shared := sections.shared_address(other, listener)) is not None:
+            listen.get(key).problem(
+                f"{listener.host}:{listener.port} collides with {what} "
+                f"{other.host}:{other.port} ({shared}); give them different ports"
             )
 
 

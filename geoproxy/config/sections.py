@@ -46,10 +46,11 @@ _REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _GEODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-def listener(node: Node, default: Listener) -> Listener:
+def listener(node: Node, default: Listener, extra: tuple[str, ...] = ()) -> Listener:
+    """Host and port; ``extra``: the other keys this listener takes (read elsewhere)."""
     if node.missing:
         return default
-    node.expect_mapping(("host", "port"), allow_missing=True)
+    node.expect_mapping(("host", "port", *extra), allow_missing=True)
     host = node.get("host").string(optional=True) or default.host
     try:
         ipaddress.ip_address(host)

@@ -12,6 +12,7 @@ from pathlib import Path
 from yarl import URL
 
 from geoproxy.config.access import AccessRule
+from geoproxy.config.pem import CertificateInfo
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -21,9 +22,78 @@ SOURCES = ("x-client-region", "cf-ipcountry", "geoip")
 
 
 @dataclass(frozen=True, slots=True)
+class Certificate:
+    """One certificate chain and its key for the proxy listener, as read and checked."""
+
+    cert: Path  # the PEM file: the certificate, then its intermediates
+    key: Path  # the PEM file of its private key (unencrypted)
+    chain: bytes = field(repr=False)  # the bytes read from ``cert``...
+    secret: bytes = field(repr=False)  # ...and from ``key``: what is served
+    info: CertificateInfo  # names, validity, fingerprint (config/pem.py)
+    where: str = ""  # its YAML path (listen.proxy.tls[1]), for messages and metrics
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """HTTPS on a listener: TLS >= 1.2 with Mozilla's "intermediate" ciphers, ALPN
+    http/1.1, session tickets. A new handshake gets the certificate whose names match the
+    client's SNI (an exact name first, then a wildcard), else the first (the default)."""
+
+    certificates: tuple[Certificate, ...]  # at least one; the first is the default
+
+
+def sni_index(tls: ListenerTls, server_name: str | None) -> int:
+    """Which certificate serves ``server_name``: the first naming it exactly, else the
+    first with a wildcard for its first label (``*.example.com`` serves
+    ``a.example.com``, not ``example.com`` or ``a.b.example.com``), else 0."""
+    if not server_name:
+        return 0
+    name = server_name.lower().rstrip(".")
+    parent = name.partition(".")[2]
+    wildcard = None
+    for i, certificate in enumerate(tls.certificates):
+        for pattern in certificate.info.names:
+            low = pattern.lower()
+            if low == name:
+                return i
+            if wildcard is None and parent and low == "*." + parent:
+                wildcard = i
+    return 0 if wildcard is None else wildcard
+
+
+@dataclass(frozen=True, slots=True)
+class Hsts:  # (hashable: proxy/prelude.py caches its header line)
+    """The Strict-Transport-Security header on HTTPS answers (opt-in, RFC 6797)."""
+
+    max_age: int  # seconds browsers remember to use HTTPS only
+    include_subdomains: bool = False  # the policy covers every subdomain too
+    preload: bool = False  # asks for a place in browsers' preload lists
+
+    def header(self) -> str:
+        return (
+            f"max-age={self.max_age}"
+            + ("; includeSubDomains" if self.include_subdomains else "")
+            + ("; preload" if self.preload else "")
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     host: str
     port: int  # 0 picks a free port (tests); the bound port is logged.
+    tls: ListenerTls | None = None  # HTTPS (the proxy listener only); None: plain HTTP
+    hsts: Hsts | None = None  # with ``tls`` only
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """A plain-HTTP listener that answers every request with a 308 to the same host and
+    path on the proxy listener's HTTPS (``listen.redirect``)."""
+
+    host: str
+    port: int
+    https_port: int | None = None  # the port in the Location; None: the proxy
+    # listener's own (omitted when 443). Set it when a load balancer maps ports.
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +236,7 @@ class Config:
     continents: Mapping[str, str]  # continent code -> region.
     geodes: tuple[Geode, ...]
     health_check: HealthCheck = field(default_factory=HealthCheck)
+    redirect: Redirect | None = None  # needs listen.proxy.tls
     forwarding: Forwarding = field(default_factory=Forwarding)
     access_log: str = "json"  # json: one JSON line per request on stdout | plain | off
     access: tuple[AccessRule, ...] = ()  # the proxy listener's access rules, in order
@@ -173,8 +244,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
-    files: tuple[Path, ...] = ()  # every file read (this one, the region map): a change
-    # to any of them triggers a reload.
+    files: tuple[Path, ...] = ()  # every file read (this one, the region map, the TLS
+    # certificates and keys): a change to any of them triggers a reload.
     fingerprint: bytes = b""  # of the exact bytes this config was read from
     contents: tuple[bytes, ...] = ()  # those bytes, one per file in ``files``
     fences: tuple[Fence, ...] = ()  # residency fences (see ``Fence``), in config order.

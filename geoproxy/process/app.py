@@ -28,6 +28,7 @@ from geoproxy.config.values import Config
 from geoproxy.errors import GeoproxyError
 from geoproxy.health.board import GeodeHealth, HealthBoard
 from geoproxy.health.checker import HealthChecker
+from geoproxy.proxy import https
 from geoproxy.proxy.connection import Pool
 from geoproxy.proxy.forwarder import Forwarder
 from geoproxy.proxy.headers import via_name
@@ -103,6 +104,10 @@ class Gateway:
         self.board.on_transition.append(self._on_transition)
         self.board.on_eject.append(self._on_eject)
         self.observer = Observer(self.metrics, config.access_log)
+        # The proxy listener's HTTPS: PemError (OpenSSL refuses a certificate) ends the
+        # start-up with its reason.
+        self.tls = None if config.proxy.tls is None else https.Terminator(config.proxy.tls)
+        self._note_certificates()
 
     # -- health and readiness -----------------------------------------------------------
 
@@ -226,6 +231,13 @@ class Gateway:
             db = self._own_geoip
             self.metrics.geoip_built.labels(db.database_type).set(db.build_epoch)
 
+    def _note_certificates(self) -> None:
+        """The expiry gauge, one series per certificate the config in force serves."""
+        self.metrics.certificate_expiry.clear()
+        for certificate in self.config.proxy.tls.certificates if self.config.proxy.tls else ():
+            label = self.metrics.certificate_expiry.labels(str(certificate.cert))
+            label.set(certificate.info.not_after)
+
     async def refresh_geoip(self, expect: FileIdentity | None = None) -> bool:
         """Open ``geoip.database`` again if its file changed since it was opened (a new
         inode from ``geoipupdate``'s rename, or a new mtime or size), and swap it in; True
@@ -286,8 +298,12 @@ class Gateway:
             old, runtime, checker = self.config, self.runtime, self.checker
             if runtime is None:
                 raise GeoproxyError("not started yet")
-            if (new.proxy, new.admin) != (old.proxy, old.admin):
+            if _bound(new) != _bound(old):
                 log.warning("%s: listener changes take effect only after a restart", new.path)
+            # Before anything changes: a certificate OpenSSL refuses keeps the old ones.
+            contexts = None
+            if self.tls is not None and new.proxy.tls is not None:
+                contexts = https.contexts_for(new.proxy.tls)
             what = changes.describe(old, new)
             geoip = runtime.geoip
             opened = None
@@ -319,6 +335,9 @@ class Gateway:
                 checker.sync(removed)
             self.observer.use_format(new.access_log)
             self.config = new
+            if self.tls is not None and contexts is not None:
+                self.tls.adopt(contexts)  # new handshakes; open connections keep theirs
+            self._note_certificates()
             if geoip is not runtime.geoip:
                 self._close_geoip()  # look-ups are synchronous: none is in progress
                 self._own_geoip = opened
@@ -375,6 +394,13 @@ class Gateway:
             lambda: self.draining,
             lambda: self.last_reload,
         )
+
+
+def _bound(config: Config) -> tuple[object, ...]:
+    """What of the listeners takes effect only at start-up: where they bind, and
+    whether the proxy listener speaks HTTPS (its certificates are reloaded)."""
+    proxy = config.proxy
+    return (proxy.host, proxy.port, proxy.tls is None, config.admin, config.redirect)
 
 
 def _date(epoch: float) -> str:

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import gc
 import logging
+import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from geoproxy.config.loader import files_fingerprint
 from geoproxy.config.values import Config, Listener
 from geoproxy.errors import ListenError
 from geoproxy.process.app import Gateway
-from geoproxy.proxy import compat
+from geoproxy.proxy import compat, redirect
 from geoproxy.proxy.fastlane import ProxyServer
 from geoproxy.proxy.responses import HeadDeadline
 from geoproxy.surfaces.observe import Observer
@@ -36,30 +37,38 @@ _POLL = 0.02  # seconds between two looks at the in-flight count while draining
 class Bound:
     proxy: tuple[str, int]
     admin: tuple[str, int]
+    https: bool = False  # the proxy listener speaks HTTPS
+    redirect: tuple[str, int] | None = None  # the plain-HTTP listener redirecting to it
 
     @property
     def proxy_url(self) -> str:
-        return _url(*self.proxy)
+        return _url(*self.proxy, "https" if self.https else "http")
 
     @property
     def admin_url(self) -> str:
         return _url(*self.admin)
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 async def start_site(
-    runner: web.BaseRunner, what: str, listener: Listener, any_port_if_taken: bool
+    runner: web.BaseRunner,
+    what: str,
+    listener: Listener,
+    any_port_if_taken: bool,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[str, int]:
-    site = web.TCPSite(runner, listener.host, listener.port, reuse_address=True)
+    site = web.TCPSite(
+        runner, listener.host, listener.port, reuse_address=True, ssl_context=ssl_context
+    )
     try:
         await site.start()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE and any_port_if_taken:
             log.warning("%s port %d is taken; using a free port instead", what, listener.port)
-            return await start_site(runner, what, Listener(listener.host, 0), False)
+            return await start_site(runner, what, Listener(listener.host, 0), False, ssl_context)
         raise ListenError(
             f"cannot listen for {what} on {listener.host}:{listener.port}: {exc.strerror or exc}"
         ) from None
@@ -193,9 +202,11 @@ async def serve(
         freeze_startup_heap()
         await proxy_runner.setup()
         await admin_runner.setup()
-        proxy = await start_site(proxy_runner, "proxy", config.proxy, any_port_if_taken)
+        front = None if gateway.tls is None else gateway.tls.front
+        proxy = await start_site(proxy_runner, "proxy", config.proxy, any_port_if_taken, front)
         admin = await start_site(admin_runner, "admin", config.admin, any_port_if_taken)
-        bound = Bound(proxy, admin)
+        plain = await start_redirect(stack, config, proxy[1], any_port_if_taken)
+        bound = Bound(proxy, admin, front is not None, plain)
         log.info(
             "geoproxy proxying on %s, admin on %s (%s, %d healthy)",
             bound.proxy_url,
@@ -208,6 +219,26 @@ async def serve(
         )
         stack.push_async_callback(cancel_and_wait, watcher)
         await serve_until_stopped(gateway, bound, stop, on_ready)
+
+
+async def start_redirect(
+    stack: contextlib.AsyncExitStack, config: Config, proxy_port: int, any_port_if_taken: bool
+) -> tuple[str, int] | None:
+    """The plain-HTTP listener that answers 308 to HTTPS (``listen.redirect``), if set,
+    and where it listens; closed by ``stack``. ``proxy_port``: the proxy listener's bound
+    port."""
+    if config.redirect is None:
+        return None
+    to = config.redirect.https_port or proxy_port
+    runner = web.ServerRunner(
+        web.Server(redirect.handler(to), access_log=None), shutdown_timeout=_CUT_WAIT
+    )
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    where = Listener(config.redirect.host, config.redirect.port)
+    host, port = await start_site(runner, "redirect", where, any_port_if_taken)
+    log.info("redirecting plain HTTP on %s to HTTPS port %d", _url(host, port), to)
+    return host, port
 
 
 async def drain_and_report(runner: HeadTimeoutRunner, gateway: Gateway, who: str) -> None:

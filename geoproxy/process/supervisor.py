@@ -41,6 +41,7 @@ from geoproxy.process.server import (
     Bound,
     cancel_and_wait,
     serve_until_stopped,
+    start_redirect,
     start_site,
     unless_stopped,
     watch_config,
@@ -362,7 +363,8 @@ async def serve_workers(
         await admin_runner.setup()
         admin = await start_site(admin_runner, "admin", config.admin, False)
         host, port = sockets[0][0].getsockname()[:2]
-        bound = Bound((str(host), int(port)), admin)
+        plain = await start_redirect(stack, config, int(port), False)
+        bound = Bound((str(host), int(port)), admin, config.proxy.tls is not None, plain)
         log.info(
             "geoproxy proxying on %s with %d workers (pids %s), admin on %s",
             bound.proxy_url,

@@ -160,7 +160,8 @@ async def serve_worker(
         freeze_startup_heap()
         await runner.setup()
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            front = None if gateway.tls is None else gateway.tls.front
+            await web.SockSite(runner, sock, ssl_context=front).start()
         channel.send(control.ready(gateway.config.fingerprint.hex()))
         await stop.wait()
         gateway.start_draining()

@@ -158,7 +158,7 @@ class FastExchange:
             return
         geode = self.cand.geode
         route = self.route
-        lines = out.kept + out.tail(route.via, geode_lines(geode.name, geode.region))
+        lines = out.kept + out.tail(route.via, geode_lines(geode.name, geode.region), route.hsts)
         conn = self.conn
         keep_alive = conn.keeps_alive(self.message)
         head = whole_head(

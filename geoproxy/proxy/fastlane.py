@@ -126,7 +126,7 @@ class ProxyConnection(ServerConnection):
     """geoproxy's server protocol (``protocol.py``), serving eligible requests on the
     fast lane."""
 
-    __slots__ = ("_fast", "_gateway", "_held", "_memo", "_noted", "_remote")
+    __slots__ = ("_fast", "_gateway", "_held", "_memo", "_noted", "_remote", "_scheme")
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -135,6 +135,7 @@ class ProxyConnection(ServerConnection):
         self._held = b""
         self._noted = False  # the head-timeout hook was told
         self._remote: str | None = None  # the peer's address, as request.remote gives it
+        self._scheme = "http"  # "https" over TLS, as request.scheme gives it
         # The last request's header lines and what they decided (Forwarder.prelude).
         self._memo: tuple[Runtime, RawHeaders, Prelude] | None = None
 
@@ -142,6 +143,8 @@ class ProxyConnection(ServerConnection):
         super().connection_made(transport)
         peer = self.peername
         self._remote = str(peer[0]) if isinstance(peer, (list, tuple)) else None
+        if transport.get_extra_info("sslcontext") is not None:
+            self._scheme = "https"
 
     # -- the client side ------------------------------------------------------------------
 
@@ -241,7 +244,7 @@ class ProxyConnection(ServerConnection):
         if memo is not None and memo[0] is rt and memo[1] == raw:
             prelude = memo[2]  # a client repeating its headers on a kept-alive connection
         else:
-            found = forwarder.prelude(rt, raw, headers, self._remote, None, "http")
+            found = forwarder.prelude(rt, raw, headers, self._remote, None, self._scheme)
             if not isinstance(found, Prelude):
                 return False  # geoproxy's own answer: the coroutine path writes it
             prelude = found

@@ -332,7 +332,7 @@ class Forwarder:
                     last = BAD_RESPONSE
                     break
                 answered(trace, geode, cand.decision)
-                lines = out.tail(via, geode_lines(geode.name, geode.region))
+                lines = out.tail(via, geode_lines(geode.name, geode.region), route.hsts)
                 length = out.length
                 if read_whole(status, method, out) and length is not None:
                     # Read it whole and send head and body in one write; if the geode

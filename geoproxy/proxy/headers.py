@@ -78,11 +78,17 @@ _HOST, _VIA, _XFF, _XFP, _XFH, _CONNECTION, _CONTENT_LENGTH, _DATE = (
     b"date",
 )
 _TRANSFER_ENCODING = b"transfer-encoding"
+_STS = b"strict-transport-security"
 # Request headers whose values this hop reads (all but Content-Length are then dropped
 # or set anew).
 _READ_REQUEST = frozenset({_HOST, _VIA, _XFF, _XFP, _XFH, _CONNECTION, _CONTENT_LENGTH})
 # Response headers this hop sets itself or drops from the geode's answer.
-_NOTED_DOWNSTREAM = _low((GEODE_HEADER, REGION_HEADER)) | {_VIA, _CONTENT_LENGTH, _DATE}
+_NOTED_DOWNSTREAM = _low((GEODE_HEADER, REGION_HEADER)) | {
+    _VIA,
+    _CONTENT_LENGTH,
+    _DATE,
+    _STS,
+}
 #: A control character other than HTAB (RFC 9110 5.5). aiohttp's request parser rejects
 #: them; its response parser is lenient and lets some through in values and the reason.
 CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
@@ -203,13 +209,14 @@ class ResponseHead:
     False when a value or the reason phrase holds a control character (never passed
     on)."""
 
-    __slots__ = ("date", "framed", "kept", "length", "lengths", "ok", "vias")
+    __slots__ = ("date", "framed", "kept", "length", "lengths", "ok", "sts", "vias")
     date: bool  # the geode sent a Date
     framed: bool  # no Transfer-Encoding, or only chunked
     kept: bytes  # the lines passed on as they came ("Name: value\r\n" each)
     length: int | None  # the Content-Length
     lengths: list[bytes]  # Content-Length values
     ok: bool
+    sts: bytes  # the geode's Strict-Transport-Security lines: kept unless this hop sets one
     vias: list[bytes]
 
     def __init__(self, raw: RawHeaders, reason: str | None) -> None:
@@ -226,6 +233,7 @@ class ResponseHead:
         vias: list[bytes] = []
         lengths: list[bytes] = []
         codings: list[bytes] = []
+        sts: list[bytes] = []
         self.date = False
         for name, value in raw:
             low = name.lower()
@@ -244,17 +252,20 @@ class ResponseHead:
                 elif low == _DATE:
                     kept += (name, b": ", value, b"\r\n")
                     self.date = True
+                elif low == _STS:
+                    sts += (name, b": ", value, b"\r\n")
             else:
                 kept += (name, b": ", value, b"\r\n")
         self.kept = b"".join(kept)
         self.vias, self.lengths = vias, lengths
+        self.sts = b"".join(sts)
         # Only chunked can be relayed: any other coding (gzip, chunked) would reach the
         # client as undeclared encoded bytes once the hop-by-hop header is gone.
         self.framed = not codings or codings == [b"chunked"]
         self.length = int(lengths[0]) if len(lengths) == 1 and lengths[0].isdigit() else None
         # The parser ends a line at any CR or LF, so one search over the block finds a
         # control character in any value passed on.
-        block = self.kept
+        block = self.kept + self.sts
         self.ok = len(block.translate(None, _CONTROLS_BUT_CRLF)) == len(block) and not (
             vias and CONTROL(b"".join(vias))
         )
@@ -262,11 +273,14 @@ class ResponseHead:
             return _NONE
         return _named(tuple(connection), HOP_BY_HOP | named if named else HOP_BY_HOP)
 
-    def tail(self, via: bytes, geode_lines: bytes) -> bytes:
-        """Via with this hop appended, then the X-Geoproxy-* lines of the geode."""
+    def tail(self, via: bytes, geode_lines: bytes, hsts: bytes = b"") -> bytes:
+        """Via with this hop appended, the X-Geoproxy-* lines of the geode, then
+        ``hsts`` (this hop's Strict-Transport-Security line), which replaces the geode's:
+        browsers heed only the first of two."""
         hop = b"1.1 " + via
         prior = _joined(self.vias)
-        return b"Via: " + (prior + b", " + hop if prior else hop) + b"\r\n" + geode_lines
+        via_line = b"Via: " + (prior + b", " + hop if prior else hop) + b"\r\n"
+        return via_line + geode_lines + (hsts or self.sts)
 
 
 @functools.lru_cache(maxsize=256)

@@ -13,7 +13,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from geoproxy.config.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
-from geoproxy.config.values import Forwarding, Geode, Limits
+from geoproxy.config.values import Forwarding, Geode, Hsts, Limits
 from geoproxy.proxy.headers import RawHeaders, RequestHead
 from geoproxy.proxy.responses import json_error
 from geoproxy.proxy.trace import Trace
@@ -67,19 +67,25 @@ class Prelude:
     for the same header lines from the same peer under the same ``Runtime`` (the fast
     lane keeps the last one per connection)."""
 
-    __slots__ = ("forwarded", "head", "resolution", "via")
+    __slots__ = ("forwarded", "head", "hsts", "resolution", "via")
 
     def __init__(
-        self, head: RequestHead, forwarded: bytes, via: bytes, resolution: Resolution
+        self,
+        head: RequestHead,
+        forwarded: bytes,
+        via: bytes,
+        resolution: Resolution,
+        hsts: bytes = b"",
     ) -> None:
         self.head, self.forwarded, self.via, self.resolution = head, forwarded, via, resolution
+        self.hsts = hsts  # the Strict-Transport-Security line of every answer, or b""
 
 
 class Route:
     """Where one request goes and how its head is passed on: what both lanes work out
     first (the trusted-peer check, the header rules, region resolution, candidates)."""
 
-    __slots__ = ("cands", "forwarded", "head", "rt", "trace", "via")
+    __slots__ = ("cands", "forwarded", "head", "hsts", "rt", "trace", "via")
 
     def __init__(
         self,
@@ -89,10 +95,12 @@ class Route:
         cands: list[Candidate],
         forwarded: bytes,
         via: bytes,
+        hsts: bytes = b"",
     ) -> None:
         self.rt, self.trace, self.head, self.cands = rt, trace, head, cands
         self.forwarded = forwarded  # X-Forwarded-* and Via lines, as sent
         self.via = via
+        self.hsts = hsts  # as Prelude.hsts
 
 
 def request_wire(
@@ -156,7 +164,9 @@ class Routing:
         forwarded = head.forwarded(
             _peer_text(remote) if remote else b"", _cached_bytes(scheme), via
         )
-        return Prelude(head, forwarded, via, resolution)
+        hsts = topology.config.proxy.hsts
+        own = hsts_line(hsts) if hsts is not None and scheme == "https" else b""
+        return Prelude(head, forwarded, via, resolution, own)
 
     def routed(self, rt: Runtime, prelude: Prelude, trace: Trace) -> Route | web.Response:
         """The candidates for a prelude's region as health stands now, or a 503."""
@@ -193,7 +203,14 @@ class Routing:
                 headers={"Retry-After": retry_after},
                 region=resolution.region,
             )
-        return Route(rt, trace, prelude.head, cands, prelude.forwarded, prelude.via)
+        return Route(rt, trace, prelude.head, cands, prelude.forwarded, prelude.via, prelude.hsts)
+
+
+@functools.lru_cache(maxsize=16)
+def hsts_line(hsts: Hsts) -> bytes:
+    """The Strict-Transport-Security header line HTTPS answers carry (RFC 6797: never
+    over plain HTTP, where an attacker could forge or strip it)."""
+    return f"Strict-Transport-Security: {hsts.header()}\r\n".encode()
 
 
 def _text_bytes(text: str) -> bytes:

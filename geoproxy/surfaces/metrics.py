@@ -187,6 +187,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.certificate_expiry = Gauge(
+            "geoproxy_tls_certificate_expiry_timestamp_seconds",
+            "When each certificate the proxy listener serves expires (its notAfter), by "
+            "its file; absent without listen.proxy.tls.",
+            ["certificate"],
+            registry=r,
+        )
         self.ejections = Counter(
             "geoproxy_geode_ejections",
             "Geodes ejected by passive health (consecutive failures of live traffic).",

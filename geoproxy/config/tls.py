@@ -1,0 +1,124 @@
+"""The readers of the config's TLS blocks: the proxy listener's certificates
+(``listen.proxy.tls``), HSTS (``listen.proxy.hsts``) and the plain-HTTP redirect listener
+(``listen.redirect``). Certificate and key files are read here, checked with
+``config/pem.py``, and their bytes join the config's fingerprinted files: a renewal on disk
+is a config reload.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from geoproxy.config import sections
+from geoproxy.config.pem import PairError, check_pair
+from geoproxy.config.schema import Node
+from geoproxy.config.values import Certificate, Hsts, Listener, ListenerTls, Redirect
+
+
+@dataclass(slots=True)
+class Reads:
+    """The files a config reads besides itself, in order, and their bytes; ``given``:
+    contents to use instead of the disk (``Config.sources``, in a worker)."""
+
+    given: Mapping[str, bytes]
+    files: list[Path] = field(default_factory=list)
+    contents: list[bytes] = field(default_factory=list)
+
+    def read(self, node: Node, base: Path) -> tuple[Path, bytes] | None:
+        """The file ``node`` names (relative to ``base``) and its bytes, or None after
+        recording why it cannot be read."""
+        text = node.string()
+        if text is None:
+            return None
+        path = base / text
+        raw = self.given.get(str(path))
+        if raw is None:
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                node.problem(f"cannot read {path}: {exc.strerror or exc}")
+                return None
+        self.files.append(path)
+        self.contents.append(raw)
+        return path, raw
+
+
+_PAIR_KEYS = ("cert", "key")
+
+
+def listener_tls(node: Node, base: Path, reads: Reads) -> ListenerTls | None:
+    """``tls: {cert, key}``, or a list of such pairs (the first is the default)."""
+    if node.missing or node.value is None:
+        return None
+    items = node.items() if isinstance(node.value, list) else [node]
+    if isinstance(node.value, list) and not items:
+        node.problem("must list at least one {cert, key} pair")
+    found: list[Certificate] = []
+    for item in items:
+        if not item.expect_mapping(_PAIR_KEYS, required=_PAIR_KEYS):
+            continue
+        # (A missing one is reported by expect_mapping; the other is still read.)
+        cert, key = (
+            None if item.get(k).missing else reads.read(item.get(k), base) for k in _PAIR_KEYS
+        )
+        if cert is None or key is None:
+            continue
+        try:
+            about = check_pair(cert[1], key[1])
+        except PairError as exc:
+            for what, why in exc.parts:
+                if what in _PAIR_KEYS:
+                    item.get(what).problem(f"{(cert if what == 'cert' else key)[0]}: {why}")
+                else:
+                    item.problem(f"{cert[0]} and {key[0]}: {why}")
+            continue
+        found.append(Certificate(cert[0], key[0], cert[1], key[1], about, item.path))
+    if len(found) != len(items):
+        return None
+    return ListenerTls(tuple(found))
+
+
+_AGE = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_AGE_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_AGE_MAX = 730 * 86400  # two years: what browsers' preload lists ask at most
+
+
+def hsts(node: Node) -> Hsts | None:
+    """``hsts: {max_age: 365d, include_subdomains: false, preload: false}``."""
+    if node.missing or node.value is None:
+        return None
+    keys = ("max_age", "include_subdomains", "preload")
+    if not node.expect_mapping(keys, required=("max_age",)):
+        return None
+    age_node = node.get("max_age")
+    value = age_node.value
+    match = _AGE.match(value) if isinstance(value, str) else None
+    age = None
+    if match is None:
+        if not age_node.missing:
+            age_node.problem(f"not a duration: {value!r} (e.g. 365d, 12h; 0s turns HSTS off)")
+    elif (age := int(match.group(1)) * _AGE_UNIT[match.group(2)]) > _AGE_MAX:
+        age_node.problem(f"must be at most 730d, got {value!r}")
+        age = None
+    subdomains = node.get("include_subdomains").boolean(optional=True)
+    preload = node.get("preload").boolean(optional=True)
+    if age is None:
+        return None
+    return Hsts(age, bool(subdomains), bool(preload))
+
+
+def redirect(node: Node, tls: ListenerTls | None, https: Node) -> Redirect | None:
+    """``listen.redirect: {host, port, https_port}``; ``https``: the proxy listener's
+    ``tls`` node, which it needs."""
+    if node.missing or node.value is None:
+        return None
+    where = sections.listener(node, Listener("0.0.0.0", 80), extra=("https_port",))
+    https_port = node.get("https_port").integer(1, 65535, optional=True)
+    if tls is None and https.missing:
+        node.problem(f"redirects to HTTPS, but {https.path} is not set")
+    if tls is None:
+        return None  # (a broken tls block is reported there)
+    return Redirect(where.host, where.port, https_port)

@@ -1,0 +1,336 @@
+"""HTTPS on the proxy listener (``listen.proxy.tls``): the handshake and its profile,
+proxying over it on every request path, SNI selection, certificates reloaded from disk
+under load without a failed request, a bad new certificate kept out, and session
+resumption across a rotation. Certificates come from a throwaway CA (tls_certs.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from cryptography import x509
+from test_configmap_reload import ConfigMapVolume
+from test_geoip_update import Load, watching
+
+from geoproxy.config import loader as config_mod
+from geoproxy.process.server import Bound, serve
+
+from conftest import GeodeFactory, ProxyFactory, base_config, geode_entry
+from tls_certs import Authority, Pair
+
+
+@pytest.fixture(params=["fast", "coroutine", "public"])
+def lane(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on each request path (conftest.py's ``lane``)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def authority(tmp_path: Path) -> Authority:
+    return Authority(tmp_path)
+
+
+def https_config(geodes: list[dict[str, Any]], tls: Any, **listen: Any) -> dict[str, Any]:
+    data = base_config(geodes, access_log="off", reload={"poll_interval": "100ms"})
+    data["listen"]["proxy"]["tls"] = tls
+    data["listen"]["proxy"].update(listen)
+    return data
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+async def handshake(
+    url: str, context: ssl.SSLContext, server_name: str | None
+) -> tuple[ssl.SSLObject, int]:
+    """A TLS connection to the proxy: its SSL object and the serial number of the
+    certificate the proxy presented. Closed again at once."""
+    _reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port_of(url), ssl=context, server_hostname=server_name
+    )
+    tls = writer.get_extra_info("ssl_object")
+    der = tls.getpeercert(binary_form=True)
+    writer.close()
+    await writer.wait_closed()
+    return tls, x509.load_der_x509_certificate(der).serial_number
+
+
+def unchecked(authority: Authority) -> ssl.SSLContext:
+    """A client that takes any name (to see which certificate comes without SNI)."""
+    return authority.client(check_hostname=False)
+
+
+async def test_proxies_over_https_with_tls_1_2_or_later_alpn_and_forwarded_proto_https(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, authority: Authority
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    pair = authority.issue("proxy.test")
+    proxy = await proxy_factory(https_config([geode_entry(eu)], pair.entry()))
+    assert proxy.url.startswith("https://")
+    client = authority.client()
+    connector = aiohttp.TCPConnector(ssl=client)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for _ in range(3):  # the first on a new connection, then kept alive
+            url = proxy.url.replace("127.0.0.1", "proxy.test")
+            async with http.get(
+                f"{proxy.url}/echo", headers={"Host": "proxy.test"}, server_hostname="proxy.test"
+            ) as resp:
+                assert resp.status == 200, url
+                seen = (await resp.json())["headers"]
+            assert seen["x-forwarded-proto"] == ["https"]
+            assert seen["x-forwarded-host"] == ["proxy.test"]
+    client.set_alpn_protocols(["h2", "http/1.1"])
+    tls, serial = await handshake(proxy.url, client, "proxy.test")
+    assert serial == pair.serial
+    assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    assert tls.selected_alpn_protocol() == "http/1.1"
+
+
+async def test_tls_1_1_is_refused_by_the_proxy(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, authority: Authority
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await proxy_factory(https_config([geode_entry(eu)], authority.issue("p.test").entry()))
+    old = authority.client(check_hostname=False)
+    with warnings.catch_warnings():  # the standard library deprecates asking for it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")  # this client would; the proxy must not
+
+    def connect() -> None:
+        with socket.create_connection(("127.0.0.1", port_of(proxy.url)), timeout=5) as raw:
+            old.wrap_socket(raw, server_hostname="p.test").close()
+
+    with pytest.raises(ssl.SSLError) as info:
+        await asyncio.to_thread(connect)
+    # The server's alert, not the client refusing on its own.
+    # The server's alert (the client would have gone on), or asyncio's server hanging up
+    # without sending it.
+    assert "TLSV1_ALERT_PROTOCOL_VERSION" in str(info.value) or isinstance(
+        info.value, ssl.SSLEOFError
+    )
+
+
+async def test_sni_selects_the_certificate_naming_the_host_else_the_first(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, authority: Authority
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    first = authority.issue("a.test")
+    wild = authority.issue("*.b.test", file="wild-b")
+    exact = authority.issue("x.b.test", "c.test")
+    tls = [first.entry(), wild.entry(), exact.entry()]
+    proxy = await proxy_factory(https_config([geode_entry(eu)], tls))
+    client = authority.client()
+    cases = {"a.test": first, "y.b.test": wild, "x.b.test": exact, "C.TEST": exact}
+    for name, pair in cases.items():
+        assert (await handshake(proxy.url, client, name))[1] == pair.serial, name
+    anything = unchecked(authority)
+    for name in (None, "b.test", "z.y.b.test", "unknown.test"):  # the default
+        assert (await handshake(proxy.url, anything, name))[1] == first.serial, name
+
+
+def tls_volume(root: Path, data: dict[str, Any], pair: Pair) -> ConfigMapVolume:
+    """A Secret-like folder (symlinks swapped in one step, as the kubelet does it)
+    holding the config and the certificate pair as tls.crt and tls.key."""
+    volume = ConfigMapVolume(root)
+    volume.write(volume_files(data, pair))
+    return volume
+
+
+def volume_files(data: dict[str, Any], pair: Pair) -> dict[str, str]:
+    config = {**data}
+    config["listen"] = {**data["listen"]}
+    config["listen"]["proxy"] = {
+        **data["listen"]["proxy"],
+        "tls": {"cert": "tls.crt", "key": "tls.key"},
+    }
+    return {
+        "geoproxy.yaml": yaml.safe_dump(config),
+        "tls.crt": pair.cert.read_text(),
+        "tls.key": pair.key.read_text(),
+    }
+
+
+async def test_a_renewed_certificate_is_served_to_new_handshakes_under_load_with_no_failed_request(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    authority: Authority,
+    tmp_path: Path,
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    old = authority.issue("localhost", "127.0.0.1", file="old")
+    data = https_config([geode_entry(eu)], old.entry())
+    proxy = await proxy_factory(data)
+    volume = tls_volume(tmp_path / "secret", data, old)
+    await proxy.gateway.reload(config_mod.load(volume.root / "geoproxy.yaml"))
+    client = authority.client()
+    kept = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client, limit=1))
+    async with kept, watching(proxy):
+        async with kept.get(f"{proxy.url}/whoami") as resp:  # opened before, kept alive
+            assert resp.status == 200
+        async with Load(f"{proxy.url}/whoami", clients=4, fresh=True, ssl=client) as load:
+            await load.more(100)
+            new = authority.issue("localhost", "127.0.0.1", file="new")
+            volume.write(volume_files(data, new))
+            async with asyncio.timeout(10):
+                while proxy.sample("geoproxy_config_reloads_total", result="success") < 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            await load.more(200)
+        async with kept.get(f"{proxy.url}/whoami") as resp:  # the same connection
+            assert resp.status == 200
+            assert kept.connector is not None
+        assert (await handshake(proxy.url, client, "localhost"))[1] == new.serial
+    assert load.failed() == []
+    assert len(load.results) >= 300
+    assert proxy.sample("geoproxy_config_reloads_total", result="failure") == 0
+
+
+async def test_a_new_key_that_does_not_match_keeps_the_old_certificate_and_counts_a_failed_reload(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    authority: Authority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    old = authority.issue("localhost", file="site")
+    proxy = await proxy_factory(https_config([geode_entry(eu)], old.entry()))
+    client = authority.client()
+    other = authority.issue("localhost", file="other")
+    async with watching(proxy):
+        old.key.write_bytes(other.key.read_bytes())  # a renewal that half happened
+        async with asyncio.timeout(10):
+            while proxy.sample("geoproxy_config_reloads_total", result="failure") < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert (await handshake(proxy.url, client, "localhost"))[1] == old.serial
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any(
+            f"listen.proxy.tls: {old.cert} and {old.key}: the key does not belong to the "
+            "certificate (CN=localhost"
+            in line
+            or "the key does not belong" in line
+            for line in errors
+        ), errors
+        old.cert.write_bytes(other.cert.read_bytes())  # ...and then completes
+        async with asyncio.timeout(10):
+            while proxy.sample("geoproxy_config_reloads_total", result="success") < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert (await handshake(proxy.url, client, "localhost"))[1] == other.serial
+    assert proxy.sample("geoproxy_config_reloads_total", result="failure") == 1
+
+
+def _get(
+    port: int, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[ssl.SSLSession | None, bool]:
+    """A blocking HTTPS request (the standard library's client resumes sessions): the
+    session after its answer was read (TLS 1.3 tickets come after the handshake), and
+    whether it was resumed."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        while tls.recv(65536):
+            pass
+        return tls.session, bool(tls.session_reused)
+
+
+async def test_a_session_resumes_across_a_certificate_rotation(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, authority: Authority
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    data = https_config([geode_entry(eu)], authority.issue("localhost", file="one").entry())
+    proxy = await proxy_factory(data)
+    port, client = port_of(proxy.url), authority.client()
+    serial_before = (await handshake(proxy.url, client, "localhost"))[1]
+    session, reused = await asyncio.to_thread(_get, port, client, None)
+    assert not reused
+    session, reused = await asyncio.to_thread(_get, port, client, session)
+    assert reused
+    rotated = https_config([geode_entry(eu)], authority.issue("localhost", file="two").entry())
+    path = proxy.gateway.config.path.with_name("rotated.yaml")
+    path.write_text(yaml.safe_dump(rotated))
+    await proxy.gateway.reload(config_mod.load(path))
+    assert (await handshake(proxy.url, client, "localhost"))[1] != serial_before
+    session, reused = await asyncio.to_thread(_get, port, client, session)
+    assert reused
+
+
+async def test_hsts_is_sent_over_https_in_place_of_the_geodes_own_when_configured(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, authority: Authority
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    hsts = {"max_age": "365d", "include_subdomains": True}
+    pair = authority.issue("localhost")
+    on = await proxy_factory(https_config([geode_entry(eu)], pair.entry(), hsts=hsts))
+    off = await proxy_factory(https_config([geode_entry(eu)], pair.entry()))
+    connector = aiohttp.TCPConnector(ssl=authority.client())
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for path in ("/whoami", "/hsts"):  # /hsts: the geode sets its own
+            async with http.get(f"{on.url.replace('127.0.0.1', 'localhost')}{path}") as resp:
+                assert resp.status == 200
+                assert resp.headers.getall("Strict-Transport-Security") == [
+                    "max-age=31536000; includeSubDomains"
+                ]
+        url = off.url.replace("127.0.0.1", "localhost")
+        async with http.get(f"{url}/whoami") as resp:
+            assert "Strict-Transport-Security" not in resp.headers
+        async with http.get(f"{url}/hsts") as resp:  # the geode's own passes
+            assert resp.headers.getall("Strict-Transport-Security") == ["max-age=60"]
+
+
+async def test_the_redirect_listener_answers_308_to_the_same_url_over_https(
+    geode_factory: GeodeFactory, authority: Authority, write_config: Callable[..., Path]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    data = https_config([geode_entry(eu)], authority.issue("localhost").entry())
+    data["listen"]["redirect"] = {"host": "127.0.0.1", "port": 0}
+    cfg = config_mod.load(write_config(data))
+    stop, ready = asyncio.Event(), asyncio.Event()
+    bound: list[Bound] = []
+
+    def on_ready(where: Bound) -> None:
+        bound.append(where)
+        ready.set()
+
+    serving = asyncio.create_task(serve(cfg, stop, on_ready=on_ready))
+    try:
+        async with asyncio.timeout(10):
+            await ready.wait()
+        (where,) = bound
+        assert where.redirect is not None
+        plain = f"http://127.0.0.1:{where.redirect[1]}"
+        https_port = where.proxy[1]
+        connector = aiohttp.TCPConnector(ssl=authority.client())
+        async with aiohttp.ClientSession(connector=connector) as http:
+            for method in ("GET", "POST"):
+                async with http.request(
+                    method,
+                    f"{plain}/a/b?c=1",
+                    headers={"Host": f"LocalHost:{where.redirect[1]}"},
+                    data=b"x" * 10 if method == "POST" else None,
+                    allow_redirects=False,
+                ) as resp:
+                    assert resp.status == 308
+                    assert resp.headers["Location"] == f"https://localhost:{https_port}/a/b?c=1"
+                    assert "Strict-Transport-Security" not in resp.headers  # never over HTTP
+            async with http.get(f"http://localhost:{where.redirect[1]}/whoami") as resp:
+                assert resp.status == 200  # followed to the proxy, over HTTPS
+                assert str(resp.url) == f"https://localhost:{https_port}/whoami"
+                assert (await resp.json())["geode"] == "eu-1"
+        reader, writer = await asyncio.open_connection("127.0.0.1", where.redirect[1])
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")  # no Host
+        assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+        writer.close()
+    finally:
+        stop.set()
+        async with asyncio.timeout(15):
+            await serving
