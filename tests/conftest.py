@@ -388,17 +388,43 @@ GEO_NETWORKS: dict[str, tuple[str | None, str]] = {
     "89.160.20.0/24": (None, "EU"),  # continent only: the continent rule decides
     "2001:218::/32": ("JP", "AS"),
     "2a02:cf40::/29": ("FR", "EU"),
+    "2a02:cf80::/29": ("IL", "AS"),  # MaxMind's test data: Israel, continent Asia
+    "2a02:d180::/29": ("DE", "EU"),
+}
+#: Where City records put each network: (latitude, longitude, accuracy radius in km), as
+#: MaxMind's test databases do (2a02:cf80::/29 is theirs: 31.5, 34.75, 100 km). A network
+#: without an entry here has London with 100 km.
+GEO_LOCATIONS: dict[str, tuple[float, float, int]] = {
+    "81.2.69.0/24": (51.5142, -0.0931, 10),  # London
+    "175.16.199.0/24": (43.88, 125.3228, 100),  # Changchun
+    "216.160.83.0/24": (47.2513, -122.3149, 22),  # Milton, WA
+    "89.160.20.0/24": (58.4167, 15.6167, 76),  # Linköping
+    "2001:218::/32": (35.68536, 139.75309, 100),  # Tokyo
+    "2a02:cf40::/29": (48.8566, 2.3522, 50),  # Paris
+    "2a02:cf80::/29": (31.5, 34.75, 100),  # Israel
+    "2a02:d180::/29": (51.2993, 9.491, 1000),  # Germany's centre, country-level only
 }
 
 
-def _record(country: str | None, continent: str, city: bool) -> dict[str, Any]:
+def _record(
+    country: str | None,
+    continent: str,
+    city: bool,
+    location: tuple[float, float, int] = (51.5, -0.1, 100),
+) -> dict[str, Any]:
     rec: dict[str, Any] = {"continent": {"code": continent, "names": {"en": continent}}}
     if country:
         rec["country"] = {"iso_code": country, "names": {"en": country}}
         rec["registered_country"] = {"iso_code": country, "names": {"en": country}}
     if city:
+        latitude, longitude, radius = location
         rec["city"] = {"names": {"en": f"Somewhere in {country or continent}"}}
-        rec["location"] = {"latitude": 51.5, "longitude": -0.1, "time_zone": "Europe/London"}
+        rec["location"] = {
+            "latitude": latitude,
+            "longitude": longitude,
+            "accuracy_radius": radius,
+            "time_zone": "Europe/London",
+        }
     return rec
 
 
@@ -406,7 +432,8 @@ def _record(country: str | None, continent: str, city: bool) -> dict[str, Any]:
 def make_mmdb(tmp_path: Path) -> Callable[..., Path]:
     """Write a real MaxMind-format database (City or Country edition, IPv4 or IPv6).
     ``networks``: other networks than ``GEO_NETWORKS``; ``name``: another file name;
-    ``built``: its build date (seconds since the epoch; default now)."""
+    ``built``: its build date (seconds since the epoch; default now); ``locations``: where
+    City records put each network, other than ``GEO_LOCATIONS``."""
     import mmdb_writer
     from netaddr import IPSet
 
@@ -416,6 +443,7 @@ def make_mmdb(tmp_path: Path) -> Callable[..., Path]:
         networks: dict[str, tuple[str | None, str]] | None = None,
         name: str | None = None,
         built: float | None = None,
+        locations: dict[str, tuple[float, float, int]] | None = None,
     ) -> Path:
         writer = mmdb_writer.MMDBWriter(
             ip_version=ip_version,
@@ -427,7 +455,9 @@ def make_mmdb(tmp_path: Path) -> Callable[..., Path]:
         for cidr, (country, continent) in (networks or GEO_NETWORKS).items():
             if ip_version == 4 and ":" in cidr:
                 continue
-            writer.insert_network(IPSet([cidr]), _record(country, continent, edition == "City"))
+            place = (locations or GEO_LOCATIONS).get(cidr, (51.5, -0.1, 100))
+            record = _record(country, continent, edition == "City", place)
+            writer.insert_network(IPSet([cidr]), record)
         path = tmp_path / (name or f"test-{edition}-v{ip_version}.mmdb")
         real_time = mmdb_writer.time.time
         if built is not None:  # the writer stamps build_epoch with time.time()

@@ -33,6 +33,7 @@ from geoproxy.config.values import (
     Limits,
     Listener,
     OutlierDetection,
+    Proximity,
     Region,
 )
 from geoproxy.errors import ConfigError
@@ -95,6 +96,7 @@ _TOP_KEYS = (
     "shutdown",
     "access",
     "fences",
+    "proximity",
 )
 
 
@@ -138,6 +140,15 @@ def _build(
         _check_apart(listen, "redirect", plain, [("the proxy listener", proxy), ("admin", admin)])
     read.extend(reads.contents)
 
+    proximity = sections.section(
+        root.get("proximity"),
+        Proximity(),
+        {"prefer_over_continent": lambda n: n.boolean()},
+    )
+    if proximity.prefer_over_continent and not any(r.location for r in regions):
+        root.get("proximity").get("prefer_over_continent").problem(
+            "is true, but no region has a location (regions.<id>.location: {lat, lon})"
+        )
     fences = sections.fences(root.get("fences"), (known, quiet))
     if fences and not problems:
         _check_fences(fences, regions, countries, continents, problems)
@@ -204,6 +215,7 @@ def _build(
         redirect=redirect,
         files=(path,) + ((base / region_map,) if region_map else ()) + tuple(reads.files),
         fences=fences,
+        proximity=proximity,
     )
 
 

@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 from geoproxy.config.access import AccessRules
 from geoproxy.config.countries import COUNTRY_CONTINENT
-from geoproxy.config.values import Config, Fence, Geode
+from geoproxy.config.values import Config, Fence, Geode, Region
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,7 @@ class Topology:
     access: AccessRules  # the config's access rules, with the verdicts of recent paths
     country_fence: Mapping[str, Fence]  # ISO country -> its residency fence, if any
     continent_fence: Mapping[str, Fence]  # for a client whose country is not known
+    located: tuple[Region, ...]  # regions with a location (geoproximity), in config order
 
     @classmethod
     def build(cls, config: Config) -> Topology:
@@ -52,6 +53,7 @@ class Topology:
             access=AccessRules(config.access),
             country_fence=MappingProxyType(fenced),
             continent_fence=MappingProxyType(by_continent),
+            located=tuple(r for r in config.regions if r.location is not None),
         )
 
     def region_of(self, country: str | None, continent: str | None = None) -> str | None:

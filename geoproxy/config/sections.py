@@ -146,7 +146,7 @@ def regions(node: Node) -> tuple[Region, ...]:
         if entry.value is None:
             regions.append(Region(name, ()))
             continue
-        entry.expect_mapping(("fallback",), allow_missing=True)
+        entry.expect_mapping(("fallback", "location", "bias"), allow_missing=True)
         fallback: list[str] = []
         for item in entry.get("fallback").items(optional=True):
             other = item.region(valid, set(names) - valid)
@@ -156,8 +156,32 @@ def regions(node: Node) -> tuple[Region, ...]:
                 item.problem(f"{other!r} is listed twice")
             elif other is not None:
                 fallback.append(other)
-        regions.append(Region(name, tuple(fallback)))
+        at = location(entry.get("location"))
+        bias = entry.get("bias").integer(-99, 99, optional=True) or 0
+        regions.append(Region(name, tuple(fallback), at, bias))
     return tuple(regions)
+
+
+def location(node: Node) -> tuple[float, float] | None:
+    """``{lat: 50.11, lon: 8.68}``: degrees north and east."""
+    if node.missing or not node.expect_mapping(("lat", "lon"), ("lat", "lon")):
+        return None
+    lat = degrees(node.get("lat"), 90.0)
+    lon = degrees(node.get("lon"), 180.0)
+    return None if lat is None or lon is None else (lat, lon)
+
+
+def degrees(node: Node, limit: float) -> float | None:
+    value = node.value
+    if node.missing:
+        return None  # reported as required
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        node.problem(f"must be a number of degrees from {-limit:g} to {limit:g}, got {value!r}")
+        return None
+    if not -limit <= value <= limit:
+        node.problem(f"must be from {-limit:g} to {limit:g}, got {value}")
+        return None
+    return float(value)
 
 
 def region_map(

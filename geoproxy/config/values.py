@@ -131,6 +131,20 @@ class Geode:
 class Region:
     name: str
     fallback: tuple[str, ...]  # other regions to try, nearest first.
+    location: tuple[float, float] | None = None  # (latitude, longitude) in degrees: where
+    # its stamps are. Regions with one take part in geoproximity (``Proximity``).
+    bias: int = 0  # -99..99, Route 53's: a client's distance to this region counts as
+    # ``distance * (1 - bias / 100)``; positive draws clients from further away.
+
+
+@dataclass(frozen=True, slots=True)
+class Proximity:
+    """Geoproximity: a client whose GeoIP record has coordinates, and whose country the
+    region map does not place, goes to the nearest region with a ``location``."""
+
+    prefer_over_continent: bool = False  # true: also when only a continent entry would
+    # place the country (an entry under ``countries`` always wins). The continent's
+    # region is kept while the record's accuracy radius leaves the two too close to call.
 
 
 #: What a fence does when none of its geodes is healthy.
@@ -249,6 +263,7 @@ class Config:
     fingerprint: bytes = b""  # of the exact bytes this config was read from
     contents: tuple[bytes, ...] = ()  # those bytes, one per file in ``files``
     fences: tuple[Fence, ...] = ()  # residency fences (see ``Fence``), in config order.
+    proximity: Proximity = field(default_factory=Proximity)
     warnings: tuple[str, ...] = ()  # ``FILE: PATH: MESSAGE`` lines for what is valid but
     # likely wrong; check-config prints them, start-up and reloads log them.
 

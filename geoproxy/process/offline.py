@@ -105,6 +105,10 @@ def route_cmd(
         + ")"
     )
     print(f"sources consulted: {steps}")
+    if (near := answer["proximity"]) is not None:
+        ranking = ", ".join(f"{r['region']} {r['effective_km']:,.0f} km" for r in near["ranking"])
+        how = "chose" if near["decided"] else "too close to call; the region map chose"
+        print(f"geoproximity: {ranking} ({how} {near['region']})")
     if (fence := answer["fence"]) is not None:
         kept = f"; keeps out {', '.join(fence['kept_out'])}" if fence["kept_out"] else ""
         print(f"residency fence: {fence['name']} ({', '.join(fence['regions'])}{kept})")
@@ -167,11 +171,17 @@ def describe(topology: Topology, geoip_note: str = "") -> str:
             f"  {g.name:<20} {g.region:<14} {g.url}  weight={g.weight}"
             f"  check={g.health.path} every {g.health.interval:g}s"
         )
+    located = {
+        r.name: f"   at {r.location[0]:g},{r.location[1]:g}"
+        + (f" bias {r.bias:+d}" if r.bias else "")
+        for r in cfg.regions
+        if r.location is not None
+    }
     lines.append("regions (try order; geodes per region):")
     for region, order in topology.try_orders.items():
         counts = ", ".join(f"{r}({len(topology.geodes_by_region[r])})" for r in order)
         served = sum(1 for c in topology.country_region.values() if c == region)
-        lines.append(f"  {region:<14} {counts}   countries: {served}")
+        lines.append(f"  {region:<14} {counts}   countries: {served}{located.get(region, '')}")
     lines.append(
         "access rules (first match per reading of the path; none: forwarded):"
         if cfg.access
@@ -180,6 +190,15 @@ def describe(topology: Topology, geoip_note: str = "") -> str:
     for rule in cfg.access:
         answer = f"{rule.action} {rule.status}" if rule.action == "deny" else rule.action
         lines.append(f"  {rule.name:<20} {answer:<9} {rule.path_prefix}")
+    if located:
+        when = (
+            "used for clients of countries the map does not place, or places by continent"
+            if cfg.proximity.prefer_over_continent
+            else "used for clients of countries the map does not place"
+        )
+        if cfg.geoip_database is None:
+            when = "not used: no geoip.database (a City edition gives clients coordinates)"
+        lines.append(f"geoproximity: {len(located)} regions located; {when}")
     for fence in cfg.fences:
         held = " ".join(sorted(fence.continents)) + " " + " ".join(sorted(fence.countries))
         refusal = (

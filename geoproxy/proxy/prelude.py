@@ -19,7 +19,7 @@ from geoproxy.proxy.responses import json_error
 from geoproxy.proxy.trace import Trace
 from geoproxy.routing.clientip import client_ip, parse_ip
 from geoproxy.routing.resolver import Resolution, ResolutionCache, resolve
-from geoproxy.routing.router import FENCED, Candidate, CandidateCache
+from geoproxy.routing.router import FENCED, HOME, PROXIMITY, Candidate, CandidateCache
 from geoproxy.routing.runtime import Runtime
 
 
@@ -181,6 +181,7 @@ class Routing:
             board.version,
             topology.config.forwarding.max_attempts,
             fence=resolution.fence,
+            own=PROXIMITY if resolution.by_distance else HOME,
         )
         trace.decision = decision
         if not cands:

@@ -14,8 +14,17 @@ from typing import Any
 
 from geoproxy.config.model import Topology
 from geoproxy.routing.clientip import IPAddress
+from geoproxy.routing.proximity import Nearest
 from geoproxy.routing.resolver import Resolution
-from geoproxy.routing.router import FENCED, HOME, NONE_HEALTHY, PANIC, candidates, try_order
+from geoproxy.routing.router import (
+    FENCED,
+    HOME,
+    NONE_HEALTHY,
+    PANIC,
+    PROXIMITY,
+    candidates,
+    try_order,
+)
 
 
 def explain(
@@ -31,7 +40,8 @@ def explain(
     region = resolution.region
     fence = resolution.fence
     order = try_order(topology, region, fence)
-    cands, decision = candidates(topology, region, healthy, fwd.max_attempts, rand, fence)
+    own = PROXIMITY if resolution.by_distance else HOME
+    cands, decision = candidates(topology, region, healthy, fwd.max_attempts, rand, fence, own)
     listing = [
         {
             "geode": g.name,
@@ -58,6 +68,7 @@ def explain(
             "country": resolution.country,
             "steps": [{"source": s, "result": r} for s, r in resolution.steps],
         },
+        "proximity": _proximity(topology, resolution),
         "fence": None
         if fence is None
         else {
@@ -98,6 +109,30 @@ def explain_access(topology: Topology, path: str) -> dict[str, Any]:
     }
 
 
+def _proximity(topology: Topology, resolution: Resolution) -> dict[str, Any] | None:
+    """Geoproximity's account: the client's coordinates, every located region it may go
+    to by effective distance, and whether the distance decided."""
+    near = resolution.nearest
+    if near is None:
+        return None
+    bias = {r.name: r.bias for r in topology.located}
+    return {
+        "location": {"lat": near.location[0], "lon": near.location[1]},
+        "accuracy_radius_km": near.accuracy_radius,
+        "ranking": [
+            {
+                "region": r.region,
+                "distance_km": round(r.distance_km, 1),
+                "bias": bias[r.region],
+                "effective_km": round(r.effective_km, 1),
+            }
+            for r in near.ranking
+        ],
+        "region": near.region,
+        "decided": near.decided,
+    }
+
+
 def _reason(
     topology: Topology,
     resolution: Resolution,
@@ -109,6 +144,8 @@ def _reason(
     why = f"client region {region} from {resolution.source}"
     if resolution.country:
         why += f" (country {resolution.country})"
+    if (near := resolution.nearest) is not None:
+        why += _by_distance(near)
     fence = resolution.fence
     if fence is not None:
         why += f"; held by residency fence {fence.name} ({', '.join(fence.regions)})"
@@ -118,7 +155,7 @@ def _reason(
             f"(fences.{fence.name}.on_exhausted: {fence.on_exhausted}), never sent outside it"
         )
     weighted = f", picked by weight among {', '.join(pool)}" if len(pool) > 1 else ""
-    if decision == HOME:
+    if decision in (HOME, PROXIMITY):
         return f"{why}; a healthy geode in the home region{weighted}"
     if decision == NONE_HEALTHY:
         return (
@@ -139,4 +176,17 @@ def _reason(
         )
     return f"{why}; no healthy geode in {region}: nearest fallback with one is {served_region}" + (
         weighted
+    )
+
+
+def _by_distance(near: Nearest) -> str:
+    best, *others = near.ranking
+    radius = f" ±{near.accuracy_radius} km" if near.accuracy_radius else ""
+    nearest = f"by geoproximity: nearest is {best.region} ({best.effective_km:,.0f} km{radius}"
+    nearest += "".join(f"; {r.region} {r.effective_km:,.0f} km" for r in others[:2]) + ")"
+    if near.decided:
+        return f" {nearest}"
+    return (
+        f" by the region map: {nearest}, too close to {near.region} to tell apart within the "
+        "accuracy radius"
     )

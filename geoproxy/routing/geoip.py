@@ -40,6 +40,8 @@ ERROR_LOG_INTERVAL = 60.0
 class GeoAnswer:
     country: str | None  # ISO 3166-1 alpha-2, upper case
     continent: str | None  # AF AN AS EU NA OC SA
+    location: tuple[float, float] | None = None  # (latitude, longitude): City editions
+    accuracy_radius: int | None = None  # km around ``location`` (MaxMind: 67 % confidence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,7 @@ class MaxMindLookup:
         self.database_type = kind
         # geoip2 binds each method to its edition; a City record holds country data too.
         self._lookup: Callable[[IPAddress], geoip2.models.Country]  # City is a Country
+        self._located = "Country" not in kind  # City and Enterprise records have a location
         if "Enterprise" in kind:
             self._lookup = self._reader.enterprise
         elif "City" in kind:
@@ -168,6 +171,11 @@ class MaxMindLookup:
         continent = answer.continent.code
         if country is None and continent is None:
             return None
+        if self._located:
+            place = answer.location  # type: ignore[attr-defined]  # a City record's
+            lat, lon = place.latitude, place.longitude
+            if lat is not None and lon is not None:
+                return GeoAnswer(country, continent, (lat, lon), place.accuracy_radius)
         return GeoAnswer(country, continent)
 
     def _failed(self, exc: Exception) -> None:

@@ -12,6 +12,7 @@ from geoproxy.config.values import Fence
 from geoproxy.errors import GeoIPLookupError
 from geoproxy.routing.clientip import IPAddress
 from geoproxy.routing.geoip import GeoAnswer, GeoLookup
+from geoproxy.routing.proximity import Nearest, nearest
 
 X_CLIENT_REGION = "X-Client-Region"
 CF_IPCOUNTRY = "CF-IPCountry"
@@ -34,6 +35,13 @@ class Resolution:
     steps: tuple[tuple[str, str], ...]  # (source, result) for every source consulted
     fence: Fence | None = None  # the client's residency fence: by the first country (or
     # continent) any source named; a region id alone names none, so GeoIP is asked then.
+    nearest: Nearest | None = None  # set when geoproximity was consulted (source geoip):
+    # ``nearest.decided`` when the distance, not the map, chose ``region``.
+
+    @property
+    def by_distance(self) -> bool:
+        """Geoproximity, not the region map, chose ``region``."""
+        return self.nearest is not None and self.nearest.decided
 
 
 def _clean(value: str | None) -> str | None:
@@ -83,9 +91,10 @@ def resolve(
 ) -> Resolution:
     steps: list[tuple[str, str]] = []
     seen: tuple[str | None, str | None] = (None, None)  # the first country, continent named
+    near: Nearest | None = None
     for source in topology.config.region_sources:
         if source == "geoip":
-            region, answer, result = _from_geoip(client_ip, lookup, topology)
+            region, answer, result, near = _from_geoip(client_ip, lookup, topology)
             country = answer.country if answer is not None else None
             if answer is not None and seen == (None, None):
                 seen = (country, answer.continent)
@@ -107,7 +116,7 @@ def resolve(
             seen = (country, None)
         if region is not None:
             fence = _fence(topology, seen, steps, client_ip, lookup)
-            return Resolution(region, source, country, client_ip, tuple(steps), fence)
+            return Resolution(region, source, country, client_ip, tuple(steps), fence, near)
     fence = _fence(topology, seen, steps, client_ip, lookup)
     region = topology.config.default_region
     return Resolution(region, "default", None, client_ip, tuple(steps), fence)
@@ -126,7 +135,7 @@ def _fence(
         return None
     consulted = any(source == "geoip" for source, _ in steps)
     if seen == (None, None) and "geoip" in topology.config.region_sources and not consulted:
-        _region, answer, _result = _from_geoip(ip, lookup, topology)
+        answer = _from_geoip(ip, lookup, topology)[1]
         if answer is not None:
             seen = (answer.country, answer.continent)
     return topology.fence_of(*seen)
@@ -134,19 +143,37 @@ def _fence(
 
 def _from_geoip(
     ip: IPAddress | None, lookup: GeoLookup | None, topology: Topology
-) -> tuple[str | None, GeoAnswer | None, str]:
+) -> tuple[str | None, GeoAnswer | None, str, Nearest | None]:
     if ip is None or lookup is None:
-        return None, None, ABSENT
+        return None, None, ABSENT, None
     if not ip.is_global:
-        return None, None, UNKNOWN  # private, loopback, link-local, documentation ranges
+        return None, None, UNKNOWN, None  # private, loopback, link-local, documentation
     try:
         answer = lookup(ip)
     except GeoIPLookupError:
-        return None, None, ERROR  # counted and logged (rate-limited) by the look-up
+        return None, None, ERROR, None  # counted and logged (rate-limited) by the look-up
     if answer is None:
-        return None, None, UNKNOWN
+        return None, None, UNKNOWN, None
     region = topology.region_of(answer.country, answer.continent)
-    return region, answer, OK if region else UNKNOWN
+    if answer.location is not None and topology.located:
+        country = answer.country
+        listed = country is not None and country in topology.config.countries
+        if region is None or (topology.config.proximity.prefer_over_continent and not listed):
+            near = _nearest(topology, answer, answer.location, region)
+            if near is not None:
+                return near.region, answer, OK, near
+    return region, answer, OK if region else UNKNOWN, None
+
+
+def _nearest(
+    topology: Topology, answer: GeoAnswer, location: tuple[float, float], mapped: str | None
+) -> Nearest | None:
+    """Geoproximity over the regions the client may reach (its fence's, if any)."""
+    regions = topology.located
+    fence = topology.fence_of(answer.country, answer.continent)
+    if fence is not None:
+        regions = tuple(r for r in regions if r.name in fence.members)
+    return nearest(regions, location, answer.accuracy_radius, mapped)
 
 
 class ResolutionCache:

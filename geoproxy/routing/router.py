@@ -23,13 +23,14 @@ from geoproxy.config.values import TRY_ALL, Fence, Geode
 # Decisions, also the values of the `decision` metric label.
 HOME, FALLBACK, PANIC, NONE_HEALTHY = "home", "fallback", "panic", "none_healthy"
 FENCED = "fenced"  # refused by a residency fence: no healthy geode inside it
+PROXIMITY = "proximity"  # the client's region by geoproximity (nearest by distance)
 ALL_FAILED = "all_failed"  # set by the forwarder when every candidate failed
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
     geode: Geode
-    decision: str  # home | fallback | panic
+    decision: str  # home (or proximity) | fallback | panic
 
 
 def weighted_order(geodes: Sequence[Geode], rand: Callable[[], float]) -> list[Geode]:
@@ -49,14 +50,16 @@ def candidates(
     limit: int,
     rand: Callable[[], float] = random.random,
     fence: Fence | None = None,
+    own: str = HOME,
 ) -> tuple[list[Candidate], str]:
     """Up to ``limit`` candidates and the decision for the first one. ``fence``: the
-    client's residency fence, which no candidate leaves."""
+    client's residency fence, which no candidate leaves; ``own``: the decision for the
+    geodes of ``region`` itself (``proximity`` when the distance chose it)."""
     order = try_order(topology, region, fence)
     out: list[Candidate] = []
     for other in order:
         group = [g for g in topology.geodes_by_region[other] if g.name in healthy]
-        decision = HOME if other == region else FALLBACK
+        decision = own if other == region else FALLBACK
         out.extend(Candidate(g, decision) for g in weighted_order(group, rand))
         if len(out) >= limit:
             return out[:limit], out[0].decision
@@ -94,12 +97,15 @@ class CandidateCache:
         limit: int,
         rand: Callable[[], float] = random.random,
         fence: Fence | None = None,
+        own: str = HOME,
     ) -> tuple[list[Candidate], str]:
-        key = region if fence is None else f"{region} {fence.name}"  # a space: in no id
+        key = region  # a space, in no id, sets the rarer variants apart
+        if fence is not None or own != HOME:
+            key = f"{region} {fence.name if fence else ''} {own}"
         hit = self._memo.get(key)
         if hit is not None and hit[0] is topology and hit[1] == version:
             return hit[2], hit[3]
-        cands, decision = candidates(topology, region, healthy, limit, rand, fence)
+        cands, decision = candidates(topology, region, healthy, limit, rand, fence, own)
         regions = {c.geode.region for c in cands}
         if all(
             sum(g.name in healthy for g in topology.geodes_by_region[r]) <= 1 for r in regions

@@ -70,7 +70,8 @@ class Metrics:
         self.decisions = HotCounter(
             "geoproxy_routing_decisions",
             "Routing decisions: home (the client's own "
-            "region), fallback (another region), panic (health ignored), none_healthy "
+            "region), proximity (the client's own region, the nearest by geoproximity), "
+            "fallback (another region), panic (health ignored), none_healthy "
             "(503), fenced (refused by a residency fence: no healthy geode inside it), "
             "all_failed (every attempt failed).",
             ["client_region", "geode", "decision"],
