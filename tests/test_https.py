@@ -20,6 +20,7 @@ import yaml
 from cryptography import x509
 from test_configmap_reload import ConfigMapVolume
 from test_geoip_update import Load, watching
+from test_workers import supervised
 
 from geoproxy.config import loader as config_mod
 from geoproxy.process.server import Bound, serve
@@ -202,6 +203,7 @@ async def test_a_new_key_that_does_not_match_keeps_the_old_certificate_and_count
     authority: Authority,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "geoproxy")
     eu = await geode_factory("eu-1", "eu-west")
     old = authority.issue("localhost", file="site")
     proxy = await proxy_factory(https_config([geode_entry(eu)], old.entry()))
@@ -227,6 +229,11 @@ async def test_a_new_key_that_does_not_match_keeps_the_old_certificate_and_count
                 await asyncio.sleep(0.02)
         assert (await handshake(proxy.url, client, "localhost"))[1] == other.serial
     assert proxy.sample("geoproxy_config_reloads_total", result="failure") == 1
+    (reloaded,) = [r.getMessage() for r in caplog.records if "config reloaded" in r.getMessage()]
+    assert f"listen.proxy.tls: certificates renewed or changed, now {old.cert}: localhost; " in (
+        reloaded
+    )
+    assert "restart" not in reloaded  # a renewal takes effect at once
 
 
 def _get(
@@ -334,3 +341,35 @@ async def test_the_redirect_listener_answers_308_to_the_same_url_over_https(
         stop.set()
         async with asyncio.timeout(15):
             await serving
+
+
+async def test_workers_serve_https_and_each_takes_a_renewed_certificate(
+    geode_factory: GeodeFactory, authority: Authority, tmp_path: Path
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    old = authority.issue("localhost", file="old")
+    data = https_config([geode_entry(eu)], old.entry())
+    volume = tls_volume(tmp_path / "secret", data, old)
+    client = authority.client()
+
+    async def serials(url: str, n: int) -> set[int]:
+        """The certificates ``n`` new connections got (spread over the workers)."""
+        return {(await handshake(url, client, "localhost"))[1] for _ in range(n)}
+
+    async with supervised(volume.root / "geoproxy.yaml", workers=2) as proxy:
+        assert proxy.proxy_url.startswith("https://")
+        connector = aiohttp.TCPConnector(ssl=client, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            url = proxy.proxy_url.replace("127.0.0.1", "localhost")
+            for _ in range(10):
+                async with http.get(f"{url}/echo") as resp:
+                    assert resp.status == 200
+                    assert (await resp.json())["headers"]["x-forwarded-proto"] == ["https"]
+        assert await serials(proxy.proxy_url, 10) == {old.serial}
+        new = authority.issue("localhost", file="new")
+        volume.write(volume_files(data, new))
+        await proxy.wait_for("config reloaded")
+        async with asyncio.timeout(5):
+            while await serials(proxy.proxy_url, 20) != {new.serial}:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert "failed" not in proxy.output

@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from conftest import GeodeFactory, ProxyFactory, base_config, geode_entry, need_binary
+from tls_certs import Authority
 
 
 def free_port() -> int:
@@ -20,13 +21,15 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def prometheus(tmp_path: Path, target: str) -> AsyncIterator[str]:
-    """Start Prometheus scraping ``target`` (host:port) every 200 ms; yield its API URL."""
+async def prometheus(tmp_path: Path, target: str, rules: Path | None = None) -> AsyncIterator[str]:
+    """Start Prometheus scraping ``target`` (host:port) every 200 ms, evaluating ``rules``
+    as often; yield its API URL."""
     binary = need_binary("prometheus")
     config = tmp_path / "prometheus.yml"
     config.write_text(
-        "global: {scrape_interval: 200ms, scrape_timeout: 200ms}\n"
-        "scrape_configs:\n"
+        "global: {scrape_interval: 200ms, scrape_timeout: 200ms, evaluation_interval: 200ms}\n"
+        + (f"rule_files: ['{rules}']\n" if rules else "")
+        + "scrape_configs:\n"
         f"  - job_name: geoproxy\n    static_configs: [{{targets: ['{target}']}}]\n"
     )
     port = free_port()
@@ -141,3 +144,27 @@ async def test_prometheus_sees_requests_decisions_failovers_and_geode_up(
                     await asyncio.sleep(0.2)
         except TimeoutError:
             raise AssertionError(f"Prometheus never showed {expected}; last saw {seen}") from None
+
+
+async def test_the_certificate_expiry_alert_fires_for_a_certificate_expiring_within_14_days(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    authority = Authority(tmp_path)
+    soon, fine = authority.issue("soon.test", days=3), authority.issue("fine.test", days=60)
+    data = base_config([geode_entry(eu)])
+    data["listen"]["proxy"]["tls"] = [fine.entry(), soon.entry()]
+    proxy = await proxy_factory(data)
+    admin = proxy.admin_url.removeprefix("http://")
+    alerts = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
+    async with prometheus(tmp_path, admin, alerts) as prom, aiohttp.ClientSession() as http:
+        firing = 'ALERTS{alertname="TlsCertificateExpiringSoon"}'
+        async with asyncio.timeout(20):
+            while await query(http, prom, firing) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        async with http.get(f"{prom}/api/v1/query", params={"query": firing}) as resp:
+            found = (await resp.json())["data"]["result"]
+    # Pending: it fires once it has held for an hour.
+    assert [(a["metric"]["certificate"], a["metric"]["alertstate"]) for a in found] == [
+        (str(soon.cert), "pending")
+    ]

@@ -7,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, fields
 from typing import Any
 
+from geoproxy.config import tls
 from geoproxy.config.model import Topology
 from geoproxy.config.values import Config, Geode
 
@@ -124,6 +125,8 @@ def describe(old: Config, new: Config) -> list[str]:
     settings = []
     for path, attr in _SETTINGS.items():
         before, after = getattr(old, attr), getattr(new, attr)
+        if path in _LISTENERS:  # where it binds; its TLS is told apart (config/tls.py)
+            before, after = _show(before), _show(after)
         if before != after:
             later = " (takes effect after a restart)" if path in _LISTENERS else ""
             settings.append(f"{path} {_show(before)} -> {_show(after)}{later}")
@@ -134,4 +137,4 @@ def describe(old: Config, new: Config) -> list[str]:
         settings.append(f"{_LIFECYCLE.get(name, name)} {_show(before)} -> {_show(after)}")
     if settings:
         out.append("settings: " + ", ".join(settings))
-    return out
+    return out + tls.changes(old, new)

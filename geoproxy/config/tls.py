@@ -8,14 +8,22 @@ is a config reload.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from geoproxy.config import sections
-from geoproxy.config.pem import PairError, check_pair
+from geoproxy.config.pem import PairError, check_pair, describe
 from geoproxy.config.schema import Node
-from geoproxy.config.values import Certificate, Hsts, Listener, ListenerTls, Redirect
+from geoproxy.config.values import (
+    Certificate,
+    Config,
+    Hsts,
+    Listener,
+    ListenerTls,
+    Redirect,
+)
 
 
 @dataclass(slots=True)
@@ -122,3 +130,40 @@ def redirect(node: Node, tls: ListenerTls | None, https: Node) -> Redirect | Non
     if tls is None:
         return None  # (a broken tls block is reported there)
     return Redirect(where.host, where.port, https_port)
+
+
+def certificate_line(certificate: Certificate, now: float) -> str:
+    """How check-config, the /status page and the log name a certificate in force:
+    ``certs/site.pem: example.com, *.example.com; expires 2027-03-01 12:00 UTC (in 85
+    days)``."""
+    about = certificate.info
+    ends = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(about.not_after))
+    left = (about.not_after - now) / 86400
+    when = f"in {left:.0f} days" if left >= 1 else f"in {left * 24:.1f} hours"
+    if left <= 0:
+        when = "EXPIRED"
+    return f"{certificate.cert}: {describe(about)}; expires {ends} ({when})"
+
+
+def changes(old: Config, new: Config) -> list[str]:
+    """What a reload changed of HTTPS, for ``changes.describe``."""
+    out = []
+    before, after = old.proxy.tls, new.proxy.tls
+    if (before is None) != (after is None):
+        state = "on" if after is not None else "off"
+        out.append(f"listen.proxy.tls: HTTPS {state} (takes effect after a restart)")
+    elif before is not None and after is not None:
+        was = [(c.cert, c.info.sha256) for c in before.certificates]
+        now = [(c.cert, c.info.sha256) for c in after.certificates]
+        if was != now:
+            shown = "; ".join(certificate_line(c, time.time()) for c in after.certificates)
+            out.append(f"listen.proxy.tls: certificates renewed or changed, now {shown}")
+    if old.proxy.hsts != new.proxy.hsts:
+        out.append(f"listen.proxy.hsts {_hsts(old.proxy.hsts)} -> {_hsts(new.proxy.hsts)}")
+    if old.redirect != new.redirect:
+        out.append("listen.redirect changed (takes effect after a restart)")
+    return out
+
+
+def _hsts(hsts: Hsts | None) -> str:
+    return "none" if hsts is None else hsts.header()

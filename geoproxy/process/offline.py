@@ -12,8 +12,10 @@ from pathlib import Path
 
 from geoproxy.config import loader as config_mod
 from geoproxy.config.model import Topology
+from geoproxy.config.tls import certificate_line
 from geoproxy.config.values import Config
 from geoproxy.errors import GeoproxyError
+from geoproxy.proxy import https
 from geoproxy.routing.clientip import parse_ip
 from geoproxy.routing.explain import explain, explain_access
 from geoproxy.routing.geoip import open_geoip
@@ -39,6 +41,8 @@ def check_config(path: Path) -> int:
     note = ""
     try:
         cfg = config_mod.load(path)
+        if cfg.proxy.tls is not None:
+            https.contexts_for(cfg.proxy.tls)  # what OpenSSL says of them, as at start-up
         if (lookup := open_geoip(cfg)) is not None:
             built = time.strftime("%Y-%m-%d", time.gmtime(lookup.build_epoch))
             note = f" ({lookup.database_type}, built {built})"  # as /status shows it
@@ -154,12 +158,33 @@ def _unused(source: str, value: str, cfg: Config, res: Resolution) -> str | None
     return None
 
 
+def _https_lines(cfg: Config) -> list[str]:
+    """The proxy listener's certificates (the first is the default), HSTS, redirect."""
+    lines = []
+    now = time.time()
+    for i, certificate in enumerate(cfg.proxy.tls.certificates if cfg.proxy.tls else ()):
+        default = (
+            " [default]" if i == 0 and cfg.proxy.tls and len(cfg.proxy.tls.certificates) > 1 else ""
+        )
+        lines.append(f"  certificate {certificate_line(certificate, now)}{default}")
+    if cfg.proxy.hsts is not None:
+        lines.append(f"  HSTS: {cfg.proxy.hsts.header()}")
+    if cfg.redirect is not None:
+        to = cfg.redirect.https_port or cfg.proxy.port
+        lines.append(
+            f"redirect listener: {cfg.redirect.host}:{cfg.redirect.port} (308 to HTTPS port {to})"
+        )
+    return lines
+
+
 def describe(topology: Topology, geoip_note: str = "") -> str:
     """The topology as check-config prints it; ``geoip_note``: what the GeoIP database
     is, once opened."""
     cfg = topology.config
     lines = [
-        f"proxy listener: {cfg.proxy.host}:{cfg.proxy.port}",
+        f"proxy listener: {cfg.proxy.host}:{cfg.proxy.port}"
+        + (" (HTTPS)" if cfg.proxy.tls else ""),
+        *_https_lines(cfg),
         f"admin listener: {cfg.admin.host}:{cfg.admin.port}",
         "trusted proxies: " + (", ".join(map(str, cfg.trusted_proxies)) or "none"),
         "region sources: " + " -> ".join((*cfg.region_sources, f"default ({cfg.default_region})")),

@@ -8,6 +8,7 @@ import errno
 import gc
 import logging
 import ssl
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from geoproxy.config.changes import plural
 from geoproxy.config.loader import files_fingerprint
+from geoproxy.config.tls import certificate_line
 from geoproxy.config.values import Config, Listener
 from geoproxy.errors import ListenError
 from geoproxy.process.app import Gateway
@@ -207,6 +209,7 @@ async def serve(
         admin = await start_site(admin_runner, "admin", config.admin, any_port_if_taken)
         plain = await start_redirect(stack, config, proxy[1], any_port_if_taken)
         bound = Bound(proxy, admin, front is not None, plain)
+        log_certificates(config)
         log.info(
             "geoproxy proxying on %s, admin on %s (%s, %d healthy)",
             bound.proxy_url,
@@ -239,6 +242,13 @@ async def start_redirect(
     host, port = await start_site(runner, "redirect", where, any_port_if_taken)
     log.info("redirecting plain HTTP on %s to HTTPS port %d", _url(host, port), to)
     return host, port
+
+
+def log_certificates(config: Config) -> None:
+    """One line per certificate of the proxy listener, as check-config prints it."""
+    now = time.time()
+    for certificate in config.proxy.tls.certificates if config.proxy.tls else ():
+        log.info("HTTPS certificate %s", certificate_line(certificate, now))
 
 
 async def drain_and_report(runner: HeadTimeoutRunner, gateway: Gateway, who: str) -> None:

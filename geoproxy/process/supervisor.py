@@ -40,6 +40,7 @@ from geoproxy.process.server import (
     DRAIN_MARGIN,
     Bound,
     cancel_and_wait,
+    log_certificates,
     serve_until_stopped,
     start_redirect,
     start_site,
@@ -365,6 +366,7 @@ async def serve_workers(
         host, port = sockets[0][0].getsockname()[:2]
         plain = await start_redirect(stack, config, int(port), False)
         bound = Bound((str(host), int(port)), admin, config.proxy.tls is not None, plain)
+        log_certificates(config)
         log.info(
             "geoproxy proxying on %s with %d workers (pids %s), admin on %s",
             bound.proxy_url,

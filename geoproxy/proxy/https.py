@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ssl
 
-from geoproxy.config.pem import load_chain_into
+from geoproxy.config.pem import PemError, load_chain_into
 from geoproxy.config.values import Certificate, ListenerTls, sni_index
 
 #: Mozilla's "intermediate" TLS 1.2 ciphers (server side TLS guidelines 5.7) without
@@ -56,8 +56,16 @@ Contexts = tuple[ListenerTls, tuple[ssl.SSLContext, ...]]
 
 
 def contexts_for(tls: ListenerTls) -> Contexts:
-    """One context per certificate, in order (PemError when OpenSSL refuses one)."""
-    return tls, tuple(server_context(c) for c in tls.certificates)
+    """One context per certificate, in order; PemError naming the YAML path and the
+    files when OpenSSL refuses one."""
+    made = []
+    for certificate in tls.certificates:
+        try:
+            made.append(server_context(certificate))
+        except PemError as exc:
+            files = f"{certificate.cert} and {certificate.key}"
+            raise PemError(f"{certificate.where}: {files}: {exc}") from None
+    return tls, tuple(made)
 
 
 class Terminator:
@@ -65,7 +73,7 @@ class Terminator:
 
     def __init__(self, tls: ListenerTls) -> None:
         self._now = contexts_for(tls)
-        self.front = server_context(tls.certificates[0])
+        self.front = server_context()  # its certificate comes from the SNI callback
         self.front.sni_callback = self._choose
 
     @property

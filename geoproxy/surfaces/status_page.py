@@ -24,6 +24,8 @@ from typing import Any
 
 from geoproxy import __version__
 from geoproxy.config.changes import ReloadOutcome, plural
+from geoproxy.config.pem import EXPIRY_WARNING_DAYS
+from geoproxy.config.tls import certificate_line
 from geoproxy.health.board import GeodeHealth
 from geoproxy.routing.geoip import MaxMindLookup
 from geoproxy.routing.runtime import Runtime
@@ -193,6 +195,20 @@ def _header(facts: Facts, now: float) -> str:
     return f"<div>{ready}</div>\n<div>{reloaded}</div>\n<div>{recent}</div>"
 
 
+def _https_line(runtime: Runtime, now: float) -> str:
+    """The proxy listener's certificates, as check-config names them."""
+    tls = runtime.topology.config.proxy.tls
+    if tls is None:
+        return "HTTPS: off (listen.proxy.tls is not set)"
+    shown = []
+    for certificate in tls.certificates:
+        line = escape(certificate_line(certificate, now))
+        if certificate.info.not_after - now < EXPIRY_WARNING_DAYS * 86400:
+            line = f"<span class=bad>{line}</span>"
+        shown.append(f"<code>{line}</code>")
+    return "HTTPS certificates: " + "<br>".join(shown)
+
+
 def _geoip_line(runtime: Runtime, now: float) -> str:
     db = runtime.geoip
     if db is None:
@@ -326,7 +342,8 @@ refreshes every {REFRESH_SECONDS} s</div>
 </table>
 <h2>Region map</h2>
 <div class=muted>sources: {escape(" → ".join((*cfg.region_sources, "default")))};
-default region {escape(cfg.default_region)}<br>{_geoip_line(runtime, now)}</div>
+default region {escape(cfg.default_region)}<br>{_geoip_line(runtime, now)}<br>
+{_https_line(runtime, now)}</div>
 <table><tr><th>region</th><th>try order</th><th>geodes taking traffic</th><th>state</th>
 <th>countries</th></tr>
 {"".join(_region_rows(runtime, up))}
