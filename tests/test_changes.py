@@ -44,6 +44,11 @@ def _edit(data: dict[str, Any], change: str) -> None:
         data["shutdown"] = {"drain_timeout": "30s"}
     elif change == "health-check-default":
         data["health_check"]["interval"] = "3s"
+    elif change == "located-and-fenced":
+        data["regions"] = {**data["regions"], "eu-west": {"location": {"lat": 53.35, "lon": -6.3}}}
+        data["regions"]["us-east"] = {"location": {"lat": 38.95, "lon": -77.45}, "bias": 10}
+        data["proximity"] = {"prefer_over_continent": True}
+        data["fences"] = {"eu": {"regions": ["eu-west"], "continents": ["EU"], "countries": ["CH"]}}
 
 
 @pytest.mark.parametrize(
@@ -65,6 +70,15 @@ def _edit(data: dict[str, Any], change: str) -> None:
             ],
         ),
         ("health-check-default", ["settings: health_check.interval 1 -> 3"]),
+        (
+            "located-and-fenced",
+            [
+                "regions: eu-west[]@53.35,-6.3 us-east[]@38.95,-77.45+10 "
+                "ap-northeast[us-east,eu-west]",
+                "fences: eu(EU CH -> eu-west; reject 503)",
+                "settings: proximity.prefer_over_continent False -> True",
+            ],
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

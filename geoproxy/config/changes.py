@@ -9,7 +9,7 @@ from typing import Any
 
 from geoproxy.config import tls
 from geoproxy.config.model import Topology
-from geoproxy.config.values import Config, Geode
+from geoproxy.config.values import Config, Fence, Geode, Region
 
 #: Config attributes by the YAML path an operator knows them by.
 _SETTINGS = {
@@ -26,6 +26,7 @@ _SECTIONS = {
     "forwarding": "forwarding",
     "limits": "limits",
     "outlier_detection": "outlier_detection",
+    "proximity": "proximity",
 }
 _LIFECYCLE = {
     "reload_poll_interval": "reload.poll_interval",
@@ -84,6 +85,20 @@ def _geode_changes(old: Geode, new: Geode, defaults_changed: bool) -> str:
     return f"{new.name} ({', '.join(parts)})"
 
 
+def _region(region: Region) -> str:
+    """``eu-central[eu-west,us-east]@50.11,8.68+10``: fallbacks, location and bias."""
+    text = f"{region.name}[{','.join(region.fallback)}]"
+    if region.location is not None:
+        text += f"@{region.location[0]:g},{region.location[1]:g}"
+    return text + (f"{region.bias:+d}" if region.bias else "")
+
+
+def _fence(fence: Fence) -> str:
+    """``eu(EU CH -> eu-west,eu-central; reject 503)``."""
+    held = " ".join((*sorted(fence.continents), *sorted(fence.countries)))
+    return f"{fence.name}({held} -> {','.join(fence.regions)}; {fence.on_exhausted} {fence.status})"
+
+
 def _countries_moved(old: Config, new: Config) -> list[str]:
     before = Topology.build(old).country_region
     after = Topology.build(new).country_region
@@ -118,7 +133,9 @@ def describe(old: Config, new: Config) -> list[str]:
         if items:
             out.append(f"{plural(len(items), 'geode')} {what}: {', '.join(items)}")
     if {r.name: r for r in old.regions} != {r.name: r for r in new.regions}:
-        out.append("regions: " + " ".join(f"{r.name}[{','.join(r.fallback)}]" for r in new.regions))
+        out.append("regions: " + " ".join(_region(r) for r in new.regions))
+    if old.fences != new.fences:
+        out.append("fences: " + (" ".join(_fence(f) for f in new.fences) or "none"))
     moved = _countries_moved(old, new)
     if moved:
         out.append("countries moved: " + "; ".join(moved))
