@@ -42,6 +42,8 @@ class FakeGeode:
     /hop-headers       a response carrying hop-by-hop headers
     /hsts              a response with its own Strict-Transport-Security (max-age=60)
     ``force_status``   when set, /whoami and /echo answer with it (after reading the body)
+    ``delay``          seconds /whoami waits before it answers (a slowed-down geode)
+    ``headers``        extra response headers of /whoami (a load report, say)
     """
 
     def __init__(self, name: str, region: str) -> None:
@@ -49,6 +51,8 @@ class FakeGeode:
         self.region = region
         self.health_status = 200
         self.force_status: int | None = None
+        self.delay = 0.0
+        self.headers: dict[str, str] = {}
         self.hits: Counter[str] = Counter()
         self.last_headers: dict[str, list[str]] = {}
         self.server: TestServer | None = None
@@ -90,8 +94,12 @@ class FakeGeode:
     async def whoami(self, request: web.Request) -> web.Response:
         self._note(request)
         await request.read()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return web.json_response(
-            {"geode": self.name, "path": request.raw_path}, status=self.force_status or 200
+            {"geode": self.name, "path": request.raw_path},
+            status=self.force_status or 200,
+            headers=self.headers,
         )
 
     async def echo(self, request: web.Request) -> web.Response:

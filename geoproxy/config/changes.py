@@ -9,7 +9,7 @@ from typing import Any
 
 from geoproxy.config import tls
 from geoproxy.config.model import Topology
-from geoproxy.config.values import Config, Fence, Geode, Region
+from geoproxy.config.values import WEIGHTED, Config, Fence, Geode, Region
 
 #: Config attributes by the YAML path an operator knows them by.
 _SETTINGS = {
@@ -86,11 +86,13 @@ def _geode_changes(old: Geode, new: Geode, defaults_changed: bool) -> str:
 
 
 def _region(region: Region) -> str:
-    """``eu-central[eu-west,us-east]@50.11,8.68+10``: fallbacks, location and bias."""
+    """``eu-central[eu-west,us-east]@50.11,8.68+10(peak_ewma)``: fallbacks, location,
+    bias and a balance other than weighted."""
     text = f"{region.name}[{','.join(region.fallback)}]"
     if region.location is not None:
         text += f"@{region.location[0]:g},{region.location[1]:g}"
-    return text + (f"{region.bias:+d}" if region.bias else "")
+    text += f"{region.bias:+d}" if region.bias else ""
+    return text + (f"({region.balance})" if region.balance != WEIGHTED else "")
 
 
 def _fence(fence: Fence) -> str:

@@ -19,6 +19,7 @@ class Topology:
     region_names: frozenset[str]
     try_orders: Mapping[str, tuple[str, ...]]  # region -> (itself, *fallback)
     geodes_by_region: Mapping[str, tuple[Geode, ...]]
+    balances: Mapping[str, str]  # region -> how it picks among its geodes (values.BALANCES)
     country_region: Mapping[str, str]  # ISO country -> region, continent defaults applied
     continent_region: Mapping[str, str]
     access: AccessRules  # the config's access rules, with the verdicts of recent paths
@@ -48,6 +49,7 @@ class Topology:
             region_names=frozenset(r.name for r in config.regions),
             try_orders=MappingProxyType({r.name: (r.name, *r.fallback) for r in config.regions}),
             geodes_by_region=MappingProxyType({k: tuple(v) for k, v in by_region.items()}),
+            balances=MappingProxyType({r.name: r.balance for r in config.regions}),
             country_region=MappingProxyType(countries),
             continent_region=config.continents,
             access=AccessRules(config.access),

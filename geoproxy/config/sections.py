@@ -27,9 +27,11 @@ from geoproxy.config.schema import (
     read_yaml_bytes,
 )
 from geoproxy.config.values import (
+    BALANCES,
     REJECT,
     SOURCES,
     TRY_ALL,
+    WEIGHTED,
     Fence,
     Forwarding,
     Geode,
@@ -146,7 +148,7 @@ def regions(node: Node) -> tuple[Region, ...]:
         if entry.value is None:
             regions.append(Region(name, ()))
             continue
-        entry.expect_mapping(("fallback", "location", "bias"), allow_missing=True)
+        entry.expect_mapping(("fallback", "location", "bias", "balance"), allow_missing=True)
         fallback: list[str] = []
         for item in entry.get("fallback").items(optional=True):
             other = item.region(valid, set(names) - valid)
@@ -158,7 +160,8 @@ def regions(node: Node) -> tuple[Region, ...]:
                 fallback.append(other)
         at = location(entry.get("location"))
         bias = entry.get("bias").integer(-99, 99, optional=True) or 0
-        regions.append(Region(name, tuple(fallback), at, bias))
+        balance = entry.get("balance").choice(BALANCES, optional=True) or WEIGHTED
+        regions.append(Region(name, tuple(fallback), at, bias, balance))
     return tuple(regions)
 
 
@@ -352,7 +355,7 @@ def geodes(node: Node, known: _Known, health: HealthCheck) -> tuple[Geode, ...]:
     seen: dict[str, str] = {}
     for item in node.items():
         # name, region and url are required: their readers below say so (once).
-        if not item.expect_mapping(("name", "region", "url", "weight", "health")):
+        if not item.expect_mapping(("name", "region", "url", "weight", "health", "max_inflight")):
             continue
         name = item.get("name").string()
         if name is not None and not _GEODE_NAME.match(name):
@@ -367,8 +370,9 @@ def geodes(node: Node, known: _Known, health: HealthCheck) -> tuple[Geode, ...]:
         url = geode_url(item.get("url"))
         weight = item.get("weight").integer(1, 1000, optional=True) or 1
         own = health_check(item.get("health"), health)
+        max_inflight = item.get("max_inflight").integer(1, 1_000_000, optional=True)
         if name and region and url:
-            geodes.append(Geode(name, region, url, weight, own))
+            geodes.append(Geode(name, region, url, weight, own, max_inflight))
     return tuple(geodes)
 
 

@@ -19,6 +19,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: Region sources a config may list in ``region_sources``, in their default order.
 SOURCES = ("x-client-region", "cf-ipcountry", "geoip")
+#: How a region picks among its healthy geodes (``regions.<id>.balance``).
+WEIGHTED, PEAK_EWMA = "weighted", "peak_ewma"
+BALANCES = (WEIGHTED, PEAK_EWMA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,10 @@ class Geode:
     url: URL  # scheme://host[:port][/base-path]; the request path is appended.
     weight: int  # relative share among healthy geodes of one region, >= 1.
     health: HealthCheck
+    max_inflight: int | None = None  # requests this proxy process has at the geode at
+    # once (WebSockets included); with that many, new requests go to the region's other
+    # geodes, then spill down the try order (``spill``); None: no limit. With
+    # ``--workers N`` each worker allows its share, rounded up (health/load.py).
     base: str = field(init=False, repr=False, compare=False)  # url without a trailing "/"
     prefix: str = field(init=False, repr=False, compare=False)  # its path, without "/" at
     # the end: what goes before the request's path (usually "")
@@ -135,6 +142,9 @@ class Region:
     # its stamps are. Regions with one take part in geoproximity (``Proximity``).
     bias: int = 0  # -99..99, Route 53's: a client's distance to this region counts as
     # ``distance * (1 - bias / 100)``; positive draws clients from further away.
+    balance: str = WEIGHTED  # among its healthy geodes: weighted (random, by weight) or
+    # peak_ewma (the less loaded of two: response-header time, peak EWMA, times the
+    # requests in flight plus one; routing/router.py).
 
 
 @dataclass(frozen=True, slots=True)

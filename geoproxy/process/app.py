@@ -28,6 +28,7 @@ from geoproxy.config.values import Config
 from geoproxy.errors import GeoproxyError
 from geoproxy.health.board import GeodeHealth, HealthBoard
 from geoproxy.health.checker import HealthChecker
+from geoproxy.health.load import GeodeLoad
 from geoproxy.proxy import https
 from geoproxy.proxy.connection import Pool
 from geoproxy.proxy.forwarder import Forwarder
@@ -77,6 +78,7 @@ class Gateway:
         registry: CollectorRegistry | None = None,
         active_health: bool = True,
         geoip_source: str | None = None,
+        share: int = 1,
     ) -> None:
         self.config = config
         # False in a worker of ``--workers``: the supervisor checks and hands health over
@@ -84,6 +86,10 @@ class Gateway:
         self.active_health = active_health
         self.via = via_name()
         self.board = HealthBoard(config.geodes, config.outlier_detection)
+        # ``share``: worker processes serving the listener, each allowing its share of a
+        # geode's max_inflight.
+        self.load = GeodeLoad(share)
+        self.load.configure(config)
         self._geoip = geoip  # tests may inject a look-up; else opened from the config
         self._own_geoip: MaxMindLookup | None = None
         self._geoip_source = geoip_source  # what to open at start-up instead of the path
@@ -103,7 +109,7 @@ class Gateway:
         self.board.on_check.append(self._on_check)
         self.board.on_transition.append(self._on_transition)
         self.board.on_eject.append(self._on_eject)
-        self.observer = Observer(self.metrics, config.access_log)
+        self.observer = Observer(self.metrics, self.load, config.access_log)
         # The proxy listener's HTTPS: PemError (OpenSSL refuses a certificate) ends the
         # start-up with its reason.
         self.tls = None if config.proxy.tls is None else https.Terminator(config.proxy.tls)
@@ -167,6 +173,7 @@ class Gateway:
             )
             loop = asyncio.get_running_loop()
             self.board._schedule = loop.call_later  # ejection timers
+            self.load.schedule = loop.call_later  # how long a full report holds
             self.runtime = Runtime(
                 Topology.build(self.config),
                 TrustedProxies(self.config.trusted_proxies),
@@ -174,6 +181,7 @@ class Gateway:
                 self.board,
                 session,
                 self.via,
+                self.load,
             )
             pool = Pool(self.config.forwarding.keepalive_timeout)
             stack.callback(pool.close)
@@ -328,7 +336,9 @@ class Gateway:
                 self.board,
                 runtime.session,
                 self.via,
+                self.load,
             )
+            self.load.configure(new)
             assert self.forwarder is not None
             self.forwarder.adopt(self.runtime, removed)
             if checker is not None:

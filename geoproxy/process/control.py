@@ -77,15 +77,22 @@ def decode(raw: bytes) -> dict[str, Any]:
 
 
 def start(
-    path: str, config: Mapping[str, str], health: object, geoip: Sequence[object] | None
+    path: str,
+    config: Mapping[str, str],
+    health: object,
+    geoip: Sequence[object] | None,
+    workers: int = 1,
 ) -> Message:
-    """``geoip``: the identity of the GeoIP database file the supervisor opened."""
+    """``geoip``: the identity of the GeoIP database file the supervisor opened;
+    ``workers``: how many share the listener (each allows its share of a geode's
+    ``max_inflight``)."""
     return {
         "op": START,
         "path": path,
         "config": config,
         "health": health,
         "geoip": None if geoip is None else list(geoip),
+        "workers": workers,
     }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from geoproxy.config import loader as config_mod
 from geoproxy.config.model import Topology
 from geoproxy.config.tls import certificate_line
-from geoproxy.config.values import Config
+from geoproxy.config.values import WEIGHTED, Config
 from geoproxy.errors import GeoproxyError
 from geoproxy.proxy import https
 from geoproxy.routing.clientip import parse_ip
@@ -192,8 +192,9 @@ def describe(topology: Topology, geoip_note: str = "") -> str:
         "geodes:",
     ]
     for g in cfg.geodes:
+        cap = f"  max_inflight={g.max_inflight}" if g.max_inflight is not None else ""
         lines.append(
-            f"  {g.name:<20} {g.region:<14} {g.url}  weight={g.weight}"
+            f"  {g.name:<20} {g.region:<14} {g.url}  weight={g.weight}{cap}"
             f"  check={g.health.path} every {g.health.interval:g}s"
         )
     located = {
@@ -206,7 +207,9 @@ def describe(topology: Topology, geoip_note: str = "") -> str:
     for region, order in topology.try_orders.items():
         counts = ", ".join(f"{r}({len(topology.geodes_by_region[r])})" for r in order)
         served = sum(1 for c in topology.country_region.values() if c == region)
-        lines.append(f"  {region:<14} {counts}   countries: {served}{located.get(region, '')}")
+        balance = topology.balances[region]
+        how = f"   balance: {balance}" if balance != WEIGHTED else ""  # the default: unsaid
+        lines.append(f"  {region:<14} {counts}{how}   countries: {served}{located.get(region, '')}")
     lines.append(
         "access rules (first match per reading of the path; none: forwarded):"
         if cfg.access

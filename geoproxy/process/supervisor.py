@@ -105,6 +105,7 @@ class Supervisor:
             control.encode_sources(config),
             control.health_snapshot(self.gateway.board),
             None if db is None else db.identity.as_list(),
+            len(self.workers),
         )
 
     async def start(self) -> None:

@@ -141,6 +141,7 @@ async def serve_worker(
         control.load_sent(hello["path"], hello["config"]),
         active_health=False,
         geoip_source=None if geoip_fd is None else fd_path(geoip_fd),
+        share=int(hello.get("workers", 1)),
     )
     channel = _Channel(gateway, reader, writer, stop)
     runner = make_proxy_runner(gateway)

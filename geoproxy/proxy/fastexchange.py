@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Protocol
 
 from aiohttp.http import HttpVersion11, RawRequestMessage
 
 from geoproxy.errors import ConnectFailed
+from geoproxy.health.load import Ticket
 from geoproxy.proxy import upstream
 from geoproxy.proxy.connection import Connection, Pool
 from geoproxy.proxy.headers import ResponseHead, geode_lines
@@ -60,6 +62,7 @@ class FastExchange:
         "route",
         "start",
         "task",
+        "ticket",
         "wire",
         "written",
     )
@@ -74,10 +77,14 @@ class FastExchange:
         start: float,
         deadline: float,
         response_timeout: float,
+        ticket: Ticket,
     ) -> None:
         self.conn, self.message, self.route, self.wire = conn, message, route, wire
         self.pool = pool
         self.cand: Candidate = route.cands[0]
+        # Counted in flight, at the geode, until the request ends on whichever path.
+        self.ticket = ticket
+        ticket.at(self.cand.geode.name)
         self.start = start  # time.perf_counter(), for the duration metric
         self.deadline = deadline  # time.monotonic(): no new attempt after it
         self.response_timeout = response_timeout
@@ -146,6 +153,12 @@ class FastExchange:
         out = self.out
         if out is None:
             out = self.out = ResponseHead(message.raw_headers, message.reason)
+            load = self.route.rt.load
+            name = self.cand.geode.name
+            if name in load.timed:
+                load.latency(name, time.perf_counter() - self.start)
+            if out.load is not None:
+                load.report(name, out.load)
             if not fast_lane_finishes(status, out):
                 self.conn.hand_over(self)
                 return

@@ -47,6 +47,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from yarl import URL
 
+from geoproxy.health.load import Ticket
 from geoproxy.proxy.fastexchange import FastExchange
 from geoproxy.proxy.forwarder import Begun, Forwarder
 from geoproxy.proxy.headers import RawHeaders
@@ -72,10 +73,12 @@ class _Metrics(Protocol):
 
 
 class _Observer(Protocol):
-    inflight: int
-
     def observe(
-        self, request: web.BaseRequest, work: Awaitable[web.StreamResponse], start: float
+        self,
+        request: web.BaseRequest,
+        work: Awaitable[web.StreamResponse],
+        start: float,
+        ticket: Ticket | None = None,
     ) -> Awaitable[web.StreamResponse]: ...
 
     def note(
@@ -207,7 +210,7 @@ class ProxyConnection(ServerConnection):
             fast.abandon()  # undo what began; its geode connection is closed
             self._fast = None
             self._request_in_progress = False
-            self._gateway.observer.inflight -= 1
+            fast.ticket.release()
             return False
 
     def _begin(self, message: Any, payload: Any) -> bool:
@@ -273,10 +276,10 @@ class ProxyConnection(ServerConnection):
             start,
             time.monotonic() + fwd.failover_timeout,
             fwd.response_timeout,
+            rt.load.ticket(),
         )
         self._fast = fast
         self._request_in_progress = True  # shutdown() waits for it
-        gateway.observer.inflight += 1
         proto = pool.get(geode)
         if proto is not None:
             fast.proto = proto  # first: an undo closes it
@@ -316,8 +319,8 @@ class ProxyConnection(ServerConnection):
         self._request_in_progress = False
         if self._handler_waiter is not None and not self._handler_waiter.done():
             self._handler_waiter.set_result(None)  # a shutdown() waits for this request
+        fast.ticket.release()
         observer = self._gateway.observer
-        observer.inflight -= 1
         trace = fast.route.trace
         observer.note(
             trace,
@@ -371,9 +374,8 @@ class ProxyConnection(ServerConnection):
             if cancel:  # as aiohttp cancels its handler task: the exchange with it
                 fast.task.cancel()  # type: ignore[union-attr]  # resumed: it has a task
             return
-        if fast.task is not None:  # handed over (counted so), but its task has not run yet
+        if fast.task is not None:  # handed over, but its task has not run yet
             fast.task.cancel()
-            self._gateway.observer.inflight += 1  # as counted before the hand-over
         else:
             self._gateway.metrics.fast_lane.inc("client_closed")
         fast.abandon()
@@ -387,7 +389,6 @@ class ProxyConnection(ServerConnection):
         if fast.proto is not None:
             fast.proto.watcher = None
         self._gateway.metrics.fast_lane.inc("handed_over")
-        self._gateway.observer.inflight -= 1  # counted again by Observer.observe
         fast.task = self._loop.create_task(self._resume(fast))
 
     async def _resume(self, fast: FastExchange) -> None:
@@ -404,6 +405,7 @@ class ProxyConnection(ServerConnection):
             request,
             forwarder.resume(request, fast.route, begun, fast.deadline),
             fast.start,
+            fast.ticket,  # the request stays counted as it was
         )
         keep_alive = False
         try:
@@ -418,4 +420,5 @@ class ProxyConnection(ServerConnection):
         finally:
             request._task = None  # type: ignore[assignment]  # no cycle through the task
             self._fast = None
+            fast.ticket.release()  # done by the observer, unless cancelled before it ran
         self._next(keep_alive)

@@ -22,6 +22,7 @@ from yarl import URL
 
 from geoproxy.config.values import Forwarding, Geode, Limits
 from geoproxy.errors import BadResponse, BodyTimeout, BodyTooLarge, ConnectFailed
+from geoproxy.health.load import LOAD_HEADER
 from geoproxy.proxy import compat, upstream
 from geoproxy.proxy.connection import Connection, Pool
 from geoproxy.proxy.headers import ResponseHead, geode_lines
@@ -37,7 +38,7 @@ from geoproxy.proxy.prelude import (
 )
 from geoproxy.proxy.relay import Reply, interim_writer, stream
 from geoproxy.proxy.responses import json_error, relay_response, whole_response
-from geoproxy.proxy.trace import TRACE_KEY, Trace
+from geoproxy.proxy.trace import TICKET_KEY, TRACE_KEY, Trace
 from geoproxy.proxy.websocket import is_websocket, proxy_websocket
 from geoproxy.routing.router import ALL_FAILED
 from geoproxy.routing.runtime import Runtime
@@ -191,7 +192,7 @@ class Forwarder:
                 return answer
             headers = head.as_map(route.forwarded, head.host)
             return await proxy_websocket(
-                request, rt, route.cands, headers, trace, rt.topology.config.limits
+                request, rt, route.cands, headers, trace, request[TICKET_KEY]
             )
         if "Expect" in headers_in:
             # RFC 9110 10.1.1: the client waits for this before it sends the body; only
@@ -234,6 +235,8 @@ class Forwarder:
         board = rt.board
         limits = rt.topology.config.limits
         cands = route.cands
+        load = rt.load
+        ticket = request[TICKET_KEY]
         method = request.method
         target = path_qs(request)
         idempotent = method in IDEMPOTENT
@@ -246,8 +249,10 @@ class Forwarder:
         last = CONNECT_ERROR
         for index, cand in enumerate(cands):
             geode = trace.trying = cand.geode
+            ticket.at(geode.name)
             host = host_for(fwd, head, geode)
             first, begun = begun, None  # only the first attempt can have begun already
+            sent = time.perf_counter()
             try:
                 if first is not None and first.failure is not None:
                     raise first.failure
@@ -292,6 +297,8 @@ class Forwarder:
                     trace.attempts.append((geode.name, CLIENT_BODY_TIMEOUT))
                     return _body_timed_out(request, limits)
                 last = TIMEOUT
+                if geode.name in load.timed:  # a peak the choice must see
+                    load.latency(geode.name, time.perf_counter() - sent)
                 log.info("geode %s: no response within %gs", geode.name, fwd.response_timeout)
             except RequestPayloadError as exc:  # the client's body broke off or is malformed
                 trace.attempts.append((geode.name, CLIENT_BODY_ERROR))
@@ -309,6 +316,8 @@ class Forwarder:
                 log.info("geode %s: request failed: %r", geode.name, exc)
             else:
                 status = reply.status
+                if geode.name in load.timed and first is None:  # else sent by the fast lane
+                    load.latency(geode.name, time.perf_counter() - sent)
                 board.observe(geode.name, status not in RETRY_STATUSES)
                 if (
                     status in RETRY_STATUSES
@@ -317,9 +326,13 @@ class Forwarder:
                     and may_try_next(RETRY_STATUS, method, bool(body and body.started))
                 ):
                     trace.attempts.append((geode.name, RETRY_STATUS))
+                    if (reported := reply.headers.get(LOAD_HEADER)) is not None:
+                        load.report(geode.name, reported)
                     reply.close()
                     continue
                 out = ResponseHead(reply.raw_headers, reply.reason)
+                if out.load is not None:
+                    load.report(geode.name, out.load)
                 if not (out.ok and out.framed):
                     reply.close()
                     trace.attempts.append((geode.name, BAD_RESPONSE))

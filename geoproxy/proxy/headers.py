@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 
 from multidict import CIMultiDict
 
+from geoproxy.health.load import LOAD_HEADER
 from geoproxy.proxy.responses import lines_to_map
 from geoproxy.routing.resolver import CF_IPCOUNTRY, X_CLIENT_REGION
 
@@ -66,6 +67,7 @@ _DROP_UNTRUSTED = _DROP_ALWAYS | _low(
 )
 GEODE_HEADER = "X-Geoproxy-Geode"
 REGION_HEADER = "X-Geoproxy-Region"
+_LOAD = LOAD_HEADER.lower().encode("ascii")
 _INTERNAL_PREFIX = b"x-geoproxy-"
 _HOST, _VIA, _XFF, _XFP, _XFH, _CONNECTION, _CONTENT_LENGTH, _DATE = (
     b"host",
@@ -88,6 +90,7 @@ _NOTED_DOWNSTREAM = _low((GEODE_HEADER, REGION_HEADER)) | {
     _CONTENT_LENGTH,
     _DATE,
     _STS,
+    _LOAD,
 }
 #: A control character other than HTAB (RFC 9110 5.5). aiohttp's request parser rejects
 #: them; its response parser is lenient and lets some through in values and the reason.
@@ -205,15 +208,16 @@ class RequestHead:
 class ResponseHead:
     """A geode's response headers as this hop passes them on, from one pass over the
     raw lines: hop-by-hop ones (and those named in Connection) dropped; Via, Date,
-    Content-Length and the X-Geoproxy-* pair kept apart, to be set by ``tail``. ``ok`` is
-    False when a value or the reason phrase holds a control character (never passed
-    on)."""
+    Content-Length and the X-Geoproxy-* pair kept apart, to be set by ``tail``; the
+    geode's ``Geoproxy-Load`` report read and dropped. ``ok`` is False when a value or the
+    reason phrase holds a control character (never passed on)."""
 
-    __slots__ = ("date", "framed", "kept", "length", "lengths", "ok", "sts", "vias")
+    __slots__ = ("date", "framed", "kept", "length", "lengths", "load", "ok", "sts", "vias")
     date: bool  # the geode sent a Date
     framed: bool  # no Transfer-Encoding, or only chunked
     kept: bytes  # the lines passed on as they came ("Name: value\r\n" each)
     length: int | None  # the Content-Length
+    load: bytes | None  # the last Geoproxy-Load value (health/load.py), if any
     lengths: list[bytes]  # Content-Length values
     ok: bool
     sts: bytes  # the geode's Strict-Transport-Security lines: kept unless this hop sets one
@@ -235,6 +239,7 @@ class ResponseHead:
         codings: list[bytes] = []
         sts: list[bytes] = []
         self.date = False
+        self.load = None
         for name, value in raw:
             low = name.lower()
             if low in HOP_BY_HOP:
@@ -254,6 +259,8 @@ class ResponseHead:
                     self.date = True
                 elif low == _STS:
                     sts += (name, b": ", value, b"\r\n")
+                elif low == _LOAD:
+                    self.load = value
             else:
                 kept += (name, b": ", value, b"\r\n")
         self.kept = b"".join(kept)

@@ -19,7 +19,14 @@ from geoproxy.proxy.responses import json_error
 from geoproxy.proxy.trace import Trace
 from geoproxy.routing.clientip import client_ip, parse_ip
 from geoproxy.routing.resolver import Resolution, ResolutionCache, resolve
-from geoproxy.routing.router import FENCED, HOME, PROXIMITY, Candidate, CandidateCache
+from geoproxy.routing.router import (
+    FENCED,
+    HOME,
+    OVER_CAPACITY,
+    PROXIMITY,
+    Candidate,
+    CandidateCache,
+)
 from geoproxy.routing.runtime import Runtime
 
 
@@ -174,6 +181,7 @@ class Routing:
         resolution = prelude.resolution
         trace.resolution = resolution
         board = rt.board
+        load = rt.load
         cands, decision = self.routes.candidates(
             topology,
             resolution.region,
@@ -182,8 +190,19 @@ class Routing:
             topology.config.forwarding.max_attempts,
             fence=resolution.fence,
             own=PROXIMITY if resolution.by_distance else HOME,
+            full=load.full,
+            full_version=load.version,
+            cost=load.cost,
         )
         trace.decision = decision
+        if not cands and decision == OVER_CAPACITY:
+            return json_error(
+                503,
+                "over_capacity",
+                f"every healthy geode that can serve region {resolution.region!r} is at capacity",
+                headers={"Retry-After": "1"},
+                region=resolution.region,
+            )
         if not cands:
             retry_after = str(math.ceil(topology.config.health_check.interval))
             if decision == FENCED and (fence := resolution.fence) is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from geoproxy.config.values import Geode
+from geoproxy.health.load import Ticket
 from geoproxy.routing.resolver import Resolution
 
 #: The status a request is logged and counted with when its client went away before the
@@ -30,3 +31,5 @@ class Trace:
 
 
 TRACE_KEY = web.RequestKey("trace", Trace)
+#: The request's claim on the in-flight counts (``health/load.py``), set by the observer.
+TICKET_KEY = web.RequestKey("ticket", Ticket)

@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from geoproxy.config.values import Limits
+from geoproxy.health.load import Ticket
 from geoproxy.proxy.headers import GEODE_HEADER, REGION_HEADER, ResponseHead
 from geoproxy.proxy.policy import answered, path_qs
 from geoproxy.proxy.responses import json_error, lines_to_map
@@ -55,9 +55,12 @@ async def proxy_websocket(
     cands: list[Candidate],
     headers: CIMultiDict[str],
     trace: Trace,
-    limits: Limits,
+    ticket: Ticket,
 ) -> web.StreamResponse:
+    """Hand the handshake to the candidates in order, then relay frames; the session
+    counts in flight at its geode (``ticket``) until it ends."""
     fwd = rt.topology.config.forwarding
+    limits = rt.topology.config.limits
     for name in _HANDSHAKE:
         headers.popall(name, None)
     protocols = tuple(
@@ -70,6 +73,7 @@ async def proxy_websocket(
     upstream = None
     for cand in cands:
         geode = cand.geode
+        ticket.at(geode.name)
         if not fwd.preserve_host:
             headers["Host"] = geode.url.raw_authority
         try:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Container
 from typing import Any
 
 from geoproxy.config.model import Topology
+from geoproxy.config.values import PEAK_EWMA
+from geoproxy.health.load import GeodeLoad
 from geoproxy.routing.clientip import IPAddress
 from geoproxy.routing.proximity import Nearest
 from geoproxy.routing.resolver import Resolution
@@ -20,8 +22,10 @@ from geoproxy.routing.router import (
     FENCED,
     HOME,
     NONE_HEALTHY,
+    OVER_CAPACITY,
     PANIC,
     PROXIMITY,
+    SPILL,
     candidates,
     try_order,
 )
@@ -34,14 +38,22 @@ def explain(
     peer: IPAddress | None,
     peer_trusted: bool,
     rand: Callable[[], float] = random.random,
+    load: GeodeLoad | None = None,
 ) -> dict[str, Any]:
-    """A JSON-able account of one routing decision."""
+    """A JSON-able account of one routing decision. ``load``: the process's in-flight
+    counts and latencies (None: offline, nothing in flight)."""
     fwd = topology.config.forwarding
     region = resolution.region
     fence = resolution.fence
     order = try_order(topology, region, fence)
     own = PROXIMITY if resolution.by_distance else HOME
-    cands, decision = candidates(topology, region, healthy, fwd.max_attempts, rand, fence, own)
+    if load is None:  # offline: the limits the config sets, nothing in flight
+        load = GeodeLoad()
+        load.configure(topology.config)
+    cands, decision = candidates(
+        topology, region, healthy, fwd.max_attempts, rand, fence, own, load.full, load.cost
+    )
+    busy = load.describe(g for other in order for g in topology.geodes_by_region[other])
     listing = [
         {
             "geode": g.name,
@@ -49,6 +61,7 @@ def explain(
             "role": "home" if other == region else "fallback",
             "healthy": g.name in healthy,
             "weight": g.weight,
+            **busy[g.name],
         }
         for other in order
         for g in topology.geodes_by_region[other]
@@ -56,6 +69,8 @@ def explain(
     chosen = cands[0].geode if cands else None
     # The geodes the first pick was drawn from (weighted random when more than one).
     pool = [c.geode.name for c in cands if chosen and c.geode.region == chosen.region]
+    balance = topology.balances[chosen.region] if chosen else None
+    full = {g: why for g, facts in busy.items() if (why := facts["full"]) and g in healthy}
     return {
         "client": {
             "peer": str(peer) if peer is not None else None,
@@ -84,7 +99,11 @@ def explain(
         "decision": decision,
         "chosen": chosen.name if chosen else None,
         "chosen_region": chosen.region if chosen else None,
-        "reason": _reason(topology, resolution, decision, chosen.region if chosen else None, pool),
+        "balance": balance,
+        "at_capacity": full,
+        "reason": _reason(
+            topology, resolution, decision, chosen.region if chosen else None, pool, balance, full
+        ),
     }
 
 
@@ -139,6 +158,8 @@ def _reason(
     decision: str,
     served_region: str | None,
     pool: list[str],
+    balance: str | None,
+    full: dict[str, str],
 ) -> str:
     region = resolution.region
     why = f"client region {region} from {resolution.source}"
@@ -154,9 +175,23 @@ def _reason(
             f"{why}; no healthy geode inside the fence: {fence.status} "
             f"(fences.{fence.name}.on_exhausted: {fence.on_exhausted}), never sent outside it"
         )
-    weighted = f", picked by weight among {', '.join(pool)}" if len(pool) > 1 else ""
+    how = "by latency (peak EWMA, the less loaded of two)" if balance == PEAK_EWMA else "by weight"
+    weighted = f", picked {how} among {', '.join(pool)}" if len(pool) > 1 else ""
+    skipped = "; ".join(f"{g}: {what}" for g, what in full.items())
+    if skipped and decision in (HOME, PROXIMITY, PANIC):
+        weighted += f" (at capacity, skipped: {skipped})"
     if decision in (HOME, PROXIMITY):
         return f"{why}; a healthy geode in the home region{weighted}"
+    if decision == SPILL:
+        return (
+            f"{why}; healthy geodes before {served_region} in the try order are at capacity "
+            f"({skipped}): spilled to {served_region}{weighted}"
+        )
+    if decision == OVER_CAPACITY:
+        return (
+            f"{why}; every healthy geode in {', '.join(try_order(topology, region, fence))} "
+            f"is at capacity ({skipped}): 503 over_capacity"
+        )
     if decision == NONE_HEALTHY:
         return (
             f"{why}; no healthy geode in {', '.join(topology.try_orders[region])}: "

@@ -1,5 +1,5 @@
 """The live state one proxy process serves from: the topology in force, trust rules, the
-GeoIP reader, health state and the pooled client session. Built by ``app.py``; a reload
+GeoIP reader, health and load state and the pooled client session. Built by ``app.py``; a reload
 replaces the whole (frozen) object, so a request that reads it once sees one config."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import aiohttp
 
 from geoproxy.config.model import Topology
 from geoproxy.health.board import HealthBoard
+from geoproxy.health.load import GeodeLoad
 from geoproxy.routing.clientip import TrustedProxies
 from geoproxy.routing.geoip import GeoLookup
 
@@ -22,3 +23,4 @@ class Runtime:
     board: HealthBoard
     session: aiohttp.ClientSession
     via: str  # this instance's name in Via (loop detection)
+    load: GeodeLoad  # in flight, capacity and latency per geode (kept across reloads)

@@ -158,7 +158,7 @@ async def route(request: web.Request) -> web.Response:
         peer_trusted = peer is not None and rt.trusted.contains(peer)
         cip = client_ip(peer, request.headers.getall("X-Forwarded-For", ()), rt.trusted)
     resolution = resolve(rt.topology, headers, peer_trusted, cip, rt.geoip)
-    answer = explain(rt.topology, resolution, rt.board.healthy, peer, peer_trusted)
+    answer = explain(rt.topology, resolution, rt.board.healthy, peer, peer_trusted, load=rt.load)
     if path is not None:
         answer["access"] = explain_access(rt.topology, path)
     return web.json_response(answer, dumps=_dumps)

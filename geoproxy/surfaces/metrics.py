@@ -71,9 +71,10 @@ class Metrics:
             "geoproxy_routing_decisions",
             "Routing decisions: home (the client's own "
             "region), proximity (the client's own region, the nearest by geoproximity), "
-            "fallback (another region), panic (health ignored), none_healthy "
-            "(503), fenced (refused by a residency fence: no healthy geode inside it), "
-            "all_failed (every attempt failed).",
+            "fallback (another region), spill (another region: the healthy geodes before "
+            "it were at capacity), panic (health ignored), none_healthy (503), fenced "
+            "(refused by a residency fence: no healthy geode inside it), over_capacity "
+            "(503: every healthy geode at capacity), all_failed (every attempt failed).",
             ["client_region", "geode", "decision"],
         )
         self.resolutions = HotCounter(

@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 from aiohttp import web
 from yarl import URL
 
-from geoproxy.proxy.trace import CLIENT_CLOSED, TRACE_KEY, Trace
+from geoproxy.health.load import GeodeLoad, Ticket
+from geoproxy.proxy.trace import CLIENT_CLOSED, TICKET_KEY, TRACE_KEY, Trace
 from geoproxy.routing.resolver import ABSENT
 from geoproxy.routing.router import FENCED
 from geoproxy.surfaces.metrics import NO_GEODE, Metrics, code_class
@@ -32,12 +33,11 @@ CUT = "cut_by_drain"
 
 
 class Observer:
-    def __init__(self, metrics: Metrics, access_format: str = "json") -> None:
+    def __init__(self, metrics: Metrics, load: GeodeLoad, access_format: str = "json") -> None:
         self.metrics = metrics
+        self.load = load  # counts requests in flight: read by the gauge only when scraped
         self.access_format = access_format
-        # Requests being handled: a plain count, read by the gauge only when scraped.
-        self.inflight = 0
-        metrics.inflight.set_function(lambda: self.inflight)
+        metrics.inflight.set_function(lambda: load.total)
         # From the start of a shutdown's drain: requests finished, and cut off.
         self.draining = False
         self.cutting = False  # the drain time is over: what ends now was cut off
@@ -68,12 +68,25 @@ class Observer:
 
         return observed
 
+    @property
+    def inflight(self) -> int:
+        """Requests being handled now, on every request path."""
+        return self.load.total
+
     async def observe(
-        self, request: web.BaseRequest, work: Awaitable[web.StreamResponse], start: float
+        self,
+        request: web.BaseRequest,
+        work: Awaitable[web.StreamResponse],
+        start: float,
+        ticket: Ticket | None = None,
     ) -> web.StreamResponse:
         """Await the handler's ``work`` for ``request`` and record it, timed from
-        ``start`` (``time.perf_counter``)."""
-        self.inflight += 1
+        ``start`` (``time.perf_counter``). The request is counted in flight by
+        ``ticket`` (the fast lane's, when it hands a request over; else a new one),
+        which the request paths find as ``request[TICKET_KEY]``."""
+        if ticket is None:
+            ticket = self.load.ticket()
+        request[TICKET_KEY] = ticket
         response: web.StreamResponse | None = None
         status = 500
         try:
@@ -88,7 +101,7 @@ class Observer:
             status = CLIENT_CLOSED  # the client went away before the answer
             raise
         finally:
-            self.inflight -= 1
+            ticket.release()
             self.record(request, response, status, time.perf_counter() - start)
 
     def record(
