@@ -43,7 +43,12 @@ class ListenError(GeoproxyError):
 
 
 class ConnectFailed(GeoproxyError, OSError):
-    """No connection could be opened to the geode (nothing was sent)."""
+    """No connection could be opened to the geode (nothing was sent). ``tls_reason``:
+    when the TLS handshake failed, why, as a metric label (geoproxy/health/tls.py)."""
+
+    def __init__(self, message: str, tls_reason: str | None = None) -> None:
+        super().__init__(message)
+        self.tls_reason = tls_reason
 
 
 class BadResponse(GeoproxyError):

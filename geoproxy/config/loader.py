@@ -28,6 +28,7 @@ from geoproxy.config.values import (
     Config,
     Fence,
     Geode,
+    GeodeTLS,
     HealthCheck,
     Lifecycle,
     Limits,
@@ -138,7 +139,6 @@ def _build(
     if redirect is not None:
         plain = Listener(redirect.host, redirect.port)
         _check_apart(listen, "redirect", plain, [("the proxy listener", proxy), ("admin", admin)])
-    read.extend(reads.contents)
 
     proximity = sections.section(
         root.get("proximity"),
@@ -153,13 +153,26 @@ def _build(
     if fences and not problems:
         _check_fences(fences, regions, countries, continents, problems)
     health = sections.health_check(root.get("health_check"), HealthCheck())
+    # The geodes need forwarding.tls (their TLS default); its problems are told where
+    # the forwarding section is read, to keep the file's order.
+    tls_problems = Problems(problems.file)
+    tls_node = root.get("forwarding").get("tls")
+    geode_default = tls.geode_tls(
+        Node(tls_node.value, tls_node.path, tls_problems), base, reads, GeodeTLS()
+    )
     before = len(problems.lines)
-    geodes = sections.geodes(root.get("geodes"), (known, quiet), health)
+    geodes = sections.geodes(
+        root.get("geodes"),
+        (known, quiet),
+        health,
+        lambda node: tls.geode_tls(node, base, reads, geode_default),
+    )
     if root.get("geodes").value == []:
         root.get("geodes").problem("at least one geode is required")
     elif geodes and len(problems.lines) == before:  # a broken entry would make this noise
         _check_servable(regions, geodes, root.get("regions"))
-    forwarding = sections.forwarding(root.get("forwarding"))
+    forwarding = sections.forwarding(root.get("forwarding"), geode_default)
+    problems.lines.extend(tls_problems.lines)
     access_log = root.get("access_log").choice(("json", "plain", "off"), optional=True)
     access = sections.access_rules(root.get("access"))
     limits = sections.section(
@@ -193,6 +206,7 @@ def _build(
     if problems:
         return None
     assert default_region is not None  # guarded by `problems` (internal invariant only)
+    read.extend(reads.contents)  # the TLS files, in the order they were read
     return Config(
         path=path,
         proxy=proxy,
@@ -223,6 +237,13 @@ def _warnings(config: Config) -> Iterable[str]:
     """What is valid but probably not meant. Paths index the YAML lists: a config with
     no problems kept every entry."""
     where = Problems(str(config.path))
+    for i, geode in enumerate(config.geodes):
+        if geode.url.scheme == "https" and not geode.tls.verify:
+            where.add(
+                f"geodes[{i}].tls.verify",
+                f"false: the certificate of geode {geode.name} is not verified; anyone "
+                "on the path to it can read and change its traffic",
+            )
     for i, network in enumerate(config.trusted_proxies):
         if network.prefixlen == 0:
             where.add(

@@ -35,6 +35,7 @@ from geoproxy.config.values import (
     Fence,
     Forwarding,
     Geode,
+    GeodeTLS,
     HealthCheck,
     IPAddress,
     IPNetwork,
@@ -350,12 +351,16 @@ def duration(node: Node, default: float, allow_zero: bool = False) -> float | No
     return parse_duration(node, allow_zero=allow_zero)
 
 
-def geodes(node: Node, known: _Known, health: HealthCheck) -> tuple[Geode, ...]:
+def geodes(
+    node: Node, known: _Known, health: HealthCheck, tls: Callable[[Node], GeodeTLS]
+) -> tuple[Geode, ...]:
+    """The geodes; ``tls`` reads a geode's ``tls`` block (over ``forwarding.tls``)."""
     geodes: list[Geode] = []
     seen: dict[str, str] = {}
     for item in node.items():
         # name, region and url are required: their readers below say so (once).
-        if not item.expect_mapping(("name", "region", "url", "weight", "health", "max_inflight")):
+        keys = ("name", "region", "url", "weight", "health", "max_inflight", "tls")
+        if not item.expect_mapping(keys):
             continue
         name = item.get("name").string()
         if name is not None and not _GEODE_NAME.match(name):
@@ -371,8 +376,12 @@ def geodes(node: Node, known: _Known, health: HealthCheck) -> tuple[Geode, ...]:
         weight = item.get("weight").integer(1, 1000, optional=True) or 1
         own = health_check(item.get("health"), health)
         max_inflight = item.get("max_inflight").integer(1, 1_000_000, optional=True)
+        tls_node = item.get("tls")
+        if url is not None and url.scheme != "https" and not tls_node.missing:
+            tls_node.problem(f"only for https:// geodes; this one is {url.scheme}://")
+        own_tls = tls(tls_node)
         if name and region and url:
-            geodes.append(Geode(name, region, url, weight, own, max_inflight))
+            geodes.append(Geode(name, region, url, weight, own, max_inflight, own_tls))
     return tuple(geodes)
 
 
@@ -381,8 +390,10 @@ def geode_url(node: Node) -> URL | None:
     return None if url is None else url.with_path(url.path.rstrip("/"))
 
 
-def forwarding(node: Node) -> Forwarding:
-    return section(
+def forwarding(node: Node, tls: GeodeTLS) -> Forwarding:
+    """The ``forwarding`` section; its ``tls`` block (``tls``) is read before it, with
+    the geodes' files."""
+    out = section(
         node,
         Forwarding(),
         {
@@ -395,8 +406,10 @@ def forwarding(node: Node) -> Forwarding:
             "keepalive_timeout": DURATION,
             "fast_lane": lambda n: n.boolean(),
             "forward_trace": lambda n: n.boolean(),
+            "tls": lambda n: None,  # read before (config/tls.py)
         },
     )
+    return dataclasses.replace(out, tls=tls)
 
 
 def access_rules(node: Node) -> tuple[AccessRule, ...]:

@@ -1,12 +1,14 @@
 """The readers of the config's TLS blocks: the proxy listener's certificates
-(``listen.proxy.tls``), HSTS (``listen.proxy.hsts``) and the plain-HTTP redirect listener
-(``listen.redirect``). Certificate and key files are read here, checked with
+(``listen.proxy.tls``), HSTS (``listen.proxy.hsts``), the plain-HTTP redirect listener
+(``listen.redirect``) and how geoproxy speaks TLS to geodes (``forwarding.tls``, a geode's
+``tls``). Certificate and key files are read here, checked with
 ``config/pem.py``, and their bytes join the config's fingerprinted files: a renewal on disk
 is a config reload.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Mapping
@@ -14,11 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geoproxy.config import sections
-from geoproxy.config.pem import PairError, check_pair, describe
-from geoproxy.config.schema import Node
+from geoproxy.config.pem import (
+    CertificateInfo,
+    PairError,
+    PemError,
+    certificates,
+    check_pair,
+    describe,
+)
+from geoproxy.config.schema import Node, host_name_problem
 from geoproxy.config.values import (
     Certificate,
     Config,
+    GeodeTLS,
     Hsts,
     Listener,
     ListenerTls,
@@ -74,14 +84,8 @@ def listener_tls(node: Node, base: Path, reads: Reads) -> ListenerTls | None:
         )
         if cert is None or key is None:
             continue
-        try:
-            about = check_pair(cert[1], key[1])
-        except PairError as exc:
-            for what, why in exc.parts:
-                if what in _PAIR_KEYS:
-                    item.get(what).problem(f"{(cert if what == 'cert' else key)[0]}: {why}")
-                else:
-                    item.problem(f"{cert[0]} and {key[0]}: {why}")
+        about = _checked_pair(item, cert, key)
+        if about is None:
             continue
         found.append(Certificate(cert[0], key[0], cert[1], key[1], about, item.path))
     if len(found) != len(items):
@@ -167,3 +171,68 @@ def changes(old: Config, new: Config) -> list[str]:
 
 def _hsts(hsts: Hsts | None) -> str:
     return "none" if hsts is None else hsts.header()
+
+
+_GEODE_TLS_KEYS = ("ca", "cert", "key", "server_name", "verify")
+
+
+def geode_tls(node: Node, base: Path, reads: Reads, default: GeodeTLS) -> GeodeTLS:
+    """A geode's ``tls`` block (or ``forwarding.tls``) over ``default``: each key given
+    replaces the default's; a file that cannot be used is reported where it is named."""
+    if node.missing or not node.expect_mapping(_GEODE_TLS_KEYS):
+        return default
+    out = default
+    ca_node = node.get("ca")
+    if not ca_node.missing and (ca := reads.read(ca_node, base)) is not None:
+        try:
+            certificates(ca[1])
+        except PemError as exc:
+            ca_node.problem(f"{ca[0]}: {exc}")
+        else:
+            out = dataclasses.replace(out, ca=ca[0], ca_pem=ca[1])
+    cert_node, key_node = node.get("cert"), node.get("key")
+    if cert_node.missing != key_node.missing:
+        given, other = ("cert", "key") if key_node.missing else ("key", "cert")
+        node.get(other).problem(f"a client certificate needs both cert and key ({given} is set)")
+    elif not cert_node.missing:
+        cert, key = reads.read(cert_node, base), reads.read(key_node, base)
+        if cert is not None and key is not None and _checked_pair(node, cert, key):
+            out = dataclasses.replace(
+                out, cert=cert[0], cert_pem=cert[1], key=key[0], key_pem=key[1]
+            )
+    name_node = node.get("server_name")
+    if not name_node.missing and (name := name_node.string()) is not None:
+        if (why := _server_name_problem(name)) is not None:
+            name_node.problem(why)
+        else:
+            out = dataclasses.replace(out, server_name=name)
+    verify = node.get("verify").boolean(optional=True)
+    return out if verify is None else dataclasses.replace(out, verify=verify)
+
+
+def _checked_pair(
+    node: Node, cert: tuple[Path, bytes], key: tuple[Path, bytes]
+) -> CertificateInfo | None:
+    """What the certificate says, or None after recording what is wrong with the pair
+    (under ``cert``, ``key``, or the block for a pair that does not match)."""
+    try:
+        return check_pair(cert[1], key[1])
+    except PairError as exc:
+        for what, why in exc.parts:
+            if what in _PAIR_KEYS:
+                node.get(what).problem(f"{(cert if what == 'cert' else key)[0]}: {why}")
+            else:
+                node.problem(f"{cert[0]} and {key[0]}: {why}")
+        return None
+
+
+def _server_name_problem(text: str) -> str | None:
+    if "/" in text or ":" in text or text != text.strip():
+        return f"a host name only, without scheme, port or spaces: {text!r}"
+    try:
+        encoded = text.encode("idna").decode()
+    except UnicodeError:
+        return f"not a DNS name: {text!r}"
+    if (why := host_name_problem(encoded)) is not None:
+        return f"not a DNS name ({why}): {text!r}"
+    return None

@@ -115,6 +115,28 @@ class HealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class GeodeTLS:
+    """How geoproxy speaks TLS to an ``https://`` geode: one context per block, used by
+    the geode's health checks and its traffic alike (geoproxy/health/tls.py). Set once
+    under ``forwarding.tls``; a geode's own ``tls`` block overrides single fields. The
+    files are read at load (their bytes are what is used, and part of the config's
+    fingerprint: a renewed file reloads)."""
+
+    ca: Path | None = None  # PEM bundle of the CAs that may sign the geode's certificate,
+    # instead of the system's trust store (nginx proxy_ssl_trusted_certificate).
+    cert: Path | None = None  # client certificate (PEM, its chain after it) for geodes
+    # that require one (mTLS, nginx proxy_ssl_certificate); with ``key``: both or neither.
+    key: Path | None = None  # its private key (PEM, unencrypted)
+    server_name: str | None = None  # sent in SNI and checked in the geode's certificate;
+    # None: the host of the geode's URL (nginx proxy_ssl_name).
+    verify: bool = True  # false: any certificate is accepted, no name checked; a warning
+    # at start-up, on every reload and from check-config.
+    ca_pem: bytes | None = field(default=None, repr=False)  # the bytes read from ``ca``,
+    cert_pem: bytes | None = field(default=None, repr=False)  # ``cert``
+    key_pem: bytes | None = field(default=None, repr=False)  # and ``key``
+
+
+@dataclass(frozen=True, slots=True)
 class Geode:
     name: str
     region: str
@@ -125,6 +147,8 @@ class Geode:
     # once (WebSockets included); with that many, new requests go to the region's other
     # geodes, then spill down the try order (``spill``); None: no limit. With
     # ``--workers N`` each worker allows its share, rounded up (health/load.py).
+    # For an https:// URL: forwarding.tls, overridden by the geode's own block.
+    tls: GeodeTLS = field(default_factory=GeodeTLS)
     base: str = field(init=False, repr=False, compare=False)  # url without a trailing "/"
     prefix: str = field(init=False, repr=False, compare=False)  # its path, without "/" at
     # the end: what goes before the request's path (usually "")
@@ -208,6 +232,7 @@ class Forwarding:
     # the coroutine path. Both behave the same; this is a switch for diagnosis.
     forward_trace: bool = False  # TRACE is refused at the edge (405: cross-site tracing,
     # and it would echo what the proxy added); true forwards it. CONNECT is always 405.
+    tls: GeodeTLS = field(default_factory=GeodeTLS)  # every https:// geode's TLS default
 
 
 @dataclass(frozen=True, slots=True)

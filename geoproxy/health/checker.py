@@ -15,28 +15,34 @@ from yarl import URL
 from geoproxy import __version__
 from geoproxy.config.values import Geode
 from geoproxy.health.board import HealthBoard
+from geoproxy.health.tls import GeodeContexts, TLSFailure, failure_of, server_name
 
 log = logging.getLogger("geoproxy.health")
 
 
-def connect_failure(exc: aiohttp.ClientConnectorError) -> str:
+def connect_failure(exc: aiohttp.ClientConnectorError, geode: str) -> str:
     """Why a connection to a geode failed, in words an operator can act on."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        cert = exc.certificate_error
-        detail = getattr(cert, "verify_message", None) or str(cert)
-        return f"certificate verify failed: {detail} (host {exc.host})"
+    if (tls := failure_of(exc)) is not None:
+        return tls.message(geode)
     err = exc.os_error
     # getaddrinfo's errors are negative (EAI_*): os.strerror does not know them.
     reason = os.strerror(err.errno) if err.errno and err.errno > 0 else err.strerror or str(err)
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return f"cannot resolve host {exc.host}: {reason}"
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return f"TLS handshake failed: {reason or err}"
     return f"connect failed: {reason}"
 
 
+MAYBE_CLIENT_CERT = (
+    "the geode closed the connection after the TLS handshake without answering: does it "
+    "require a client certificate (tls.cert and tls.key)? (geode {geode})"
+)
+#: Told of every TLS failure a check met: (geode, failure).
+TLSHook = Callable[[Geode, TLSFailure], None]
+
+
 class HealthChecker:
-    """Checks every geode at its interval (+ jitter) with its timeout."""
+    """Checks every geode at its interval (+ jitter) with its timeout, over the geode's
+    TLS context (``contexts``: the one its traffic uses)."""
 
     def __init__(
         self,
@@ -44,9 +50,13 @@ class HealthChecker:
         session: aiohttp.ClientSession,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
+        contexts: GeodeContexts | None = None,
+        on_tls_failure: TLSHook | None = None,
     ) -> None:
         self.board = board
         self.session = session
+        self.contexts = contexts or GeodeContexts()
+        self.on_tls_failure = on_tls_failure
         self.rand = rand
         self.clock = clock
         self._due: dict[str, float] = {}
@@ -57,6 +67,7 @@ class HealthChecker:
         """One check of one geode: (passed, latency in seconds, error)."""
         hc = geode.health
         url = URL(geode.base + hc.path, encoded=True)
+        tls = self.contexts.get(geode)
         start = time.perf_counter()
         try:
             async with asyncio.timeout(hc.timeout):
@@ -64,13 +75,23 @@ class HealthChecker:
                     url,
                     allow_redirects=False,
                     headers={"User-Agent": f"geoproxy-health/{__version__}"},
+                    ssl=tls if tls is not None else True,
+                    server_hostname=server_name(geode) if tls is not None else None,
                 ) as resp:
                     await resp.content.read(65536)  # a bounded drain; the rest is discarded
                     status = resp.status
         except TimeoutError:
             return False, None, f"timeout after {hc.timeout:g}s"
         except aiohttp.ClientConnectorError as exc:
-            return False, None, connect_failure(exc)
+            if self.on_tls_failure is not None and (failure := failure_of(exc)) is not None:
+                self.on_tls_failure(geode, failure)
+            return False, None, connect_failure(exc, geode.name)
+        except aiohttp.ServerDisconnectedError as exc:
+            if tls is not None and geode.tls.cert is None:
+                # TLS 1.3: a geode that requires a client certificate checks it after
+                # the handshake and closes; OpenSSL's alert does not reach asyncio.
+                return False, None, MAYBE_CLIENT_CERT.format(geode=geode.name)
+            return False, None, f"{type(exc).__name__}: {exc}"
         except (aiohttp.ClientError, OSError) as exc:
             return False, None, f"{type(exc).__name__}: {exc}"
         latency = time.perf_counter() - start

@@ -24,11 +24,12 @@ from geoproxy.config import changes
 from geoproxy.config import loader as config_mod
 from geoproxy.config.changes import ReloadOutcome, plural
 from geoproxy.config.model import Topology
-from geoproxy.config.values import Config
+from geoproxy.config.values import Config, Geode
 from geoproxy.errors import GeoproxyError
 from geoproxy.health.board import GeodeHealth, HealthBoard
 from geoproxy.health.checker import HealthChecker
 from geoproxy.health.load import GeodeLoad
+from geoproxy.health.tls import GeodeContexts, TLSFailure
 from geoproxy.proxy import https
 from geoproxy.proxy.connection import Pool
 from geoproxy.proxy.forwarder import Forwarder
@@ -95,6 +96,7 @@ class Gateway:
         self._geoip_source = geoip_source  # what to open at start-up instead of the path
         self._geoip_refused: FileIdentity | None = None  # a new file that did not open
         self.on_geoip: list[Callable[[MaxMindLookup], None]] = []  # after a new database
+        self.geode_tls = GeodeContexts()  # one per https geode: its checks and traffic
         self.runtime: Runtime | None = None
         self.forwarder: Forwarder | None = None
         self.checker: HealthChecker | None = None
@@ -157,12 +159,16 @@ class Gateway:
     def _on_eject(self, state: GeodeHealth) -> None:
         self.metrics.ejections.labels(state.geode.name).inc()
 
+    def _on_tls_failure(self, geode: Geode, failure: TLSFailure) -> None:
+        self.metrics.tls_errors.labels(geode.name, failure.reason, "health_check").inc()
+
     # -- lifecycle ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         """The runtime from start-up (first health round included) to shut-down."""
         async with contextlib.AsyncExitStack() as stack:  # undone in reverse, always
+            self.geode_tls.adopt(self.geode_tls.prepare(self.config.geodes))
             geoip = self._geoip
             if geoip is None and self.config.geoip_database is not None:
                 self._own_geoip = geoip = open_geoip(self.config, self._geoip_source)
@@ -182,6 +188,7 @@ class Gateway:
                 session,
                 self.via,
                 self.load,
+                self.geode_tls,
             )
             pool = Pool(self.config.forwarding.keepalive_timeout)
             stack.callback(pool.close)
@@ -194,7 +201,12 @@ class Gateway:
                         headers={"User-Agent": f"geoproxy-health/{__version__}"},
                     )
                 )
-                self.checker = HealthChecker(self.board, health_session)
+                self.checker = HealthChecker(
+                    self.board,
+                    health_session,
+                    contexts=self.geode_tls,
+                    on_tls_failure=self._on_tls_failure,
+                )
                 await self.checker.check_once()
                 self._warn_failing()
                 task = asyncio.create_task(self.checker.run(), name="geoproxy-health")
@@ -313,12 +325,14 @@ class Gateway:
             if self.tls is not None and new.proxy.tls is not None:
                 contexts = https.contexts_for(new.proxy.tls)
             what = changes.describe(old, new)
+            geode_contexts = self.geode_tls.prepare(new.geodes)
             geoip = runtime.geoip
             opened = None
             if self._geoip is None and new.geoip_database != old.geoip_database:
                 opened = open_geoip(new)
                 geoip = opened
             regions = {name: s.geode.region for name, s in self.board.states.items()}
+            renewed = self.geode_tls.adopt(geode_contexts)
             added, removed = self.board.sync(new.geodes, new.outlier_detection)
             self.metrics.forget_geodes((g.name, g.region) for g in removed)
             self.metrics.declare_geodes((g.name, g.region) for g in added)
@@ -337,10 +351,13 @@ class Gateway:
                 runtime.session,
                 self.via,
                 self.load,
+                self.geode_tls,
             )
             self.load.configure(new)
             assert self.forwarder is not None
-            self.forwarder.adopt(self.runtime, removed)
+            # Pooled connections of a geode whose TLS changed were made with the old one.
+            kept = {g.name: g for g in new.geodes}
+            self.forwarder.adopt(self.runtime, [*removed, *(kept[n] for n in renewed)])
             if checker is not None:
                 checker.sync(removed)
             self.observer.use_format(new.access_log)

@@ -106,7 +106,8 @@ class FastExchange:
     async def connect(self, connect_timeout: float) -> None:
         """Open a connection to the geode (no idle one in the pool), then send."""
         try:
-            proto = await upstream.connect(self.cand.geode, connect_timeout)
+            geode = self.cand.geode
+            proto = await upstream.connect(geode, connect_timeout, self.route.rt.tls.get(geode))
         except ConnectFailed as exc:
             self.failure = exc
             self.conn.hand_over(self)

@@ -23,10 +23,19 @@ from yarl import URL
 from geoproxy.config.values import Forwarding, Geode, Limits
 from geoproxy.errors import BadResponse, BodyTimeout, BodyTooLarge, ConnectFailed
 from geoproxy.health.load import LOAD_HEADER
+from geoproxy.health.tls import server_name
 from geoproxy.proxy import compat, upstream
 from geoproxy.proxy.connection import Connection, Pool
 from geoproxy.proxy.headers import ResponseHead, geode_lines
-from geoproxy.proxy.policy import RETRY_STATUSES, answered, path_qs, read_whole
+from geoproxy.proxy.policy import (
+    CONNECT_ERROR,
+    RETRY_STATUSES,
+    TLS_ERROR,
+    answered,
+    connect_failed,
+    path_qs,
+    read_whole,
+)
 from geoproxy.proxy.prelude import (
     Prelude,
     Route,
@@ -47,9 +56,9 @@ log = logging.getLogger("geoproxy.forwarder")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-# Attempt outcomes (also the values of the `outcome` metric label).
-CONNECT_ERROR, TIMEOUT, RESET, RETRY_STATUS, BAD_RESPONSE = (
-    "connect_error",
+# Attempt outcomes (also the values of the `outcome` metric label); CONNECT_ERROR and
+# TLS_ERROR are policy.py's.
+TIMEOUT, RESET, RETRY_STATUS, BAD_RESPONSE = (
     "timeout",
     "reset",
     "retry_status",
@@ -62,11 +71,12 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def may_try_next(outcome: str, method: str, body_started: bool) -> bool:
-    """The one retry rule. A connect failure is always safe: no byte reached the geode.
+    """The one retry rule. A connect failure (TLS included) is always safe: no byte
+    reached the geode.
     Anything after the request went out (a timeout, a reset, a 502/503/504) is retried only
     for an idempotent method whose body has not started to stream; a body cannot be
     replayed, and a POST must never reach two geodes."""
-    if outcome == CONNECT_ERROR:
+    if outcome in (CONNECT_ERROR, TLS_ERROR):
         return True
     return method in IDEMPOTENT and not body_started
 
@@ -270,9 +280,11 @@ class Forwarder:
                         first is None or first.pooled,
                         upstream.Body(body.chunks(), chunked) if body is not None else None,
                         interim,
+                        rt.tls.get(geode),
                     )
                     reply = Reply.of_exchange(exchange)
                 else:  # aiohttp's public API only (compat)
+                    tls = rt.tls.get(geode)
                     resp = await rt.session.request(
                         method,
                         URL(geode.base + target, encoded=True),
@@ -280,6 +292,8 @@ class Forwarder:
                         data=body.chunks() if body is not None else None,
                         allow_redirects=False,
                         timeout=_client_timeout(fwd),
+                        ssl=tls if tls is not None else True,
+                        server_hostname=server_name(geode) if tls is not None else None,
                     )
                     reply = Reply.of_response(resp)
             except (
@@ -287,8 +301,7 @@ class Forwarder:
                 aiohttp.ClientConnectorError,
                 aiohttp.ConnectionTimeoutError,
             ) as exc:
-                last = CONNECT_ERROR
-                log.info("geode %s: connect failed: %s", geode.name, exc)
+                last = connect_failed(trace, geode, exc)
             except BadResponse as exc:
                 last = BAD_RESPONSE
                 log.warning("geode %s: %s", geode.name, exc)

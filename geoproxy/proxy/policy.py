@@ -5,13 +5,17 @@
 - which request targets pass on as they came (origin-form), and the target a geode gets;
 - how a geode's answer goes to the client: read whole and sent in one write, or
   streamed; and so which answers the fast lane may finish itself;
-- what a successful attempt notes in the trace.
+- what a successful attempt notes in the trace, and what a failed connection does
+  (``connect_failed``: a TLS failure, with its reason, or any other).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
+from geoproxy.errors import ConnectFailed
+from geoproxy.health.tls import failure_of
 from geoproxy.proxy.headers import ResponseHead
 
 if TYPE_CHECKING:
@@ -28,6 +32,11 @@ SMALL_BODY = 64 * 1024
 NO_BODY = frozenset({204, 304})
 #: The outcome label of an attempt that got an answer to relay.
 RESPONSE = "response"
+#: Outcome labels of an attempt that opened no connection (nothing was sent: always safe
+#: to try the next geode): TCP (refused, unreachable, DNS, timeout), or the TLS handshake.
+CONNECT_ERROR, TLS_ERROR = "connect_error", "tls_error"
+
+log = logging.getLogger("geoproxy.forwarder")
 
 
 def origin_form(target: str) -> bool:
@@ -72,3 +81,19 @@ def answered(trace: Trace, geode: Geode, decision: str) -> None:
     trace.attempts.append((geode.name, RESPONSE))
     trace.geode = geode
     trace.decision = decision
+
+
+def connect_failed(trace: Trace, geode: Geode, exc: BaseException) -> str:
+    """No connection to ``geode`` could be opened (``exc``, from the lean client or
+    aiohttp's): its outcome label; a TLS failure is noted in the trace with its reason
+    and the words for people (``certificate verify failed: ... (geode X)``)."""
+    if isinstance(exc, ConnectFailed) and exc.tls_reason is not None:
+        reason, message = exc.tls_reason, str(exc)
+    elif (failure := failure_of(exc)) is not None:
+        reason, message = failure.reason, failure.message(geode.name)
+    else:
+        log.info("geode %s: connect failed: %s", geode.name, exc)
+        return CONNECT_ERROR
+    trace.tls_failures.append((geode.name, reason, message))
+    log.info("geode %s: %s", geode.name, message)
+    return TLS_ERROR

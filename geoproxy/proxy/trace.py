@@ -28,6 +28,8 @@ class Trace:
     aborted: bool = False  # the geode failed mid-response; the client connection was cut
     body_bytes: int = 0  # response body bytes relayed to the client
     denied: str | None = None  # refused at the edge: the access rule (or refusal) label
+    # TLS handshakes that failed: (geode, reason label, message for people), in order.
+    tls_failures: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 TRACE_KEY = web.RequestKey("trace", Trace)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import ssl
 from collections.abc import AsyncIterable, Callable
 
@@ -24,6 +25,7 @@ from aiohttp.streams import StreamReader
 
 from geoproxy.config.values import Geode
 from geoproxy.errors import BadResponse, ConnectFailed
+from geoproxy.health.tls import broken_handshake, describe, handshake_timeout, server_name
 from geoproxy.proxy.connection import READ_BUFSIZE, Connection, Pool
 
 
@@ -109,30 +111,70 @@ async def _stream_body(proto: Connection, body: Body, write_timeout: float) -> N
 
 
 @functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """For https geodes: the system's trust store and host name checks, as aiohttp's
-    client uses by default."""
+def _system_tls() -> ssl.SSLContext:
+    """For an https geode without a context of its own (one built outside a gateway):
+    the system's trust store and host name checks, as aiohttp's client uses by default."""
     return ssl.create_default_context()
 
 
-async def connect(geode: Geode, within: float) -> Connection:
-    """A new connection to a geode (DNS included in ``within`` seconds)."""
+async def connect(geode: Geode, within: float, tls: ssl.SSLContext | None = None) -> Connection:
+    """A new connection to a geode (DNS included in ``within`` seconds), over ``tls``
+    (its context from ``GeodeContexts``) for an https geode. A failed TLS handshake
+    raises ``ConnectFailed`` with its reason (``tls_reason``), in OpenSSL's words."""
     loop = asyncio.get_running_loop()
     url = geode.url
     host, port = url.host or "", url.port or 80
-    tls = _tls_context() if url.scheme == "https" else None
+    if url.scheme == "https" and tls is None:
+        tls = _system_tls()
+    handshaking = False
     try:
         async with asyncio.timeout(within):
-            _, proto = await loop.create_connection(lambda: Connection(loop), host, port, ssl=tls)
+            if tls is None:
+                _, proto = await loop.create_connection(lambda: Connection(loop), host, port)
+            else:
+                # TCP first, on its own: a timeout after it is the TLS handshake's.
+                sock = await _open_socket(loop, host, port)
+                handshaking = True
+                _, proto = await loop.create_connection(
+                    lambda: Connection(loop), sock=sock, ssl=tls, server_hostname=server_name(geode)
+                )
     except TimeoutError:
+        if handshaking:
+            failure = handshake_timeout(within)
+            raise ConnectFailed(failure.message(geode.name), failure.reason) from None
         raise ConnectFailed(f"connect timeout ({within:g}s) to {geode.url}") from None
     except ssl.SSLError as exc:
-        raise ConnectFailed(f"TLS handshake with {geode.url} failed: {exc.reason or exc}") from None
+        failure = describe(exc)
+        raise ConnectFailed(failure.message(geode.name), failure.reason) from None
     except OSError as exc:
+        if handshaking:
+            failure = broken_handshake(exc)
+            raise ConnectFailed(failure.message(geode.name), failure.reason) from None
         raise ConnectFailed(f"cannot connect to {geode.url}: {exc.strerror or exc}") from None
     except ValueError as exc:  # a host name the resolver rejects (a label over 63 bytes)
         raise ConnectFailed(f"cannot connect to {geode.url}: {exc}") from None
     return proto
+
+
+async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected TCP socket to the first address of ``host`` that accepts."""
+    error: OSError | None = None
+    for family, kind, proto, _, address in await loop.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error or OSError(f"no address for {host}")
 
 
 async def send(
@@ -147,11 +189,12 @@ async def send(
     sent_pooled: bool = True,
     body: Body | None = None,
     interim: Callable[[RawResponseMessage], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Exchange:
     """Send a request head (and ``body``, streamed) and wait for the final response
     head; ``interim`` gets each 1xx response before it. ``sent``: a connection the head
     went out on already (by the fast lane; ``sent_pooled``: one taken from the pool),
-    whose answer is awaited.
+    whose answer is awaited. ``tls``: the geode's context (``GeodeContexts``).
 
     Raises ``ConnectFailed`` while connecting (nothing was sent), ``SocketTimeoutError``
     when the geode stays silent, ``ServerDisconnectedError``/``ClientOSError`` when the
@@ -167,7 +210,7 @@ async def send(
     else:
         pooled = pool.get(geode)
         may_resend = idempotent and pooled is not None
-        proto = pooled if pooled is not None else await connect(geode, connect_timeout)
+        proto = pooled if pooled is not None else await connect(geode, connect_timeout, tls)
     streaming: asyncio.Task[None] | None = None
     while True:
         transport = proto.transport
@@ -183,7 +226,7 @@ async def send(
             if not may_resend:
                 raise ServerDisconnectedError()
             may_resend = False
-            proto = await connect(geode, connect_timeout)
+            proto = await connect(geode, connect_timeout, tls)
             continue
         try:
             while True:
@@ -227,7 +270,7 @@ async def send(
             proto.close()
             raise
         may_resend = False
-        proto = await connect(geode, connect_timeout)
+        proto = await connect(geode, connect_timeout, tls)
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

@@ -17,8 +17,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from geoproxy.health.load import Ticket
+from geoproxy.health.tls import server_name
 from geoproxy.proxy.headers import GEODE_HEADER, REGION_HEADER, ResponseHead
-from geoproxy.proxy.policy import answered, path_qs
+from geoproxy.proxy.policy import CONNECT_ERROR, answered, connect_failed, path_qs
 from geoproxy.proxy.responses import json_error, lines_to_map
 from geoproxy.proxy.trace import Trace
 from geoproxy.routing.router import Candidate
@@ -76,6 +77,7 @@ async def proxy_websocket(
         ticket.at(geode.name)
         if not fwd.preserve_host:
             headers["Host"] = geode.url.raw_authority
+        tls = rt.tls.get(geode)
         try:
             async with asyncio.timeout(fwd.connect_timeout + fwd.response_timeout):
                 upstream = await rt.session.ws_connect(
@@ -84,14 +86,20 @@ async def proxy_websocket(
                     protocols=protocols,
                     autoclose=False,
                     max_msg_size=limits.max_body_bytes,
+                    ssl=tls if tls is not None else True,
+                    server_hostname=server_name(geode) if tls is not None else None,
                 )
         except aiohttp.WSServerHandshakeError as exc:
             answered(trace, geode, cand.decision)  # its refusal goes to the client
             status = exc.status if 400 <= exc.status < 500 else 502
             why = f"the geode answered the WebSocket handshake with {exc.status}"
             return json_error(status, "websocket_refused", why)
+        except aiohttp.ClientConnectorError as exc:
+            trace.attempts.append((geode.name, connect_failed(trace, geode, exc)))
+            rt.board.observe(geode.name, False)
+            continue
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            trace.attempts.append((geode.name, "connect_error"))
+            trace.attempts.append((geode.name, CONNECT_ERROR))
             rt.board.observe(geode.name, False)
             log.info("geode %s: WebSocket handshake failed: %r", geode.name, exc)
             continue

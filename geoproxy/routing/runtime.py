@@ -11,6 +11,7 @@ import aiohttp
 from geoproxy.config.model import Topology
 from geoproxy.health.board import HealthBoard
 from geoproxy.health.load import GeodeLoad
+from geoproxy.health.tls import GeodeContexts
 from geoproxy.routing.clientip import TrustedProxies
 from geoproxy.routing.geoip import GeoLookup
 
@@ -24,3 +25,4 @@ class Runtime:
     session: aiohttp.ClientSession
     via: str  # this instance's name in Via (loop detection)
     load: GeodeLoad  # in flight, capacity and latency per geode (kept across reloads)
+    tls: GeodeContexts  # each https geode's TLS context (health checks use the same)

@@ -88,7 +88,8 @@ class Metrics:
             "geoproxy_upstream_attempts",
             "Attempts to forward to a geode, by outcome: "
             "response, retry_status (502/503/504, tried elsewhere), connect_error, "
-            "timeout, reset, cut_by_drain (still waiting when the shutdown drain ended).",
+            "tls_error (the TLS handshake failed), timeout, reset, cut_by_drain (still "
+            "waiting when the shutdown drain ended).",
             ["geode", "outcome"],
         )
         self.failovers = HotCounter(
@@ -208,6 +209,15 @@ class Metrics:
             ["geode", "region"],
             registry=r,
         )
+        self.tls_errors = Counter(
+            "geoproxy_geode_tls_errors",
+            "TLS handshakes with a geode that failed, by reason (untrusted, expired, "
+            "not_yet_valid, hostname_mismatch, verify_failed, client_cert_required, "
+            "client_cert_refused, not_tls, handshake_timeout, handshake_failed) and source "
+            "(health_check, traffic).",
+            ["geode", "reason", "source"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "geoproxy_inflight_requests", "Requests being handled right now.", registry=r
         )
@@ -221,11 +231,16 @@ class Metrics:
         self.build_info.labels(__version__, aiohttp.__version__, compat.mode()).set(1)
         #: Families each worker of ``--workers`` counts for itself and the supervisor sums
         #: (fleet.py): every per-request family, passive health (each worker sees its own
-        #: traffic) and in-flight requests. The rest is the supervisor's own: active
+        #: traffic), in-flight requests and TLS failures (of traffic; the supervisor adds
+        #: its health checks' own). The rest is the supervisor's own: active
         #: health, reloads, readiness, build and process.
         self.worker_families = frozenset(
             {f.name for f in hot}
-            | {m.name for c in (self.ejections, self.ejected, self.inflight) for m in c.describe()}
+            | {
+                m.name
+                for c in (self.ejections, self.ejected, self.inflight, self.tls_errors)
+                for m in c.describe()
+            }
         )
         if process_metrics:
             ProcessCollector(registry=r)

@@ -155,6 +155,8 @@ class Observer:
                     m.fence_refusals.inc(resolution.fence.name, resolution.region)
         if trace.denied is not None:
             m.denied.inc(trace.denied)
+        for name, reason, _ in trace.tls_failures:
+            m.tls_errors.labels(name, reason, "traffic").inc()
         previous = None
         for name, outcome in trace.attempts:
             m.attempts.inc(name, outcome)
@@ -208,6 +210,8 @@ class Observer:
             fields["denied"] = trace.denied
         if trace.cut:
             fields["cut"] = "drain_timeout"
+        if trace.tls_failures:  # the last one: why the request failed over (or failed)
+            fields["tls_error"] = trace.tls_failures[-1][2]
         if self.access_format == "json":
             return json.dumps(fields, separators=(",", ":"))
         return " ".join(f"{k}={_plain(v)}" for k, v in fields.items())
