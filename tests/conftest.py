@@ -41,6 +41,7 @@ class FakeGeode:
     /set-cookie        sets a cookie
     /hop-headers       a response carrying hop-by-hop headers
     /hsts              a response with its own Strict-Transport-Security (max-age=60)
+    /home/{region}     names the user's home region (``Geoproxy-Home``), as a stamp does
     ``force_status``   when set, /whoami and /echo answer with it (after reading the body)
     ``delay``          seconds /whoami waits before it answers (a slowed-down geode)
     ``headers``        extra response headers of /whoami (a load report, say)
@@ -69,6 +70,7 @@ class FakeGeode:
         self.app.router.add_get("/set-cookie", self.set_cookie)
         self.app.router.add_get("/hop-headers", self.hop_headers)
         self.app.router.add_get("/hsts", self.hsts)
+        self.app.router.add_route("*", "/home/{region}", self.home)
         self.app.router.add_get("/ws", self.websocket)
         self.app.router.add_get("/sse", self.sse)
         self.sse_gate = asyncio.Event()  # /sse sends its second event once this is set
@@ -184,6 +186,12 @@ class FakeGeode:
         return web.json_response(
             {"geode": self.name}, headers={"Strict-Transport-Security": "max-age=60"}
         )
+
+    async def home(self, request: web.Request) -> web.Response:
+        self._note(request)
+        await request.read()
+        home = {"Geoproxy-Home": request.match_info["region"]}
+        return web.json_response({"geode": self.name}, headers=home)
 
     async def hop_headers(self, request: web.Request) -> web.Response:
         self._note(request)

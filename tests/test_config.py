@@ -285,7 +285,8 @@ def test_region_without_geode_is_served_through_its_fallback(write_config: Write
                 "colour: unknown key (known: listen, trusted_proxies, region_sources, "
                 "geoip, default_region, regions, region_map, countries, continents, "
                 "geodes, health_check, forwarding, access_log, limits, "
-                "outlier_detection, reload, shutdown, access, fences, proximity)"
+                "outlier_detection, reload, shutdown, access, fences, proximity, "
+                "home_affinity)"
             ],
             id="top-level-no-close-match",
         ),

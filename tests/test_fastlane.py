@@ -559,7 +559,7 @@ async def test_a_geode_host_name_the_resolver_rejects_is_a_connect_failure(
     assert proxy.gateway.observer.inflight == 0
 
 
-@pytest.mark.parametrize("broken", ["geode_lines", "whole_head"])
+@pytest.mark.parametrize("broken", ["answer_lines", "whole_head"])
 async def test_an_unexpected_error_while_the_answer_is_made_still_answers(
     geode_factory: GeodeFactory,
     proxy_factory: ProxyFactory,

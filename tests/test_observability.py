@@ -908,7 +908,8 @@ async def test_status_page_shows_recent_rates_and_tells_a_region_without_geodes_
     [
         (
             "country=FR&client=1",
-            "unknown parameter(s): client (known: ip, country, region, trusted, path)",
+            "unknown parameter(s): client "
+            "(known: ip, country, region, trusted, home_cookie, tenant, path)",
         ),
         ("ip=not-an-ip", "ip: not an IP address: 'not-an-ip'"),
         ("ip=999.1.1.1", "ip: not an IP address: '999.1.1.1'"),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from geoproxy.config import tls
+from geoproxy.config.affinity import describe_homes
 from geoproxy.config.model import Topology
 from geoproxy.config.values import WEIGHTED, Config, Fence, Geode, Region
 
@@ -156,4 +157,6 @@ def describe(old: Config, new: Config) -> list[str]:
         settings.append(f"{_LIFECYCLE.get(name, name)} {_show(before)} -> {_show(after)}")
     if settings:
         out.append("settings: " + ", ".join(settings))
+    if old.home_affinity != new.home_affinity:
+        out.append(" ".join(line.strip() for line in describe_homes(new.home_affinity)))
     return out + tls.changes(old, new)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from geoproxy.config import sections, tls
+from geoproxy.config import affinity, sections, tls
 from geoproxy.config.countries import COUNTRY_CONTINENT
 from geoproxy.config.pem import expiry_warning
 from geoproxy.config.schema import (
@@ -98,6 +98,7 @@ _TOP_KEYS = (
     "access",
     "fences",
     "proximity",
+    "home_affinity",
 )
 
 
@@ -139,6 +140,10 @@ def _build(
     if redirect is not None:
         plain = Listener(redirect.host, redirect.port)
         _check_apart(listen, "redirect", plain, [("the proxy listener", proxy), ("admin", admin)])
+    home_read: list[bytes] = []  # fingerprinted after the TLS files, as ``files`` lists them
+    homes, home_files = affinity.home_affinity(
+        root, base, (known, quiet), problems, home_read, given
+    )
 
     proximity = sections.section(
         root.get("proximity"),
@@ -207,6 +212,7 @@ def _build(
         return None
     assert default_region is not None  # guarded by `problems` (internal invariant only)
     read.extend(reads.contents)  # the TLS files, in the order they were read
+    read.extend(home_read)  # then home_affinity's keys file and tenant map
     return Config(
         path=path,
         proxy=proxy,
@@ -227,9 +233,13 @@ def _build(
         outlier_detection=outliers,
         lifecycle=lifecycle,
         redirect=redirect,
-        files=(path,) + ((base / region_map,) if region_map else ()) + tuple(reads.files),
+        files=(path,)
+        + ((base / region_map,) if region_map else ())
+        + tuple(reads.files)
+        + tuple(home_files),
         fences=fences,
         proximity=proximity,
+        home_affinity=homes,
     )
 
 

@@ -272,6 +272,48 @@ class Lifecycle:
 
 
 @dataclass(frozen=True, slots=True)
+class HomeCookie:
+    """The signed cookie that carries a user's home region once a stamp named it
+    (``Geoproxy-Home`` response header). Set under ``home_affinity.cookie``."""
+
+    keys: tuple[tuple[str, bytes], ...]  # (key id, secret): the first signs, any of them
+    # verifies (rotation: put the new key first, drop the old one once max_age passed).
+    # From ``keys_file`` (one a line) or ``keys_env``; each at least 32 bytes.
+    name: str = "geoproxy_home"  # the cookie's name (an RFC 6265 token).
+    max_age: float = 30 * 86400.0  # seconds a cookie is valid from when the edge set it;
+    # a later one is ignored (counted as expired), as is a forged or unknown-key one.
+    secure: str = "auto"  # auto: Secure when the client came over HTTPS (the listener's
+    # scheme, or X-Forwarded-Proto from a trusted proxy) | always | never.
+    domain: str | None = None  # the cookie's Domain; none: this host only.
+    forward: bool = False  # pass the cookie on to geodes; false: the edge takes it out
+    # of the Cookie header (it is the edge's; a stamp learns the home from its own data).
+
+
+@dataclass(frozen=True, slots=True)
+class Tenants:
+    """A tenant or user key from a request, mapped to a home region (``home_affinity.
+    tenants``): the map reloads with the config."""
+
+    source: str  # header | cookie | path_prefix
+    name: str  # the header's or cookie's name, or the path prefix ("/t/": the key is the
+    # path segment after it). A header is believed only from trusted proxies.
+    homes: Mapping[str, str]  # tenant key (as sent, case-sensitive) -> region
+
+
+@dataclass(frozen=True, slots=True)
+class HomeAffinity:
+    """Home-stamp affinity: a request that names its home region goes there wherever it
+    comes from (read-your-writes across regions). The tenant map is asked first, then
+    the cookie."""
+
+    cookie: HomeCookie | None  # None: stamps' Geoproxy-Home headers are stripped unused
+    tenants: Tenants | None
+    on_unavailable: str = "fallback"  # the home region has no healthy geode: fallback
+    # (its own fallback list, then panic mode or 503 as forwarding.when_none_healthy
+    # says) | reject (503 naming the home region).
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path  # the file it came from, as given (for messages).
     proxy: Listener
@@ -293,8 +335,10 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    home_affinity: HomeAffinity | None = None  # None: no request has a home region.
     files: tuple[Path, ...] = ()  # every file read (this one, the region map, the TLS
-    # certificates and keys): a change to any of them triggers a reload.
+    # certificates and keys, home_affinity's keys and tenant map): a change to any of them
+    # triggers a reload.
     fingerprint: bytes = b""  # of the exact bytes this config was read from
     contents: tuple[bytes, ...] = ()  # those bytes, one per file in ``files``
     fences: tuple[Fence, ...] = ()  # residency fences (see ``Fence``), in config order.

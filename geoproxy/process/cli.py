@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rte.add_argument("--country", help="as sent in CF-IPCountry, e.g. JP")
     rte.add_argument("--region", help="as sent in X-Client-Region: a region id or country")
     rte.add_argument("--path", help="a request path: which access rule it meets")
+    rte.add_argument("--home-cookie", help="a home cookie's value (home_affinity.cookie)")
+    rte.add_argument("--tenant", help="a tenant key (home_affinity.tenants)")
     rte.add_argument("--json", action="store_true", help="print the explanation as JSON")
 
     stm = sub.add_parser("stamp", help="run one reference stamp")
@@ -95,7 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(Path(args.config))
     if args.command == "route":
         return route_cmd(
-            Path(args.config), args.ip, args.country, args.region, args.json, args.path
+            Path(args.config),
+            args.ip,
+            args.country,
+            args.region,
+            args.json,
+            args.path,
+            args.home_cookie,
+            args.tenant,
         )
     if args.command == "worker":
         setup_logging(args.log_level, f"worker-{args.index}")

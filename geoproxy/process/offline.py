@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 from geoproxy.config import loader as config_mod
+from geoproxy.config.affinity import describe_homes
 from geoproxy.config.model import Topology
 from geoproxy.config.tls import certificate_line
 from geoproxy.config.values import WEIGHTED, Config
 from geoproxy.errors import GeoproxyError
 from geoproxy.proxy import https
+from geoproxy.routing import affinity
 from geoproxy.routing.clientip import parse_ip
 from geoproxy.routing.explain import explain, explain_access
 from geoproxy.routing.geoip import open_geoip
@@ -65,6 +67,8 @@ def route_cmd(
     region: str | None,
     as_json: bool,
     request_path: str | None = None,
+    home_cookie: str | None = None,
+    tenant: str | None = None,
 ) -> int:
     """Explain a routing decision from the config alone, every geode counted healthy."""
     try:
@@ -87,7 +91,18 @@ def route_cmd(
         if lookup is not None:
             lookup.close()
     every = {g.name for g in cfg.geodes}
-    answer = explain(topology, resolution, every, None, True)
+    homes, home = cfg.home_affinity, None
+    if homes is None and (home_cookie or tenant):
+        print(
+            "geoproxy route: the config sets no home_affinity: "
+            "--home-cookie and --tenant were ignored",
+            file=sys.stderr,
+        )
+    elif homes is not None:
+        now = time.time()
+        home = affinity.given(homes, tenant, home_cookie, topology.region_names, now)
+        home = affinity.current(homes, home, request_path or "/", now)
+    answer = explain(topology, resolution, every, None, True, home=home)
     given = {
         "x-client-region": ("--region", region),
         "cf-ipcountry": ("--country", country),
@@ -116,6 +131,8 @@ def route_cmd(
     if (fence := answer["fence"]) is not None:
         kept = f"; keeps out {', '.join(fence['kept_out'])}" if fence["kept_out"] else ""
         print(f"residency fence: {fence['name']} ({', '.join(fence['regions'])}{kept})")
+    if (found := answer["home"]) is not None:
+        print(f"home region: {found['region'] or 'none'} ({found['source']}: {found['result']})")
     print(f"try order: {' -> '.join(answer['try_order'])}")
     print(f"attempt order: {', '.join(answer['attempt_order']) or 'none'}")
     print(f"chosen geode: {answer['chosen']} ({answer['decision']})")
@@ -240,6 +257,7 @@ def describe(topology: Topology, geoip_note: str = "") -> str:
         )
     trace = "forwarded" if cfg.forwarding.forward_trace else "405"
     lines.append(f"methods refused at the edge: CONNECT (405); TRACE: {trace}")
+    lines += describe_homes(cfg.home_affinity)
     unmapped = topology.unmapped_countries()
     if unmapped:
         lines.append(

@@ -18,8 +18,8 @@ from geoproxy.errors import ConnectFailed
 from geoproxy.health.load import Ticket
 from geoproxy.proxy import upstream
 from geoproxy.proxy.connection import Connection, Pool
-from geoproxy.proxy.headers import ResponseHead, geode_lines
-from geoproxy.proxy.policy import answered, fast_lane_finishes
+from geoproxy.proxy.headers import ResponseHead
+from geoproxy.proxy.policy import answer_lines, answered, fast_lane_finishes
 from geoproxy.proxy.prelude import Route
 from geoproxy.proxy.responses import whole_head
 from geoproxy.routing.router import Candidate
@@ -172,7 +172,7 @@ class FastExchange:
             return
         geode = self.cand.geode
         route = self.route
-        lines = out.kept + out.tail(route.via, geode_lines(geode.name, geode.region), route.hsts)
+        lines = answer_lines(route, out, geode)
         conn = self.conn
         keep_alive = conn.keeps_alive(self.message)
         head = whole_head(

@@ -252,7 +252,7 @@ class ProxyConnection(ServerConnection):
                 return False  # geoproxy's own answer: the coroutine path writes it
             prelude = found
             self._memo = (rt, raw, prelude)
-        route = forwarder.routed(rt, prelude, Trace())
+        route = forwarder.routed(rt, prelude, Trace(), path)
         if not isinstance(route, Route):
             return False  # geoproxy's own answer: the coroutine path writes it
         geode = route.trace.trying = route.cands[0].geode

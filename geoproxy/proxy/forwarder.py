@@ -26,11 +26,12 @@ from geoproxy.health.load import LOAD_HEADER
 from geoproxy.health.tls import server_name
 from geoproxy.proxy import compat, upstream
 from geoproxy.proxy.connection import Connection, Pool
-from geoproxy.proxy.headers import ResponseHead, geode_lines
+from geoproxy.proxy.headers import ResponseHead
 from geoproxy.proxy.policy import (
     CONNECT_ERROR,
     RETRY_STATUSES,
     TLS_ERROR,
+    answer_lines,
     answered,
     connect_failed,
     path_qs,
@@ -174,7 +175,8 @@ class Forwarder:
         rt = self.runtime  # read once: a reload swaps it whole
         trace = Trace()
         request[TRACE_KEY] = trace
-        refused = refusal(rt, request.method, path_qs(request))
+        target = path_qs(request)
+        refused = refusal(rt, request.method, target)
         if refused is not None:  # before anything else: it never reaches a geode
             trace.denied, answer = refused
             if request.body_exists:  # unread (or a CONNECT tunnel): not worth reading
@@ -190,7 +192,7 @@ class Forwarder:
         )
         if not isinstance(prelude, Prelude):
             return prelude
-        route = self.routed(rt, prelude, trace)
+        route = self.routed(rt, prelude, trace, target)
         if not isinstance(route, Route):
             return route
         head = route.head
@@ -240,7 +242,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Try the candidates in order, as ``may_try_next`` allows; relay the first
         answer that can be relayed."""
-        rt, trace, head, via = route.rt, route.trace, route.head, route.via
+        rt, trace, head = route.rt, route.trace, route.head
         fwd = rt.topology.config.forwarding
         board = rt.board
         limits = rt.topology.config.limits
@@ -358,7 +360,7 @@ class Forwarder:
                     last = BAD_RESPONSE
                     break
                 answered(trace, geode, cand.decision)
-                lines = out.tail(via, geode_lines(geode.name, geode.region), route.hsts)
+                lines = answer_lines(route, out, geode)
                 length = out.length
                 if read_whole(status, method, out) and length is not None:
                     # Read it whole and send head and body in one write; if the geode
@@ -383,8 +385,8 @@ class Forwarder:
                         )
                     reply.release()
                     trace.body_bytes = length
-                    return whole_response(status, reply.reason, out.kept + lines, out.date, small)
-                relay = relay_response(status, reply.reason, out.kept + lines, out.date, length)
+                    return whole_response(status, reply.reason, lines, out.date, small)
+                relay = relay_response(status, reply.reason, lines, out.date, length)
                 return await stream(request, reply, geode, relay)
             trace.attempts.append((geode.name, last))
             board.observe(geode.name, False)

@@ -68,6 +68,9 @@ _DROP_UNTRUSTED = _DROP_ALWAYS | _low(
 GEODE_HEADER = "X-Geoproxy-Geode"
 REGION_HEADER = "X-Geoproxy-Region"
 _LOAD = LOAD_HEADER.lower().encode("ascii")
+#: A stamp names its user's home region with this answer header; the edge keeps it.
+HOME_HEADER = "Geoproxy-Home"
+_HOME = HOME_HEADER.lower().encode("ascii")
 _INTERNAL_PREFIX = b"x-geoproxy-"
 _HOST, _VIA, _XFF, _XFP, _XFH, _CONNECTION, _CONTENT_LENGTH, _DATE = (
     b"host",
@@ -91,6 +94,7 @@ _NOTED_DOWNSTREAM = _low((GEODE_HEADER, REGION_HEADER)) | {
     _DATE,
     _STS,
     _LOAD,
+    _HOME,
 }
 #: A control character other than HTAB (RFC 9110 5.5). aiohttp's request parser rejects
 #: them; its response parser is lenient and lets some through in values and the reason.
@@ -209,12 +213,25 @@ class ResponseHead:
     """A geode's response headers as this hop passes them on, from one pass over the
     raw lines: hop-by-hop ones (and those named in Connection) dropped; Via, Date,
     Content-Length and the X-Geoproxy-* pair kept apart, to be set by ``tail``; the
-    geode's ``Geoproxy-Load`` report read and dropped. ``ok`` is False when a value or the
-    reason phrase holds a control character (never passed on)."""
+    geode's ``Geoproxy-Load`` report read and dropped; ``Geoproxy-Home`` kept apart for
+    the edge (``homecookie.stamped``). ``ok`` is False when a value or the reason phrase
+    holds a control character (never passed on)."""
 
-    __slots__ = ("date", "framed", "kept", "length", "lengths", "load", "ok", "sts", "vias")
+    __slots__ = (
+        "date",
+        "framed",
+        "home",
+        "kept",
+        "length",
+        "lengths",
+        "load",
+        "ok",
+        "sts",
+        "vias",
+    )
     date: bool  # the geode sent a Date
     framed: bool  # no Transfer-Encoding, or only chunked
+    home: bytes | None  # the first Geoproxy-Home value: the user's home region
     kept: bytes  # the lines passed on as they came ("Name: value\r\n" each)
     length: int | None  # the Content-Length
     load: bytes | None  # the last Geoproxy-Load value (health/load.py), if any
@@ -240,6 +257,7 @@ class ResponseHead:
         sts: list[bytes] = []
         self.date = False
         self.load = None
+        self.home = None
         for name, value in raw:
             low = name.lower()
             if low in HOP_BY_HOP:
@@ -261,6 +279,8 @@ class ResponseHead:
                     sts += (name, b": ", value, b"\r\n")
                 elif low == _LOAD:
                     self.load = value
+                elif low == _HOME and self.home is None:
+                    self.home = value
             else:
                 kept += (name, b": ", value, b"\r\n")
         self.kept = b"".join(kept)

@@ -6,7 +6,8 @@
 - how a geode's answer goes to the client: read whole and sent in one write, or
   streamed; and so which answers the fast lane may finish itself;
 - what a successful attempt notes in the trace, and what a failed connection does
-  (``connect_failed``: a TLS failure, with its reason, or any other).
+  (``connect_failed``: a TLS failure, with its reason, or any other);
+- the header lines of a relayed answer (with the home cookie a stamp asked for).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import TYPE_CHECKING
 
 from geoproxy.errors import ConnectFailed
 from geoproxy.health.tls import failure_of
-from geoproxy.proxy.headers import ResponseHead
+from geoproxy.proxy.headers import ResponseHead, geode_lines
+from geoproxy.proxy.homecookie import stamped
 
 if TYPE_CHECKING:
     from aiohttp import web
 
     from geoproxy.config.values import Geode
+    from geoproxy.proxy.prelude import Route
     from geoproxy.proxy.trace import Trace
 
 #: Answers a geode gives when it cannot serve: another geode may be tried.
@@ -97,3 +100,13 @@ def connect_failed(trace: Trace, geode: Geode, exc: BaseException) -> str:
     trace.tls_failures.append((geode.name, reason, message))
     log.info("geode %s: %s", geode.name, message)
     return TLS_ERROR
+
+
+def answer_lines(route: Route, out: ResponseHead, geode: Geode) -> bytes:
+    """The header lines of a geode's answer as the client gets them: the geode's own as
+    passed on, Via and the X-Geoproxy-* pair, and the Set-Cookie of the home cookie when
+    the geode named its user's home region (``Geoproxy-Home``, never passed on)."""
+    lines = out.kept + out.tail(route.via, geode_lines(geode.name, geode.region), route.hsts)
+    if out.home is not None:
+        lines += stamped(route.rt.topology, route.trace, route.https, out.home)
+    return lines

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -15,11 +16,15 @@ from multidict import CIMultiDictProxy
 from geoproxy.config.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
 from geoproxy.config.values import Forwarding, Geode, Hsts, Limits
 from geoproxy.proxy.headers import RawHeaders, RequestHead
+from geoproxy.proxy.homecookie import without_cookie
 from geoproxy.proxy.responses import json_error
 from geoproxy.proxy.trace import Trace
+from geoproxy.routing.affinity import Home, current, fenced_in, home_of
 from geoproxy.routing.clientip import client_ip, parse_ip
 from geoproxy.routing.resolver import Resolution, ResolutionCache, resolve
 from geoproxy.routing.router import (
+    AFFINITY,
+    AFFINITY_REJECTED,
     FENCED,
     HOME,
     OVER_CAPACITY,
@@ -74,7 +79,7 @@ class Prelude:
     for the same header lines from the same peer under the same ``Runtime`` (the fast
     lane keeps the last one per connection)."""
 
-    __slots__ = ("forwarded", "head", "hsts", "resolution", "via")
+    __slots__ = ("forwarded", "head", "home", "hsts", "https", "resolution", "via")
 
     def __init__(
         self,
@@ -83,16 +88,21 @@ class Prelude:
         via: bytes,
         resolution: Resolution,
         hsts: bytes = b"",
+        home: Home | None = None,
+        https: bool = False,
     ) -> None:
         self.head, self.forwarded, self.via, self.resolution = head, forwarded, via, resolution
         self.hsts = hsts  # the Strict-Transport-Security line of every answer, or b""
+        # The home region the headers name (home_affinity; checked again per request for
+        # the time and a path prefix), and whether the client came over HTTPS.
+        self.home, self.https = home, https
 
 
 class Route:
     """Where one request goes and how its head is passed on: what both lanes work out
     first (the trusted-peer check, the header rules, region resolution, candidates)."""
 
-    __slots__ = ("cands", "forwarded", "head", "hsts", "rt", "trace", "via")
+    __slots__ = ("cands", "forwarded", "head", "hsts", "https", "rt", "trace", "via")
 
     def __init__(
         self,
@@ -103,11 +113,13 @@ class Route:
         forwarded: bytes,
         via: bytes,
         hsts: bytes = b"",
+        https: bool = False,
     ) -> None:
         self.rt, self.trace, self.head, self.cands = rt, trace, head, cands
         self.forwarded = forwarded  # X-Forwarded-* and Via lines, as sent
         self.via = via
         self.hsts = hsts  # as Prelude.hsts
+        self.https = https  # the client came over HTTPS (the home cookie is Secure then)
 
 
 def request_wire(
@@ -173,23 +185,44 @@ class Routing:
         )
         hsts = topology.config.proxy.hsts
         own = hsts_line(hsts) if hsts is not None and scheme == "https" else b""
-        return Prelude(head, forwarded, via, resolution, own)
+        affinity = topology.config.home_affinity
+        if affinity is None:
+            return Prelude(head, forwarded, via, resolution, own)
+        home = home_of(affinity, headers_in, trusted, topology.region_names, time.time())
+        cookie = affinity.cookie
+        if cookie is not None and not cookie.forward:
+            head.kept = without_cookie(head.kept, cookie.name)  # the edge's, not the geode's
+        proto = head.read.get(b"x-forwarded-proto") if trusted else None
+        https = (proto[-1].decode("latin-1") if proto else scheme).strip().lower() == "https"
+        return Prelude(head, forwarded, via, resolution, own, home, https)
 
-    def routed(self, rt: Runtime, prelude: Prelude, trace: Trace) -> Route | web.Response:
-        """The candidates for a prelude's region as health stands now, or a 503."""
+    def routed(
+        self, rt: Runtime, prelude: Prelude, trace: Trace, path: str = "/"
+    ) -> Route | web.Response:
+        """The candidates for a prelude's region, or its home region, as health stands
+        now, or a 503. ``path``: the request target (a tenant key may lead it)."""
         topology = rt.topology
         resolution = prelude.resolution
         trace.resolution = resolution
+        fence = resolution.fence
+        region = resolution.region
+        own = PROXIMITY if resolution.by_distance else HOME
+        affinity = topology.config.home_affinity
+        if affinity is not None:
+            found = current(affinity, prelude.home, path, time.time())
+            found = trace.home = fenced_in(found, fence)  # never out of its fence
+            if found is not None and found.region is not None:
+                region, own = found.region, AFFINITY
         board = rt.board
         load = rt.load
         cands, decision = self.routes.candidates(
             topology,
-            resolution.region,
+            region,
             board.healthy,
             board.version,
             topology.config.forwarding.max_attempts,
-            fence=resolution.fence,
-            own=PROXIMITY if resolution.by_distance else HOME,
+            fence=fence,
+            own=own,
             full=load.full,
             full_version=load.version,
             cost=load.cost,
@@ -199,9 +232,9 @@ class Routing:
             return json_error(
                 503,
                 "over_capacity",
-                f"every healthy geode that can serve region {resolution.region!r} is at capacity",
+                f"every healthy geode that can serve region {region!r} is at capacity",
                 headers={"Retry-After": "1"},
-                region=resolution.region,
+                region=region,
             )
         if not cands:
             retry_after = str(math.ceil(topology.config.health_check.interval))
@@ -216,14 +249,32 @@ class Routing:
                     fence=fence.name,
                     region=resolution.region,
                 )
+            if decision == AFFINITY_REJECTED:
+                return json_error(
+                    503,
+                    "home_unavailable",
+                    f"no healthy geode in the home region {region!r} "
+                    "(home_affinity.on_unavailable: reject)",
+                    headers={"Retry-After": retry_after},
+                    region=region,
+                )
             return json_error(
                 503,
                 "no_healthy_geode",
-                f"no healthy geode can serve region {resolution.region!r}",
+                f"no healthy geode can serve region {region!r}",
                 headers={"Retry-After": retry_after},
-                region=resolution.region,
+                region=region,
             )
-        return Route(rt, trace, prelude.head, cands, prelude.forwarded, prelude.via, prelude.hsts)
+        return Route(
+            rt,
+            trace,
+            prelude.head,
+            cands,
+            prelude.forwarded,
+            prelude.via,
+            prelude.hsts,
+            prelude.https,
+        )
 
 
 @functools.lru_cache(maxsize=16)

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from geoproxy.config.values import Geode
 from geoproxy.health.load import Ticket
+from geoproxy.routing.affinity import Home
 from geoproxy.routing.resolver import Resolution
 
 #: The status a request is logged and counted with when its client went away before the
@@ -30,6 +31,8 @@ class Trace:
     denied: str | None = None  # refused at the edge: the access rule (or refusal) label
     # TLS handshakes that failed: (geode, reason label, message for people), in order.
     tls_failures: list[tuple[str, str, str]] = field(default_factory=list)
+    home: Home | None = None  # the home region the request named (home_affinity), or why not
+    stamp: str | None = None  # what became of a stamp's Geoproxy-Home (homecookie.py)
 
 
 TRACE_KEY = web.RequestKey("trace", Trace)

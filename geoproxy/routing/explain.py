@@ -15,10 +15,14 @@ from typing import Any
 from geoproxy.config.model import Topology
 from geoproxy.config.values import PEAK_EWMA
 from geoproxy.health.load import GeodeLoad
+from geoproxy.routing.affinity import COOKIE, OK, Home, fenced_in
 from geoproxy.routing.clientip import IPAddress
 from geoproxy.routing.proximity import Nearest
 from geoproxy.routing.resolver import Resolution
 from geoproxy.routing.router import (
+    AFFINITY,
+    AFFINITY_FALLBACK,
+    AFFINITY_REJECTED,
     FENCED,
     HOME,
     NONE_HEALTHY,
@@ -39,14 +43,22 @@ def explain(
     peer_trusted: bool,
     rand: Callable[[], float] = random.random,
     load: GeodeLoad | None = None,
+    home: Home | None = None,
 ) -> dict[str, Any]:
     """A JSON-able account of one routing decision. ``load``: the process's in-flight
-    counts and latencies (None: offline, nothing in flight)."""
+    counts and latencies (None: offline, nothing in flight). ``home``: the home region
+    the request names (``affinity.home_of``/``current``), which beats its geography."""
     fwd = topology.config.forwarding
     region = resolution.region
     fence = resolution.fence
-    order = try_order(topology, region, fence)
     own = PROXIMITY if resolution.by_distance else HOME
+    home = fenced_in(home, fence)  # home affinity never leaves a residency fence
+    if home is not None and home.region is not None:
+        region, own = home.region, AFFINITY
+    order = try_order(topology, region, fence)
+    affinity = topology.config.home_affinity
+    if own == AFFINITY and affinity is not None and affinity.on_unavailable == "reject":
+        order = tuple(r for r in order if r == region)
     if load is None:  # offline: the limits the config sets, nothing in flight
         load = GeodeLoad()
         load.configure(topology.config)
@@ -78,7 +90,7 @@ def explain(
             "ip": str(resolution.client_ip) if resolution.client_ip is not None else None,
         },
         "resolution": {
-            "region": region,
+            "region": resolution.region,
             "source": resolution.source,
             "country": resolution.country,
             "steps": [{"source": s, "result": r} for s, r in resolution.steps],
@@ -93,6 +105,14 @@ def explain(
             "status": fence.status,
             "kept_out": [r for r in topology.try_orders[region] if r not in fence.members],
         },
+        "home": None
+        if home is None
+        else {
+            "region": home.region,
+            "source": home.source,
+            "result": home.result,
+            "expires": home.expires,
+        },
         "try_order": list(order),
         "candidates": listing,
         "attempt_order": [c.geode.name for c in cands],
@@ -102,7 +122,14 @@ def explain(
         "balance": balance,
         "at_capacity": full,
         "reason": _reason(
-            topology, resolution, decision, chosen.region if chosen else None, pool, balance, full
+            topology,
+            resolution,
+            decision,
+            chosen.region if chosen else None,
+            pool,
+            balance,
+            full,
+            home,
         ),
     }
 
@@ -160,6 +187,7 @@ def _reason(
     pool: list[str],
     balance: str | None,
     full: dict[str, str],
+    home: Home | None = None,
 ) -> str:
     region = resolution.region
     why = f"client region {region} from {resolution.source}"
@@ -170,6 +198,13 @@ def _reason(
     fence = resolution.fence
     if fence is not None:
         why += f"; held by residency fence {fence.name} ({', '.join(fence.regions)})"
+    if home is not None and home.result != OK:
+        named = "a home cookie" if home.source == COOKIE else "a tenant key"
+        why += f"; {named} was ignored ({home.result}): routed by geography"
+    if home is not None and home.region is not None:
+        region = home.region
+        named = "a signed home cookie" if home.source == COOKIE else "the tenant map"
+        why = f"home region {region} from {named} (home affinity beats {why})"
     if decision == FENCED and fence is not None:
         return (
             f"{why}; no healthy geode inside the fence: {fence.status} "
@@ -178,10 +213,17 @@ def _reason(
     how = "by latency (peak EWMA, the less loaded of two)" if balance == PEAK_EWMA else "by weight"
     weighted = f", picked {how} among {', '.join(pool)}" if len(pool) > 1 else ""
     skipped = "; ".join(f"{g}: {what}" for g, what in full.items())
-    if skipped and decision in (HOME, PROXIMITY, PANIC):
+    if skipped and decision in (HOME, PROXIMITY, PANIC, AFFINITY):
         weighted += f" (at capacity, skipped: {skipped})"
-    if decision in (HOME, PROXIMITY):
+    if decision in (HOME, PROXIMITY, AFFINITY):
         return f"{why}; a healthy geode in the home region{weighted}"
+    if decision == AFFINITY_FALLBACK:
+        return (
+            f"{why}; no healthy geode in the home region: its nearest fallback with one "
+            f"is {served_region}{weighted}"
+        )
+    if decision == AFFINITY_REJECTED:
+        return f"{why}; no healthy geode in {region}: 503 (home_affinity.on_unavailable: reject)"
     if decision == SPILL:
         return (
             f"{why}; healthy geodes before {served_region} in the try order are at capacity "

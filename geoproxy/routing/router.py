@@ -16,6 +16,11 @@ here, where every candidate list is made: no fallback, panic mode or other prefe
 reaches past it. With no healthy geode inside: ``fenced`` (the fence's refusal), or panic
 mode inside the fence when its ``on_exhausted`` is ``try_all``. A new way to pick the
 client's region passes its fence on and so is held by it too.
+
+A request with a home region (home-stamp affinity) is routed the same way from its home
+region, with decisions of their own (``own=affinity``: ``affinity``,
+``affinity_fallback``); with ``home_affinity.on_unavailable: reject`` only the home
+region's own geodes are tried (``affinity_rejected`` when none is healthy).
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ PROXIMITY = "proximity"  # the client's region by geoproximity (nearest by dista
 SPILL = "spill"  # another region, because healthy geodes before it in the try order are full
 OVER_CAPACITY = "over_capacity"  # every healthy geode of the try order is full: 503
 ALL_FAILED = "all_failed"  # set by the forwarder when every candidate failed
+# A home region's geodes, its fallbacks', none healthy there and on_unavailable: reject.
+AFFINITY, AFFINITY_FALLBACK, AFFINITY_REJECTED = (
+    "affinity",
+    "affinity_fallback",
+    "affinity_rejected",
+)
 
 #: What choosing a geode costs (``GeodeLoad.cost``), by name: lower is better.
 Cost = Callable[[str], float]
@@ -43,7 +54,7 @@ _NONE: frozenset[str] = frozenset()
 @dataclass(frozen=True, slots=True)
 class Candidate:
     geode: Geode
-    decision: str  # home (or proximity) | fallback | panic
+    decision: str  # home (or proximity) | fallback | spill | panic | affinity | affinity_fallback
 
 
 def weighted_order(geodes: Sequence[Geode], rand: Callable[[], float]) -> list[Geode]:
@@ -81,10 +92,19 @@ def candidates(
 ) -> tuple[list[Candidate], str]:
     """Up to ``limit`` candidates and the decision for the first one. ``fence``: the
     client's residency fence, which no candidate leaves; ``own``: the decision for the
-    geodes of ``region`` itself (``proximity`` when the distance chose it); ``full``:
+    geodes of ``region`` itself (``proximity`` when the distance chose it, ``affinity``
+    when it is the request's home region: its fallbacks are ``affinity_fallback``); ``full``:
     geodes at capacity; ``cost``: for regions that balance by ``peak_ewma`` (without it,
     they balance by weight)."""
     order = try_order(topology, region, fence)
+    fallback = FALLBACK
+    only_home = False
+    if own == AFFINITY:
+        fallback = AFFINITY_FALLBACK
+        affinity = topology.config.home_affinity
+        only_home = affinity is not None and affinity.on_unavailable == "reject"
+        if only_home:
+            order = tuple(r for r in order if r == region)
     out: list[Candidate] = []
     spilled = False  # a region before this one had healthy geodes, all of them full
     balances = topology.balances
@@ -94,7 +114,7 @@ def candidates(
             room = [g for g in group if g.name not in full]
             spilled = spilled or not room
             group = room
-        decision = own if other == region else SPILL if spilled else FALLBACK
+        decision = own if other == region else SPILL if spilled else fallback
         if cost is not None and balances[other] == PEAK_EWMA:
             ordered = two_choices(group, rand, cost)
         else:
@@ -106,6 +126,8 @@ def candidates(
         return out, out[0].decision
     if spilled:
         return [], OVER_CAPACITY
+    if only_home:
+        return [], AFFINITY_REJECTED
     panic = topology.config.forwarding.when_none_healthy if fence is None else fence.on_exhausted
     if panic == TRY_ALL:
         for other in order:
@@ -154,6 +176,6 @@ class CandidateCache:
         regions = {c.geode.region for c in cands}
         if all(
             sum(g.name in healthy for g in topology.geodes_by_region[r]) <= 1 for r in regions
-        ) or decision in (NONE_HEALTHY, FENCED, OVER_CAPACITY):
+        ) or decision in (NONE_HEALTHY, FENCED, OVER_CAPACITY, AFFINITY_REJECTED):
             self._memo[key] = (topology, version, full_version, cands, decision)
         return cands, decision

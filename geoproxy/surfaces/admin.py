@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from geoproxy.config.changes import ReloadOutcome
 from geoproxy.proxy.responses import json_error
+from geoproxy.routing import affinity
 from geoproxy.routing.clientip import client_ip, parse_ip
 from geoproxy.routing.explain import explain, explain_access
 from geoproxy.routing.resolver import CF_IPCOUNTRY, X_CLIENT_REGION, resolve
@@ -113,26 +114,31 @@ async def geodes(request: web.Request) -> web.Response:
     return web.json_response({"geodes": listed})
 
 
+_ROUTE_QUERY = ("ip", "country", "region", "trusted", "home_cookie", "tenant")
+
+
 async def route(request: web.Request) -> web.Response:
     """What the proxy would do for a client.
 
     Query form, a client described directly: ``ip`` (the real client IP, for GeoIP),
     ``country`` (as CF-IPCountry), ``region`` (as X-Client-Region), ``trusted`` (whether
-    those headers come from a trusted proxy; default true).
+    those headers come from a trusted proxy; default true), ``home_cookie`` (a home
+    cookie's value) and ``tenant`` (a tenant key), for home affinity.
     Header form (no query): this very request, treated as the proxy would treat it — its
-    peer, X-Forwarded-For, CF-IPCountry and X-Client-Region.
-    ``path`` (either form): also what the access rules do with that request path.
+    peer, X-Forwarded-For, CF-IPCountry, X-Client-Region, its cookies and tenant header.
+    ``path`` (either form): also what the access rules do with that request path (and
+    the tenant key a path prefix gives).
     """
     rt = _runtime(request)
     q = MultiDict(request.query)
     path = q.popone("path", None)
-    if q.keys() - {"ip", "country", "region", "trusted"}:
-        unknown = ", ".join(sorted(q.keys() - {"ip", "country", "region", "trusted"}))
-        return json_error(
-            400,
-            "bad_query",
-            f"unknown parameter(s): {unknown} (known: ip, country, region, trusted, path)",
-        )
+    if unknown := ", ".join(sorted(q.keys() - set(_ROUTE_QUERY))):
+        known = ", ".join((*_ROUTE_QUERY, "path"))
+        return json_error(400, "bad_query", f"unknown parameter(s): {unknown} (known: {known})")
+    topology = rt.topology
+    homes = topology.config.home_affinity
+    now = time.time()
+    home = None
     headers: Mapping[str, str]
     if q:
         ip = None
@@ -150,6 +156,10 @@ async def route(request: web.Request) -> web.Response:
             given[X_CLIENT_REGION] = q["region"]
         headers = given
         peer, peer_trusted, cip = None, trusted == "true", ip
+        if homes is not None:
+            home = affinity.given(
+                homes, q.get("tenant"), q.get("home_cookie"), topology.region_names, now
+            )
     else:
         # The request's own case-insensitive headers, as the forwarder reads them: a
         # plain dict would miss ``cf-ipcountry`` sent in lower case.
@@ -157,10 +167,16 @@ async def route(request: web.Request) -> web.Response:
         peer = parse_ip(request.remote) if request.remote else None
         peer_trusted = peer is not None and rt.trusted.contains(peer)
         cip = client_ip(peer, request.headers.getall("X-Forwarded-For", ()), rt.trusted)
-    resolution = resolve(rt.topology, headers, peer_trusted, cip, rt.geoip)
-    answer = explain(rt.topology, resolution, rt.board.healthy, peer, peer_trusted, load=rt.load)
+        if homes is not None:
+            home = affinity.home_of(homes, headers, peer_trusted, topology.region_names, now)
+    if homes is not None:
+        home = affinity.current(homes, home, path or "/", now)
+    resolution = resolve(topology, headers, peer_trusted, cip, rt.geoip)
+    answer = explain(
+        topology, resolution, rt.board.healthy, peer, peer_trusted, load=rt.load, home=home
+    )
     if path is not None:
-        answer["access"] = explain_access(rt.topology, path)
+        answer["access"] = explain_access(topology, path)
     return web.json_response(answer, dumps=_dumps)
 
 

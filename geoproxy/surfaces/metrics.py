@@ -74,7 +74,10 @@ class Metrics:
             "fallback (another region), spill (another region: the healthy geodes before "
             "it were at capacity), panic (health ignored), none_healthy (503), fenced "
             "(refused by a residency fence: no healthy geode inside it), over_capacity "
-            "(503: every healthy geode at capacity), all_failed (every attempt failed).",
+            "(503: every healthy geode at capacity), all_failed (every attempt failed); "
+            "affinity (the request's home region, home_affinity), affinity_fallback (a "
+            "fallback of the home region), affinity_rejected (503: no healthy geode at "
+            "home, on_unavailable: reject).",
             ["client_region", "geode", "decision"],
         )
         self.resolutions = HotCounter(
@@ -118,6 +121,21 @@ class Metrics:
             "sent outside it. By fence and client region.",
             ["fence", "client_region"],
         )
+        self.home_affinity = HotCounter(
+            "geoproxy_home_affinity",
+            "Requests that named a home region (home_affinity), by source (cookie, tenant) "
+            "and result: ok (routed home), malformed, forged, expired, unknown_key (a "
+            "cookie ignored), unknown_region, unknown_tenant, invalid, untrusted (a tenant "
+            "header from an untrusted peer, ignored), fenced (a home outside the client's "
+            "residency fence, ignored).",
+            ["source", "result"],
+        )
+        self.home_stamps = HotCounter(
+            "geoproxy_home_stamps",
+            "Geoproxy-Home answer headers from geodes, by what the edge did: set (the home "
+            "cookie), cleared ('none'), unknown_region, ignored (no home_affinity.cookie).",
+            ["result"],
+        )
         hot = (
             self.requests,
             self.request_duration,
@@ -128,6 +146,8 @@ class Metrics:
             self.fast_lane,
             self.denied,
             self.fence_refusals,
+            self.home_affinity,
+            self.home_stamps,
         )
         hotmetrics.register(r, *hot)
         self.geode_up = Gauge(

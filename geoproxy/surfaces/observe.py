@@ -157,6 +157,10 @@ class Observer:
             m.denied.inc(trace.denied)
         for name, reason, _ in trace.tls_failures:
             m.tls_errors.labels(name, reason, "traffic").inc()
+        if trace.home is not None:
+            m.home_affinity.inc(trace.home.source, trace.home.result)
+        if trace.stamp is not None:
+            m.home_stamps.inc(trace.stamp)
         previous = None
         for name, outcome in trace.attempts:
             m.attempts.inc(name, outcome)
@@ -204,6 +208,13 @@ class Observer:
         }
         if res is not None and res.fence is not None:
             fields["fence"] = res.fence.name
+        home = trace.home
+        if home is not None:  # the home region a request named, or why it was ignored
+            fields["home"] = home.region
+            fields["home_source"] = home.source
+            fields["home_result"] = home.result
+        if trace.stamp is not None:
+            fields["home_stamp"] = trace.stamp
         if trace.aborted:
             fields["aborted"] = True
         if trace.denied is not None:

@@ -1,0 +1,71 @@
+"""The edge's side of home-stamp affinity on the wire: the home cookie taken out of the
+head a geode gets (unless ``home_affinity.cookie.forward``), and the ``Set-Cookie`` line
+for a stamp's ``Geoproxy-Home`` answer header (which never reaches the client: see
+``headers.ResponseHead``). Both request paths ask here (``policy.answer_lines``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from geoproxy.config.model import Topology
+from geoproxy.config.values import HomeCookie
+from geoproxy.proxy.trace import Trace
+from geoproxy.routing.affinity import make_cookie
+
+# What became of a stamp's Geoproxy-Home (the `result` label of geoproxy_home_stamps_total).
+SET, CLEARED, UNKNOWN_REGION, IGNORED = "set", "cleared", "unknown_region", "ignored"
+#: The value a stamp sends to forget the user's home (a logout): the cookie is removed.
+CLEAR = "none"
+
+
+def without_cookie(kept: bytes, name: str) -> bytes:
+    """Header lines ("Name: value\\r\\n" each) with cookie ``name`` taken out of every
+    Cookie line; a line left empty goes."""
+    wanted = name.encode("ascii")
+    if wanted not in kept:
+        return kept
+    out = []
+    for line in kept.split(b"\r\n")[:-1]:
+        field, colon, value = line.partition(b":")
+        if colon and field.strip().lower() == b"cookie" and wanted in value:
+            pairs = [p.strip() for p in value.split(b";")]
+            rest = [p for p in pairs if p and p.partition(b"=")[0].strip() != wanted]
+            if not rest:
+                continue
+            line = field + b": " + b"; ".join(rest)
+        out.append(line + b"\r\n")
+    return b"".join(out)
+
+
+def set_cookie_line(cookie: HomeCookie, value: str, max_age: int, https: bool) -> bytes:
+    """A ``Set-Cookie`` header line for the home cookie: HttpOnly, SameSite=Lax, Secure
+    as ``cookie.secure`` says for this client's scheme."""
+    attrs = [f"Set-Cookie: {cookie.name}={value}", f"Max-Age={max_age}", "Path=/"]
+    if cookie.domain:
+        attrs.append(f"Domain={cookie.domain}")
+    if cookie.secure == "always" or (cookie.secure == "auto" and https):
+        attrs.append("Secure")
+    attrs += ("HttpOnly", "SameSite=Lax")
+    return ("; ".join(attrs) + "\r\n").encode("ascii")
+
+
+def stamped(topology: Topology, trace: Trace, https: bool, said: bytes) -> bytes:
+    """The line that answers a stamp's ``Geoproxy-Home: said`` (a region, or ``none``),
+    noted in the trace: a signed cookie naming the region, one that removes it, or
+    nothing (no cookie configured, an unknown region). ``https``: the client's scheme."""
+    affinity = topology.config.home_affinity
+    cookie = affinity.cookie if affinity is not None else None
+    if cookie is None:
+        trace.stamp = IGNORED
+        return b""
+    region = said.decode("latin-1").strip().lower()
+    if region == CLEAR:
+        trace.stamp = CLEARED
+        return set_cookie_line(cookie, "", 0, https)
+    if region not in topology.region_names:
+        trace.stamp = UNKNOWN_REGION
+        return b""
+    trace.stamp = SET
+    value = make_cookie(cookie, region, time.time())
+    return set_cookie_line(cookie, value, int(cookie.max_age), https)
