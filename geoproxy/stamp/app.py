@@ -270,10 +270,10 @@ def build_stamp_app(
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            if config.peers and not config.secret:
+            if config.peers and not config.secret and not (config.tls and config.tls.mutual):
                 raise StartError(
                     f"stamp {config.name}: peers need the fleet's shared secret "
-                    "(peer_auth) to sign replication"
+                    "(peer_auth) to sign replication, or mutual TLS (tls.ca)"
                 )
             try:
                 store = Store(
@@ -287,7 +287,9 @@ def build_stamp_app(
             except ClockAhead as exc:
                 raise StartError(str(exc)) from None
             stack.callback(store.close)
-            session = await stack.enter_async_context(aiohttp.ClientSession())
+            tls = config.tls
+            connector = aiohttp.TCPConnector(ssl=tls.client_context() if tls else True)
+            session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
             state.store = store
             state.metrics = StampMetrics(state.registry, store, config)
             metrics = state.metrics
@@ -311,12 +313,14 @@ def build_stamp_app(
 
             stack.push_async_callback(stop)
             log.info(
-                "stamp %s (%s) serving from %s, %d peers; peer listener on http://%s:%d",
+                "stamp %s (%s) serving from %s, %d peers; peer listener on %s://%s:%d%s",
                 config.name,
                 config.region,
                 config.database,
                 len(config.peers),
+                "https" if tls else "http",
                 *state.peer_address,
+                " (mutual TLS)" if tls and tls.mutual else "",
             )
             yield
 
@@ -337,10 +341,13 @@ async def _start_peer_site(
     runner: web.AppRunner, config: StampConfig, sock: socket.socket | None
 ) -> tuple[str, int]:
     site: web.BaseSite
+    context = config.tls.server_context(peers=True) if config.tls else None
     if sock is not None:
-        site = web.SockSite(runner, sock)
+        site = web.SockSite(runner, sock, ssl_context=context)
     else:
-        site = web.TCPSite(runner, config.peer_host, config.peer_port, reuse_address=True)
+        site = web.TCPSite(
+            runner, config.peer_host, config.peer_port, reuse_address=True, ssl_context=context
+        )
     try:
         await site.start()
     except OSError as exc:

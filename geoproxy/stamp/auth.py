@@ -95,6 +95,20 @@ def verify(
     return peer, digest
 
 
+def claimed(peers: Collection[str], headers: Mapping[str, str]) -> tuple[str, str]:
+    """Without a shared secret (mutual TLS alone vouches for the peer): the peer the
+    request names and the body digest it sent, both well formed; the certificate check
+    (stamp/tls.py) says whether the peer is who it claims."""
+    peer, digest = headers.get(PEER), headers.get(DIGEST)
+    if peer is None or digest is None:
+        raise AuthError("unsigned", f"a peer request needs {PEER} and {DIGEST} headers")
+    if peer not in peers:
+        raise AuthError("unknown_peer", f"{peer[:64]!r} is not a peer of this stamp")
+    if not _HEX64.match(digest):
+        raise AuthError("malformed", f"malformed {DIGEST}")
+    return peer, digest
+
+
 def check_body(digest: str, body: bytes) -> None:
     """The body is the one that was signed."""
     if not hmac.compare_digest(digest, body_digest(body)):

@@ -15,6 +15,8 @@ from yarl import URL
 
 from geoproxy.config.schema import Node, Problems, parse_duration, parse_http_url, read_yaml
 from geoproxy.errors import ConfigError
+from geoproxy.stamp import tls as stamp_tls
+from geoproxy.stamp.tls import StampTLS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 #: The shortest shared secret accepted (bytes): 128 bits as 32 hex digits.
@@ -59,6 +61,9 @@ class StampConfig:
     max_replication_lag: float | None = None  # /health is 503 past it (None: never)
     header_timeout: float = 10.0  # a connection's first request head must arrive by then
     keepalive_timeout: float = 60.0  # an idle connection closes after this
+    #: HTTPS on both listeners and to the peers; with its ``ca``, mutual TLS between
+    #: peers (stamp/tls.py). None: plain HTTP.
+    tls: StampTLS | None = None
 
 
 def load(path: str | Path) -> StampConfig:
@@ -84,6 +89,7 @@ def _build(root: Node, path: Path) -> StampConfig | None:
         "peer_auth",
         "max_clock_skew",
         "health",
+        "tls",
     )
     if not root.expect_mapping(keys, required=("name", "region", "database")):
         return None
@@ -98,6 +104,9 @@ def _build(root: Node, path: Path) -> StampConfig | None:
     peer_host = peer_listen.get("host").string(optional=True) or "127.0.0.1"
     peer_port = peer_listen.get("port").integer(0, 65535, optional=True)
     database = root.get("database").string()
+    tls = stamp_tls.read(root.get("tls"), path.parent)
+    mutual = not root.get("tls").get("ca").missing  # (even when the block is broken:
+    # reported there, and no noise about a secret or peers' URLs)
     peers = []
     seen = {name}
     for item in root.get("peers").items(optional=True):
@@ -105,6 +114,9 @@ def _build(root: Node, path: Path) -> StampConfig | None:
             continue
         peer = _name(item.get("name"))
         url = parse_http_url(item.get("url"))
+        if mutual and url is not None and url.scheme != "https":
+            item.get("url").problem(f"must be https:// with tls.ca (mutual TLS): {str(url)!r}")
+            url = None
         if peer in seen:
             item.get("name").problem(f"duplicate stamp name {peer!r}")
         elif peer and url:
@@ -113,7 +125,7 @@ def _build(root: Node, path: Path) -> StampConfig | None:
     replication = _replication(root.get("replication"), len(peers))
     durability = root.get("durability").choice(("full", "normal"), optional=True) or "full"
     auth = root.get("peer_auth")
-    secret = _secret(auth, path, needed=bool(peers))
+    secret = _secret(auth, path, needed=bool(peers) and not mutual)
     window = _duration(auth.get("window"), 30.0)
     skew = _duration(root.get("max_clock_skew"), 60.0)
     health = root.get("health")
@@ -138,6 +150,7 @@ def _build(root: Node, path: Path) -> StampConfig | None:
         auth_window=window,
         max_clock_skew=skew,
         max_replication_lag=lag,
+        tls=tls,
     )
 
 
@@ -152,7 +165,8 @@ def _secret(node: Node, path: Path, needed: bool) -> bytes | None:
         if needed:
             node.problem(
                 "required with peers: the fleet's shared secret, as secret_file "
-                "or secret_env (never inline)"
+                "or secret_env (never inline), unless tls.ca makes the peers speak "
+                "mutual TLS"
             )
         return None
     if isinstance(node.value, dict) and "secret" in node.value:

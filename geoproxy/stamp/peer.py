@@ -7,7 +7,8 @@ operator reads. Bind it to a private address: it is never behind the edge proxy.
     GET  /dead-letters?since=&limit=  changes refused or parked, with the reason
     GET  /health, GET /metrics
 
-A signed request must come from a configured peer (``auth``). Within a pushed batch, each
+A signed request must come from a configured peer (``auth``); with mutual TLS, over a
+client certificate that names it (``tls``). Within a pushed batch, each
 change must be the sending peer's own (its version's origin), well formed, within the
 bounds of the public API and not further ahead of this stamp's clock than
 ``max_clock_skew``; the valid ones apply, the others go to the dead-letter table, and the
@@ -30,6 +31,7 @@ from geoproxy.stamp import auth, values
 from geoproxy.stamp.hlc import Version
 from geoproxy.stamp.state import STATE, BadRequest, int_query, parts, read_body
 from geoproxy.stamp.store import COUNTER, INT64_MAX, ITEM, ROW_OVERHEAD, Change
+from geoproxy.stamp.tls import certificate_names, peer_mismatch
 
 log = logging.getLogger("geoproxy.stamp")
 
@@ -45,18 +47,30 @@ APPLY_BYTES = 1024 * 1024
 
 
 def authenticate(request: web.Request) -> tuple[str, str]:
-    """The signing peer and the body digest it signed; 401 (counted and logged, never
-    with the secret) otherwise."""
-    st = request.app[STATE]
+    """The peer that sent the request and the body digest it sent; 401 (counted and
+    logged, never with the secret) otherwise. The shared secret's signature, and with
+    mutual TLS the client certificate, which must name that peer."""
+    config = request.app[STATE].config
+    peers = {p.name: p for p in config.peers}
+    mutual = config.tls is not None and config.tls.mutual
     try:
-        return auth.verify(
-            st.config.secret,
-            {p.name for p in st.config.peers},
-            st.config.auth_window,
-            request.method,
-            request.rel_url.raw_path_qs,
-            request.headers,
-        )
+        if config.secret is None and mutual:
+            peer, digest = auth.claimed(peers, request.headers)
+        else:
+            peer, digest = auth.verify(
+                config.secret,
+                peers,
+                config.auth_window,
+                request.method,
+                request.rel_url.raw_path_qs,
+                request.headers,
+            )
+        if mutual:
+            transport = request.transport
+            names = certificate_names(transport.get_extra_info("peercert") if transport else None)
+            if (why := peer_mismatch(peer, peers[peer].url.host, names)) is not None:
+                raise auth.AuthError("certificate_mismatch", why)
+        return peer, digest
     except auth.AuthError as exc:
         raise _unauthenticated(request, exc) from None
 

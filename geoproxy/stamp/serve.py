@@ -37,14 +37,18 @@ def peer_listener(app: web.Application) -> tuple[str, str] | None:
     if state is None or state.peer_address is None:
         return None
     host, port = state.peer_address
-    return state.config.name, f"http://{host}:{port}"
+    scheme = "https" if state.config.tls else "http"
+    return state.config.name, f"{scheme}://{host}:{port}"
 
 
 async def serve_stamp(config: StampConfig, stop: asyncio.Event) -> None:
     runner = stamp_runner(build_stamp_app(config))
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+        context = config.tls.server_context(peers=False) if config.tls else None
+        site = web.TCPSite(
+            runner, config.host, config.port, reuse_address=True, ssl_context=context
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -52,7 +56,10 @@ async def serve_stamp(config: StampConfig, stop: asyncio.Event) -> None:
                 f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
             ) from None
         host, port = runner.addresses[0][:2]
-        log.info("stamp %s (%s) listening on http://%s:%d", config.name, config.region, host, port)
+        scheme = "https" if config.tls else "http"
+        log.info(
+            "stamp %s (%s) listening on %s://%s:%d", config.name, config.region, scheme, host, port
+        )
         await stop.wait()
     finally:
         await runner.cleanup()
