@@ -26,9 +26,7 @@ from geoproxy.routing.router import (
     AFFINITY,
     AFFINITY_REJECTED,
     FENCED,
-    HOME,
     OVER_CAPACITY,
-    PROXIMITY,
     Candidate,
     CandidateCache,
 )
@@ -206,7 +204,7 @@ class Routing:
         trace.resolution = resolution
         fence = resolution.fence
         region = resolution.region
-        own = PROXIMITY if resolution.by_distance else HOME
+        own = resolution.own
         affinity = topology.config.home_affinity
         if affinity is not None:
             found = current(affinity, prelude.home, path, time.time())

@@ -51,7 +51,7 @@ def explain(
     fwd = topology.config.forwarding
     region = resolution.region
     fence = resolution.fence
-    own = PROXIMITY if resolution.by_distance else HOME
+    own = resolution.own
     home = fenced_in(home, fence)  # home affinity never leaves a residency fence
     if home is not None and home.region is not None:
         region, own = home.region, AFFINITY

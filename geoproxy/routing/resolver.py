@@ -13,6 +13,7 @@ from geoproxy.errors import GeoIPLookupError
 from geoproxy.routing.clientip import IPAddress
 from geoproxy.routing.geoip import GeoAnswer, GeoLookup
 from geoproxy.routing.proximity import Nearest, nearest
+from geoproxy.routing.router import HOME, PROXIMITY
 
 X_CLIENT_REGION = "X-Client-Region"
 CF_IPCOUNTRY = "CF-IPCountry"
@@ -38,10 +39,8 @@ class Resolution:
     nearest: Nearest | None = None  # set when geoproximity was consulted (source geoip):
     # ``nearest.decided`` when the distance, not the map, chose ``region``.
 
-    @property
-    def by_distance(self) -> bool:
-        """Geoproximity, not the region map, chose ``region``."""
-        return self.nearest is not None and self.nearest.decided
+    own: str = HOME  # the decision for geodes of ``region`` itself: proximity when
+    # geoproximity, not the region map, chose it (read per request: a plain field)
 
 
 def _clean(value: str | None) -> str | None:
@@ -116,7 +115,8 @@ def resolve(
             seen = (country, None)
         if region is not None:
             fence = _fence(topology, seen, steps, client_ip, lookup)
-            return Resolution(region, source, country, client_ip, tuple(steps), fence, near)
+            own = PROXIMITY if near is not None and near.decided else HOME
+            return Resolution(region, source, country, client_ip, tuple(steps), fence, near, own)
     fence = _fence(topology, seen, steps, client_ip, lookup)
     region = topology.config.default_region
     return Resolution(region, "default", None, client_ip, tuple(steps), fence)

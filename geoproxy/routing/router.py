@@ -167,7 +167,7 @@ class CandidateCache:
         cost: Cost | None = None,
     ) -> tuple[list[Candidate], str]:
         key = region  # a space, in no id, sets the rarer variants apart
-        if fence is not None or own != HOME:
+        if fence is not None or own is not HOME:
             key = f"{region} {fence.name if fence else ''} {own}"
         hit = self._memo.get(key)
         if hit is not None and hit[0] is topology and hit[1] == version and hit[2] == full_version:
