@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from test_stamp_api import MeshFactory, mesh  # noqa: F401  (a fixture)
 
 from geoproxy.config import loader as config_mod
 from geoproxy.config.affinity import key_id
@@ -653,3 +654,40 @@ async def test_a_fenced_client_with_a_foreign_home_cookie_stays_in_its_fence(
     # An unfenced (US) client with the same cookie goes home.
     us_client = {"CF-IPCountry": "US", "Cookie": foreign}
     assert (await get(http, f"{proxy.url}/whoami", **us_client))[1] == "ap-1"
+
+
+async def test_the_reference_stamp_names_its_region_on_writes_and_the_writer_comes_back_to_it(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    mesh: MeshFactory,  # noqa: F811  (the fixture)
+) -> None:
+    """``home_header: true``: a write through the edge sets the home cookie; the same
+    user reading from Japan is sent to the stamp that has the write."""
+    (stamp,) = await mesh(1, home_header=True)
+    assert stamp.config.region == "eu-west"
+    us = await geode_factory("us-1", "us-east")
+    ap = await geode_factory("ap-1", "ap-northeast")
+    (tmp_path / "home-keys").write_text(KEY_A)
+    geodes = [{"name": stamp.name, "region": "eu-west", "url": stamp.url}]
+    geodes += [geode_entry(us), geode_entry(ap)]
+    proxy = await proxy_factory(
+        base_config(geodes, home_affinity={"cookie": {"keys_file": "home-keys"}})
+    )
+    async with http.put(
+        f"{proxy.url}/items/greeting", json={"hi": "bonjour"}, headers={"CF-IPCountry": "FR"}
+    ) as resp:
+        assert resp.status == 201
+        assert "Geoproxy-Home" not in resp.headers
+        cookie = resp.headers["Set-Cookie"].split(";")[0]
+    async with http.get(
+        f"{proxy.url}/items/greeting", headers={"CF-IPCountry": "JP", "Cookie": cookie}
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Geoproxy-Geode"] == stamp.name
+        assert "Set-Cookie" not in resp.headers  # a read names no home
+    async with http.put(f"{stamp.url}/items/bad", data=b"{not json") as resp:
+        assert resp.status == 400
+        assert "Geoproxy-Home" not in resp.headers  # only a successful write
+    assert ap.hits["/items/greeting"] == 0

@@ -7,6 +7,8 @@
     GET  /items/{id}, DELETE /items/{id}, GET /items?prefix=&limit=&after=
     POST /counters/{id}  {"delta": n} PN-counter; GET /counters/{id}
 
+With ``home_header: true`` every successful write answers ``Geoproxy-Home: <region>``: a
+geoproxy in front turns it into the writer's home cookie (home-stamp affinity).
 Replication, the change log and /metrics are on the peer listener only (``peer``).
 Bad input gets a 4xx JSON error naming the limit and changes nothing: a value is JSON of at
 most 1 MiB, nesting at most 32 deep, with finite numbers; counter slots stay within int64.
@@ -327,6 +329,8 @@ def build_stamp_app(
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_VALUE_BYTES)
     app[STATE] = state
     app.cleanup_ctx.append(lifespan)
+    if config.home_header:
+        app.on_response_prepare.append(_name_home)
     app.router.add_get("/health", health)
     app.router.add_put("/items/{id}", put_item)
     app.router.add_get("/items/{id}", get_item)
@@ -335,6 +339,15 @@ def build_stamp_app(
     app.router.add_post("/counters/{id}", post_counter)
     app.router.add_get("/counters/{id}", get_counter)
     return app
+
+
+_WRITES = frozenset({"PUT", "DELETE", "POST", "PATCH"})
+
+
+async def _name_home(request: web.Request, response: web.StreamResponse) -> None:
+    """A successful write names this stamp's region as the writer's home (``home_header``)."""
+    if request.method in _WRITES and 200 <= response.status < 300:
+        response.headers["Geoproxy-Home"] = request.app[STATE].config.region
 
 
 async def _start_peer_site(

@@ -64,6 +64,10 @@ class StampConfig:
     #: HTTPS on both listeners and to the peers; with its ``ca``, mutual TLS between
     #: peers (stamp/tls.py). None: plain HTTP.
     tls: StampTLS | None = None
+    home_header: bool = False  # name this stamp's region in a ``Geoproxy-Home`` answer
+    # header on every successful write (PUT, DELETE, POST): behind a geoproxy with
+    # ``home_affinity.cookie``, the writer's later requests come here (read-your-writes).
+    # The region must be the proxy's id for it.
 
 
 def load(path: str | Path) -> StampConfig:
@@ -90,6 +94,7 @@ def _build(root: Node, path: Path) -> StampConfig | None:
         "max_clock_skew",
         "health",
         "tls",
+        "home_header",
     )
     if not root.expect_mapping(keys, required=("name", "region", "database")):
         return None
@@ -132,6 +137,7 @@ def _build(root: Node, path: Path) -> StampConfig | None:
     health.expect_mapping(("max_replication_lag",), allow_missing=True)
     lag_node = health.get("max_replication_lag")
     lag = None if lag_node.missing else parse_duration(lag_node)
+    home_header = root.get("home_header").boolean(optional=True)
     if not (name and region and database):
         return None
     return StampConfig(
@@ -151,6 +157,7 @@ def _build(root: Node, path: Path) -> StampConfig | None:
         max_clock_skew=skew,
         max_replication_lag=lag,
         tls=tls,
+        home_header=bool(home_header),
     )
 
 
