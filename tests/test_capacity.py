@@ -256,6 +256,9 @@ def assert_nothing_in_flight(proxy: Proxy) -> None:
     load = proxy.gateway.load
     assert (load.total, {k: v for k, v in load.inflight.items() if v}) == (0, {})
     assert proxy.sample("geoproxy_inflight_requests") == 0
+    for geode in proxy.gateway.config.geodes:
+        series = {"geode": geode.name, "region": geode.region}
+        assert proxy.registry.get_sample_value("geoproxy_geode_inflight_requests", series) == 0
 
 
 async def settled(proxy: Proxy) -> None:
@@ -361,6 +364,9 @@ async def test_a_full_geode_spills_to_the_next_region_counted_logged_and_explain
     eu.delay = 0.5
     held = asyncio.create_task(http.get(f"{proxy.url}/whoami"))
     await until_inflight(proxy, "eu-1")
+    eu_series = {"geode": "eu-1", "region": "eu-west"}
+    assert proxy.sample("geoproxy_geode_inflight_requests", **eu_series) == 1
+    assert proxy.sample("geoproxy_geode_at_capacity", **eu_series) == 1
     async with http.get(f"{proxy.url}/whoami") as resp:
         assert (await resp.json())["geode"] == "us-1"
     async with http.get(f"{proxy.admin_url}/route?region=eu-west") as resp:
@@ -369,6 +375,7 @@ async def test_a_full_geode_spills_to_the_next_region_counted_logged_and_explain
         assert (await resp.json())["geode"] == "eu-1"
     await settled(proxy)
     assert_nothing_in_flight(proxy)
+    assert proxy.sample("geoproxy_geode_at_capacity", **eu_series) == 0
     assert explained["decision"] == SPILL
     assert explained["chosen"] == "us-1"
     assert explained["at_capacity"] == {"eu-1": "1/1 in flight"}

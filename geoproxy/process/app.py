@@ -112,6 +112,8 @@ class Gateway:
         self.board.on_transition.append(self._on_transition)
         self.board.on_eject.append(self._on_eject)
         self.observer = Observer(self.metrics, self.load, config.access_log)
+        self.metrics.geode_inflight.source = self._geode_inflight
+        self.metrics.geode_full.source = self._geode_full
         # The proxy listener's HTTPS: PemError (OpenSSL refuses a certificate) ends the
         # start-up with its reason.
         self.tls = None if config.proxy.tls is None else https.Terminator(config.proxy.tls)
@@ -155,6 +157,14 @@ class Gateway:
         g = state.geode
         self.metrics.geode_up.labels(g.name, g.region).set(1 if state.takes_traffic else 0)
         self.metrics.ejected.labels(g.name, g.region).set(1 if state.ejected else 0)
+
+    def _geode_inflight(self) -> list[tuple[tuple[str, str], float]]:
+        inflight = self.load.inflight
+        return [((g.name, g.region), inflight.get(g.name, 0)) for g in self.config.geodes]
+
+    def _geode_full(self) -> list[tuple[tuple[str, str], float]]:
+        full = self.load.full
+        return [((g.name, g.region), float(g.name in full)) for g in self.config.geodes]
 
     def _on_eject(self, state: GeodeHealth) -> None:
         self.metrics.ejections.labels(state.geode.name).inc()

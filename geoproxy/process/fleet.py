@@ -7,9 +7,10 @@ its own families (health checks, reloads, readiness, process) as they are, and t
 families summed over the live workers plus what workers that have exited had counted
 (``retire``), so counters never go backwards when a worker is restarted.
 
-Merging rules, by sample: gauges of ejection (``geoproxy_geode_ejected``) take the
-maximum — a geode is ejected if any worker ejected it; ``*_created`` takes the earliest;
-everything else is summed. Gauges are not carried over from an exited worker.
+Merging rules, by sample: gauges of ejection and capacity (``geoproxy_geode_ejected``,
+``geoproxy_geode_at_capacity``) take the maximum — a geode is ejected (or full) if any
+worker says so; ``*_created`` takes the earliest; everything else is summed. Gauges are
+not carried over from an exited worker.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from geoproxy.surfaces.traffic import Traffic
 #: Families counted by the workers (names as ``Metric.name``: counters without _total),
 #: as metrics.py declares them.
 WORKER_FAMILIES = worker_families()
-_MAX = frozenset({"geoproxy_geode_ejected"})
+_MAX = frozenset({"geoproxy_geode_ejected", "geoproxy_geode_at_capacity"})
 _CUMULATIVE = frozenset({"counter", "histogram"})  # carried over when a worker exits
 
 #: One family as JSON-able data: name, type, help and samples [name, labels, value].

@@ -9,10 +9,15 @@ arithmetic and are exposed through a ``Collector`` in the standard format.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 
@@ -61,12 +66,30 @@ class HotHistogram:
         return family
 
 
+class LiveGauge:
+    """A gauge family whose samples are read from ``source`` when scraped: nothing is
+    updated per request."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, tuple(labels)
+        self.source: Callable[[], Iterable[tuple[Sequence[str], float]]] = tuple
+
+    def family(self) -> Metric:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in self.source():
+            family.add_metric(labels, value)
+        return family
+
+
+Family = HotCounter | HotHistogram | LiveGauge
+
+
 def _le(bound: float) -> str:
     return repr(float(bound))
 
 
 class HotCollector(Collector):
-    def __init__(self, families: Sequence[HotCounter | HotHistogram]) -> None:
+    def __init__(self, families: Sequence[Family]) -> None:
         self.families = families
 
     def collect(self) -> Iterator[Metric]:
@@ -74,5 +97,5 @@ class HotCollector(Collector):
             yield f.family()
 
 
-def register(registry: CollectorRegistry, *families: HotCounter | HotHistogram) -> None:
+def register(registry: CollectorRegistry, *families: Family) -> None:
     registry.register(HotCollector(families))

@@ -23,7 +23,7 @@ from prometheus_client import (
 from geoproxy import __version__
 from geoproxy.proxy import compat
 from geoproxy.surfaces import hotmetrics
-from geoproxy.surfaces.hotmetrics import HotCounter, HotHistogram
+from geoproxy.surfaces.hotmetrics import HotCounter, HotHistogram, LiveGauge
 
 #: Buckets fit for a proxy: 1 ms to 30 s.
 LATENCY_BUCKETS = (
@@ -136,6 +136,18 @@ class Metrics:
             "cookie), cleared ('none'), unknown_region, ignored (no home_affinity.cookie).",
             ["result"],
         )
+        self.geode_inflight = LiveGauge(
+            "geoproxy_geode_inflight_requests",
+            "Requests whose attempt is at the geode now (WebSockets included), as "
+            "max_inflight counts them.",
+            ["geode", "region"],
+        )
+        self.geode_full = LiveGauge(
+            "geoproxy_geode_at_capacity",
+            "1 while the geode takes no new requests for capacity: max_inflight reached, "
+            "or it reported a Geoproxy-Load of 100 or more.",
+            ["geode", "region"],
+        )
         hot = (
             self.requests,
             self.request_duration,
@@ -148,6 +160,8 @@ class Metrics:
             self.fence_refusals,
             self.home_affinity,
             self.home_stamps,
+            self.geode_inflight,
+            self.geode_full,
         )
         hotmetrics.register(r, *hot)
         self.geode_up = Gauge(
