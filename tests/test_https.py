@@ -277,13 +277,19 @@ async def test_hsts_is_sent_over_https_in_place_of_the_geodes_own_when_configure
     eu = await geode_factory("eu-1", "eu-west")
     hsts = {"max_age": "365d", "include_subdomains": True}
     pair = authority.issue("localhost")
-    on = await proxy_factory(https_config([geode_entry(eu)], pair.entry(), hsts=hsts))
+    on = await proxy_factory(
+        {
+            **https_config([geode_entry(eu)], pair.entry(), hsts=hsts),
+            "access": [{"path_prefix": "/private/", "action": "deny"}],
+        }
+    )
     off = await proxy_factory(https_config([geode_entry(eu)], pair.entry()))
     connector = aiohttp.TCPConnector(ssl=authority.client())
     async with aiohttp.ClientSession(connector=connector) as http:
-        for path in ("/whoami", "/hsts"):  # /hsts: the geode sets its own
+        # /hsts: the geode sets its own; /private/: geoproxy's own answer (404)
+        for path, status in (("/whoami", 200), ("/hsts", 200), ("/private/x", 404)):
             async with http.get(f"{on.url.replace('127.0.0.1', 'localhost')}{path}") as resp:
-                assert resp.status == 200
+                assert resp.status == status
                 assert resp.headers.getall("Strict-Transport-Security") == [
                     "max-age=31536000; includeSubDomains"
                 ]

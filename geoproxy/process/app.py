@@ -34,6 +34,7 @@ from geoproxy.proxy import https
 from geoproxy.proxy.connection import Pool
 from geoproxy.proxy.forwarder import Forwarder
 from geoproxy.proxy.headers import via_name
+from geoproxy.proxy.trace import TRACE_KEY
 from geoproxy.routing.clientip import TrustedProxies
 from geoproxy.routing.geoip import FileIdentity, GeoLookup, MaxMindLookup, open_geoip
 from geoproxy.routing.runtime import Runtime
@@ -415,7 +416,11 @@ class Gateway:
     def _forward(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         # Not a coroutine itself: the forwarder's coroutine is awaited by the observer.
         assert self.forwarder is not None
-        return self.forwarder.handle(request)
+        work = self.forwarder.handle(request)
+        hsts = self.config.proxy.hsts
+        if hsts is None or not request.secure:
+            return work
+        return _own_answer_with_hsts(request, work, hsts.header())
 
     def proxy_handler(self) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         """Every request to the proxy listener, whatever its path: for aiohttp's low-level
@@ -431,6 +436,18 @@ class Gateway:
             lambda: self.draining,
             lambda: self.last_reload,
         )
+
+
+async def _own_answer_with_hsts(
+    request: web.BaseRequest, work: Awaitable[web.StreamResponse], value: str
+) -> web.StreamResponse:
+    """geoproxy's own answers over HTTPS carry HSTS too (a geode's answer was given it
+    with the lines this hop adds: ``Route.hsts``)."""
+    response = await work
+    trace = request.get(TRACE_KEY)
+    if not response.prepared and (trace is None or trace.geode is None):
+        response.headers["Strict-Transport-Security"] = value
+    return response
 
 
 def _bound(config: Config) -> tuple[object, ...]:
