@@ -245,6 +245,8 @@ async def test_a_reload_after_the_ca_file_changed_uses_the_new_ca(
     write_atomically(ca_file, renewed.ca.cert_pem.bytes())
 
     assert await proxy.gateway.reload_from_file("test")
+    last = proxy.gateway.last_reload
+    assert last is not None and last.detail == "settings: forwarding.tls.ca renewed"
     assert proxy.gateway.checker is not None
     for _ in range(2):  # healthy_threshold
         await proxy.gateway.checker.check_once()

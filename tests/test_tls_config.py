@@ -111,3 +111,22 @@ def test_verify_false_is_a_warning_at_load_and_in_check_config(
     result = check_config(path, tmp_path)
     assert result.returncode == 0
     assert result.stderr.splitlines() == [f"warning: {warning}"]
+
+
+def test_a_client_certificate_expiring_soon_is_a_warning_where_it_is_given(
+    write_config: WriteConfig, pki: Authority
+) -> None:
+    client = pki.issue("geoproxy.test", days=3)
+    data = https(
+        {
+            "forwarding.tls": client.entry(),
+            "geodes[1].url": "https://use-1.test",
+            "geodes[1].tls": {"server_name": "use-1.internal"},  # the same certificate
+        }
+    )
+    path = write_config(data)
+    [warning] = config_mod.load(path).warnings
+    assert warning.startswith(
+        f"{path}: forwarding.tls.cert: {client.cert}: the certificate (geoproxy.test) "
+        "expires in 3.0 days, on "
+    ), warning

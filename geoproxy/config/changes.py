@@ -10,7 +10,7 @@ from typing import Any
 from geoproxy.config import tls
 from geoproxy.config.affinity import describe_homes
 from geoproxy.config.model import Topology
-from geoproxy.config.values import WEIGHTED, Config, Fence, Geode, Region
+from geoproxy.config.values import WEIGHTED, Config, Fence, Geode, GeodeTLS, Region
 
 #: Config attributes by the YAML path an operator knows them by.
 _SETTINGS = {
@@ -73,12 +73,28 @@ def _fields_changed(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
     ]
 
 
-def _geode_changes(old: Geode, new: Geode, defaults_changed: bool) -> str:
+def tls_changes(path: str, old: GeodeTLS, new: GeodeTLS) -> list[str]:
+    """What changed of a geode TLS block: ``forwarding.tls.ca renewed`` when only a
+    file's content changed (a renewal on disk), else ``path.field before -> after``."""
+    changed = {name: (b, a) for name, b, a in _fields_changed(old, new)}
+    out = []
+    for name, (before, after) in changed.items():
+        if name.endswith("_pem"):
+            if name[: -len("_pem")] not in changed:
+                out.append(f"{path}.{name[: -len('_pem')]} renewed")
+        else:
+            out.append(f"{path}.{name} {_show(before)} -> {_show(after)}")
+    return out
+
+
+def _geode_changes(old: Geode, new: Geode, defaults_changed: tuple[bool, bool]) -> str:
     parts = []
     for name, before, after in _fields_changed(old, new):
-        if name == "health" and defaults_changed:
-            continue  # told once, as the health_check section's change
-        if name == "health":
+        if (name, True) in (("health", defaults_changed[0]), ("tls", defaults_changed[1])):
+            continue  # told once, as the health_check or forwarding section's change
+        if name == "tls":
+            parts.extend(tls_changes("tls", before, after))
+        elif name == "health":
             for sub, b, a in _fields_changed(before, after):
                 parts.append(f"health_check.{sub} {_show(b)} -> {_show(a)}")
         elif name not in ("base", "prefix"):
@@ -127,7 +143,7 @@ def describe(old: Config, new: Config) -> list[str]:
     now = {g.name: g for g in new.geodes}
     added = [f"{g.name} ({g.region})" for n, g in now.items() if n not in was]
     removed = [f"{g.name} ({g.region})" for n, g in was.items() if n not in now]
-    defaults = old.health_check != new.health_check
+    defaults = (old.health_check != new.health_check, old.forwarding.tls != new.forwarding.tls)
     changed = [
         _geode_changes(was[n], g, defaults) for n, g in now.items() if n in was and was[n] != g
     ]
@@ -152,7 +168,10 @@ def describe(old: Config, new: Config) -> list[str]:
             settings.append(f"{path} {_show(before)} -> {_show(after)}{later}")
     for path, attr in _SECTIONS.items():
         for name, before, after in _fields_changed(getattr(old, attr), getattr(new, attr)):
-            settings.append(f"{path}.{name} {_show(before)} -> {_show(after)}")
+            if isinstance(before, GeodeTLS):
+                settings.extend(tls_changes(f"{path}.{name}", before, after))
+            else:
+                settings.append(f"{path}.{name} {_show(before)} -> {_show(after)}")
     for name, before, after in _fields_changed(old.lifecycle, new.lifecycle):
         settings.append(f"{_LIFECYCLE.get(name, name)} {_show(before)} -> {_show(after)}")
     if settings:

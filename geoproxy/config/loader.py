@@ -18,7 +18,7 @@ from types import MappingProxyType
 
 from geoproxy.config import affinity, sections, tls
 from geoproxy.config.countries import COUNTRY_CONTINENT
-from geoproxy.config.pem import expiry_warning
+from geoproxy.config.pem import certificates, expiry_warning, info
 from geoproxy.config.schema import (
     Node,
     Problems,
@@ -265,6 +265,17 @@ def _warnings(config: Config) -> Iterable[str]:
     for certificate in config.proxy.tls.certificates if config.proxy.tls else ():
         if (soon := expiry_warning(certificate.info, time.time())) is not None:
             where.add(f"{certificate.where}.cert", f"{certificate.cert}: {soon}")
+    # Client certificates for geodes: each told once, where it was given.
+    blocks = [("forwarding.tls", config.forwarding.tls)]
+    blocks += [(f"geodes[{i}].tls", g.tls) for i, g in enumerate(config.geodes)]
+    told: set[bytes] = set()
+    for path, block in blocks:
+        if block.cert_pem is None or block.cert_pem in told:
+            continue
+        told.add(block.cert_pem)
+        about = info(certificates(block.cert_pem)[0])  # checked at load: it parses
+        if (soon := expiry_warning(about, time.time())) is not None:
+            where.add(f"{path}.cert", f"{block.cert}: {soon}")
     first: dict[tuple[str, str | None, int | None, str], tuple[int, Geode]] = {}
     for i, geode in enumerate(config.geodes):
         url = geode.url
