@@ -379,3 +379,27 @@ async def test_workers_serve_https_and_each_takes_a_renewed_certificate(
             while await serials(proxy.proxy_url, 20) != {new.serial}:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         assert "failed" not in proxy.output
+
+
+async def test_a_client_that_finishes_its_handshake_late_still_gets_the_head_deadline(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, authority: Authority
+) -> None:
+    """limits.header_timeout counts from the accept; a TLS client that completes its
+    handshake only after it and then sends nothing is answered 408 and closed, not kept
+    (slowloris over TLS)."""
+    eu = await geode_factory("eu-1", "eu-west")
+    data = https_config([geode_entry(eu)], authority.issue("localhost").entry())
+    data["limits"] = {"header_timeout": "300ms"}
+    proxy = await proxy_factory(data)
+    raw = socket.create_connection(("127.0.0.1", port_of(proxy.url)))
+    raw.setblocking(False)
+    await asyncio.sleep(0.6)  # past the deadline, before the handshake
+    reader, writer = await asyncio.open_connection(
+        sock=raw, ssl=authority.client(), server_hostname="localhost"
+    )
+    try:
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 408 ")
+    finally:
+        writer.close()

@@ -262,6 +262,10 @@ _REQUEST_TIMEOUT = (
 )
 
 
+#: Seconds asyncio gives a TLS handshake (its ssl_handshake_timeout default), plus a margin.
+_HANDSHAKE_LIMIT = 61.0
+
+
 class HeadDeadline:
     """Connections must send a complete first request head within ``header_timeout``, or
     get a 408 and are closed (slowloris: aiohttp alone keeps such a connection for about
@@ -287,12 +291,23 @@ class HeadDeadline:
     def _connection(self, factory: Callable[[], Any]) -> Any:
         protocol = factory()
         self._waiting.add(protocol)
-        asyncio.get_running_loop().call_later(self.header_timeout, self._check_head, protocol)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.header_timeout, self._check_head, protocol, loop.time())
         return protocol
 
-    def _check_head(self, protocol: Any) -> None:
+    def _check_head(self, protocol: Any, accepted: float) -> None:
         if protocol not in self._waiting:
             return
+        if protocol.transport is None and getattr(protocol, "_manager", None) is not None:
+            # Not connected yet: a TLS handshake under way. The deadline still counts
+            # from the accept: the connection gets its 408 once the handshake is done.
+            # (A handshake that fails drops the protocol unconnected: watched no longer
+            # than asyncio waits for a handshake.)
+            loop = asyncio.get_running_loop()
+            if loop.time() - accepted < _HANDSHAKE_LIMIT:
+                wait = min(self.header_timeout, 1.0)
+                loop.call_later(wait, self._check_head, protocol, accepted)
+                return
         self._waiting.discard(protocol)
         transport = protocol.transport
         if transport is None or transport.is_closing():
