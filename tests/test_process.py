@@ -204,13 +204,19 @@ def _occupy(port: int) -> socket.socket | None:
     return sock
 
 
-@pytest.mark.parametrize("ports_taken", [False, True], ids=["free", "default-ports-taken"])
+@pytest.mark.parametrize(
+    ("ports_taken", "tls"),
+    [(False, False), (True, False), (False, True)],
+    ids=["free", "default-ports-taken", "tls"],
+)
 async def test_demo_starts_from_any_directory_routes_and_stops_cleanly(
-    tmp_path: Path, ports_taken: bool
+    tmp_path: Path, ports_taken: bool, tls: bool
 ) -> None:
+    """With ``--tls`` the stamps serve HTTPS from a throwaway CA and replicate over
+    mutual TLS: the same demo, the same answers."""
     held = [s for p in (8080, 9901, 8101) if ports_taken and (s := _occupy(p))]
     try:
-        async with geoproxy("demo", cwd=tmp_path) as demo:
+        async with geoproxy("demo", *(["--tls"] if tls else []), cwd=tmp_path) as demo:
             proxy_url = (await demo.wait_for(r"^\s+proxy: (http://\S+)")).group(1)
             admin_url = (await demo.wait_for(r"^\s+admin: (http://\S+)")).group(1)
             await demo.wait_for(r"Ctrl-C stops everything")
@@ -264,6 +270,8 @@ async def test_demo_starts_from_any_directory_routes_and_stops_cleanly(
                         "demo-us-east",
                     ]
                     assert all(s["healthy"] for s in states)
+                    scheme = "https" if tls else "http"
+                    assert {s["url"].split(":")[0] for s in states} == {scheme}
             assert await demo.stop(signal.SIGINT) == 0
             assert "geoproxy demo stopped." in "".join(demo.output)
             assert "Traceback" not in "".join(demo.output)

@@ -90,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where the stamps keep their SQLite files "
         "(default: a new temporary folder, removed on exit)",
     )
+    dem.add_argument(
+        "--tls",
+        action="store_true",
+        help="stamps on HTTPS with a throwaway CA made for this run, mutual TLS between them",
+    )
     dem.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
 
     args = parser.parse_args(argv)
@@ -117,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_cmd(Path(args.config), args.workers, args.log_level)
     if args.command == "stamp":
         return _stamp_cmd(Path(args.config), args.allow_clock_ahead)
-    return _demo_cmd(Path(args.data_dir) if args.data_dir else None)
+    return _demo_cmd(Path(args.data_dir) if args.data_dir else None, args.tls)
 
 
 def _fail(message: str, who: str = "geoproxy") -> int:
@@ -239,7 +244,7 @@ def _stamp_cmd(path: Path, allow_clock_ahead: bool = False) -> int:
     return _run_main(lambda stop, _reload: serve_stamp(cfg, stop))
 
 
-def _demo_cmd(data_dir: Path | None) -> int:
+def _demo_cmd(data_dir: Path | None, tls: bool = False) -> int:
     path = demo.demo_config_path()
     try:
         cfg = config_mod.load(path)
@@ -249,7 +254,7 @@ def _demo_cmd(data_dir: Path | None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="geoproxy-demo-")) if data_dir is None else data_dir
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        demo_files = demo.write_stamp_configs(cfg, folder)
+        demo_files = demo.write_stamp_configs(cfg, folder, tls)
     except OSError as exc:
         return _fail(
             f"--data-dir {folder}: cannot write the stamps' files there: {exc.strerror or exc}"
@@ -271,6 +276,12 @@ def _demo_cmd(data_dir: Path | None) -> int:
                 f"stamp data and configs: {folder}" + (" (removed on exit)" if temporary else ""),
                 flush=True,
             )
+            if tls:
+                print(
+                    f"TLS: the stamps serve HTTPS with certificates from a throwaway CA "
+                    f"({folder / 'ca.pem'}) and authenticate each other by mutual TLS",
+                    flush=True,
+                )
             watcher = asyncio.create_task(demo.report_exits(stamps), name="demo-stamp-exits")
 
             def ready(bound: Bound) -> None:

@@ -13,6 +13,9 @@ factory, which is the seam between the proxy side and what the geodes are.
 
 The stamps replicate over their own peer listeners (free loopback ports the proxy knows
 nothing of), signed with a fleet secret made up for this run: the demo stays one command.
+With ``--tls`` a throwaway CA (process/throwaway_ca.py) signs a certificate per stamp: the
+stamps serve HTTPS, the proxy verifies them against the CA, and they authenticate each
+other by mutual TLS instead of the secret.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import secrets
 import shlex
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -38,8 +42,9 @@ import yaml
 from aiohttp import web
 from yarl import URL
 
-from geoproxy.config.values import Config, Geode
+from geoproxy.config.values import Config, Geode, GeodeTLS
 from geoproxy.errors import GeoproxyError
+from geoproxy.process.throwaway_ca import ThrowawayCA
 from geoproxy.stamp.config import Peer, Replication, StampConfig
 from geoproxy.stamp.serve import peer_listener, runner_for, stamp_app
 
@@ -255,21 +260,27 @@ def _free_port(host: str, wanted: int) -> int:
     raise AssertionError("unreachable")
 
 
-def write_stamp_configs(config: Config, data_dir: Path) -> tuple[Config, list[StampProcess]]:
+def write_stamp_configs(
+    config: Config, data_dir: Path, tls: bool = False
+) -> tuple[Config, list[StampProcess]]:
     """A stamp config file per geode of ``config`` in ``data_dir`` (free ports where the
-    configured ones are taken; every other stamp a peer; one new fleet secret), and the
-    config pointing at where they will listen."""
-    secret = data_dir / "fleet.secret"
-    secret.write_text(secrets.token_hex(32) + "\n")
-    secret.chmod(0o600)
+    configured ones are taken; every other stamp a peer; one new fleet secret, or with
+    ``tls`` a throwaway CA: HTTPS, and mutual TLS between the stamps), and the config
+    pointing at where they will listen."""
+    ca = ThrowawayCA() if tls else None
+    # What the stamps share: the fleet secret, or with tls the CA's certificate.
+    shared = data_dir / ("ca.pem" if ca else "fleet.secret")
+    shared.write_bytes(ca.pem if ca else secrets.token_hex(32).encode() + b"\n")
+    shared.chmod(0o600)
+    geode_tls = GeodeTLS(ca=shared, ca_pem=ca.pem) if ca else GeodeTLS()
     stamps = []
     for g in config.geodes:
         host = g.url.host or "127.0.0.1"
-        url = g.url.with_port(_free_port(host, g.url.port or 0))
+        url = g.url.with_scheme("https" if ca else g.url.scheme)
+        url = url.with_port(_free_port(host, g.url.port or 0))
         peer = str(url.with_port(_free_port(host, 0)))
-        stamps.append(
-            StampProcess(dataclasses.replace(g, url=url), data_dir / f"{g.name}.yaml", peer)
-        )
+        where = dataclasses.replace(g, url=url, tls=geode_tls)
+        stamps.append(StampProcess(where, data_dir / f"{g.name}.yaml", peer))
     for stamp in stamps:
         g = stamp.geode
         doc = {
@@ -283,8 +294,12 @@ def write_stamp_configs(config: Config, data_dir: Path) -> tuple[Config, list[St
             "database": f"{g.name}.db",
             "peers": [{"name": o.geode.name, "url": o.peer_url} for o in stamps if o is not stamp],
             "replication": {"interval": "500ms"},
-            "peer_auth": {"secret_file": secret.name},
+            "peer_auth": {"secret_file": shared.name},
         }
+        if ca is not None:  # mutual TLS alone authenticates the peers
+            cert, key = ca.write(data_dir, g.name, [g.url.host or "127.0.0.1"])
+            doc["tls"] = {"cert": cert.name, "key": key.name, "ca": shared.name}
+            del doc["peer_auth"]
         head = f"# geoproxy demo: stamp {g.name}; start it again with\n#   {stamp.command_line}\n"
         stamp.config_path.write_text(head + yaml.safe_dump(doc))
     live = dataclasses.replace(config, geodes=tuple(s.geode for s in stamps))
@@ -296,7 +311,9 @@ async def start_stamps(stamps: list[StampProcess]) -> None:
     or does not answer in time fails the start (GeoproxyError naming it)."""
     for stamp in stamps:
         await stamp.start()
-    async with aiohttp.ClientSession() as http:
+    ca = stamps[0].geode.tls.ca_pem if stamps else None  # with --tls: the throwaway CA
+    trust = ssl.create_default_context(cadata=ca.decode()) if ca else True
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as http:
         await asyncio.gather(*(_until_up(http, stamp) for stamp in stamps))
 
 
