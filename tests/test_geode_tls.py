@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp.test_utils import TestServer
+from cryptography import x509
 from test_observability import access_lines
 
 from geoproxy.config import loader as config_mod
@@ -189,6 +190,14 @@ async def test_a_geode_that_requires_a_client_certificate_gets_the_configured_on
     proxy = await proxy_factory(config(pki, geode_entry(geode, tls=tls)))
     assert (await geodes_view(http, proxy))["euw-1"]["state"] == "up"
     assert await whoami(http, proxy, "eu-west") == (200, {"geode": "euw-1", "path": "/whoami"})
+    # Its expiry is exported like the listener's certificates (the same alert rule).
+    ends = proxy.sample(
+        "geoproxy_tls_certificate_expiry_timestamp_seconds", certificate=str(client.cert)
+    )
+    assert (
+        ends
+        == x509.load_pem_x509_certificate(client.cert.read_bytes()).not_valid_after_utc.timestamp()
+    )
 
 
 async def test_a_geode_that_requires_a_client_certificate_refuses_a_proxy_without_one(

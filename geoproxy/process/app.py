@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from geoproxy import __version__
-from geoproxy.config import changes
+from geoproxy.config import changes, pem
 from geoproxy.config import loader as config_mod
 from geoproxy.config.changes import ReloadOutcome, plural
 from geoproxy.config.model import Topology
@@ -263,11 +263,17 @@ class Gateway:
             self.metrics.geoip_built.labels(db.database_type).set(db.build_epoch)
 
     def _note_certificates(self) -> None:
-        """The expiry gauge, one series per certificate the config in force serves."""
+        """The expiry gauge, one series per certificate the config in force serves, or
+        presents to https geodes."""
         self.metrics.certificate_expiry.clear()
         for certificate in self.config.proxy.tls.certificates if self.config.proxy.tls else ():
             label = self.metrics.certificate_expiry.labels(str(certificate.cert))
             label.set(certificate.info.not_after)
+        for geode in self.config.geodes:
+            client = geode.tls
+            if geode.url.scheme == "https" and client.cert_pem is not None:
+                about = pem.info(pem.certificates(client.cert_pem)[0])  # checked at load
+                self.metrics.certificate_expiry.labels(str(client.cert)).set(about.not_after)
 
     async def refresh_geoip(self, expect: FileIdentity | None = None) -> bool:
         """Open ``geoip.database`` again if its file changed since it was opened (a new

@@ -226,8 +226,9 @@ class Metrics:
         )
         self.certificate_expiry = Gauge(
             "geoproxy_tls_certificate_expiry_timestamp_seconds",
-            "When each certificate the proxy listener serves expires (its notAfter), by "
-            "its file; absent without listen.proxy.tls.",
+            "When each certificate the proxy listener serves, or presents to geodes as a "
+            "client certificate (forwarding.tls, a geode's tls), expires (its notAfter), "
+            "by its file; absent without any.",
             ["certificate"],
             registry=r,
         )
