@@ -130,3 +130,25 @@ def test_a_client_certificate_expiring_soon_is_a_warning_where_it_is_given(
         f"{path}: forwarding.tls.cert: {client.cert}: the certificate (geoproxy.test) "
         "expires in 3.0 days, on "
     ), warning
+
+
+def test_check_config_says_how_each_https_geode_is_verified(
+    write_config: WriteConfig, pki: Authority, tmp_path: Path
+) -> None:
+    client = pki.issue("geoproxy.test")
+    data = https(
+        {
+            "forwarding.tls": {"ca": "ca.pem", **client.entry()},
+            "geodes[0].tls": {"server_name": "stamp.internal"},
+            "geodes[1].url": "https://use-1.test",
+            "geodes[1].tls": {"verify": False},
+        }
+    )
+    result = check_config(write_config(data), tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    ca = tmp_path / "ca.pem"
+    assert [line.partition("  tls: ")[2] for line in lines if "  tls: " in line] == [
+        f"ca {ca}, client cert {client.cert}, server_name stamp.internal",
+        "verify OFF (any certificate)",
+    ]

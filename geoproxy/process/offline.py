@@ -14,8 +14,9 @@ from geoproxy.config import loader as config_mod
 from geoproxy.config.affinity import describe_homes
 from geoproxy.config.model import Topology
 from geoproxy.config.tls import certificate_line
-from geoproxy.config.values import WEIGHTED, Config
+from geoproxy.config.values import WEIGHTED, Config, Geode
 from geoproxy.errors import GeoproxyError
+from geoproxy.health.tls import GeodeContexts
 from geoproxy.proxy import https
 from geoproxy.routing import affinity
 from geoproxy.routing.clientip import parse_ip
@@ -45,6 +46,7 @@ def check_config(path: Path) -> int:
         cfg = config_mod.load(path)
         if cfg.proxy.tls is not None:
             https.contexts_for(cfg.proxy.tls)  # what OpenSSL says of them, as at start-up
+        GeodeContexts().prepare(cfg.geodes)  # the geodes' TLS contexts, likewise
         if (lookup := open_geoip(cfg)) is not None:
             built = time.strftime("%Y-%m-%d", time.gmtime(lookup.build_epoch))
             note = f" ({lookup.database_type}, built {built})"  # as /status shows it
@@ -194,6 +196,22 @@ def _https_lines(cfg: Config) -> list[str]:
     return lines
 
 
+def _tls_note(geode: Geode) -> str:
+    """How an https geode is verified: ``  tls: ca pki/ca.pem, client cert pki/edge.pem,
+    server_name x``; ``verify OFF`` stands out."""
+    if geode.url.scheme != "https":
+        return ""
+    tls = geode.tls
+    parts = [f"ca {tls.ca}" if tls.ca else "system trust store"]
+    if tls.cert is not None:
+        parts.append(f"client cert {tls.cert}")
+    if tls.server_name is not None:
+        parts.append(f"server_name {tls.server_name}")
+    if not tls.verify:
+        parts = ["verify OFF (any certificate)"]
+    return "  tls: " + ", ".join(parts)
+
+
 def describe(topology: Topology, geoip_note: str = "") -> str:
     """The topology as check-config prints it; ``geoip_note``: what the GeoIP database
     is, once opened."""
@@ -212,7 +230,7 @@ def describe(topology: Topology, geoip_note: str = "") -> str:
         cap = f"  max_inflight={g.max_inflight}" if g.max_inflight is not None else ""
         lines.append(
             f"  {g.name:<20} {g.region:<14} {g.url}  weight={g.weight}{cap}"
-            f"  check={g.health.path} every {g.health.interval:g}s"
+            f"  check={g.health.path} every {g.health.interval:g}s{_tls_note(g)}"
         )
     located = {
         r.name: f"   at {r.location[0]:g},{r.location[1]:g}"
