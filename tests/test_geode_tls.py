@@ -21,7 +21,7 @@ from cryptography import x509
 from test_observability import access_lines
 
 from geoproxy.config import loader as config_mod
-from geoproxy.health.tls import GeodeContexts
+from geoproxy.health.tls import REASONS, GeodeContexts
 
 from conftest import FakeGeode, Proxy, ProxyFactory, base_config, geode_entry
 from tls_certs import Authority, write_atomically
@@ -319,3 +319,12 @@ async def test_a_geode_that_never_completes_the_handshake_is_a_handshake_timeout
     assert json.loads(access_lines[-1])["tls_error"] == message
     timeout = {"geode": "euw-1", "reason": "handshake_timeout", "source": "traffic"}
     assert proxy.sample("geoproxy_geode_tls_errors_total", **timeout) == 1
+
+
+def test_the_readme_names_every_tls_failure_reason() -> None:
+    """The metric's reason label is a bounded set; operators find each one documented."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [row] = [
+        line for line in readme.splitlines() if line.startswith("| `geoproxy_geode_tls_errors")
+    ]
+    assert [r for r in REASONS if f"`{r}`" not in row] == []

@@ -12,7 +12,7 @@ from test_config import check_config, check_errors, edited
 from geoproxy.config import loader as config_mod
 from geoproxy.config.values import GeodeTLS
 
-from tls_certs import Authority
+from tls_certs import Authority, Pair
 
 WriteConfig = Any
 
@@ -29,17 +29,24 @@ def https(changes: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     return edited({"geodes[0].url": "https://euw-1.test", **changes}, **overrides)
 
 
-def test_geode_tls_overrides_the_forwarding_default_field_by_field(
-    write_config: WriteConfig, pki: Authority, tmp_path: Path
-) -> None:
-    client = pki.issue("geoproxy.test")
-    data = https(
+def layered(client: Pair, **more: Any) -> dict[str, Any]:
+    """Two https geodes under a forwarding.tls default (the CA, ``client``); the first
+    overrides its server_name."""
+    return https(
         {
             "forwarding.tls": {"ca": "ca.pem", **client.entry()},
             "geodes[0].tls": {"server_name": "stamp.internal"},
             "geodes[1].url": "https://use-1.test",
+            **more,
         }
     )
+
+
+def test_geode_tls_overrides_the_forwarding_default_field_by_field(
+    write_config: WriteConfig, pki: Authority, tmp_path: Path
+) -> None:
+    client = pki.issue("geoproxy.test")
+    data = layered(client)
     cfg = config_mod.load(write_config(data))
     ca = tmp_path / "ca.pem"
     default = GeodeTLS(
@@ -136,14 +143,7 @@ def test_check_config_says_how_each_https_geode_is_verified(
     write_config: WriteConfig, pki: Authority, tmp_path: Path
 ) -> None:
     client = pki.issue("geoproxy.test")
-    data = https(
-        {
-            "forwarding.tls": {"ca": "ca.pem", **client.entry()},
-            "geodes[0].tls": {"server_name": "stamp.internal"},
-            "geodes[1].url": "https://use-1.test",
-            "geodes[1].tls": {"verify": False},
-        }
-    )
+    data = layered(client, **{"geodes[1].tls": {"verify": False}})
     result = check_config(write_config(data), tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
