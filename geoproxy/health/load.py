@@ -60,7 +60,10 @@ class Ticket:
         if self.geode is not None:
             load._leave(self.geode)
         self.geode = geode
-        load._enter(geode)
+        inflight = load.inflight
+        count = inflight[geode] = inflight.get(geode, 0) + 1  # _enter, inlined: per request
+        if geode in load.limits:
+            load._at_capacity(geode, count)
 
     def release(self) -> None:
         """The request ended, however it did; later calls do nothing."""
@@ -68,10 +71,13 @@ class Ticket:
             return
         self.live = False
         load = self._load
-        if self.geode is not None:
-            load._leave(self.geode)
-            self.geode = None
         load.total -= 1
+        geode = self.geode
+        if geode is not None:
+            self.geode = None
+            count = load.inflight[geode] = load.inflight[geode] - 1  # _leave, inlined
+            if geode in load._at_limit:
+                load._below_capacity(geode, count)
 
 
 class GeodeLoad:
@@ -92,6 +98,7 @@ class GeodeLoad:
         self._reported_full: set[str] = set()
         self._ewma: dict[str, list[float]] = {}  # by geode: [cost in seconds, when]
         self._bad: dict[str, bytes] = {}  # the last malformed report, logged once
+        self.cost_of: Callable[[str], float] = self.cost  # bound once: read per request
 
     def configure(self, config: Config) -> None:
         """Take the limits and balances of the config in force (start-up, reloads)."""
@@ -117,20 +124,22 @@ class GeodeLoad:
         self.total += 1
         return Ticket(self)
 
-    def _enter(self, name: str) -> None:
-        count = self.inflight.get(name, 0) + 1
-        self.inflight[name] = count
-        limit = self.limits.get(name)
-        if limit is not None and count >= limit and name not in self._at_limit:
+    def _at_capacity(self, name: str, count: int) -> None:
+        """``name`` has ``count`` in flight now, one more than before."""
+        if count >= self.limits[name] and name not in self._at_limit:
             self._at_limit.add(name)
             self._refresh()
 
-    def _leave(self, name: str) -> None:
-        count = self.inflight[name] - 1
-        self.inflight[name] = count
-        if name in self._at_limit and count < self.limits.get(name, count + 1):
+    def _below_capacity(self, name: str, count: int) -> None:
+        """``name``, at its limit, has ``count`` in flight now, one less than before."""
+        if count < self.limits.get(name, count + 1):
             self._at_limit.discard(name)
             self._refresh()
+
+    def _leave(self, name: str) -> None:
+        count = self.inflight[name] = self.inflight[name] - 1
+        if name in self._at_limit:
+            self._below_capacity(name, count)
 
     def _refresh(self) -> None:
         full = frozenset(self._at_limit | self._reported_full)

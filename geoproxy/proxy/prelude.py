@@ -223,7 +223,7 @@ class Routing:
             own=own,
             full=load.full,
             full_version=load.version,
-            cost=load.cost,
+            cost=load.cost_of,
         )
         trace.decision = decision
         if not cands and decision == OVER_CAPACITY:
