@@ -19,6 +19,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 from cryptography import x509
 from test_observability import access_lines
+from test_stamp_api import eventually
 
 from geoproxy.config import loader as config_mod
 from geoproxy.health.tls import REASONS, GeodeContexts
@@ -328,3 +329,34 @@ def test_the_readme_names_every_tls_failure_reason() -> None:
         line for line in readme.splitlines() if line.startswith("| `geoproxy_geode_tls_errors")
     ]
     assert [r for r in REASONS if f"`{r}`" not in row] == []
+
+
+@pytest.mark.parametrize("lane", ["fast"])  # WebSockets take one path on every lane
+async def test_a_websocket_to_a_tls_geode_uses_its_context_and_a_bad_one_fails_over(
+    lane: str,
+    pki: Authority,
+    tls_geode: TLSGeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    context = pki.server(pki.issue(NAME))
+    home = await tls_geode("euw-1", "eu-west", context)
+    other = await tls_geode("use-1", "us-east", pki.server(pki.issue("127.0.0.1")))
+    proxy = await proxy_factory(
+        config(pki, geode_entry(home, tls={"server_name": NAME}), geode_entry(other))
+    )
+    headers = {"X-Client-Region": "eu-west"}
+    async with http.ws_connect(f"{proxy.url}/ws", headers=headers) as ws:
+        assert (await ws.receive_json())["geode"] == "euw-1"
+        await ws.send_str("hello")
+        assert await ws.receive_str() == "euw-1: hello"
+    context.load_cert_chain(*_other_ca(pki))  # its next handshakes: an unknown CA
+    async with http.ws_connect(f"{proxy.url}/ws", headers=headers) as ws:
+        assert (await ws.receive_json())["geode"] == "use-1"
+    failed = {"geode": "euw-1", "reason": "untrusted", "source": "traffic"}
+
+    async def counted() -> bool:  # once the proxy's side of the socket has ended
+        return proxy.sample("geoproxy_geode_tls_errors_total", **failed) == 1
+
+    await eventually(counted, "the WebSocket's TLS failure counted")
+    assert proxy.sample("geoproxy_upstream_attempts_total", geode="euw-1", outcome="tls_error") == 1
