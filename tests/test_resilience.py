@@ -729,23 +729,29 @@ async def test_idle_client_connections_are_closed_after_the_keepalive_timeout(
     assert asyncio.get_running_loop().time() - started < 3
 
 
-async def test_serve_freezes_the_start_up_heap_before_it_accepts_requests(
+async def test_serve_freezes_the_start_up_heap_and_spaces_young_collections_before_serving(
     geode_factory: GeodeFactory, write_config: WriteConfig
 ) -> None:
     """gc.freeze(): the long-lived objects leave the cyclic collector's full passes (a
-    latency tail under load otherwise, see bench/ab.py figures in server.py)."""
+    latency tail under load otherwise, see bench/ab.py figures in server.py); and young
+    collections run every YOUNG_THRESHOLD net allocations instead of CPython's 700 (the
+    requests in flight crossed 700 every ~130 requests, docs/performance.md)."""
     import gc
 
-    from geoproxy.process.server import Bound, serve
+    from geoproxy.process.server import YOUNG_THRESHOLD, Bound, serve
 
     geodes = await three_geodes(geode_factory)
     cfg = config_mod.load(write_config(base_config([geode_entry(g) for g in geodes])))
     gc.unfreeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # CPython's default (another test's serve may have run)
     frozen_when_ready: list[int] = []
+    young_when_ready: list[int] = []
     stop = asyncio.Event()
 
     def ready(_bound: Bound) -> None:
         frozen_when_ready.append(gc.get_freeze_count())
+        young_when_ready.append(gc.get_threshold()[0])
         stop.set()
 
     try:
@@ -753,7 +759,9 @@ async def test_serve_freezes_the_start_up_heap_before_it_accepts_requests(
             await serve(cfg, stop, on_ready=ready)
     finally:
         gc.unfreeze()  # the rest of the test session collects as usual
+        gc.set_threshold(*thresholds)
     assert frozen_when_ready and frozen_when_ready[0] > 10_000
+    assert young_when_ready == [YOUNG_THRESHOLD]
 
 
 async def test_a_reload_of_the_limits_takes_effect_on_both_request_paths(
