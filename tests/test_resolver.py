@@ -18,7 +18,7 @@ from geoproxy.config.model import Topology
 from geoproxy.errors import GeoIPError, GeoIPLookupError
 from geoproxy.routing.clientip import IPAddress
 from geoproxy.routing.geoip import GeoAnswer, MaxMindLookup
-from geoproxy.routing.resolver import Resolution, resolve
+from geoproxy.routing.resolver import Resolution, ResolutionCache, resolve
 
 from conftest import GEO_LOCATIONS, base_config
 
@@ -428,6 +428,73 @@ def test_garbage_header_falls_through_to_geoip(
     assert got == Resolution(
         "ap-northeast", GEO, "CN", ip, ((XCR, "invalid"), (CF, "unknown"), (GEO, "ok"))
     )
+
+
+# --- the resolution cache -----------------------------------------------------------------
+
+
+def test_cache_reuses_a_resolution_for_the_same_client_and_region_headers(
+    geoip_topology: Topology, lookup: RecordingLookup
+) -> None:
+    """A browser's headers change on every request (cookies, request ids), its region
+    headers and address do not: the second request is served from the cache (the same
+    frozen Resolution, no GeoIP look-up), whatever else it carries."""
+    cache = ResolutionCache()
+    ip = ip_address("81.2.69.160")
+    first = CIMultiDict({"CF-IPCountry": "US", "Cookie": "sid=1", "X-Request-Id": "a"})
+    second = CIMultiDict({"CF-IPCountry": "US", "Cookie": "sid=2", "X-Request-Id": "b"})
+    got = [
+        cache.resolve(geoip_topology, h, True, lambda: ip, lookup, ("81.2.69.160", None))
+        for h in (first, second)
+    ]
+    assert got[0] is got[1]
+    assert got[0] == Resolution("us-east", CF, "US", ip, ((XCR, "absent"), (CF, "ok")))
+
+
+@pytest.mark.parametrize(
+    ("second", "key", "trusted", "region"),
+    [
+        ({"CF-IPCountry": "JP"}, ("81.2.69.160", None), True, "ap-northeast"),
+        (
+            {"X-Client-Region": "eu-west", "CF-IPCountry": "US"},
+            ("81.2.69.160", None),
+            True,
+            "eu-west",
+        ),
+        ({"CF-IPCountry": "US"}, ("81.2.69.160", None), False, "eu-west"),
+        ({}, ("81.2.69.160", None), True, "eu-west"),
+        ({"CF-IPCountry": "US"}, ("81.2.69.160", ("216.160.83.56",)), True, "us-east"),
+    ],
+    ids=["other-country", "client-region-added", "untrusted", "headers-gone", "other-xff"],
+)
+def test_cache_resolves_afresh_when_what_decides_the_region_differs(
+    geoip_topology: Topology,
+    lookup: RecordingLookup,
+    second: dict[str, str],
+    key: tuple[str, tuple[str, ...] | None],
+    trusted: bool,
+    region: str,
+) -> None:
+    cache = ResolutionCache()
+    ip = ip_address("81.2.69.160")
+    base = ("81.2.69.160", None)
+    first = cache.resolve(geoip_topology, CIMultiDict({"CF-IPCountry": "US"}), True,
+                          lambda: ip, lookup, base)  # fmt: skip
+    got = cache.resolve(geoip_topology, CIMultiDict(second), trusted, lambda: ip, lookup, key)
+    assert first.region == "us-east"
+    assert got == resolve(geoip_topology, CIMultiDict(second), trusted, ip, lookup)
+    assert got.region == region
+
+
+def test_cache_starts_afresh_when_the_trust_rules_change(
+    geoip_topology: Topology, lookup: RecordingLookup
+) -> None:
+    cache = ResolutionCache()
+    ip = ip_address("81.2.69.160")
+    headers = CIMultiDict({"CF-IPCountry": "US"})
+    old = cache.resolve(geoip_topology, headers, True, lambda: ip, lookup, ("a", None), "old")
+    new = cache.resolve(geoip_topology, headers, True, lambda: ip, lookup, ("a", None), "new")
+    assert old == new and old is not new
 
 
 def test_geoip_first_in_region_sources_beats_headers(

@@ -20,8 +20,8 @@ from geoproxy.proxy.homecookie import without_cookie
 from geoproxy.proxy.responses import json_error
 from geoproxy.proxy.trace import Trace
 from geoproxy.routing.affinity import Home, current, fenced_in, home_of
-from geoproxy.routing.clientip import client_ip, parse_ip
-from geoproxy.routing.resolver import Resolution, ResolutionCache, resolve
+from geoproxy.routing.clientip import IPAddress, client_ip, parse_ip
+from geoproxy.routing.resolver import Resolution, ResolutionCache
 from geoproxy.routing.router import (
     AFFINITY,
     AFFINITY_REJECTED,
@@ -139,7 +139,7 @@ def host_for(fwd: Forwarding, head: RequestHead, geode: Geode) -> bytes:
 
 class Routing:
     """The prelude and the candidates, with the memos that make them cheap: a resolution
-    per client address, a try order per region and health version."""
+    per client and region header values, a try order per region and health version."""
 
     def __init__(self) -> None:
         self.routes = CandidateCache()
@@ -173,11 +173,20 @@ class Routing:
         if length is not None and length > limits.max_body_bytes:
             return body_too_large(limits)
         forwarded_for = headers_in.getall("X-Forwarded-For", None) if trusted else None
-        if forwarded_for:
-            cip = client_ip(peer, forwarded_for, rt.trusted)
-            resolution = resolve(topology, headers_in, trusted, cip, rt.geoip)
-        else:  # the client is the peer: its resolution is memoised by its address
-            resolution = self.regions.resolve(topology, headers_in, trusted, peer, rt.geoip, remote)
+        if forwarded_for:  # the client is named by the trusted peer's X-Forwarded-For
+            key: tuple[str | None, tuple[str, ...] | None] = (remote, tuple(forwarded_for))
+
+            def client() -> IPAddress | None:
+                return client_ip(peer, forwarded_for, rt.trusted)
+        else:  # the client is the peer
+            key = (remote, None)
+
+            def client() -> IPAddress | None:
+                return peer
+
+        resolution = self.regions.resolve(
+            topology, headers_in, trusted, client, rt.geoip, key, rt.trusted
+        )
         forwarded = head.forwarded(
             _peer_text(remote) if remote else b"", _cached_bytes(scheme), via
         )

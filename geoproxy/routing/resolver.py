@@ -3,7 +3,7 @@ decision and a GeoIP look-up in; a ``Resolution`` out."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
 from geoproxy.config.countries import COUNTRY_CONTINENT
@@ -177,38 +177,51 @@ def _nearest(
 
 
 class ResolutionCache:
-    """Memoises ``resolve`` for requests that carry none of the region headers the
-    topology consults: their answer depends only on the client IP, so one (frozen)
-    Resolution serves every request from that client while the topology and the GeoIP
-    look-up stay the same. ``key`` names the client IP (the caller's cheap text for it)."""
+    """Memoises ``resolve`` by what decides it: the client (``key``: the peer's address
+    as the transport gave it, and the X-Forwarded-For lines the caller believes) and the
+    values of the region headers the topology consults (``X-Client-Region``,
+    ``CF-IPCountry``), while the topology, the GeoIP look-up and the trust rules stay the
+    same. Nothing else of a request is part of the key or kept: a cookie or a token
+    never decides a region, so one never reaches the cache. ``client_ip`` is asked only
+    on a miss (an X-Forwarded-For walk costs a parse per hop)."""
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._for: tuple[Topology, GeoLookup | None] | None = None
+        self._for: tuple[Topology, GeoLookup | None, object] | None = None
         self._headers: tuple[str, ...] = ()
-        self._memo: dict[str, Resolution] = {}
+        self._memo: dict[Hashable, Resolution] = {}
 
     def resolve(
         self,
         topology: Topology,
         headers: Mapping[str, str],
         peer_trusted: bool,
-        client_ip: IPAddress | None,
+        client_ip: Callable[[], IPAddress | None],
         lookup: GeoLookup | None,
-        key: str | None,
+        key: Hashable | None,
+        trust: object = None,
     ) -> Resolution:
-        if self._for is None or self._for[0] is not topology or self._for[1] is not lookup:
-            self._for = (topology, lookup)
+        """``trust``: the trust rules in force (the memo starts afresh when they change,
+        as for the topology and the look-up)."""
+        scope = self._for
+        if (
+            scope is None
+            or scope[0] is not topology
+            or scope[1] is not lookup
+            or scope[2] is not trust
+        ):
+            self._for = (topology, lookup, trust)
             self._headers = tuple(
                 HEADER_OF[s] for s in topology.config.region_sources if s in HEADER_OF
             )
             self._memo = {}
-        if key is None or any(name in headers for name in self._headers):
-            return resolve(topology, headers, peer_trusted, client_ip, lookup)
-        hit = self._memo.get(key)
-        if hit is None or hit.client_ip != client_ip:
-            hit = resolve(topology, headers, peer_trusted, client_ip, lookup)
+        if key is None:
+            return resolve(topology, headers, peer_trusted, client_ip(), lookup)
+        full = (key, peer_trusted, *[headers.get(name) for name in self._headers])
+        hit = self._memo.get(full)
+        if hit is None:
+            hit = resolve(topology, headers, peer_trusted, client_ip(), lookup)
             if len(self._memo) >= self.size:
                 self._memo.clear()  # bounded: many clients just resolve afresh
-            self._memo[key] = hit
+            self._memo[full] = hit
         return hit
