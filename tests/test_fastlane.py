@@ -383,7 +383,7 @@ async def test_fast_lane_off_in_the_config_serves_every_request_on_the_coroutine
 
 @pytest.mark.parametrize(
     "broken",
-    ["fastlane.request_wire", "fastexchange.FastExchange.send", "fastexchange.ResponseHead"],
+    ["fastlane.request_wire", "fastexchange.FastExchange.send", "fastexchange.response_head"],
 )
 async def test_an_unexpected_error_in_the_fast_lane_leaves_the_request_to_the_coroutine_path(
     geode_factory: GeodeFactory,

@@ -14,11 +14,12 @@ from typing import Protocol
 
 from aiohttp.http import HttpVersion11, RawRequestMessage
 
+from geoproxy.config.values import Geode
 from geoproxy.errors import ConnectFailed
 from geoproxy.health.load import Ticket
 from geoproxy.proxy import upstream
 from geoproxy.proxy.connection import Connection, Pool
-from geoproxy.proxy.headers import ResponseHead
+from geoproxy.proxy.headers import ResponseHead, response_head
 from geoproxy.proxy.policy import answer_lines, answered, fast_lane_finishes
 from geoproxy.proxy.prelude import Route
 from geoproxy.proxy.responses import whole_head
@@ -37,10 +38,36 @@ class Client(Protocol):
     def keeps_alive(self, message: RawRequestMessage) -> bool: ...
 
     def answer(
-        self, fast: FastExchange, status: int, head: list[bytes], body: bytes, keep_alive: bool
+        self, fast: FastExchange, status: int, head: bytes, body: bytes, keep_alive: bool
     ) -> None: ...
 
     def hand_over(self, fast: FastExchange) -> None: ...
+
+
+_ANSWER_HEADS: dict[tuple[object, ...], bytes] = {}
+
+
+def answer_head(
+    route: Route, out: ResponseHead, status: int, reason: str, geode: Geode, keep_alive: bool
+) -> bytes:
+    """The head of a whole answer as it goes to the client, blank line included
+    (``policy.answer_lines``, then the framing). The same bytes for the same ``out``
+    (``response_head`` hands back one per set of header lines), Via, HSTS line and geode,
+    so kept for the next answer; but not when the geode sent no Date (this second's is
+    added) or named its user's home region (the Set-Cookie is the request's own)."""
+    key = (out, status, reason, route.via, route.hsts, geode.name, geode.region, keep_alive)
+    head = _ANSWER_HEADS.get(key)
+    if head is None:
+        lines = answer_lines(route, out, geode)
+        length = out.length or 0  # fast_lane_finishes: a Content-Length was given
+        parts = whole_head(HttpVersion11, status, reason, lines, out.date, length, keep_alive)
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        if out.date and out.home is None:
+            if len(_ANSWER_HEADS) >= 256:  # bounded: old heads (their Date) go in a lump
+                _ANSWER_HEADS.clear()
+            _ANSWER_HEADS[key] = head
+    return head
 
 
 class FastExchange:
@@ -153,7 +180,7 @@ class FastExchange:
         status = message.code
         out = self.out
         if out is None:
-            out = self.out = ResponseHead(message.raw_headers, message.reason)
+            out = self.out = response_head(message.raw_headers, message.reason)
             load = self.route.rt.load
             name = self.cand.geode.name
             if name in load.timed:
@@ -172,13 +199,9 @@ class FastExchange:
             return
         geode = self.cand.geode
         route = self.route
-        lines = answer_lines(route, out, geode)
         conn = self.conn
         keep_alive = conn.keeps_alive(self.message)
-        head = whole_head(
-            HttpVersion11, status, message.reason, lines, out.date, out.length, keep_alive
-        )
-        head.append(b"\r\n")
+        head = answer_head(route, out, status, message.reason, geode, keep_alive)
         # The answer is taken: from here on, nothing that can fail.
         proto.watcher = None
         proto.take_answer()

@@ -26,7 +26,7 @@ from geoproxy.health.load import LOAD_HEADER
 from geoproxy.health.tls import server_name
 from geoproxy.proxy import compat, upstream
 from geoproxy.proxy.connection import Connection, Pool
-from geoproxy.proxy.headers import ResponseHead
+from geoproxy.proxy.headers import response_head
 from geoproxy.proxy.policy import (
     CONNECT_ERROR,
     RETRY_STATUSES,
@@ -345,7 +345,7 @@ class Forwarder:
                         load.report(geode.name, reported)
                     reply.close()
                     continue
-                out = ResponseHead(reply.raw_headers, reply.reason)
+                out = response_head(reply.raw_headers, reply.reason)
                 if out.load is not None:
                     load.report(geode.name, out.load)
                 if not (out.ok and out.framed):

@@ -310,6 +310,26 @@ class ResponseHead:
         return via_line + geode_lines + (hsts or self.sts)
 
 
+_RESPONSE_HEADS: dict[tuple[RawHeaders, str | None], ResponseHead] = {}
+
+
+def response_head(raw: RawHeaders, reason: str | None) -> ResponseHead:
+    """``ResponseHead(raw, reason)``, one for every answer with the same header lines
+    and reason: a geode sends the same lines answer after answer (its Date moves once a
+    second), and a ResponseHead is never changed once built. Bounded: a geode whose
+    lines differ every time (a request id echoed back) builds one per answer."""
+    if type(raw) is not tuple:  # a parser that hands back a list: nothing to key on
+        return ResponseHead(raw, reason)
+    key = (raw, reason)
+    head = _RESPONSE_HEADS.get(key)
+    if head is None:
+        head = ResponseHead(raw, reason)
+        if len(_RESPONSE_HEADS) >= 256:
+            _RESPONSE_HEADS.clear()
+        _RESPONSE_HEADS[key] = head
+    return head
+
+
 @functools.lru_cache(maxsize=256)
 def geode_lines(name: str, region: str) -> bytes:
     """The response header lines naming the geode that answered."""
