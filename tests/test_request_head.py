@@ -1,0 +1,99 @@
+"""The request header rules as one pass over the raw lines (``headers._scan_request``)
+and as a plan per set of header names (``headers._Plan``, what a browser's requests take:
+the same names, new values every time) give the same head, byte for byte."""
+
+from __future__ import annotations
+
+import pytest
+
+from geoproxy.proxy import headers
+from geoproxy.proxy.headers import RequestHead
+
+Raw = tuple[tuple[bytes, bytes], ...]
+
+BROWSER: Raw = (
+    (b"Host", b"example.test"),
+    (b"User-Agent", b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
+    (b"Accept", b"text/html,*/*;q=0.8"),
+    (b"Connection", b"keep-alive"),
+    (b"Cookie", b"sid=1; theme=dark"),
+    (b"X-Request-Id", b"0001"),
+    (b"CF-IPCountry", b"FR"),
+)
+
+CASES: dict[str, Raw] = {
+    "browser": BROWSER,
+    "empty": (),
+    "host-only": ((b"Host", b"h"),),
+    "one-line-kept": ((b"Host", b"h"), (b"Accept", b"*/*")),
+    "nothing-kept": ((b"Host", b"h"), (b"Via", b"1.1 a"), (b"Connection", b"keep-alive")),
+    "forwarded-set": (
+        (b"Host", b"h"),
+        (b"X-Forwarded-For", b"203.0.113.9"),
+        (b"x-forwarded-for", b"198.51.100.1"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"a.test"),
+        (b"Via", b"1.0 cdn"),
+        (b"Accept", b"*/*"),
+    ),
+    "identity-claims": (
+        (b"Host", b"h"),
+        (b"X-Client-Region", b"us-east"),
+        (b"X-Real-IP", b"192.0.2.1"),
+        (b"Forwarded", b"for=192.0.2.1"),
+        (b"Accept", b"*/*"),
+    ),
+    "internal-and-hop-by-hop": (
+        (b"Host", b"h"),
+        (b"X-Geoproxy-Geode", b"forged"),
+        (b"TE", b"trailers"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Proxy-Authorization", b"Basic x"),
+        (b"Upgrade", b"h2c"),
+        (b"Accept", b"*/*"),
+    ),
+    "content-length": ((b"Host", b"h"), (b"Content-Length", b"3"), (b"Accept", b"*/*")),
+    "connection-names-a-header": (
+        (b"Host", b"h"),
+        (b"Connection", b"close, X-Secret"),
+        (b"X-Secret", b"s"),
+        (b"Accept", b"*/*"),
+    ),
+    "connection-names-host-and-length": (
+        (b"Host", b"h"),
+        (b"Content-Length", b"0"),
+        (b"Connection", b"Host, content-length"),
+    ),
+}
+
+
+def slow(raw: Raw, trusted: bool) -> tuple[bytes, dict[bytes, list[bytes]], int]:
+    drop = headers._DROP_ALWAYS if trusted else headers._DROP_UNTRUSTED
+    return headers._scan_request(raw, drop, headers._NONE)
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+@pytest.mark.parametrize("raw", list(CASES.values()), ids=list(CASES))
+def test_the_plan_for_a_set_of_names_writes_what_one_pass_writes(raw: Raw, trusted: bool) -> None:
+    drop = headers._DROP_ALWAYS if trusted else headers._DROP_UNTRUSTED
+    headers._PLANS.clear()
+    for _ in range(2):  # the plan built, then the plan reused
+        assert headers._planned_scan(raw, trusted, drop) == slow(raw, trusted)
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+def test_a_plan_reused_for_new_values_passes_the_new_values_on(trusted: bool) -> None:
+    """Same names, other values (a browser's next request): the lines passed on are the
+    new request's, never the first one's."""
+    first = RequestHead(BROWSER, trusted)
+    second_raw = tuple(
+        (name, value + b"-2" if name in (b"Cookie", b"X-Request-Id", b"Host") else value)
+        for name, value in BROWSER
+    )
+    second = RequestHead(second_raw, trusted)
+    assert b"Cookie: sid=1; theme=dark-2\r\n" in second.kept
+    assert b"X-Request-Id: 0001-2\r\n" in second.kept
+    assert b"sid=1; theme=dark\r\n" in first.kept
+    assert second.host == b"example.test-2"
+    assert (second.kept, second.read, second.size) == slow(second_raw, trusted)
+    assert (b"CF-IPCountry: FR\r\n" in second.kept) is trusted
