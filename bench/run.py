@@ -166,12 +166,17 @@ class Result:
 _UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
+def wrk_script(scenario: str) -> list[str]:
+    """wrk's arguments for a scenario's request script (none for wrk's own requests)."""
+    script = SCENARIOS[scenario]
+    return ["-s", str(script)] if script is not None else []
+
+
 def wrk(
     port: int, path: str, conns: int, duration: int, scenario: str = "repeated"
 ) -> tuple[float, float, float, int]:
     """req/s, p50 ms, p99 ms and errors of one wrk run (``scenario``: see SCENARIOS)."""
-    script = SCENARIOS[scenario]
-    lua = ["-s", str(script)] if script is not None else []
+    lua = wrk_script(scenario)
     out = subprocess.run(
         ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", *lua,
          f"http://127.0.0.1:{port}{path}"],
@@ -374,7 +379,8 @@ def main() -> None:
         "--soak",
         type=int,
         default=0,
-        help="also: seconds of c=200 on geoproxy, sampling its RSS (idle first)",
+        help="also: seconds of c=200 on geoproxy (the last of --scenarios), sampling its RSS "
+        "(idle first)",
     )
     ap.add_argument(
         "--scaling",
@@ -426,7 +432,7 @@ def main() -> None:
                     finally:
                         proxy.stop()
             if args.soak:
-                soak(tmp, upstream, ports, args.soak)
+                soak(tmp, upstream, ports, args.soak, scenarios[-1])
             if args.openloop:
                 openloop(tmp, upstream, ports, args.openloop, args.duration, args.rounds)
     print_table(results, labels, conns, only)
@@ -564,16 +570,20 @@ def openloop(
     print(f"  geoproxy adds: p50 {g[0] - d[0]:+.2f} ms, p99 {g[1] - d[1]:+.2f} ms")
 
 
-def soak(tmp: Path, upstream: int, ports: dict[str, int], seconds: int) -> None:
-    """geoproxy's RSS idle, then sampled while wrk holds c=200 for ``seconds``."""
+def soak(
+    tmp: Path, upstream: int, ports: dict[str, int], seconds: int, scenario: str = "repeated"
+) -> None:
+    """geoproxy's RSS idle, then sampled while wrk holds c=200 for ``seconds``
+    (``scenario``: see SCENARIOS)."""
     (proxy,) = proxies(tmp, upstream, ports, {"geoproxy"})
     proxy.start()
     try:
         assert proxy.proc is not None
         time.sleep(1)
         idle = rss_kib(proxy.proc.pid)
+        lua = wrk_script(scenario)
         load = subprocess.Popen(
-            ["taskset", "-c", "1", "wrk", "-t1", "-c200", f"-d{seconds}s",
+            ["taskset", "-c", "1", "wrk", "-t1", "-c200", f"-d{seconds}s", *lua,
              f"http://127.0.0.1:{proxy.port}/small"], stdout=subprocess.DEVNULL,
         )  # fmt: skip
         samples = []
@@ -581,7 +591,8 @@ def soak(tmp: Path, upstream: int, ports: dict[str, int], seconds: int) -> None:
             time.sleep(5)
             samples.append(rss_kib(proxy.proc.pid))
         load.wait()
-        print(f"\ngeoproxy RSS: idle {idle / 1024:.1f} MiB; under c=200 for {seconds}s, every 5s:"
+        print(f"\ngeoproxy RSS: idle {idle / 1024:.1f} MiB; under c=200 ({scenario}) for"
+              f" {seconds}s, every 5s:"
               f" {' '.join(f'{s / 1024:.1f}' for s in samples)} MiB")  # fmt: skip
     finally:
         proxy.stop()
