@@ -20,6 +20,7 @@ from test_stamp_api import MeshFactory, mesh  # noqa: F401  (a fixture)
 
 from geoproxy.config import loader as config_mod
 from geoproxy.config.affinity import key_id
+from geoproxy.config.loader import files_fingerprint
 from geoproxy.config.values import HomeCookie
 from geoproxy.errors import ConfigError
 from geoproxy.proxy.homecookie import without_cookie
@@ -691,3 +692,35 @@ async def test_the_reference_stamp_names_its_region_on_writes_and_the_writer_com
         assert resp.status == 400
         assert "Geoproxy-Home" not in resp.headers  # only a successful write
     assert ap.hits["/items/greeting"] == 0
+
+
+async def test_the_tenant_map_and_the_keys_reload_with_the_config(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """Both files are watched like the region map: an edit changes the fingerprint the
+    poll compares, and the reload moves the tenant and retires a dropped key."""
+    geodes = await three(geode_factory)
+    (tmp_path / "tenants.yaml").write_text("homes: {acme: ap-northeast}\n")
+    homes = {
+        "cookie": {"keys_file": "home-keys"},
+        "tenants": {"header": "X-Tenant", "map": "tenants.yaml"},
+    }
+    proxy = await start(proxy_factory, tmp_path, geodes, homes)
+    gateway = proxy.gateway
+    cookie = home_cookie(proxy, "us-east", key=KEY_A)
+    assert (await get(http, f"{proxy.url}/whoami", **{"X-Tenant": "acme"}))[1] == "ap-1"
+    assert (await get(http, f"{proxy.url}/whoami", Cookie=cookie))[1] == "us-1"
+
+    (tmp_path / "tenants.yaml").write_text("homes: {acme: us-east}\n")
+    (tmp_path / "home-keys").write_text(f"{KEY_B}\n")  # KEY_A retired
+    assert files_fingerprint(gateway.config.files) != gateway.config.fingerprint
+    assert await gateway.reload_from_file("test")
+    assert gateway.last_reload is not None
+    assert "home affinity:" in gateway.last_reload.detail
+    assert KEY_B not in gateway.last_reload.detail  # key ids, never keys
+    assert (await get(http, f"{proxy.url}/whoami", **{"X-Tenant": "acme"}))[1] == "us-1"
+    assert (await get(http, f"{proxy.url}/whoami", Cookie=cookie))[1] == "eu-1"
+    assert proxy.sample("geoproxy_home_affinity_total", source="cookie", result="unknown_key") == 1
