@@ -360,3 +360,20 @@ async def test_a_websocket_to_a_tls_geode_uses_its_context_and_a_bad_one_fails_o
 
     await eventually(counted, "the WebSocket's TLS failure counted")
     assert proxy.sample("geoproxy_upstream_attempts_total", geode="euw-1", outcome="tls_error") == 1
+
+
+async def test_an_https_url_to_a_plain_http_port_says_the_geode_does_not_speak_tls(
+    pki: Authority,
+    geode_factory: Callable[[str, str], Awaitable[FakeGeode]],
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    geode = await geode_factory("euw-1", "eu-west")
+    entry = {**geode_entry(geode), "url": geode.url.replace("http://", "https://")}
+    proxy = await proxy_factory(config(pki, entry))
+    view = (await geodes_view(http, proxy))["euw-1"]
+    assert view["last_error"] == (
+        "the geode did not answer in TLS (is it an http:// port?) (geode euw-1)"
+    )
+    reason = {"geode": "euw-1", "reason": "not_tls", "source": "health_check"}
+    assert proxy.sample("geoproxy_geode_tls_errors_total", **reason) == 1
