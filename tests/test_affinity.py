@@ -724,3 +724,13 @@ async def test_the_tenant_map_and_the_keys_reload_with_the_config(
     assert (await get(http, f"{proxy.url}/whoami", **{"X-Tenant": "acme"}))[1] == "us-1"
     assert (await get(http, f"{proxy.url}/whoami", Cookie=cookie))[1] == "eu-1"
     assert proxy.sample("geoproxy_home_affinity_total", source="cookie", result="unknown_key") == 1
+
+
+def test_the_status_page_counts_a_home_regions_fallback_as_served_outside_its_region() -> None:
+    from geoproxy.surfaces.traffic import Traffic, TrafficHistory
+
+    history = TrafficHistory()
+    history.note(0.0, Traffic())
+    now = Traffic(decisions={"affinity": 2.0, "affinity_fallback": 1.0, "home": 1.0})
+    rates = history.rates(10.0, now)
+    assert rates is not None and rates.off_region == 0.25

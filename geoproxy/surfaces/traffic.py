@@ -16,6 +16,8 @@ from geoproxy.surfaces.metrics import Metrics
 
 WINDOW = 300.0  # seconds of history the rates cover (less until that much has passed)
 STEP = 10.0  # seconds between two samples kept
+#: Decisions that served a request outside the region it belongs to (its own, or its home).
+_OFF_REGION = ("fallback", "affinity_fallback")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,9 @@ class TrafficHistory:
             requests[geode] = max(0.0, total - total0) / seconds
             errors[geode] = max(0.0, bad - bad0) / seconds
         decided = sum(traffic.decisions.values()) - sum(old.decisions.values())
-        fallback = traffic.decisions.get("fallback", 0.0) - old.decisions.get("fallback", 0.0)
+        fallback = sum(  # a home region's fallback too (home-stamp affinity)
+            traffic.decisions.get(d, 0.0) - old.decisions.get(d, 0.0) for d in _OFF_REGION
+        )
         return Rates(
             seconds,
             requests,
