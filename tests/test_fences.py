@@ -332,3 +332,19 @@ def test_check_config_prints_each_fence(write_config: Any, capsys: Any) -> None:
     assert "residency fence eu: EU CH -> only eu-west, eu-central; none healthy: reject (503)" in (
         out
     )
+
+
+async def test_a_region_id_header_does_not_hide_the_country_header_that_fences_the_client(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """Without GeoIP, a trusted X-Client-Region naming a region outside the fence decides
+    the region, but the client's CF-IPCountry still names its country: it stays fenced."""
+    geodes = await four_geodes(geode_factory)
+    proxy = await proxy_factory(fenced_config(geodes))
+    headers = {"X-Client-Region": "us-east", "CF-IPCountry": "FR"}
+    status, (body, _) = await get(http, proxy, **headers)
+    assert (status, body["geode"]) == (200, "euw-1")
+    assert hits(geodes)["use-1"] == 0
+    # Unfenced, the region id is followed as before.
+    status, (body, _) = await get(http, proxy, **{**headers, "CF-IPCountry": "US"})
+    assert (status, body["geode"]) == (200, "use-1")

@@ -35,7 +35,7 @@ class Resolution:
     client_ip: IPAddress | None
     steps: tuple[tuple[str, str], ...]  # (source, result) for every source consulted
     fence: Fence | None = None  # the client's residency fence: by the first country (or
-    # continent) any source named; a region id alone names none, so GeoIP is asked then.
+    # continent) any source named; a region id alone names none: the next source that does.
     nearest: Nearest | None = None  # set when geoproximity was consulted (source geoip):
     # ``nearest.decided`` when the distance, not the map, chose ``region``.
 
@@ -114,10 +114,10 @@ def resolve(
         if country is not None and seen == (None, None):
             seen = (country, None)
         if region is not None:
-            fence = _fence(topology, seen, steps, client_ip, lookup)
+            fence = _fence(topology, seen, steps, client_ip, lookup, headers, peer_trusted)
             own = PROXIMITY if near is not None and near.decided else HOME
             return Resolution(region, source, country, client_ip, tuple(steps), fence, near, own)
-    fence = _fence(topology, seen, steps, client_ip, lookup)
+    fence = _fence(topology, seen, steps, client_ip, lookup, headers, peer_trusted)
     region = topology.config.default_region
     return Resolution(region, "default", None, client_ip, tuple(steps), fence)
 
@@ -128,16 +128,28 @@ def _fence(
     steps: list[tuple[str, str]],
     ip: IPAddress | None,
     lookup: GeoLookup | None,
+    headers: Mapping[str, str],
+    peer_trusted: bool,
 ) -> Fence | None:
     """The client's fence by what the sources named; when they named no country (a
-    region id, or GeoIP not reached yet), by a GeoIP look-up of the client, if any."""
+    region id decided before a country header or GeoIP was reached), by the first of the
+    sources not consulted yet that names one (a trusted country header, the client's
+    GeoIP record)."""
     if not topology.config.fences:
         return None
-    consulted = any(source == "geoip" for source, _ in steps)
-    if seen == (None, None) and "geoip" in topology.config.region_sources and not consulted:
-        answer = _from_geoip(ip, lookup, topology)[1]
-        if answer is not None:
-            seen = (answer.country, answer.continent)
+    if seen == (None, None):
+        consulted = {source for source, _ in steps}
+        for source in topology.config.region_sources:
+            if source in consulted:
+                continue
+            if source == "geoip":
+                answer = _from_geoip(ip, lookup, topology)[1]
+                if answer is not None:
+                    seen = (answer.country, answer.continent)
+            elif peer_trusted and (value := _clean(headers.get(HEADER_OF[source]))) is not None:
+                seen = (_PARSERS[source](value, topology)[1], None)
+            if seen != (None, None):
+                break
     return topology.fence_of(*seen)
 
 
