@@ -734,3 +734,23 @@ def test_the_status_page_counts_a_home_regions_fallback_as_served_outside_its_re
     now = Traffic(decisions={"affinity": 2.0, "affinity_fallback": 1.0, "home": 1.0})
     rates = history.rates(10.0, now)
     assert rates is not None and rates.off_region == 0.25
+
+
+async def test_a_tenant_header_from_an_untrusted_peer_never_reaches_the_geode(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The edge did not believe it, so no geode may: an auth gateway's tenant header is
+    dropped from a peer that is not a trusted proxy, as X-Client-Region is."""
+    geodes = await three(geode_factory)
+    homes = {"tenants": {"header": "X-Tenant", "homes": {"acme": "ap-northeast"}}}
+    proxy = await start(proxy_factory, tmp_path, geodes, homes, trusted_proxies=[])
+    headers = {"x-tenant": "acme", "X-Request-Id": "r1"}
+    async with http.get(f"{proxy.url}/echo", headers=headers) as resp:
+        seen = (await resp.json())["headers"]
+    assert "x-tenant" not in seen and seen["x-request-id"] == ["r1"]
+    trusting = await start(proxy_factory, tmp_path, geodes, homes)
+    async with http.get(f"{trusting.url}/echo", headers=headers) as resp:
+        assert (await resp.json())["headers"]["x-tenant"] == ["acme"]

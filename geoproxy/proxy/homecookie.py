@@ -1,5 +1,7 @@
 """The edge's side of home-stamp affinity on the wire: the home cookie taken out of the
-head a geode gets (unless ``home_affinity.cookie.forward``), and the ``Set-Cookie`` line
+head a geode gets (unless ``home_affinity.cookie.forward``), a tenant header from an
+untrusted peer taken out of it too (it was not believed here, so a geode must not believe
+it either), and the ``Set-Cookie`` line
 for a stamp's ``Geoproxy-Home`` answer header (which never reaches the client: see
 ``headers.ResponseHead``). Both request paths ask here (``policy.answer_lines``).
 """
@@ -36,6 +38,18 @@ def without_cookie(kept: bytes, name: str) -> bytes:
             line = field + b": " + b"; ".join(rest)
         out.append(line + b"\r\n")
     return b"".join(out)
+
+
+def without_header(kept: bytes, name: str) -> bytes:
+    """Header lines ("Name: value\\r\\n" each) without those of header ``name``."""
+    wanted = name.lower().encode("ascii")
+    if wanted not in kept.lower():
+        return kept
+    return b"".join(
+        line + b"\r\n"
+        for line in kept.split(b"\r\n")[:-1]
+        if line.partition(b":")[0].strip().lower() != wanted
+    )
 
 
 def set_cookie_line(cookie: HomeCookie, value: str, max_age: int, https: bool) -> bytes:

@@ -16,7 +16,7 @@ from multidict import CIMultiDictProxy
 from geoproxy.config.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
 from geoproxy.config.values import Forwarding, Geode, Hsts, Limits
 from geoproxy.proxy.headers import RawHeaders, RequestHead
-from geoproxy.proxy.homecookie import without_cookie
+from geoproxy.proxy.homecookie import without_cookie, without_header
 from geoproxy.proxy.responses import json_error
 from geoproxy.proxy.trace import Trace
 from geoproxy.routing.affinity import Home, current, fenced_in, home_of
@@ -199,6 +199,9 @@ class Routing:
         cookie = affinity.cookie
         if cookie is not None and not cookie.forward:
             head.kept = without_cookie(head.kept, cookie.name)  # the edge's, not the geode's
+        tenants = affinity.tenants
+        if tenants is not None and tenants.source == "header" and not trusted:
+            head.kept = without_header(head.kept, tenants.name)  # as X-Client-Region is
         proto = head.read.get(b"x-forwarded-proto") if trusted else None
         https = (proto[-1].decode("latin-1") if proto else scheme).strip().lower() == "https"
         return Prelude(head, forwarded, via, resolution, own, home, https)
