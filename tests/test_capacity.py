@@ -492,3 +492,30 @@ def access_lines() -> Iterator[list[str]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+async def test_a_reload_that_lowers_max_inflight_makes_a_busy_geode_full_at_once(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    write_config: WriteConfig,
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    us = await geode_factory("us-1", "us-east")
+    proxy = await start(proxy_factory, [geode_entry(eu), geode_entry(us)])
+    eu.delay = 0.5
+    held = asyncio.create_task(http.get(f"{proxy.url}/whoami"))
+    await until_inflight(proxy, "eu-1")
+    lower = base_config([geode_entry(eu, max_inflight=1), geode_entry(us)])
+    lower["regions"] = {**REGIONS, "eu-west": {**REGIONS["eu-west"], "balance": "peak_ewma"}}
+    what = await proxy.gateway.reload(config_mod.load(write_config(lower, "lower.yaml")))
+    assert "1 geode changed: eu-1 (max_inflight none -> 1)" in what
+    assert any(w.startswith("regions: eu-west[us-east,ap-northeast](peak_ewma)") for w in what)
+    assert proxy.gateway.load.full == {"eu-1"}
+    async with http.get(f"{proxy.url}/whoami") as resp:
+        assert (await resp.json())["geode"] == "us-1"
+    async with await held as resp:
+        assert resp.status == 200
+    await settled(proxy)
+    assert_nothing_in_flight(proxy)
+    assert proxy.gateway.load.full == frozenset()
