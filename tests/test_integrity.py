@@ -373,6 +373,18 @@ async def test_chunked_response_trailers_reach_the_client_as_trailers(through: T
     assert resp.trailers == [b"X-Checksum: 2955903335"]
 
 
+async def test_trailers_never_carry_what_this_hop_keeps_from_the_client(through: Through) -> None:
+    """A stamp's Geoproxy-Home and Geoproxy-Load, and the X-Geoproxy-* lines this hop
+    sets, are dropped from trailers as they are from the head."""
+    reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    secret = b"Geoproxy-Home: eu-west\r\nGeoproxy-Load: 90\r\nX-Geoproxy-Geode: forged\r\n"
+    reply += chunked(b"abc", trailers=secret + b"X-Checksum: 1\r\n")
+    proxy, _ = await through(lambda r: reply)
+    resp = await one_request(proxy, b"GET /a HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n")
+    assert resp.payload == b"abc"
+    assert resp.trailers == [b"X-Checksum: 1"]
+
+
 async def test_head_answer_keeps_its_content_length_and_the_connection_stays_in_step(
     through: Through,
 ) -> None:

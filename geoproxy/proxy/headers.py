@@ -409,16 +409,20 @@ def geode_lines(name: str, region: str) -> bytes:
 
 
 #: Fields a trailer section must not carry on (RFC 9110 6.5.1: framing and routing),
-#: besides the hop-by-hop ones.
-_NOT_TRAILERS = HOP_BY_HOP | _low(
-    ("Content-Length", "Host", "Content-Encoding", "Content-Type", "Content-Range")
+#: besides the hop-by-hop ones and those this hop sets or keeps from the client in a head
+#: (Geoproxy-Home, Geoproxy-Load, the X-Geoproxy-* pair: see ``trailer_lines``).
+_NOT_TRAILERS = (
+    HOP_BY_HOP
+    | _NOTED_DOWNSTREAM
+    | _low(("Content-Length", "Host", "Content-Encoding", "Content-Type", "Content-Range"))
 )
 
 
 def trailer_lines(block: bytes) -> bytes:
     """A geode's trailer lines ("Name: value\r\n" each) as this hop passes them on:
-    as they came, less framing and hop-by-hop fields and any line with a control
-    character or no name."""
+    as they came, less framing and hop-by-hop fields, the ones this hop keeps from the
+    client (``_NOT_TRAILERS``, ``X-Geoproxy-*``) and any line with a control character or
+    no name."""
     kept = []
     for line in block.split(b"\r\n")[:-1]:
         name, colon, _ = line.partition(b":")
@@ -427,6 +431,7 @@ def trailer_lines(block: bytes) -> bytes:
             and name
             and name == name.strip()
             and name.lower() not in _NOT_TRAILERS
+            and not name.lower().startswith(_INTERNAL_PREFIX)
             and len(line.translate(None, _CONTROLS_BUT_CRLF)) == len(line)
         ):
             kept.append(line + b"\r\n")
