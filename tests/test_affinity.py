@@ -754,3 +754,20 @@ async def test_a_tenant_header_from_an_untrusted_peer_never_reaches_the_geode(
     trusting = await start(proxy_factory, tmp_path, geodes, homes)
     async with http.get(f"{trusting.url}/echo", headers=headers) as resp:
         assert (await resp.json())["headers"]["x-tenant"] == ["acme"]
+
+
+async def test_the_home_cookie_is_secure_when_a_chain_of_trusted_proxies_names_https(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A CDN then a load balancer, each adding its hop's scheme: never a cookie without
+    Secure for a client that came over HTTPS (it would then go out in clear text)."""
+    geodes = await three(geode_factory)
+    proxy = await start(proxy_factory, tmp_path, geodes)
+    for proto in ("https, https", "https, http", "HTTPS"):
+        _, _, resp = await get(http, f"{proxy.url}/home/us-east", **{"X-Forwarded-Proto": proto})
+        assert "Secure" in resp.headers["Set-Cookie"].split("; "), proto
+    _, _, resp = await get(http, f"{proxy.url}/home/us-east", **{"X-Forwarded-Proto": "http"})
+    assert "Secure" not in resp.headers["Set-Cookie"].split("; ")

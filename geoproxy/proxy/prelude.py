@@ -203,7 +203,12 @@ class Routing:
         if tenants is not None and tenants.source == "header" and not trusted:
             head.kept = without_header(head.kept, tenants.name)  # as X-Client-Region is
         proto = head.read.get(b"x-forwarded-proto") if trusted else None
-        https = (proto[-1].decode("latin-1") if proto else scheme).strip().lower() == "https"
+        # Secure if any hop names https (a chain adds one value per hop): a cookie without
+        # it would go out in clear text to a plain-HTTP listener of the same host.
+        https = scheme == "https" or (
+            proto is not None
+            and any(v.strip().lower() == b"https" for line in proto for v in line.split(b","))
+        )
         return Prelude(head, forwarded, via, resolution, own, home, https)
 
     def routed(
