@@ -250,13 +250,17 @@ def _get(
         return tls.session, bool(tls.session_reused)
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 async def test_a_session_resumes_across_a_certificate_rotation(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, authority: Authority
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    authority: Authority,
+    version: ssl.TLSVersion,
 ) -> None:
     eu = await geode_factory("eu-1", "eu-west")
     data = https_config([geode_entry(eu)], authority.issue("localhost", file="one").entry())
     proxy = await proxy_factory(data)
-    port, client = port_of(proxy.url), authority.client()
+    port, client = port_of(proxy.url), authority.client(maximum_version=version)
     serial_before = (await handshake(proxy.url, client, "localhost"))[1]
     session, reused = await asyncio.to_thread(_get, port, client, None)
     assert not reused
@@ -403,3 +407,22 @@ async def test_a_client_that_finishes_its_handshake_late_still_gets_the_head_dea
         assert answer.startswith(b"HTTP/1.1 408 ")
     finally:
         writer.close()
+
+
+async def test_a_websocket_is_proxied_over_https_with_forwarded_proto_https(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, authority: Authority
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    proxy = await proxy_factory(
+        https_config([geode_entry(eu)], authority.issue("localhost").entry())
+    )
+    url = proxy.url.replace("https://127.0.0.1", "wss://localhost")
+    connector = aiohttp.TCPConnector(ssl=authority.client())
+    async with (
+        aiohttp.ClientSession(connector=connector) as http,
+        http.ws_connect(f"{url}/ws") as ws,
+    ):
+        assert (await ws.receive_json())["geode"] == "eu-1"
+        await ws.send_str("hello")
+        assert await ws.receive_str() == "eu-1: hello"
+    assert eu.last_headers["x-forwarded-proto"] == ["https"]
