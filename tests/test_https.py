@@ -353,6 +353,50 @@ async def test_the_redirect_listener_answers_308_to_the_same_url_over_https(
             await serving
 
 
+async def test_the_redirect_listener_closes_a_connection_whose_head_never_ends(
+    geode_factory: GeodeFactory, authority: Authority, write_config: Callable[..., Path]
+) -> None:
+    """limits.header_timeout holds on the plain-HTTP redirect listener too: a client
+    that never finishes its request head gets a 408 and is closed (slowloris on port
+    80), as on the proxy listener."""
+    eu = await geode_factory("eu-1", "eu-west")
+    data = https_config([geode_entry(eu)], authority.issue("localhost").entry())
+    data["listen"]["redirect"] = {"host": "127.0.0.1", "port": 0}
+    data["limits"] = {"header_timeout": "300ms"}
+    cfg = config_mod.load(write_config(data))
+    stop, ready = asyncio.Event(), asyncio.Event()
+    bound: list[Bound] = []
+
+    def on_ready(where: Bound) -> None:
+        bound.append(where)
+        ready.set()
+
+    serving = asyncio.create_task(serve(cfg, stop, on_ready=on_ready))
+    try:
+        async with asyncio.timeout(10):
+            await ready.wait()
+        (where,) = bound
+        assert where.redirect is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", where.redirect[1])
+        writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n")  # and nothing more
+        try:
+            async with asyncio.timeout(5):
+                answer = await reader.read()
+            assert answer.startswith(b"HTTP/1.1 408 ")
+        finally:
+            writer.close()
+        # A request that does come in time is still answered.
+        reader, writer = await asyncio.open_connection("127.0.0.1", where.redirect[1])
+        writer.write(b"GET /a HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.read()).startswith(b"HTTP/1.1 308 ")
+        writer.close()
+    finally:
+        stop.set()
+        async with asyncio.timeout(15):
+            await serving
+
+
 async def test_workers_serve_https_and_each_takes_a_renewed_certificate(
     geode_factory: GeodeFactory, authority: Authority, tmp_path: Path
 ) -> None:

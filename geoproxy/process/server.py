@@ -246,8 +246,18 @@ async def start_redirect(
     if config.redirect is None:
         return None
     to = config.redirect.https_port or proxy_port
-    runner = web.ServerRunner(
-        web.Server(redirect.handler(to), access_log=None), shutdown_timeout=_CUT_WAIT
+    answer = redirect.handler(to)
+
+    async def noted(request: web.BaseRequest) -> web.StreamResponse:
+        runner.note_request(request.protocol)
+        return await answer(request)
+
+    # The proxy listener's limits on the head and idle connections hold here too: this
+    # listener faces the same clients (slowloris on port 80).
+    limits = config.limits
+    server = web.Server(noted, access_log=None, keepalive_timeout=limits.keepalive_timeout)
+    runner = HeadTimeoutRunner(
+        server, limits.header_timeout, handle_signals=False, shutdown_timeout=_CUT_WAIT
     )
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
