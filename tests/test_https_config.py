@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -263,3 +264,28 @@ async def test_every_surface_names_the_certificate_the_same_way(
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expiry))
     assert f"expires {stamp} (in " in printed
     assert abs(expiry - (time.time() + 40 * 86400)) < 120
+
+
+async def test_a_reload_to_a_certificate_openssl_refuses_keeps_the_one_in_force(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    authority: Authority,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The config loads (the pair parses and matches) but OpenSSL will not serve it: the
+    reload fails before anything changed, like a broken config."""
+    eu = await geode_factory("eu-1", "eu-west")
+    data = base_config([geode_entry(eu)])
+    data["listen"]["proxy"]["tls"] = authority.issue("localhost").entry()
+    proxy = await proxy_factory(data)
+    before = proxy.gateway.tls
+    assert before is not None
+    served = before.tls
+    data["listen"]["proxy"]["tls"] = weak_pair(tmp_path)
+    proxy.gateway.config.path.write_text(yaml.safe_dump(data))
+    assert not await proxy.gateway.reload_from_file("test")
+    assert proxy.sample("geoproxy_config_reloads_total", result="failure") == 1
+    assert proxy.gateway.tls is before and before.tls is served
+    assert proxy.gateway.config.proxy.tls is served
+    assert "OpenSSL refuses the certificate and key: EE_KEY_TOO_SMALL" in caplog.text
