@@ -6,11 +6,12 @@ resumption across a rotation. Certificates come from a throwaway CA (tls_certs.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -304,13 +305,10 @@ async def test_hsts_is_sent_over_https_in_place_of_the_geodes_own_when_configure
             assert resp.headers.getall("Strict-Transport-Security") == ["max-age=60"]
 
 
-async def test_the_redirect_listener_answers_308_to_the_same_url_over_https(
-    geode_factory: GeodeFactory, authority: Authority, write_config: Callable[..., Path]
-) -> None:
-    eu = await geode_factory("eu-1", "eu-west")
-    data = https_config([geode_entry(eu)], authority.issue("localhost").entry())
-    data["listen"]["redirect"] = {"host": "127.0.0.1", "port": 0}
-    cfg = config_mod.load(write_config(data))
+@contextlib.asynccontextmanager
+async def serving(cfg: Any) -> AsyncIterator[Bound]:
+    """``geoproxy run`` of ``cfg`` (its redirect listener included) until the block ends:
+    where it listens."""
     stop, ready = asyncio.Event(), asyncio.Event()
     bound: list[Bound] = []
 
@@ -318,12 +316,26 @@ async def test_the_redirect_listener_answers_308_to_the_same_url_over_https(
         bound.append(where)
         ready.set()
 
-    serving = asyncio.create_task(serve(cfg, stop, on_ready=on_ready))
+    task = asyncio.create_task(serve(cfg, stop, on_ready=on_ready))
     try:
         async with asyncio.timeout(10):
             await ready.wait()
         (where,) = bound
         assert where.redirect is not None
+        yield where
+    finally:
+        stop.set()
+        async with asyncio.timeout(15):
+            await task
+
+
+async def test_the_redirect_listener_answers_308_to_the_same_url_over_https(
+    geode_factory: GeodeFactory, authority: Authority, write_config: Callable[..., Path]
+) -> None:
+    eu = await geode_factory("eu-1", "eu-west")
+    data = https_config([geode_entry(eu)], authority.issue("localhost").entry())
+    data["listen"]["redirect"] = {"host": "127.0.0.1", "port": 0}
+    async with serving(config_mod.load(write_config(data))) as where:
         plain = f"http://127.0.0.1:{where.redirect[1]}"
         https_port = where.proxy[1]
         connector = aiohttp.TCPConnector(ssl=authority.client())
@@ -347,10 +359,6 @@ async def test_the_redirect_listener_answers_308_to_the_same_url_over_https(
         writer.write(b"GET / HTTP/1.0\r\n\r\n")  # no Host
         assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
         writer.close()
-    finally:
-        stop.set()
-        async with asyncio.timeout(15):
-            await serving
 
 
 async def test_the_redirect_listener_closes_a_connection_whose_head_never_ends(
@@ -363,20 +371,7 @@ async def test_the_redirect_listener_closes_a_connection_whose_head_never_ends(
     data = https_config([geode_entry(eu)], authority.issue("localhost").entry())
     data["listen"]["redirect"] = {"host": "127.0.0.1", "port": 0}
     data["limits"] = {"header_timeout": "300ms"}
-    cfg = config_mod.load(write_config(data))
-    stop, ready = asyncio.Event(), asyncio.Event()
-    bound: list[Bound] = []
-
-    def on_ready(where: Bound) -> None:
-        bound.append(where)
-        ready.set()
-
-    serving = asyncio.create_task(serve(cfg, stop, on_ready=on_ready))
-    try:
-        async with asyncio.timeout(10):
-            await ready.wait()
-        (where,) = bound
-        assert where.redirect is not None
+    async with serving(config_mod.load(write_config(data))) as where:
         reader, writer = await asyncio.open_connection("127.0.0.1", where.redirect[1])
         writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n")  # and nothing more
         try:
@@ -391,10 +386,6 @@ async def test_the_redirect_listener_closes_a_connection_whose_head_never_ends(
         async with asyncio.timeout(5):
             assert (await reader.read()).startswith(b"HTTP/1.1 308 ")
         writer.close()
-    finally:
-        stop.set()
-        async with asyncio.timeout(15):
-            await serving
 
 
 async def test_workers_serve_https_and_each_takes_a_renewed_certificate(
