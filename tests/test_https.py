@@ -394,6 +394,7 @@ async def test_workers_serve_https_and_each_takes_a_renewed_certificate(
     eu = await geode_factory("eu-1", "eu-west")
     old = authority.issue("localhost", file="old")
     data = https_config([geode_entry(eu)], old.entry())
+    data["listen"]["redirect"] = {"host": "127.0.0.1", "port": 0}
     volume = tls_volume(tmp_path / "secret", data, old)
     client = authority.client()
 
@@ -411,6 +412,17 @@ async def test_workers_serve_https_and_each_takes_a_renewed_certificate(
                     assert resp.status == 200
                     assert (await resp.json())["headers"]["x-forwarded-proto"] == ["https"]
         assert await serials(proxy.proxy_url, 10) == {old.serial}
+        # The supervisor serves the redirect listener.
+        found = await proxy.wait_for(r"redirecting plain HTTP on (http://\S+) to HTTPS port (\d+)")
+        assert int(found.group(2)) == port_of(proxy.proxy_url)
+        async with (
+            aiohttp.ClientSession() as plain,
+            plain.get(
+                f"{found.group(1)}/x?y=1", headers={"Host": "localhost"}, allow_redirects=False
+            ) as resp,
+        ):
+            assert resp.status == 308
+            assert resp.headers["Location"] == f"https://localhost:{found.group(2)}/x?y=1"
         new = authority.issue("localhost", file="new")
         volume.write(volume_files(data, new))
         await proxy.wait_for("config reloaded")
