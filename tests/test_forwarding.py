@@ -297,6 +297,22 @@ async def test_panic_mode_tries_geodes_even_when_none_is_healthy(
         assert resp.status == 200 and (await resp.json())["geode"] == "ap-1"
 
 
+async def test_panic_mode_spreads_over_the_geodes_of_a_region_not_one_memoised_order(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """With none healthy, each request draws its own weighted order: the try order is
+    never kept from one request for the next (it would send every panic request to the
+    same geode of a region while it still answers)."""
+    one, two = await geode_factory("eu-1", "eu-west"), await geode_factory("eu-2", "eu-west")
+    forwarding = {"when_none_healthy": "try_all", "max_attempts": 1}
+    proxy = await start(proxy_factory, [one, two], forwarding=forwarding)
+    await mark_unhealthy(proxy, one, two)
+    for _ in range(40):
+        async with http.get(f"{proxy.url}/whoami") as resp:
+            assert resp.status == 200
+    assert one.hits["/whoami"] > 0 and two.hits["/whoami"] > 0, (one.hits, two.hits)
+
+
 async def test_502_json_when_every_candidate_refuses(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:

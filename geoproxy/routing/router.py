@@ -146,8 +146,9 @@ def try_order(topology: Topology, region: str, fence: Fence | None) -> tuple[str
 class CandidateCache:
     """Memoises ``candidates`` while the topology, the healthy set and the full set stay
     the same, for regions whose answer involves no random draw or cost (each group of
-    healthy geodes it uses has one geode) — the common case. ``version`` must change
-    whenever ``healthy`` does, ``full_version`` whenever ``full`` does."""
+    healthy geodes it uses has one geode; never panic mode's) — the common case.
+    ``version`` must change whenever ``healthy`` does, ``full_version`` whenever ``full``
+    does."""
 
     def __init__(self) -> None:
         self._memo: dict[str, tuple[Topology, int, int, list[Candidate], str]] = {}
@@ -174,8 +175,12 @@ class CandidateCache:
             return hit[3], hit[4]
         cands, decision = candidates(topology, region, healthy, limit, rand, fence, own, full, cost)
         regions = {c.geode.region for c in cands}
-        if all(
-            sum(g.name in healthy for g in topology.geodes_by_region[r]) <= 1 for r in regions
+        # Panic mode draws over every geode, healthy or not: never kept.
+        if (
+            decision != PANIC
+            and all(
+                sum(g.name in healthy for g in topology.geodes_by_region[r]) <= 1 for r in regions
+            )
         ) or decision in (NONE_HEALTHY, FENCED, OVER_CAPACITY, AFFINITY_REJECTED):
             self._memo[key] = (topology, version, full_version, cands, decision)
         return cands, decision
