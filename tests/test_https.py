@@ -67,6 +67,10 @@ async def handshake(
     return tls, x509.load_der_x509_certificate(der).serial_number
 
 
+async def _count(into: list[int]) -> None:
+    into[:] = [(into[0] if into else 0) + 1]
+
+
 def unchecked(authority: Authority) -> ssl.SSLContext:
     """A client that takes any name (to see which certificate comes without SNI)."""
     return authority.client(check_hostname=False)
@@ -177,7 +181,14 @@ async def test_a_renewed_certificate_is_served_to_new_handshakes_under_load_with
     volume = tls_volume(tmp_path / "secret", data, old)
     await proxy.gateway.reload(config_mod.load(volume.root / "geoproxy.yaml"))
     client = authority.client()
-    kept = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client, limit=1))
+    opened: list[int] = []
+    reused: list[int] = []
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(lambda *_: _count(opened))
+    trace.on_connection_reuseconn.append(lambda *_: _count(reused))
+    kept = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=client, limit=1), trace_configs=[trace]
+    )
     async with kept, watching(proxy):
         async with kept.get(f"{proxy.url}/whoami") as resp:  # opened before, kept alive
             assert resp.status == 200
@@ -189,9 +200,9 @@ async def test_a_renewed_certificate_is_served_to_new_handshakes_under_load_with
                 while proxy.sample("geoproxy_config_reloads_total", result="success") < 1:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
             await load.more(200)
-        async with kept.get(f"{proxy.url}/whoami") as resp:  # the same connection
+        async with kept.get(f"{proxy.url}/whoami") as resp:
             assert resp.status == 200
-            assert kept.connector is not None
+        assert opened == [1] and reused == [1]  # the same connection, kept open
         assert (await handshake(proxy.url, client, "localhost"))[1] == new.serial
     assert load.failed() == []
     assert len(load.results) >= 300
