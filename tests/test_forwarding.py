@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import gzip
 import socket
 import struct
@@ -875,6 +876,34 @@ async def test_response_head_keeps_duplicates_and_drops_what_connection_names(
     assert len(values(lines, b"date")) == 1
     if dated:
         assert values(lines, b"date") == [b"Tue, 01 Jan 2030 00:00:00 GMT"]
+
+
+async def test_an_answer_without_a_date_gets_the_current_one_every_time(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw_geodes: list[RawGeode],
+    lane: str,
+) -> None:
+    """The fast lane keeps the head it wrote for the next answer with the same geode
+    lines (fastexchange.answer_head), but never one whose Date geoproxy added itself."""
+    lean_only(lane, "aiohttp's public response rebuilds the head")
+    raw = RawGeode(b"HTTP/1.1 200 OK\r\nX-Same: 1\r\nContent-Length: 2\r\n\r\nok")
+    raw_geodes.append(raw)
+    proxy = await start_with_raw_home(proxy_factory, geode_factory, raw)
+    reader, writer = await raw_client(proxy)
+    dates = []
+    async with asyncio.timeout(10):
+        for path in (b"/a", b"/b"):
+            writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, lines, body = await read_response(reader)
+            assert (status, body) == (b"HTTP/1.1 200 OK", b"ok")
+            dates += values(lines, b"date")
+            await asyncio.sleep(1.1)
+    writer.close()
+    assert len(dates) == 2
+    assert email.utils.parsedate_to_datetime(dates[1].decode()) > email.utils.parsedate_to_datetime(
+        dates[0].decode()
+    )
 
 
 @pytest.mark.parametrize(
