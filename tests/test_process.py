@@ -469,3 +469,31 @@ async def test_demo_names_a_data_dir_it_cannot_write(tmp_path: Path) -> None:
         "there: Not a directory" in out
     )
     assert "Traceback" not in out
+
+
+def test_a_proxy_without_tls_never_imports_cryptography(
+    write_config: Callable[[dict[str, Any]], Path],
+) -> None:
+    """cryptography is ~9 MiB of resident memory per process (issue 19: idle RSS at most
+    50 MiB): loading a config without TLS and building the proxy's app must not import
+    it; config/pem.py and the demo's throwaway CA import it where they read or make
+    certificates."""
+    import subprocess
+
+    path = write_config(base_config([geode_entry_at("http://127.0.0.1:9")]))
+    script = (
+        "import sys\n"
+        "from geoproxy.process import cli, server, worker\n"
+        "from geoproxy.process.app import Gateway\n"
+        "from geoproxy.config import loader\n"
+        f"loader.load({str(path)!r})\n"
+        "print('cryptography' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def geode_entry_at(url: str) -> dict[str, str]:
+    return {"name": "eu-1", "region": "eu-west", "url": url}

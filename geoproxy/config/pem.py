@@ -21,12 +21,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import types
+from typing import TYPE_CHECKING
 
 from geoproxy.errors import GeoproxyError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import types
+
+# ``cryptography`` is imported where a certificate or key is read, not with this module:
+# it is ~9 MiB of resident memory that a proxy without TLS never needs (every process
+# imports this module through config.values).
 
 
 class PemError(GeoproxyError):
@@ -55,6 +60,8 @@ def certificates(data: bytes) -> list[x509.Certificate]:
         raise PemError("not a PEM file (no '-----BEGIN' line)")
     if b"PRIVATE KEY-----" in data and b"CERTIFICATE-----" not in data:
         raise PemError("holds a private key, not a certificate (are cert and key swapped?)")
+    from cryptography import x509
+
     try:
         found = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
@@ -70,6 +77,8 @@ def private_key(data: bytes) -> types.PrivateKeyTypes:
         raise PemError("the key is encrypted with a passphrase; give an unencrypted key")
     if b"PRIVATE KEY-----" not in data and b"CERTIFICATE-----" in data:
         raise PemError("holds a certificate, not a private key (are cert and key swapped?)")
+    from cryptography.hazmat.primitives import serialization
+
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -79,6 +88,8 @@ def private_key(data: bytes) -> types.PrivateKeyTypes:
 
 
 def _public(key: types.PrivateKeyTypes | types.CertificatePublicKeyTypes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     public = key.public_key() if hasattr(key, "public_key") else key
     return public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -91,6 +102,9 @@ def key_matches(leaf: x509.Certificate, key: types.PrivateKeyTypes) -> bool:
 
 
 def info(leaf: x509.Certificate) -> CertificateInfo:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [*san.get_values_for_type(x509.DNSName)]

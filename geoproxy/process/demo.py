@@ -44,7 +44,6 @@ from yarl import URL
 
 from geoproxy.config.values import Config, Geode, GeodeTLS
 from geoproxy.errors import GeoproxyError
-from geoproxy.process.throwaway_ca import ThrowawayCA
 from geoproxy.stamp.config import Peer, Replication, StampConfig
 from geoproxy.stamp.serve import peer_listener, runner_for, stamp_app
 
@@ -267,6 +266,9 @@ def write_stamp_configs(
     configured ones are taken; every other stamp a peer; one new fleet secret, or with
     ``tls`` a throwaway CA: HTTPS, and mutual TLS between the stamps), and the config
     pointing at where they will listen."""
+    # Imported here: it imports cryptography (~9 MiB), which only --tls needs.
+    from geoproxy.process.throwaway_ca import ThrowawayCA
+
     ca = ThrowawayCA() if tls else None
     # What the stamps share: the fleet secret, or with tls the CA's certificate.
     shared = data_dir / ("ca.pem" if ca else "fleet.secret")
