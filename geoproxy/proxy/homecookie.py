@@ -23,21 +23,24 @@ CLEAR = "none"
 
 def without_cookie(kept: bytes, name: str) -> bytes:
     """Header lines ("Name: value\\r\\n" each) with cookie ``name`` taken out of every
-    Cookie line; a line left empty goes."""
+    Cookie line; a line left empty goes. Only the lines that name it are rewritten."""
     wanted = name.encode("ascii")
-    if wanted not in kept:
-        return kept
-    out = []
-    for line in kept.split(b"\r\n")[:-1]:
+    at = kept.find(wanted)
+    while at >= 0:
+        begin = kept.rfind(b"\r\n", 0, at) + 2 if at else 0
+        begin = 0 if begin == 1 else begin  # no CRLF before it: the first line
+        end = kept.find(b"\r\n", at)
+        line = kept[begin:end]
         field, colon, value = line.partition(b":")
-        if colon and field.strip().lower() == b"cookie" and wanted in value:
-            pairs = [p.strip() for p in value.split(b";")]
+        if colon and field.strip().lower() == b"cookie":
+            pairs = (p.strip() for p in value.split(b";"))
             rest = [p for p in pairs if p and p.partition(b"=")[0].strip() != wanted]
-            if not rest:
-                continue
-            line = field + b": " + b"; ".join(rest)
-        out.append(line + b"\r\n")
-    return b"".join(out)
+            if len(rest) != value.count(b";") + 1 or not rest:  # it was there: rewrite
+                new = field + b": " + b"; ".join(rest) + b"\r\n" if rest else b""
+                kept = kept[:begin] + new + kept[end + 2 :]
+                end = begin + len(new) - 2
+        at = kept.find(wanted, max(end, begin) + 2)
+    return kept
 
 
 def without_header(kept: bytes, name: str) -> bytes:
