@@ -163,6 +163,20 @@ async def test_a_peer_certificate_that_names_another_stamp_is_refused(
         assert (await push(http, b, "stamp-0", secret or b""))[0] == 200
 
 
+async def test_a_certificate_naming_only_the_peers_shared_host_is_refused(
+    fleet: Authority, tls_fleet: Fleet
+) -> None:
+    """Stamps on one host (the demo, a shared VIP) reach each other at the same address:
+    a fleet certificate that names that address, but another stamp, may not speak for
+    stamp-0. Only the peer's configured name in the SAN authenticates it."""
+    _, b = await tls_fleet(2)
+    neighbour = fleet.issue("stamp-neighbour", "127.0.0.1", file="neighbour")
+    async with client(fleet, neighbour) as http:
+        status, body = await push(http, b, "stamp-0", b"")
+    assert status == 401
+    assert "not peer 'stamp-0'" in body["error"]["message"]
+
+
 async def test_the_peer_listener_refuses_a_client_without_a_certificate(
     fleet: Authority, tls_fleet: Fleet
 ) -> None:

@@ -68,7 +68,7 @@ def authenticate(request: web.Request) -> tuple[str, str]:
         if mutual:
             transport = request.transport
             names = certificate_names(transport.get_extra_info("peercert") if transport else None)
-            if (why := peer_mismatch(peer, peers[peer].url.host, names)) is not None:
+            if (why := peer_mismatch(peer, names)) is not None:
                 raise auth.AuthError("certificate_mismatch", why)
         return peer, digest
     except auth.AuthError as exc:

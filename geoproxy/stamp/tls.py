@@ -116,12 +116,13 @@ def certificate_names(peercert: Mapping[str, Any] | None) -> set[str]:
     }
 
 
-def peer_mismatch(peer: str, host: str | None, names: Collection[str]) -> str | None:
-    """Why a client certificate with ``names`` may not speak for ``peer`` (reached at
-    ``host``), or None: it must name the peer, or the host of its URL."""
+def peer_mismatch(peer: str, names: Collection[str]) -> str | None:
+    """Why a client certificate with ``names`` may not speak for ``peer``, or None: its
+    subjectAltName must carry the peer's configured name. The host of the peer's URL does
+    not do: stamps that share a host, an address or a VIP would speak for each other."""
     if not names:
         return "no client certificate (mutual TLS is on: the peer must present one)"
-    if peer in names or (host is not None and host in names):
+    if peer in names:
         return None
     shown = ", ".join(sorted(names))
     return f"the client certificate names {shown}, not peer {peer!r}"
