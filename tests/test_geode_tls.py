@@ -377,3 +377,44 @@ async def test_an_https_url_to_a_plain_http_port_says_the_geode_does_not_speak_t
     )
     reason = {"geode": "euw-1", "reason": "not_tls", "source": "health_check"}
     assert proxy.sample("geoproxy_geode_tls_errors_total", **reason) == 1
+
+
+async def test_geodes_sharing_a_url_with_other_client_certificates_never_share_a_connection(
+    pki: Authority,
+    proxy_factory: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Two geode entries at one URL, each with its own client certificate: a request to
+    the second must not ride a kept-alive TLS session the first authenticated (the
+    geode would take it for the first's identity)."""
+    from aiohttp import web
+
+    clients = Authority(pki.folder)
+    server = pki.server(pki.issue(NAME), client_ca=clients.ca_file("client-ca"))
+
+    async def who(request: web.Request) -> web.Response:
+        cert = request.get_extra_info("peercert")
+        names = [value for kind, value in (cert or {}).get("subjectAltName", ()) if kind == "DNS"]
+        return web.json_response({"client": names[0] if names else None})
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/who", who)
+    geode = TestServer(app, host="127.0.0.1")
+    await geode.start_server(ssl=server)
+    try:
+        url = f"https://127.0.0.1:{geode.port}"
+        entries = []
+        for name, region in (("euw-1", "eu-west"), ("use-1", "us-east")):
+            pair = clients.issue(f"proxy-{name}", file=f"client-{name}")
+            tls = {"server_name": NAME, "cert": pair.cert.name, "key": pair.key.name}
+            entries.append({"name": name, "region": region, "url": url, "tls": tls})
+        proxy = await proxy_factory(config(pki, *entries))
+        for region, expected in [("eu-west", "euw-1"), ("us-east", "use-1")] * 2:
+            async with http.get(f"{proxy.url}/who", headers={"X-Client-Region": region}) as r:
+                assert (r.status, await r.json()) == (200, {"client": f"proxy-{expected}"})
+    finally:
+        await geode.close()

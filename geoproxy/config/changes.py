@@ -69,7 +69,7 @@ def _fields_changed(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
     return [
         (f.name, getattr(old, f.name), getattr(new, f.name))
         for f in fields(old)
-        if getattr(old, f.name) != getattr(new, f.name)
+        if f.compare and getattr(old, f.name) != getattr(new, f.name)  # not derived ones
     ]
 
 
@@ -97,7 +97,7 @@ def _geode_changes(old: Geode, new: Geode, defaults_changed: tuple[bool, bool]) 
         elif name == "health":
             for sub, b, a in _fields_changed(before, after):
                 parts.append(f"health_check.{sub} {_show(b)} -> {_show(a)}")
-        elif name not in ("base", "prefix"):
+        else:
             parts.append(f"{name} {_show(before)} -> {_show(after)}")
     return f"{new.name} ({', '.join(parts)})"
 

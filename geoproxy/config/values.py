@@ -152,10 +152,17 @@ class Geode:
     base: str = field(init=False, repr=False, compare=False)  # url without a trailing "/"
     prefix: str = field(init=False, repr=False, compare=False)  # its path, without "/" at
     # the end: what goes before the request's path (usually "")
+    # Whose idle connections a request to this geode may reuse: the same URL and, for
+    # https, the same TLS block (another client certificate or server_name is another
+    # TLS session, never to be shared).
+    pool_key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "base", str(self.url).rstrip("/"))
+        base = str(self.url).rstrip("/")
+        object.__setattr__(self, "base", base)
         object.__setattr__(self, "prefix", self.url.raw_path.rstrip("/"))
+        tls = f"#tls:{hash(self.tls):x}" if self.url.scheme == "https" else ""
+        object.__setattr__(self, "pool_key", base + tls)
 
 
 @dataclass(frozen=True, slots=True)

@@ -223,7 +223,7 @@ class Pool:
         self._idle: dict[str, deque[tuple[Connection, float]]] = {}
 
     def get(self, geode: Geode) -> Connection | None:
-        idle = self._idle.get(geode.base)
+        idle = self._idle.get(geode.pool_key)
         now = time.monotonic()
         while idle:
             proto, since = idle.pop()  # most recently used first: the warmest
@@ -245,7 +245,7 @@ class Pool:
     def put_clean(self, geode: Geode, proto: Connection) -> None:
         """``put`` for a connection known to be open and clean: its answer was read whole
         and the geode did not ask to close."""
-        idle = self._idle.setdefault(geode.base, deque())
+        idle = self._idle.setdefault(geode.pool_key, deque())
         now = time.monotonic()
         while idle and now - idle[0][1] >= self.keepalive_timeout:
             idle.popleft()[0].close()  # the oldest have idled too long
@@ -254,7 +254,7 @@ class Pool:
     def sweep(self, live: Iterable[Geode]) -> None:
         """Close idle connections that idled too long, or that belong to geodes no longer
         configured (a reload can return one to the pool after it dropped that geode)."""
-        keep = {g.base for g in live}
+        keep = {g.pool_key for g in live}
         now = time.monotonic()
         for key in list(self._idle):
             idle = self._idle[key]
@@ -269,7 +269,7 @@ class Pool:
 
     def close(self, geodes: Iterable[Geode] | None = None) -> None:
         """Close idle connections (of the given geodes, or all)."""
-        keys = [g.base for g in geodes] if geodes is not None else list(self._idle)
+        keys = [g.pool_key for g in geodes] if geodes is not None else list(self._idle)
         for key in keys:
             for proto, _ in self._idle.pop(key, ()):
                 proto.close()
