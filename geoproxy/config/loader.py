@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from geoproxy.config import affinity, sections, tls
+from geoproxy.config import affinity, geography, sections, tls
 from geoproxy.config.countries import COUNTRY_CONTINENT
 from geoproxy.config.pem import certificates, expiry_warning, info
 from geoproxy.config.schema import (
@@ -123,11 +123,11 @@ def _build(
     geoip_database = (base / database) if database else None
     sources = sections.sources(root.get("region_sources"), geoip_database is not None)
 
-    regions = sections.regions(root.get("regions"))
-    known = {r.name for r in regions if sections.region_id_problem(r.name) is None}
+    regions = geography.regions(root.get("regions"))
+    known = {r.name for r in regions if geography.region_id_problem(r.name) is None}
     quiet = {r.name for r in regions} - known  # invalid ids: reported once, where declared
     default_region = root.get("default_region").region(known, quiet)
-    countries, continents = sections.region_map(root, base, (known, quiet), problems, read, given)
+    countries, continents = geography.region_map(root, base, (known, quiet), problems, read, given)
     region_map = root.get("region_map").string(optional=True)
     # After the region map: the files are fingerprinted in the order they were read.
     reads = tls.Reads(given)
@@ -154,7 +154,7 @@ def _build(
         root.get("proximity").get("prefer_over_continent").problem(
             "is true, but no region has a location (regions.<id>.location: {lat, lon})"
         )
-    fences = sections.fences(root.get("fences"), (known, quiet))
+    fences = geography.fences(root.get("fences"), (known, quiet))
     if fences and not problems:
         _check_fences(fences, regions, countries, continents, problems)
     health = sections.health_check(root.get("health_check"), HealthCheck())

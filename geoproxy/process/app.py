@@ -24,12 +24,12 @@ from geoproxy.config import changes, pem
 from geoproxy.config import loader as config_mod
 from geoproxy.config.changes import ReloadOutcome, plural
 from geoproxy.config.model import Topology
-from geoproxy.config.values import Config, Geode
+from geoproxy.config.values import Config
 from geoproxy.errors import GeoproxyError
-from geoproxy.health.board import GeodeHealth, HealthBoard
+from geoproxy.health.board import HealthBoard
 from geoproxy.health.checker import HealthChecker
 from geoproxy.health.load import GeodeLoad
-from geoproxy.health.tls import GeodeContexts, TLSFailure
+from geoproxy.health.tls import GeodeContexts
 from geoproxy.proxy import https
 from geoproxy.proxy.connection import Pool
 from geoproxy.proxy.forwarder import Forwarder
@@ -39,6 +39,7 @@ from geoproxy.routing.clientip import TrustedProxies
 from geoproxy.routing.geoip import FileIdentity, GeoLookup, MaxMindLookup, open_geoip
 from geoproxy.routing.runtime import Runtime
 from geoproxy.surfaces.admin import Scrape, build_admin_app
+from geoproxy.surfaces.healthmetrics import HealthMetrics
 from geoproxy.surfaces.metrics import Metrics
 from geoproxy.surfaces.observe import Observer
 
@@ -109,12 +110,11 @@ class Gateway:
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.declare_geodes((g.name, g.region) for g in config.geodes)
         self.metrics.last_reload.set_to_current_time()
-        self.board.on_check.append(self._on_check)
-        self.board.on_transition.append(self._on_transition)
-        self.board.on_eject.append(self._on_eject)
+        self.health_metrics = HealthMetrics(
+            self.metrics, self.board, self.load, lambda: self.config.geodes
+        )
+        self.board.on_transition.append(lambda _: self._update_ready())
         self.observer = Observer(self.metrics, self.load, config.access_log)
-        self.metrics.geode_inflight.source = self._geode_inflight
-        self.metrics.geode_full.source = self._geode_full
         # The proxy listener's HTTPS: PemError (OpenSSL refuses a certificate) ends the
         # start-up with its reason.
         self.tls = None if config.proxy.tls is None else https.Terminator(config.proxy.tls)
@@ -139,39 +139,6 @@ class Gateway:
         """Shutdown began: /readyz answers 503 at once, so load balancers stop sending."""
         self.draining = True
         self._update_ready()
-
-    def _on_check(self, state: GeodeHealth, ok: bool, latency: float | None) -> None:
-        name = state.geode.name
-        self.metrics.health_checks.labels(name, "pass" if ok else "fail").inc()
-        if latency is not None:
-            self.metrics.health_check_duration.labels(name).observe(latency)
-
-    def _on_transition(self, state: GeodeHealth) -> None:
-        self._publish(state)
-        self.metrics.transitions.labels(
-            state.geode.name, "healthy" if state.takes_traffic else "unhealthy"
-        ).inc()
-        self._update_ready()
-
-    def _publish(self, state: GeodeHealth) -> None:
-        """The geode's gauges as its state is now."""
-        g = state.geode
-        self.metrics.geode_up.labels(g.name, g.region).set(1 if state.takes_traffic else 0)
-        self.metrics.ejected.labels(g.name, g.region).set(1 if state.ejected else 0)
-
-    def _geode_inflight(self) -> list[tuple[tuple[str, str], float]]:
-        inflight = self.load.inflight
-        return [((g.name, g.region), inflight.get(g.name, 0)) for g in self.config.geodes]
-
-    def _geode_full(self) -> list[tuple[tuple[str, str], float]]:
-        full = self.load.full
-        return [((g.name, g.region), float(g.name in full)) for g in self.config.geodes]
-
-    def _on_eject(self, state: GeodeHealth) -> None:
-        self.metrics.ejections.labels(state.geode.name).inc()
-
-    def _on_tls_failure(self, geode: Geode, failure: TLSFailure) -> None:
-        self.metrics.tls_errors.labels(geode.name, failure.reason, "health_check").inc()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -216,7 +183,7 @@ class Gateway:
                     self.board,
                     health_session,
                     contexts=self.geode_tls,
-                    on_tls_failure=self._on_tls_failure,
+                    on_tls_failure=self.health_metrics.on_tls_failure,
                 )
                 await self.checker.check_once()
                 self._warn_failing()
@@ -357,7 +324,7 @@ class Gateway:
             for name, state in self.board.states.items():
                 if regions.get(name, state.geode.region) != state.geode.region:
                     self.metrics.forget_geodes([(name, regions[name])])
-                    self._publish(state)
+                    self.health_metrics.publish(state)
             if checker is not None:
                 await checker.check_once(added)  # before they can take traffic
             self.runtime = Runtime(
