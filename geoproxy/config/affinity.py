@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from geoproxy.config.schema import Node, Problems, parse_duration, read_yaml_bytes
+from geoproxy.config.schema import Node, Problems, parse_duration, read_side_file
 from geoproxy.config.values import HomeAffinity, HomeCookie, Tenants
-from geoproxy.errors import ConfigError
 
 #: The response header a stamp names its user's home region with.
 HOME_HEADER = "Geoproxy-Home"
@@ -191,18 +190,10 @@ def _tenants(
     sub = Problems("")
     file = node.get("map").string(optional=True)
     if file:
-        map_path = base / file
-        try:
-            data, raw = read_yaml_bytes(map_path, given.get(str(map_path)))
-        except ConfigError as exc:
-            sub.lines.extend(exc.problems)
-        else:
-            read.append(raw)
-            files.append(map_path)
-            sub = Problems(str(map_path))
-            top = Node(data, "", sub)
-            if top.expect_mapping(("homes",)):
-                layers.append(top)
+        top, sub = read_side_file(base / file, given, read, ("homes",))
+        if top is not None:
+            files.append(base / file)
+            layers.append(top)
     layers.append(node)  # inline entries override the file's
     for layer in layers:
         for key, value in layer.get("homes").pairs():

@@ -13,7 +13,7 @@ from geoproxy.config.countries import CONTINENTS, COUNTRY_CONTINENT
 from geoproxy.config.schema import (
     Node,
     Problems,
-    read_yaml_bytes,
+    read_side_file,
 )
 from geoproxy.config.values import (
     BALANCES,
@@ -23,7 +23,6 @@ from geoproxy.config.values import (
     Fence,
     Region,
 )
-from geoproxy.errors import ConfigError
 
 _REGION_ID_MAX = 63  # a DNS label, so a region id fits in a host name
 _REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -111,17 +110,9 @@ def region_map(
     sub = Problems("")
     file = root.get("region_map").string(optional=True)
     if file:
-        map_path = base / file
-        try:
-            data, raw = read_yaml_bytes(map_path, given.get(str(map_path)))
-            read.append(raw)
-        except ConfigError as exc:
-            sub.lines.extend(exc.problems)
-        else:
-            sub = Problems(str(map_path))
-            node = Node(data, "", sub)
-            if node.expect_mapping(("countries", "continents"), allow_missing=True):
-                layers.append(node)
+        top, sub = read_side_file(base / file, given, read, ("countries", "continents"), True)
+        if top is not None:
+            layers.append(top)
     layers.append(root)
     for layer in layers:
         for key, value in layer.get("countries").pairs():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +342,26 @@ def read_yaml_bytes(path: Path, raw: bytes | None = None) -> tuple[Any, bytes]:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}: {where}invalid YAML: {problem}"]) from None
+
+
+def read_side_file(
+    path: Path,
+    given: Mapping[str, bytes],
+    read: list[bytes],
+    keys: tuple[str, ...],
+    allow_missing: bool = False,
+) -> tuple[Node | None, Problems]:
+    """A YAML file the config names (the region map, a tenant map): its top ``Node`` when
+    it reads and is a mapping of ``keys``, else None; and its problems, as
+    ``FILE: PATH: MESSAGE`` lines for the caller to file under the key that named it once
+    the entries are read too. Its bytes join ``read`` (the config's fingerprint)."""
+    try:
+        data, raw = read_yaml_bytes(path, given.get(str(path)))
+    except ConfigError as exc:
+        failed = Problems("")
+        failed.lines.extend(exc.problems)
+        return None, failed
+    read.append(raw)
+    problems = Problems(str(path))
+    top = Node(data, "", problems)
+    return (top if top.expect_mapping(keys, allow_missing=allow_missing) else None), problems
