@@ -20,6 +20,7 @@ from geoproxy.config.loader import files_fingerprint
 from geoproxy.config.tls import certificate_line
 from geoproxy.config.values import Config, Listener
 from geoproxy.errors import ListenError
+from geoproxy.process import acceptor, sockets
 from geoproxy.process.app import Gateway
 from geoproxy.proxy import compat, redirect
 from geoproxy.proxy.fastlane import ProxyServer
@@ -62,19 +63,21 @@ async def start_site(
     any_port_if_taken: bool,
     ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[str, int]:
-    site = web.TCPSite(
-        runner, listener.host, listener.port, reuse_address=True, ssl_context=ssl_context
-    )
+    where = f"cannot listen for {what} on {listener.host}:{listener.port}"
     try:
-        await site.start()
+        socks = sockets.listening(listener, where)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE and any_port_if_taken:
             log.warning("%s port %d is taken; using a free port instead", what, listener.port)
             return await start_site(runner, what, Listener(listener.host, 0), False, ssl_context)
-        raise ListenError(
-            f"cannot listen for {what} on {listener.host}:{listener.port}: {exc.strerror or exc}"
-        ) from None
-    host, port = runner.addresses[0][:2]  # one site per runner
+        raise ListenError(f"{where}: {exc.strerror or exc}") from None
+    try:
+        for sock in socks:
+            await acceptor.site(runner, sock, ssl_context).start()
+    except BaseException:
+        sockets.close_all([socks])
+        raise
+    host, port = runner.addresses[0][:2]  # the first address's
     return str(host), int(port)
 
 

@@ -1,7 +1,8 @@
-"""The proxy's listening sockets under ``--workers``: one per worker, bound with
-``SO_REUSEPORT`` (the kernel spreads new connections over them), after a probe that the
-address is free (``SO_REUSEPORT`` alone would let a second geoproxy, or anything else of
-the same user, share the port)."""
+"""Listening sockets. One process binds one per address of a listener (``listening``).
+Under ``--workers`` each worker gets its own, bound with ``SO_REUSEPORT`` (the kernel
+spreads new connections over them), after a probe that the address is free
+(``SO_REUSEPORT`` alone would let a second geoproxy, or anything else of the same user,
+share the port)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from typing import Any
 from geoproxy.config.values import Listener
 from geoproxy.errors import ListenError
 
-_BACKLOG = 128  # per socket, as aiohttp's own listeners
+#: Connections the kernel holds for a listening socket until they are accepted (capped
+#: at ``net.core.somaxconn``, 4096 on current Linux; Go's listeners ask for that, nginx
+#: for 511). aiohttp's 128 overflowed when 200 clients connected at once: the kernel
+#: dropped the rest of the handshakes, and those clients tried again a second later.
+BACKLOG = 4096
 
 
 def _addresses(listener: Listener, where: str) -> list[tuple[int, Any]]:
@@ -53,6 +58,23 @@ def _probe(addresses: list[tuple[int, Any]], port: int, where: str) -> int:
     return port
 
 
+def listening(listener: Listener, where: str) -> list[socket.socket]:
+    """One process's listening sockets for ``listener``: one per address of its host, all
+    on one port (with port 0: the one the kernel picked for the first). Raises OSError
+    when one cannot bind, ListenError (``where``: what and where) for a bad host."""
+    made: list[socket.socket] = []
+    port = listener.port
+    try:
+        for family, address in _addresses(listener, where):
+            made.append(_bind(family, address, port, reuseport=False))
+            port = made[-1].getsockname()[1]
+            made[-1].listen(BACKLOG)
+    except OSError:
+        close_all([made])
+        raise
+    return made
+
+
 def check_free(listener: Listener, what: str) -> None:
     """Fail (ListenError) now if the listener's address is taken."""
     where = f"cannot listen for {what} on {listener.host}:{listener.port}"
@@ -74,7 +96,7 @@ def reuseport_sockets(listener: Listener, count: int) -> list[list[socket.socket
             made.append(mine)
             for family, address in addresses:
                 mine.append(_bind(family, address, port, reuseport=True))
-                mine[-1].listen(_BACKLOG)
+                mine[-1].listen(BACKLOG)
     except OSError as exc:
         close_all(made)
         raise ListenError(f"{where}: {exc.strerror or exc}") from None

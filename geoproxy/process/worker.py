@@ -24,11 +24,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
-
 from geoproxy.config.changes import plural
 from geoproxy.errors import GeoproxyError
-from geoproxy.process import control, fleet
+from geoproxy.process import acceptor, control, fleet
 from geoproxy.process.app import Gateway
 from geoproxy.process.server import (
     HeadTimeoutRunner,
@@ -162,7 +160,7 @@ async def serve_worker(
         await runner.setup()
         for sock in sockets:
             front = None if gateway.tls is None else gateway.tls.front
-            await web.SockSite(runner, sock, ssl_context=front).start()
+            await acceptor.site(runner, sock, front).start()
         channel.send(control.ready(gateway.config.fingerprint.hex()))
         await stop.wait()
         gateway.start_draining()

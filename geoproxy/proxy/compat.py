@@ -1,7 +1,8 @@
 """aiohttp's private names geoproxy leans on, and what runs when they are not there.
 
 The fast lane (``fastlane.py``), the lean upstream client (``upstream.py``,
-``connection.py``) and the response writers (``responses.py``) use private aiohttp API
+``connection.py``), the response writers (``responses.py``) and the batched accepts
+(``process/acceptor.py``) use private aiohttp API
 for speed and to pass bytes as they came. They are tested against the aiohttp releases
 in ``TESTED`` (the window ``pyproject.toml`` pins). ``probe()`` checks, once per
 process, that the aiohttp installed is in that window and has every private name with
@@ -57,6 +58,7 @@ _CLASS_NAMES: dict[tuple[str, str], str] = {
         "_req _eof_sent _body_length _start"
     ),
     ("aiohttp.http_writer", "StreamWriter"): "enable_chunking write write_eof drain length",
+    ("aiohttp.web_runner", "BaseSite"): "_server _runner _ssl_context",
 }
 # Instance attributes (checked in the source of the class and its aiohttp bases:
 # ``self.<name> =``).
