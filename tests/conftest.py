@@ -21,8 +21,9 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from geoproxy.config import loader as config_mod
+from geoproxy.config.values import Listener
 from geoproxy.process.app import Gateway
-from geoproxy.process.server import make_proxy_runner
+from geoproxy.process.server import make_proxy_runner, start_site
 from geoproxy.proxy import compat
 from geoproxy.routing.geoip import GeoLookup
 
@@ -374,8 +375,8 @@ async def proxy_factory(
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             front = None if gateway.tls is None else gateway.tls.front
-            await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=front).start()
-            host, port = runner.addresses[0][:2]
+            # As `geoproxy run` listens: batched accepts in lean mode (process/acceptor.py).
+            host, port = await start_site(runner, "proxy", Listener("127.0.0.1", 0), False, front)
             admin = TestServer(gateway.admin_app(), host="127.0.0.1")
             await admin.start_server()
             stack.push_async_callback(admin.close)

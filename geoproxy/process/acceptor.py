@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from geoproxy.process import sockets
 from geoproxy.proxy import compat
 
 log = logging.getLogger("geoproxy")
@@ -182,4 +183,5 @@ def site(
     (uvloop's one accept per turn) in public mode."""
     if compat.lean():
         return BatchSite(runner, sock, ssl_context)
-    return web.SockSite(runner, sock, ssl_context=ssl_context)
+    # SockSite listens again, with aiohttp's backlog unless told.
+    return web.SockSite(runner, sock, ssl_context=ssl_context, backlog=sockets.BACKLOG)
