@@ -52,6 +52,7 @@ PY = sys.executable
 SCENARIOS: dict[str, Path | None] = {
     "repeated": None,
     "browser": ROOT / "bench" / "browser.lua",
+    "close": ROOT / "bench" / "close.lua",
 }
 
 
