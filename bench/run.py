@@ -16,10 +16,11 @@ kept-alive connections (``configs``): nginx keeps a pool of idle upstream connec
 speaks HTTP/1.1 only (``servers { protocols h1 }``) with an idle upstream pool large enough
 for c=200 (``keepalive_idle_conns``; its default keeps 32 per host).
 
-Two scenarios (``--scenarios``): ``repeated``, wrk's default of the same header lines on
+Scenarios (``--scenarios``): ``repeated``, wrk's default of the same header lines on
 every request, and ``browser`` (bench/browser.lua), about 450 bytes of Firefox-like
 header lines with a Cookie and an X-Request-Id of their own on every request and a
-CF-IPCountry from a small mix.
+CF-IPCountry from a small mix; and, not by default, ``close`` (bench/close.lua), a new
+connection for every request.
 Everything listens on 127.0.0.1 only; every run is bounded by --duration.
 
     python3 bench/run.py --scaling --conns 50,200   # geoproxy --workers 1 against 2
