@@ -9,11 +9,12 @@ answer to the client.
 
 A request takes the fast lane when ``forwarding.fast_lane`` is on and it is a GET over
 HTTP/1.1 with no body, ``Upgrade`` or ``Expect``, on an idle connection (nothing queued,
-not paused for writing), whose route is not one of geoproxy's own answers and whose first
-candidate is a plain-HTTP geode (on a pooled connection, or a new one). A connection that
-repeats its header lines reuses what they decided (``Forwarder.prelude``) until they or
-the config change. The fast lane finishes
-the exchange itself only when the answer is final, not 502/503/504, not 204/304, with a
+not paused for writing; a new connection's first request too, which under uvloop arrives
+before the connection task's first step), whose route is not one of geoproxy's own
+answers and whose first candidate is a plain-HTTP geode (on a pooled connection, or a new
+one). A connection that repeats its header lines reuses what they decided
+(``Forwarder.prelude``) until they or the config change. The fast lane finishes the
+exchange itself only when the answer is final, not 502/503/504, not 204/304, with a
 ``Content-Length`` of at most 64 KiB that arrived whole, and a head that can be relayed.
 Anything else (a timeout, a lost connection, a retry status, a body to stream, a malformed
 answer) is handed to the coroutine path before any byte reached the client:
@@ -129,13 +130,23 @@ class ProxyConnection(ServerConnection):
     """geoproxy's server protocol (``protocol.py``), serving eligible requests on the
     fast lane."""
 
-    __slots__ = ("_fast", "_gateway", "_held", "_memo", "_noted", "_remote", "_scheme")
+    __slots__ = (
+        "_began",
+        "_fast",
+        "_gateway",
+        "_held",
+        "_memo",
+        "_noted",
+        "_remote",
+        "_scheme",
+    )
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._gateway = manager.gateway
         self._fast: FastExchange | None = None
         self._held = b""
+        self._began = False  # the connection task has taken its first step (start())
         self._noted = False  # the head-timeout hook was told
         self._remote: str | None = None  # the peer's address, as request.remote gives it
         self._scheme = "http"  # "https" over TLS, as request.scheme gives it
@@ -148,6 +159,10 @@ class ProxyConnection(ServerConnection):
         self._remote = str(peer[0]) if isinstance(peer, (list, tuple)) else None
         if transport.get_extra_info("sslcontext") is not None:
             self._scheme = "https"
+
+    async def start(self) -> None:
+        self._began = True
+        await super().start()
 
     # -- the client side ------------------------------------------------------------------
 
@@ -163,8 +178,11 @@ class ProxyConnection(ServerConnection):
         waiter = self._waiter
         parser = self._parser
         if (
-            waiter is None  # the connection task is busy: aiohttp's path
-            or waiter.done()
+            # Idle: the connection task waits for a request, or has not run yet (under
+            # uvloop a new connection's first request arrives before the task's first
+            # step: every request of a client without keep-alive). Else it is busy:
+            # aiohttp's path.
+            (waiter.done() if waiter is not None else self._began)
             or self._messages
             or not data
             or parser is None
@@ -189,7 +207,8 @@ class ProxyConnection(ServerConnection):
         self._messages.extend(messages)
         if messages:
             self._note_chunked(len(self._messages) - len(messages))
-            waiter.set_result(None)
+            if waiter is not None:  # else the task finds them when it starts
+                waiter.set_result(None)
         if not self._buffer_paused and len(self._messages) >= self._max_msg_queue_size:
             self._pause_reading_for_buffer()  # as aiohttp: start() resumes as it drains
         self._upgraded = upgraded
