@@ -7,6 +7,7 @@ request: each is freed once closed, and its request takes the fast lane."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import select
 import socket
@@ -22,15 +23,18 @@ from typing import Any
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from geoproxy.config import loader
 from geoproxy.config.values import Listener
-from geoproxy.process import acceptor, sockets
+from geoproxy.process import acceptor, demo, sockets
 from geoproxy.process.acceptor import BatchSite
 from geoproxy.process.app import Gateway
 from geoproxy.process.server import make_proxy_runner, start_site
 from geoproxy.proxy import compat
 from geoproxy.proxy.fastlane import ProxyConnection
+from geoproxy.stamp.config import StampConfig
+from geoproxy.stamp.serve import serve_stamp
 from tests.conftest import (
     FakeGeode,
     GeodeFactory,
@@ -393,3 +397,66 @@ def test_a_new_connection_s_first_request_takes_the_fast_lane_under_uvloop(
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(scenario()) == 20
+
+
+# -- the stamps: geoproxy opens a connection to a geode per new client -------------------
+
+
+async def test_the_demo_s_stamps_hold_a_burst_on_both_listeners(tmp_path: Path) -> None:
+    """A burst of new clients makes the proxy open as many geode connections at once;
+    behind aiohttp's 128 a stamp's kernel dropped the rest (a 502 under a 1 s
+    connect_timeout)."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    if somaxconn < 300:
+        pytest.skip(f"net.core.somaxconn is {somaxconn} on this machine")
+    cfg = loader.load(demo.demo_config_path())
+    cfg = dataclasses.replace(
+        cfg, geodes=tuple(dataclasses.replace(g, url=g.url.with_port(0)) for g in cfg.geodes)
+    )
+    live, runners = await demo.start_geodes(cfg, demo.stamp_apps(tmp_path))
+    try:
+        geode = live.geodes[0]
+        peer = URL(demo.peer_listeners(runners)[geode.name])
+        for port in (geode.url.port, peer.port):
+            assert port is not None
+            clients = _connect_all(port, 300, timeout=0.5)  # the loop accepts nothing
+            for s in clients:
+                s.close()
+            assert len(clients) == 300, port
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def test_geoproxy_stamp_holds_a_burst(tmp_path: Path) -> None:
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    if somaxconn < 300:
+        pytest.skip(f"net.core.somaxconn is {somaxconn} on this machine")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = StampConfig(
+        path=None,
+        name="stamp-a",
+        region="eu-west",
+        host="127.0.0.1",
+        port=port,
+        database=tmp_path / "a.db",
+        peer_port=0,
+        peers=(),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_stamp(config, stop))
+    try:
+        for _ in range(200):  # until it listens
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            await asyncio.sleep(0.05)
+        clients = _connect_all(port, 300, timeout=0.5)  # the loop accepts nothing
+        for s in clients:
+            s.close()
+        assert len(clients) == 300
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)

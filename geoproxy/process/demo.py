@@ -44,6 +44,7 @@ from yarl import URL
 
 from geoproxy.config.values import Config, Geode, GeodeTLS
 from geoproxy.errors import GeoproxyError
+from geoproxy.process import sockets
 from geoproxy.stamp.config import Peer, Replication, StampConfig
 from geoproxy.stamp.serve import peer_listener, runner_for, stamp_app
 
@@ -109,7 +110,7 @@ def _bind_any(host: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.bind((host, 0))
-    sock.listen(128)
+    sock.listen(sockets.BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -129,7 +130,7 @@ def _bind(geode: Geode) -> socket.socket:
                 raise
             log.warning("geode %s: port %d is taken; using a free port", geode.name, port)
             continue
-        sock.listen(128)
+        sock.listen(sockets.BACKLOG)
         sock.setblocking(False)
         return sock
     raise AssertionError("unreachable")
@@ -149,7 +150,7 @@ async def start_geodes(config: Config, make_app: GeodeApp) -> tuple[Config, list
             runner = runner_for(app)
             await runner.setup()
             runners.append(runner)
-            await web.SockSite(runner, socks.pop(geode.name)).start()
+            await web.SockSite(runner, socks.pop(geode.name), backlog=sockets.BACKLOG).start()
     except BaseException:
         for runner in runners:
             await runner.cleanup()

@@ -350,16 +350,29 @@ async def _name_home(request: web.Request, response: web.StreamResponse) -> None
         response.headers["Geoproxy-Home"] = request.app[STATE].config.region
 
 
+#: Connections the kernel holds for a stamp's listeners until they are accepted (capped at
+#: ``net.core.somaxconn``), as geoproxy's own (process/sockets.py): a geoproxy facing a
+#: burst of new clients opens a connection to the stamp for each at once, and behind
+#: aiohttp's 128 the kernel dropped the rest of the handshakes (retried a second later;
+#: a 502 under a 1 s connect_timeout).
+LISTEN_BACKLOG = 4096
+
+
 async def _start_peer_site(
     runner: web.AppRunner, config: StampConfig, sock: socket.socket | None
 ) -> tuple[str, int]:
     site: web.BaseSite
     context = config.tls.server_context(peers=True) if config.tls else None
     if sock is not None:
-        site = web.SockSite(runner, sock, ssl_context=context)
+        site = web.SockSite(runner, sock, ssl_context=context, backlog=LISTEN_BACKLOG)
     else:
         site = web.TCPSite(
-            runner, config.peer_host, config.peer_port, reuse_address=True, ssl_context=context
+            runner,
+            config.peer_host,
+            config.peer_port,
+            reuse_address=True,
+            ssl_context=context,
+            backlog=LISTEN_BACKLOG,
         )
     try:
         await site.start()

@@ -10,7 +10,7 @@ import socket
 from aiohttp import web
 
 from geoproxy.errors import GeoproxyError
-from geoproxy.stamp.app import STATE, build_stamp_app, stamp_runner
+from geoproxy.stamp.app import LISTEN_BACKLOG, STATE, build_stamp_app, stamp_runner
 from geoproxy.stamp.config import StampConfig
 
 log = logging.getLogger("geoproxy.stamp")
@@ -47,7 +47,12 @@ async def serve_stamp(config: StampConfig, stop: asyncio.Event) -> None:
     try:
         context = config.tls.server_context(peers=False) if config.tls else None
         site = web.TCPSite(
-            runner, config.host, config.port, reuse_address=True, ssl_context=context
+            runner,
+            config.host,
+            config.port,
+            reuse_address=True,
+            ssl_context=context,
+            backlog=LISTEN_BACKLOG,
         )
         try:
             await site.start()
