@@ -44,6 +44,7 @@ from tests.conftest import (
     geode_entry,
 )
 from tests.tls_certs import Authority
+from tests.wire import read_response
 
 LOOPBACK = Listener("127.0.0.1", 0)
 FAST = "geoproxy_fast_lane_requests_total"
@@ -52,6 +53,13 @@ BURST = 200
 
 async def _hello(request: web.BaseRequest) -> web.StreamResponse:
     return web.Response(text="hello")
+
+
+def _need_backlog(count: int) -> None:
+    """Skip where the kernel caps every backlog below ``count``."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    if somaxconn < count:
+        pytest.skip(f"net.core.somaxconn is {somaxconn} on this machine")
 
 
 def _url(sock: socket.socket) -> str:
@@ -129,9 +137,7 @@ async def test_the_kernel_holds_a_burst_while_nothing_accepts(
     """The backlog (sockets.BACKLOG, capped by net.core.somaxconn) holds 300 handshakes
     at once, in both modes (aiohttp's SockSite listens again, with 128 unless told); with
     128 the kernel dropped the rest, whose clients tried again a second later."""
-    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-    if somaxconn < 300:
-        pytest.skip(f"net.core.somaxconn is {somaxconn} on this machine")
+    _need_backlog(300)
     monkeypatch.setattr(compat, "mode", lambda: mode)
     runner = web.ServerRunner(web.Server(_hello), shutdown_timeout=1)
     await runner.setup()
@@ -205,29 +211,20 @@ async def test_stopping_closes_the_port_and_drops_unfinished_handshakes(
             "127.0.0.1", port, ssl=authority.client(), server_hostname="localhost"
         )
         writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        assert await _answer(reader) == (b"HTTP/1.1 200 OK", b"hello")
+        answer = await read_response(reader)
+        assert (answer.status, answer.body) == (200, b"hello")
         await site.stop()
         assert await asyncio.wait_for(silent_reader.read(), 5) == b""  # dropped
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")  # made ones stay
-        assert await _answer(reader) == (b"HTTP/1.1 200 OK", b"hello")
+        answer = await read_response(reader)
+        assert (answer.status, answer.body) == (200, b"hello")
         writer.close()
         silent.close()
         await writer.wait_closed()
     finally:
         await runner.cleanup()
-
-
-async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """The status line and body of one answer with a Content-Length."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    return head.split(b"\r\n", 1)[0], await reader.readexactly(length)
 
 
 _OUT_OF_FDS = textwrap.dedent(
@@ -406,9 +403,7 @@ async def test_the_demo_s_stamps_hold_a_burst_on_both_listeners(tmp_path: Path) 
     """A burst of new clients makes the proxy open as many geode connections at once;
     behind aiohttp's 128 a stamp's kernel dropped the rest (a 502 under a 1 s
     connect_timeout)."""
-    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-    if somaxconn < 300:
-        pytest.skip(f"net.core.somaxconn is {somaxconn} on this machine")
+    _need_backlog(300)
     cfg = loader.load(demo.demo_config_path())
     cfg = dataclasses.replace(
         cfg, geodes=tuple(dataclasses.replace(g, url=g.url.with_port(0)) for g in cfg.geodes)
@@ -429,9 +424,7 @@ async def test_the_demo_s_stamps_hold_a_burst_on_both_listeners(tmp_path: Path) 
 
 
 async def test_geoproxy_stamp_holds_a_burst(tmp_path: Path) -> None:
-    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-    if somaxconn < 300:
-        pytest.skip(f"net.core.somaxconn is {somaxconn} on this machine")
+    _need_backlog(300)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
