@@ -47,6 +47,11 @@ FINGERPRINTS = {
     "aiohttp.web_response.StreamResponse._start": "7e03ebd82e7f9f98",
     "aiohttp.web_response.StreamResponse._prepare_headers": "92807d25d9c397cd",
     "aiohttp.web_response.StreamResponse._write_headers": "0280580268bc7e84",
+    # acceptor.BatchSite: SockSite.start with an Acceptor for loop.create_server; BaseSite
+    # registers it (start) and only calls its close() (stop).
+    "aiohttp.web_runner.BaseSite.start": "8dcebeed1ae05654",
+    "aiohttp.web_runner.BaseSite.stop": "c92f18307773ff03",
+    "aiohttp.web_runner.SockSite.start": "9a6b6f426d3126a6",
     # websocket._pump: how each side's close() waits for the answering close.
     "aiohttp.client_ws.ClientWebSocketResponse.close": "c3341573c776430a",
     "aiohttp.web_ws.WebSocketResponse.close": "2d0acd02fdef1edd",

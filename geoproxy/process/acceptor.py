@@ -41,8 +41,9 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 
 
 class Acceptor(asyncio.AbstractServer):
-    """What aiohttp's sites use of ``asyncio.Server`` (``sockets``, ``close()``) over one
-    listening socket whose connections are accepted in batches."""
+    """What aiohttp's sites use of ``asyncio.Server`` (``sockets``, ``close()``: the
+    fingerprints in tests/test_compat.py hold them to it) over one listening socket whose
+    connections are accepted in batches; the rest of ``AbstractServer`` for its type."""
 
     def __init__(
         self,
