@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -358,22 +359,27 @@ async def _name_home(request: web.Request, response: web.StreamResponse) -> None
 LISTEN_BACKLOG = 4096
 
 
+def listen_site(
+    runner: web.BaseRunner,
+    host: str,
+    port: int,
+    context: ssl.SSLContext | None,
+    sock: socket.socket | None = None,
+) -> web.BaseSite:
+    """A stamp listener's site: on ``sock`` when given (already bound), else on
+    ``host:port``; with the stamp's backlog either way."""
+    if sock is not None:
+        return web.SockSite(runner, sock, ssl_context=context, backlog=LISTEN_BACKLOG)
+    return web.TCPSite(
+        runner, host, port, reuse_address=True, ssl_context=context, backlog=LISTEN_BACKLOG
+    )
+
+
 async def _start_peer_site(
     runner: web.AppRunner, config: StampConfig, sock: socket.socket | None
 ) -> tuple[str, int]:
-    site: web.BaseSite
     context = config.tls.server_context(peers=True) if config.tls else None
-    if sock is not None:
-        site = web.SockSite(runner, sock, ssl_context=context, backlog=LISTEN_BACKLOG)
-    else:
-        site = web.TCPSite(
-            runner,
-            config.peer_host,
-            config.peer_port,
-            reuse_address=True,
-            ssl_context=context,
-            backlog=LISTEN_BACKLOG,
-        )
+    site = listen_site(runner, config.peer_host, config.peer_port, context, sock)
     try:
         await site.start()
     except OSError as exc:

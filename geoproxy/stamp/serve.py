@@ -10,7 +10,7 @@ import socket
 from aiohttp import web
 
 from geoproxy.errors import GeoproxyError
-from geoproxy.stamp.app import LISTEN_BACKLOG, STATE, build_stamp_app, stamp_runner
+from geoproxy.stamp.app import STATE, build_stamp_app, listen_site, stamp_runner
 from geoproxy.stamp.config import StampConfig
 
 log = logging.getLogger("geoproxy.stamp")
@@ -46,14 +46,7 @@ async def serve_stamp(config: StampConfig, stop: asyncio.Event) -> None:
     await runner.setup()
     try:
         context = config.tls.server_context(peers=False) if config.tls else None
-        site = web.TCPSite(
-            runner,
-            config.host,
-            config.port,
-            reuse_address=True,
-            ssl_context=context,
-            backlog=LISTEN_BACKLOG,
-        )
+        site = listen_site(runner, config.host, config.port, context)
         try:
             await site.start()
         except OSError as exc:
