@@ -651,3 +651,148 @@ async def test_a_connection_that_changes_its_headers_or_outlives_a_reload_is_rou
     assert await proxy.gateway.reload_from_file("test")
     assert await served("US") == "ap-1"  # the same header lines, on the same connection
     assert lane_count(proxy, "answered") == 6
+
+
+# -- answer heads seen before (fastexchange.KNOWN) -----------------------------------------
+
+FIXED_HEAD = (
+    b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Dec 2026 01:00:00 GMT\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 5\r\n"
+)
+
+
+async def ask(
+    geode: ScriptedGeode,
+    proxy_factory: ProxyFactory,
+    geode_factory: GeodeFactory,
+    raw: list[Raw],
+    count: int,
+) -> tuple[Proxy, Raw, list[tuple[str, dict[str, str], bytes]]]:
+    """A proxy in front of ``geode`` (with a second geode to fail over to), and the
+    answers to ``count`` GETs on one client connection."""
+    proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, await geode.start())
+    conn = await connect(raw, proxy.url)
+    answers = []
+    for _ in range(count):
+        conn.send(get("/x"))
+        answers.append(await conn.response())
+    return proxy, conn, answers
+
+
+class Numbered(ScriptedGeode):
+    """Answers the n-th request on a geode connection with ``reply(n)`` (``seen`` lists
+    each n), whole or, for the answers numbered in ``split``, in two writes 50 ms
+    apart."""
+
+    def __init__(self, reply: Callable[[int], bytes], split: frozenset[int] = frozenset()) -> None:
+        self.seen: list[int] = []
+        self.split = split
+        self.count = 0
+
+        def numbered(n: int, line: str) -> bytes:
+            self.seen.append(n)
+            return reply(n)
+
+        super().__init__(numbered)
+
+    async def _write(self, writer: asyncio.StreamWriter, answer: bytes) -> None:
+        n, self.count = self.count, self.count + 1
+        pieces = (answer[:-2], answer[-2:]) if n in self.split else (answer,)
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+
+async def test_an_answer_head_seen_before_is_taken_without_the_parser_and_relayed_the_same(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    """The first answer is parsed and its head kept; the same head again (with the whole
+    body in the same read) is taken from what was kept. Proof that it was: the kept
+    entry's reason phrase, changed by the test, is what the client gets."""
+    from geoproxy.proxy import fastexchange
+
+    head = FIXED_HEAD + b"\r\n"
+    geode = Numbered(lambda n: head + b"hello")
+    try:
+        proxy, conn, answers = await ask(geode, proxy_factory, geode_factory, raw, 3)
+        assert answers[0] == answers[1] == answers[2]
+        status, headers, body = answers[0]
+        assert (status, body, headers["x-geoproxy-geode"]) == ("HTTP/1.1 200 OK", b"hello", "eu-1")
+        assert headers["date"] == "Sun, 06 Dec 2026 01:00:00 GMT"
+        assert head in fastexchange.KNOWN
+        status_code, reason, should_close, out = fastexchange.KNOWN[head]
+        assert (status_code, reason, should_close, out.length) == (200, "OK", False, 5)
+        fastexchange.KNOWN[head] = (200, "Known", False, out)
+        try:
+            conn.send(get("/x"))
+            status, _, body = await conn.response()
+        finally:
+            fastexchange.KNOWN.pop(head, None)
+        assert (status, body) == ("HTTP/1.1 200 Known", b"hello")
+        assert geode.seen == [0, 1, 2, 3]  # one geode connection, pooled between answers
+        assert lane_count(proxy, "answered") == 4
+        assert proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") == 4
+    finally:
+        await geode.close()
+
+
+async def test_a_known_head_that_closes_the_connection_is_not_pooled(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    """A geode that says it closes but leaves the connection open: the answer taken
+    from a kept head still keeps the connection out of the pool."""
+    # (lower case: ScriptedGeode closes after "Connection: close", not after this)
+    geode = Numbered(lambda n: FIXED_HEAD + b"connection: close\r\n\r\nhello")
+    try:
+        proxy, _, answers = await ask(geode, proxy_factory, geode_factory, raw, 3)
+        assert [(s, b) for s, _, b in answers] == [("HTTP/1.1 200 OK", b"hello")] * 3
+        assert geode.seen == [0, 0, 0]  # each on a new geode connection, none sent twice
+        assert lane_count(proxy, "answered") == 3
+    finally:
+        await geode.close()
+
+
+async def test_a_known_head_whose_body_comes_in_pieces_or_with_bytes_after_it_is_parsed(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    """Only an answer whose whole body is in the read with its head is taken from the
+    kept head: a body in two reads goes through the parser; so do bytes after the body
+    (the start of another answer nobody asked for: the parser reads the answer, and the
+    next request gets a fresh parser, as without kept heads)."""
+    head = FIXED_HEAD + b"\r\n"
+    stray = b"HTTP/1.1 200 OK\r\n"
+    geode = Numbered(lambda n: head + b"hello" + (stray if n == 2 else b""), frozenset({1}))
+    try:
+        proxy, _, replies = await ask(geode, proxy_factory, geode_factory, raw, 4)
+        assert [(s, b) for s, _, b in replies] == [("HTTP/1.1 200 OK", b"hello")] * 4
+        assert {h["x-geoproxy-geode"] for _, h, _ in replies} == {"eu-1"}
+        assert geode.seen == [0, 1, 2, 3]
+        assert lane_count(proxy, "answered") == 4
+    finally:
+        await geode.close()
+
+
+async def test_answer_heads_that_differ_every_time_are_each_parsed_and_kept_bounded(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory
+) -> None:
+    """A geode that echoes a request id builds a new head every answer: each is parsed
+    (its own id reaches the client) and what is kept stays bounded."""
+    from geoproxy.proxy import fastexchange
+
+    geode = Numbered(lambda n: FIXED_HEAD + b"X-Request-Id: r-%d\r\n\r\nhello" % n)
+    try:
+        proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, await geode.start())
+        reader, writer = await asyncio.open_connection(*proxy.url[7:].split(":"))
+        try:
+            for n in range(300):
+                writer.write(get("/x"))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert b"\r\nX-Request-Id: r-%d\r\n" % n in head
+                assert await reader.readexactly(5) == b"hello"
+                assert len(fastexchange.KNOWN) <= 256
+        finally:
+            writer.close()
+        assert lane_count(proxy, "answered") == 300
+    finally:
+        await geode.close()

@@ -6,7 +6,9 @@ request (the parser kept between clean messages, one lazily re-armed read timer)
 right where aiohttp 3.14 is wrong (a 204/304 followed by stray bytes, trailers carried into
 the next answer); it reads a chunked answer's trailers. ``watcher``, when set, is called
 after every event on the connection: the fast lane waits for answers that way, from
-callbacks. ``Pool`` keeps idle keep-alive connections per geode.
+callbacks; ``whole``, when set, is offered an answer's first bytes before the parser
+sees them, and may take the answer whole (``fastexchange.KNOWN``). ``Pool`` keeps idle
+keep-alive connections per geode.
 
 ``ResponseHandler.set_response_params`` is semi-private aiohttp API (stable across 3.x),
 and ``Connection`` overrides the handler's private read-timer hooks (``_reschedule_timeout``,
@@ -58,6 +60,7 @@ class Connection(ResponseHandler):
         "_timer_handle",
         "received",
         "watcher",
+        "whole",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -73,8 +76,13 @@ class Connection(ResponseHandler):
         # Called after every event (bytes, the read timeout, the connection lost) while the
         # fast lane waits for an answer from callbacks instead of a coroutine.
         self.watcher: Callable[[], None] | None = None
+        # Offered the first bytes of an answer: True when it took the answer whole from
+        # them (a head it knows, and the whole body), so the parser never sees them.
+        self.whole: Callable[[bytes], bool] | None = None
 
     def data_received(self, data: bytes) -> None:
+        if self.whole is not None and not self.received and self.whole(data):
+            return
         self._last = data
         if self._tail_of_chunked is not None:
             self._tail_of_chunked = (self._tail_of_chunked + data)[-_TRAILER_ROOM:]
@@ -100,6 +108,26 @@ class Connection(ResponseHandler):
         # second data_received per request). Nothing is held back unless paused.
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
+
+    def took_whole(self, data: bytes) -> None:
+        """``whole`` took an answer from ``data`` without the parser: note what reading
+        it would have (the bytes received, the read timer stopped: the body is
+        complete). The parser stands clean between two messages, as it stood before the
+        answer came."""
+        self.received = len(data)
+        self._last = data
+        self._drop_timeout()
+
+    @property
+    def last(self) -> bytes:
+        """The last bytes read."""
+        return self._last
+
+    def watch(self, watcher: Callable[[], None], whole: Callable[[bytes], bool] | None) -> None:
+        self.watcher, self.whole = watcher, whole
+
+    def unwatch(self) -> None:
+        self.watcher = self.whole = None
 
     def answer(self) -> tuple[RawResponseMessage, StreamReader] | None:
         """The response (head parsed) to the request sent, without waiting: None while

@@ -70,6 +70,28 @@ def answer_head(
     return head
 
 
+#: Answer heads aiohttp's parser read and the fast lane finished, as the geode sent them
+#: (Date line and all), with what the parser made of them: (status, reason, should_close,
+#: ResponseHead). The same bytes parse the same way, and a geode sends the same head
+#: answer after answer but for its Date, which moves once a second: an answer whose head
+#: is here, with its whole body in the same read, is taken without the parser
+#: (``FastExchange.on_whole``). A geode whose heads differ every time (a request id echoed
+#: back, a fresh cookie) is parsed every time. Bounded, cleared in a lump when full.
+KNOWN: dict[bytes, tuple[int, str, bool, ResponseHead]] = {}
+KNOWN_HEAD_MAX = 2048  # longer heads are not kept
+_KNOWN_ENTRIES = 256
+
+
+def know(data: bytes, status: int, reason: str, should_close: bool, out: ResponseHead) -> None:
+    """Keep the head of an answer the parser read whole from ``data`` (one read: the head
+    and the ``out.length`` bytes of its body, nothing after them)."""
+    end = data.find(b"\r\n\r\n") + 4
+    if 3 < end <= KNOWN_HEAD_MAX and len(data) - end == out.length:
+        if len(KNOWN) >= _KNOWN_ENTRIES:
+            KNOWN.clear()
+        KNOWN[data[:end]] = (status, reason, should_close, out)
+
+
 class FastExchange:
     """One request on the fast lane, from its head to the answer (or the hand-over)."""
 
@@ -128,7 +150,7 @@ class FastExchange:
         self.proto, self.pooled = proto, pooled
         upstream.write(proto, self.wire, False, self.response_timeout)
         self.written = True
-        proto.watcher = self.on_geode
+        proto.watch(self.on_geode, self.on_whole)
 
     async def connect(self, connect_timeout: float) -> None:
         """Open a connection to the geode (no idle one in the pool), then send."""
@@ -168,6 +190,42 @@ class FastExchange:
             if self.conn.serving(self) and self.task is None:
                 self.conn.hand_over(self)
 
+    def on_whole(self, data: bytes) -> bool:
+        """The first bytes of the answer, before the parser sees them: True when they
+        are a head this process has seen aiohttp's parser read (``KNOWN``) and the whole
+        body it announces, and the answer went to the client from them."""
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4 or end > KNOWN_HEAD_MAX:
+            return False
+        known = KNOWN.get(data[:end])
+        if known is None or len(data) - end != known[3].length:
+            return False
+        try:
+            status, reason, should_close, out = known
+            self.out = out
+            self._arrived(out)
+            proto = self.proto
+            assert proto is not None  # offered only once sent
+            keep_alive = self.conn.keeps_alive(self.message)
+            head = answer_head(self.route, out, status, reason, self.cand.geode, keep_alive)
+        except Exception:  # a bug: the parser reads the answer, as it would have
+            log.exception("fast lane: unexpected error; the parser reads the answer")
+            return False
+        proto.unwatch()
+        proto.took_whole(data)
+        body = data[end:] if out.length else b""
+        self._finish(proto, status, head, body, should_close, keep_alive)
+        return True
+
+    def _arrived(self, out: ResponseHead) -> None:
+        """The answer's head arrived: the geode's latency and load report are noted."""
+        load = self.route.rt.load
+        name = self.cand.geode.name
+        if name in load.timed:
+            load.latency(name, time.perf_counter() - self.start)
+        if out.load is not None:
+            load.report(name, out.load)
+
     def _on_geode(self) -> None:
         proto = self.proto
         assert proto is not None  # watched only once sent
@@ -181,12 +239,7 @@ class FastExchange:
         out = self.out
         if out is None:
             out = self.out = response_head(message.raw_headers, message.reason)
-            load = self.route.rt.load
-            name = self.cand.geode.name
-            if name in load.timed:
-                load.latency(name, time.perf_counter() - self.start)
-            if out.load is not None:
-                load.report(name, out.load)
+            self._arrived(out)
             if not fast_lane_finishes(status, out):
                 self.conn.hand_over(self)
                 return
@@ -197,18 +250,31 @@ class FastExchange:
         if payload.exception() is not None or payload.total_bytes != out.length:
             self.conn.hand_over(self)
             return
-        geode = self.cand.geode
-        route = self.route
-        conn = self.conn
-        keep_alive = conn.keeps_alive(self.message)
-        head = answer_head(route, out, status, message.reason, geode, keep_alive)
+        keep_alive = self.conn.keeps_alive(self.message)
+        head = answer_head(self.route, out, status, message.reason, self.cand.geode, keep_alive)
+        if len(proto.last) == proto.received:  # the answer came in one read
+            know(proto.last, status, message.reason, message.should_close, out)
         # The answer is taken: from here on, nothing that can fail.
-        proto.watcher = None
+        proto.unwatch()
         proto.take_answer()
         # The whole body, as read_nowait() would join it, without its per-read work (a
         # timer check, resuming a transport that is not paused).
         body = b"".join(payload._buffer) if out.length else b""
-        if message.should_close:
+        self._finish(proto, status, head, body, message.should_close, keep_alive)
+
+    def _finish(
+        self,
+        proto: Connection,
+        status: int,
+        head: bytes,
+        body: bytes,
+        should_close: bool,
+        keep_alive: bool,
+    ) -> None:
+        """The answer, taken from the geode connection, goes to the client."""
+        geode = self.cand.geode
+        route = self.route
+        if should_close:
             proto.close()
         else:  # the body is complete: the connection stands clean between two messages
             self.pool.put_clean(geode, proto)
@@ -216,12 +282,12 @@ class FastExchange:
         trace = route.trace
         answered(trace, geode, self.cand.decision)
         trace.body_bytes = len(body)
-        conn.answer(self, status, head, body, keep_alive)
+        self.conn.answer(self, status, head, body, keep_alive)
 
     def abandon(self) -> None:
         """The client went away first: the geode's answer is of no use to anybody."""
         if self.connecting is not None:
             self.connecting.cancel()
         if self.proto is not None:
-            self.proto.watcher = None
+            self.proto.unwatch()
             self.proto.close()  # never back to the pool: an answer may be on its way

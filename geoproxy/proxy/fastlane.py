@@ -406,7 +406,7 @@ class ProxyConnection(ServerConnection):
         """The coroutine path takes the exchange over: ``Forwarder.resume``, run as the
         connection task runs a request (``_handle_request``), in a task of its own."""
         if fast.proto is not None:
-            fast.proto.watcher = None
+            fast.proto.unwatch()
         self._gateway.metrics.fast_lane.inc("handed_over")
         fast.task = self._loop.create_task(self._resume(fast))
 
