@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -796,3 +797,44 @@ async def test_answer_heads_that_differ_every_time_are_each_parsed_and_kept_boun
         assert lane_count(proxy, "answered") == 300
     finally:
         await geode.close()
+
+
+async def test_a_browsers_new_cookies_and_ids_go_on_and_a_new_region_header_is_routed_anew(
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+) -> None:
+    """Requests on one connection whose cookie and request id change every time (what
+    ``Routing.again`` reuses the rest of the prelude for): each geode gets each
+    request's own values, and a new CF-IPCountry or Host is worked out afresh."""
+    eu = await geode_factory("eu-1", "eu-west")
+    ap = await geode_factory("ap-1", "ap-northeast")
+    proxy = await proxy_factory(
+        base_config([geode_entry(eu), geode_entry(ap)], limits={"max_header_bytes": "1KiB"})
+    )
+    conn = await connect(raw, proxy.url)
+    served = []
+    for n, (country, host) in enumerate(
+        [("FR", "a.test"), ("FR", "a.test"), ("JP", "a.test"), ("JP", "b.test"), ("FR", "b.test")]
+    ):
+        conn.send(
+            f"GET /whoami HTTP/1.1\r\nHost: {host}\r\nCookie: sid={n}\r\n"
+            f"X-Request-Id: id-{n}\r\nCF-IPCountry: {country}\r\n\r\n".encode()
+        )
+        status, headers, _ = await conn.response()
+        assert status == "HTTP/1.1 200 OK"
+        geode = {"eu-1": eu, "ap-1": ap}[headers["x-geoproxy-geode"]]
+        seen = geode.last_headers
+        served.append(headers["x-geoproxy-geode"])
+        assert (seen["cookie"], seen["x-request-id"]) == ([f"sid={n}"], [f"id-{n}"])
+        assert (seen["host"], seen["x-forwarded-host"]) == ([host], [host])
+    assert served == ["eu-1", "eu-1", "ap-1", "ap-1", "eu-1"]
+    assert lane_count(proxy, "answered") == 5
+    # The same names and deciding values, a cookie past the limit: still refused.
+    conn.send(
+        b"GET /whoami HTTP/1.1\r\nHost: b.test\r\nCookie: sid=%s\r\n"
+        b"X-Request-Id: id-5\r\nCF-IPCountry: FR\r\n\r\n" % (b"x" * 1100)
+    )
+    status, _, body = await conn.response()
+    assert (status, json.loads(body)["error"]["code"]) == (
+        "HTTP/1.1 431 Request Header Fields Too Large",
+        "headers_too_large",
+    )

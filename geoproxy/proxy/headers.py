@@ -89,6 +89,12 @@ _STS = b"strict-transport-security"
 # Request headers whose values this hop reads (all but Content-Length are then dropped
 # or set anew).
 _READ_REQUEST = frozenset({_HOST, _VIA, _XFF, _XFP, _XFH, _CONNECTION, _CONTENT_LENGTH})
+# Request headers whose values decide anything but the lines passed on: those read here
+# (X-Forwarded-For among them: the client's address) and the region headers region
+# resolution reads. Two requests from one peer with the same names whose values differ
+# only outside these have the same prelude but for the lines passed on
+# (``prelude.Routing``, ``RequestHead.renewed``).
+_DECIDING = _READ_REQUEST | _low((X_CLIENT_REGION, CF_IPCOUNTRY))
 # Response headers this hop sets itself or drops from the geode's answer.
 _NOTED_DOWNSTREAM = _low((GEODE_HEADER, REGION_HEADER)) | {
     _VIA,
@@ -151,12 +157,15 @@ class _Plan:
     (cookies, request ids) change; the lines passed on are then picked and written by C
     code (``itemgetter``, one ``%``-format) instead of a Python loop per line."""
 
-    __slots__ = ("fmt", "pick", "reads", "rest")
+    __slots__ = ("decide", "fmt", "names", "pick", "reads", "rest")
 
     def __init__(self, names: tuple[bytes, ...], drop: frozenset[bytes]) -> None:
         keep: list[int] = []
         reads: list[tuple[bytes, int]] = []
         rest: list[int] = []  # the lines not passed on as they came
+        self.names = names
+        # The lines whose values decide more than what is passed on (_DECIDING).
+        self.decide = _picker([i for i, n in enumerate(names) if n.lower() in _DECIDING])
         for index, name in enumerate(names):
             low = name.lower()
             if low in _READ_REQUEST:
@@ -170,12 +179,7 @@ class _Plan:
             keep.append(index)
         self.reads, self.rest = tuple(reads), tuple(rest)
         self.fmt = b"%s: %s\r\n" * len(keep)
-        self.pick: Callable[[RawHeaders], Sequence[tuple[bytes, bytes]]] | None = None
-        if len(keep) == 1:  # itemgetter of one index hands back the item, not a 1-tuple
-            only = keep[0]
-            self.pick = lambda raw: (raw[only],)
-        elif keep:
-            self.pick = itemgetter(*keep)
+        self.pick = _picker(keep) if keep else None
 
     def apply(self, raw: RawHeaders) -> tuple[bytes, dict[bytes, list[bytes]], int]:
         """``_scan_request(raw, drop, _NONE)`` for a request with this plan's names."""
@@ -196,24 +200,48 @@ class _Plan:
         return kept, read, size
 
 
+def _picker(indices: list[int]) -> Callable[[RawHeaders], tuple[tuple[bytes, bytes], ...]]:
+    """The lines at ``indices``, as a tuple (``itemgetter`` of one index hands back the
+    item, not a 1-tuple)."""
+    if not indices:
+        return lambda raw: ()
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda raw: (raw[only],)
+    return itemgetter(*indices)
+
+
 _PLANS: dict[tuple[tuple[bytes, ...], bool], _Plan] = {}
 _NAME = itemgetter(0)
 
 
-def _planned_scan(
-    raw: RawHeaders, trusted: bool, drop: frozenset[bytes]
-) -> tuple[bytes, dict[bytes, list[bytes]], int]:
-    """``_scan_request(raw, drop, _NONE)``, through the plan for the request's header
-    names (bounded: a client whose names differ every time only rebuilds plans)."""
+def plan_for(raw: RawHeaders, trusted: bool) -> _Plan | None:
+    """The plan for the request's header names from a peer trusted or not: one object
+    for the same names (while kept), so a plan also stands for its names."""
+    return _plan(raw, trusted, _DROP_ALWAYS if trusted else _DROP_UNTRUSTED)
+
+
+def _plan(raw: RawHeaders, trusted: bool, drop: frozenset[bytes]) -> _Plan | None:
+    """The plan for the request's header names (bounded: a client whose names differ
+    every time only rebuilds plans); None for lines a plan cannot key on."""
     if type(raw) is not tuple:
-        return _scan_request(raw, drop, _NONE)
+        return None
     key = (tuple(map(_NAME, raw)), trusted)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= 256:
             _PLANS.clear()
         plan = _PLANS[key] = _Plan(key[0], drop)
-    return plan.apply(raw)
+    return plan
+
+
+def _planned_scan(
+    raw: RawHeaders, trusted: bool, drop: frozenset[bytes]
+) -> tuple[bytes, dict[bytes, list[bytes]], int]:
+    """``_scan_request(raw, drop, _NONE)``, through the plan for the request's header
+    names."""
+    plan = _plan(raw, trusted, drop)
+    return _scan_request(raw, drop, _NONE) if plan is None else plan.apply(raw)
 
 
 def _joined(values: list[bytes] | None) -> bytes:
@@ -233,14 +261,17 @@ class RequestHead:
     Via set, and from an untrusted peer every header claiming a client identity or region
     dropped. ``Host`` is kept apart: each geode may get its own."""
 
-    __slots__ = ("has_length", "host", "kept", "read", "size", "trusted")
+    __slots__ = ("has_length", "host", "kept", "plan", "read", "size", "trusted")
 
     def __init__(self, raw: RawHeaders, trusted: bool) -> None:
         drop = _DROP_ALWAYS if trusted else _DROP_UNTRUSTED
-        kept, read, size = _planned_scan(raw, trusted, drop)
+        plan = _plan(raw, trusted, drop)
+        kept, read, size = _scan_request(raw, drop, _NONE) if plan is None else plan.apply(raw)
         named = _named(tuple(read[_CONNECTION]), drop) if _CONNECTION in read else None
         if named:  # headers the client named hop-by-hop: one more pass without them
             kept, read, size = _scan_request(raw, drop, named)
+            plan = None
+        self.plan = plan  # None: the head cannot be renewed (``renewed``)
         hosts = read.get(_HOST)  # (the parser rejects a second Host)
         self.host = hosts[0] if hosts and not (named and _HOST in named) else None
         # Content-Length passed on (the parser rejects two that differ).
@@ -249,6 +280,21 @@ class RequestHead:
         self.read = read
         self.size = size  # the header bytes as the client sent them
         self.trusted = trusted
+
+    def renewed(self, raw: RawHeaders) -> RequestHead:
+        """This head for ``raw``: another request from the same peer whose lines have
+        this head's plan (the same names in the same order) and the same values of
+        every deciding line (``_Plan.decide``), so the same reads, Host and
+        X-Forwarded-*. Only ``kept`` and ``size`` are worked out, from ``raw``. The
+        caller made sure of all that (``prelude.Routing`` keys on the plan and the
+        deciding lines)."""
+        plan = self.plan
+        assert plan is not None  # only a head built through a plan is renewed
+        head = RequestHead.__new__(RequestHead)
+        head.kept, _, head.size = plan.apply(raw)
+        head.plan, head.read, head.host = plan, self.read, self.host
+        head.has_length, head.trusted = self.has_length, self.trusted
+        return head
 
     def looped(self, via: bytes) -> bool:
         """True when this instance already forwarded the request (its name is in Via)."""

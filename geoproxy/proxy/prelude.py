@@ -15,7 +15,7 @@ from multidict import CIMultiDictProxy
 
 from geoproxy.config.access import ALLOWED_METHODS, CONNECT_REFUSED, refused_method
 from geoproxy.config.values import Forwarding, Geode, Hsts, Limits
-from geoproxy.proxy.headers import RawHeaders, RequestHead
+from geoproxy.proxy.headers import RawHeaders, RequestHead, plan_for
 from geoproxy.proxy.homecookie import without_cookie, without_header
 from geoproxy.proxy.responses import json_error
 from geoproxy.proxy.trace import Trace
@@ -137,13 +137,23 @@ def host_for(fwd: Forwarding, head: RequestHead, geode: Geode) -> bytes:
     return host
 
 
+#: Preludes kept for their requests' next of kin (``Routing.prelude``).
+PRELUDES_KEPT = 1024
+
+
 class Routing:
-    """The prelude and the candidates, with the memos that make them cheap: a resolution
-    per client and region header values, a try order per region and health version."""
+    """The prelude and the candidates, with the memos that make them cheap: a prelude
+    per peer, header names and deciding values, a resolution per client and region
+    header values, a try order per region and health version."""
 
     def __init__(self) -> None:
         self.routes = CandidateCache()
         self.regions = ResolutionCache()
+        # Preludes by peer, scheme, header names (their plan) and the values of the
+        # lines that decide more than what is passed on (headers._DECIDING), under
+        # ``_for``: a browser's next request differs only in cookies and request ids.
+        self._for: Runtime | None = None
+        self._preludes: dict[tuple[object, ...], Prelude] = {}
 
     def prelude(
         self,
@@ -159,6 +169,20 @@ class Routing:
         topology = rt.topology
         limits = topology.config.limits  # as the config in force says (a reload swaps rt)
         peer, trusted = rt.trusted.peer(remote) if remote else (None, False)
+        affinity = topology.config.home_affinity
+        key: tuple[object, ...] | None = None
+        # Not under home_affinity: a cookie may name the home region there.
+        if affinity is None and (plan := plan_for(raw_headers, trusted)) is not None:
+            if self._for is not rt:
+                self._for, self._preludes = rt, {}
+            key = (plan, plan.decide(raw_headers), remote, scheme)
+            kept = self._preludes.get(key)
+            if kept is not None:  # only values passed on as they came differ
+                head = kept.head.renewed(raw_headers)
+                if head.size <= limits.max_header_bytes and (
+                    length is None or length <= limits.max_body_bytes
+                ):
+                    return Prelude(head, kept.forwarded, kept.via, kept.resolution, kept.hsts)
         head = RequestHead(raw_headers, trusted)
         via = _cached_bytes(rt.via)
         if head.looped(via):
@@ -173,28 +197,33 @@ class Routing:
         if length is not None and length > limits.max_body_bytes:
             return body_too_large(limits)
         forwarded_for = headers_in.getall("X-Forwarded-For", None) if trusted else None
+        client_key: tuple[str | None, tuple[str, ...] | None]
         if forwarded_for:  # the client is named by the trusted peer's X-Forwarded-For
-            key: tuple[str | None, tuple[str, ...] | None] = (remote, tuple(forwarded_for))
+            client_key = (remote, tuple(forwarded_for))
 
             def client() -> IPAddress | None:
                 return client_ip(peer, forwarded_for, rt.trusted)
         else:  # the client is the peer
-            key = (remote, None)
+            client_key = (remote, None)
 
             def client() -> IPAddress | None:
                 return peer
 
         resolution = self.regions.resolve(
-            topology, headers_in, trusted, client, rt.geoip, key, rt.trusted
+            topology, headers_in, trusted, client, rt.geoip, client_key, rt.trusted
         )
         forwarded = head.forwarded(
             _peer_text(remote) if remote else b"", _cached_bytes(scheme), via
         )
         hsts = topology.config.proxy.hsts
         own = hsts_line(hsts) if hsts is not None and scheme == "https" else b""
-        affinity = topology.config.home_affinity
         if affinity is None:
-            return Prelude(head, forwarded, via, resolution, own)
+            prelude = Prelude(head, forwarded, via, resolution, own)
+            if key is not None and head.plan is not None:  # (None: Connection named lines)
+                if len(self._preludes) >= PRELUDES_KEPT:
+                    self._preludes.clear()  # bounded: many clients just work it out afresh
+                self._preludes[key] = prelude
+            return prelude
         home = home_of(affinity, headers_in, trusted, topology.region_names, time.time())
         cookie = affinity.cookie
         if cookie is not None and not cookie.forward:
