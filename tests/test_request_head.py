@@ -77,10 +77,11 @@ def slow(raw: Raw, trusted: bool) -> tuple[bytes, dict[bytes, list[bytes]], int]
 @pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
 @pytest.mark.parametrize("raw", list(CASES.values()), ids=list(CASES))
 def test_the_plan_for_a_set_of_names_writes_what_one_pass_writes(raw: Raw, trusted: bool) -> None:
-    drop = headers._DROP_ALWAYS if trusted else headers._DROP_UNTRUSTED
     headers._PLANS.clear()
     for _ in range(2):  # the plan built, then the plan reused
-        assert headers._planned_scan(raw, trusted, drop) == slow(raw, trusted)
+        plan = headers.plan_for(raw, trusted)
+        assert plan is not None
+        assert plan.apply(raw) == slow(raw, trusted)
 
 
 @pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])

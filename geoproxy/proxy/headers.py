@@ -240,15 +240,6 @@ def _plan(raw: RawHeaders, trusted: bool, drop: frozenset[bytes]) -> _Plan | Non
     return plan
 
 
-def _planned_scan(
-    raw: RawHeaders, trusted: bool, drop: frozenset[bytes]
-) -> tuple[bytes, dict[bytes, list[bytes]], int]:
-    """``_scan_request(raw, drop, _NONE)``, through the plan for the request's header
-    names."""
-    plan = _plan(raw, trusted, drop)
-    return _scan_request(raw, drop, _NONE) if plan is None else plan.apply(raw)
-
-
 def _joined(values: list[bytes] | None) -> bytes:
     """Every value of a list-valued header, as one comma-separated value."""
     return b", ".join(values) if values else b""
@@ -268,9 +259,11 @@ class RequestHead:
 
     __slots__ = ("has_length", "host", "kept", "plan", "read", "size", "trusted")
 
-    def __init__(self, raw: RawHeaders, trusted: bool) -> None:
+    def __init__(self, raw: RawHeaders, trusted: bool, plan: _Plan | None = None) -> None:
+        """``plan``: ``plan_for(raw, trusted)`` when the caller has it already."""
         drop = _DROP_ALWAYS if trusted else _DROP_UNTRUSTED
-        plan = _plan(raw, trusted, drop)
+        if plan is None:
+            plan = _plan(raw, trusted, drop)
         kept, read, size = _scan_request(raw, drop, _NONE) if plan is None else plan.apply(raw)
         named = _named(tuple(read[_CONNECTION]), drop) if _CONNECTION in read else None
         if named:  # headers the client named hop-by-hop: one more pass without them

@@ -171,6 +171,7 @@ class Routing:
         peer, trusted = rt.trusted.peer(remote) if remote else (None, False)
         affinity = topology.config.home_affinity
         key: tuple[object, ...] | None = None
+        plan = None
         # Not under home_affinity: a cookie may name the home region there.
         if affinity is None and (plan := plan_for(raw_headers, trusted)) is not None:
             if self._for is not rt:
@@ -183,7 +184,7 @@ class Routing:
                     length is None or length <= limits.max_body_bytes
                 ):
                     return Prelude(head, kept.forwarded, kept.via, kept.resolution, kept.hsts)
-        head = RequestHead(raw_headers, trusted)
+        head = RequestHead(raw_headers, trusted, plan)
         via = _cached_bytes(rt.via)
         if head.looped(via):
             return json_error(
