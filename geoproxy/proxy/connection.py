@@ -123,7 +123,7 @@ class Connection(ResponseHandler):
         """The last bytes read."""
         return self._last
 
-    def watch(self, watcher: Callable[[], None], whole: Callable[[bytes], bool] | None) -> None:
+    def watch(self, watcher: Callable[[], None], whole: Callable[[bytes], bool]) -> None:
         self.watcher, self.whole = watcher, whole
 
     def unwatch(self) -> None:
