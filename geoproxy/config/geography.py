@@ -30,6 +30,13 @@ _REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 Known = tuple[set[str], set[str]]  # valid region ids; declared but invalid ones
 
+#: The codes a region map or a fence lists clients by: (section, word, known codes, what
+#: a valid one looks like).
+_PLACES = (
+    ("countries", "country", COUNTRY_CONTINENT.keys(), "ISO 3166-1 alpha-2, e.g. FR"),
+    ("continents", "continent", CONTINENTS, "known: " + ", ".join(sorted(CONTINENTS))),
+)
+
 
 def region_id_problem(key: str) -> str | None:
     if len(key) > _REGION_ID_MAX:
@@ -103,8 +110,7 @@ def region_map(
     given: Mapping[str, bytes],
 ) -> tuple[dict[str, str], dict[str, str]]:
     """The region map: ``region_map`` (a file) first, then inline entries override it."""
-    countries: dict[str, str] = {}
-    continents: dict[str, str] = {}
+    maps: dict[str, dict[str, str]] = {"countries": {}, "continents": {}}
     layers: list[Node] = []
     # The map file's own lines (``FILE: PATH: MESSAGE``) go under the config's ``region_map``.
     sub = Problems("")
@@ -115,25 +121,17 @@ def region_map(
             layers.append(top)
     layers.append(root)
     for layer in layers:
-        for key, value in layer.get("countries").pairs():
-            code = key.upper().strip()
-            if code not in COUNTRY_CONTINENT:
-                layer.get("countries").get(key).problem(
-                    f"unknown country code {key!r} (ISO 3166-1 alpha-2, e.g. FR)"
-                )
-            elif (region := value.region(*known)) is not None:
-                countries[code] = region
-        for key, value in layer.get("continents").pairs():
-            code = key.upper().strip()
-            if code not in CONTINENTS:
-                layer.get("continents").get(key).problem(
-                    f"unknown continent code {key!r} (known: {', '.join(sorted(CONTINENTS))})"
-                )
-            elif (region := value.region(*known)) is not None:
-                continents[code] = region
+        for kind, word, table, looks in _PLACES:
+            section = layer.get(kind)
+            for key, value in section.pairs():
+                code = key.upper().strip()
+                if code not in table:
+                    section.get(key).problem(f"unknown {word} code {key!r} ({looks})")
+                elif (region := value.region(*known)) is not None:
+                    maps[kind][code] = region
     for line in sub.lines:  # only now: the loop above records the map's entry problems
         problems.add("region_map", line)
-    return countries, continents
+    return maps["countries"], maps["continents"]
 
 
 def fences(node: Node, known: Known) -> tuple[Fence, ...]:
@@ -163,22 +161,14 @@ def fences(node: Node, known: Known) -> tuple[Fence, ...]:
         if entry.get("regions").value == []:
             entry.get("regions").problem("a fence needs at least one region")
         codes: dict[str, set[str]] = {"countries": set(), "continents": set()}
-        for kind, word, table in (
-            ("countries", "country", COUNTRY_CONTINENT),
-            ("continents", "continent", CONTINENTS),
-        ):
+        for kind, word, table, looks in _PLACES:
             for item in entry.get(kind).items(optional=True):
                 text = item.string()
                 code = text.strip().upper() if text else None
                 if code is None:
                     continue
                 if code not in table:
-                    example = (
-                        "ISO 3166-1 alpha-2, e.g. FR"
-                        if kind == "countries"
-                        else ("known: " + ", ".join(sorted(CONTINENTS)))
-                    )
-                    item.problem(f"unknown {word} code {text!r} ({example})")
+                    item.problem(f"unknown {word} code {text!r} ({looks})")
                 elif (other := owner.get((kind, code))) is not None:
                     item.problem(f"{code} is already in fence {other!r}: a client has one fence")
                 else:
