@@ -705,8 +705,26 @@ class Numbered(ScriptedGeode):
             await asyncio.sleep(0.05)
 
 
+@pytest.fixture
+async def numbered() -> AsyncIterator[Callable[..., Numbered]]:
+    """Makes ``Numbered`` geodes (started by ``ask`` or the test) and closes them after."""
+    made: list[Numbered] = []
+
+    def make(reply: Callable[[int], bytes], split: frozenset[int] = frozenset()) -> Numbered:
+        made.append(Numbered(reply, split))
+        return made[-1]
+
+    yield make
+    for geode in made:
+        if geode.server is not None:  # (started)
+            await geode.close()
+
+
 async def test_an_answer_head_seen_before_is_taken_without_the_parser_and_relayed_the_same(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
+    numbered: Callable[..., Numbered],
 ) -> None:
     """The first answer is parsed and its head kept; the same head again (with the whole
     body in the same read) is taken from what was kept. Proof that it was: the kept
@@ -714,48 +732,48 @@ async def test_an_answer_head_seen_before_is_taken_without_the_parser_and_relaye
     from geoproxy.proxy import fastexchange
 
     head = FIXED_HEAD + b"\r\n"
-    geode = Numbered(lambda n: head + b"hello")
+    geode = numbered(lambda n: head + b"hello")
+    proxy, conn, answers = await ask(geode, proxy_factory, geode_factory, raw, 3)
+    assert answers[0] == answers[1] == answers[2]
+    status, headers, body = answers[0]
+    assert (status, body, headers["x-geoproxy-geode"]) == ("HTTP/1.1 200 OK", b"hello", "eu-1")
+    assert headers["date"] == "Sun, 06 Dec 2026 01:00:00 GMT"
+    assert head in fastexchange.KNOWN
+    status_code, reason, should_close, out = fastexchange.KNOWN[head]
+    assert (status_code, reason, should_close, out.length) == (200, "OK", False, 5)
+    fastexchange.KNOWN[head] = (200, "Known", False, out)
     try:
-        proxy, conn, answers = await ask(geode, proxy_factory, geode_factory, raw, 3)
-        assert answers[0] == answers[1] == answers[2]
-        status, headers, body = answers[0]
-        assert (status, body, headers["x-geoproxy-geode"]) == ("HTTP/1.1 200 OK", b"hello", "eu-1")
-        assert headers["date"] == "Sun, 06 Dec 2026 01:00:00 GMT"
-        assert head in fastexchange.KNOWN
-        status_code, reason, should_close, out = fastexchange.KNOWN[head]
-        assert (status_code, reason, should_close, out.length) == (200, "OK", False, 5)
-        fastexchange.KNOWN[head] = (200, "Known", False, out)
-        try:
-            conn.send(get("/x"))
-            status, _, body = await conn.response()
-        finally:
-            fastexchange.KNOWN.pop(head, None)
-        assert (status, body) == ("HTTP/1.1 200 Known", b"hello")
-        assert geode.seen == [0, 1, 2, 3]  # one geode connection, pooled between answers
-        assert lane_count(proxy, "answered") == 4
-        assert proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") == 4
+        conn.send(get("/x"))
+        status, _, body = await conn.response()
     finally:
-        await geode.close()
+        fastexchange.KNOWN.pop(head, None)
+    assert (status, body) == ("HTTP/1.1 200 Known", b"hello")
+    assert geode.seen == [0, 1, 2, 3]  # one geode connection, pooled between answers
+    assert lane_count(proxy, "answered") == 4
+    assert proxy.sample("geoproxy_requests_total", geode="eu-1", code_class="2xx") == 4
 
 
 async def test_a_known_head_that_closes_the_connection_is_not_pooled(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
+    numbered: Callable[..., Numbered],
 ) -> None:
     """A geode that says it closes but leaves the connection open: the answer taken
     from a kept head still keeps the connection out of the pool."""
     # (lower case: ScriptedGeode closes after "Connection: close", not after this)
-    geode = Numbered(lambda n: FIXED_HEAD + b"connection: close\r\n\r\nhello")
-    try:
-        proxy, _, answers = await ask(geode, proxy_factory, geode_factory, raw, 3)
-        assert [(s, b) for s, _, b in answers] == [("HTTP/1.1 200 OK", b"hello")] * 3
-        assert geode.seen == [0, 0, 0]  # each on a new geode connection, none sent twice
-        assert lane_count(proxy, "answered") == 3
-    finally:
-        await geode.close()
+    geode = numbered(lambda n: FIXED_HEAD + b"connection: close\r\n\r\nhello")
+    proxy, _, answers = await ask(geode, proxy_factory, geode_factory, raw, 3)
+    assert [(s, b) for s, _, b in answers] == [("HTTP/1.1 200 OK", b"hello")] * 3
+    assert geode.seen == [0, 0, 0]  # each on a new geode connection, none sent twice
+    assert lane_count(proxy, "answered") == 3
 
 
 async def test_a_known_head_whose_body_comes_in_pieces_or_with_bytes_after_it_is_parsed(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
+    numbered: Callable[..., Numbered],
 ) -> None:
     """Only an answer whose whole body is in the read with its head is taken from the
     kept head: a body in two reads goes through the parser; so do bytes after the body
@@ -763,48 +781,42 @@ async def test_a_known_head_whose_body_comes_in_pieces_or_with_bytes_after_it_is
     next request gets a fresh parser, as without kept heads)."""
     head = FIXED_HEAD + b"\r\n"
     stray = b"HTTP/1.1 200 OK\r\n"
-    geode = Numbered(lambda n: head + b"hello" + (stray if n == 2 else b""), frozenset({1}))
-    try:
-        proxy, _, replies = await ask(geode, proxy_factory, geode_factory, raw, 4)
-        assert [(s, b) for s, _, b in replies] == [("HTTP/1.1 200 OK", b"hello")] * 4
-        assert {h["x-geoproxy-geode"] for _, h, _ in replies} == {"eu-1"}
-        assert geode.seen == [0, 1, 2, 3]
-        assert lane_count(proxy, "answered") == 4
-    finally:
-        await geode.close()
+    geode = numbered(lambda n: head + b"hello" + (stray if n == 2 else b""), frozenset({1}))
+    proxy, _, replies = await ask(geode, proxy_factory, geode_factory, raw, 4)
+    assert [(s, b) for s, _, b in replies] == [("HTTP/1.1 200 OK", b"hello")] * 4
+    assert {h["x-geoproxy-geode"] for _, h, _ in replies} == {"eu-1"}
+    assert geode.seen == [0, 1, 2, 3]
+    assert lane_count(proxy, "answered") == 4
 
 
 async def test_answer_heads_that_differ_every_time_are_each_parsed_and_kept_bounded(
-    geode_factory: GeodeFactory, proxy_factory: ProxyFactory
+    geode_factory: GeodeFactory, proxy_factory: ProxyFactory, numbered: Callable[..., Numbered]
 ) -> None:
     """A geode that echoes a request id builds a new head every answer: each is parsed
     (its own id reaches the client) and what is kept stays bounded."""
     from geoproxy.proxy import fastexchange
 
-    geode = Numbered(lambda n: FIXED_HEAD + b"X-Request-Id: r-%d\r\n\r\nhello" % n)
+    geode = numbered(lambda n: FIXED_HEAD + b"X-Request-Id: r-%d\r\n\r\nhello" % n)
+    proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, await geode.start())
+    reader, writer = await asyncio.open_connection(*proxy.url[7:].split(":"))
     try:
-        proxy, _ = await two_geode_proxy(proxy_factory, geode_factory, await geode.start())
-        reader, writer = await asyncio.open_connection(*proxy.url[7:].split(":"))
-        try:
-            for n in range(300):
-                writer.write(get("/x"))
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                assert b"\r\nX-Request-Id: r-%d\r\n" % n in head
-                assert await reader.readexactly(5) == b"hello"
-                assert len(fastexchange.KNOWN) <= 256
-        finally:
-            writer.close()
-        assert lane_count(proxy, "answered") == 300
+        for n in range(300):
+            writer.write(get("/x"))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert b"\r\nX-Request-Id: r-%d\r\n" % n in head
+            assert await reader.readexactly(5) == b"hello"
+            assert len(fastexchange.KNOWN) <= 256
     finally:
-        await geode.close()
+        writer.close()
+    assert lane_count(proxy, "answered") == 300
 
 
 async def test_a_browsers_new_cookies_and_ids_go_on_and_a_new_region_header_is_routed_anew(
     geode_factory: GeodeFactory, proxy_factory: ProxyFactory, raw: list[Raw]
 ) -> None:
     """Requests on one connection whose cookie and request id change every time (what
-    ``Routing.again`` reuses the rest of the prelude for): each geode gets each
-    request's own values, and a new CF-IPCountry or Host is worked out afresh."""
+    ``Routing.prelude`` keeps a prelude for): each geode gets each request's own values,
+    and a new CF-IPCountry or Host is worked out afresh."""
     eu = await geode_factory("eu-1", "eu-west")
     ap = await geode_factory("ap-1", "ap-northeast")
     proxy = await proxy_factory(
