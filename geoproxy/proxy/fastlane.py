@@ -13,7 +13,9 @@ not paused for writing; a new connection's first request too, which under uvloop
 before the connection task's first step), whose route is not one of geoproxy's own
 answers and whose first candidate is a plain-HTTP geode (on a pooled connection, or a new
 one). A connection that repeats its header lines reuses what they decided
-(``Forwarder.prelude``) until they or the config change. The fast lane finishes the
+(``Forwarder.prelude``) until they or the config change; one whose lines differ only in
+values passed on as they came (cookies, request ids) gets a kept prelude renewed
+(``prelude.Routing``). The fast lane finishes the
 exchange itself only when the answer is final, not 502/503/504, not 204/304, with a
 ``Content-Length`` of at most 64 KiB that arrived whole, and a head that can be relayed.
 Anything else (a timeout, a lost connection, a retry status, a body to stream, a malformed
