@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import importlib
 import json
 import re
@@ -850,3 +851,27 @@ async def test_a_browsers_new_cookies_and_ids_go_on_and_a_new_region_header_is_r
         "HTTP/1.1 431 Request Header Fields Too Large",
         "headers_too_large",
     )
+
+
+async def test_a_compressed_answer_taken_from_a_kept_head_reaches_the_client_byte_for_byte(
+    geode_factory: GeodeFactory,
+    proxy_factory: ProxyFactory,
+    raw: list[Raw],
+    numbered: Callable[..., Numbered],
+) -> None:
+    """A gzip body with its Content-Encoding, answered again and again: the kept-head
+    path passes the compressed bytes and the head lines on as the parser's path does."""
+    from geoproxy.proxy import fastexchange
+
+    payload = gzip.compress(b"geoproxy " * 500)
+    head = FIXED_HEAD.replace(b"Content-Length: 5", b"Content-Length: %d" % len(payload))
+    head += b"Content-Encoding: gzip\r\nVary: Accept-Encoding\r\n\r\n"
+    geode = numbered(lambda n: head + payload)
+    _, _, answers = await ask(geode, proxy_factory, geode_factory, raw, 3)
+    assert head in fastexchange.KNOWN  # the second and third came through it
+    for status, headers, body in answers:
+        assert (status, body) == ("HTTP/1.1 200 OK", payload)
+        assert (headers["content-encoding"], headers["vary"]) == ("gzip", "Accept-Encoding")
+        assert headers["content-length"] == str(len(payload))
+    assert gzip.decompress(answers[2][2]) == b"geoproxy " * 500
+    assert geode.seen == [0, 1, 2]
